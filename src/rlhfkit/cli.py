@@ -1,0 +1,229 @@
+"""`rlhfkit <command> [--config FILE.yaml] [--key value ...]`: parse → config → run.
+
+Every command takes a typed config (a dataclass); `rlhfkit <command> --help` lists each
+field with its doc line and default. Shorthands: `--model PATH` sets `model.path`, and
+`--out DIR` / `--seed N` set `train.out` / `train.seed` for the trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+from pathlib import Path
+
+from rlhfkit import __version__
+from rlhfkit.config import ConfigError, GenerationConfig, ModelConfig, arg, parse_args
+
+
+@dataclass
+class TinyModelConfig:
+    """`rlhfkit tiny-model`: a small random model of a real architecture + a local tokenizer."""
+
+    arch: str = arg("llama", "architecture: llama, qwen2, mistral, gpt2 or gpt_neox")
+    out: str = arg("runs/tiny", "directory to write the model and tokenizer to")
+    hidden_size: int = arg(64, "hidden size")
+    num_layers: int = arg(2, "transformer blocks")
+    num_heads: int = arg(4, "attention heads")
+    vocab_size: int = arg(1024, "BPE vocabulary size at most (the task's text may give fewer)")
+    max_positions: int = arg(256, "longest sequence the model accepts")
+    seed: int = arg(0, "seed of the random weights")
+
+
+@dataclass
+class MakeDataConfig:
+    """`rlhfkit make-data`: write the built-in task as JSONL files."""
+
+    out: str = arg("runs/data", "directory for the JSONL files")
+    seed: int = arg(0, "seed of the task's random draws")
+
+
+@dataclass
+class GenerateConfig:
+    """`rlhfkit generate`: sample completions from any model directory."""
+
+    prompt: list[str] = arg([], "prompt text(s); repeat the flag or separate with commas")
+    prompts: str = arg("", "file of prompts (a `prompt` column) to answer instead")
+    limit: int = arg(10, "answer at most this many prompts from the file")
+    seed: int = arg(0, "sampling seed")
+    model: ModelConfig = arg(ModelConfig, "the model to sample from")
+    generation: GenerationConfig = arg(GenerationConfig, "decoding")
+
+
+@dataclass
+class EvalConfig:
+    """`rlhfkit eval`: mean gold reward ± standard error on held-out prompts."""
+
+    prompts: str = arg("runs/data/prompts_test.jsonl", "prompts file (the built-in task's test split)")
+    limit: int = arg(0, "evaluate only the first N prompts (0 = all)")
+    seed: int = arg(0, "sampling seed")
+    out: str = arg("", "also write the figures and every completion to this JSON file")
+    model: ModelConfig = arg(ModelConfig, "the model to evaluate")
+    generation: GenerationConfig = arg(GenerationConfig, "decoding (default: sampling at temperature 1)")
+
+
+@dataclass
+class ExportConfig:
+    """`rlhfkit export`: merge LoRA adapters into a standalone Hugging Face directory."""
+
+    model: str = arg("", "directory holding a LoRA adapter (adapter_config.json)")
+    out: str = arg("", "directory for the merged model")
+    allow_pickle: bool = arg(False, "allow pickled .bin base weights (unsafe)")
+
+
+def cmd_tiny_model(cfg: TinyModelConfig) -> None:
+    from rlhfkit.models.tiny import make_tiny_model
+
+    out = make_tiny_model(cfg.arch, cfg.out, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.vocab_size,
+                          cfg.max_positions, cfg.seed)
+    print(f"wrote a tiny {cfg.arch} model to {out}")
+
+
+def cmd_make_data(cfg: MakeDataConfig) -> None:
+    from rlhfkit.data.tasks import describe
+
+    paths = describe.write(cfg.out, describe.TaskSpec(seed=cfg.seed))
+    for name, path in paths.items():
+        print(f"{name:>14}: {path}")
+
+
+def cmd_sft(cfg) -> None:
+    from rlhfkit.trainers.sft import train
+
+    metrics = train(cfg)
+    print(json.dumps(metrics, indent=2))
+    print(f"model saved to {cfg.train.out}")
+
+
+def _prompt_file(path: str, limit: int) -> list:
+    from rlhfkit.data.formats import load_prompts
+
+    prompts = [r["prompt"] for r in load_prompts(path)]
+    return prompts[:limit] if limit > 0 else prompts
+
+
+def _load(model_cfg: ModelConfig):
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+
+    if not model_cfg.path:
+        raise ConfigError("no model given: pass --model PATH (a model directory or hub name)")
+    return load_causal_lm(model_cfg), load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
+
+
+def cmd_generate(cfg: GenerateConfig) -> None:
+    from rlhfkit.rollout.generate import generate
+
+    prompts = [p.replace("\\n", "\n") for p in cfg.prompt] or (_prompt_file(cfg.prompts, cfg.limit) if cfg.prompts else [])
+    if not prompts:
+        raise ConfigError("nothing to answer: pass --prompt TEXT or --prompts FILE")
+    model, tokenizer = _load(cfg.model)
+    gens = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed)
+    for prompt, text in zip(prompts, gens.texts):
+        print(f"{prompt}{text}\n")
+
+
+def cmd_eval(cfg: EvalConfig) -> None:
+    from rlhfkit.evaluate import gold_eval
+
+    prompts = _prompt_file(cfg.prompts, cfg.limit)
+    model, tokenizer = _load(cfg.model)
+    result = gold_eval(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=True)
+    decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
+    print(f"gold reward on {len(prompts)} prompts ({decoding}): {result.mean:.3f} ± {result.stderr:.3f}")
+    for p, c, r in list(zip(result.prompts, result.completions, result.rewards))[:3]:
+        print(f"  [{r:.2f}] {p!r} → {c!r}")
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps({**result.summary(), "model": cfg.model.path, "decoding": decoding,
+                                             "samples": [{"prompt": p, "completion": c, "gold": r} for p, c, r in
+                                                         zip(result.prompts, result.completions, result.rewards)]},
+                                            indent=1))
+
+
+def cmd_export(cfg: ExportConfig) -> None:
+    from rlhfkit.models.load import merge_adapters
+
+    if not cfg.model or not cfg.out:
+        raise ConfigError("export needs --model ADAPTER_DIR and --out DIR")
+    print(f"merged model written to {merge_adapters(cfg.model, cfg.out, cfg.allow_pickle)}")
+
+
+def _sft_config():
+    from rlhfkit.trainers.sft import SFTConfig
+
+    return SFTConfig
+
+
+# command → (config class, or a function returning it for heavy imports; runner; one-line summary)
+COMMANDS = {
+    "tiny-model": (TinyModelConfig, cmd_tiny_model, "make a small random model of a real architecture"),
+    "make-data": (MakeDataConfig, cmd_make_data, "write the built-in task (JSONL) to a directory"),
+    "sft": (_sft_config, cmd_sft, "supervised fine-tuning on prompt/completion or messages data"),
+    "generate": (GenerateConfig, cmd_generate, "sample completions from a model directory"),
+    "eval": (EvalConfig, cmd_eval, "held-out mean gold reward ± standard error"),
+    "export": (ExportConfig, cmd_export, "merge LoRA adapters into a standalone model directory"),
+}
+
+SHORTHANDS = {"model": "model.path", "out": "train.out", "seed": "train.seed"}
+
+
+def expand_shorthands(cls, argv: list[str]) -> list[str]:
+    """Rewrite `--model X` to `--model.path X` (etc.) where that section exists and the
+    name is not a plain field of the command's config."""
+    names = {f.name for f in fields(cls)}
+    sections = {f.name for f in fields(cls) if f.default_factory is not MISSING and is_dataclass(f.default_factory())}
+    out = []
+    for token in argv:
+        key, eq, value = token[2:].partition("=")
+        target = SHORTHANDS.get(key.replace("-", "_")) if token.startswith("--") else None
+        if target and target.split(".")[0] in sections and (key not in names or key in sections):
+            token = f"--{target}{eq}{value}"
+        out.append(token)
+    return out
+
+
+def usage() -> str:
+    lines = [f"rlhfkit {__version__}: post-training language models from human preferences", "",
+             "usage: rlhfkit <command> [--config FILE.yaml] [--key value ...]", "", "commands:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    lines += ["", "`rlhfkit <command> --help` lists every option with its default."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"rlhfkit: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+              file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    make_cls, runner, _ = COMMANDS[name]
+    cls = make_cls if isinstance(make_cls, type) else make_cls()
+    try:
+        cfg = parse_args(cls, expand_shorthands(cls, rest), prog=f"rlhfkit {name}")
+        runner(cfg)
+    except ConfigError as e:
+        print(f"rlhfkit {name}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # data errors and the like: one clear line, no traceback
+        from rlhfkit.data.formats import DataError
+
+        if isinstance(e, DataError):
+            print(f"rlhfkit {name}: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

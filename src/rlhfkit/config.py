@@ -1,0 +1,441 @@
+"""Typed configs: nested dataclasses filled from a YAML file and `--key value` overrides.
+
+A config is a dataclass whose fields each carry a one-line help text; a field whose type
+is itself a dataclass is a section, set as `section.key` (STYLE.md habit 8)::
+
+    @dataclass
+    class OptimConfig:
+        learning_rate: float = arg(1e-5, "peak learning rate")
+
+    @dataclass
+    class SFTConfig:
+        optim: OptimConfig = arg(OptimConfig, "optimiser")
+        max_steps: int = arg(1000, "optimiser steps")
+
+    cfg = parse_args(SFTConfig, ["--config", "sft.yaml", "--max-steps", "10", "--optim.learning_rate=3e-5"])
+
+The file is read first, command-line values go on top, and every value is checked against
+its annotation. An unknown key is an error that names the file or the command line and the
+closest valid name (habit 14). Configs are not changed after parsing; declare them
+`@dataclass(frozen=True)` to have Python enforce that (both kinds load), and make derived
+sizes properties. `config` is reserved for the `--config FILE.yaml` flag.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+C = TypeVar("C")
+_TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null", "~"}
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the file or flag, the key and the fix."""
+
+
+def arg(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line `help`. A list, dict or dataclass default (type or
+    instance) becomes a default_factory, so instances never share it; `dataclasses.MISSING` makes
+    the field required."""
+    kw["metadata"] = {**kw.get("metadata", {}), "help": help}
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=default, **kw)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), **kw)
+    return dataclasses.field(default=default, **kw)
+
+
+# ---- reading values -------------------------------------------------------------------------
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) for each init field; get_type_hints resolves `from __future__` string annotations."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not _MISSING else f.default
+
+
+def _names(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted name settable in `cls`: its fields, and the fields inside its sections."""
+    out = []
+    for f, tp in _fields(cls):
+        out.append(prefix + f.name)
+        if _is_section(tp):
+            out += _names(tp, f"{prefix}{f.name}.")
+    return out
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    hit = difflib.get_close_matches(key, names, n=1)
+    if not hit:  # perhaps the right name in the wrong section: match on the last part alone
+        leaves = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}
+        hit = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1)]
+    return f"; did you mean '{hit[0]}'?" if hit else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join('...' if a is ... else _type_name(a) for a in args)}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool) or isinstance(v, str) and v.lower() in _TRUE | _FALSE:
+        return v if isinstance(v, bool) else v.lower() in _TRUE
+    raise ValueError(v)
+
+
+def _to_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or isinstance(v, float) and not v.is_integer():
+        raise ValueError(v)
+    return int(v)
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError(v)
+    return float(v)  # strings too: PyYAML reads `1e-5` (no dot) as a string
+
+
+def _to_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(v)
+    return v
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_HINTS = {bool: " (use true/false)", str: " (quote it in YAML)"}
+
+
+def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
+    """`value` (from YAML, or a string from the command line) as type `tp`, else ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad(hint: str = "") -> ConfigError:
+        return ConfigError(f"bad value for '{key}' in {where(key)}: expected {_type_name(tp)}, got {value!r}{hint}")
+
+    if tp is Any:
+        return value
+    if _is_section(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return _build(tp, value, where, key + ".")
+        raise bad(f"; '{key}' is a section, set its keys as '{key}.NAME'")
+    if origin is Literal:
+        for choice in args:
+            try:
+                if _convert(value, type(choice), key, where) == choice:
+                    return choice
+            except ConfigError:
+                pass
+        hit = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        raise ConfigError(f"bad value for '{key}' in {where(key)}: expected one of {', '.join(map(repr, args))}, "
+                          f"got {value!r}" + (f"; did you mean '{hit[0]}'?" if hit else ""))
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or isinstance(value, str) and value.lower() in _NONE):
+            return None
+        options = [a for a in args if a is not type(None)]
+        if isinstance(value, Mapping) and any(map(_is_section, options)):  # keep the section's own errors
+            return _convert(value, next(filter(_is_section, options)), key, where)
+        for option in options:
+            try:
+                return _convert(value, option, key, where)
+            except ConfigError:
+                pass
+        raise bad()
+    if tp in _SCALARS:
+        try:
+            return _SCALARS[tp](value)
+        except (TypeError, ValueError):
+            raise bad(_HINTS.get(tp, "")) from None
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):  # from the command line: --layers 0,1,2
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        items = [_convert(v, args[0] if args else Any, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return tuple(items) if tuple in (origin, tp) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise bad()
+        kt, vt = args or (Any, Any)
+        return {_convert(k, kt, key, where): _convert(v, vt, f"{key}.{k}", where) for k, v in value.items()}
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    try:  # any other class from its string form, e.g. pathlib.Path
+        if isinstance(tp, type) and isinstance(value, str):
+            return tp(value)
+    except (TypeError, ValueError):
+        pass
+    raise bad()
+
+
+def _build(cls: type[C], data: Any, where: Callable[[str], str], prefix: str = "") -> C:
+    """An instance of `cls` from nested dicts; `where(dotted_key)` names the source of a key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config in {where(prefix[:-1])} must be a mapping of keys to values, got {data!r}")
+    fields = _fields(cls)
+    known = {f.name for f, _ in fields}
+    for key in data:
+        if key not in known:
+            full = f"{prefix}{key}"
+            raise ConfigError(f"unknown key '{full}' in {where(full)}" + _suggest(full, _names(cls, prefix)))
+    kwargs = {}
+    for f, tp in fields:
+        key = prefix + f.name
+        if f.name in data:
+            value, default = data[f.name], _default(f)
+            if _is_section(tp) and isinstance(value, Mapping) and isinstance(default, tp):
+                value = _merge(to_dict(default), value)  # keys not given keep the parent's default section
+            kwargs[f.name] = _convert(value, tp, key, where)
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            raise ConfigError(f"missing required key '{key}' ({f.metadata.get('help', _type_name(tp))}) in "
+                              f"{where(key)}; set it in the YAML file or with --{key} VALUE")
+    try:
+        return cls(**kwargs)  # runs the dataclass's own __post_init__ checks
+    except (TypeError, ValueError) as e:
+        section = f" (section '{prefix[:-1]}')" if prefix else ""
+        raise ConfigError(f"invalid {cls.__name__}{section} in {where(prefix[:-1])}: {e}") from e
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "<dict>") -> C:
+    """An instance of dataclass `cls` from (nested) `data`; `source` names it in errors."""
+    return _build(cls, data, lambda key: source)
+
+
+# ---- files and the command line -------------------------------------------------------------
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in YAML file `path` (an empty file is {}). Uses the safe loader: tags such as
+    `!!python/object` are refused, never executed."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    """Deep-merge `over` into `base` in place (values in `over` win); returns `base`."""
+    for k, v in over.items():
+        if isinstance(base.get(k), dict) and isinstance(v, Mapping):
+            _merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def set_dotted(d: dict, key: str, value: Any) -> dict:
+    """Merge `value` into `d` at dotted `key` ("a.b.c" → d["a"]["b"]["c"]), making sections as needed."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return _merge(d, value)
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str | list[str]]:
+    """{"section.key": "raw string"} from `--key value`, `--section.key value`, `--key=value` and a
+    bare `--flag` ("true"). Dashes in names read as underscores. A repeated flag gives the list of
+    its values, for list fields whose items may hold commas (`--prompt "Hi, you" --prompt Bye`)."""
+    out, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, value = token[2:].partition("=")
+        if not token.startswith("--") or not name:
+            raise ConfigError(f"unexpected argument {token!r}: options are --key value, --section.key value "
+                              "or --key=value")
+        if not eq:
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else "true"
+            i += has_value
+        name = name.replace("-", "_")
+        if name in out:  # a repeated flag collects its values
+            out[name] = (out[name] if isinstance(out[name], list) else [out[name]]) + [value]
+        else:
+            out[name] = value
+        i += 1
+    return out
+
+
+def parse_args(cls: type[C], argv: list[str] | None = None, prog: str = "rlhfkit <cmd>") -> C:
+    """`cls` from `--config FILE.yaml` (read first) and `--key value` overrides (which win).
+    `-h`/`--help` prints help_text and exits. `argv` defaults to sys.argv[1:]."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, prog))
+        raise SystemExit(0)
+    overrides = parse_overrides(argv)
+    path = overrides.pop("config", None)
+    data = load_yaml(path) if path else {}
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+
+    def where(key: str) -> str:  # which of the file and the command line set `key` (or keys inside it)
+        parts = key.split(".")
+        if not path or any(".".join(parts[:i]) in overrides for i in range(1, len(parts) + 1)):
+            return "the command line"
+        inside = any(k.startswith(key + ".") for k in overrides) if key else bool(overrides)
+        return f"{path} and the command line" if inside else str(path)
+
+    return _build(cls, data, where)
+
+
+def _doc(cls: type) -> str:
+    doc = (cls.__doc__ or "").strip()
+    return "" if doc.startswith(cls.__name__ + "(") else (doc.splitlines() or [""])[0]  # skip dataclass's auto-doc
+
+
+def _show(v: Any) -> str:
+    if v is _MISSING:
+        return "required"
+    if v is None or isinstance(v, bool):
+        return str(v).lower()  # as typed on the command line
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def help_text(cls: type, prog: str = "rlhfkit <cmd>") -> str:
+    """Usage and every field of `cls` (sections as dotted names) with its type, default and help."""
+    lines = [f"usage: {prog} [--config FILE.yaml] [--KEY VALUE | --SECTION.KEY=VALUE ...]", ""]
+    if _doc(cls):
+        lines += [_doc(cls), ""]
+    lines += ["Options come from --config FILE.yaml first, then the command line (which wins). Dashes and",
+              "underscores in names are the same; a bare --FLAG means true; 'none' means None; a list is a,b,c",
+              "or the flag repeated.",
+              "", "  --config FILE.yaml", "        YAML file of options (read with the safe loader)",
+              "  -h, --help", "        show this message and exit"]
+
+    def section(c: type, prefix: str, title: str, defaults: Any) -> None:
+        # `defaults` is the section's default instance: a parent may set `arg(Optim(lr=3e-5), ...)`
+        fields = [(f, tp, getattr(defaults, f.name) if dataclasses.is_dataclass(defaults) else _default(f))
+                  for f, tp in _fields(c)]
+        rows = [(f, tp, v) for f, tp, v in fields if not _is_section(tp)]
+        if rows:
+            lines.extend(["", title])
+        for f, tp, v in rows:
+            lines.extend([f"  --{prefix}{f.name} {_type_name(tp)}  (default: {_show(v)})",
+                          f"        {f.metadata.get('help', '')}"])
+        for f, tp, v in fields:
+            if _is_section(tp):
+                name = f"{prefix}{f.name}"
+                section(tp, name + ".", f"{name}: {f.metadata.get('help') or _doc(tp)}", v)
+
+    section(cls, "", "options:", _MISSING)
+    return "\n".join(lines)
+
+
+def _plain(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return os.fspath(x) if isinstance(x, os.PathLike) else x
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass `cfg` as plain nested dicts, lists and scalars (init fields only), for YAML and from_dict."""
+    return _plain(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved `cfg` as YAML to `path` (beside a run's outputs); load_yaml + from_dict read it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections shared by every command. Each command's own config (SFTConfig, ...) composes them.
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which model to start from and how to load it."""
+
+    path: str = arg("", "model directory or hub name, loaded with from_pretrained")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
+        "auto", "weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it")
+    trust_remote_code: bool = arg(False, "run modelling code shipped with the model (only for models you trust)")
+    allow_pickle: bool = arg(False, "allow loading pickled .bin weights when no safetensors exist (unsafe)")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters (peft). Off = full fine-tuning."""
+
+    enabled: bool = arg(False, "train LoRA adapters instead of all weights")
+    r: int = arg(16, "adapter rank")
+    alpha: int = arg(32, "scaling numerator (scale = alpha / r)")
+    dropout: float = arg(0.0, "dropout on the adapter input")
+    target_modules: str = arg("all-linear", "modules to adapt: 'all-linear' or a comma-separated list of names")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then a cosine or constant schedule."""
+
+    lr: float = arg(1e-3, "peak learning rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    betas: list[float] = arg([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = arg(10, "linear warm-up steps")
+    schedule: Literal["cosine", "constant"] = arg("cosine", "learning-rate schedule after warm-up")
+    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How long to train, how often to log, evaluate and save."""
+
+    out: str = arg("runs/out", "output directory (model, config, logs, checkpoints)")
+    seed: int = arg(0, "random seed for initialisation, data order and sampling")
+    batch_size: int = arg(32, "examples per optimiser step")
+    grad_accum: int = arg(1, "micro-batches per step (batch_size must divide by it)")
+    epochs: float = arg(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = arg(0, "optimiser steps; 0 = derive from epochs")
+    log_every: int = arg(10, "log metrics every N steps")
+    eval_every: int = arg(0, "evaluate every N steps (0 = only at the end)")
+    save_every: int = arg(0, "write a checkpoint every N steps (0 = only the final model)")
+    device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
+    tensorboard: bool = arg(True, "also write TensorBoard event files")
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    """Sampling settings (DESIGN.md §3: temperature 1, no top-k / top-p cut-off by default)."""
+
+    max_new_tokens: int = arg(32, "tokens generated after the prompt at most")
+    temperature: float = arg(1.0, "softmax temperature; 0 = greedy")
+    top_k: int = arg(0, "sample from the k most likely tokens (0 = all)")
+    top_p: float = arg(1.0, "nucleus sampling mass (1 = all)")
+    batch_size: int = arg(64, "prompts per generation batch")

@@ -1,0 +1,83 @@
+"""Tokenising prompt/completion records and padding them into batches with loss masks.
+
+A prompt is a string or a chat ``messages`` list (rendered with the tokenizer's chat
+template and the generation prompt); a completion is a string, and gets the EOS token
+appended so that stopping is learned. Shapes: B batch, T sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The text a model sees before its answer: the string itself, or the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the data has chat `messages` but the tokenizer has no chat template; "
+                         "set one (tokenizer.chat_template) or use prompt/completion columns")
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def as_prompt_completion(record: dict) -> tuple:
+    """(prompt, completion) from a ``prompt``/``completion`` or a ``messages`` record."""
+    if "messages" in record:
+        return record["messages"][:-1], record["messages"][-1]["content"]
+    return record["prompt"], record["completion"]
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt. Plain strings get the tokenizer's own special tokens (a BOS
+    where the model expects one); chat templates already contain theirs."""
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str)).input_ids
+
+
+@dataclass
+class Encoded:
+    """One tokenised example: ``input_ids`` and which of them are completion tokens."""
+
+    input_ids: list[int]
+    completion_mask: list[int]
+    truncated: bool = False
+
+
+def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encoded:
+    """Prompt ids + completion ids + EOS, cut to ``max_length``.
+
+    When too long, the prompt loses tokens from its start (keeping at least one
+    completion slot) and then the completion loses its end (and with it the EOS).
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    truncated = len(prompt_ids) + len(completion_ids) > max_length
+    if truncated:
+        keep_prompt = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2, 1))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+        completion_ids = completion_ids[: max_length - len(prompt_ids)]
+    return Encoded(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), truncated)
+
+
+def pad_batch(rows: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """Pad lists of ints to one length: → (B, T) long."""
+    width = max(len(r) for r in rows)
+    padded = [([pad_value] * (width - len(r)) + r) if side == "left" else (r + [pad_value] * (width - len(r)))
+              for r in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def collate(examples: list[Encoded], pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Batch encoded examples.
+
+    Returns ``input_ids`` (B, T), ``attention_mask`` (B, T) and ``completion_mask`` (B, T),
+    1 on completion tokens (EOS included) and 0 on prompt and padding.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    return {
+        "input_ids": pad_batch([e.input_ids for e in examples], pad_token_id, side),
+        "attention_mask": pad_batch([[1] * len(e.input_ids) for e in examples], 0, side),
+        "completion_mask": pad_batch([e.completion_mask for e in examples], 0, side),
+    }

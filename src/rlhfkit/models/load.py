@@ -1,0 +1,107 @@
+"""Loading and saving Hugging Face models the safe way, with or without LoRA adapters.
+
+Every trainer loads through here, with ``from_pretrained``, whether the path names a
+tiny test model or a 7B checkpoint: nothing is special-cased. Safe defaults (DESIGN.md §5):
+safetensors only unless ``allow_pickle``; ``trust_remote_code`` off unless asked for.
+A directory holding a LoRA adapter (``adapter_config.json``) loads as base + adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from rlhfkit.config import LoraConfig, ModelConfig
+
+hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no per-shard bars
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bfloat16 on GPUs that support it, float32 elsewhere (bf16 is slow on CPUs)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def _check_weights_format(path: str, allow_pickle: bool) -> None:
+    """Refuse pickled weights in a local directory unless the user opted in."""
+    p = Path(path)
+    if not p.is_dir() or allow_pickle:
+        return
+    names = {f.name for f in p.iterdir()}
+    has_safe = any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
+    has_pickle = any(n.endswith(".bin") or n.endswith(".pt") for n in names)
+    if has_pickle and not has_safe:
+        raise ValueError(f"{path} holds only pickled weights (.bin), which can run code when loaded; "
+                         "convert them to safetensors, or set model.allow_pickle: true if you trust the file")
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (EOS when the model has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
+    """A causal LM from ``cfg.path``; an adapter directory gives base + adapter (peft)."""
+    device = device or resolve_device()
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=not cfg.allow_pickle or None)
+    if is_adapter_dir(cfg.path):
+        from peft import PeftModel
+
+        base_path = json.loads((Path(cfg.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        _check_weights_format(base_path, cfg.allow_pickle)
+        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        model = PeftModel.from_pretrained(base, cfg.path, is_trainable=False)
+    else:
+        _check_weights_format(cfg.path, cfg.allow_pickle)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    return model.to(device)
+
+
+def add_lora(model, cfg: LoraConfig, adapter_name: str = "default"):
+    """Wrap ``model`` with a fresh trainable LoRA adapter (base weights frozen)."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+
+
+def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
+    """Write a standard HF directory (safetensors): full weights, or the adapter for peft models."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
+    """Merge a LoRA adapter directory into its base: a standalone directory without peft."""
+    if not is_adapter_dir(path):
+        raise ValueError(f"{path} holds no LoRA adapter (no adapter_config.json); nothing to merge")
+    model = load_causal_lm(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle), torch.device("cpu"))
+    merged = model.merge_and_unload()
+    return save_model(merged, load_tokenizer(path), out)

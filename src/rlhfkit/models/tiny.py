@@ -1,0 +1,79 @@
+"""Tiny randomly initialised models of real architectures, with a locally trained tokenizer.
+
+No weights can be downloaded here, so the demo and the tests make their own models:
+an ordinary Hugging Face config of a real architecture, shrunk, with random weights,
+saved with ``save_pretrained`` (safetensors) next to a byte-level BPE tokenizer trained
+on the built-in task's text. Everything downstream loads them with ``from_pretrained``,
+exactly as it would load a 7B model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from rlhfkit.data.tasks import describe
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+
+# A minimal chat template so `messages` data works with the tiny tokenizer as with any chat model.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# Field names differ between architectures; each entry maps our sizes onto one config.
+ARCHS = {
+    "llama": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                      num_key_value_heads=k, intermediate_size=ff),
+    "qwen2": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                      num_key_value_heads=k, intermediate_size=ff, max_window_layers=n,
+                                      layer_types=["full_attention"] * n),
+    "mistral": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                        num_key_value_heads=k, intermediate_size=ff, head_dim=h // k,
+                                        sliding_window=None),
+    "gpt2": lambda h, n, k, ff: dict(n_embd=h, n_layer=n, n_head=k, n_inner=ff, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                         intermediate_size=ff, hidden_dropout=0.0, attention_dropout=0.0),
+}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (any string stays encodable)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD, unk_token=UNK)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(arch: str, out: str | Path, hidden_size: int = 64, num_layers: int = 2,
+                    num_heads: int = 4, vocab_size: int = 1024, max_positions: int = 256,
+                    seed: int = 0) -> Path:
+    """Write a random ``arch`` model and its tokenizer to ``out``; returns the directory."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    tokenizer = train_tokenizer(describe.corpus(), vocab_size)
+    sizes = ARCHS[arch](hidden_size, num_layers, num_heads, 4 * hidden_size)
+    positions = {"n_positions": max_positions} if arch == "gpt2" else {"max_position_embeddings": max_positions}
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True, **sizes, **positions)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,45 @@
+"""Small tensor operations shared by every trainer: positions, log-probabilities, masks.
+
+Imports only torch. Shapes: B batch, T sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left and right padding give the same logits.
+
+    attention_mask (B, T) of 0/1 → (B, T) long; padded positions get 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] at every position, without a (B, T, V) log-softmax copy.
+
+    logits (B, T, V), labels (B, T) long → (B, T). Labels outside [0, V) must be replaced
+    by the caller (they are masked out anyway).
+    """
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token given the ones before it.
+
+    logits (B, T, V) from a causal LM over input_ids (B, T) → (B, T-1), entry t is
+    log p(input_ids[:, t+1] | input_ids[:, :t+1]).
+    """
+    return token_logprobs(logits[:, :-1].float(), input_ids[:, 1:])
+
+
+def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of token log-probs over masked tokens: (B, T), (B, T) → (B,).
+
+    A row with an empty mask gives 0.
+    """
+    mask = mask.to(token_lp.dtype)
+    total = (token_lp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total

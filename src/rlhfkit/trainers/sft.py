@@ -1,0 +1,100 @@
+"""Supervised fine-tuning: cross-entropy on completion tokens only (DESIGN.md §1).
+
+Data: ``prompt`` + ``completion`` rows, or chat ``messages`` whose last turn is the
+assistant's (rendered with the tokenizer's chat template). Prompt and padding tokens
+carry no loss, whatever the padding side.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.collate import as_prompt_completion, collate, encode_example
+from rlhfkit.data.formats import load_sft
+from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer, resolve_device, save_model
+from rlhfkit.ops import position_ids_from_mask, shifted_logprobs
+from rlhfkit.trainers.loop import Logger, prepare_out_dir, run, seed_everything
+
+
+@dataclass
+class SFTConfig:
+    """`rlhfkit sft`: supervised fine-tuning on demonstrations."""
+
+    data: str = arg("", "training file (json, jsonl, csv, parquet or a datasets directory)")
+    eval_data: str = arg("", "evaluation file; empty = hold out eval_fraction of the training rows")
+    eval_fraction: float = arg(0.05, "share of training rows held out for eval loss when eval_data is empty")
+    max_length: int = arg(256, "tokens per example at most (prompt + completion + EOS)")
+    padding_side: Literal["left", "right"] = arg("right", "pad batches on the 'right' or 'left' (the loss is the same)")
+    model: ModelConfig = arg(ModelConfig, "the model to fine-tune")
+    lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
+    optim: OptimConfig = arg(OptimConfig, "optimiser")
+    train: TrainConfig = arg(TrainConfig(out="runs/sft", epochs=3.0), "training loop")
+
+
+def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of completion tokens and their count.
+
+    batch: ``input_ids``, ``attention_mask``, ``completion_mask``, each (B, T).
+    Returns (nll_sum, n_tokens), scalars; the label of position t is token t+1.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=position_ids_from_mask(batch["attention_mask"])).logits  # (B, T, V)
+    logprobs = shifted_logprobs(logits, batch["input_ids"])  # (B, T-1)
+    mask = batch["completion_mask"][:, 1:].to(logprobs.dtype)
+    return -(logprobs * mask).sum(), mask.sum()
+
+
+def train(cfg: SFTConfig) -> dict[str, float]:
+    """Fine-tune ``cfg.model.path`` on ``cfg.data``; the model lands in ``cfg.train.out``."""
+    records = load_sft(cfg.data)  # validates every row before anything is loaded
+    if cfg.eval_data:
+        eval_records = load_sft(cfg.eval_data)
+    else:
+        shuffled = random.Random(cfg.train.seed).sample(records, len(records))
+        n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 20 else 0
+        eval_records, records = shuffled[:n_eval], shuffled[n_eval:]
+    out = prepare_out_dir(cfg, cfg.train.out)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    model = load_causal_lm(cfg.model, device)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+
+    def encode(rows):
+        return [encode_example(tokenizer, *as_prompt_completion(r), cfg.max_length) for r in rows]
+
+    examples, eval_examples = encode(records), encode(eval_records)
+
+    def to_batch(items):
+        batch = collate(items, tokenizer.pad_token_id, cfg.padding_side)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def loss_fn(indices: list[int]):
+        nll, n = completion_nll(model, to_batch([examples[i] for i in indices]))
+        return nll / n.clamp(min=1), {"tokens": n.item()}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        if not eval_examples:
+            return {}
+        model.eval()
+        total, count = 0.0, 0.0
+        for i in range(0, len(eval_examples), cfg.train.batch_size):
+            nll, n = completion_nll(model, to_batch(eval_examples[i: i + cfg.train.batch_size]))
+            total, count = total + nll.item(), count + n.item()
+        return {"eval/loss": total / max(count, 1)}
+
+    logger = Logger(out, cfg.train.tensorboard)
+    try:
+        metrics = run(model=model, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
+                      logger=logger, evaluate=evaluate, desc="sft")
+    finally:
+        logger.close()
+    save_model(model, tokenizer, out)
+    return metrics

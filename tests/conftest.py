@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny models of real architectures, made once per test session."""
+
+import pytest
+
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A function arch → directory of a tiny random model (hidden 32, 1 layer) with its tokenizer."""
+    from rlhfkit.models.tiny import make_tiny_model
+
+    made = {}
+
+    def get(arch: str = "llama"):
+        if arch not in made:
+            made[arch] = make_tiny_model(arch, tmp_path_factory.mktemp(arch), hidden_size=32, num_layers=1,
+                                         num_heads=2)
+        return str(made[arch])
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """The built-in task written to disk once."""
+    from rlhfkit.data.tasks import describe
+
+    out = tmp_path_factory.mktemp("data")
+    describe.write(out)
+    return out

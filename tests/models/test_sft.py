@@ -1,0 +1,108 @@
+"""SFT on tiny models of every supported architecture, and its loss masking."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.cli import main
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.models.load import load_causal_lm, load_tokenizer
+from rlhfkit.trainers.sft import completion_nll
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
+
+EXAMPLES = [("User: Describe the cat.\nAssistant:", " The cat is calm and lovely."),
+            ("User: What is the lake you saw today like?\nAssistant:", " The lake is dull."),
+            ("User: Hi.\nAssistant:", " Hello.")]
+
+
+def _single_nll(model, tok, prompt, completion):
+    """Oracle: -Σ log p(completion token | prefix) from one unpadded forward, by explicit indexing."""
+    e = encode_example(tok, prompt, completion, 64)
+    ids = torch.tensor([e.input_ids])
+    logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    start = e.completion_mask.index(1)
+    return -sum(logp[t - 1, e.input_ids[t]] for t in range(start, len(e.input_ids))), len(e.input_ids) - start
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_completion_nll_ignores_prompt_and_padding(tiny_model_dir, arch, side):
+    path = tiny_model_dir(arch)
+    model, tok = load_causal_lm(ModelConfig(path=path), torch.device("cpu")), load_tokenizer(path)
+    oracle = [_single_nll(model, tok, p, c) for p, c in EXAMPLES]
+    batch = collate([encode_example(tok, p, c, 64) for p, c in EXAMPLES], tok.pad_token_id, side)
+    nll, n = completion_nll(model, batch)
+    assert n.item() == sum(k for _, k in oracle)
+    assert nll.item() == pytest.approx(sum(v.item() for v, _ in oracle), rel=1e-5)
+    # whatever sits in the padded slots, the loss is the same
+    garbage = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7)
+    nll2, _ = completion_nll(model, {**batch, "input_ids": garbage})
+    assert nll2.item() == pytest.approx(nll.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sft_command_trains_every_architecture(tiny_model_dir, task_dir, tmp_path, arch):
+    path = tiny_model_dir(arch)
+    out = tmp_path / "sft"
+    rc = main(["sft", "--model", path, "--data", str(task_dir / "sft.jsonl"), "--out", str(out),
+               "--train.max_steps", "4", "--train.batch_size", "8", "--train.log_every", "2",
+               "--optim.warmup_steps", "0", "--train.tensorboard", "false"])
+    assert rc == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["train/loss"] for r in logs if "train/loss" in r]
+    assert len(train_losses) == 2 and all(v > 0 for v in train_losses)
+    assert any("eval/loss" in r for r in logs)
+    assert (out / "rlhfkit_config.yaml").is_file() and (out / "model.safetensors").is_file()
+    before = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sft_with_lora_saves_an_adapter_that_exports(tiny_model_dir, task_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    out, merged = tmp_path / "sft", tmp_path / "merged"
+    assert main(["sft", "--model", path, "--data", str(task_dir / "sft.jsonl"), "--out", str(out),
+                 "--lora.enabled", "true", "--lora.r", "4", "--train.max_steps", "2", "--train.batch_size", "4",
+                 "--optim.lr", "1e-2", "--train.tensorboard", "false"]) == 0
+    assert (out / "adapter_config.json").is_file()
+    assert main(["export", "--model", str(out), "--out", str(merged)]) == 0
+    assert not (merged / "adapter_config.json").exists()
+    adapted = load_causal_lm(ModelConfig(path=str(out)), torch.device("cpu"))
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(adapted(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_chat_messages_data_uses_the_chat_template(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("qwen2")
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Describe the cat."},
+                          {"role": "assistant", "content": "The cat is calm."}]}] * 8
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["sft", "--model", path, "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false"]) == 0
+    tok = load_tokenizer(path)
+    e = encode_example(tok, rows[0]["messages"][:-1], "The cat is calm.", 64)
+    prompt_text = tok.decode([t for t, m in zip(e.input_ids, e.completion_mask) if not m])
+    assert prompt_text == "User: Describe the cat.\nAssistant:"
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"prompt": "hi"}, "completion"),
+    ({"prompt": "hi", "completion": ""}, "completion"),
+    ({"prompt": 3, "completion": "x"}, "prompt"),
+])
+def test_malformed_row_fails_before_training(tiny_model_dir, tmp_path, capsys, row, field):
+    data = tmp_path / "bad.jsonl"
+    good = {"prompt": "a", "completion": "b"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good, good, row, good]))
+    out = tmp_path / "out"
+    rc = main(["sft", "--model", tiny_model_dir("llama"), "--data", str(data), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "bad.jsonl" in err and "row 2" in err and field in err
+    assert not out.exists()  # failed before any run directory or training

@@ -1,0 +1,366 @@
+"""rlhfkit.config: YAML + command-line overrides into typed, nested dataclasses."""
+
+from __future__ import annotations  # as config modules may use it: types must resolve via get_type_hints
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from rlhfkit.config import (
+    ConfigError, arg, from_dict, help_text, load_yaml, parse_args, parse_overrides, save_config, set_dotted,
+    to_dict,
+)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA adapters."""
+
+    r: int = arg(8, "adapter rank")
+    target_modules: tuple[str, ...] = arg(("q_proj", "v_proj"), "modules that get adapters")
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"lora rank must be positive, got {self.r}")
+
+
+@dataclass
+class Model:
+    name: str = arg("gpt2", "model id or path")
+    revision: Optional[str] = arg(None, "hub revision")
+    lora: Lora = arg(Lora, "adapters")
+
+
+@dataclass
+class Optim:
+    learning_rate: float = arg(1e-5, "peak learning rate")
+    betas: list[float] = arg([0.9, 0.999], "Adam betas")
+    schedule: Literal["cosine", "linear", "constant"] = arg("cosine", "learning-rate schedule")
+
+
+@dataclass
+class Train:
+    """Toy trainer config."""
+
+    model: Model = arg(Model, "policy model")
+    optim: Optim = arg(Optim(learning_rate=3e-5, schedule="linear"), "optimiser")
+    max_steps: int = arg(100, "optimiser steps")
+    bf16: bool = arg(False, "train in bfloat16")
+    eval_every: int | None = arg(None, "steps between evaluations; none = never")
+    loss: Literal["sigmoid", "ipo"] = arg("sigmoid", "preference loss")
+    tags: list[str] = arg([], "run tags")
+
+
+@dataclass
+class Needs:
+    data_path: str = arg(dataclasses.MISSING, "training data")
+
+
+@dataclass
+class Extras:
+    out: Path = arg(Path("runs/x"), "output folder")
+    weights: dict[str, float] = arg({"a": 1.0}, "reward weights by name")
+    ref: Optional[Lora] = arg(None, "optional section")
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# ---- defaults and arg() ---------------------------------------------------------------------
+
+def test_defaults_and_instance_section_default():
+    cfg = from_dict(Train, {})
+    assert cfg == Train()
+    assert (cfg.optim.learning_rate, cfg.optim.schedule) == (3e-5, "linear")  # the parent's section default
+    assert cfg.model.lora == Lora(8, ("q_proj", "v_proj"))
+
+
+def test_arg_copies_mutable_defaults():
+    a, b = Train(), Train()
+    a.tags.append("x")
+    a.optim.betas[0] = 0.0
+    assert b.tags == [] and b.optim.betas == [0.9, 0.999]
+    assert a.optim is not b.optim
+    assert dataclasses.fields(Train)[2].metadata["help"] == "optimiser steps"
+
+
+def test_partial_section_keeps_parent_default_for_other_keys():
+    cfg = from_dict(Train, {"optim": {"betas": [0.8, 0.9]}})
+    assert cfg.optim == Optim(learning_rate=3e-5, betas=[0.8, 0.9], schedule="linear")
+
+
+# ---- parse_overrides / set_dotted ----------------------------------------------------------
+
+def test_parse_overrides_forms():
+    argv = ["--max-steps", "10", "--optim.learning-rate=2e-5", "--bf16", "--model.name", "m",
+            "--eval_every", "-1", "--tags=a=b", "--flag"]
+    assert parse_overrides(argv) == {
+        "max_steps": "10", "optim.learning_rate": "2e-5", "bf16": "true", "model.name": "m",
+        "eval_every": "-1", "tags": "a=b", "flag": "true",
+    }
+
+
+def test_repeated_flag_gives_a_list_whose_items_keep_commas():
+    assert parse_overrides(["--x", "1", "--x=2", "--x", "3"]) == {"x": ["1", "2", "3"]}
+    assert parse_args(Train, ["--tags", "a, b", "--tags", "c"]).tags == ["a, b", "c"]
+    with pytest.raises(ConfigError, match=r"'max_steps'.*expected int, got \['1', '2'\]"):
+        parse_args(Train, ["--max_steps", "1", "--max_steps", "2"])
+
+
+@pytest.mark.parametrize("argv", [["stray"], ["-x", "1"], ["--max_steps", "1", "extra"], ["--=3"]])
+def test_parse_overrides_rejects_stray_tokens(argv):
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(argv)
+
+
+def test_set_dotted_merges_into_nested_dicts():
+    d = {"a": {"b": 1, "c": {"d": 2}}, "z": 0}
+    set_dotted(d, "a.c.e", 3)
+    set_dotted(d, "a.f", 4)
+    set_dotted(d, "z.y", 5)  # a scalar in the way is replaced by a section
+    assert d == {"a": {"b": 1, "c": {"d": 2, "e": 3}, "f": 4}, "z": {"y": 5}}
+
+
+# ---- parse_args: YAML then command line -----------------------------------------------------
+
+def test_yaml_then_cli_precedence(tmp_path):
+    path = write(tmp_path, """
+max_steps: 50
+bf16: true
+optim:
+  learning_rate: 1e-4   # PyYAML reads this as a string; the float field converts it
+  schedule: cosine
+model:
+  lora: {r: 4}
+""")
+    cfg = parse_args(Train, ["--config", path, "--max-steps", "10", "--optim.schedule", "constant",
+                             "--model.lora.r=16"])
+    assert cfg.max_steps == 10  # CLI wins
+    assert cfg.bf16 is True  # from YAML
+    assert cfg.optim.learning_rate == 1e-4  # YAML value kept beside the CLI's optim.schedule
+    assert cfg.optim.schedule == "constant"
+    assert cfg.optim.betas == [0.9, 0.999]
+    assert cfg.model.lora.r == 16 and cfg.model.name == "gpt2"
+
+
+def test_cli_only_and_bare_flag():
+    cfg = parse_args(Train, ["--bf16", "--max_steps", "7"])
+    assert cfg.bf16 is True and cfg.max_steps == 7
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("true", True), ("False", False), ("yes", True), ("no", False), ("1", True), ("0", False), ("ON", True),
+])
+def test_bool_strings(raw, expected):
+    assert parse_args(Train, ["--bf16", raw]).bf16 is expected
+
+
+def test_none_and_optional():
+    cfg = parse_args(Train, ["--eval_every", "none", "--model.revision", "null"])
+    assert cfg.eval_every is None and cfg.model.revision is None
+    cfg = parse_args(Train, ["--eval_every", "25", "--model.revision", "main"])
+    assert cfg.eval_every == 25 and cfg.model.revision == "main"
+    assert from_dict(Train, {"eval_every": None}).eval_every is None  # YAML null
+
+
+def test_lists_from_comma_strings_and_yaml():
+    cfg = parse_args(Train, ["--optim.betas", "0.8, 0.95", "--tags", "a,b", "--model.lora.target_modules", "q,k,v"])
+    assert cfg.optim.betas == [0.8, 0.95]
+    assert cfg.tags == ["a", "b"]
+    assert cfg.model.lora.target_modules == ("q", "k", "v")
+    assert parse_args(Train, ["--tags", ""]).tags == []
+    assert from_dict(Train, {"optim": {"betas": [1, 0.5]}}).optim.betas == [1.0, 0.5]  # ints accepted as floats
+
+
+def test_numbers():
+    assert from_dict(Train, {"max_steps": 1000.0}).max_steps == 1000
+    assert from_dict(Train, {"optim": {"learning_rate": 2}}).optim.learning_rate == 2.0
+    assert isinstance(from_dict(Train, {"optim": {"learning_rate": 2}}).optim.learning_rate, float)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+def test_unknown_top_level_key_suggests_and_names_source():
+    with pytest.raises(ConfigError, match=r"unknown key 'max_step' in cfg\.yaml; did you mean 'max_steps'\?"):
+        from_dict(Train, {"max_step": 3}, source="cfg.yaml")
+
+
+def test_unknown_nested_key_suggests_dotted_name():
+    msg = r"unknown key 'optim\.lerning_rate' in cfg\.yaml; did you mean 'optim\.learning_rate'\?"
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(Train, {"optim": {"lerning_rate": 1e-4}}, source="cfg.yaml")
+    with pytest.raises(ConfigError, match=r"'model\.lora\.rank'.*did you mean 'model\.lora\.r'"):
+        from_dict(Train, {"model": {"lora": {"rank": 4}}})
+
+
+def test_key_in_wrong_section_suggests_where_it_lives():
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'.*did you mean 'optim\.learning_rate'\?"):
+        from_dict(Train, {"learning_rate": 1e-4})
+
+
+def test_unknown_key_names_yaml_file_or_command_line(tmp_path):
+    path = write(tmp_path, "optim:\n  lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"'optim\.lerning_rate' in {path}; did you mean 'optim\.learning_rate'"):
+        parse_args(Train, ["--config", path])
+    path = write(tmp_path, "max_steps: 3\n", name="ok.yaml")
+    with pytest.raises(ConfigError, match=r"unknown key 'max_stesp' in the command line; did you mean 'max_steps'"):
+        parse_args(Train, ["--config", path, "--max-stesp", "4"])
+
+
+def test_unknown_key_without_close_match_has_no_suggestion():
+    with pytest.raises(ConfigError) as err:
+        from_dict(Train, {"zzzzqqqq": 1})
+    assert "did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize("data,words", [
+    ({"max_steps": "ten"}, ["'max_steps'", "int", "'ten'"]),
+    ({"max_steps": 2.5}, ["'max_steps'", "int", "2.5"]),
+    ({"max_steps": True}, ["'max_steps'", "int", "True"]),
+    ({"bf16": "maybe"}, ["'bf16'", "bool", "'maybe'", "true/false"]),
+    ({"optim": {"learning_rate": "fast"}}, ["'optim.learning_rate'", "float", "'fast'"]),
+    ({"model": {"name": 123}}, ["'model.name'", "str", "123", "quote"]),
+    ({"optim": {"betas": [0.9, "x"]}}, ["'optim.betas[1]'", "float", "'x'"]),
+    ({"eval_every": "soon"}, ["'eval_every'", "int | None", "'soon'"]),
+    ({"optim": 3}, ["'optim'", "section", "optim.NAME"]),
+])
+def test_wrong_type_names_key_type_and_value(data, words):
+    with pytest.raises(ConfigError) as err:
+        from_dict(Train, data, source="cfg.yaml")
+    message = str(err.value)
+    assert "cfg.yaml" in message
+    for word in words:
+        assert word in message, message
+
+
+def test_literal_error_lists_choices():
+    with pytest.raises(ConfigError) as err:
+        parse_args(Train, ["--loss", "ipoo"])
+    message = str(err.value)
+    assert "'loss'" in message and "'sigmoid', 'ipo'" in message and "'ipoo'" in message
+    assert "did you mean 'ipo'" in message
+    assert parse_args(Train, ["--loss", "ipo"]).loss == "ipo"
+
+
+def test_post_init_runs_and_its_error_names_the_section():
+    with pytest.raises(ConfigError, match=r"Lora \(section 'model\.lora'\) in cfg\.yaml: lora rank must be positive"):
+        from_dict(Train, {"model": {"lora": {"r": 0}}}, source="cfg.yaml")
+
+
+def test_error_names_both_sources_when_a_section_mixes_them(tmp_path):
+    path = write(tmp_path, "model:\n  lora:\n    target_modules: [q]\n")
+    with pytest.raises(ConfigError, match=rf"in {path} and the command line: lora rank must be positive"):
+        parse_args(Train, ["--config", path, "--model.lora.r", "0"])
+
+
+def test_frozen_sections_load_and_stay_frozen():
+    cfg = parse_args(Train, ["--model.lora.r", "2"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.lora.r = 3
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match=r"missing required key 'data_path' \(training data\).*--data_path"):
+        parse_args(Needs, [])
+    assert parse_args(Needs, ["--data-path", "d.jsonl"]).data_path == "d.jsonl"
+
+
+# ---- YAML files -----------------------------------------------------------------------------
+
+def test_load_yaml_refuses_python_tags(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path, f"max_steps: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=rf"cannot parse config file {path}"):
+        load_yaml(path)
+    with pytest.raises(ConfigError):
+        parse_args(Train, ["--config", path])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("- a\n- b\n", "must hold a mapping"),
+    ("a: [1, 2\n", "cannot parse"),
+])
+def test_load_yaml_bad_files_name_the_file(tmp_path, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_yaml(path)
+    assert path in str(err.value)
+
+
+def test_load_yaml_missing_and_empty(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+        load_yaml(tmp_path / "nope.yaml")
+    assert load_yaml(write(tmp_path, "")) == {}
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = parse_args(Train, ["--optim.learning_rate", "1e-5", "--optim.betas", "0.5,0.6", "--loss", "ipo",
+                             "--model.lora.target_modules", "q", "--tags", "yes,no", "--bf16",
+                             "--model.revision", "none", "--eval_every", "5"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert path.exists()
+    data = load_yaml(path)
+    assert data["model"]["lora"]["target_modules"] == ["q"]  # plain YAML, no python tags
+    assert from_dict(Train, data, source=str(path)) == cfg
+    assert to_dict(cfg)["optim"] == {"learning_rate": 1e-5, "betas": [0.5, 0.6], "schedule": "linear"}
+
+
+# ---- help -----------------------------------------------------------------------------------
+
+EVERY_FIELD = [  # (dotted name, type, default, help)
+    ("model.name", "str", "'gpt2'", "model id or path"),
+    ("model.revision", "str | None", "none", "hub revision"),
+    ("model.lora.r", "int", "8", "adapter rank"),
+    ("model.lora.target_modules", "tuple[str, ...]", "('q_proj', 'v_proj')", "modules that get adapters"),
+    ("optim.learning_rate", "float", "3e-05", "peak learning rate"),
+    ("optim.betas", "list[float]", "[0.9, 0.999]", "Adam betas"),
+    ("optim.schedule", "{cosine,linear,constant}", "'linear'", "learning-rate schedule"),
+    ("max_steps", "int", "100", "optimiser steps"),
+    ("bf16", "bool", "false", "train in bfloat16"),
+    ("eval_every", "int | None", "none", "steps between evaluations; none = never"),
+    ("loss", "{sigmoid,ipo}", "'sigmoid'", "preference loss"),
+    ("tags", "list[str]", "[]", "run tags"),
+]
+
+
+def test_help_lists_every_field_with_type_default_and_help():
+    lines = help_text(Train, "rlhfkit toy").splitlines()
+    assert lines[0].startswith("usage: rlhfkit toy [--config FILE.yaml]")
+    assert "Toy trainer config." in lines
+    for name, type_name, default, help in EVERY_FIELD:
+        [i] = [i for i, line in enumerate(lines) if line.startswith(f"  --{name} ")]
+        assert lines[i] == f"  --{name} {type_name}  (default: {default})"
+        assert lines[i + 1].strip() == help
+    assert len([line for line in lines if line.startswith("  --")]) == len(EVERY_FIELD) + 1  # + --config
+    for section in ("model: policy model", "model.lora: adapters", "optim: optimiser"):
+        assert section in lines
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_flag_prints_and_exits(capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(Train, ["--max_steps", "3", flag], prog="rlhfkit toy")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: rlhfkit toy" in out and "--model.lora.r int  (default: 8)" in out
+
+
+# ---- other field types ----------------------------------------------------------------------
+
+def test_path_dict_and_optional_section(tmp_path):
+    cfg = parse_args(Extras, ["--out", "runs/y", "--weights.b", "2", "--ref.r", "4"])
+    assert cfg == Extras(out=Path("runs/y"), weights={"b": 2.0}, ref=Lora(4))
+    assert parse_args(Extras, ["--ref", "none"]).ref is None
+    with pytest.raises(ConfigError, match=r"unknown key 'ref\.rank'.*did you mean 'ref\.r'"):
+        parse_args(Extras, ["--ref.rank", "4"])
+    with pytest.raises(ConfigError, match=r"'weights\.b'.*expected float, got 'x'"):
+        parse_args(Extras, ["--weights.b", "x"])
+    path = save_config(cfg, tmp_path / "extras.yaml")
+    assert from_dict(Extras, load_yaml(path)) == cfg
