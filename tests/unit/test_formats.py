@@ -1,0 +1,456 @@
+"""Reading and validating data files: every format, every schema, errors that name file/row/field."""
+
+import csv
+import json
+import math
+import pickle
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rlhfkit.data.formats import (
+    LOADERS,
+    DataError,
+    load_preference,
+    load_prompts,
+    load_sft,
+    load_unpaired,
+    read_records,
+)
+
+ROWS = [{"prompt": "2+2?", "completion": "4", "id": 1}, {"prompt": "", "completion": "hello", "id": 2}]
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def raises(loader, path, *, row, field, match=None) -> DataError:
+    with pytest.raises(DataError, match=match) as info:
+        loader(path)
+    err = info.value
+    assert (err.path, err.row, err.field) == (str(path), row, field), str(err)
+    assert str(err).startswith(str(path))
+    return err
+
+
+# --------------------------------------------------------------------------- DataError
+
+
+def test_data_error_message_names_file_row_field():
+    err = DataError("data/train.jsonl", "expected a non-empty string, got ''", row=17, field="completion")
+    assert str(err) == "data/train.jsonl, row 17, field 'completion': expected a non-empty string, got ''"
+    assert isinstance(err, ValueError)
+    assert str(DataError("d.csv", "no rows")) == "d.csv: no rows"
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.path, again.row, again.field, str(again)) == (err.path, 17, "completion", str(err))
+
+
+def test_loaders_by_name():
+    assert LOADERS == {"sft": load_sft, "preference": load_preference,
+                       "unpaired": load_unpaired, "prompts": load_prompts}
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_read_json_array_and_data_key(tmp_path):
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(ROWS))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({"data": ROWS, "version": 1}))
+    assert read_records(a) == ROWS
+    assert read_records(b) == ROWS
+
+
+def test_read_json_that_holds_json_lines(tmp_path):
+    path = write_jsonl(tmp_path / "lines.json", ROWS)
+    assert read_records(path) == ROWS
+
+
+def test_read_jsonl_skips_blank_lines_and_keeps_unicode_separators(tmp_path):
+    path = tmp_path / "d.jsonl"
+    # U+2028 is legal raw inside a JSON string; splitting lines on it would break the row.
+    path.write_text('\n{"prompt": "a\u2028b", "completion": "c"}\n\n  \n'
+                    '{"prompt": "d", "completion": "e"}\r\n', encoding="utf-8")
+    assert read_records(path) == [{"prompt": "a\u2028b", "completion": "c"}, {"prompt": "d", "completion": "e"}]
+
+
+def test_read_csv_values_are_strings_and_bom_is_dropped(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("\ufeffprompt,completion,id\n\"a, b\",\"multi\nline\",1\n\n".encode("utf-8"))
+    assert read_records(path) == [{"prompt": "a, b", "completion": "multi\nline", "id": "1"}]
+
+
+def test_read_parquet(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    assert read_records(path) == ROWS
+
+
+def test_read_saved_dataset_and_dataset_dict(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.save_to_disk(tmp_path / "ds")
+    assert read_records(tmp_path / "ds") == ROWS
+    other = datasets.Dataset.from_list([{"prompt": "x", "completion": "y", "id": 9}])
+    datasets.DatasetDict({"train": ds, "test": other}).save_to_disk(tmp_path / "dd")
+    assert read_records(tmp_path / "dd") == ROWS
+    datasets.DatasetDict({"test": other}).save_to_disk(tmp_path / "one")
+    assert load_sft(tmp_path / "one") == [{"prompt": "x", "completion": "y", "id": 9}]
+    datasets.DatasetDict({"a": ds, "b": other}).save_to_disk(tmp_path / "two")
+    raises(read_records, tmp_path / "two", row=None, field=None, match="no 'train'")
+
+
+def test_directory_that_is_not_a_saved_dataset(tmp_path):
+    (tmp_path / "plain").mkdir()
+    raises(read_records, tmp_path / "plain", row=None, field=None, match="save_to_disk")
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    raises(load_sft, tmp_path / "nope.jsonl", row=None, field=None, match="no such file")
+    (tmp_path / "d.txt").write_text("hi")
+    raises(load_sft, tmp_path / "d.txt", row=None, field=None, match=r"unknown file type '\.txt'")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("e.jsonl", ""), ("b.jsonl", "\n  \n"), ("e.json", "[]"), ("e.csv", ""), ("h.csv", "prompt,completion\n"),
+])
+def test_empty_file_has_no_rows(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    raises(load_sft, tmp_path / name, row=None, field=None, match="no rows")
+
+
+def test_empty_parquet_has_no_rows(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    raises(load_prompts, tmp_path / "e.parquet", row=None, field=None, match="no rows")
+
+
+def test_not_parquet(tmp_path):
+    (tmp_path / "d.parquet").write_text("prompt\nhi\n")
+    raises(load_prompts, tmp_path / "d.parquet", row=None, field=None, match="Parquet")
+
+
+def test_non_utf8_bytes_name_row_and_field(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    raises(load_sft, jsonl, row=1, field="prompt", match=r"not valid UTF-8.*xe9.*save the file as UTF-8")
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(b"prompt,completion\na,b\nc,d\xff\n")
+    raises(load_sft, csv_path, row=1, field="completion", match="not valid UTF-8")
+    chat = tmp_path / "c.json"
+    chat.write_bytes(b'[{"messages": [{"role": "user", "content": "hi"}, '
+                     b'{"role": "assistant", "content": "\x80"}]}]')
+    raises(load_sft, chat, row=0, field="messages[1].content", match="not valid UTF-8")
+
+
+def test_utf16_file(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("prompt\nhi\n".encode("utf-16"))
+    raises(load_prompts, path, row=None, field=None, match="UTF-16")
+
+
+def test_bad_json_line_names_its_row_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": }\n')
+    raises(load_sft, path, row=1, field=None, match="line 3 is not valid JSON")
+
+
+def test_bad_json_document(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"prompt": "a",\n "completion": }]')
+    raises(load_sft, path, row=None, field=None, match="line 2")
+    path.write_text('{"prompt": "a"}')
+    raises(load_sft, path, row=None, field=None, match="JSON array of objects")
+
+
+@pytest.mark.parametrize("name, content, row", [
+    ("d.json", '[{"prompt": "a", "completion": "b"}, "text"]', 1),
+    ("d.jsonl", '{"prompt": "a", "completion": "b"}\n[1, 2]\n', 1),
+    ("d.jsonl", "null\n", 0),
+])
+def test_row_that_is_not_an_object(tmp_path, name, content, row):
+    (tmp_path / name).write_text(content)
+    raises(load_sft, tmp_path / name, row=row, field=None, match="expected a JSON object")
+
+
+def test_csv_row_with_wrong_number_of_values(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion\na,b\nc,d,e\n")
+    raises(load_sft, path, row=1, field=None, match="line 3 has 3 values but the header has 2")
+
+
+def test_csv_duplicate_column(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,prompt\na,b\n")
+    raises(load_prompts, path, row=None, field=None, match="'prompt' appears twice")
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_sft_prompt_completion_keeps_extras(tmp_path, fmt):
+    path = (write_jsonl if fmt == "jsonl" else write_csv)(tmp_path / f"d.{fmt}", ROWS)
+    got = load_sft(path)
+    ids = [1, 2] if fmt == "jsonl" else ["1", "2"]
+    assert got == [{"prompt": "2+2?", "completion": "4", "id": ids[0]},
+                   {"prompt": "", "completion": "hello", "id": ids[1]}]
+
+
+def test_sft_messages_from_json_and_csv(tmp_path):
+    js = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT, "source": "x"}])
+    assert load_sft(js) == [{"messages": CHAT, "source": "x"}]
+    cs = write_csv(tmp_path / "d.csv", [{"messages": json.dumps(CHAT), "prompt": "", "completion": ""}])
+    assert load_sft(cs) == [{"messages": CHAT}]  # empty CSV cells of the other format are absent
+
+
+def test_sft_parquet_mixed_rows_have_arrow_nulls_dropped(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    chat = [{"role": "system", "content": "be brief", "name": "sys"}] + CHAT
+    path = tmp_path / "d.parquet"
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())])
+    schema = pa.schema([("messages", pa.list_(message)), ("prompt", pa.string()), ("completion", pa.string())])
+    pq.write_table(pa.Table.from_pylist([{"messages": chat}, {"prompt": "p", "completion": "c"}], schema), path)
+    got = load_sft(path)
+    # Arrow adds the missing columns and struct fields as nulls; they are not data.
+    assert got == [{"messages": chat}, {"prompt": "p", "completion": "c"}]
+    assert "messages" not in got[1] and "prompt" not in got[0]
+
+
+@pytest.mark.parametrize("row, field, match", [
+    ({"prompt": "a"}, "completion", "missing; expected 'prompt' and 'completion'.*columns in this row: 'prompt'"),
+    ({"text": "a"}, "prompt", "missing.*'text'"),
+    ({"prompt": "a", "completion": 3}, "completion", "expected a string, got int 3"),
+    ({"prompt": ["a"], "completion": "b"}, "prompt", "expected a string, got list"),
+    ({"prompt": "a", "completion": ""}, "completion", "expected a non-empty string, got ''"),
+    ({"prompt": "a", "completion": " \n"}, "completion", "non-empty"),
+    ({"messages": CHAT[:1]}, "messages[0].role", "last message must be the 'assistant'.*got 'user'"),
+    ({"messages": [CHAT[0], {"role": "assistant", "content": ""}]}, "messages[1].content", "non-empty"),
+    ({"messages": [{"role": "User", "content": "a"}] + CHAT[1:]}, "messages[0].role",
+     "one of system, user, assistant, tool, got 'User'"),
+    ({"messages": [{"role": "user", "content": None}] + CHAT[1:]}, "messages[0].content", "got null"),
+    ({"messages": [{"from": "human", "value": "hi"}]}, "messages[0]", "ShareGPT"),
+    ({"messages": ["hi"]}, "messages[0]", "expected an object"),
+    ({"messages": []}, "messages", "non-empty list of messages"),
+    ({"messages": CHAT[1:]}, "messages", "at least one message before"),
+    ({"messages": "not json"}, "messages", "JSON-encoded"),
+    ({"messages": CHAT, "completion": "x"}, "messages", "both 'messages' and 'prompt'/'completion'"),
+])
+def test_sft_errors(tmp_path, row, field, match):
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], row])
+    raises(load_sft, path, row=1, field=field, match=match)
+
+
+def test_sft_csv_missing_column(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [{"prompt": "a", "response": "b"}])
+    raises(load_sft, path, row=0, field="completion", match="'response'")
+
+
+# --------------------------------------------------------------------------- preference
+
+
+def test_preference_strings_with_margin(tmp_path):
+    rows = [{"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 2, "src": "a"},
+            {"prompt": "q", "chosen": "good", "rejected": "worse"}]
+    assert load_preference(write_jsonl(tmp_path / "d.jsonl", rows)) == [
+        {"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 2.0, "src": "a"},
+        {"prompt": "q", "chosen": "good", "rejected": "worse"}]
+
+
+def test_preference_csv_margin_text_and_empty_cell(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "0.5"},
+            {"prompt": "q", "chosen": "a", "rejected": "c", "margin": ""}]
+    got = load_preference(write_csv(tmp_path / "d.csv", rows))
+    assert got == [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 0.5},
+                   {"prompt": "q", "chosen": "a", "rejected": "c"}]
+
+
+def test_preference_messages_with_prompt(tmp_path):
+    row = {"prompt": CHAT[:1], "chosen": [{"role": "assistant", "content": "hi!"}],
+           "rejected": [{"role": "assistant", "content": "go away"}]}
+    assert load_preference(write_jsonl(tmp_path / "d.jsonl", [row])) == [row]
+    as_csv = {k: json.dumps(v) for k, v in row.items()}
+    assert load_preference(write_csv(tmp_path / "d.csv", [as_csv])) == [row]
+
+
+def test_preference_prompt_split_from_whole_conversations(tmp_path):
+    system = {"role": "system", "content": "s"}
+    chosen = [system, *CHAT, {"role": "user", "content": "more"}, {"role": "assistant", "content": "sure"}]
+    rejected = [system, *CHAT, {"role": "user", "content": "more"}, {"role": "assistant", "content": "no"}]
+    got = load_preference(write_jsonl(tmp_path / "d.jsonl", [{"chosen": chosen, "rejected": rejected}]))
+    assert got == [{"prompt": chosen[:4], "chosen": chosen[4:], "rejected": rejected[4:]}]
+    # Diverging at a user turn: the prompt stops before the last shared assistant message.
+    other = [system, *CHAT, {"role": "user", "content": "else"}, {"role": "assistant", "content": "ok"}]
+    got = load_preference(write_jsonl(tmp_path / "e.jsonl", [{"chosen": chosen, "rejected": other}]))
+    assert got[0]["prompt"] == [system, CHAT[0]]
+    assert got[0]["chosen"] == chosen[2:] and got[0]["rejected"] == other[2:]
+
+
+@pytest.mark.parametrize("row, field, match", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected", "identical to 'chosen'"),
+    ({"prompt": CHAT[:1], "chosen": CHAT[1:], "rejected": CHAT[1:]}, "rejected", "identical"),
+    ({"chosen": CHAT, "rejected": CHAT}, "rejected", "identical"),
+    ({"prompt": "q", "rejected": "b"}, "chosen", "missing"),
+    ({"prompt": "q", "chosen": "a", "rejected": ""}, "rejected", "non-empty string"),
+    ({"prompt": "q", "chosen": 1, "rejected": "b"}, "chosen", "string or a messages list, got int 1"),
+    ({"prompt": 5, "chosen": "a", "rejected": "b"}, "prompt", "string or a messages list, got int 5"),
+    ({"prompt": "q", "chosen": CHAT[1:], "rejected": "b"}, "chosen", "as 'prompt' is a string"),
+    ({"prompt": CHAT[:1], "chosen": "a", "rejected": CHAT[1:]}, "chosen", "as 'prompt' is a messages list"),
+    ({"prompt": CHAT[:1], "chosen": CHAT[:1], "rejected": CHAT[1:]}, "chosen[0].role", "last message"),
+    ({"chosen": "a", "rejected": "b"}, "prompt", "missing"),
+    ({"chosen": CHAT[1:], "rejected": [{"role": "assistant", "content": "x"}]}, "prompt", "share no leading"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": True}, "margin", "expected a number"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": math.inf}, "margin", "finite"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 10 ** 400}, "margin", "finite"),
+])
+def test_preference_errors(tmp_path, row, field, match):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
+    raises(load_preference, path, row=1, field=field, match=match)
+
+
+# --------------------------------------------------------------------------- unpaired
+
+
+@pytest.mark.parametrize("text, label", [
+    ("true", True), ("False", False), (" TRUE ", True), ("1", True), ("0", False), ("yes", True), ("no", False),
+])
+def test_unpaired_label_text_from_csv(tmp_path, text, label):
+    path = write_csv(tmp_path / "d.csv", [{"prompt": "q", "completion": "a", "label": text, "k": "v"}])
+    assert load_unpaired(path) == [{"prompt": "q", "completion": "a", "label": label, "k": "v"}]
+
+
+def test_unpaired_json_labels_and_messages(tmp_path):
+    rows = [{"prompt": "q", "completion": "a", "label": True},
+            {"prompt": "q", "completion": "b", "label": 0},
+            {"prompt": CHAT[:1], "completion": CHAT[1:], "label": "false"}]
+    got = load_unpaired(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert [r["label"] for r in got] == [True, False, False]
+    assert all(type(r["label"]) is bool for r in got)
+    assert got[2]["completion"] == CHAT[1:]
+
+
+@pytest.mark.parametrize("label", ["maybe", 2, None, [True], math.nan, ""])
+def test_unpaired_bad_label(tmp_path, label):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a", "label": label}])
+    raises(load_unpaired, path, row=0, field="label", match="expected true or false|missing")
+
+
+def test_unpaired_empty_completion(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [{"prompt": "q", "completion": "", "label": "1"}])
+    raises(load_unpaired, path, row=0, field="completion", match="non-empty")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "", "label": 1}])
+    raises(load_unpaired, path, row=0, field="completion", match="non-empty")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompts_keep_extra_columns(tmp_path):
+    rows = [{"prompt": "2+2?", "answer": 4}, {"prompt": CHAT[:1], "answer": 5}]
+    assert load_prompts(write_jsonl(tmp_path / "d.jsonl", rows)) == rows
+
+
+def test_prompts_csv_messages_and_bracketed_text(tmp_path):
+    rows = [{"prompt": json.dumps(CHAT[:1]), "answer": "4"}, {"prompt": "[1, 2] + [3]?", "answer": "[1, 2, 3]"}]
+    assert load_prompts(write_csv(tmp_path / "d.csv", rows)) == [
+        {"prompt": CHAT[:1], "answer": "4"}, {"prompt": "[1, 2] + [3]?", "answer": "[1, 2, 3]"}]
+
+
+@pytest.mark.parametrize("row, field, match", [
+    ({"prompt": ""}, "prompt", "non-empty"),
+    ({"question": "a"}, "prompt", "missing.*'question'"),
+    ({"prompt": {"text": "a"}}, "prompt", "string or a messages list, got dict"),
+    ({"prompt": [{"role": "robot", "content": "a"}]}, "prompt[0].role", "got 'robot'"),
+])
+def test_prompts_errors(tmp_path, row, field, match):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok"}, row])
+    raises(load_prompts, path, row=1, field=field, match=match)
+
+
+# --------------------------------------------------------------------------- properties
+
+STANDARD_KEYS = ["prompt", "completion", "messages", "chosen", "rejected", "label", "margin", "extra"]
+scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+           | st.sampled_from(["", " ", "true", "0", "[]", "[{}]", "nan", "1e999"]))
+anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+message = st.dictionaries(st.sampled_from(["role", "content", "name", "from"]),
+                          st.sampled_from(["user", "assistant", "system", "bot"]) | scalars, max_size=3)
+value = anything | st.lists(message, max_size=4) | st.sampled_from([CHAT, CHAT[:1], CHAT[1:]])
+row_strategy = st.dictionaries(st.sampled_from(STANDARD_KEYS), value, max_size=6)
+rows_strategy = st.lists(row_strategy | anything, max_size=4)
+prop = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+REQUIRED = {load_sft: (), load_preference: ("prompt", "chosen", "rejected"),
+            load_unpaired: ("prompt", "completion", "label"), load_prompts: ("prompt",)}
+
+
+def check_loaders(path, *, rows_given: int | None):
+    """Every loader either returns records with its schema's keys or raises DataError naming
+    the file; with ``rows_given`` rows in a well-formed file, every error names its row."""
+    for loader, required in REQUIRED.items():
+        try:
+            records = loader(path)
+        except DataError as err:
+            assert err.path == str(path)
+            if rows_given is not None:
+                assert (err.row is None) == (rows_given == 0), str(err)
+                assert err.row is None or 0 <= err.row < rows_given
+        else:
+            assert records and all(set(required) <= r.keys() for r in records)
+            if loader is load_sft:
+                assert all(("messages" in r) != ("completion" in r) for r in records)
+
+
+@prop
+@given(rows=rows_strategy, fmt=st.sampled_from(["json", "jsonl"]))
+def test_property_random_rows_only_raise_data_error(tmp_path, rows, fmt):
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_loaders(path, rows_given=len(rows))
+
+
+@prop
+@given(cells=st.lists(st.fixed_dictionaries({}, optional={
+    k: st.text(max_size=8) | st.sampled_from(["", "true", "2", "nan", json.dumps(CHAT), json.dumps(CHAT[:1]),
+                                              "[{\"role\": 1}]", "[", "[[[[1]]]]"])
+    for k in STANDARD_KEYS}), min_size=1, max_size=4))
+def test_property_random_csv_cells_only_raise_data_error(tmp_path, cells):
+    header = sorted({k for row in cells for k in row}) or ["prompt"]
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[row.get(k, "") for k in header] for row in cells])
+    check_loaders(path, rows_given=len(cells))
+
+
+@prop
+@given(lines=st.lists(st.binary(max_size=24) | st.sampled_from([b'{"prompt": "\xff"}', b"{", b"[1]", b"\x00"]),
+                      max_size=5),
+       fmt=st.sampled_from(["json", "jsonl", "csv"]))
+def test_property_random_bytes_only_raise_data_error(tmp_path, lines, fmt):
+    path = tmp_path / f"d.{fmt}"
+    path.write_bytes(b"\n".join(lines))
+    check_loaders(path, rows_given=None)
