@@ -22,7 +22,7 @@ class TinyModelConfig:
 
     arch: str = arg("llama", "architecture: llama, qwen2, mistral, gpt2 or gpt_neox")
     out: str = arg("runs/tiny", "directory to write the model and tokenizer to")
-    hidden_size: int = arg(64, "hidden size")
+    hidden_size: int = arg(128, "hidden size")
     num_layers: int = arg(2, "transformer blocks")
     num_heads: int = arg(4, "attention heads")
     vocab_size: int = arg(1024, "BPE vocabulary size at most (the task's text may give fewer)")

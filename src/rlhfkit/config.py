@@ -405,7 +405,7 @@ class LoraConfig:
 class OptimConfig:
     """AdamW with linear warm-up then a cosine or constant schedule."""
 
-    lr: float = arg(1e-3, "peak learning rate")
+    lr: float = arg(2e-5, "peak learning rate (tiny demo models want ~3e-3)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     betas: list[float] = arg([0.9, 0.999], "AdamW betas")
     warmup_steps: int = arg(10, "linear warm-up steps")

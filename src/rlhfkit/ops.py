@@ -35,11 +35,9 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Ten
     return token_logprobs(logits[:, :-1].float(), input_ids[:, 1:])
 
 
-def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) of token log-probs over masked tokens: (B, T), (B, T) → (B,).
+def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of token log-probs over masked tokens: (B, T), (B, T) → (B,); an empty row gives 0.
 
-    A row with an empty mask gives 0.
+    For the length-averaged form use ``rlhfkit.advantages.masked_mean(token_lp, mask, dim=-1)``.
     """
-    mask = mask.to(token_lp.dtype)
-    total = (token_lp * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    return (token_lp * mask.to(token_lp.dtype)).sum(-1)

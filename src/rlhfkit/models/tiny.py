@@ -56,7 +56,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedToken
     return fast
 
 
-def make_tiny_model(arch: str, out: str | Path, hidden_size: int = 64, num_layers: int = 2,
+def make_tiny_model(arch: str, out: str | Path, hidden_size: int = 128, num_layers: int = 2,
                     num_heads: int = 4, vocab_size: int = 1024, max_positions: int = 256,
                     seed: int = 0) -> Path:
     """Write a random ``arch`` model and its tokenizer to ``out``; returns the directory."""
