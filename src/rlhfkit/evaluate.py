@@ -11,9 +11,12 @@ import math
 from dataclasses import dataclass
 from statistics import mean, stdev
 
+import torch
+
 from rlhfkit.config import GenerationConfig
 from rlhfkit.data.tasks.describe import gold_reward
-from rlhfkit.rollout.generate import generate
+from rlhfkit.models.forward import join_prompt_response, response_logprobs
+from rlhfkit.rollout.generate import Generations, generate
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -34,6 +37,7 @@ class GoldEval:
     prompts: list
     completions: list[str]
     eos_rate: float
+    generations: Generations
 
     def summary(self) -> dict[str, float]:
         return {"gold_reward_mean": self.mean, "gold_reward_stderr": self.stderr, "n": len(self.rewards),
@@ -46,4 +50,20 @@ def gold_eval(model, tokenizer, prompts: list[str], cfg: GenerationConfig, seed:
     gens = generate(model, tokenizer, prompts, cfg, seed=seed, progress=progress)
     rewards = [gold_reward(p, c) for p, c in zip(prompts, gens.texts)]
     m, se = mean_stderr(rewards)
-    return GoldEval(m, se, rewards, list(prompts), gens.texts, sum(gens.has_eos) / len(gens.has_eos))
+    return GoldEval(m, se, rewards, list(prompts), gens.texts, sum(gens.has_eos) / len(gens.has_eos), gens)
+
+
+@torch.no_grad()
+def kl_to_reference(policy, reference, gens: Generations, pad_token_id: int, batch_size: int = 64
+                    ) -> tuple[float, float]:
+    """Mean ± stderr over prompts of the sequence KL estimate Σ_t (log π(y_t) − log π_ref(y_t)),
+    on the policy's own samples ``gens`` (an unbiased estimate of KL(π ‖ π_ref) per sequence)."""
+    device = next(policy.parameters()).device
+    per_seq: list[float] = []
+    for i in range(0, len(gens.prompt_ids), batch_size):
+        batch = join_prompt_response(gens.prompt_ids[i: i + batch_size], gens.completion_ids[i: i + batch_size],
+                                     pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        diff = response_logprobs(policy, batch) - response_logprobs(reference, batch)
+        per_seq += diff.sum(-1).tolist()
+    return mean_stderr(per_seq)

@@ -1,0 +1,56 @@
+"""Forward passes every trainer shares: token log-probs of given sequences, hidden states.
+
+Shapes: B batch, T sequence, P prompt width (left-padded), A response width
+(right-padded), V vocabulary, H hidden size. Positions come from the attention mask, so
+results do not depend on the padding side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.data.collate import pad_batch
+from rlhfkit.ops import position_ids_from_mask, shifted_logprobs
+
+
+def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | None = None,
+                temperature: float = 1.0) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) under ``model``.
+
+    input_ids, attention_mask (B, T) → (B, T-1); with ``keep`` = k only the last k
+    predictions are returned, (B, k), and the LM head runs on those positions alone.
+    ``temperature`` divides the logits, matching the distribution that was sampled.
+    """
+    kwargs = {"logits_to_keep": keep + 1} if keep else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), **kwargs).logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    ids = input_ids[:, -(keep + 1):] if keep else input_ids
+    return shifted_logprobs(logits, ids)
+
+
+def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int
+                         ) -> dict[str, torch.Tensor]:
+    """Prompts padded on the left and responses on the right, side by side.
+
+    Returns ``input_ids`` and ``attention_mask`` (B, P + A) and ``action_mask`` (B, A),
+    1 on response tokens. Response token j of row b sits at column P + j, so its
+    log-prob is column P - 1 + j of ``logprobs_of(...)``, i.e. the last A columns.
+    """
+    prompts = pad_batch(prompt_ids, pad_token_id, side="left")
+    prompt_mask = pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left")
+    responses = pad_batch([r or [pad_token_id] for r in response_ids], pad_token_id, side="right")
+    action_mask = pad_batch([[1] * len(r) for r in response_ids], 0, side="right")
+    if action_mask.shape[1] < responses.shape[1]:  # every response empty: keep one masked column
+        action_mask = torch.zeros_like(responses)
+    return {"input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": torch.cat([prompt_mask, action_mask], 1),
+            "action_mask": action_mask}
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the response tokens of a ``join_prompt_response`` batch: (B, A), 0 where masked."""
+    width = batch["action_mask"].shape[1]
+    lp = logprobs_of(model, batch["input_ids"], batch["attention_mask"], keep=width, temperature=temperature)
+    return lp * batch["action_mask"]
