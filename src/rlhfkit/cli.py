@@ -140,6 +140,46 @@ def cmd_eval(cfg: EvalConfig) -> None:
                                             indent=1))
 
 
+@dataclass
+class RewardEvalConfig:
+    """`rlhfkit eval-rm`: a reward model's accuracy on held-out pairs, and its agreement with the gold reward."""
+
+    model: str = arg("", "reward-model directory (from `rlhfkit rm`)")
+    data: str = arg("runs/data/preference_test.jsonl", "held-out preference pairs")
+    meta: str = arg("", "the task's meta.json, for the accuracy ceiling the label noise allows (default: beside data)")
+    out: str = arg("", "also write the figures to this JSON file")
+
+
+def cmd_rm(cfg) -> None:
+    from rlhfkit.trainers.reward import train
+
+    metrics = train(cfg)
+    print(json.dumps(metrics, indent=2))
+    print(f"reward model saved to {cfg.train.out}")
+
+
+def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
+    from rlhfkit.data.formats import load_preference
+    from rlhfkit.evaluate import reward_model_eval
+    from rlhfkit.models.reward import RewardModel
+
+    if not cfg.model:
+        raise ConfigError("no reward model given: pass --model DIR")
+    result = reward_model_eval(RewardModel.from_pretrained(cfg.model), load_preference(cfg.data))
+    meta = Path(cfg.meta) if cfg.meta else Path(cfg.data).parent / "meta.json"
+    if meta.is_file():
+        key = "label_accuracy_ceiling_test" if "test" in Path(cfg.data).stem else "label_accuracy_ceiling"
+        result["accuracy_ceiling"] = json.loads(meta.read_text()).get(key)
+    print(f"reward model {cfg.model} on {result['n_pairs']} held-out pairs:")
+    print(f"  accuracy vs labels     {result['accuracy']:.3f} ± {result['accuracy_stderr']:.3f}"
+          + (f"   (ceiling the label noise allows: {result['accuracy_ceiling']:.3f})"
+             if result.get("accuracy_ceiling") else ""))
+    print(f"  agreement with gold    {result['gold_agreement']:.3f} ± {result['gold_agreement_stderr']:.3f}"
+          f"   ({result['n_gold_untied']} pairs the gold reward does not tie; ceiling 1.0)")
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(result, indent=2))
+
+
 def cmd_export(cfg: ExportConfig) -> None:
     from rlhfkit.models.load import merge_adapters
 
@@ -154,11 +194,19 @@ def _sft_config():
     return SFTConfig
 
 
+def _rm_config():
+    from rlhfkit.trainers.reward import RewardConfig
+
+    return RewardConfig
+
+
 # command → (config class, or a function returning it for heavy imports; runner; one-line summary)
 COMMANDS = {
     "tiny-model": (TinyModelConfig, cmd_tiny_model, "make a small random model of a real architecture"),
     "make-data": (MakeDataConfig, cmd_make_data, "write the built-in task (JSONL) to a directory"),
     "sft": (_sft_config, cmd_sft, "supervised fine-tuning on prompt/completion or messages data"),
+    "rm": (_rm_config, cmd_rm, "train a reward model on preference pairs (Bradley-Terry)"),
+    "eval-rm": (RewardEvalConfig, cmd_eval_rm, "reward-model accuracy on held-out pairs, and agreement with gold"),
     "generate": (GenerateConfig, cmd_generate, "sample completions from a model directory"),
     "eval": (EvalConfig, cmd_eval, "held-out mean gold reward ± standard error"),
     "export": (ExportConfig, cmd_export, "merge LoRA adapters into a standalone model directory"),

@@ -36,7 +36,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _check_weights_format(path: str, allow_pickle: bool) -> None:
+def check_weights_format(path: str, allow_pickle: bool) -> None:
     """Refuse pickled weights in a local directory unless the user opted in."""
     p = Path(path)
     if not p.is_dir() or allow_pickle:
@@ -70,22 +70,24 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
         from peft import PeftModel
 
         base_path = json.loads((Path(cfg.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-        _check_weights_format(base_path, cfg.allow_pickle)
+        check_weights_format(base_path, cfg.allow_pickle)
         base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         model = PeftModel.from_pretrained(base, cfg.path, is_trainable=False)
     else:
-        _check_weights_format(cfg.path, cfg.allow_pickle)
+        check_weights_format(cfg.path, cfg.allow_pickle)
         model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     return model.to(device)
 
 
-def add_lora(model, cfg: LoraConfig, adapter_name: str = "default"):
-    """Wrap ``model`` with a fresh trainable LoRA adapter (base weights frozen)."""
+def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with a fresh trainable LoRA adapter (base weights frozen).
+
+    With ``task_type="SEQ_CLS"`` peft also trains and saves the score head."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     targets = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
+                              target_modules=targets, task_type=task_type)
     return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
 
 

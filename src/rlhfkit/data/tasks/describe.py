@@ -127,7 +127,8 @@ def _sigmoid(x: float) -> float:
 def generate(spec: TaskSpec = TaskSpec()) -> dict[str, list[dict]]:
     """All splits of the task as lists of records in the standard columns (DESIGN.md §4).
 
-    Returns ``sft`` (prompt, completion), ``preference`` (prompt, chosen, rejected),
+    Returns ``sft`` (prompt, completion), ``preference`` (prompt, chosen, rejected) with
+    held-out ``preference_valid`` / ``preference_test`` pairs on those splits' prompts,
     ``unpaired`` (prompt, completion, label), ``prompts_train`` / ``prompts_valid`` /
     ``prompts_test`` (prompt). Test and validation prompts never appear in training data.
     """
@@ -140,32 +141,42 @@ def generate(spec: TaskSpec = TaskSpec()) -> dict[str, list[dict]]:
     sft = [{"prompt": p, "completion": sample_response(rng, p)}
            for p in train for _ in range(spec.sft_per_prompt)]
 
-    preference, agree_ceiling = [], 0.0
-    for p in train:
-        for _ in range(spec.pairs_per_prompt):
-            a, b = sample_response(rng, p), sample_response(rng, p)
-            while b == a:
-                b = sample_response(rng, p)
-            p_a = _sigmoid((gold_reward(p, a) - gold_reward(p, b)) / spec.bt_temperature)
-            p_a = p_a * (1 - spec.label_noise) + (1 - p_a) * spec.label_noise
-            agree_ceiling += max(p_a, 1 - p_a)
-            chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
-            preference.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    def label_pairs(prompts: list[str]) -> tuple[list[dict], float]:
+        """Pairs labelled like annotators would; also the best accuracy those labels allow."""
+        pairs, ceiling = [], 0.0
+        for p in prompts:
+            for _ in range(spec.pairs_per_prompt):
+                a, b = sample_response(rng, p), sample_response(rng, p)
+                while b == a:
+                    b = sample_response(rng, p)
+                p_a = _sigmoid((gold_reward(p, a) - gold_reward(p, b)) / spec.bt_temperature)
+                p_a = p_a * (1 - spec.label_noise) + (1 - p_a) * spec.label_noise
+                ceiling += max(p_a, 1 - p_a)
+                chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+                pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+        return pairs, ceiling / len(pairs)
+
+    preference, agree_ceiling = label_pairs(train)
 
     unpaired = []
     for p in train:
         c = sample_response(rng, p)
         unpaired.append({"prompt": p, "completion": c, "label": gold_reward(p, c) >= spec.kto_threshold})
 
+    preference_valid, _ = label_pairs(valid)
+    preference_test, test_ceiling = label_pairs(test)
     return {
         "sft": sft,
         "preference": preference,
+        "preference_valid": preference_valid,  # pairs on held-out prompts, for choosing settings
+        "preference_test": preference_test,    # and for reported reward-model accuracy
         "unpaired": unpaired,
         "prompts_train": [{"prompt": p} for p in train],
         "prompts_valid": [{"prompt": p} for p in valid],
         "prompts_test": [{"prompt": p} for p in test],
         # the best pairwise accuracy any model can reach against these noisy labels
-        "meta": [{**asdict(spec), "label_accuracy_ceiling": agree_ceiling / len(preference)}],
+        "meta": [{**asdict(spec), "label_accuracy_ceiling": agree_ceiling,
+                  "label_accuracy_ceiling_test": test_ceiling}],
     }
 
 

@@ -1,0 +1,94 @@
+"""Reward models: a score head (hidden → 1) read at each sequence's last real token.
+
+A reward model is an ``AutoModelForSequenceClassification`` with one label, so what we
+save loads anywhere with ``from_pretrained``. We pool ourselves instead of relying on the
+pad token id (which some models share with EOS): the score is read at the last position
+of the attention mask, whatever the padding side. Shapes: B batch, T sequence, H hidden.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.models.load import check_weights_format, is_adapter_dir, load_tokenizer, resolve_device, resolve_dtype
+from rlhfkit.ops import position_ids_from_mask
+
+NORMALIZATION_FILE = "score_normalization.json"
+
+
+def _hf_model(model):
+    """The transformers model inside a peft wrapper (LoRA layers still active), or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row: (B, T) → (B,). Works for left and right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Score of each sequence, read at its last real token: (B, T), (B, T) → (B,) float32."""
+    hf = _hf_model(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    return hf.score(last).squeeze(-1).float()
+
+
+def load_reward_backbone(cfg: ModelConfig, device: torch.device):
+    """A one-label sequence classifier from a causal-LM or reward-model directory (or adapter)."""
+    kwargs = dict(num_labels=1, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
+    if is_adapter_dir(cfg.path):
+        from peft import PeftModel
+
+        base = json.loads((Path(cfg.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        check_weights_format(base, cfg.allow_pickle)
+        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, **kwargs), cfg.path)
+    else:
+        check_weights_format(cfg.path, cfg.allow_pickle)
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.path, **kwargs)
+    return model.to(device)
+
+
+class RewardModel:
+    """Scores (prompt, response) texts with a trained reward model, batched and padding-safe.
+
+    Responses are encoded exactly as in reward-model training (prompt + response + EOS).
+    When the directory holds ``score_normalization.json`` (written by ``rlhfkit rm`` with
+    ``normalize: true``), scores come out standardised: (s − mean) / std over the training set.
+    """
+
+    def __init__(self, model, tokenizer, mean: float = 0.0, std: float = 1.0, max_length: int = 512):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.mean, self.std, self.max_length = mean, std, max_length
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: torch.device | str | None = None, **model_kwargs) -> "RewardModel":
+        device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
+        cfg = ModelConfig(path=path, **model_kwargs)
+        norm = Path(path) / NORMALIZATION_FILE
+        stats = json.loads(norm.read_text()) if norm.is_file() else {"mean": 0.0, "std": 1.0}
+        model = load_reward_backbone(cfg, device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(model, load_tokenizer(path, cfg.trust_remote_code), stats["mean"], stats["std"])
+
+    @torch.no_grad()
+    def score(self, prompts: list, responses: list[str], batch_size: int = 64) -> torch.Tensor:
+        """One score per (prompt, response): (B,) float32 on the CPU."""
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            examples = [encode_example(self.tokenizer, p, r, self.max_length)
+                        for p, r in zip(prompts[i: i + batch_size], responses[i: i + batch_size])]
+            batch = collate(examples, self.tokenizer.pad_token_id)
+            out.append(sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+        return (torch.cat(out).cpu() - self.mean) / self.std

@@ -1,0 +1,118 @@
+"""Reward-model training: pairwise Bradley–Terry on preference data (DESIGN.md §3).
+
+loss = −log σ(s(x, y_w) − s(x, y_l) − m), the score s read at each sequence's last real
+token (``rlhfkit.models.reward.sequence_scores``). Chosen and rejected go through one
+concatenated forward of 2B rows. An optional ``margin`` column gives m per pair.
+
+To serve as PPO's third adapter on a shared base, train with ``lora.enabled: true`` on
+that same base model: PPO checks the adapter's base at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from statistics import mean, pstdev
+
+import torch
+
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.data.formats import load_preference
+from rlhfkit.losses import reward_model_loss
+from rlhfkit.models.load import add_lora, load_tokenizer, resolve_device, save_model
+from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
+from rlhfkit.trainers.loop import Logger, prepare_out_dir, run, seed_everything
+
+
+@dataclass
+class RewardConfig:
+    """`rlhfkit rm`: train a reward model on (prompt, chosen, rejected) pairs."""
+
+    data: str = arg("", "preference file with prompt, chosen, rejected (and an optional margin) columns")
+    eval_data: str = arg("", "held-out pairs; empty = hold out eval_fraction of the training rows")
+    eval_fraction: float = arg(0.05, "share of training pairs held out when eval_data is empty")
+    max_length: int = arg(256, "tokens per sequence at most (prompt + response + EOS)")
+    normalize: bool = arg(True, "record score mean/std over the training set so scores come out standardised")
+    model: ModelConfig = arg(ModelConfig, "the model to start from (usually the SFT model)")
+    lora: LoraConfig = arg(LoraConfig, "LoRA adapters (the score head is trained alongside)")
+    optim: OptimConfig = arg(OptimConfig, "optimiser")
+    train: TrainConfig = arg(TrainConfig(out="runs/rm", epochs=1.0), "training loop")
+
+
+def pair_scores(model, batch: dict[str, torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of a 2B-row batch laid out as [chosen..., rejected...]: → (chosen (B,), rejected (B,))."""
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    return scores[:n_pairs], scores[n_pairs:]
+
+
+def train(cfg: RewardConfig) -> dict[str, float]:
+    """Train a reward model from ``cfg.model.path`` on ``cfg.data``; saved to ``cfg.train.out``."""
+    records = load_preference(cfg.data)
+    if cfg.eval_data:
+        eval_records = load_preference(cfg.eval_data)
+    else:
+        shuffled = random.Random(cfg.train.seed).sample(records, len(records))
+        n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 20 else 0
+        eval_records, records = shuffled[:n_eval], shuffled[n_eval:]
+    out = prepare_out_dir(cfg, cfg.train.out)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    model = load_reward_backbone(cfg.model, device)
+    model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooling agrees where others load it
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
+
+    def encode(rows):
+        return [(encode_example(tokenizer, r["prompt"], r["chosen"], cfg.max_length),
+                 encode_example(tokenizer, r["prompt"], r["rejected"], cfg.max_length),
+                 r.get("margin")) for r in rows]
+
+    pairs, eval_pairs = encode(records), encode(eval_records)
+
+    def scores_of(items):
+        batch = collate([c for c, _, _ in items] + [r for _, r, _ in items], tokenizer.pad_token_id)
+        chosen, rejected = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, len(items))
+        margins = [m for _, _, m in items]
+        margin = torch.tensor(margins, device=device) if all(m is not None for m in margins) else None
+        return chosen, rejected, margin
+
+    def loss_fn(indices):
+        loss, stats = reward_model_loss(*scores_of([pairs[i] for i in indices]))
+        return loss, {k: float(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        if not eval_pairs:
+            return {}
+        model.eval()
+        chosen, rejected = [], []
+        for i in range(0, len(eval_pairs), cfg.train.batch_size):
+            c, r, _ = scores_of(eval_pairs[i: i + cfg.train.batch_size])
+            chosen.append(c), rejected.append(r)
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        scores = torch.cat([c, r])
+        return {"eval/accuracy": (c > r).float().mean().item(), "eval/margin": (c - r).mean().item(),
+                "eval/loss": reward_model_loss(c, r)[0].item(),
+                "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
+
+    logger = Logger(out, cfg.train.tensorboard)
+    try:
+        metrics = run(model=model, loss_fn=loss_fn, n_examples=len(pairs), cfg=cfg.train, optim=cfg.optim,
+                      logger=logger, evaluate=evaluate, desc="reward model")
+    finally:
+        logger.close()
+    save_model(model, tokenizer, out)
+    if cfg.normalize:
+        model.eval()
+        with torch.no_grad():
+            train_scores = []
+            for i in range(0, len(pairs), cfg.train.batch_size):
+                c, r, _ = scores_of(pairs[i: i + cfg.train.batch_size])
+                train_scores += c.tolist() + r.tolist()
+        stats = {"mean": mean(train_scores), "std": max(pstdev(train_scores), 1e-6)}
+        (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
+        metrics = {**metrics, "train/score_mean": stats["mean"], "train/score_std": stats["std"]}
+    return metrics

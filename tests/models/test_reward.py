@@ -1,0 +1,77 @@
+"""Reward model: scores read at the last real token, whatever the padding or the batch."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlhfkit.cli import main
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.reward import RewardModel, last_token_index, load_reward_backbone, sequence_scores
+
+PROMPTS = ["User: Describe the cat.\nAssistant:", "User: Tell me about the old lake you saw today.\nAssistant:",
+           "User: Hi.\nAssistant:"]
+RESPONSES = [" The cat is calm.", " The lake is dull, grim and cold.", " Hello."]
+
+
+def test_last_token_index_handles_both_sides():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [1, 3, 3]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_score_ignores_padding_side_and_batch_companions(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    model = load_reward_backbone(ModelConfig(path=path), torch.device("cpu")).eval()
+    torch.nn.init.normal_(model.score.weight)  # a fresh head; make its scores non-trivial
+    tok = load_tokenizer(path)
+    examples = [encode_example(tok, p, r, 64) for p, r in zip(PROMPTS, RESPONSES)]
+    with torch.no_grad():
+        alone = torch.cat([sequence_scores(model, torch.tensor([e.input_ids]), torch.ones(1, len(e.input_ids)))
+                           for e in examples])
+        for side in ("left", "right"):
+            b = collate(examples, tok.pad_token_id, side)
+            torch.testing.assert_close(sequence_scores(model, b["input_ids"], b["attention_mask"]), alone,
+                                       rtol=1e-5, atol=1e-5)
+    assert alone.std() > 0
+
+
+def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_path):
+    out = tmp_path / "rm"
+    rc = main(["rm", "--model", tiny_model_dir("qwen2"), "--data", str(task_dir / "preference.jsonl"),
+               "--out", str(out), "--train.max_steps", "6", "--train.batch_size", "8", "--optim.lr", "1e-3",
+               "--train.tensorboard", "false"])
+    assert rc == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in r for r in logs)
+    stats = json.loads((out / "score_normalization.json").read_text())
+    assert stats["std"] > 0
+    # standard HF output: AutoModelForSequenceClassification loads it, and its own pooling agrees with ours
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    rm = RewardModel.from_pretrained(str(out), device="cpu")
+    tok = load_tokenizer(str(out))
+    b = collate([encode_example(tok, p, r, 64) for p, r in zip(PROMPTS, RESPONSES)], tok.pad_token_id)
+    with torch.no_grad():
+        hf_scores = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.squeeze(-1)
+    torch.testing.assert_close((hf_scores - stats["mean"]) / stats["std"], rm.score(PROMPTS, RESPONSES),
+                               rtol=1e-4, atol=1e-4)
+    # score() is batch-independent
+    torch.testing.assert_close(rm.score(PROMPTS, RESPONSES, batch_size=1), rm.score(PROMPTS, RESPONSES),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_rm_with_lora_trains_the_score_head_too(tiny_model_dir, task_dir, tmp_path):
+    out = tmp_path / "rm"
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+                 "--out", str(out), "--lora.enabled", "true", "--lora.r", "4", "--train.max_steps", "3",
+                 "--train.batch_size", "8", "--optim.lr", "1e-2", "--train.tensorboard", "false"]) == 0
+    assert (out / "adapter_config.json").is_file()
+    # the saved adapter carries the trained score head: were it missing, each load would draw a new random head
+    first = RewardModel.from_pretrained(str(out), device="cpu").score(PROMPTS, RESPONSES)
+    torch.manual_seed(123)
+    second = RewardModel.from_pretrained(str(out), device="cpu").score(PROMPTS, RESPONSES)
+    torch.testing.assert_close(first, second)
+    assert torch.isfinite(first).all() and first.std() > 0
