@@ -180,6 +180,28 @@ def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
         Path(cfg.out).write_text(json.dumps(result, indent=2))
 
 
+def cmd_ppo(cfg) -> None:
+    from rlhfkit.trainers.ppo import train
+
+    probe = evaluate = None
+    if cfg.task == "describe":  # gold reward for the report: the CLI injects it, the trainer never imports it
+        from rlhfkit.data.tasks.describe import gold_reward
+        from rlhfkit.evaluate import gold_eval
+
+        def probe(prompts, texts):
+            return {"rollout/gold": sum(gold_reward(p, t) for p, t in zip(prompts, texts)) / len(texts)}
+
+        if cfg.eval_prompts:
+            eval_prompts = _prompt_file(cfg.eval_prompts, 0)
+
+            def evaluate(model, tokenizer):
+                result = gold_eval(model, tokenizer, eval_prompts, cfg.generation, seed=cfg.train.seed)
+                return {"eval/gold": result.mean, "eval/gold_stderr": result.stderr}
+    metrics = train(cfg, probe=probe, evaluate=evaluate)
+    print(json.dumps(metrics, indent=2))
+    print(f"actor saved to {cfg.train.out} (critic in {cfg.train.out}/critic)")
+
+
 def cmd_export(cfg: ExportConfig) -> None:
     from rlhfkit.models.load import merge_adapters
 
@@ -194,6 +216,29 @@ def _sft_config():
     return SFTConfig
 
 
+def cmd_preference(cfg) -> None:
+    from rlhfkit.trainers.preference import train
+
+    metrics = train(cfg)
+    print(json.dumps(metrics, indent=2))
+    print(f"model saved to {cfg.train.out}")
+
+
+def _preference_config(name: str):
+    def get():
+        from rlhfkit.trainers import preference
+
+        return getattr(preference, name)
+
+    return get
+
+
+def _ppo_config():
+    from rlhfkit.trainers.ppo import PPOConfig
+
+    return PPOConfig
+
+
 def _rm_config():
     from rlhfkit.trainers.reward import RewardConfig
 
@@ -205,8 +250,13 @@ COMMANDS = {
     "tiny-model": (TinyModelConfig, cmd_tiny_model, "make a small random model of a real architecture"),
     "make-data": (MakeDataConfig, cmd_make_data, "write the built-in task (JSONL) to a directory"),
     "sft": (_sft_config, cmd_sft, "supervised fine-tuning on prompt/completion or messages data"),
+    "dpo": (_preference_config("DPOConfig"), cmd_preference, "DPO from preference pairs (sigmoid, robust, ipo, hinge)"),
+    "orpo": (_preference_config("ORPOConfig"), cmd_preference, "ORPO from preference pairs (no reference model)"),
+    "simpo": (_preference_config("SimPOConfig"), cmd_preference, "SimPO from preference pairs (no reference model)"),
+    "kto": (_preference_config("KTOConfig"), cmd_preference, "KTO from unpaired prompt/completion/label data"),
     "rm": (_rm_config, cmd_rm, "train a reward model on preference pairs (Bradley-Terry)"),
     "eval-rm": (RewardEvalConfig, cmd_eval_rm, "reward-model accuracy on held-out pairs, and agreement with gold"),
+    "ppo": (_ppo_config, cmd_ppo, "PPO: actor, reference, critic and reward on one shared base (or four models)"),
     "generate": (GenerateConfig, cmd_generate, "sample completions from a model directory"),
     "eval": (EvalConfig, cmd_eval, "held-out mean gold reward ± standard error"),
     "export": (ExportConfig, cmd_export, "merge LoRA adapters into a standalone model directory"),

@@ -14,12 +14,13 @@ from rlhfkit.ops import position_ids_from_mask, shifted_logprobs
 
 
 def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | None = None,
-                temperature: float = 1.0) -> torch.Tensor:
+                temperature: float = 1.0, with_logits: bool = False):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) under ``model``.
 
     input_ids, attention_mask (B, T) → (B, T-1); with ``keep`` = k only the last k
     predictions are returned, (B, k), and the LM head runs on those positions alone.
     ``temperature`` divides the logits, matching the distribution that was sampled.
+    ``with_logits`` also returns the (temperature-scaled) logits behind them, (B, k, V).
     """
     kwargs = {"logits_to_keep": keep + 1} if keep else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
@@ -27,7 +28,8 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     if temperature != 1.0:
         logits = logits / temperature
     ids = input_ids[:, -(keep + 1):] if keep else input_ids
-    return shifted_logprobs(logits, ids)
+    lp = shifted_logprobs(logits, ids)
+    return (lp, logits[:, :-1]) if with_logits else lp
 
 
 def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int

@@ -79,16 +79,22 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
     return model.to(device)
 
 
+def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Our LoRA section as a peft ``LoraConfig``."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          task_type=task_type)
+
+
 def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with a fresh trainable LoRA adapter (base weights frozen).
 
     With ``task_type="SEQ_CLS"`` peft also trains and saves the score head."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=targets, task_type=task_type)
-    return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+    return get_peft_model(model, peft_lora_config(cfg, task_type), adapter_name=adapter_name)
 
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:

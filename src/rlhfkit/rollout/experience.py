@@ -1,0 +1,118 @@
+"""Making experience: one rollout batch, everything PPO needs recorded (DESIGN.md §3).
+
+sample → cut at EOS → old log-probs (actor), reference log-probs, old values (critic),
+proxy score (reward model) → per-token rewards (−β·kl, clipped score at the last token)
+→ GAE → advantages (whitened later, over the whole buffer). Shapes: B rollouts, A response
+tokens, P prompt width.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from rlhfkit.advantages import approx_kl, gae, masked_mean, per_token_rewards
+from rlhfkit.config import GenerationConfig
+from rlhfkit.losses import entropy_from_logits
+from rlhfkit.models.forward import join_prompt_response
+from rlhfkit.rollout.generate import generate
+
+ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, response texts) → (B,) proxy scores
+
+
+@dataclass
+class Experience:
+    """One rollout batch. Every tensor over response tokens is (B, A), 0 where ``action_mask`` is 0."""
+
+    input_ids: torch.Tensor       # (B, P + A) prompt (left-padded) | response (right-padded)
+    attention_mask: torch.Tensor  # (B, P + A)
+    action_mask: torch.Tensor     # (B, A) 1 on response tokens, EOS included
+    old_logprobs: torch.Tensor    # (B, A) actor at sampling time
+    ref_logprobs: torch.Tensor    # (B, A) reference
+    old_values: torch.Tensor      # (B, A) critic at sampling time
+    rewards: torch.Tensor         # (B, A) −β·kl + clipped score at the last token
+    advantages: torch.Tensor      # (B, A) GAE
+    returns: torch.Tensor         # (B, A) advantages + old_values
+    scores: torch.Tensor          # (B,) proxy score (after any missing-EOS penalty, before clipping)
+
+    def __getitem__(self, idx) -> "Experience":
+        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "action_mask": self.action_mask}
+
+    @staticmethod
+    def cat(items: list["Experience"], pad_token_id: int) -> "Experience":
+        """Join rollout batches of different widths into one buffer (re-padding both halves)."""
+        if len(items) == 1:
+            return items[0]
+        width_a = max(e.action_mask.shape[1] for e in items)
+        width_p = max(e.input_ids.shape[1] - e.action_mask.shape[1] for e in items)
+
+        def pad(e: Experience, name: str) -> torch.Tensor:
+            t = getattr(e, name)
+            if t.dim() == 1:
+                return t
+            a = e.action_mask.shape[1]
+            if name in ("input_ids", "attention_mask"):
+                fill = pad_token_id if name == "input_ids" else 0
+                p = t.shape[1] - a
+                left = t.new_full((t.shape[0], width_p - p), fill)
+                right = t.new_full((t.shape[0], width_a - a), fill)
+                return torch.cat([left, t, right], 1)
+            return torch.cat([t, t.new_zeros((t.shape[0], width_a - a))], 1)
+
+        return Experience(**{f.name: torch.cat([pad(e, f.name) for e in items]) for f in fields(Experience)})
+
+
+@dataclass
+class RolloutStats:
+    texts: list[str]
+    prompts: list
+    seconds_generate: float
+    seconds_score: float
+    metrics: dict[str, float]
+
+
+@torch.no_grad()
+def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: GenerationConfig, *, beta: float,
+                    kl_estimator: str = "k1", reward_clip: float | None = 5.0,
+                    missing_eos_penalty: float | None = None, gamma: float = 1.0, lam: float = 0.95,
+                    seed: int = 0) -> tuple[Experience, RolloutStats]:
+    """Sample one response per prompt with the actor and record everything learning needs."""
+    device = next(roles.generation_model().parameters()).device
+    roles.train(False)
+    t0 = time.perf_counter()
+    gens = generate(roles.generation_model(), tokenizer, prompts, gen, seed=seed)
+    t1 = time.perf_counter()
+    batch = {k: v.to(device) for k, v in
+             join_prompt_response(gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id).items()}
+    mask = batch["action_mask"].float()
+    temperature = gen.temperature if gen.temperature > 0 else 1.0
+    old_logprobs, logits = roles.actor_logprobs(batch, temperature=temperature, with_logits=True)
+    entropy = masked_mean(entropy_from_logits(logits), mask)
+    ref_logprobs = roles.reference_logprobs(batch, temperature=temperature)
+    old_values = roles.critic_values(batch)
+    t2 = time.perf_counter()
+    scores = score_fn(prompts, gens.texts).to(device).float()
+    has_eos = torch.tensor(gens.has_eos, device=device)
+    if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
+        scores = torch.where(has_eos, scores, scores + missing_eos_penalty)
+    kl = approx_kl(old_logprobs, ref_logprobs, kind=kl_estimator) * mask
+    rewards = per_token_rewards(scores, kl, mask, beta, clip=reward_clip)
+    advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam)
+    t3 = time.perf_counter()
+    exp = Experience(batch["input_ids"], batch["attention_mask"], batch["action_mask"], old_logprobs * mask,
+                     ref_logprobs * mask, old_values * mask, rewards, advantages, returns, scores)
+    seq_kl = (approx_kl(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+    metrics = {"rollout/score": scores.mean().item(), "rollout/kl": seq_kl.mean().item(),
+               "rollout/entropy": entropy.item(), "rollout/response_length": mask.sum(-1).mean().item(),
+               "rollout/eos_share": has_eos.float().mean().item(), "rollout/beta": beta,
+               "time/generate": t1 - t0, "time/score": (t3 - t1)}
+    return exp, RolloutStats(gens.texts, list(prompts), t1 - t0, t3 - t1, metrics)

@@ -1,0 +1,178 @@
+"""PPO with the four roles: actor, reference, critic, reward (seeds 000–002, DESIGN.md §2–3).
+
+Each step: a rollout batch of prompts → experience (sample, old/ref log-probs, values,
+proxy score, shaped rewards, GAE) → whitened advantages over the buffer → ``ppo_epochs``
+passes over shuffled mini-batches: clipped policy loss + clipped value loss → step →
+adapt β → log. The KL penalty sits in the reward, so the loss has no KL term (seed 000).
+Models run in eval mode throughout (no dropout), so old and new log-probs agree before
+the first update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from rlhfkit.advantages import AdaptiveKLController, FixedKLController, masked_mean, masked_var, masked_whiten
+from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.formats import load_prompts
+from rlhfkit.losses import policy_loss, value_loss
+from rlhfkit.models.load import load_tokenizer, resolve_device
+from rlhfkit.models.reward import RewardModel
+from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
+from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
+from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, prepare_out_dir, seed_everything
+
+
+@dataclass
+class PPOConfig:
+    """`rlhfkit ppo`: optimise the SFT model against a reward model, leashed to it by a KL penalty."""
+
+    prompts: str = arg("", "prompts file (a `prompt` column)")
+    reward_model: str = arg("", "reward-model directory (from `rlhfkit rm`)")
+    mode: Literal["shared", "separate"] = arg("shared", "shared: one base + LoRA actor/critic, reference = "
+                                              "adapters off; separate: full actor, reference and critic models")
+    critic_init: Literal["reward", "sft"] = arg("reward", "separate mode: critic starts from the reward model or the SFT model")
+    rollout_batch_size: int = arg(64, "prompts sampled per rollout batch")
+    rollouts_per_step: int = arg(1, "rollout batches collected into the buffer before learning")
+    mini_batch_size: int = arg(16, "rollouts per optimiser step")
+    ppo_epochs: int = arg(2, "passes over the buffer per step")
+    beta: float = arg(0.1, "KL penalty coefficient β in r_t = −β·kl_t")
+    kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "per-token KL estimator in the reward")
+    adaptive_kl: bool = arg(False, "adapt β towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = arg(6.0, "adaptive KL: target per-sequence KL")
+    kl_horizon: int = arg(10000, "adaptive KL: horizon in episodes")
+    reward_clip: float = arg(5.0, "clip the proxy score to ±this before adding it")
+    missing_eos_penalty: float | None = arg(None, "added to the score of responses that never emit EOS")
+    gamma: float = arg(1.0, "GAE discount γ")
+    lam: float = arg(0.95, "GAE λ")
+    clip_eps: float = arg(0.2, "policy ratio clip ε")
+    value_clip_eps: float = arg(0.2, "value clip ε_v")
+    vf_coef: float = arg(0.5, "weight of the value loss")
+    critic_lr: float = arg(0.0, "critic learning rate; 0 = the actor's (optim.lr)")
+    eval_prompts: str = arg("", "held-out prompts evaluated every train.eval_every steps and at the end")
+    task: Literal["none", "describe"] = arg("none", "built-in task whose gold reward is reported (evaluation only; "
+                                            "never a training signal)")
+    model: ModelConfig = arg(ModelConfig, "the SFT model: actor and reference start here")
+    lora: LoraConfig = arg(LoraConfig(enabled=True), "adapters for actor and critic in shared mode")
+    optim: OptimConfig = arg(OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"), "actor optimiser")
+    generation: GenerationConfig = arg(GenerationConfig, "sampling (temperature 1, no top-k/top-p by default)")
+    train: TrainConfig = arg(TrainConfig(out="runs/ppo", max_steps=50, log_every=1), "loop; max_steps = PPO steps")
+
+
+def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator) -> dict:
+    """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics."""
+    sums: dict[str, float] = {}
+    n = 0
+    temperature = cfg.generation.temperature if cfg.generation.temperature > 0 else 1.0
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size):
+            mb = buffer[idx.to(buffer.input_ids.device)]
+            logprobs = roles.actor_logprobs(mb.batch(), temperature=temperature)
+            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
+            values = roles.critic_values(mb.batch())
+            vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
+            (pg_loss + cfg.vf_coef * vf_loss).backward()
+            grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)
+            optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+            stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
+                     **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
+                     **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in sums.items()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over response tokens: how much of the return the critic predicts."""
+    var_r = masked_var(returns, mask)
+    return (1 - masked_var(returns - values, mask) / var_r).item() if var_r > 0 else 0.0
+
+
+def build_roles(cfg: PPOConfig, device: torch.device):
+    if cfg.mode == "shared":
+        return SharedBaseRoles(cfg.model, cfg.lora, device)
+    return SeparateRoles(cfg.model, cfg.reward_model if cfg.critic_init == "reward" else cfg.model.path, device)
+
+
+def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
+          probe: Callable[[list, list[str]], dict[str, float]] | None = None,
+          evaluate: Callable[[object, object], dict[str, float]] | None = None) -> dict[str, float]:
+    """Run PPO; the actor lands in ``cfg.train.out`` (an adapter in shared mode), the critic in ``out/critic``.
+
+    ``score_fn`` replaces the reward model (any (prompts, texts) → scores function);
+    ``probe(prompts, texts)`` adds metrics about each rollout (the quickstart's gold reward);
+    ``evaluate(model, tokenizer)`` runs every ``train.eval_every`` steps and at the end.
+    """
+    prompts = [r["prompt"] for r in load_prompts(cfg.prompts)]
+    if score_fn is None and not cfg.reward_model:
+        raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
+    out = prepare_out_dir(cfg, cfg.train.out)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    roles = build_roles(cfg, device)
+    if score_fn is None:
+        score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score
+    steps = cfg.train.max_steps
+    buffer_size = cfg.rollout_batch_size * cfg.rollouts_per_step
+    updates = steps * cfg.ppo_epochs * -(-buffer_size // cfg.mini_batch_size)  # the schedule counts updates
+    actor_opt = build_optimizer(roles.actor_parameters(), cfg.optim, updates)
+    critic_optim = OptimConfig(**{**vars(cfg.optim), "lr": cfg.critic_lr or cfg.optim.lr})
+    critic_opt = build_optimizer(roles.critic_parameters(), critic_optim, updates)
+    kl_ctl = (AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.beta))
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    logger = Logger(out, cfg.train.tensorboard)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc="ppo", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    try:
+        for step in bar:
+            # 1. experience: rollouts_per_step batches of prompts into the buffer
+            parts, rollout_metrics, probes = [], [], []
+            for r in range(cfg.rollouts_per_step):
+                k = step * cfg.rollouts_per_step + r
+                batch_prompts = [prompts[i] for i in batch_indices(k, len(prompts), cfg.rollout_batch_size, cfg.train.seed)]
+                exp, stats = make_experience(
+                    roles, tokenizer, batch_prompts, score_fn, cfg.generation, beta=kl_ctl.beta,
+                    kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
+                    missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam,
+                    seed=cfg.train.seed * 7919 + k)
+                parts.append(exp), rollout_metrics.append(stats.metrics)
+                if probe:
+                    probes.append(probe(stats.prompts, stats.texts))
+            buffer = Experience.cat(parts, tokenizer.pad_token_id)
+            # 2. advantages whitened over the whole buffer (mean not added back, DESIGN.md §3)
+            buffer.advantages = masked_whiten(buffer.advantages, buffer.action_mask)
+            ev = explained_variance(buffer.old_values, buffer.returns, buffer.action_mask)
+            # 3. learn: ppo_epochs × shuffled mini-batches; the buffer is dropped afterwards
+            t0 = time.perf_counter()
+            learned = learn(roles, buffer, cfg, actor_opt, critic_opt, generator)
+            metrics = {k: sum(m[k] for m in rollout_metrics) / len(rollout_metrics) for k in rollout_metrics[0]}
+            if probes:
+                metrics.update({k: sum(q[k] for q in probes) / len(probes) for k in probes[0]})
+            metrics.update(learned)
+            metrics.update({"value/explained_variance": ev, "time/learn": time.perf_counter() - t0,
+                            "rollout/advantage_mean": masked_mean(buffer.advantages, buffer.action_mask).item()})
+            # 4. adapt β from the per-sequence KL averaged over the batch (TRL's form)
+            kl_ctl.update(metrics["rollout/kl"], len(buffer))
+            done = step + 1
+            if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                metrics.update(evaluate(roles.generation_model(), tokenizer))
+            if done % cfg.train.log_every == 0 or done == steps:
+                logger.log(done, metrics)
+            bar.set_postfix(score=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
+        if evaluate:
+            final = evaluate(roles.generation_model(), tokenizer)
+            logger.log(steps, final)
+            metrics.update(final)
+    finally:
+        logger.close()
+    roles.save(out, tokenizer)
+    return metrics

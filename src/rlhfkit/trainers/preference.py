@@ -1,0 +1,390 @@
+"""Direct preference optimisation from offline data: DPO and its variants, ORPO, SimPO, KTO.
+
+DESIGN.md §3 gives the formulas and ``rlhfkit.losses`` holds the math; this file feeds it.
+Every optimiser step, for every method:
+
+1. policy log-probs of the two sequences of each example in one forward over 2B rows
+   (chosen ‖ rejected; KTO: the completion with gradient, then the mismatched pair without);
+2. reference log-probs of the same rows: a frozen model, the base with LoRA switched off, or a
+   cache filled in one pass before training (ORPO and SimPO have no reference);
+3. per-example losses from ``rlhfkit.losses``, their mean, and the implicit rewards as metrics.
+
+Sequence log-probs are summed over completion tokens (EOS included); IPO (as TRL does),
+SimPO and ORPO take the length-averaged form. Shapes: B examples, T tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from rlhfkit.advantages import masked_mean
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_example
+from rlhfkit.data.formats import load_preference, load_unpaired
+from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
+from rlhfkit.models.forward import logprobs_of
+from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer, resolve_device, save_model
+from rlhfkit.ops import sequence_logprobs
+from rlhfkit.trainers.loop import Logger, prepare_out_dir, run, seed_everything
+
+LENGTH_AVERAGED_DPO = ("ipo",)  # DPO variants fed mean token log-probs (TRL's choice for IPO)
+ReferenceKind = Literal["model", "adapter", "precomputed"]
+_REFERENCE_HELP = "pi_ref: model = frozen ref_model, adapter = LoRA switched off, precomputed = cached up front"
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """Options every direct preference method shares."""
+
+    data: str = arg("", "training file: prompt/chosen/rejected rows (KTO: prompt/completion/label)")
+    eval_data: str = arg("", "held-out file of the same kind, for eval loss and rewards (empty = none)")
+    max_length: int = arg(256, "tokens per sequence at most (prompt + completion + EOS)")
+    model: ModelConfig = arg(ModelConfig, "the model to train, usually the SFT model")
+    lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
+    optim: OptimConfig = arg(OptimConfig(lr=1e-6), "optimiser (tiny demo models want ~1e-4)")
+    train: TrainConfig = arg(TrainConfig(out="runs/preference"), "training loop")
+
+
+def _check_reference(cfg) -> None:
+    if cfg.reference == "adapter" and not cfg.lora.enabled:
+        raise ValueError("reference 'adapter' is the policy with its LoRA adapter switched off; "
+                         "set lora.enabled: true, or use reference: model")
+
+
+@dataclass(frozen=True)
+class DPOConfig(PreferenceConfig):
+    """`rlhfkit dpo`: direct preference optimisation (Rafailov et al. 2023) and its loss variants."""
+
+    beta: float = arg(0.1, "KL leash to the reference (larger stays closer); reward = beta * log(pi / pi_ref)")
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = arg(
+        "sigmoid", "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo = IPO, hinge = SLiC")
+    label_smoothing: float = arg(0.0, "assumed label-noise rate, read by sigmoid (cDPO) and robust (rDPO)")
+    reference: ReferenceKind = arg("model", _REFERENCE_HELP)
+    ref_model: str = arg("", "reference model directory; empty = model.path")
+    train: TrainConfig = arg(TrainConfig(out="runs/dpo"), "training loop")
+
+    def __post_init__(self):
+        _check_reference(self)
+        zero = torch.zeros(1)  # let dpo_loss apply its own rules (robust needs eps < 1/2, ...)
+        dpo_loss(zero, zero, zero, zero, self.beta, self.loss_type, self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class ORPOConfig(PreferenceConfig):
+    """`rlhfkit orpo`: odds-ratio preference optimisation (Hong et al. 2024); no reference model."""
+
+    lam: float = arg(0.1, "weight of the odds-ratio term next to the chosen answer's NLL")
+    train: TrainConfig = arg(TrainConfig(out="runs/orpo"), "training loop")
+
+
+@dataclass(frozen=True)
+class SimPOConfig(PreferenceConfig):
+    """`rlhfkit simpo`: simple preference optimisation (Meng et al. 2024); no reference model."""
+
+    beta: float = arg(2.0, "scale of the length-averaged log-prob reward")
+    gamma: float = arg(0.5, "target reward margin between chosen and rejected")
+    train: TrainConfig = arg(TrainConfig(out="runs/simpo"), "training loop")
+
+
+@dataclass(frozen=True)
+class KTOConfig(PreferenceConfig):
+    """`rlhfkit kto`: Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired labelled data."""
+
+    beta: float = arg(0.1, "scale of the implicit reward beta * log(pi / pi_ref)")
+    desirable_weight: float = arg(1.0, "lambda_D; with imbalanced data aim for lambda_D n_D / (lambda_U n_U) in [1, 4/3]")
+    undesirable_weight: float = arg(1.0, "lambda_U, the weight of undesirable examples")
+    reference: ReferenceKind = arg("model", _REFERENCE_HELP)
+    ref_model: str = arg("", "reference model directory; empty = model.path")
+    train: TrainConfig = arg(TrainConfig(out="runs/kto"), "training loop")
+
+    def __post_init__(self):
+        _check_reference(self)
+
+
+# --------------------------------------------------------------------------- examples and log-probs
+
+
+@dataclass
+class Example:
+    """One training example: two tokenised sequences that always travel together.
+
+    Paired methods: (prompt + chosen, prompt + rejected). KTO: (prompt + completion,
+    prompt + another example's completion), the second only for the KL reference point.
+    """
+
+    first: Encoded
+    second: Encoded
+    label: bool = True  # KTO: is the completion desirable?
+    ref_logps: tuple[float, float] | None = None  # reference log-probs of (first, second), when cached
+
+
+def _encode(tokenizer, prompt, reply, max_length: int) -> Encoded:
+    # A chat reply (messages) ends with the assistant turn that is learned; earlier turns join the prompt.
+    pair = as_prompt_completion({"messages": prompt + reply}) if isinstance(reply, list) else (prompt, reply)
+    return encode_example(tokenizer, *pair, max_length)
+
+
+def encode_pairs(rows: list[dict], tokenizer, max_length: int, seed: int) -> list[Example]:
+    """Preference rows → Examples of (prompt + chosen, prompt + rejected)."""
+    return [Example(_encode(tokenizer, r["prompt"], r["chosen"], max_length),
+                    _encode(tokenizer, r["prompt"], r["rejected"], max_length)) for r in rows]
+
+
+def mismatched_partners(n: int, seed: int) -> list[int]:
+    """For each example i, the example whose completion forms its mismatched pair; never i when n > 1.
+
+    The KTO paper shifts completions by one within a batch; like TRL, we fix that shift once, over
+    a seeded shuffle of the data, so the reference side of the pair can be precomputed too.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = [0] * n
+    for k, i in enumerate(order):
+        partner[i] = order[(k + 1) % n]
+    return partner
+
+
+def encode_unpaired(rows: list[dict], tokenizer, max_length: int, seed: int) -> list[Example]:
+    """Unpaired rows → Examples of (prompt + completion, prompt + a mismatched completion), labelled."""
+    partners = mismatched_partners(len(rows), seed)
+    return [Example(_encode(tokenizer, r["prompt"], r["completion"], max_length),
+                    _encode(tokenizer, r["prompt"], rows[j]["completion"], max_length), label=r["label"])
+            for r, j in zip(rows, partners)]
+
+
+def both(examples: list[Example]) -> list[Encoded]:
+    """The 2B sequences of one concatenated forward: every first, then every second."""
+    return [e.first for e in examples] + [e.second for e in examples]
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
+    """Log-probability of each row's completion: the sum over its tokens, or their mean.
+
+    batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) → (B,).
+    """
+    logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"])  # (B, T-1)
+    mask = batch["completion_mask"][:, 1:]  # the label of position t is token t+1
+    return masked_mean(logprobs, mask, dim=-1) if average else sequence_logprobs(logprobs, mask)
+
+
+Batcher = Callable[[list[Encoded]], dict[str, torch.Tensor]]
+
+
+# --------------------------------------------------------------------------- the reference policy
+
+
+@contextmanager
+def _eval_mode(model):
+    """The reference is deterministic: no dropout while it scores."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class LiveReference:
+    """pi_ref's log-probs computed when asked, inside ``context()``, which yields the model to call
+    (STYLE.md habit 11: the reference is a context, whether a frozen model or the adapter switched off)."""
+
+    def __init__(self, context: Callable, average: bool, to_batch: Batcher):
+        self.context, self.average, self.to_batch = context, average, to_batch
+
+    def prepare(self, examples: list[Example], batch_size: int) -> None:
+        """Nothing to do before training."""
+
+    @torch.no_grad()
+    def logps(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of (first, second) of each example: two (B,) tensors."""
+        with self.context() as model:
+            return completion_logps(model, self.to_batch(both(examples)), self.average).chunk(2)
+
+
+class PrecomputedReference(LiveReference):
+    """pi_ref's log-probs computed in one pass before training and cached on the examples; during
+    training no reference model is held at all."""
+
+    def prepare(self, examples: list[Example], batch_size: int) -> None:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i: i + batch_size]
+            first, second = super().logps(chunk)
+            for e, a, b in zip(chunk, first.tolist(), second.tolist()):
+                e.ref_logps = (a, b)
+            self.device = first.device
+        self.context = None  # drops the frozen model, if one was loaded for this pass
+
+    def logps(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = torch.tensor([e.ref_logps for e in examples], device=self.device)  # (B, 2)
+        return cached[:, 0], cached[:, 1]
+
+
+def _frozen_model(cfg, policy) -> Callable:
+    device = next(policy.parameters()).device
+    ref_cfg = dataclasses.replace(cfg.model, path=cfg.ref_model or cfg.model.path)
+    model = load_causal_lm(ref_cfg, device).eval().requires_grad_(False)
+    return lambda: nullcontext(model)
+
+
+def _adapter_off(cfg, policy) -> Callable:
+    @contextmanager
+    def context():
+        with policy.disable_adapter(), _eval_mode(policy):
+            yield policy
+
+    return context
+
+
+def _before_training(cfg, policy) -> Callable:
+    # Before its first step the policy is the reference (a fresh LoRA adapter adds zero), so the one
+    # pass needs no second model unless ref_model names a different one.
+    return _frozen_model(cfg, policy) if cfg.ref_model else (lambda: _eval_mode(policy))
+
+
+REFERENCES: dict[str, tuple[type[LiveReference], Callable]] = {
+    "model": (LiveReference, _frozen_model),
+    "adapter": (LiveReference, _adapter_off),
+    "precomputed": (PrecomputedReference, _before_training),
+}
+
+
+def make_reference(cfg, policy, average: bool, to_batch: Batcher) -> LiveReference:
+    """The reference named by ``cfg.reference`` ("model", "adapter" or "precomputed")."""
+    kind, context = REFERENCES[cfg.reference]
+    return kind(context(cfg, policy), average, to_batch)
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Implicit-reward metrics of a batch of pairs, from (B,) rewards of chosen and rejected."""
+    margin = chosen_rewards - rejected_rewards
+    return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margin": margin.mean(), "rewards/accuracy": (margin > 0).float().mean()}
+
+
+@dataclass(frozen=True)
+class PairedObjective:
+    """DPO, ORPO, SimPO: chosen and rejected in one forward, then a pairwise loss."""
+
+    loss: Callable  # (chosen, rejected, ref_chosen, ref_rejected) (B,) each → (losses (B,), metrics)
+    average: bool  # length-averaged log-probs instead of sums
+    needs_reference: bool
+    read = staticmethod(load_preference)  # rows, validated
+    encode = staticmethod(encode_pairs)  # rows → Examples
+
+    def step(self, policy, reference: LiveReference | None, to_batch: Batcher, examples: list[Example]):
+        logps = completion_logps(policy, to_batch(both(examples)), self.average)  # (2B,)
+        chosen, rejected = logps.chunk(2)  # (B,), (B,)
+        ref_chosen, ref_rejected = reference.logps(examples) if self.needs_reference else (None, None)
+        losses, m = self.loss(chosen, rejected, ref_chosen, ref_rejected)
+        return losses.mean(), reward_metrics(m["chosen_rewards"], m["rejected_rewards"])
+
+
+@dataclass(frozen=True)
+class KTOObjective:
+    """KTO: each completion scored alone against the KL reference point z of its batch."""
+
+    cfg: KTOConfig
+    average = False  # KTO's reward uses summed log-probs
+    needs_reference = True
+    read = staticmethod(load_unpaired)
+    encode = staticmethod(encode_unpaired)
+
+    def step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]):
+        logps = completion_logps(policy, to_batch([e.first for e in examples]), average=False)  # (B,)
+        with torch.no_grad():  # z has no gradient (KTO paper, section 4.1)
+            kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), average=False)  # (B,)
+        ref_logps, ref_kl_logps = reference.logps(examples)
+        kl = (kl_logps - ref_kl_logps).mean()  # kto_loss clamps it at 0 and detaches it
+        labels = torch.tensor([e.label for e in examples], device=logps.device)  # (B,) bool
+        losses, m = kto_loss(logps, ref_logps, labels, kl, self.cfg.beta, self.cfg.desirable_weight,
+                             self.cfg.undesirable_weight)
+        metrics = {"kl": kl.detach()}
+        if labels.any():
+            metrics["rewards/chosen"] = m["rewards"][labels].mean()
+        if not labels.all():
+            metrics["rewards/rejected"] = m["rewards"][~labels].mean()
+        return losses.mean(), metrics
+
+
+def dpo_objective(cfg: DPOConfig) -> PairedObjective:
+    return PairedObjective(
+        lambda c, r, rc, rr: dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing),
+        average=cfg.loss_type in LENGTH_AVERAGED_DPO, needs_reference=True)
+
+
+def orpo_objective(cfg: ORPOConfig) -> PairedObjective:
+    return PairedObjective(lambda c, r, rc, rr: orpo_loss(c, r, cfg.lam), average=True, needs_reference=False)
+
+
+def simpo_objective(cfg: SimPOConfig) -> PairedObjective:
+    return PairedObjective(lambda c, r, rc, rr: simpo_loss(c, r, cfg.beta, cfg.gamma), average=True,
+                           needs_reference=False)
+
+
+OBJECTIVES: dict[type, Callable] = {DPOConfig: dpo_objective, ORPOConfig: orpo_objective,
+                                    SimPOConfig: simpo_objective, KTOConfig: KTOObjective}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, float]:
+    """Train ``cfg.model.path`` on ``cfg.data`` with the method ``cfg`` configures; the model
+    (or LoRA adapter) lands in ``cfg.train.out``. Returns the last logged metrics."""
+    objective = OBJECTIVES[type(cfg)](cfg)
+    rows = objective.read(cfg.data)  # validates every row before anything is loaded
+    eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
+    out = prepare_out_dir(cfg, cfg.train.out)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    policy = load_causal_lm(cfg.model, device)
+    if cfg.lora.enabled:
+        policy = add_lora(policy, cfg.lora)
+    examples = objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed)
+    eval_examples = objective.encode(eval_rows, tokenizer, cfg.max_length, cfg.train.seed)
+
+    def to_batch(seqs: list[Encoded]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate(seqs, tokenizer.pad_token_id).items()}
+
+    reference = None
+    if objective.needs_reference:
+        reference = make_reference(cfg, policy, objective.average, to_batch)
+        reference.prepare(examples + eval_examples, cfg.train.batch_size)
+
+    def loss_fn(indices: list[int]):
+        return objective.step(policy, reference, to_batch, [examples[i] for i in indices])
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        if not eval_examples:
+            return {}
+        policy.eval()
+        totals, counts = defaultdict(float), defaultdict(int)
+        for i in range(0, len(eval_examples), cfg.train.batch_size):
+            chunk = eval_examples[i: i + cfg.train.batch_size]
+            loss, metrics = objective.step(policy, reference, to_batch, chunk)
+            for k, v in {"loss": loss, **metrics}.items():  # batch-size-weighted means
+                totals[k] += float(v) * len(chunk)
+                counts[k] += len(chunk)
+        return {f"eval/{k}": totals[k] / counts[k] for k in totals}
+
+    logger = Logger(out, cfg.train.tensorboard)
+    try:
+        metrics = run(model=policy, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
+                      logger=logger, evaluate=evaluate if eval_examples else None, desc=type(cfg).__name__.removesuffix("Config").lower())
+    finally:
+        logger.close()
+    save_model(policy, tokenizer, out)
+    return metrics

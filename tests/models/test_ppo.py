@@ -1,0 +1,106 @@
+"""PPO roles and experience on tiny models: reference = adapters off, first-step ratios, both modes train."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.cli import main
+from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig
+from rlhfkit.models.forward import join_prompt_response, response_logprobs
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
+from rlhfkit.rollout.experience import Experience, make_experience
+
+CPU = torch.device("cpu")
+PROMPTS = ["User: Describe the cat.\nAssistant:", "User: Tell me about the old lake you saw today.\nAssistant:",
+           "User: What is the park like?\nAssistant:"]
+
+
+def _length_score(prompts, texts):
+    return torch.tensor([float(len(t)) / 10 for t in texts])
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_model_dir, task_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+                 "--out", str(out), "--train.max_steps", "2", "--train.batch_size", "8",
+                 "--train.tensorboard", "false"]) == 0
+    return str(out)
+
+
+def test_shared_reference_equals_a_separately_loaded_sft_model(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    roles = SharedBaseRoles(ModelConfig(path=path), LoraConfig(enabled=True, r=4), CPU)
+    # move the actor away from the base so "adapters off" is a real difference
+    for p in roles.actor_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    tok = load_tokenizer(path)
+    batch = join_prompt_response([tok(p).input_ids for p in PROMPTS], [[10, 11, 12], [13], [14, 15]],
+                                 tok.pad_token_id)
+    sft = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        expected = response_logprobs(sft, batch)
+        torch.testing.assert_close(roles.reference_logprobs(batch) * batch["action_mask"], expected,
+                                   rtol=0, atol=1e-6)
+        assert (roles.actor_logprobs(batch) * batch["action_mask"] - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_first_update_starts_at_ratio_one(tiny_model_dir, rm_dir, mode):
+    path = tiny_model_dir("llama")
+    roles = (SharedBaseRoles(ModelConfig(path=path), LoraConfig(enabled=True, r=4), CPU) if mode == "shared"
+             else SeparateRoles(ModelConfig(path=path), rm_dir, CPU))
+    tok = load_tokenizer(path)
+    exp, stats = make_experience(roles, tok, PROMPTS * 2, _length_score, GenerationConfig(max_new_tokens=8),
+                                 beta=0.1, seed=1)
+    assert exp.old_logprobs.shape == exp.action_mask.shape == exp.advantages.shape
+    with torch.no_grad():
+        now = roles.actor_logprobs(exp.batch()) * exp.action_mask
+    torch.testing.assert_close(now, exp.old_logprobs, rtol=0, atol=1e-5)
+    # a fresh actor equals the reference: the KL part of the reward is zero, the score sits at the last token
+    assert stats.metrics["rollout/kl"] == pytest.approx(0.0, abs=1e-5)
+    last = exp.action_mask.sum(-1) - 1
+    rows = torch.arange(len(exp))
+    torch.testing.assert_close(exp.rewards[rows, last], exp.scores.clamp(-5, 5), rtol=0, atol=1e-5)
+
+
+def test_experience_cat_repads_both_halves():
+    def exp(p, a, fill):
+        b = join_prompt_response([[fill] * p], [[fill] * a], 0)
+        t = torch.full((1, a), float(fill)) * b["action_mask"]
+        return Experience(b["input_ids"], b["attention_mask"], b["action_mask"], t, t, t, t, t, t,
+                          torch.tensor([float(fill)]))
+
+    cat = Experience.cat([exp(2, 3, 5), exp(4, 1, 7)], pad_token_id=0)
+    assert cat.input_ids.tolist() == [[0, 0, 5, 5, 5, 5, 5], [7, 7, 7, 7, 7, 0, 0]]
+    assert cat.action_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert cat.old_logprobs.tolist() == [[5, 5, 5], [7, 0, 0]]
+    # the response still sits in the last A columns, so log-probs line up after the join
+    assert cat.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_ppo_command_trains_in_both_modes(tiny_model_dir, task_dir, rm_dir, tmp_path, mode):
+    path = tiny_model_dir("llama")
+    out = tmp_path / "ppo"
+    rc = main(["ppo", "--model", path, "--reward_model", rm_dir, "--prompts", str(task_dir / "prompts_train.jsonl"),
+               "--out", str(out), "--mode", mode, "--train.max_steps", "2", "--rollout_batch_size", "8",
+               "--mini_batch_size", "4", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
+               "--task", "describe", "--train.tensorboard", "false"])
+    assert rc == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 2
+    for key in ("rollout/score", "rollout/kl", "rollout/gold", "rollout/entropy", "policy/clip_frac",
+                "policy/approx_kl", "loss/value", "value/value_clip_frac", "value/explained_variance",
+                "rollout/response_length", "rollout/eos_share", "time/generate", "time/score", "time/learn"):
+        assert key in logs[-1], key
+    assert logs[-1]["rollout/kl"] != 0.0  # the actor moved away from the reference
+    if mode == "shared":
+        assert (out / "adapter_config.json").is_file() and (out / "critic" / "value_head.safetensors").is_file()
+    else:
+        before, after = AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(out)
+        assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+        assert (out / "critic" / "config.json").is_file()

@@ -1,0 +1,215 @@
+"""DPO (every loss variant), ORPO, SimPO and KTO on tiny models; the three reference forms."""
+
+import json
+import math
+import typing
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.cli import main
+from rlhfkit.config import LoraConfig, ModelConfig
+from rlhfkit.data.collate import collate
+from rlhfkit.data.formats import load_preference
+from rlhfkit.losses import DPO_LOSSES
+from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer
+from rlhfkit.trainers.preference import (DPOConfig, KTOConfig, completion_logps, encode_pairs, make_reference,
+                                         mismatched_partners)
+from rlhfkit.trainers.sft import completion_nll
+
+CPU = torch.device("cpu")
+QUICK = ["--train.batch_size", "8", "--train.log_every", "1", "--optim.lr", "1e-2", "--optim.warmup_steps", "0",
+         "--train.tensorboard", "false"]
+
+
+def _rows(path, n):
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_data(task_dir, tmp_path_factory):
+    """The first 32 preference pairs and 32 unpaired examples of the built-in task."""
+    out = tmp_path_factory.mktemp("small")
+    return {"preference": _write(out / "pref.jsonl", _rows(task_dir / "preference.jsonl", 32)),
+            "unpaired": _write(out / "unpaired.jsonl", _rows(task_dir / "unpaired.jsonl", 32))}
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny llama with every weight nudged: a reference that differs from the policy at step 1."""
+    path = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    out = tmp_path_factory.mktemp("other")
+    model.save_pretrained(out)
+    load_tokenizer(path).save_pretrained(out)
+    return str(out)
+
+
+def _logs(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights_changed(before_dir, after_dir) -> bool:
+    before = AutoModelForCausalLM.from_pretrained(before_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(after_dir).state_dict()
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+PAIRED = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"]
+
+
+@pytest.mark.parametrize("command, extra, keys", [
+    ("dpo", [], PAIRED),
+    ("dpo", ["--loss_type", "robust", "--label_smoothing", "0.1"], PAIRED),
+    ("dpo", ["--loss_type", "ipo"], PAIRED),
+    ("dpo", ["--loss_type", "hinge", "--reference", "precomputed"], PAIRED),
+    ("orpo", [], PAIRED),
+    ("simpo", [], PAIRED),
+    ("kto", [], ["kl", "rewards/chosen", "rewards/rejected"]),
+], ids=["dpo", "rdpo", "ipo", "hinge-precomputed", "orpo", "simpo", "kto"])
+def test_every_command_trains_and_changes_the_weights(tiny_model_dir, small_data, tmp_path, command, extra, keys):
+    path, out = tiny_model_dir("llama"), tmp_path / command
+    data = small_data["unpaired" if command == "kto" else "preference"]
+    rc = main([command, "--model", path, "--data", str(data), "--out", str(out), "--train.max_steps", "2",
+               *QUICK, *extra])
+    assert rc == 0
+    logs = _logs(out)
+    assert len(logs) == 2
+    for record in logs:
+        for key in ["train/loss", *(f"train/{k}" for k in keys)]:
+            assert math.isfinite(record[key]), (key, record)
+    assert (out / "rlhfkit_config.yaml").is_file()
+    assert _weights_changed(path, out)
+
+
+def test_dpo_with_lora_and_the_adapter_reference_saves_a_trained_adapter(tiny_model_dir, small_data, tmp_path):
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--model", tiny_model_dir("llama"), "--data", str(small_data["preference"]), "--out",
+                 str(out), "--lora.enabled", "true", "--lora.r", "4", "--reference", "adapter",
+                 "--train.max_steps", "2", *QUICK]) == 0
+    assert (out / "adapter_config.json").is_file()
+    adapter = load_causal_lm(ModelConfig(path=str(out)), CPU)
+    lora_b = [p for n, p in adapter.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # a fresh adapter's B is 0
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto"])
+@pytest.mark.parametrize("ref_model", ["other", "same"])
+def test_precomputed_reference_gives_the_losses_of_a_live_reference(tiny_model_dir, other_model_dir, small_data,
+                                                                    tmp_path, command, ref_model):
+    """Issue 5: the cache filled before training reproduces the live reference model's losses.
+    With a reference that differs from the policy the first step's loss is not the trivial log 2."""
+    data = small_data["unpaired" if command == "kto" else "preference"]
+    ref = ["--ref_model", other_model_dir] if ref_model == "other" else []
+    logs = {}
+    for kind in ("model", "precomputed"):
+        out = tmp_path / kind
+        assert main([command, "--model", tiny_model_dir("llama"), "--data", str(data), "--out", str(out),
+                     "--reference", kind, *ref, "--train.max_steps", "3", *QUICK]) == 0
+        logs[kind] = _logs(out)
+    live, cached = logs["model"], logs["precomputed"]
+    assert len(live) == len(cached) == 3
+    assert cached[0]["train/loss"] == pytest.approx(live[0]["train/loss"], abs=1e-6)
+    if command == "dpo" and ref_model == "other":
+        assert abs(live[0]["train/loss"] - math.log(2)) > 1e-3
+    for a, b in zip(live, cached):  # later steps, and the reward metrics, agree as well
+        for key in a:
+            if key != "train/seconds":
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_adapter_reference_is_the_separately_loaded_base_model(tiny_model_dir, small_data):
+    path = tiny_model_dir("llama")
+    tok = load_tokenizer(path)
+    policy = add_lora(load_causal_lm(ModelConfig(path=path), CPU), LoraConfig(r=4))
+    with torch.no_grad():  # make the adapter do something, as after training
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    examples = encode_pairs(load_preference(small_data["preference"])[:6], tok, 64, seed=0)
+
+    def to_batch(seqs):
+        return collate(seqs, tok.pad_token_id)
+
+    cfg = DPOConfig(model=ModelConfig(path=path), lora=LoraConfig(enabled=True, r=4), reference="adapter")
+    chosen, rejected = make_reference(cfg, policy, average=False, to_batch=to_batch).logps(examples)
+    base = load_causal_lm(ModelConfig(path=path), CPU)
+    with torch.no_grad():
+        expected = completion_logps(base, to_batch([e.first for e in examples] + [e.second for e in examples]),
+                                    average=False)
+        adapted = completion_logps(policy, to_batch([e.first for e in examples]), average=False)
+    torch.testing.assert_close(torch.cat([chosen, rejected]), expected, rtol=1e-5, atol=1e-5)
+    assert (adapted - expected[:6]).abs().max() > 1e-2  # outside the context the adapter is on
+    assert policy.training  # the reference context restores the mode it found
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_concatenated_forward_equals_separate_forwards(tiny_model_dir, small_data, average):
+    """Chosen ‖ rejected in one padded batch of 2B rows gives each row's own log-prob, and the sums
+    match SFT's completion NLL (tested there against explicit indexing)."""
+    path = tiny_model_dir("llama")
+    model, tok = load_causal_lm(ModelConfig(path=path), CPU), load_tokenizer(path)
+    examples = encode_pairs(load_preference(small_data["preference"])[:5], tok, 64, seed=0)
+    chosen = [e.first for e in examples]
+    rejected = [e.second for e in examples]
+    with torch.no_grad():
+        together = completion_logps(model, collate(chosen + rejected, tok.pad_token_id), average)  # (2B,)
+        alone = torch.stack([completion_logps(model, collate([s], tok.pad_token_id), average)[0]
+                             for s in chosen + rejected])
+        oracle = []
+        for s in chosen + rejected:
+            nll, n = completion_nll(model, collate([s], tok.pad_token_id))
+            oracle.append(-nll / n if average else -nll)
+    assert together.shape == (10,)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together, torch.stack(oracle), rtol=1e-5, atol=1e-5)
+
+
+def test_kto_trains_on_one_desirable_to_four_undesirable_when_weighted(tiny_model_dir, task_dir, tmp_path):
+    rows = _rows(task_dir / "unpaired.jsonl", 200)
+    good, bad = [r for r in rows if r["label"]][:8], [r for r in rows if not r["label"]][:32]
+    data = _write(tmp_path / "imbalanced.jsonl", good + bad)
+    out = tmp_path / "kto"
+    # lambda_D n_D / (lambda_U n_U) = 4 * 8 / 32 = 1, the paper's recommended range [1, 4/3]
+    assert main(["kto", "--model", tiny_model_dir("llama"), "--data", str(data), "--out", str(out),
+                 "--desirable_weight", "4", "--train.max_steps", "3", *QUICK]) == 0
+    for record in _logs(out):
+        assert math.isfinite(record["train/loss"]) and record["train/loss"] > 0
+    assert _weights_changed(tiny_model_dir("llama"), out)
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 33])
+def test_mismatched_partners_never_pair_an_example_with_itself(n):
+    partners = mismatched_partners(n, seed=n)
+    assert sorted(partners) == list(range(n))  # every completion is used once
+    assert all(j != i for i, j in enumerate(partners))
+
+
+def test_dpo_loss_types_are_the_losses_module_variants():
+    assert set(typing.get_args(typing.get_type_hints(DPOConfig)["loss_type"])) == set(DPO_LOSSES)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dpo", "--reference", "adapter"], "lora.enabled"),
+    (["kto", "--reference", "adapter"], "lora.enabled"),
+    (["dpo", "--loss_type", "ipo", "--label_smoothing", "0.1"], "label_smoothing"),
+    (["dpo", "--loss_type", "robust", "--label_smoothing", "0.5"], "robust"),
+    (["dpo", "--loss_type", "sigmod"], "did you mean 'sigmoid'"),
+])
+def test_bad_settings_fail_before_training(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main([*argv, "--data", "x.jsonl", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError):
+        KTOConfig(reference="adapter")
