@@ -202,6 +202,15 @@ def cmd_ppo(cfg) -> None:
     print(f"actor saved to {cfg.train.out} (critic in {cfg.train.out}/critic)")
 
 
+def cmd_quickstart(cfg) -> None:
+    from rlhfkit.quickstart import format_summary, run
+
+    summary = run(cfg)
+    print()
+    print(format_summary(summary))
+    print(f"\nsummary: {Path(cfg.out) / 'summary.json'}")
+
+
 def cmd_export(cfg: ExportConfig) -> None:
     from rlhfkit.models.load import merge_adapters
 
@@ -239,6 +248,12 @@ def _ppo_config():
     return PPOConfig
 
 
+def _quickstart_config():
+    from rlhfkit.quickstart import QuickstartConfig
+
+    return QuickstartConfig
+
+
 def _rm_config():
     from rlhfkit.trainers.reward import RewardConfig
 
@@ -247,6 +262,7 @@ def _rm_config():
 
 # command → (config class, or a function returning it for heavy imports; runner; one-line summary)
 COMMANDS = {
+    "quickstart": (_quickstart_config, cmd_quickstart, "the whole pipeline on the built-in task, on CPU"),
     "tiny-model": (TinyModelConfig, cmd_tiny_model, "make a small random model of a real architecture"),
     "make-data": (MakeDataConfig, cmd_make_data, "write the built-in task (JSONL) to a directory"),
     "sft": (_sft_config, cmd_sft, "supervised fine-tuning on prompt/completion or messages data"),

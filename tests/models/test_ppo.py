@@ -104,3 +104,13 @@ def test_ppo_command_trains_in_both_modes(tiny_model_dir, task_dir, rm_dir, tmp_
         before, after = AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(out)
         assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
         assert (out / "critic" / "config.json").is_file()
+
+
+def test_shared_roles_optimise_both_adapters_and_the_value_head(tiny_model_dir):
+    from rlhfkit.config import OptimConfig
+    from rlhfkit.trainers.loop import build_optimizer
+
+    roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("llama")), LoraConfig(enabled=True, r=4), CPU)
+    for params in (roles.actor_parameters(), roles.critic_parameters()):
+        optimizer, _ = build_optimizer(params, OptimConfig(), 1)
+        assert len(optimizer.param_groups[0]["params"]) == len(params) > 2

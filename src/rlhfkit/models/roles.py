@@ -64,6 +64,7 @@ class SharedBaseRoles:
         nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
         self._actor = [p for n, p in self.model.named_parameters() if ".default." in n]
         self._critic = [p for n, p in self.model.named_parameters() if ".critic." in n]
+        self._use("default")  # also marks the critic adapter trainable, which peft leaves frozen on add
 
     def _use(self, adapter: str) -> None:
         self.model.set_adapter(adapter)
