@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job until `rlhfkit quickstart` lands: built-in task → tiny model → SFT → held-out gold reward.
-# Usage: bash scripts/demo.sh [OUT_DIR]     (about a minute on a 2-core CPU)
+# The main job until `rlhfkit quickstart` is complete: built-in task → tiny model → SFT → held-out gold
+# reward → reward model → its held-out accuracy and agreement with the gold reward.
+# Usage: bash scripts/demo.sh [OUT_DIR]     (about two minutes on a 2-core CPU)
 set -euo pipefail
 OUT="${1:-runs/demo}"
 rlhfkit make-data --out "$OUT/data"
@@ -8,3 +9,6 @@ rlhfkit tiny-model --arch llama --out "$OUT/tiny"
 rlhfkit sft --model "$OUT/tiny" --data "$OUT/data/sft.jsonl" --out "$OUT/sft" \
     --optim.lr 3e-3 --train.epochs 10 --train.batch_size 32
 rlhfkit eval --model "$OUT/sft" --prompts "$OUT/data/prompts_test.jsonl" --out "$OUT/sft/eval.json"
+rlhfkit rm --model "$OUT/sft" --data "$OUT/data/preference.jsonl" --out "$OUT/rm" \
+    --optim.lr 1e-3 --train.epochs 2 --train.batch_size 32
+rlhfkit eval-rm --model "$OUT/rm" --data "$OUT/data/preference_test.jsonl" --out "$OUT/rm/eval.json"

@@ -168,8 +168,9 @@ def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
     result = reward_model_eval(RewardModel.from_pretrained(cfg.model), load_preference(cfg.data))
     meta = Path(cfg.meta) if cfg.meta else Path(cfg.data).parent / "meta.json"
     if meta.is_file():
-        key = "label_accuracy_ceiling_test" if "test" in Path(cfg.data).stem else "label_accuracy_ceiling"
-        result["accuracy_ceiling"] = json.loads(meta.read_text()).get(key)
+        split = Path(cfg.data).stem.rpartition("_")[2]  # preference_test → test
+        ceilings = json.loads(meta.read_text())
+        result["accuracy_ceiling"] = ceilings.get(f"label_accuracy_ceiling_{split}", ceilings["label_accuracy_ceiling"])
     print(f"reward model {cfg.model} on {result['n_pairs']} held-out pairs:")
     print(f"  accuracy vs labels     {result['accuracy']:.3f} ± {result['accuracy_stderr']:.3f}"
           + (f"   (ceiling the label noise allows: {result['accuracy_ceiling']:.3f})"

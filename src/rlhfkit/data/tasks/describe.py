@@ -163,7 +163,7 @@ def generate(spec: TaskSpec = TaskSpec()) -> dict[str, list[dict]]:
         c = sample_response(rng, p)
         unpaired.append({"prompt": p, "completion": c, "label": gold_reward(p, c) >= spec.kto_threshold})
 
-    preference_valid, _ = label_pairs(valid)
+    preference_valid, valid_ceiling = label_pairs(valid)
     preference_test, test_ceiling = label_pairs(test)
     return {
         "sft": sft,
@@ -176,7 +176,7 @@ def generate(spec: TaskSpec = TaskSpec()) -> dict[str, list[dict]]:
         "prompts_test": [{"prompt": p} for p in test],
         # the best pairwise accuracy any model can reach against these noisy labels
         "meta": [{**asdict(spec), "label_accuracy_ceiling": agree_ceiling,
-                  "label_accuracy_ceiling_test": test_ceiling}],
+                  "label_accuracy_ceiling_valid": valid_ceiling, "label_accuracy_ceiling_test": test_ceiling}],
     }
 
 
