@@ -398,7 +398,8 @@ class LoraConfig:
     r: int = arg(16, "adapter rank")
     alpha: int = arg(32, "scaling numerator (scale = alpha / r)")
     dropout: float = arg(0.0, "dropout on the adapter input")
-    target_modules: str = arg("all-linear", "modules to adapt: 'all-linear' or a comma-separated list of names")
+    target_modules: str = arg("all-linear", "modules to adapt: 'all-linear' (not the output head), "
+                              "'all-linear+head', or a comma-separated list of module names")
 
 
 @dataclasses.dataclass

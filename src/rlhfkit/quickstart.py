@@ -4,7 +4,7 @@ make the task → make a tiny model → SFT → reward model → PPO, each stage
 same held-out test prompts with the gold reward, written to ``OUT/summary.json``. Every
 model is a standard HF directory under OUT; every stage logs ``metrics.jsonl`` and
 TensorBoard events. The gold reward is used here for evaluation only, never as a
-training signal.
+training signal. The stage functions are reused by ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import GenerationConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.formats import load_preference, load_prompts
 from rlhfkit.data.tasks import describe
 from rlhfkit.evaluate import gold_eval, kl_to_reference, reward_model_eval
@@ -24,6 +24,9 @@ from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.tiny import make_tiny_model
 from rlhfkit.trainers import ppo, reward, sft
+
+CPU = torch.device("cpu")
+GENERATION = GenerationConfig(max_new_tokens=24)  # answers are ~10 tokens; room to ramble
 
 
 @dataclass
@@ -33,22 +36,58 @@ class QuickstartConfig:
     out: str = arg("runs/quickstart", "directory for every model, log and summary.json")
     seed: int = arg(0, "seed of the task, the model and every stage")
     fast: bool = arg(False, "a shorter run (for tests): fewer epochs and PPO steps")
-    ppo_steps: int = arg(60, "PPO steps (rollout batches of 64 prompts)")
+    ppo_steps: int = arg(40, "PPO steps (rollout batches of 64 prompts); halved by --fast")
     beta: float = arg(0.1, "PPO's KL penalty β")
     arch: str = arg("llama", "architecture of the tiny model")
 
 
-def _eval_stage(name: str, model, tokenizer, prompts, reference, rm: RewardModel, gen: GenerationConfig,
-                seed: int) -> dict:
-    """Gold reward, proxy score and (against ``reference``) KL on one sample per test prompt."""
-    result = gold_eval(model, tokenizer, prompts, gen, seed=seed)
-    row = {"stage": name, **result.summary(),
-           "proxy_reward_mean": rm.score(prompts, result.completions).mean().item()}
+def gold_probe(prompts, texts) -> dict[str, float]:
+    """Mean gold reward of a rollout batch, logged beside the proxy score (never trained on)."""
+    return {"rollout/gold": sum(describe.gold_reward(p, t) for p, t in zip(prompts, texts)) / len(texts)}
+
+
+def prepare(out: Path, seed: int, fast: bool, arch: str = "llama") -> tuple[dict, dict[str, float]]:
+    """Task, tiny model, SFT model and reward model under ``out``; returns the task paths and seconds per stage."""
+    seconds = {}
+    t0 = time.perf_counter()
+    data = describe.write(out / "data", describe.TaskSpec(seed=seed))
+    tiny = make_tiny_model(arch, out / "tiny", seed=seed)
+    seconds["data+tiny_model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sft.train(sft.SFTConfig(data=str(data["sft"]), model=ModelConfig(path=str(tiny)),
+                            optim=OptimConfig(lr=3e-3, warmup_steps=10),
+                            train=TrainConfig(out=str(out / "sft"), epochs=6.0 if fast else 10.0, batch_size=32,
+                                              seed=seed)))
+    seconds["sft"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reward.train(reward.RewardConfig(data=str(data["preference"]), model=ModelConfig(path=str(out / "sft")),
+                                     optim=OptimConfig(lr=1e-3, warmup_steps=10),
+                                     train=TrainConfig(out=str(out / "rm"), epochs=1.0 if fast else 2.0,
+                                                       batch_size=32, seed=seed)))
+    seconds["rm"] = time.perf_counter() - t0
+    return data, seconds
+
+
+def ppo_config(root: Path, out: Path, data: dict, seed: int, steps: int, beta: float) -> ppo.PPOConfig:
+    """PPO from ``root/sft`` against ``root/rm``: shared base, LoRA actor/critic (output head included)."""
+    return ppo.PPOConfig(prompts=str(data["prompts_train"]), reward_model=str(root / "rm"), beta=beta,
+                         model=ModelConfig(path=str(root / "sft")), critic_lr=1e-3,
+                         optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"), generation=GENERATION,
+                         train=TrainConfig(out=str(out), max_steps=steps, log_every=1, seed=seed))
+
+
+def evaluate_model(path: str, reference, tokenizer, prompts: list[str], rm: RewardModel, seed: int) -> dict:
+    """Gold reward, proxy score and KL to ``reference`` on one sample per test prompt."""
+    model = load_causal_lm(ModelConfig(path=path), CPU)
+    result = gold_eval(model, tokenizer, prompts, GENERATION, seed=seed)
+    row = {**result.summary(), "proxy_reward_mean": rm.score(prompts, result.completions).mean().item(),
+           "samples": [{"prompt": p, "completion": c, "gold": r}
+                       for p, c, r in zip(result.prompts[:8], result.completions[:8], result.rewards[:8])]}
     if reference is not None:
         row["kl_to_sft"], row["kl_to_sft_stderr"] = kl_to_reference(model, reference, result.generations,
                                                                     tokenizer.pad_token_id)
-    row["samples"] = [{"prompt": p, "completion": c, "gold": r}
-                      for p, c, r in zip(result.prompts[:8], result.completions[:8], result.rewards[:8])]
     return row
 
 
@@ -56,61 +95,33 @@ def run(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    summary: dict = {"seed": cfg.seed, "decoding": "sampling, temperature 1.0, 1 sample per test prompt",
-                     "stages": {}}
-    gen = GenerationConfig(max_new_tokens=24)
+    data, seconds = prepare(out, cfg.seed, cfg.fast, cfg.arch)
+    t0 = time.perf_counter()
+    steps = cfg.ppo_steps // 2 if cfg.fast else cfg.ppo_steps
+    ppo.train(ppo_config(out, out / "ppo", data, cfg.seed, steps, cfg.beta), probe=gold_probe)
+    seconds["ppo"] = time.perf_counter() - t0
 
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        value = fn()
-        summary["stages"].setdefault(name, {})["seconds"] = time.perf_counter() - t0
-        return value
-
-    data = timed("data", lambda: describe.write(out / "data", describe.TaskSpec(seed=cfg.seed)))
-    tiny = timed("tiny_model", lambda: make_tiny_model(cfg.arch, out / "tiny", seed=cfg.seed))
-    test_prompts = [r["prompt"] for r in load_prompts(data["prompts_test"])]
-    tb = True
-
-    sft_cfg = sft.SFTConfig(data=str(data["sft"]), model=ModelConfig(path=str(tiny)),
-                            optim=OptimConfig(lr=3e-3, warmup_steps=10),
-                            train=TrainConfig(out=str(out / "sft"), epochs=6.0 if cfg.fast else 10.0, batch_size=32,
-                                              seed=cfg.seed, tensorboard=tb))
-    timed("sft", lambda: sft.train(sft_cfg))
-
-    rm_cfg = reward.RewardConfig(data=str(data["preference"]), model=ModelConfig(path=str(out / "sft")),
-                                 optim=OptimConfig(lr=1e-3, warmup_steps=10),
-                                 train=TrainConfig(out=str(out / "rm"), epochs=1.0 if cfg.fast else 2.0,
-                                                   batch_size=32, seed=cfg.seed, tensorboard=tb))
-    timed("rm", lambda: reward.train(rm_cfg))
-    rm = RewardModel.from_pretrained(str(out / "rm"), device=torch.device("cpu"))
-    rm_result = reward_model_eval(rm, load_preference(data["preference_test"]))
-    meta = json.loads(data["meta"].read_text())
-    summary["stages"]["rm"].update({**rm_result, "accuracy_ceiling": meta["label_accuracy_ceiling_test"]})
-
-    ppo_cfg = ppo.PPOConfig(prompts=str(data["prompts_train"]), reward_model=str(out / "rm"), beta=cfg.beta,
-                            model=ModelConfig(path=str(out / "sft")), lora=LoraConfig(enabled=True, r=16, alpha=32),
-                            optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), generation=gen,
-                            train=TrainConfig(out=str(out / "ppo"), max_steps=cfg.ppo_steps // (2 if cfg.fast else 1),
-                                              log_every=1, seed=cfg.seed, tensorboard=tb))
-    timed("ppo", lambda: ppo.train(ppo_cfg, probe=lambda p, t: {
-        "rollout/gold": sum(describe.gold_reward(a, b) for a, b in zip(p, t)) / len(t)}))
-
+    prompts = [r["prompt"] for r in load_prompts(data["prompts_test"])]
+    rm = RewardModel.from_pretrained(str(out / "rm"), device=CPU)
     tokenizer = load_tokenizer(str(out / "sft"))
-    reference = load_causal_lm(ModelConfig(path=str(out / "sft")), torch.device("cpu"))
-    for name in ("sft", "ppo"):
-        model = reference if name == "sft" else load_causal_lm(ModelConfig(path=str(out / name)), torch.device("cpu"))
-        row = _eval_stage(name, model, tokenizer, test_prompts, None if name == "sft" else reference, rm, gen,
-                          cfg.seed)
-        summary["stages"][name].update(row)
-    summary["seconds"] = time.perf_counter() - t_start
+    reference = load_causal_lm(ModelConfig(path=str(out / "sft")), CPU)
+    stages = {"rm": {**reward_model_eval(rm, load_preference(data["preference_test"])),
+                     "accuracy_ceiling": json.loads(data["meta"].read_text())["label_accuracy_ceiling_test"]},
+              "sft": evaluate_model(str(out / "sft"), None, tokenizer, prompts, rm, cfg.seed),
+              "ppo": evaluate_model(str(out / "ppo"), reference, tokenizer, prompts, rm, cfg.seed)}
+    for name, s in seconds.items():
+        stages.setdefault(name, {})["seconds"] = s
+    summary = {"seed": cfg.seed, "decoding": "sampling, temperature 1.0, 1 sample per test prompt",
+               "ppo": {"steps": steps, "beta": cfg.beta}, "stages": stages,
+               "seconds": time.perf_counter() - t_start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def format_summary(summary: dict) -> str:
     stages = summary["stages"]
-    lines = [f"rlhfkit quickstart (seed {summary['seed']}), {summary['seconds']:.0f} s; test prompts, "
-             f"{summary['decoding']}", "",
+    lines = [f"rlhfkit quickstart (seed {summary['seed']}), {summary['seconds']:.0f} s; "
+             f"{stages['sft']['n']} test prompts, {summary['decoding']}", "",
              f"{'stage':<6} {'gold reward':>15} {'KL to SFT':>10} {'proxy':>7} {'seconds':>8}"]
     for name in ("sft", "ppo"):
         s = stages[name]

@@ -114,3 +114,15 @@ def test_shared_roles_optimise_both_adapters_and_the_value_head(tiny_model_dir):
     for params in (roles.actor_parameters(), roles.critic_parameters()):
         optimizer, _ = build_optimizer(params, OptimConfig(), 1)
         assert len(optimizer.param_groups[0]["params"]) == len(params) > 2
+
+
+@pytest.mark.parametrize("arch, head", [("llama", "lm_head"), ("gpt2", "lm_head"), ("gpt_neox", "embed_out")])
+def test_lora_targets_with_head_adds_the_output_layer(tiny_model_dir, arch, head):
+    from rlhfkit.models.load import lora_targets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch))
+    targets = lora_targets(model, "all-linear+head")
+    output_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    assert output_name in targets and output_name in (head, "lm_head")
+    assert len(targets) > 1 and lora_targets(model, "all-linear") == "all-linear"
+    assert lora_targets(model, "q_proj,v_proj") == ["q_proj", "v_proj"]

@@ -79,13 +79,25 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
     return model.to(device)
 
 
-def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
-    """Our LoRA section as a peft ``LoraConfig``."""
+def lora_targets(model, spec: str):
+    """peft ``target_modules`` from our spelling: 'all-linear' (peft's: every linear layer but
+    the output head), 'all-linear+head' (the output head too), or 'a,b,c' (module names)."""
+    if spec == "all-linear":
+        return spec
+    if spec == "all-linear+head":
+        from transformers.pytorch_utils import Conv1D
+
+        return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                       if isinstance(m, (torch.nn.Linear, Conv1D)) and "score" not in name})
+    return spec.split(",")
+
+
+def peft_lora_config(cfg: LoraConfig, model, task_type: str = "CAUSAL_LM"):
+    """Our LoRA section as a peft ``LoraConfig`` for ``model``."""
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
-    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          task_type=task_type)
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=lora_targets(model, cfg.target_modules), task_type=task_type)
 
 
 def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
@@ -94,7 +106,7 @@ def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: s
     With ``task_type="SEQ_CLS"`` peft also trains and saves the score head."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_lora_config(cfg, task_type), adapter_name=adapter_name)
+    return get_peft_model(model, peft_lora_config(cfg, model, task_type), adapter_name=adapter_name)
 
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:

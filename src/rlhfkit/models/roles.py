@@ -57,8 +57,9 @@ class SharedBaseRoles:
 
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device):
         base = _frozen(load_causal_lm(model_cfg, device))
+        critic_cfg = peft_lora_config(lora, base)  # resolved before LoRA layers wrap the base's modules
         self.model = add_lora(base, lora)  # adapter "default" = the actor
-        self.model.add_adapter("critic", peft_lora_config(lora))
+        self.model.add_adapter("critic", critic_cfg)
         hidden = base.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1).to(device)
         nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)

@@ -17,10 +17,10 @@ The *gold reward* (the "human", seen only by evaluation) likes answers that
 Demonstrations pick adjectives at random, so a model that imitates them lands in the
 middle of the scale. Preference pairs are labelled from the gold reward by
 Bradley–Terry sampling plus label noise, like human annotators. Both sides of a pair
-are ordinary, well-formed answers, so a reward model learned from them sees sentiment
-and relevance but hardly ever sees repetition or over-long lists: a policy that
-maximises such a proxy without a KL leash drifts to "lovely, lovely, lovely and
-wonderful", which the proxy likes and the gold reward punishes through fluency.
+are ordinary answers of 2–3 adjectives (off-topic ones included), so a reward model
+learned from them sees sentiment but hardly ever sees repetition or long lists: a
+policy that maximises such a proxy without a KL leash drifts to "lovely, lovely, bright,
+warm and wonderful", which the proxy likes and the gold reward punishes through fluency.
 """
 
 from __future__ import annotations
@@ -91,17 +91,17 @@ def _adjective_list(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def sample_response(rng: random.Random, prompt: str, sloppy: float = 0.1) -> str:
+def sample_response(rng: random.Random, prompt: str, off_topic: float = 0.1, repeat: float = 0.1) -> str:
     """A demonstration-quality answer: random adjectives, sometimes a little sloppy.
 
-    With probability ``sloppy`` each, the answer talks about another topic or repeats
-    an adjective, so imitation does not reach the ceiling either way.
+    With probability ``off_topic`` the answer talks about another topic, and with
+    probability ``repeat`` it repeats an adjective, so imitation does not reach the ceiling.
     """
     topic = prompt_topic(prompt) or rng.choice(TOPICS)
-    if rng.random() < sloppy:
+    if rng.random() < off_topic:
         topic = rng.choice([t for t in TOPICS if t != topic])
     words = rng.sample(list(VALENCE), rng.choice((2, 2, 3)))
-    if rng.random() < sloppy:
+    if rng.random() < repeat:
         words[-1] = words[0]
     return " " + rng.choice(OPENERS).format(t=topic, a=_adjective_list(words))
 
@@ -117,6 +117,8 @@ class TaskSpec:
     pairs_per_prompt: int = 3    # preference pairs per training prompt
     bt_temperature: float = 0.1  # Bradley–Terry: P(a ≻ b) = σ((gold_a − gold_b) / temperature)
     label_noise: float = 0.1     # then each label is flipped with this probability
+    pair_off_topic: float = 0.3  # annotators see off-topic answers often enough to judge them ...
+    pair_repeat: float = 0.02    # ... but hardly ever see repetition: the proxy's blind spot
     kto_threshold: float = 0.6   # an unpaired completion is desirable when its gold reward ≥ this
 
 
@@ -146,9 +148,9 @@ def generate(spec: TaskSpec = TaskSpec()) -> dict[str, list[dict]]:
         pairs, ceiling = [], 0.0
         for p in prompts:
             for _ in range(spec.pairs_per_prompt):
-                a, b = sample_response(rng, p), sample_response(rng, p)
+                a, b = (sample_response(rng, p, spec.pair_off_topic, spec.pair_repeat) for _ in range(2))
                 while b == a:
-                    b = sample_response(rng, p)
+                    b = sample_response(rng, p, spec.pair_off_topic, spec.pair_repeat)
                 p_a = _sigmoid((gold_reward(p, a) - gold_reward(p, b)) / spec.bt_temperature)
                 p_a = p_a * (1 - spec.label_noise) + (1 - p_a) * spec.label_noise
                 ceiling += max(p_a, 1 - p_a)
