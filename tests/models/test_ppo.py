@@ -100,6 +100,15 @@ def test_ppo_command_trains_in_both_modes(tiny_model_dir, task_dir, rm_dir, tmp_
     assert logs[-1]["rollout/kl"] != 0.0  # the actor moved away from the reference
     if mode == "shared":
         assert (out / "adapter_config.json").is_file() and (out / "critic" / "value_head.safetensors").is_file()
+        # the actor adapts the (tied) output head too; the merged export must give the same logits
+        assert main(["export", "--model", str(out), "--out", str(tmp_path / "merged")]) == 0
+        from rlhfkit.models.load import load_causal_lm
+
+        adapted = load_causal_lm(ModelConfig(path=str(out)), CPU)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
     else:
         before, after = AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(out)
         assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))

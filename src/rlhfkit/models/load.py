@@ -123,5 +123,13 @@ def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
     if not is_adapter_dir(path):
         raise ValueError(f"{path} holds no LoRA adapter (no adapter_config.json); nothing to merge")
     model = load_causal_lm(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle), torch.device("cpu"))
+    base = model.get_base_model()
+    output, inputs = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = output is not None and getattr(output, "base_layer", output).weight is inputs.weight
+    if tied and hasattr(output, "base_layer"):
+        # the adapter changes the output head only: untie it so merging leaves the input embeddings alone
+        output.base_layer.weight = torch.nn.Parameter(inputs.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+        base.config.get_text_config().tie_word_embeddings = False
     merged = model.merge_and_unload()
     return save_model(merged, load_tokenizer(path), out)
