@@ -134,7 +134,8 @@ def _encode(tokenizer, prompt, reply, max_length: int) -> Encoded:
 
 
 def encode_pairs(rows: list[dict], tokenizer, max_length: int, seed: int) -> list[Example]:
-    """Preference rows → Examples of (prompt + chosen, prompt + rejected)."""
+    """Preference rows → Examples of (prompt + chosen, prompt + rejected); ``seed`` is unused (the
+    signature is encode_unpaired's)."""
     return [Example(_encode(tokenizer, r["prompt"], r["chosen"], max_length),
                     _encode(tokenizer, r["prompt"], r["rejected"], max_length)) for r in rows]
 
