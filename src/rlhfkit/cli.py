@@ -184,21 +184,21 @@ def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
 def cmd_ppo(cfg) -> None:
     from rlhfkit.trainers.ppo import train
 
-    probe = evaluate = None
+    hooks = {}
     if cfg.task == "describe":  # gold reward for the report: the CLI injects it, the trainer never imports it
-        from rlhfkit.data.tasks.describe import gold_reward
         from rlhfkit.evaluate import gold_eval
+        from rlhfkit.quickstart import gold_probe
 
-        def probe(prompts, texts):
-            return {"rollout/gold": sum(gold_reward(p, t) for p, t in zip(prompts, texts)) / len(texts)}
-
+        hooks["probe"] = gold_probe
         if cfg.eval_prompts:
             eval_prompts = _prompt_file(cfg.eval_prompts, 0)
 
             def evaluate(model, tokenizer):
                 result = gold_eval(model, tokenizer, eval_prompts, cfg.generation, seed=cfg.train.seed)
                 return {"eval/gold": result.mean, "eval/gold_stderr": result.stderr}
-    metrics = train(cfg, probe=probe, evaluate=evaluate)
+
+            hooks["evaluate"] = evaluate
+    metrics = train(cfg, **hooks)
     print(json.dumps(metrics, indent=2))
     print(f"actor saved to {cfg.train.out} (critic in {cfg.train.out}/critic)")
 

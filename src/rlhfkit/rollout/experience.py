@@ -76,7 +76,7 @@ class RolloutStats:
     texts: list[str]
     prompts: list
     seconds_generate: float
-    seconds_score: float
+    seconds_score: float  # old/ref log-probs, values, reward model and advantages
     metrics: dict[str, float]
 
 
@@ -114,5 +114,5 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     metrics = {"rollout/score": scores.mean().item(), "rollout/kl": seq_kl.mean().item(),
                "rollout/entropy": entropy.item(), "rollout/response_length": mask.sum(-1).mean().item(),
                "rollout/eos_share": has_eos.float().mean().item(), "rollout/beta": beta,
-               "time/generate": t1 - t0, "time/score": (t3 - t1)}
+               "time/generate": t1 - t0, "time/forward": t2 - t1, "time/score": t3 - t2}
     return exp, RolloutStats(gens.texts, list(prompts), t1 - t0, t3 - t1, metrics)

@@ -188,3 +188,25 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "rlhfkit_config.yaml")
     return out
+
+
+def start_run(cfg):
+    """What every trainer does once its data is validated: the run directory (with the resolved
+    config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer)."""
+    from rlhfkit.models.load import load_tokenizer, resolve_device
+
+    out = prepare_out_dir(cfg, cfg.train.out)
+    seed_everything(cfg.train.seed)
+    return out, resolve_device(cfg.train.device), load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+
+
+def split_eval(load: Callable[[str], list], data: str, eval_data: str, fraction: float, seed: int
+               ) -> tuple[list, list]:
+    """(training rows, evaluation rows): ``eval_data``'s rows, or else a seeded ``fraction`` of
+    ``data``'s held out (none when there are 20 rows or fewer). Every row is validated here."""
+    rows = load(data)
+    if eval_data:
+        return rows, load(eval_data)
+    shuffled = random.Random(seed).sample(rows, len(rows))
+    n_eval = int(len(rows) * fraction) if len(rows) > 20 else 0
+    return shuffled[n_eval:], shuffled[:n_eval]

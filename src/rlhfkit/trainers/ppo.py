@@ -20,11 +20,10 @@ from rlhfkit.advantages import AdaptiveKLController, FixedKLController, masked_m
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import policy_loss, value_loss
-from rlhfkit.models.load import load_tokenizer, resolve_device
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
-from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, prepare_out_dir, seed_everything
+from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, start_run
 
 
 @dataclass
@@ -113,10 +112,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     prompts = [r["prompt"] for r in load_prompts(cfg.prompts)]
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
-    out = prepare_out_dir(cfg, cfg.train.out)
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    out, device, tokenizer = start_run(cfg)
     roles = build_roles(cfg, device)
     if score_fn is None:
         score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score

@@ -29,9 +29,9 @@ from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import logprobs_of
-from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer, resolve_device, save_model
+from rlhfkit.models.load import add_lora, load_causal_lm, save_model
 from rlhfkit.ops import sequence_logprobs
-from rlhfkit.trainers.loop import Logger, prepare_out_dir, run, seed_everything
+from rlhfkit.trainers.loop import Logger, run, start_run
 
 LENGTH_AVERAGED_DPO = ("ipo",)  # DPO variants fed mean token log-probs (TRL's choice for IPO)
 ReferenceKind = Literal["model", "adapter", "precomputed"]
@@ -346,10 +346,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     objective = OBJECTIVES[type(cfg)](cfg)
     rows = objective.read(cfg.data)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
-    out = prepare_out_dir(cfg, cfg.train.out)
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    out, device, tokenizer = start_run(cfg)
     policy = load_causal_lm(cfg.model, device)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora)

@@ -11,7 +11,6 @@ that same base model: PPO checks the adapter's base at load time.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from statistics import mean, pstdev
 
@@ -21,9 +20,9 @@ from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, ar
 from rlhfkit.data.collate import collate, encode_example
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
-from rlhfkit.models.load import add_lora, load_tokenizer, resolve_device, save_model
+from rlhfkit.models.load import add_lora, save_model
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
-from rlhfkit.trainers.loop import Logger, prepare_out_dir, run, seed_everything
+from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
 
 @dataclass
@@ -49,17 +48,9 @@ def pair_scores(model, batch: dict[str, torch.Tensor], n_pairs: int) -> tuple[to
 
 def train(cfg: RewardConfig) -> dict[str, float]:
     """Train a reward model from ``cfg.model.path`` on ``cfg.data``; saved to ``cfg.train.out``."""
-    records = load_preference(cfg.data)
-    if cfg.eval_data:
-        eval_records = load_preference(cfg.eval_data)
-    else:
-        shuffled = random.Random(cfg.train.seed).sample(records, len(records))
-        n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 20 else 0
-        eval_records, records = shuffled[:n_eval], shuffled[n_eval:]
-    out = prepare_out_dir(cfg, cfg.train.out)
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    # every row is validated before anything is loaded
+    records, eval_records = split_eval(load_preference, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
+    out, device, tokenizer = start_run(cfg)
     model = load_reward_backbone(cfg.model, device)
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooling agrees where others load it
     if cfg.lora.enabled:

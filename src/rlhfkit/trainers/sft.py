@@ -7,7 +7,6 @@ carry no loss, whatever the padding side.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,9 +15,9 @@ import torch
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import as_prompt_completion, collate, encode_example
 from rlhfkit.data.formats import load_sft
-from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer, resolve_device, save_model
+from rlhfkit.models.load import add_lora, load_causal_lm, save_model
 from rlhfkit.ops import position_ids_from_mask, shifted_logprobs
-from rlhfkit.trainers.loop import Logger, prepare_out_dir, run, seed_everything
+from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
 
 @dataclass
@@ -51,17 +50,9 @@ def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 def train(cfg: SFTConfig) -> dict[str, float]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; the model lands in ``cfg.train.out``."""
-    records = load_sft(cfg.data)  # validates every row before anything is loaded
-    if cfg.eval_data:
-        eval_records = load_sft(cfg.eval_data)
-    else:
-        shuffled = random.Random(cfg.train.seed).sample(records, len(records))
-        n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 20 else 0
-        eval_records, records = shuffled[:n_eval], shuffled[n_eval:]
-    out = prepare_out_dir(cfg, cfg.train.out)
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    # every row is validated before anything is loaded
+    records, eval_records = split_eval(load_sft, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
+    out, device, tokenizer = start_run(cfg)
     model = load_causal_lm(cfg.model, device)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
