@@ -60,7 +60,8 @@ def main() -> None:
         data = describe.write(tmp / "data")
         model = make_tiny_model("llama", tmp / "model", hidden_size=a.hidden, num_layers=a.layers, num_heads=8)
         assert cli(["rm", "--model", str(model), "--data", str(data["preference"]), "--out", str(tmp / "rm"),
-                    "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false"]) == 0
+                    "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false",
+                    "--normalize", "false", "--eval_fraction", "0"]) == 0
         import torch
         from transformers import AutoModelForCausalLM
 

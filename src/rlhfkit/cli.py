@@ -212,6 +212,44 @@ def cmd_quickstart(cfg) -> None:
     print(f"\nsummary: {Path(cfg.out) / 'summary.json'}")
 
 
+@dataclass
+class ChatConfig:
+    """`rlhfkit chat`: talk to a model in the terminal (/reset clears the history, /exit leaves)."""
+
+    system: str = arg("", "an optional system message (for chat-template models)")
+    seed: int = arg(0, "sampling seed")
+    model: ModelConfig = arg(ModelConfig, "the model to talk to")
+    generation: GenerationConfig = arg(GenerationConfig(max_new_tokens=128, temperature=0.7), "decoding")
+
+
+def cmd_chat(cfg: ChatConfig) -> None:
+    from rlhfkit.rollout.generate import generate
+
+    model, tokenizer = _load(cfg.model)
+    start = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    history, turn = list(start), 0
+    if not getattr(tokenizer, "chat_template", None):
+        print("(this tokenizer has no chat template: each line is sent as a plain prompt, without history)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(start)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = history if getattr(tokenizer, "chat_template", None) else line
+        reply = generate(model, tokenizer, [prompt], cfg.generation, seed=cfg.seed + turn).texts[0].strip()
+        print(f"assistant> {reply}", flush=True)
+        history.append({"role": "assistant", "content": reply})
+        turn += 1
+
+
 def cmd_export(cfg: ExportConfig) -> None:
     from rlhfkit.models.load import merge_adapters
 
@@ -274,6 +312,7 @@ COMMANDS = {
     "rm": (_rm_config, cmd_rm, "train a reward model on preference pairs (Bradley-Terry)"),
     "eval-rm": (RewardEvalConfig, cmd_eval_rm, "reward-model accuracy on held-out pairs, and agreement with gold"),
     "ppo": (_ppo_config, cmd_ppo, "PPO: actor, reference, critic and reward on one shared base (or four models)"),
+    "chat": (ChatConfig, cmd_chat, "talk to any model directory in the terminal"),
     "generate": (GenerateConfig, cmd_generate, "sample completions from a model directory"),
     "eval": (EvalConfig, cmd_eval, "held-out mean gold reward ± standard error"),
     "export": (ExportConfig, cmd_export, "merge LoRA adapters into a standalone model directory"),

@@ -10,6 +10,7 @@ training signal. The stage functions are reused by ``benchmarks/``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +20,23 @@ import torch
 from rlhfkit.config import GenerationConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.formats import load_preference, load_prompts
 from rlhfkit.data.tasks import describe
-from rlhfkit.evaluate import gold_eval, kl_to_reference, reward_model_eval
+from rlhfkit.evaluate import gold_eval, kl_to_reference, mean_stderr, reward_model_eval
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.tiny import make_tiny_model
-from rlhfkit.trainers import ppo, reward, sft
+from rlhfkit.rollout.generate import generate
+from rlhfkit.trainers import ppo, preference, reward, sft
 
 CPU = torch.device("cpu")
+STAGE_ORDER = ("sft", "sft_chosen", "best_of_4", "ppo", "dpo")
 GENERATION = GenerationConfig(max_new_tokens=24)  # answers are ~10 tokens; room to ramble
 
 
 @dataclass
 class QuickstartConfig:
-    """`rlhfkit quickstart`: task → tiny model → SFT → reward model → PPO, evaluated with the gold reward."""
+    """`rlhfkit quickstart`: task → tiny model → SFT → reward model → PPO and DPO, with two baselines
+    (SFT on the chosen answers; best-of-4 SFT samples ranked by the reward model), all evaluated with the
+    gold reward on the same held-out test prompts."""
 
     out: str = arg("runs/quickstart", "directory for every model, log and summary.json")
     seed: int = arg(0, "seed of the task, the model and every stage")
@@ -79,17 +84,37 @@ def ppo_config(root: Path, out: Path, data: dict, seed: int, steps: int, beta: f
                          train=TrainConfig(out=str(out), max_steps=steps, log_every=1, seed=seed))
 
 
+def _samples(prompts, completions, rewards) -> list[dict]:
+    return [{"prompt": p, "completion": c, "gold": r} for p, c, r in list(zip(prompts, completions, rewards))[:8]]
+
+
 def evaluate_model(path: str, reference, tokenizer, prompts: list[str], rm: RewardModel, seed: int) -> dict:
     """Gold reward, proxy score and KL to ``reference`` on one sample per test prompt."""
     model = load_causal_lm(ModelConfig(path=path), CPU)
     result = gold_eval(model, tokenizer, prompts, GENERATION, seed=seed)
     row = {**result.summary(), "proxy_reward_mean": rm.score(prompts, result.completions).mean().item(),
-           "samples": [{"prompt": p, "completion": c, "gold": r}
-                       for p, c, r in zip(result.prompts[:8], result.completions[:8], result.rewards[:8])]}
+           "samples": _samples(result.prompts, result.completions, result.rewards)}
     if reference is not None:
         row["kl_to_sft"], row["kl_to_sft_stderr"] = kl_to_reference(model, reference, result.generations,
                                                                     tokenizer.pad_token_id)
     return row
+
+
+def best_of_n(model, tokenizer, prompts: list[str], rm: RewardModel, n: int, seed: int) -> dict:
+    """Baseline: n samples per prompt from ``model``, the one the reward model scores highest.
+
+    Its KL to the sampling model is at most log n − (n − 1)/n (Stiennon et al. 2020), reported as such.
+    """
+    candidates = [generate(model, tokenizer, prompts, GENERATION, seed=seed * 1000 + k).texts for k in range(n)]
+    scores = torch.stack([rm.score(prompts, texts) for texts in candidates])  # (n, B)
+    best = scores.argmax(0).tolist()
+    picks = [candidates[k][i] for i, k in enumerate(best)]
+    rewards = [describe.gold_reward(p, c) for p, c in zip(prompts, picks)]
+    mean, stderr = mean_stderr(rewards)
+    return {"gold_reward_mean": mean, "gold_reward_stderr": stderr, "n": len(prompts),
+            "proxy_reward_mean": scores.max(0).values.mean().item(),
+            "kl_to_sft": math.log(n) - (n - 1) / n, "kl_to_sft_stderr": 0.0,
+            "samples": _samples(prompts, picks, rewards)}
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -99,10 +124,25 @@ def run(cfg: QuickstartConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data, seconds = prepare(out, cfg.seed, cfg.fast, cfg.arch)
-    t0 = time.perf_counter()
+    epochs = 1.0  # DPO and its baseline: one pass over the preference pairs
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        seconds[name] = time.perf_counter() - t0
+
     steps = cfg.ppo_steps // 2 if cfg.fast else cfg.ppo_steps
-    ppo.train(ppo_config(out, out / "ppo", data, cfg.seed, steps, cfg.beta), probe=gold_probe)
-    seconds["ppo"] = time.perf_counter() - t0
+    timed("ppo", lambda: ppo.train(ppo_config(out, out / "ppo", data, cfg.seed, steps, cfg.beta), probe=gold_probe))
+    timed("dpo", lambda: preference.train(preference.DPOConfig(
+        data=str(data["preference"]), beta=0.25, model=ModelConfig(path=str(out / "sft")),
+        optim=OptimConfig(lr=5e-4, warmup_steps=10), train=TrainConfig(out=str(out / "dpo"), epochs=epochs, seed=cfg.seed))))
+    # baseline at DPO's budget: keep fine-tuning the SFT model, on the chosen answers only
+    chosen = out / "data" / "sft_chosen.jsonl"
+    chosen.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+                              for r in load_preference(data["preference"])))
+    timed("sft_chosen", lambda: sft.train(sft.SFTConfig(
+        data=str(chosen), model=ModelConfig(path=str(out / "sft")), optim=OptimConfig(lr=1e-3, warmup_steps=10),
+        train=TrainConfig(out=str(out / "sft_chosen"), epochs=epochs, seed=cfg.seed))))
 
     prompts = [r["prompt"] for r in load_prompts(data["prompts_test"])]
     rm = RewardModel.from_pretrained(str(out / "rm"), device=CPU)
@@ -110,8 +150,12 @@ def run(cfg: QuickstartConfig) -> dict:
     reference = load_causal_lm(ModelConfig(path=str(out / "sft")), CPU)
     stages = {"rm": {**reward_model_eval(rm, load_preference(data["preference_test"])),
                      "accuracy_ceiling": json.loads(data["meta"].read_text())["label_accuracy_ceiling_test"]},
-              "sft": evaluate_model(str(out / "sft"), None, tokenizer, prompts, rm, cfg.seed),
-              "ppo": evaluate_model(str(out / "ppo"), reference, tokenizer, prompts, rm, cfg.seed)}
+              "sft": evaluate_model(str(out / "sft"), None, tokenizer, prompts, rm, cfg.seed)}
+    t0 = time.perf_counter()
+    stages["best_of_4"] = best_of_n(reference, tokenizer, prompts, rm, 4, cfg.seed)
+    seconds["best_of_4"] = time.perf_counter() - t0
+    for name in ("sft_chosen", "ppo", "dpo"):
+        stages[name] = evaluate_model(str(out / name), reference, tokenizer, prompts, rm, cfg.seed)
     for name, s in seconds.items():
         stages.setdefault(name, {})["seconds"] = s
     summary = {"seed": cfg.seed, "decoding": "sampling, temperature 1.0, 1 sample per test prompt",
@@ -125,12 +169,14 @@ def format_summary(summary: dict) -> str:
     stages = summary["stages"]
     lines = [f"rlhfkit quickstart (seed {summary['seed']}), {summary['seconds']:.0f} s; "
              f"{stages['sft']['n']} test prompts, {summary['decoding']}", "",
-             f"{'stage':<6} {'gold reward':>15} {'KL to SFT':>10} {'proxy':>7} {'seconds':>8}"]
-    for name in ("sft", "ppo"):
-        s = stages[name]
+             f"{'stage':<10} {'gold reward':>15} {'KL to SFT':>10} {'proxy':>7} {'seconds':>8}"]
+    for name in STAGE_ORDER:
+        s = stages.get(name)
+        if s is None or "gold_reward_mean" not in s:
+            continue
         kl = f"{s['kl_to_sft']:.2f}" if "kl_to_sft" in s else "-"
-        lines.append(f"{name:<6} {s['gold_reward_mean']:>8.3f} ± {s['gold_reward_stderr']:.3f} {kl:>10} "
-                     f"{s['proxy_reward_mean']:>7.2f} {s['seconds']:>8.0f}")
+        lines.append(f"{name:<10} {s['gold_reward_mean']:>8.3f} ± {s['gold_reward_stderr']:.3f} {kl:>10} "
+                     f"{s['proxy_reward_mean']:>7.2f} {s.get('seconds', 0):>8.0f}")
     rm = stages["rm"]
     lines += ["", f"reward model: held-out accuracy {rm['accuracy']:.3f} ± {rm['accuracy_stderr']:.3f} "
                   f"(label-noise ceiling {rm['accuracy_ceiling']:.3f}), agreement with gold "

@@ -106,3 +106,18 @@ def test_malformed_row_fails_before_training(tiny_model_dir, tmp_path, capsys, r
     assert rc == 2
     assert "bad.jsonl" in err and "row 2" in err and field in err
     assert not out.exists()  # failed before any run directory or training
+
+
+def test_chat_answers_each_line_until_eof(tiny_model_dir, monkeypatch, capsys):
+    lines = iter(["Describe the cat.", "/reset", "Tell me about the lake."])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--model", tiny_model_dir("llama"), "--generation.max_new_tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2  # /reset is a command, not a message
