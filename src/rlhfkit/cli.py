@@ -209,7 +209,7 @@ def cmd_quickstart(cfg) -> None:
     summary = run(cfg)
     print()
     print(format_summary(summary))
-    print(f"\nsummary: {Path(cfg.out) / 'summary.json'}")
+    print(f"\nsummary: {Path(cfg.out) / 'summary.json'}\nreport:  {summary['report']}")
 
 
 @dataclass

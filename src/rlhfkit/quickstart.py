@@ -1,7 +1,8 @@
 """`rlhfkit quickstart`: the whole pipeline on the built-in task, on CPU, in one process.
 
-make the task → make a tiny model → SFT → reward model → PPO, each stage evaluated on the
-same held-out test prompts with the gold reward, written to ``OUT/summary.json``. Every
+make the task → make a tiny model → SFT → reward model → PPO and DPO (+ two baselines),
+each stage evaluated on the same held-out test prompts with the gold reward, written to
+``OUT/summary.json`` and an HTML report ``OUT/report.html`` with its plots in ``OUT/plots``. Every
 model is a standard HF directory under OUT; every stage logs ``metrics.jsonl`` and
 TensorBoard events. The gold reward is used here for evaluation only, never as a
 training signal. The stage functions are reused by ``benchmarks/``.
@@ -93,7 +94,7 @@ def evaluate_model(path: str, reference, tokenizer, prompts: list[str], rm: Rewa
     model = load_causal_lm(ModelConfig(path=path), CPU)
     result = gold_eval(model, tokenizer, prompts, GENERATION, seed=seed)
     row = {**result.summary(), "proxy_reward_mean": rm.score(prompts, result.completions).mean().item(),
-           "samples": _samples(result.prompts, result.completions, result.rewards)}
+           "samples": _samples(result.prompts, result.completions, result.rewards), "gold_rewards": result.rewards}
     if reference is not None:
         row["kl_to_sft"], row["kl_to_sft_stderr"] = kl_to_reference(model, reference, result.generations,
                                                                     tokenizer.pad_token_id)
@@ -114,7 +115,7 @@ def best_of_n(model, tokenizer, prompts: list[str], rm: RewardModel, n: int, see
     return {"gold_reward_mean": mean, "gold_reward_stderr": stderr, "n": len(prompts),
             "proxy_reward_mean": scores.max(0).values.mean().item(),
             "kl_to_sft": math.log(n) - (n - 1) / n, "kl_to_sft_stderr": 0.0,
-            "samples": _samples(prompts, picks, rewards)}
+            "samples": _samples(prompts, picks, rewards), "gold_rewards": rewards}
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -162,6 +163,9 @@ def run(cfg: QuickstartConfig) -> dict:
                "ppo": {"steps": steps, "beta": cfg.beta}, "stages": stages,
                "seconds": time.perf_counter() - t_start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from rlhfkit.report import write_report
+
+    summary["report"] = str(write_report(out))
     return summary
 
 

@@ -18,7 +18,7 @@ SIDE_BY_SIDE = ("sft", "ppo", "dpo")
 LOSS_KEYS = ("train/loss", "eval/loss", "loss/policy", "loss/value")
 ABOUT = {"sft": "supervised fine-tuning on demonstrations (the starting point)",
          "sft_chosen": "baseline: SFT on the chosen responses only",
-         "best_of_4": "baseline: best of 4 SFT samples, ranked by the reward model",
+         "best_of_4": "baseline: best of 4 SFT samples ranked by the reward model (KL: the bound log 4 − 3/4)",
          "ppo": "PPO against the reward model, with a KL penalty to SFT",
          "dpo": "DPO on the preference pairs, no reward model"}
 GOLD_VS_PROXY = (
@@ -184,6 +184,19 @@ def samples_table(stages: dict[str, dict], names: list[str]) -> str:
     return "<table>" + "\n".join(rows) + "</table>"
 
 
+def header(summary: dict, stages: dict[str, dict], models: list[str]) -> str:
+    """Title (seed), then total time, number of test prompts, decoding and PPO's settings."""
+    e = html.escape
+    n_test = next((stages[n]["n"] for n in models if "n" in stages[n]), "?")
+    ppo = summary["ppo"] if isinstance(summary.get("ppo"), dict) else {}
+    meta = [f"total {num(summary.get('seconds'), '.0f')} s", f"{e(str(n_test))} held-out test prompts",
+            f"decoding: {e(str(summary.get('decoding', 'not recorded')))}"]
+    if ppo:
+        meta.append(f"PPO: {e(str(ppo.get('steps', '?')))} steps, β = {e(str(ppo.get('beta', '?')))}")
+    return (f"<h1>rlhfkit quickstart report (seed {e(str(summary.get('seed', '?')))})</h1>"
+            f"<p class=meta>{' · '.join(meta)}</p>")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` and its plots ``run_dir/plots/*.png``; returns the page's path."""
     import matplotlib
@@ -198,31 +211,25 @@ def write_report(run_dir: str | Path) -> Path:
     stages = {n: s for n, s in summary.get("stages", {}).items() if isinstance(s, dict)}
     names = ordered(stages)
     models = [n for n in names if "gold_reward_mean" in stages[n]]
-    metrics = {n: read_metrics(run_dir / n / "metrics.jsonl") for n in names}
+    metrics = {n: records for n in names if (records := read_metrics(run_dir / n / "metrics.jsonl"))}
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     figures = {"gold.png": ("Gold reward per method", plot_gold(plt, stages, models, plots / "gold.png")),
                "ppo.png": ("PPO over training", plot_ppo(plt, metrics.get("ppo", []), plots / "ppo.png")),
-               "losses.png": ("Loss curves", plot_losses(plt, {n: r for n, r in metrics.items() if r},
-                                                         plots / "losses.png"))}
+               "losses.png": ("Loss curves", plot_losses(plt, metrics, plots / "losses.png"))}
 
-    e = html.escape
-    n_test = next((stages[n]["n"] for n in models if "n" in stages[n]), "?")
-    ppo = summary.get("ppo", {}) if isinstance(summary.get("ppo"), dict) else {}
-    meta = (f"total {num(summary.get('seconds'), '.0f')} s · "
-            f"{e(str(n_test))} held-out test prompts · decoding: {e(str(summary.get('decoding', 'not recorded')))}"
-            + (f" · PPO: {e(str(ppo.get('steps', '?')))} steps, β = {e(str(ppo.get('beta', '?')))}" if ppo else ""))
     rm = stages.get("rm", {})
-    rm_line = (f"<p>Reward model (the proxy): held-out preference accuracy <b>{pm(rm, 'accuracy', 'accuracy_stderr')}"
-               f"</b> (label-noise ceiling {num(rm.get('accuracy_ceiling'))}); agrees with the gold reward on "
-               f"{pm(rm, 'gold_agreement', 'gold_agreement_stderr')} of held-out pairs.</p>") if "accuracy" in rm else ""
-    times = " · ".join(f"{e(n)} {num(stages[n].get('seconds'), '.0f')} s" for n in names)
-    body = [f"<h1>rlhfkit quickstart report (seed {e(str(summary.get('seed', '?')))})</h1>",
-            f"<p class=meta>{meta}</p>", f"<p>{GOLD_VS_PROXY}</p>",
-            "<h2>Methods</h2>", methods_table(stages, models), rm_line, f"<p class=note>Time per stage: {times}</p>"]
-    for file, (title, made) in figures.items():
-        if made:
-            body.append(f'<h2>{e(title)}</h2><img src="plots/{file}" alt="{e(title)}">')
+    body = [header(summary, stages, models), f"<p>{GOLD_VS_PROXY}</p>", "<h2>Methods</h2>",
+            methods_table(stages, models)]
+    if "accuracy" in rm:
+        body.append(f"<p>Reward model (the proxy): held-out preference accuracy "
+                    f"<b>{pm(rm, 'accuracy', 'accuracy_stderr')}</b> (label-noise ceiling "
+                    f"{num(rm.get('accuracy_ceiling'))}); agrees with the gold reward on "
+                    f"{pm(rm, 'gold_agreement', 'gold_agreement_stderr')} of held-out pairs.</p>")
+    times = " · ".join(f"{html.escape(n)} {num(stages[n].get('seconds'), '.0f')} s" for n in names)
+    body.append(f"<p class=note>Time per stage: {times}</p>")
+    body += [f'<h2>{title}</h2><img src="plots/{file}" alt="{title}">'
+             for file, (title, made) in figures.items() if made]
     body += ["<h2>The same held-out prompts, side by side</h2>", samples_table(stages, models)]
     page = (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>rlhfkit quickstart report</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
