@@ -1,6 +1,8 @@
 """`rlhfkit quickstart --fast`: the pipeline in one process, every stage evaluated on the test prompts."""
 
 import json
+import shutil
+import subprocess
 
 import pytest
 
@@ -33,3 +35,23 @@ def test_quickstart_fast_ppo_beats_sft_with_a_complete_summary(tmp_path, capsys)
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
         assert any((out / stage / "tensorboard").iterdir())
     assert "gold reward" in capsys.readouterr().out
+
+    # the report: one offline HTML page with its plots beside it, rendered by a real headless browser
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    for png in ("gold.png", "ppo.png", "losses.png"):
+        assert f"plots/{png}" in html and (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    browser = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    if browser is None:
+        pytest.skip("no headless chromium here (.ci/run installs Debian's chromium-headless-shell)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1100,2600",
+                    f"--screenshot={shot}", (out / "report.html").as_uri()], check=True, capture_output=True,
+                   timeout=120)
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # the bars of the gold-reward plot are matplotlib's blue (31, 119, 180): present only if the PNGs loaded
+    blue = int((np.abs(pixels - np.array([31, 119, 180])) < 12).all(-1).sum())
+    assert blue > 2000, blue
