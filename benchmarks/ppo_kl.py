@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--betas", default="0,0.1")
     a = parser.parse_args()
     out = Path(a.out)
-    data, _ = prepare(out, a.seed, fast=False)
+    data, _ = prepare(out, a.seed)
     betas = [float(b) for b in a.betas.split(",")]
     for beta in betas:
         ppo.train(ppo_config(out, out / f"ppo_beta{beta:g}", data, a.seed, a.steps, beta), probe=gold_probe)

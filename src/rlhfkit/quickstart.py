@@ -29,7 +29,19 @@ from rlhfkit.rollout.generate import generate
 from rlhfkit.trainers import ppo, preference, reward, sft
 
 CPU = torch.device("cpu")
-STAGE_ORDER = ("sft", "sft_chosen", "best_of_4", "ppo", "dpo")
+STAGE_ORDER = ("sft", "sft_chosen", "best_of_4", "ppo", "dpo", "orpo", "simpo", "kto")
+
+
+def extra_methods(root: Path, data: dict, seed: int) -> dict:
+    """`--all`: the other direct methods from the SFT model (settings of benchmarks/preference_methods.py)."""
+    def common(name, epochs=1.0, lr=5e-4):
+        return dict(model=ModelConfig(path=str(root / "sft")), optim=OptimConfig(lr=lr, warmup_steps=10),
+                    train=TrainConfig(out=str(root / name), epochs=epochs, seed=seed))
+
+    return {"orpo": preference.ORPOConfig(data=str(data["preference"]), lam=0.5, **common("orpo", lr=1e-3)),
+            "simpo": preference.SimPOConfig(data=str(data["preference"]), beta=2.0, gamma=0.5,
+                                            **common("simpo", lr=3e-4)),
+            "kto": preference.KTOConfig(data=str(data["unpaired"]), beta=0.1, **common("kto", epochs=2.0))}
 GENERATION = GenerationConfig(max_new_tokens=24)  # answers are ~10 tokens; room to ramble
 
 
@@ -41,11 +53,12 @@ class QuickstartConfig:
 
     out: str = arg("runs/quickstart", "directory for every model, log and summary.json")
     seed: int = arg(0, "seed of the task, the model and every stage")
-    fast: bool = arg(False, "a shorter run (for tests): fewer epochs and PPO steps")
+    fast: bool = arg(False, "a shorter run (for tests): half the PPO steps")
     ppo_steps: int = arg(40, "PPO steps (rollout batches of 64 prompts); halved by --fast")
     beta: float = arg(0.1, "PPO's KL penalty β")
     arch: str = arg("llama", "architecture of the tiny model")
     threads: int = arg(1, "CPU threads for torch (0 = torch's default); tiny models run fastest on one")
+    all: bool = arg(False, "also train and evaluate ORPO, SimPO and KTO")
 
 
 def gold_probe(prompts, texts) -> dict[str, float]:
@@ -53,7 +66,7 @@ def gold_probe(prompts, texts) -> dict[str, float]:
     return {"rollout/gold": sum(describe.gold_reward(p, t) for p, t in zip(prompts, texts)) / len(texts)}
 
 
-def prepare(out: Path, seed: int, fast: bool, arch: str = "llama") -> tuple[dict, dict[str, float]]:
+def prepare(out: Path, seed: int, arch: str = "llama") -> tuple[dict, dict[str, float]]:
     """Task, tiny model, SFT model and reward model under ``out``; returns the task paths and seconds per stage."""
     seconds = {}
     t0 = time.perf_counter()
@@ -64,14 +77,14 @@ def prepare(out: Path, seed: int, fast: bool, arch: str = "llama") -> tuple[dict
     t0 = time.perf_counter()
     sft.train(sft.SFTConfig(data=str(data["sft"]), model=ModelConfig(path=str(tiny)),
                             optim=OptimConfig(lr=3e-3, warmup_steps=10),
-                            train=TrainConfig(out=str(out / "sft"), epochs=6.0 if fast else 10.0, batch_size=32,
+                            train=TrainConfig(out=str(out / "sft"), epochs=10.0, batch_size=32,
                                               seed=seed)))
     seconds["sft"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     reward.train(reward.RewardConfig(data=str(data["preference"]), model=ModelConfig(path=str(out / "sft")),
                                      optim=OptimConfig(lr=1e-3, warmup_steps=10),
-                                     train=TrainConfig(out=str(out / "rm"), epochs=1.0 if fast else 2.0,
+                                     train=TrainConfig(out=str(out / "rm"), epochs=2.0,
                                                        batch_size=32, seed=seed)))
     seconds["rm"] = time.perf_counter() - t0
     return data, seconds
@@ -124,7 +137,7 @@ def run(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    data, seconds = prepare(out, cfg.seed, cfg.fast, cfg.arch)
+    data, seconds = prepare(out, cfg.seed, cfg.arch)
     epochs = 1.0  # DPO and its baseline: one pass over the preference pairs
 
     def timed(name, fn):
@@ -145,6 +158,10 @@ def run(cfg: QuickstartConfig) -> dict:
         data=str(chosen), model=ModelConfig(path=str(out / "sft")), optim=OptimConfig(lr=1e-3, warmup_steps=10),
         train=TrainConfig(out=str(out / "sft_chosen"), epochs=epochs, seed=cfg.seed))))
 
+    extra = extra_methods(out, data, cfg.seed) if cfg.all else {}
+    for name, method_cfg in extra.items():
+        timed(name, lambda: preference.train(method_cfg))
+
     prompts = [r["prompt"] for r in load_prompts(data["prompts_test"])]
     rm = RewardModel.from_pretrained(str(out / "rm"), device=CPU)
     tokenizer = load_tokenizer(str(out / "sft"))
@@ -155,7 +172,7 @@ def run(cfg: QuickstartConfig) -> dict:
     t0 = time.perf_counter()
     stages["best_of_4"] = best_of_n(reference, tokenizer, prompts, rm, 4, cfg.seed)
     seconds["best_of_4"] = time.perf_counter() - t0
-    for name in ("sft_chosen", "ppo", "dpo"):
+    for name in ("sft_chosen", "ppo", "dpo", *extra):
         stages[name] = evaluate_model(str(out / name), reference, tokenizer, prompts, rm, cfg.seed)
     for name, s in seconds.items():
         stages.setdefault(name, {})["seconds"] = s

@@ -13,14 +13,17 @@ import json
 import math
 from pathlib import Path
 
-STAGE_ORDER = ("sft", "rm", "sft_chosen", "best_of_4", "ppo", "dpo")  # pipeline order: baselines, then methods
+STAGE_ORDER = ("sft", "rm", "sft_chosen", "best_of_4", "ppo", "dpo", "orpo", "simpo", "kto")  # pipeline order: baselines, then methods
 SIDE_BY_SIDE = ("sft", "ppo", "dpo")
 LOSS_KEYS = ("train/loss", "eval/loss", "loss/policy", "loss/value")
 ABOUT = {"sft": "supervised fine-tuning on demonstrations (the starting point)",
          "sft_chosen": "baseline: SFT on the chosen responses only",
          "best_of_4": "baseline: best of 4 SFT samples ranked by the reward model (KL: the bound log 4 − 3/4)",
          "ppo": "PPO against the reward model, with a KL penalty to SFT",
-         "dpo": "DPO on the preference pairs, no reward model"}
+         "dpo": "DPO on the preference pairs, no reward model",
+         "orpo": "ORPO on the preference pairs: no reference, no reward model",
+         "simpo": "SimPO on the preference pairs: length-averaged, no reference",
+         "kto": "KTO on unpaired desirable / undesirable answers"}
 GOLD_VS_PROXY = (
     "<b>Gold vs proxy.</b> The <i>gold reward</i> is the hidden &ldquo;human&rdquo;: a scoring rule of the "
     "built-in task that no method ever trains on; here it only grades answers to held-out test prompts. "

@@ -10,7 +10,7 @@ from rlhfkit.cli import main
 
 
 @pytest.mark.slow
-def test_quickstart_fast_ppo_beats_sft_with_a_complete_summary(tmp_path, capsys):
+def test_quickstart_fast_ppo_and_dpo_beat_sft_with_summary_and_report(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -21,17 +21,20 @@ def test_quickstart_fast_ppo_beats_sft_with_a_complete_summary(tmp_path, capsys)
         assert s["seconds"] > 0 and "proxy_reward_mean" in s
     assert stages["ppo"]["kl_to_sft"] > 0  # the policy moved away from the SFT model
     assert 0.4 < stages["sft"]["gold_reward_mean"] < 0.75
-    # PPO beats SFT on held-out gold reward by more than two standard errors and by at least 0.05,
-    # at a bounded KL, while the proxy score rises too
+    # PPO and DPO beat SFT on held-out gold reward by more than two standard errors (clustered by
+    # prompt: the same test prompts answered by both) and by at least 0.05, at a bounded KL
     sft, ppo = stages["sft"], stages["ppo"]
-    gap = ppo["gold_reward_mean"] - sft["gold_reward_mean"]
-    assert gap > max(0.05, 2 * (sft["gold_reward_stderr"] ** 2 + ppo["gold_reward_stderr"] ** 2) ** 0.5), gap
+    for method in ("ppo", "dpo"):
+        diffs = [b - a for a, b in zip(sft["gold_rewards"], stages[method]["gold_rewards"])]
+        gain = sum(diffs) / len(diffs)
+        se = (sum((d - gain) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+        assert gain > max(0.05, 2 * se), (method, gain, se)
     assert ppo["kl_to_sft"] < 10 and ppo["proxy_reward_mean"] > sft["proxy_reward_mean"]
     assert stages["rm"]["accuracy"] > 0.6 and stages["rm"]["accuracy_ceiling"] > 0.6
     # every model is a standard HF directory; every stage left plottable logs
     assert (out / "sft" / "model.safetensors").is_file() and (out / "rm" / "model.safetensors").is_file()
     assert (out / "ppo" / "adapter_config.json").is_file()
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "ppo", "dpo", "sft_chosen"):
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
         assert any((out / stage / "tensorboard").iterdir())
     assert "gold reward" in capsys.readouterr().out
