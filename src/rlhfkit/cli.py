@@ -287,6 +287,23 @@ def _ppo_config():
     return PPOConfig
 
 
+def _online_config(name: str):
+    def get():
+        from rlhfkit.trainers import online
+
+        return getattr(online, name)
+
+    return get
+
+
+def cmd_online(cfg) -> None:
+    from rlhfkit.trainers.online import train
+
+    metrics = train(cfg)
+    print(json.dumps(metrics, indent=2))
+    print(f"policy adapter saved to {cfg.train.out}")
+
+
 def _quickstart_config():
     from rlhfkit.quickstart import QuickstartConfig
 
@@ -312,6 +329,11 @@ COMMANDS = {
     "rm": (_rm_config, cmd_rm, "train a reward model on preference pairs (Bradley-Terry)"),
     "eval-rm": (RewardEvalConfig, cmd_eval_rm, "reward-model accuracy on held-out pairs, and agreement with gold"),
     "ppo": (_ppo_config, cmd_ppo, "PPO: actor, reference, critic and reward on one shared base (or four models)"),
+    "grpo": (_online_config("GRPOConfig"), cmd_online,
+             "GRPO / Dr. GRPO: G samples per prompt, group-normalised advantages"),
+    "rloo": (_online_config("RLOOConfig"), cmd_online, "RLOO: G samples per prompt, leave-one-out baseline"),
+    "reinforce-pp": (_online_config("ReinforcePPConfig"), cmd_online,
+                     "REINFORCE++: KL-shaped token rewards, batch-whitened returns"),
     "chat": (ChatConfig, cmd_chat, "talk to any model directory in the terminal"),
     "generate": (GenerateConfig, cmd_generate, "sample completions from a model directory"),
     "eval": (EvalConfig, cmd_eval, "held-out mean gold reward ± standard error"),

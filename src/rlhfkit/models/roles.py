@@ -55,14 +55,18 @@ def _frozen(model):
 class SharedBaseRoles:
     """Actor and critic as two LoRA adapters on one base; reference = adapters off."""
 
-    def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device):
+    def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device, critic: bool = True):
+        """``critic=False`` (critic-free methods: GRPO, RLOO, REINFORCE++): no critic adapter or value
+        head; ``critic_values`` returns zeros and ``critic_parameters`` is empty."""
         base = _frozen(load_causal_lm(model_cfg, device))
         critic_cfg = peft_lora_config(lora, base)  # resolved before LoRA layers wrap the base's modules
         self.model = add_lora(base, lora)  # adapter "default" = the actor
-        self.model.add_adapter("critic", critic_cfg)
-        hidden = base.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1).to(device)
-        nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
+        self.value_head = None
+        if critic:
+            self.model.add_adapter("critic", critic_cfg)
+            hidden = base.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1).to(device)
+            nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
         self._actor = [p for n, p in self.model.named_parameters() if ".default." in n]
         self._critic = [p for n, p in self.model.named_parameters() if ".critic." in n]
         self._use("default")  # also marks the critic adapter trainable, which peft leaves frozen on add
@@ -78,6 +82,8 @@ class SharedBaseRoles:
                            keep=batch["action_mask"].shape[1], temperature=temperature, with_logits=with_logits)
 
     def critic_values(self, batch) -> torch.Tensor:
+        if self.value_head is None:  # critic-free: a zero baseline
+            return torch.zeros(batch["action_mask"].shape, device=batch["action_mask"].device)
         self._use("critic")
         return values_at_actions(hidden_states(self.model, batch), self.value_head, batch["action_mask"].shape[1])
 
@@ -99,15 +105,18 @@ class SharedBaseRoles:
         return self._actor
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        return self._critic + list(self.value_head.parameters())
+        return self._critic + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
     def train(self, mode: bool = True) -> None:
-        self.model.train(mode), self.value_head.train(mode)
+        self.model.train(mode)
+        if self.value_head is not None:
+            self.value_head.train(mode)
 
     def save(self, out: str | Path, tokenizer) -> None:
         """``out``: the actor adapter (loads as base + adapter); ``out/critic``: critic adapter + value head."""
         save_model(self.model, tokenizer, out)
-        save_file(self.value_head.state_dict(), str(Path(out) / "critic" / VALUE_HEAD_FILE))
+        if self.value_head is not None:
+            save_file(self.value_head.state_dict(), str(Path(out) / "critic" / VALUE_HEAD_FILE))
 
 
 class SeparateRoles:

@@ -1,0 +1,168 @@
+"""Rewards for the online trainers: Python functions, reward models, and weighted sums of them.
+
+A reward is named by a string:
+
+* ``package.module:function`` — a Python function, imported with importlib and called as
+  ``function(prompts=[...], completions=[...], **columns)``, where ``columns`` holds every other column of
+  the prompts file as a list (``answer=[...]``, say). It returns one float per completion.
+  **A named function is trusted code the user chose**: it runs in this process with the user's rights. It
+  is the only code a config can make rlhfkit run (YAML is read with the safe loader; model weights load from
+  safetensors). Functions that execute model output (unit tests, say) must do so in a subprocess with time
+  and memory limits (DESIGN.md §3): ``run_untrusted`` does that.
+* a directory — a reward model from `rlhfkit rm` (``rlhfkit.models.reward.RewardModel``), which scores
+  (prompt, completion) and ignores the other columns.
+
+``build_reward(names, weights)`` combines several: total = Σ_k w_k · r_k. A function that raises, returns the
+wrong number of values, or a value that is not a finite number fails with a :class:`RewardError` that names it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhfkit.config import ConfigError
+
+RewardFn = Callable[..., list[float]]  # (prompts=, completions=, **columns) → one float per completion
+
+
+class RewardError(ConfigError):
+    """A reward that cannot be loaded or returned something unusable; the message names it.
+    A ConfigError, since the config named the reward: the CLI prints it as one line, no traceback."""
+
+
+def load_function(spec: str) -> RewardFn:
+    """The function named ``module:function`` (dots allowed after the colon for attributes)."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise RewardError(f"reward {spec!r} is neither a directory nor 'module:function' "
+                          "(e.g. rlhfkit.data.tasks.arithmetic:exact_answer)")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward {spec!r} is not callable")
+    return obj
+
+
+def reward_model_function(path: str, device: torch.device | str | None = None) -> RewardFn:
+    """A reward model directory as a reward function (it reads prompts and completions only)."""
+    from rlhfkit.models.reward import RewardModel
+
+    model = RewardModel.from_pretrained(path, device)
+
+    def score(prompts: list, completions: list[str], **columns) -> list[float]:
+        return model.score(prompts, completions).tolist()
+
+    return score
+
+
+def check_values(name: str, values, n: int) -> torch.Tensor:
+    """``values`` as a (n,) float tensor, or a RewardError naming reward ``name``."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().flatten().tolist()
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward {name!r} must return a list of numbers, one per completion: {e}") from e
+    if len(values) != n:
+        raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions; "
+                          "it must return one float per completion")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise RewardError(f"reward {name!r} returned {values[bad[0]]} for completion {bad[0]} "
+                          f"({len(bad)} non-finite values in all); rewards must be finite numbers")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@dataclass
+class Reward:
+    """One named reward and its weight in the sum."""
+
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+
+
+class CombinedReward:
+    """Σ_k w_k · r_k over several rewards; also reports each reward's values."""
+
+    def __init__(self, rewards: list[Reward]):
+        if not rewards:
+            raise RewardError("no reward given: set rewards to 'module:function' names or reward-model directories")
+        self.rewards = rewards
+
+    def __call__(self, prompts: list, completions: list[str], columns: dict[str, list] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total (N,), {name: (N,) values}) for N completions; ``columns`` are the other dataset columns."""
+        columns = columns or {}
+        parts = {}
+        for r in self.rewards:
+            try:
+                values = r.fn(prompts=list(prompts), completions=list(completions), **columns)
+            except Exception as e:
+                raise RewardError(f"reward {r.name!r} raised {type(e).__name__}: {e}") from e
+            parts[r.name] = check_values(r.name, values, len(completions))
+        total = sum(r.weight * parts[r.name] for r in self.rewards)
+        return total, parts
+
+
+def short_name(spec: str) -> str:
+    """The name a reward is logged under: the function's name, or the directory's."""
+    return spec.rpartition(":")[2] if ":" in spec and not Path(spec).is_dir() else Path(spec).name
+
+
+def build_reward(specs: list[str], weights: list[float] | None = None,
+                 device: torch.device | str | None = None) -> CombinedReward:
+    """Rewards named by ``specs`` (directories or ``module:function``), weighted (default all 1)."""
+    weights = list(weights) if weights else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise RewardError(f"{len(weights)} reward weights for {len(specs)} rewards; give one weight per reward")
+    rewards, seen = [], set()
+    for spec, weight in zip(specs, weights):
+        fn = reward_model_function(spec, device) if Path(spec).is_dir() else load_function(spec)
+        name = short_name(spec)
+        name = name if name not in seen else spec  # two rewards with one short name keep their full names
+        seen.add(name)
+        rewards.append(Reward(name, fn, float(weight)))
+    return CombinedReward(rewards)
+
+
+def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: str = ""
+                  ) -> subprocess.CompletedProcess | None:
+    """Run Python ``code`` (model output, e.g. a program plus its unit tests) in a fresh isolated interpreter.
+
+    Limits (DESIGN.md §3): wall time ``timeout_s`` (CPU time a second more), address space ``memory_mb``, an empty
+    temporary working directory and an empty environment. Returns the finished process (``returncode`` 0 when
+    the code ran through; stdout and stderr as text), or None when it ran out of (wall or CPU) time.
+    POSIX only.
+    """
+
+    def limits() -> None:  # runs in the child, before Python starts
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        cpu = math.ceil(timeout_s) + 1  # a backstop: the wall-clock timeout normally fires first
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+
+    with tempfile.TemporaryDirectory() as cwd:
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", code], input=stdin, capture_output=True, text=True,
+                                  timeout=timeout_s, preexec_fn=limits, cwd=cwd, env={})
+        except subprocess.TimeoutExpired:
+            return None
+    return None if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL) else done  # killed by the CPU limit

@@ -1,0 +1,269 @@
+"""Critic-free online RL: GRPO, Dr. GRPO, RLOO and REINFORCE++ (DESIGN.md §3, "Critic-free online RL").
+
+Each step: P prompts, each repeated G times (laid out group by group) → PPO's experience maker
+(sample, old log-probs, reference log-probs, reward; the actor is a LoRA adapter and the reference
+the same base with adapters off, as in PPO's shared mode, but without a critic) → advantages from
+the method's strategy → ``epochs`` passes over shuffled mini-batches: PPO's clipped policy loss
+(+ an optional k3 KL term, GRPO eq. 4) → step → log. Methods differ only in their advantage and
+the reduction of the token losses:
+
+    grpo          (r - group mean) / (group std + 1e-4), each sequence's tokens averaged (Shao et al. 2024)
+    dr_grpo       r - group mean, token losses summed / (max_new_tokens x sequences) (Liu et al. 2025)
+    rloo          r - mean of the other G - 1 rewards in the group (Ahmadian et al. 2024)
+    reinforce_pp  k1-KL-shaped token rewards, reward-to-go (gamma 1), whitened over the batch (Hu 2025)
+
+Sequence advantages are broadcast over the response tokens. Rewards come from ``rlhfkit.rewards``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
+from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.formats import load_prompts
+from rlhfkit.losses import kl_penalty_loss, policy_loss
+from rlhfkit.models.roles import SharedBaseRoles
+from rlhfkit.rewards import CombinedReward, build_reward
+from rlhfkit.rollout.experience import Experience, make_experience
+from rlhfkit.rollout.generate import generate
+from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, start_run
+
+Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
+
+
+@dataclass
+class OnlineConfig:
+    """Critic-free online RL: G samples per prompt, advantages without a value model."""
+
+    prompts: str = arg("", "prompts file: a `prompt` column, plus any columns the reward functions read")
+    rewards: list[str] = arg([], "rewards: 'module:function' names (trusted code you chose) and/or reward-model "
+                             "directories, summed with reward_weights")
+    reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
+    advantage: Method = arg("grpo", "advantage estimator: grpo, dr_grpo, rloo or reinforce_pp")
+    group_size: int = arg(8, "G: samples per prompt")
+    prompts_per_step: int = arg(16, "prompts per step; the step's batch is prompts_per_step x group_size samples")
+    mini_batch_size: int = arg(64, "samples per optimiser step")
+    epochs: int = arg(1, "passes over each step's samples (1 = on-policy: the ratio stays 1 on the first pass)")
+    clip_eps: float = arg(0.2, "policy ratio clip ε")
+    kl_coef: float = arg(0.0, "weight of the k3 KL-to-reference term in the loss (GRPO eq. 4; 0 = none)")
+    beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
+                      "(+ the reward at the last token)")
+    kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
+    missing_eos_penalty: float | None = arg(None, "added to the reward of samples that never emit EOS")
+    loss_reduction: Literal["auto", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = arg(
+        "auto", "reduction of the token losses; auto = the method's own (grpo: seq_mean_token_mean, dr_grpo: "
+        "token_sum_norm, rloo and reinforce_pp: token_mean)")
+    eval_prompts: str = arg("", "held-out prompts: mean of each reward (one sample each) every train.eval_every "
+                            "steps and at the end")
+    model: ModelConfig = arg(ModelConfig, "the SFT model: the policy starts here and the reference stays here")
+    lora: LoraConfig = arg(LoraConfig(enabled=True, target_modules="all-linear+head"),
+                           "the policy's adapter (needed: the reference is the base with adapters off)")
+    optim: OptimConfig = arg(OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"), "policy optimiser")
+    generation: GenerationConfig = arg(GenerationConfig, "sampling (temperature 1, no top-k/top-p by default)")
+    train: TrainConfig = arg(TrainConfig(out="runs/online", max_steps=50, log_every=1), "loop; max_steps = RL steps")
+
+    def __post_init__(self) -> None:
+        if not self.lora.enabled:
+            raise ValueError("lora.enabled must be true: the reference model is the base with the adapter off")
+        if self.advantage == "rloo" and self.group_size < 2:
+            raise ValueError("rloo needs group_size >= 2 (a leave-one-out baseline needs another sample)")
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """`rlhfkit grpo`: GRPO (group-normalised advantages) or Dr. GRPO (advantage dr_grpo)."""
+
+    advantage: Literal["grpo", "dr_grpo"] = arg("grpo", "grpo: (r − mean)/std in the group; dr_grpo: r − mean, "
+                                                "token losses summed / (max_new_tokens × samples)")
+
+
+@dataclass
+class RLOOConfig(OnlineConfig):
+    """`rlhfkit rloo`: REINFORCE leave-one-out, clipped like PPO."""
+
+    advantage: Literal["rloo"] = arg("rloo", "rloo: r − mean of the other samples of the prompt")
+
+
+@dataclass
+class ReinforcePPConfig(OnlineConfig):
+    """`rlhfkit reinforce-pp`: REINFORCE++, KL-shaped token rewards and batch-whitened returns."""
+
+    advantage: Literal["reinforce_pp"] = arg("reinforce_pp", "reinforce_pp: whitened reward-to-go of KL-shaped "
+                                             "token rewards")
+    beta: float = arg(0.01, "KL coefficient β in the token rewards r_t = −β·kl_t (+ reward at the last token)")
+
+
+# --------------------------------------------------------------------------- strategies
+# Each maps a step's experience to token advantages (B, A), 0 outside the mask. exp.scores (B,) is the
+# summed reward per sample; exp.rewards (B, A) PPO's shaped token rewards −β·kl_t + score at the last token.
+
+
+def _per_sequence(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sequence advantages broadcast over the response tokens: (B, A)."""
+    return advantages[:, None] * action_mask
+
+
+def grpo_advantages(exp: Experience, group_size: int) -> torch.Tensor:
+    return _per_sequence(group_advantages(exp.scores, group_size, scale=True), exp.action_mask)
+
+
+def dr_grpo_advantages(exp: Experience, group_size: int) -> torch.Tensor:
+    return _per_sequence(group_advantages(exp.scores, group_size, scale=False), exp.action_mask)
+
+
+def rloo_token_advantages(exp: Experience, group_size: int) -> torch.Tensor:
+    return _per_sequence(rloo_advantages(exp.scores, group_size), exp.action_mask)
+
+
+def reinforce_pp_advantages(exp: Experience, group_size: int) -> torch.Tensor:
+    # G_t = Σ_{s≥t} r_s over the KL-shaped token rewards, whitened over the whole batch (mean not added back)
+    return masked_whiten(reward_to_go(exp.rewards, exp.action_mask, gamma=1.0), exp.action_mask)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A method: its token advantages and how its token losses are reduced to one number."""
+
+    advantages: Callable[[Experience, int], torch.Tensor]
+    reduction: str
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "grpo": Strategy(grpo_advantages, "seq_mean_token_mean"),
+    "dr_grpo": Strategy(dr_grpo_advantages, "token_sum_norm"),
+    "rloo": Strategy(rloo_token_advantages, "token_mean"),
+    "reinforce_pp": Strategy(reinforce_pp_advantages, "token_mean"),
+}
+
+
+# --------------------------------------------------------------------------- rollout, learning, evaluation
+
+
+def reward_inputs(rows: list[dict], repeat: int) -> tuple[list, dict[str, list]]:
+    """Each row's prompt ``repeat`` times in a row (group by group), and every other column laid out alike."""
+    keys = sorted({k for r in rows for k in r if k != "prompt"})
+    prompts = [r["prompt"] for r in rows for _ in range(repeat)]
+    return prompts, {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
+
+
+def rollout(roles, tokenizer, rows: list[dict], reward: CombinedReward, cfg: OnlineConfig, seed: int
+            ) -> tuple[Experience, dict[str, float]]:
+    """G samples of each row's prompt, group by group, through PPO's experience maker."""
+    G = cfg.group_size
+    prompts, columns = reward_inputs(rows, G)
+    parts: dict[str, torch.Tensor] = {}
+
+    def score_fn(prompts: list, texts: list[str]) -> torch.Tensor:
+        total, values = reward(prompts, texts, columns)
+        parts.update(values)
+        return total
+
+    exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, beta=cfg.beta,
+                                 kl_estimator=cfg.kl_estimator, reward_clip=None,
+                                 missing_eos_penalty=cfg.missing_eos_penalty, seed=seed)
+    grouped = exp.scores.view(-1, G)  # (P, G)
+    metrics = {**stats.metrics, **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+               "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
+               "rollout/flat_groups": (grouped == grouped[:, :1]).all(-1).float().mean().item()}
+    return exp, metrics
+
+
+def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator
+          ) -> dict[str, float]:
+    """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics."""
+    sums: dict[str, float] = {}
+    n = 0
+    temperature = cfg.generation.temperature if cfg.generation.temperature > 0 else 1.0
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
+            mb = exp[idx.to(exp.input_ids.device)]
+            logprobs = roles.actor_logprobs(mb.batch(), temperature=temperature)
+            # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
+            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
+                                            reduction=reduction,
+                                            norm_constant=cfg.generation.max_new_tokens * len(mb))
+            kl_loss = kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask)
+            (pg_loss + cfg.kl_coef * kl_loss).backward()
+            grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)
+            stats = {"loss/policy": pg_loss.item(), "loss/kl": kl_loss.item(), "grad_norm": grad_norm,
+                     **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward, gen: GenerationConfig,
+                     seed: int) -> dict[str, float]:
+    """One sample per held-out prompt; mean ± stderr of the summed reward and of each reward."""
+    prompts, columns = reward_inputs(rows, 1)
+    gens = generate(model, tokenizer, prompts, gen, seed=seed)
+    total, parts = reward(prompts, gens.texts, columns)
+    out = {}
+    for name, values in {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}.items():
+        # mean and its standard error (sample std / √n); rlhfkit.evaluate is off limits to trainers (gold reward)
+        out[f"eval/{name}"] = values.mean().item()
+        out[f"eval/{name}_stderr"] = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return out
+
+
+def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, float]:
+    """Run the method ``cfg.advantage``; the policy adapter lands in ``cfg.train.out``.
+
+    ``reward`` replaces the rewards named in the config (any CombinedReward).
+    """
+    rows = load_prompts(cfg.prompts)
+    eval_rows = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    strategy = STRATEGIES[cfg.advantage]
+    reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
+    out, device, tokenizer = start_run(cfg)
+    reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
+    roles = SharedBaseRoles(cfg.model, cfg.lora, device, critic=False)
+    steps = cfg.train.max_steps
+    samples = cfg.prompts_per_step * cfg.group_size
+    updates = steps * cfg.epochs * -(-samples // cfg.mini_batch_size)  # the schedule counts updates
+    optimizer = build_optimizer(roles.actor_parameters(), cfg.optim, updates)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    logger = Logger(out, cfg.train.tensorboard)
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_rewards(roles.generation_model(), tokenizer, eval_rows, reward, cfg.generation, cfg.train.seed)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc=cfg.advantage, dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            # 1. experience: G samples per prompt, laid out group by group
+            batch_rows = [rows[i] for i in batch_indices(step, len(rows), cfg.prompts_per_step, cfg.train.seed)]
+            exp, metrics = rollout(roles, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step)
+            # 2. advantages: the method's strategy, over the whole step's batch
+            exp.advantages = strategy.advantages(exp, cfg.group_size)
+            metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
+            # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
+            t1 = time.perf_counter()
+            metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator))
+            metrics.update({"time/learn": time.perf_counter() - t1, "time/step": time.perf_counter() - t0})
+            done = step + 1
+            if eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                metrics.update(evaluate())
+            if done % cfg.train.log_every == 0 or done == steps:
+                logger.log(done, metrics)
+            bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
+        if eval_rows:
+            final = evaluate()
+            logger.log(steps, final)
+            metrics.update(final)
+    finally:
+        logger.close()
+    roles.save(out, tokenizer)
+    return metrics

@@ -1,0 +1,138 @@
+"""Critic-free online RL: each method's advantage by hand, and every command trains through the CLI."""
+
+import json
+import textwrap
+import typing
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.cli import main
+from rlhfkit.data.tasks import arithmetic
+from rlhfkit.rollout.experience import Experience
+from rlhfkit.trainers.online import STRATEGIES, Method
+
+
+def _experience(scores, lengths, width=3, rewards=None):
+    """An Experience with only what the strategies read: scores (B,), action_mask (B, A), rewards (B, A)."""
+    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+    zeros = torch.zeros_like(mask)
+    rewards = zeros if rewards is None else torch.tensor(rewards)
+    ids = torch.zeros(len(lengths), width + 1, dtype=torch.long)
+    return Experience(ids, ids, mask, zeros, zeros, zeros, rewards, zeros, zeros, torch.tensor(scores))
+
+
+def test_every_method_has_a_strategy():
+    assert set(STRATEGIES) == set(typing.get_args(Method))
+
+
+def test_grpo_normalises_in_the_group_and_broadcasts_over_tokens():
+    # group 1: rewards 1, 0 → mean 0.5, sample std √0.5; group 2: equal rewards → 0
+    exp = _experience([1.0, 0.0, 2.0, 2.0], [2, 3, 1, 3])
+    adv = STRATEGIES["grpo"].advantages(exp, 2)
+    a = 0.5 / (0.5**0.5 + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([[a, a, 0], [-a, -a, -a], [0, 0, 0], [0, 0, 0]]), rtol=0, atol=1e-6)
+    assert STRATEGIES["grpo"].reduction == "seq_mean_token_mean"
+
+
+def test_dr_grpo_only_centres_and_sums_tokens_over_a_constant():
+    exp = _experience([1.0, 0.0, 3.0, 5.0], [1, 2, 2, 1])
+    adv = STRATEGIES["dr_grpo"].advantages(exp, 2)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0, 0], [-0.5, -0.5, 0], [-1, -1, 0], [1, 0, 0]]),
+                               rtol=0, atol=1e-6)
+    assert STRATEGIES["dr_grpo"].reduction == "token_sum_norm"
+
+
+def test_rloo_leaves_one_out():
+    # group of 3: 3 - (0 + 6)/2 = 0, 0 - (3 + 6)/2 = -4.5, 6 - (3 + 0)/2 = 4.5
+    exp = _experience([3.0, 0.0, 6.0], [1, 1, 2], width=2)
+    adv = STRATEGIES["rloo"].advantages(exp, 3)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0], [-4.5, 0], [4.5, 4.5]]), rtol=0, atol=1e-6)
+
+
+def test_reinforce_pp_whitens_reward_to_go_over_the_batch():
+    # token rewards (already KL-shaped): row 0 [1, 2], row 1 [3, -] → returns [3, 2], [3]
+    exp = _experience([0.0, 0.0], [2, 1], width=2, rewards=[[1.0, 2.0], [3.0, 0.0]])
+    adv = STRATEGIES["reinforce_pp"].advantages(exp, 1)
+    returns = torch.tensor([3.0, 2.0, 3.0])
+    white = (returns - returns.mean()) / (returns.var(correction=1) + 1e-8).sqrt()
+    torch.testing.assert_close(adv, torch.tensor([[white[0], white[1]], [white[2], 0.0]]), rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """A user's reward file on sys.path: the length of the completion, plus the task's exact answer."""
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def length(prompts, completions, answer, **columns):
+            assert len(answer) == len(completions)  # the dataset's other columns arrive, one per completion
+            return [len(c) / 10 for c in completions]
+
+        def broken(prompts, completions, **columns):
+            return [float("nan")] * len(completions)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+@pytest.fixture(scope="module")
+def arithmetic_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("arithmetic")
+    arithmetic.write(out)
+    return out
+
+
+def _run(command, model, data, out, *extra):
+    return main([command, "--model", model, "--prompts", str(data / "prompts_train.jsonl"),
+                 "--eval_prompts", str(data / "prompts_valid.jsonl"), "--out", str(out),
+                 "--train.max_steps", "2", "--prompts_per_step", "4", "--group_size", "4", "--mini_batch_size", "8",
+                 "--optim.lr", "1e-2", "--generation.max_new_tokens", "8", "--train.tensorboard", "false", *extra])
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("grpo", ["--kl_coef", "0.05"]),
+    ("grpo", ["--advantage", "dr_grpo"]),
+    ("rloo", []),
+    ("reinforce-pp", ["--beta", "0.05"]),
+])
+def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_module, tmp_path, command, extra):
+    out = tmp_path / command
+    rc = _run(command, tiny_model_dir("llama"), arithmetic_dir, out,
+              "--rewards", "my_rewards:length,rlhfkit.data.tasks.arithmetic:exact_answer",
+              "--reward_weights", "1,0.5", *extra)
+    assert rc == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 3  # two steps and the final evaluation
+    for key in ("rollout/score", "reward/length", "reward/exact_answer", "rollout/kl", "policy/clip_frac",
+                "loss/policy", "loss/kl", "rollout/response_length", "time/step"):
+        assert key in logs[0], key
+    assert "eval/reward/exact_answer" in logs[-1] and "eval/reward_stderr" in logs[-1]
+    # LoRA B matrices start at zero: any non-zero one means the adapter was trained
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert not (out / "critic").exists()  # critic-free
+
+
+def test_reward_function_errors_name_the_function(tiny_model_dir, arithmetic_dir, reward_module, tmp_path, capsys):
+    rc = _run("rloo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "broken", "--rewards", "my_rewards:broken")
+    assert rc == 2
+    assert "reward 'broken' returned nan" in capsys.readouterr().err
+
+
+def test_rloo_refuses_a_method_of_another_command(tiny_model_dir, arithmetic_dir, tmp_path, capsys):
+    rc = _run("rloo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", "--advantage", "grpo",
+              "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
+    assert rc == 2 and "expected one of 'rloo'" in capsys.readouterr().err
+
+
+def test_reward_model_directory_and_function_combined(tiny_model_dir, task_dir, arithmetic_dir, reward_module,
+                                                      tmp_path):
+    rm = tmp_path / "my-rm"
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+                 "--out", str(rm), "--train.max_steps", "1", "--train.batch_size", "8",
+                 "--train.tensorboard", "false"]) == 0
+    out = tmp_path / "grpo"
+    assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, out, "--rewards", f"{rm},my_rewards:length",
+                "--reward_weights", "0.5,1") == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rollout/score"] == pytest.approx(0.5 * first["reward/my-rm"] + first["reward/length"], abs=1e-4)

@@ -1,0 +1,94 @@
+"""Reward loading and combination: named functions, weights, and clear errors naming the culprit."""
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from rlhfkit.rewards import RewardError, build_reward, load_function, run_untrusted
+
+
+@pytest.fixture
+def reward_module(monkeypatch):
+    """A user's reward module, importable as `user_rewards`."""
+    mod = types.ModuleType("user_rewards")
+
+    def length(prompts, completions, **columns):
+        return [float(len(c)) for c in completions]
+
+    def uses_column(prompts, completions, target, **columns):
+        return [float(c == t) for c, t in zip(completions, target)]
+
+    def raises(prompts, completions, **columns):
+        raise KeyError("oops")
+
+    def nan(prompts, completions, **columns):
+        return [math.nan] + [0.0] * (len(completions) - 1)
+
+    def too_few(prompts, completions, **columns):
+        return [1.0]
+
+    def not_numbers(prompts, completions, **columns):
+        return ["high"] * len(completions)
+
+    def as_tensor(prompts, completions, **columns):
+        return torch.ones(len(completions))
+
+    for fn in (length, uses_column, raises, nan, too_few, not_numbers, as_tensor):
+        setattr(mod, fn.__name__, fn)
+    monkeypatch.setitem(sys.modules, "user_rewards", mod)
+    return mod
+
+
+def test_function_gets_prompts_completions_and_columns(reward_module):
+    reward = build_reward(["user_rewards:uses_column", "user_rewards:length"], [2.0, 0.5])
+    total, parts = reward(["p", "q"], ["a", "bcd"], {"target": ["a", "x"]})
+    assert parts["uses_column"].tolist() == [1.0, 0.0]
+    assert parts["length"].tolist() == [1.0, 3.0]
+    assert total.tolist() == [2.0 * 1 + 0.5 * 1, 0.5 * 3]
+
+
+def test_tensor_return_is_accepted(reward_module):
+    total, _ = build_reward(["user_rewards:as_tensor"])(["p"] * 3, ["a"] * 3)
+    assert total.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("raises", r"reward 'raises' raised KeyError"),
+    ("nan", r"reward 'nan' returned nan for completion 0"),
+    ("too_few", r"reward 'too_few' returned 1 values for 2 completions"),
+    ("not_numbers", r"reward 'not_numbers' must return a list of numbers"),
+])
+def test_bad_functions_are_named_in_the_error(reward_module, name, message):
+    reward = build_reward([f"user_rewards:{name}"])
+    with pytest.raises(RewardError, match=message):
+        reward(["p", "q"], ["a", "b"])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon_here", "neither a directory nor 'module:function'"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("user_rewards:missing", "has no attribute 'missing'"),
+])
+def test_bad_names_are_clear(reward_module, spec, message):
+    with pytest.raises(RewardError, match=message):
+        load_function(spec)
+
+
+def test_weights_must_match_rewards(reward_module):
+    with pytest.raises(RewardError, match="2 reward weights for 1 rewards"):
+        build_reward(["user_rewards:length"], [1.0, 2.0])
+    with pytest.raises(RewardError, match="no reward given"):
+        build_reward([])
+
+
+def test_untrusted_code_runs_with_time_and_memory_limits():
+    ok = run_untrusted("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')")
+    assert ok is not None and ok.returncode == 0 and ok.stdout == "ok\n"
+    failing = run_untrusted("assert 1 + 1 == 3")
+    assert failing is not None and failing.returncode != 0 and "AssertionError" in failing.stderr
+    assert run_untrusted("while True: pass", timeout_s=1.0) is None
+    hog = run_untrusted("x = bytearray(2 * 1024**3)", memory_mb=256)
+    assert hog is not None and hog.returncode != 0 and "MemoryError" in hog.stderr
