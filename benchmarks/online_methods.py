@@ -28,9 +28,9 @@ import torch
 from rlhfkit.config import GenerationConfig, ModelConfig
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.data.tasks import arithmetic
+from rlhfkit.evaluate import per_prompt_accuracy
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.models.tiny import make_tiny_model
-from rlhfkit.rollout.generate import generate
 
 # SFT long enough that the tiny model learns the sums it was shown (half of them wrong), then every
 # method with the same budget: steps × 16 prompts × 8 samples. Tuned on seed 0 (valid split).
@@ -62,19 +62,6 @@ def run_command(argv: list[str], log: Path) -> float:
 
 def stderr(values: list[float]) -> float:
     return stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-
-
-@torch.no_grad()
-def per_prompt_accuracy(model, tokenizer, rows: list[dict], gen: GenerationConfig, samples: int, seed: int
-                        ) -> list[float]:
-    """Mean exact-answer accuracy of ``samples`` completions per prompt: one value per prompt."""
-    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-    hits = [0.0] * len(rows)
-    for k in range(samples):
-        texts = generate(model, tokenizer, prompts, gen, seed=seed * 1000 + k).texts
-        for i, hit in enumerate(arithmetic.exact_answer(prompts, texts, answer=answers)):
-            hits[i] += hit / samples
-    return hits
 
 
 def main() -> None:

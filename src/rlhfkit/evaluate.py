@@ -86,3 +86,19 @@ def reward_model_eval(reward_model, pairs: list[dict]) -> dict[str, float]:
     gold, gold_se = mean_stderr(agree)
     return {"accuracy": acc, "accuracy_stderr": acc_se, "gold_agreement": gold, "gold_agreement_stderr": gold_se,
             "n_pairs": len(pairs), "n_gold_untied": len(agree)}
+
+
+@torch.no_grad()
+def per_prompt_accuracy(model, tokenizer, rows: list[dict], gen: GenerationConfig, samples: int, seed: int
+                        ) -> list[float]:
+    """Verifiable tasks: the share of ``samples`` completions per prompt with the exact answer
+    (``rlhfkit.data.tasks.arithmetic.exact_answer`` on the rows' ``answer`` column), one value per prompt."""
+    from rlhfkit.data.tasks import arithmetic
+
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    hits = [0.0] * len(rows)
+    for k in range(samples):
+        texts = generate(model, tokenizer, prompts, gen, seed=seed * 1000 + k).texts
+        for i, hit in enumerate(arithmetic.exact_answer(prompts, texts, answer=answers)):
+            hits[i] += hit / samples
+    return hits

@@ -187,6 +187,20 @@ def samples_table(stages: dict[str, dict], names: list[str]) -> str:
     return "<table>" + "\n".join(rows) + "</table>"
 
 
+def verifiable_table(table: dict) -> str:
+    """`--all`'s second table: the online methods on the arithmetic task, by held-out accuracy."""
+    rows = ["<tr><th>method</th><th>test accuracy ± stderr</th><th>gain over SFT (paired)</th><th>seconds</th></tr>"]
+    for name, r in table.items():
+        if not isinstance(r, dict):
+            continue
+        gain = "–" if name == "sft" else pm(r, "gain_over_sft", "gain_stderr")
+        rows.append(f"<tr><td><b>{html.escape(name)}</b></td><td class=num>{pm(r, 'accuracy', 'accuracy_stderr')}"
+                    f"</td><td class=num>{gain}</td><td class=num>{num(r.get('seconds'), '.0f')}</td></tr>")
+    return ("<h2>Verifiable task: single-digit sums</h2><p class=note>Critic-free online RL against an exact-answer "
+            "reward; accuracy of 4 samples per held-out prompt at temperature 1.</p><table>" + "\n".join(rows)
+            + "</table>")
+
+
 def header(summary: dict, stages: dict[str, dict], models: list[str]) -> str:
     """Title (seed), then total time, number of test prompts, decoding and PPO's settings."""
     e = html.escape
@@ -233,6 +247,8 @@ def write_report(run_dir: str | Path) -> Path:
     body.append(f"<p class=note>Time per stage: {times}</p>")
     body += [f'<h2>{title}</h2><img src="plots/{file}" alt="{title}">'
              for file, (title, made) in figures.items() if made]
+    if isinstance(summary.get("verifiable"), dict):
+        body.append(verifiable_table(summary["verifiable"]))
     body += ["<h2>The same held-out prompts, side by side</h2>", samples_table(stages, models)]
     page = (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>rlhfkit quickstart report</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

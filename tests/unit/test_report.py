@@ -122,3 +122,14 @@ def test_read_metrics_keeps_the_last_run_and_skips_broken_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "a": 10}, {"step": 2, "a": 20}, {"step": 2, "b": 0}]
     assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_verifiable_table_appears_when_present(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["verifiable"] = {"sft": {"accuracy": 0.24, "accuracy_stderr": 0.02, "gain_over_sft": 0.0,
+                                     "gain_stderr": 0.0, "seconds": 79},
+                             "grpo": {"accuracy": 0.523, "accuracy_stderr": 0.032, "gain_over_sft": 0.283,
+                                      "gain_stderr": 0.035, "seconds": 60}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    page = write_report(run_dir).read_text()
+    assert "Verifiable task" in page and "0.523 ± 0.032" in page and "0.283 ± 0.035" in page
