@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import Literal
 
 from rlhfkit import __version__
 from rlhfkit.config import ConfigError, GenerationConfig, ModelConfig, arg, parse_args
@@ -36,6 +37,8 @@ class MakeDataConfig:
 
     out: str = arg("runs/data", "directory for the JSONL files")
     seed: int = arg(0, "seed of the task's random draws")
+    task: Literal["describe", "arithmetic"] = arg("describe", "describe: preferences with a hidden gold reward; "
+                                                  "arithmetic: single-digit sums with a verifiable reward")
 
 
 @dataclass
@@ -80,9 +83,10 @@ def cmd_tiny_model(cfg: TinyModelConfig) -> None:
 
 
 def cmd_make_data(cfg: MakeDataConfig) -> None:
-    from rlhfkit.data.tasks import describe
+    import importlib
 
-    paths = describe.write(cfg.out, describe.TaskSpec(seed=cfg.seed))
+    task = importlib.import_module(f"rlhfkit.data.tasks.{cfg.task}")
+    paths = task.write(cfg.out, task.TaskSpec(seed=cfg.seed))
     for name, path in paths.items():
         print(f"{name:>14}: {path}")
 
