@@ -135,3 +135,46 @@ def test_lora_targets_with_head_adds_the_output_layer(tiny_model_dir, arch, head
     assert output_name in targets and output_name in (head, "lm_head")
     assert len(targets) > 1 and lora_targets(model, "all-linear") == "all-linear"
     assert lora_targets(model, "q_proj,v_proj") == ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora_rm_dir(tiny_model_dir, task_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_rm")
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+                 "--out", str(out), "--lora.enabled", "true", "--lora.r", "4", "--train.max_steps", "3",
+                 "--train.batch_size", "8", "--optim.lr", "1e-2", "--train.tensorboard", "false"]) == 0
+    return str(out)
+
+
+def test_reward_as_third_adapter_scores_like_the_separate_reward_model(tiny_model_dir, lora_rm_dir):
+    from rlhfkit.models.reward import RewardModel
+
+    path = tiny_model_dir("llama")
+    roles = SharedBaseRoles(ModelConfig(path=path), LoraConfig(enabled=True, r=4), CPU)
+    for p in roles.actor_parameters():  # a trained-looking actor must not leak into the reward's scores
+        torch.nn.init.normal_(p, std=0.5)
+    roles.add_reward_adapter(lora_rm_dir, path)
+    texts = [" The cat is calm.", " The lake is grim and cold.", " Hello."]
+    expected = RewardModel.from_pretrained(lora_rm_dir, device=CPU).score(PROMPTS, texts)
+    torch.testing.assert_close(roles.reward_scores(load_tokenizer(path), PROMPTS, texts), expected,
+                               rtol=1e-5, atol=1e-5)
+    # and the actor is active again afterwards
+    batch = join_prompt_response([[5, 6, 7]], [[8, 9]], 0)
+    with torch.no_grad():
+        assert (roles.actor_logprobs(batch) - roles.reference_logprobs(batch)).abs().max() > 1e-3
+
+
+def test_reward_adapter_on_another_base_is_refused(tiny_model_dir, lora_rm_dir):
+    roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("gpt2")), LoraConfig(enabled=True, r=4), CPU)
+    with pytest.raises(ValueError, match="was trained on"):
+        roles.add_reward_adapter(lora_rm_dir, tiny_model_dir("gpt2"))
+
+
+def test_ppo_with_the_reward_as_third_adapter_trains(tiny_model_dir, task_dir, lora_rm_dir, tmp_path):
+    out = tmp_path / "ppo"
+    assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", lora_rm_dir,
+                 "--prompts", str(task_dir / "prompts_train.jsonl"), "--out", str(out), "--train.max_steps", "2",
+                 "--rollout_batch_size", "8", "--mini_batch_size", "4", "--optim.lr", "1e-2",
+                 "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(r["rollout/score"] == r["rollout/score"] for r in logs)  # finite, not NaN

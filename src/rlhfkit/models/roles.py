@@ -15,6 +15,7 @@ Trainers see one interface: ``actor_logprobs``, ``critic_values``, ``with roles.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ from torch import nn
 from rlhfkit.config import LoraConfig, ModelConfig
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import add_lora, load_causal_lm, peft_lora_config, save_model
-from rlhfkit.models.reward import _hf_model, load_reward_backbone
+from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.models.reward import NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone
 from rlhfkit.ops import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -70,6 +72,40 @@ class SharedBaseRoles:
         self._actor = [p for n, p in self.model.named_parameters() if ".default." in n]
         self._critic = [p for n, p in self.model.named_parameters() if ".critic." in n]
         self._use("default")  # also marks the critic adapter trainable, which peft leaves frozen on add
+
+    def add_reward_adapter(self, path: str, base_path: str) -> None:
+        """The reward model as a third adapter on the shared base (DESIGN.md §2, seed 000).
+
+        It must be a LoRA reward model trained on this very base (`rlhfkit rm --lora.enabled true
+        --model BASE`); its score head is loaded beside it and its score normalisation applied.
+        """
+        trained_on = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if Path(trained_on).resolve() != Path(base_path).resolve():
+            raise ValueError(f"the reward adapter {path} was trained on {trained_on}, not on PPO's base {base_path}: "
+                             f"train it with `rlhfkit rm --lora.enabled true --model {base_path}`, or pass a full "
+                             "reward-model directory")
+        self.model.load_adapter(path, adapter_name="reward", is_trainable=False)  # its score head is not a LoRA layer
+        head = {k.rsplit(".", 1)[-1]: v for k, v in load_file(str(Path(path) / "adapter_model.safetensors")).items()
+                if ".score." in k}
+        weight = head["weight"].to(self.value_head.weight.device)
+        self.reward_head = nn.Linear(weight.shape[1], 1, bias="bias" in head).to(weight.device, weight.dtype)
+        self.reward_head.load_state_dict(head)
+        norm = Path(path) / NORMALIZATION_FILE
+        self.reward_stats = json.loads(norm.read_text()) if norm.is_file() else {"mean": 0.0, "std": 1.0}
+        self._use("default")
+
+    @torch.no_grad()
+    def reward_scores(self, tokenizer, prompts: list, responses: list[str], max_length: int = 512) -> torch.Tensor:
+        """Scores from the reward adapter, encoded exactly as ``RewardModel.score`` does: (B,) on the CPU."""
+        batch = collate([encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
+                        tokenizer.pad_token_id)
+        batch = {k: v.to(self.value_head.weight.device) for k, v in batch.items()}
+        self._use("reward")
+        hidden = hidden_states(self.model, batch)
+        self._use("default")
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch["attention_mask"])]
+        scores = self.reward_head(last).squeeze(-1).float().cpu()
+        return (scores - self.reward_stats["mean"]) / self.reward_stats["std"]
 
     def _use(self, adapter: str) -> None:
         self.model.set_adapter(adapter)

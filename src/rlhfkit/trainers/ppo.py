@@ -10,6 +10,7 @@ the first update.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -20,6 +21,7 @@ from rlhfkit.advantages import AdaptiveKLController, FixedKLController, masked_m
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import policy_loss, value_loss
+from rlhfkit.models.load import is_adapter_dir
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
@@ -31,7 +33,8 @@ class PPOConfig:
     """`rlhfkit ppo`: optimise the SFT model against a reward model, leashed to it by a KL penalty."""
 
     prompts: str = arg("", "prompts file (a `prompt` column)")
-    reward_model: str = arg("", "reward-model directory (from `rlhfkit rm`)")
+    reward_model: str = arg("", "reward-model directory (from `rlhfkit rm`); in shared mode a LoRA reward model "
+                            "trained on the same base becomes a third adapter on it")
     mode: Literal["shared", "separate"] = arg("shared", "shared: one base + LoRA actor/critic, reference = "
                                               "adapters off; separate: full actor, reference and critic models")
     critic_init: Literal["reward", "sft"] = arg("reward", "separate mode: critic starts from the reward model or the SFT model")
@@ -114,7 +117,10 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
     out, device, tokenizer = start_run(cfg)
     roles = build_roles(cfg, device)
-    if score_fn is None:
+    if score_fn is None and cfg.mode == "shared" and is_adapter_dir(cfg.reward_model):
+        roles.add_reward_adapter(cfg.reward_model, cfg.model.path)  # the third adapter: no second model in memory
+        score_fn = functools.partial(roles.reward_scores, tokenizer)
+    elif score_fn is None:
         score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score
     steps = cfg.train.max_steps
     buffer_size = cfg.rollout_batch_size * cfg.rollouts_per_step
