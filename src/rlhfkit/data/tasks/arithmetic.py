@@ -19,11 +19,12 @@ sums, some answers in another form), so an SFT model lands mid-range and RL has 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rlhfkit.data.tasks import write_splits
 
 ASKS = ("What is {a} + {b}?", "Compute {a} + {b}.", "How much is {a} plus {b}?", "Add {a} and {b}.",
         "What do you get when you add {a} and {b}?", "Tell me the sum of {a} and {b}.")
@@ -92,15 +93,4 @@ def generate(spec: TaskSpec = TaskSpec()) -> dict[str, list[dict]]:
 
 def write(out_dir: str | Path, spec: TaskSpec = TaskSpec()) -> dict[str, Path]:
     """Write every split as ``<name>.jsonl`` (and ``meta.json``) under ``out_dir``; returns name → path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in generate(spec).items():
-        path = out / ("meta.json" if name == "meta" else f"{name}.jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            if name == "meta":
-                json.dump(rows[0], f, indent=2)
-            else:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        paths[name] = path
-    return paths
+    return write_splits(generate(spec), out_dir)

@@ -25,12 +25,13 @@ warm and wonderful", which the proxy likes and the gold reward punishes through 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rlhfkit.data.tasks import write_splits
 
 TOPICS = (
     "cat", "dog", "garden", "river", "city", "song", "book", "kitchen", "forest", "bicycle",
@@ -192,16 +193,5 @@ def corpus(spec: TaskSpec = TaskSpec()) -> list[str]:
 
 
 def write(out_dir: str | Path, spec: TaskSpec = TaskSpec()) -> dict[str, Path]:
-    """Write every split as ``<name>.jsonl`` under ``out_dir``; returns name → path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in generate(spec).items():
-        path = out / f"{name}.jsonl" if name != "meta" else out / "meta.json"
-        with open(path, "w", encoding="utf-8") as f:
-            if name == "meta":
-                json.dump(rows[0], f, indent=2)
-            else:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        paths[name] = path
-    return paths
+    """Write every split as ``<name>.jsonl`` (and ``meta.json``) under ``out_dir``; returns name → path."""
+    return write_splits(generate(spec), out_dir)
