@@ -121,3 +121,21 @@ def test_chat_answers_each_line_until_eof(tiny_model_dir, monkeypatch, capsys):
     assert main(["chat", "--model", tiny_model_dir("llama"), "--generation.max_new_tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2  # /reset is a command, not a message
+
+
+def test_pickled_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
+    """Safe loading: a directory with only a pickle (.bin) checkpoint is refused by default."""
+    import shutil
+
+    from rlhfkit.models.load import load_causal_lm as load
+
+    src = tiny_model_dir("llama")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(src, pickled)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled weights"):
+        load(ModelConfig(path=str(pickled)), torch.device("cpu"))
+    loaded = load(ModelConfig(path=str(pickled), allow_pickle=True), torch.device("cpu"))
+    assert torch.equal(loaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
