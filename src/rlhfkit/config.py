@@ -427,6 +427,8 @@ class TrainConfig:
     log_every: int = arg(10, "log metrics every N steps")
     eval_every: int = arg(0, "evaluate every N steps (0 = only at the end)")
     save_every: int = arg(0, "write a checkpoint every N steps (0 = only the final model)")
+    keep_checkpoints: int = arg(2, "keep the newest N checkpoints")
+    resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints) or its directory")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     tensorboard: bool = arg(True, "also write TensorBoard event files")
 

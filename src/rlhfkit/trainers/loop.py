@@ -14,6 +14,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -124,8 +126,11 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, schedul
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    # the trainable tensors by name as well: restoring them needs no knowledge of how the
+    # model (full, LoRA, score head) was saved above
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "extra": extra or {}}
+             "rng": _rng_state(), "trainable": trainable, "extra": extra or {}}
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -133,6 +138,55 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, schedul
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def find_checkpoint(out: str | os.PathLike, resume: str) -> Path:
+    """``resume`` = 'latest' → the newest complete checkpoint under ``out/checkpoints``; else that directory."""
+    if resume != "latest":
+        path = Path(resume)
+    else:
+        found = sorted(Path(out).glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint under {Path(out) / 'checkpoints'} to resume from")
+        path = found[-1]
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.pt)")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore trainable weights, optimiser, scheduler and RNG states; returns the saved state."""
+    state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file, written by save_checkpoint
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step (and checkpoint), not mid-step."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: OptimConfig, logger: Logger,
@@ -148,38 +202,61 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum {cfg.grad_accum}")
     num_steps = total_steps(cfg, n_examples)
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)
+    start, last_checkpoint = 0, None
+    if cfg.resume:
+        last_checkpoint = find_checkpoint(cfg.out, cfg.resume)
+        start = load_checkpoint(last_checkpoint, model, optimizer, scheduler)["step"]
     model.train()
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list)
     t0 = time.perf_counter()
-    bar = tqdm(range(num_steps), desc=desc, dynamic_ncols=True)
-    for step in bar:
-        indices = batch_indices(step, n_examples, cfg.batch_size, cfg.seed)
-        micro = max(1, len(indices) // cfg.grad_accum)
-        for i in range(0, len(indices), micro):
-            chunk = indices[i: i + micro]
-            loss, metrics = loss_fn(chunk)
-            (loss * len(chunk) / len(indices)).backward()
-            for k, v in {"loss": loss.item(), **metrics}.items():
-                window[k].append(float(v))
-        window["grad_norm"].append(optimizer_step(optimizer, scheduler, optim.max_grad_norm))
-        done = step + 1
-        if done % cfg.log_every == 0 or done == num_steps:
-            last = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
-            last["train/lr"] = scheduler.get_last_lr()[0]
-            last["train/seconds"] = time.perf_counter() - t0
-            logger.log(done, last)
-            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-            window.clear()
-        if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
-            logger.log(done, evaluate())
-            model.train()
-        if cfg.save_every and done % cfg.save_every == 0:
-            save_checkpoint(cfg.out, done, model, optimizer, scheduler)
+    with StopRequest() as stop:
+        bar = tqdm(range(start, num_steps), desc=desc, dynamic_ncols=True, initial=start, total=num_steps)
+        for step in bar:
+            indices = batch_indices(step, n_examples, cfg.batch_size, cfg.seed)
+            micro = max(1, len(indices) // cfg.grad_accum)
+            for i in range(0, len(indices), micro):
+                chunk = indices[i: i + micro]
+                loss, metrics = loss_fn(chunk)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; last good checkpoint: "
+                                             f"{last_checkpoint or 'none (set train.save_every)'}")
+                (loss * len(chunk) / len(indices)).backward()
+                for k, v in {"loss": loss.item(), **metrics}.items():
+                    window[k].append(float(v))
+            grad_norm = optimizer_step(optimizer, scheduler, optim.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"the gradient norm is {grad_norm} at step {step + 1}; last good "
+                                         f"checkpoint: {last_checkpoint or 'none (set train.save_every)'}")
+            window["grad_norm"].append(grad_norm)
+            last, last_checkpoint = _after_step(step + 1, num_steps, cfg, model, optimizer, scheduler, logger, window,
+                                                evaluate, bar, t0, last, last_checkpoint)
+            if stop.signal is not None:
+                path = save_checkpoint(cfg.out, step + 1, model, optimizer, scheduler, keep=cfg.keep_checkpoints)
+                raise SystemExit(f"stopped by signal {stop.signal} after step {step + 1}; checkpoint {path}. "
+                                 f"Resume with the same command and --train.resume latest")
     if evaluate:
         last = evaluate()
         logger.log(num_steps, last)
     return last
+
+
+def _after_step(done, num_steps, cfg, model, optimizer, scheduler, logger, window, evaluate, bar, t0, last,
+                last_checkpoint):
+    """Log, evaluate and checkpoint when due; returns (last metrics, last checkpoint)."""
+    if done % cfg.log_every == 0 or done == num_steps:
+        last = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
+        last["train/lr"] = scheduler.get_last_lr()[0]
+        last["train/seconds"] = time.perf_counter() - t0
+        logger.log(done, last)
+        bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+        window.clear()
+    if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
+        logger.log(done, evaluate())
+        model.train()
+    if cfg.save_every and done % cfg.save_every == 0:
+        last_checkpoint = save_checkpoint(cfg.out, done, model, optimizer, scheduler, keep=cfg.keep_checkpoints)
+    return last, last_checkpoint
 
 
 def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
