@@ -4,7 +4,8 @@ import os
 
 # Tiny models run about twice as fast on one thread on these 2-core machines, and a test that starts a
 # subprocess (the demo) must not fight the test process for cores (OpenMP oversubscription crawls).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not os.environ.get("OMP_NUM_THREADS", "").isdigit():
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
