@@ -46,9 +46,9 @@ def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, seed: int =
     result = Generations([], [], [], [])
     batches = range(0, len(prompts), cfg.batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from rlhfkit.progress import progress as bar
 
-        batches = tqdm(batches, desc="generate", dynamic_ncols=True)
+        batches = bar(batches, "generate")
     for b, start in enumerate(batches):
         prompt_ids = [encode_prompt(tokenizer, p) for p in prompts[start: start + cfg.batch_size]]
         input_ids = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left").to(device)

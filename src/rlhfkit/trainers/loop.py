@@ -23,9 +23,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from rlhfkit.config import OptimConfig, TrainConfig, save_config
+from rlhfkit.progress import progress
 
 LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -211,7 +211,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     window: dict[str, list[float]] = defaultdict(list)
     t0 = time.perf_counter()
     with StopRequest() as stop:
-        bar = tqdm(range(start, num_steps), desc=desc, dynamic_ncols=True, initial=start, total=num_steps)
+        bar = progress(range(start, num_steps), desc, initial=start, total=num_steps)
         for step in bar:
             indices = batch_indices(step, n_examples, cfg.batch_size, cfg.seed)
             micro = max(1, len(indices) // cfg.grad_accum)

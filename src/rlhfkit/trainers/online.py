@@ -33,6 +33,7 @@ from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, start_run
+from rlhfkit.progress import progress
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -236,9 +237,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     def evaluate() -> dict[str, float]:
         return evaluate_rewards(roles.generation_model(), tokenizer, eval_rows, reward, cfg.generation, cfg.train.seed)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(steps), desc=cfg.advantage, dynamic_ncols=True)
+    bar = progress(range(steps), cfg.advantage)
     metrics: dict[str, float] = {}
     try:
         for step in bar:

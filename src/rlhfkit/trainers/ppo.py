@@ -26,6 +26,7 @@ from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, start_run
+from rlhfkit.progress import progress
 
 
 @dataclass
@@ -132,9 +133,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
               else FixedKLController(cfg.beta))
     generator = torch.Generator().manual_seed(cfg.train.seed)
     logger = Logger(out, cfg.train.tensorboard)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(steps), desc="ppo", dynamic_ncols=True)
+    bar = progress(range(steps), "ppo")
     metrics: dict[str, float] = {}
     try:
         for step in bar:
