@@ -89,3 +89,25 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         find_checkpoint(tmp_path, "latest")
+
+
+@pytest.mark.parametrize("command, data", [("rm", "preference.jsonl"), ("dpo", "preference.jsonl")])
+def test_killed_reward_model_and_dpo_runs_resume_to_identical_weights(tiny_model_dir, task_dir, tmp_path, command,
+                                                                     data):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(out):
+        return [sys.executable, "-m", "rlhfkit.cli", command, "--model", tiny_model_dir("llama"),
+                "--data", str(task_dir / data), "--out", str(out), "--train.max_steps", "30",
+                "--train.batch_size", "8", "--train.save_every", "2", "--train.tensorboard", "false",
+                "--optim.lr", "1e-3"]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(cmd(whole), check=True, capture_output=True, env=env)
+    code, _ = _start_and_interrupt(cmd(cut), cut, signal.SIGKILL, tmp_path / "stderr.txt")
+    assert code != 0, "the run finished before it could be interrupted"
+    subprocess.run(cmd(cut) + ["--train.resume", "latest"], check=True, capture_output=True, env=env)
+    expected, resumed = _weights(whole), _weights(cut)
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), name
