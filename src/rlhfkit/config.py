@@ -442,3 +442,8 @@ class GenerationConfig:
     top_k: int = arg(0, "sample from the k most likely tokens (0 = all)")
     top_p: float = arg(1.0, "nucleus sampling mass (1 = all)")
     batch_size: int = arg(64, "prompts per generation batch")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature log-probs are scored at to match the sampled distribution (greedy scores at 1)."""
+        return self.temperature if self.temperature > 0 else 1.0

@@ -7,24 +7,15 @@ evaluation callback built here.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from statistics import mean, stdev
 
 import torch
 
 from rlhfkit.config import GenerationConfig
 from rlhfkit.data.tasks.describe import gold_reward
 from rlhfkit.models.forward import join_prompt_response, response_logprobs
+from rlhfkit.ops import mean_stderr
 from rlhfkit.rollout.generate import Generations, generate
-
-
-def mean_stderr(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample std / √n); 0 error for fewer than two values."""
-    if not values:
-        raise ValueError("no values to average")
-    err = stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return mean(values), err
 
 
 @dataclass

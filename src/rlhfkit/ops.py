@@ -1,9 +1,12 @@
 """Small tensor operations shared by every trainer: positions, log-probabilities, masks.
 
-Imports only torch. Shapes: B batch, T sequence, V vocabulary.
+Imports only torch and the standard library. Shapes: B batch, T sequence, V vocabulary.
 """
 
 from __future__ import annotations
+
+import math
+from statistics import mean, stdev
 
 import torch
 
@@ -41,3 +44,11 @@ def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     For the length-averaged form use ``rlhfkit.advantages.masked_mean(token_lp, mask, dim=-1)``.
     """
     return (token_lp * mask.to(token_lp.dtype)).sum(-1)
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std / √n); 0 error for fewer than two values."""
+    if not values:
+        raise ValueError("no values to average")
+    err = stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean(values), err

@@ -21,10 +21,11 @@ import torch
 from rlhfkit.config import GenerationConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.formats import load_preference, load_prompts
 from rlhfkit.data.tasks import describe
-from rlhfkit.evaluate import gold_eval, kl_to_reference, mean_stderr, reward_model_eval
+from rlhfkit.evaluate import gold_eval, kl_to_reference, reward_model_eval
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.tiny import make_tiny_model
+from rlhfkit.ops import mean_stderr
 from rlhfkit.rollout.generate import generate
 from rlhfkit.trainers import ppo, preference, reward, sft
 

@@ -94,7 +94,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     batch = {k: v.to(device) for k, v in
              join_prompt_response(gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id).items()}
     mask = batch["action_mask"].float()
-    temperature = gen.temperature if gen.temperature > 0 else 1.0
+    temperature = gen.logprob_temperature
     old_logprobs, logits = roles.actor_logprobs(batch, temperature=temperature, with_logits=True)
     entropy = masked_mean(entropy_from_logits(logits), mask)
     ref_logprobs = roles.reference_logprobs(batch, temperature=temperature)

@@ -17,7 +17,6 @@ Sequence advantages are broadcast over the response tokens. Rewards come from ``
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -34,6 +33,7 @@ from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, start_run
 from rlhfkit.progress import progress
+from rlhfkit.ops import mean_stderr
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -180,7 +180,7 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
     """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics."""
     sums: dict[str, float] = {}
     n = 0
-    temperature = cfg.generation.temperature if cfg.generation.temperature > 0 else 1.0
+    temperature = cfg.generation.logprob_temperature
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
             mb = exp[idx.to(exp.input_ids.device)]
@@ -209,9 +209,7 @@ def evaluate_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward,
     total, parts = reward(prompts, gens.texts, columns)
     out = {}
     for name, values in {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}.items():
-        # mean and its standard error (sample std / √n); rlhfkit.evaluate is off limits to trainers (gold reward)
-        out[f"eval/{name}"] = values.mean().item()
-        out[f"eval/{name}_stderr"] = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        out[f"eval/{name}"], out[f"eval/{name}_stderr"] = mean_stderr(values.tolist())
     return out
 
 

@@ -72,7 +72,7 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
     """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics."""
     sums: dict[str, float] = {}
     n = 0
-    temperature = cfg.generation.temperature if cfg.generation.temperature > 0 else 1.0
+    temperature = cfg.generation.logprob_temperature
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size):
             mb = buffer[idx.to(buffer.input_ids.device)]
