@@ -137,6 +137,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     metrics: dict[str, float] = {}
     try:
         for step in bar:
+            t_step = time.perf_counter()
             # 1. experience: rollouts_per_step batches of prompts into the buffer
             parts, rollout_metrics, probes = [], [], []
             for r in range(cfg.rollouts_per_step):
@@ -162,6 +163,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
                 metrics.update({k: sum(q[k] for q in probes) / len(probes) for k in probes[0]})
             metrics.update(learned)
             metrics.update({"value/explained_variance": ev, "time/learn": time.perf_counter() - t0,
+                            "time/step": time.perf_counter() - t_step,
                             "rollout/advantage_mean": masked_mean(buffer.advantages, buffer.action_mask).item()})
             # 4. adapt β from the per-sequence KL averaged over the batch (TRL's form)
             kl_ctl.update(metrics["rollout/kl"], len(buffer))
