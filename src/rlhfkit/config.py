@@ -428,6 +428,8 @@ class TrainConfig:
     eval_every: int = arg(0, "evaluate every N steps (0 = only at the end)")
     save_every: int = arg(0, "write a checkpoint every N steps (0 = only the final model)")
     keep_checkpoints: int = arg(2, "keep the newest N checkpoints")
+    on_nan: Literal["stop", "skip"] = arg("stop", "a NaN/inf loss or gradient: stop naming the step and the last "
+                                          "checkpoint, or skip that update (counted in the logs)")
     resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints) or its directory")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     tensorboard: bool = arg(True, "also write TensorBoard event files")

@@ -111,3 +111,131 @@ def test_killed_reward_model_and_dpo_runs_resume_to_identical_weights(tiny_model
     assert resumed.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(resumed[name], value), name
+
+
+def _all_weights(out):
+    """Every safetensors file a finished run wrote (checkpoints aside), by relative path."""
+    return {str(p.relative_to(out)): load_file(str(p)) for p in sorted(out.rglob("*.safetensors"))
+            if "checkpoints" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, task_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    subprocess.run([sys.executable, "-m", "rlhfkit.cli", "rm", "--model", tiny_model_dir("llama"), "--data",
+                    str(task_dir / "preference.jsonl"), "--out", str(out), "--train.max_steps", "2",
+                    "--train.batch_size", "8", "--train.tensorboard", "false"], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out
+
+
+def _ppo_cmd(model, reward, task_dir, out, *extra):
+    # adaptive β and two PPO epochs: the KL controller and the shuffling generator must come back too
+    return [sys.executable, "-m", "rlhfkit.cli", "ppo", "--model", model, "--reward_model", str(reward),
+            "--prompts", str(task_dir / "prompts_train.jsonl"), "--out", str(out), "--train.max_steps", "8",
+            "--rollout_batch_size", "8", "--mini_batch_size", "4", "--optim.lr", "1e-2", "--adaptive_kl", "true",
+            "--kl_horizon", "50", "--generation.max_new_tokens", "8", "--train.save_every", "2",
+            "--train.tensorboard", "false", *extra]
+
+
+def _grpo_cmd(model, data, out, *extra):
+    return [sys.executable, "-m", "rlhfkit.cli", "grpo", "--model", model, "--prompts", str(data / "prompts_train.jsonl"),
+            "--rewards", "rlhfkit.data.tasks.arithmetic:answer_format,rlhfkit.data.tasks.arithmetic:exact_answer",
+            "--out", str(out), "--train.max_steps", "8", "--prompts_per_step", "4", "--group_size", "4",
+            "--mini_batch_size", "8", "--epochs", "2", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
+            "--train.save_every", "2", "--train.tensorboard", "false", *extra]
+
+
+@pytest.fixture(scope="module")
+def arithmetic_data(tmp_path_factory):
+    from rlhfkit.data.tasks import arithmetic
+
+    out = tmp_path_factory.mktemp("arithmetic")
+    arithmetic.write(out)
+    return out
+
+
+@pytest.mark.parametrize("trainer, sig", [("ppo", signal.SIGKILL), ("ppo", signal.SIGTERM), ("grpo", signal.SIGKILL)],
+                         ids=["ppo-SIGKILL", "ppo-SIGTERM", "grpo-SIGKILL"])
+def test_interrupted_rollout_trainers_resume_to_identical_weights(tiny_model_dir, task_dir, reward_dir,
+                                                                  arithmetic_data, tmp_path, trainer, sig):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    model = tiny_model_dir("llama")
+
+    def cmd(out):
+        if trainer == "ppo":
+            return _ppo_cmd(model, reward_dir, task_dir, out)
+        return _grpo_cmd(model, arithmetic_data, out)
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(cmd(whole), check=True, capture_output=True, env=env)
+    code, stderr = _start_and_interrupt(cmd(cut), cut, sig, tmp_path / "stderr.txt")
+    assert code != 0, "the run finished before it could be interrupted"
+    if sig == signal.SIGTERM:
+        assert "--train.resume latest" in stderr
+    subprocess.run(cmd(cut) + ["--train.resume", "latest"], check=True, capture_output=True, env=env)
+    expected, resumed = _all_weights(whole), _all_weights(cut)
+    assert expected and resumed.keys() == expected.keys()
+    for file, tensors in expected.items():
+        for name, value in tensors.items():
+            assert torch.equal(resumed[file][name], value), (file, name)  # bitwise, on CPU
+
+
+def _nan_after(calls: int):
+    """A reward that turns NaN from its ``calls``-th call on (a broken reward model, say)."""
+    seen = []
+
+    def score(prompts, texts):
+        seen.append(1)
+        return torch.full((len(texts),), float("nan") if len(seen) >= calls else 0.5)
+
+    return score
+
+
+def _ppo_config(model, task_dir, out, **train):
+    from rlhfkit.config import from_dict
+    from rlhfkit.trainers.ppo import PPOConfig
+
+    return from_dict(PPOConfig, {
+        "model": {"path": model}, "prompts": str(task_dir / "prompts_train.jsonl"), "rollout_batch_size": 8,
+        "mini_batch_size": 4, "generation": {"max_new_tokens": 6},
+        "train": {"out": str(out), "max_steps": 4, "tensorboard": False, "save_every": 1, **train}})
+
+
+def test_a_nan_reward_stops_ppo_naming_the_step_and_the_last_checkpoint(tiny_model_dir, task_dir, tmp_path):
+    from rlhfkit.trainers import ppo
+
+    cfg = _ppo_config(tiny_model_dir("llama"), task_dir, tmp_path)
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3; last good checkpoint: .*step-2"):
+        ppo.train(cfg, score_fn=_nan_after(3))
+
+
+def test_on_nan_skip_counts_the_skipped_updates_and_keeps_the_weights_finite(tiny_model_dir, task_dir, tmp_path):
+    from rlhfkit.trainers import ppo
+
+    cfg = _ppo_config(tiny_model_dir("llama"), task_dir, tmp_path, on_nan="skip", save_every=0)
+    metrics = ppo.train(cfg, score_fn=_nan_after(3))
+    assert metrics["train/skipped_updates"] == 2 * 2 * 2  # steps 3 and 4 × 2 epochs × 2 mini-batches
+    for name, value in load_file(str(tmp_path / "adapter_model.safetensors")).items():
+        assert torch.isfinite(value).all(), name
+
+
+def test_on_nan_skip_in_the_supervised_loop_leaves_that_step_out(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
+    calls = []
+
+    def loss_fn(indices):  # d loss / d bias = 1 every step; the second step's loss is NaN
+        calls.append(1)
+        value = model(torch.ones(len(indices), 2)).mean()
+        return (value * float("nan") if len(calls) == 2 else value), {}
+
+    logger = Logger(tmp_path, tensorboard=False)
+    cfg = TrainConfig(out=str(tmp_path), max_steps=3, batch_size=4, on_nan="skip", log_every=1)
+    metrics = run(model=model, loss_fn=loss_fn, n_examples=8, cfg=cfg,
+                  optim=OptimConfig(lr=0.1, betas=[0.0, 0.999], weight_decay=0.0, warmup_steps=0,
+                                                          schedule="constant"), logger=logger)
+    logger.close()
+    # Adam with β1 = 0 moves each weight by lr·sign(g) per applied step: two steps applied, not three
+    torch.testing.assert_close(model.bias.detach(), torch.tensor([-0.2]), rtol=0, atol=1e-6)
+    assert metrics["train/skipped_steps"] == 1

@@ -143,6 +143,12 @@ class SharedBaseRoles:
     def critic_parameters(self) -> list[nn.Parameter]:
         return self._critic + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
+    def named_parameters(self):
+        """Every parameter by a unique name (checkpoints save the trainable ones)."""
+        yield from self.model.named_parameters()
+        if self.value_head is not None:
+            yield from self.value_head.named_parameters(prefix="value_head")
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
         if self.value_head is not None:
@@ -188,6 +194,11 @@ class SeparateRoles:
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return list(self.critic.parameters())
+
+    def named_parameters(self):
+        """Every parameter by a unique name (checkpoints save the trainable ones)."""
+        yield from self.actor.named_parameters(prefix="actor")
+        yield from self.critic.named_parameters(prefix="critic")
 
     def train(self, mode: bool = True) -> None:
         self.actor.train(mode), self.critic.train(mode)

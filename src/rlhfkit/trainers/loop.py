@@ -73,13 +73,37 @@ def build_optimizer(params, cfg: OptimConfig, num_steps: int):
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip, step, advance the schedule, clear gradients; returns the pre-clip gradient norm."""
+    """Clip, step, advance the schedule, clear gradients; returns the pre-clip gradient norm.
+
+    A non-finite norm (a NaN or inf anywhere in the gradients) applies nothing: the gradients
+    are cleared and the schedule stays where it was, so the caller can stop or skip cleanly.
+    """
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    if math.isfinite(norm):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
+
+
+class NonFinite:
+    """What to do with a NaN or inf loss or gradient (``train.on_nan``): stop naming the step, the
+    quantity and the last good checkpoint, or skip the update and count it."""
+
+    def __init__(self, policy: str, checkpoints: "Checkpoints"):
+        self.policy, self.checkpoints, self.skipped = policy, checkpoints, 0
+
+    def ok(self, what: str, value: float, step: int) -> bool:
+        """True when ``value`` is finite; else raises (policy 'stop') or counts a skip and returns False."""
+        if math.isfinite(value):
+            return True
+        if self.policy == "skip":
+            self.skipped += 1
+            return False
+        last = self.checkpoints.last or "none (set train.save_every)"
+        raise FloatingPointError(f"the {what} is {value} at step {step}; last good checkpoint: {last}. "
+                                 "Lower optim.lr, check the data, or set train.on_nan skip")
 
 
 class Logger:
@@ -113,24 +137,33 @@ def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, scheduler, extra: dict | None = None,
-                    keep: int = 2) -> Path:
+Optimizers = dict[str, tuple]  # name → (optimizer, scheduler)
+
+
+def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimizers, extra: dict | None = None,
+                    keep: int = 2, save_weights: Callable[[Path], None] | None = None) -> Path:
     """Write ``out/checkpoints/step-N`` atomically: a temporary directory renamed into place.
 
-    Holds the model (or adapter) as ``save_pretrained`` writes it, and ``trainer_state.pt``
-    with optimiser, scheduler, RNG states, the step and any ``extra`` state. Only the
-    newest ``keep`` checkpoints are kept.
+    Holds the weights as ``save_weights(dir)`` writes them (default ``model.save_pretrained``,
+    so a checkpoint loads like the final model) and ``trainer_state.pt`` with every trainable
+    tensor of ``model.named_parameters()``, the optimisers and schedulers, RNG states, the
+    step and any ``extra`` state. Only the newest ``keep`` checkpoints are kept.
     """
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir()
+    if save_weights is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        save_weights(tmp)
     # the trainable tensors by name as well: restoring them needs no knowledge of how the
-    # model (full, LoRA, score head) was saved above
+    # model (full, LoRA, score or value head) was saved above
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "trainable": trainable, "extra": extra or {}}
+    state = {"step": step, "rng": _rng_state(), "trainable": trainable, "extra": extra or {},
+             "optimizers": {name: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+                            for name, (opt, sched) in optimizers.items()}}
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -154,19 +187,62 @@ def find_checkpoint(out: str | os.PathLike, resume: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore trainable weights, optimiser, scheduler and RNG states; returns the saved state."""
+def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
+    """Restore trainable weights, optimisers, schedulers and RNG states; returns the saved state."""
     state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file, written by save_checkpoint
     params = dict(model.named_parameters())
+    missing = set(state["trainable"]) - set(params)
+    if missing or set(state["optimizers"]) != set(optimizers):
+        raise ValueError(f"{path} does not match this run (other model or trainer?): "
+                         f"unknown tensors {sorted(missing)[:3]}, optimisers {sorted(state['optimizers'])}")
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for name, (opt, sched) in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name]["optimizer"])
+        sched.load_state_dict(state["optimizers"][name]["scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state
+
+
+class Checkpoints:
+    """One run's checkpoints: resume at start, save when due (``train.save_every``) or on request.
+
+    ``model`` offers ``named_parameters()`` (every trainable tensor is saved and restored) and,
+    unless ``save_weights`` is given, ``save_pretrained``; ``optimizers`` maps a name to
+    (optimizer, scheduler); ``extra()`` returns any other state to save (a KL controller, a
+    generator), handed back by ``resume``.
+    """
+
+    def __init__(self, cfg: TrainConfig, model, optimizers: Optimizers, extra: Callable[[], dict] | None = None,
+                 save_weights: Callable[[Path], None] | None = None):
+        self.cfg, self.model, self.optimizers = cfg, model, optimizers
+        self.extra, self.save_weights = extra or dict, save_weights
+        self.last: Path | None = None
+
+    def resume(self) -> tuple[int, dict]:
+        """(steps already done, the saved extra state); (0, {}) when ``train.resume`` is unset."""
+        if not self.cfg.resume:
+            return 0, {}
+        self.last = find_checkpoint(self.cfg.out, self.cfg.resume)
+        state = load_checkpoint(self.last, self.model, self.optimizers)
+        return state["step"], state["extra"]
+
+    def save(self, step: int) -> Path:
+        self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
+                                    self.cfg.keep_checkpoints, self.save_weights)
+        return self.last
+
+    def after_step(self, step: int, stop: "StopRequest") -> None:
+        """Save when due; after SIGINT/SIGTERM, save and exit saying how to resume."""
+        if self.cfg.save_every and step % self.cfg.save_every == 0:
+            self.save(step)
+        if stop.signal is not None:
+            path = self.last if self.last and self.last.name == f"step-{step}" else self.save(step)
+            raise SystemExit(f"stopped by signal {stop.signal} after step {step}; checkpoint {path}. "
+                             f"Resume with the same command and --train.resume latest")
 
 
 class StopRequest:
@@ -202,10 +278,9 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum {cfg.grad_accum}")
     num_steps = total_steps(cfg, n_examples)
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)
-    start, last_checkpoint = 0, None
-    if cfg.resume:
-        last_checkpoint = find_checkpoint(cfg.out, cfg.resume)
-        start = load_checkpoint(last_checkpoint, model, optimizer, scheduler)["step"]
+    checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)})
+    nonfinite = NonFinite(cfg.on_nan, checkpoints)
+    start, _ = checkpoints.resume()
     model.train()
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list)
@@ -215,36 +290,33 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         for step in bar:
             indices = batch_indices(step, n_examples, cfg.batch_size, cfg.seed)
             micro = max(1, len(indices) // cfg.grad_accum)
+            finite = True
             for i in range(0, len(indices), micro):
                 chunk = indices[i: i + micro]
                 loss, metrics = loss_fn(chunk)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; last good checkpoint: "
-                                             f"{last_checkpoint or 'none (set train.save_every)'}")
+                finite = nonfinite.ok("loss", loss.item(), step + 1)
+                if not finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    break
                 (loss * len(chunk) / len(indices)).backward()
                 for k, v in {"loss": loss.item(), **metrics}.items():
                     window[k].append(float(v))
-            grad_norm = optimizer_step(optimizer, scheduler, optim.max_grad_norm)
-            if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"the gradient norm is {grad_norm} at step {step + 1}; last good "
-                                         f"checkpoint: {last_checkpoint or 'none (set train.save_every)'}")
-            window["grad_norm"].append(grad_norm)
-            last, last_checkpoint = _after_step(step + 1, num_steps, cfg, model, optimizer, scheduler, logger, window,
-                                                evaluate, bar, t0, last, last_checkpoint)
-            if stop.signal is not None:
-                path = save_checkpoint(cfg.out, step + 1, model, optimizer, scheduler, keep=cfg.keep_checkpoints)
-                raise SystemExit(f"stopped by signal {stop.signal} after step {step + 1}; checkpoint {path}. "
-                                 f"Resume with the same command and --train.resume latest")
+            if finite:
+                grad_norm = optimizer_step(optimizer, scheduler, optim.max_grad_norm)
+                if nonfinite.ok("gradient norm", grad_norm, step + 1):
+                    window["grad_norm"].append(grad_norm)
+            window["skipped_steps"] = [nonfinite.skipped]
+            last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last)
+            checkpoints.after_step(step + 1, stop)
     if evaluate:
         last = evaluate()
         logger.log(num_steps, last)
     return last
 
 
-def _after_step(done, num_steps, cfg, model, optimizer, scheduler, logger, window, evaluate, bar, t0, last,
-                last_checkpoint):
-    """Log, evaluate and checkpoint when due; returns (last metrics, last checkpoint)."""
-    if done % cfg.log_every == 0 or done == num_steps:
+def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last):
+    """Log and evaluate when due; returns the last logged metrics."""
+    if (done % cfg.log_every == 0 or done == num_steps) and "loss" in window:
         last = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
         last["train/lr"] = scheduler.get_last_lr()[0]
         last["train/seconds"] = time.perf_counter() - t0
@@ -254,9 +326,7 @@ def _after_step(done, num_steps, cfg, model, optimizer, scheduler, logger, windo
     if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
         logger.log(done, evaluate())
         model.train()
-    if cfg.save_every and done % cfg.save_every == 0:
-        last_checkpoint = save_checkpoint(cfg.out, done, model, optimizer, scheduler, keep=cfg.keep_checkpoints)
-    return last, last_checkpoint
+    return last
 
 
 def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:

@@ -31,7 +31,8 @@ from rlhfkit.models.roles import SharedBaseRoles
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
-from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, start_run
+from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
+                                  optimizer_step, start_run)
 from rlhfkit.progress import progress
 from rlhfkit.ops import mean_stderr
 
@@ -175,9 +176,12 @@ def rollout(roles, tokenizer, rows: list[dict], reward: CombinedReward, cfg: Onl
     return exp, metrics
 
 
-def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator
-          ) -> dict[str, float]:
-    """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics."""
+def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator,
+          nonfinite: NonFinite, step: int) -> dict[str, float]:
+    """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics.
+
+    A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``).
+    """
     sums: dict[str, float] = {}
     n = 0
     temperature = cfg.generation.logprob_temperature
@@ -190,8 +194,13 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                                             reduction=reduction,
                                             norm_constant=cfg.generation.max_new_tokens * len(mb))
             kl_loss = kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask)
-            (pg_loss + cfg.kl_coef * kl_loss).backward()
-            grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)
+            loss = pg_loss + cfg.kl_coef * kl_loss
+            if not nonfinite.ok("loss", loss.item(), step):
+                continue
+            loss.backward()
+            grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)  # applies nothing when non-finite
+            if not nonfinite.ok("gradient norm", grad_norm, step):
+                continue
             stats = {"loss/policy": pg_loss.item(), "loss/kl": kl_loss.item(), "grad_norm": grad_norm,
                      **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
             for k, v in stats.items():
@@ -230,32 +239,43 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     updates = steps * cfg.epochs * -(-samples // cfg.mini_batch_size)  # the schedule counts updates
     optimizer = build_optimizer(roles.actor_parameters(), cfg.optim, updates)
     generator = torch.Generator().manual_seed(cfg.train.seed)
+    # prompts and sampling seeds are functions of the step: the adapter, the optimiser and the
+    # mini-batch shuffling generator are all a checkpoint needs to resume exactly
+    checkpoints = Checkpoints(cfg.train, roles, {"policy": optimizer}, extra=lambda: {"generator": generator.get_state()},
+                              save_weights=lambda path: roles.save(path, tokenizer))
+    start, extra = checkpoints.resume()
+    if extra:
+        generator.set_state(extra["generator"])
+    nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     logger = Logger(out, cfg.train.tensorboard)
 
     def evaluate() -> dict[str, float]:
         return evaluate_rewards(roles.generation_model(), tokenizer, eval_rows, reward, cfg.generation, cfg.train.seed)
 
-    bar = progress(range(steps), cfg.advantage)
     metrics: dict[str, float] = {}
     try:
-        for step in bar:
-            t0 = time.perf_counter()
-            # 1. experience: G samples per prompt, laid out group by group
-            batch_rows = [rows[i] for i in batch_indices(step, len(rows), cfg.prompts_per_step, cfg.train.seed)]
-            exp, metrics = rollout(roles, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step)
-            # 2. advantages: the method's strategy, over the whole step's batch
-            exp.advantages = strategy.advantages(exp, cfg.group_size)
-            metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
-            # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
-            t1 = time.perf_counter()
-            metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator))
-            metrics.update({"time/learn": time.perf_counter() - t1, "time/step": time.perf_counter() - t0})
-            done = step + 1
-            if eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-                metrics.update(evaluate())
-            if done % cfg.train.log_every == 0 or done == steps:
-                logger.log(done, metrics)
-            bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
+        with StopRequest() as stop:
+            bar = progress(range(start, steps), cfg.advantage, initial=start, total=steps)
+            for step in bar:
+                t0 = time.perf_counter()
+                # 1. experience: G samples per prompt, laid out group by group
+                batch_rows = [rows[i] for i in batch_indices(step, len(rows), cfg.prompts_per_step, cfg.train.seed)]
+                exp, metrics = rollout(roles, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step)
+                # 2. advantages: the method's strategy, over the whole step's batch
+                exp.advantages = strategy.advantages(exp, cfg.group_size)
+                metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
+                # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
+                t1 = time.perf_counter()
+                metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator, nonfinite, step + 1))
+                metrics.update({"time/learn": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,
+                                "train/skipped_updates": nonfinite.skipped})
+                done = step + 1
+                if eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                    metrics.update(evaluate())
+                if done % cfg.train.log_every == 0 or done == steps:
+                    logger.log(done, metrics)
+                bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
+                checkpoints.after_step(done, stop)
         if eval_rows:
             final = evaluate()
             logger.log(steps, final)

@@ -25,7 +25,8 @@ from rlhfkit.models.load import is_adapter_dir
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
-from rlhfkit.trainers.loop import Logger, batch_indices, build_optimizer, optimizer_step, start_run
+from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
+                                  optimizer_step, start_run)
 from rlhfkit.progress import progress
 
 
@@ -68,8 +69,12 @@ class PPOConfig:
     train: TrainConfig = arg(TrainConfig(out="runs/ppo", max_steps=50, log_every=1), "loop; max_steps = PPO steps")
 
 
-def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator) -> dict:
-    """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics."""
+def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator,
+          nonfinite: NonFinite, step: int) -> dict:
+    """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics.
+
+    A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``).
+    """
     sums: dict[str, float] = {}
     n = 0
     temperature = cfg.generation.logprob_temperature
@@ -80,9 +85,15 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
             pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
             values = roles.critic_values(mb.batch())
             vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
-            (pg_loss + cfg.vf_coef * vf_loss).backward()
-            grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)
-            optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if not nonfinite.ok("loss", loss.item(), step):
+                continue
+            loss.backward()
+            grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # applies nothing when non-finite
+            critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+            if not (nonfinite.ok("actor gradient norm", grad_norm, step)
+                    and nonfinite.ok("critic gradient norm", critic_norm, step)):
+                continue
             stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
                      **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
                      **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
@@ -102,6 +113,42 @@ def build_roles(cfg: PPOConfig, device: torch.device):
     if cfg.mode == "shared":
         return SharedBaseRoles(cfg.model, cfg.lora, device)
     return SeparateRoles(cfg.model, cfg.reward_model if cfg.critic_init == "reward" else cfg.model.path, device)
+
+
+def ppo_step(step: int, roles, tokenizer, prompts: list, score_fn: ScoreFn, probe, kl_ctl, cfg: PPOConfig,
+             actor_opt, critic_opt, generator: torch.Generator, nonfinite: NonFinite) -> dict[str, float]:
+    """One PPO step: experience → whitened advantages → learn → adapt β. Returns its metrics."""
+    t_step = time.perf_counter()
+    # 1. experience: rollouts_per_step batches of prompts into the buffer
+    parts, rollout_metrics, probes = [], [], []
+    for r in range(cfg.rollouts_per_step):
+        k = step * cfg.rollouts_per_step + r
+        batch_prompts = [prompts[i] for i in batch_indices(k, len(prompts), cfg.rollout_batch_size, cfg.train.seed)]
+        exp, stats = make_experience(
+            roles, tokenizer, batch_prompts, score_fn, cfg.generation, beta=kl_ctl.beta,
+            kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
+            missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam,
+            seed=cfg.train.seed * 7919 + k)
+        parts.append(exp), rollout_metrics.append(stats.metrics)
+        if probe:
+            probes.append(probe(stats.prompts, stats.texts))
+    buffer = Experience.cat(parts, tokenizer.pad_token_id)
+    # 2. advantages whitened over the whole buffer (mean not added back, DESIGN.md §3)
+    buffer.advantages = masked_whiten(buffer.advantages, buffer.action_mask)
+    ev = explained_variance(buffer.old_values, buffer.returns, buffer.action_mask)
+    # 3. learn: ppo_epochs × shuffled mini-batches; the buffer is dropped afterwards
+    t0 = time.perf_counter()
+    learned = learn(roles, buffer, cfg, actor_opt, critic_opt, generator, nonfinite, step + 1)
+    metrics = {k: sum(m[k] for m in rollout_metrics) / len(rollout_metrics) for k in rollout_metrics[0]}
+    if probes:
+        metrics.update({k: sum(q[k] for q in probes) / len(probes) for k in probes[0]})
+    metrics.update(learned)
+    metrics.update({"value/explained_variance": ev, "time/learn": time.perf_counter() - t0,
+                    "time/step": time.perf_counter() - t_step, "train/skipped_updates": nonfinite.skipped,
+                    "rollout/advantage_mean": masked_mean(buffer.advantages, buffer.action_mask).item()})
+    # 4. adapt β from the per-sequence KL averaged over the batch (TRL's form)
+    kl_ctl.update(metrics["rollout/kl"], len(buffer))
+    return metrics
 
 
 def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
@@ -132,47 +179,30 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.beta))
     generator = torch.Generator().manual_seed(cfg.train.seed)
+    # a checkpoint holds both adapters (or models) and heads, both optimisers, β and the shuffling generator;
+    # prompts and sampling seeds are functions of the step, so nothing else is needed to resume exactly
+    checkpoints = Checkpoints(cfg.train, roles, {"actor": actor_opt, "critic": critic_opt},
+                              extra=lambda: {"kl_ctl": kl_ctl.state_dict(), "generator": generator.get_state()},
+                              save_weights=lambda path: roles.save(path, tokenizer))
+    start, extra = checkpoints.resume()
+    if extra:
+        kl_ctl.load_state_dict(extra["kl_ctl"]), generator.set_state(extra["generator"])
+    nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     logger = Logger(out, cfg.train.tensorboard)
-    bar = progress(range(steps), "ppo")
     metrics: dict[str, float] = {}
     try:
-        for step in bar:
-            t_step = time.perf_counter()
-            # 1. experience: rollouts_per_step batches of prompts into the buffer
-            parts, rollout_metrics, probes = [], [], []
-            for r in range(cfg.rollouts_per_step):
-                k = step * cfg.rollouts_per_step + r
-                batch_prompts = [prompts[i] for i in batch_indices(k, len(prompts), cfg.rollout_batch_size, cfg.train.seed)]
-                exp, stats = make_experience(
-                    roles, tokenizer, batch_prompts, score_fn, cfg.generation, beta=kl_ctl.beta,
-                    kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
-                    missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam,
-                    seed=cfg.train.seed * 7919 + k)
-                parts.append(exp), rollout_metrics.append(stats.metrics)
-                if probe:
-                    probes.append(probe(stats.prompts, stats.texts))
-            buffer = Experience.cat(parts, tokenizer.pad_token_id)
-            # 2. advantages whitened over the whole buffer (mean not added back, DESIGN.md §3)
-            buffer.advantages = masked_whiten(buffer.advantages, buffer.action_mask)
-            ev = explained_variance(buffer.old_values, buffer.returns, buffer.action_mask)
-            # 3. learn: ppo_epochs × shuffled mini-batches; the buffer is dropped afterwards
-            t0 = time.perf_counter()
-            learned = learn(roles, buffer, cfg, actor_opt, critic_opt, generator)
-            metrics = {k: sum(m[k] for m in rollout_metrics) / len(rollout_metrics) for k in rollout_metrics[0]}
-            if probes:
-                metrics.update({k: sum(q[k] for q in probes) / len(probes) for k in probes[0]})
-            metrics.update(learned)
-            metrics.update({"value/explained_variance": ev, "time/learn": time.perf_counter() - t0,
-                            "time/step": time.perf_counter() - t_step,
-                            "rollout/advantage_mean": masked_mean(buffer.advantages, buffer.action_mask).item()})
-            # 4. adapt β from the per-sequence KL averaged over the batch (TRL's form)
-            kl_ctl.update(metrics["rollout/kl"], len(buffer))
-            done = step + 1
-            if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-                metrics.update(evaluate(roles.generation_model(), tokenizer))
-            if done % cfg.train.log_every == 0 or done == steps:
-                logger.log(done, metrics)
-            bar.set_postfix(score=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
+        with StopRequest() as stop:
+            bar = progress(range(start, steps), "ppo", initial=start, total=steps)
+            for step in bar:
+                metrics = ppo_step(step, roles, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
+                                   critic_opt, generator, nonfinite)
+                bar.set_postfix(score=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
+                done = step + 1
+                if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                    metrics.update(evaluate(roles.generation_model(), tokenizer))
+                if done % cfg.train.log_every == 0 or done == steps:
+                    logger.log(done, metrics)
+                checkpoints.after_step(done, stop)
         if evaluate:
             final = evaluate(roles.generation_model(), tokenizer)
             logger.log(steps, final)
