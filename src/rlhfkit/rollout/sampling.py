@@ -1,0 +1,73 @@
+"""The sampling rule: per-sample seeds, per-row uniforms, temperature / top-k / top-p, inverse CDF.
+
+Torch only. Row i of a batch draws its uniforms from its own ``torch.Generator`` seeded with
+its own seed, one uniform per new token, and picks its token by inverse CDF over its own
+filtered distribution — so a sample depends on its prompt, the model and its seed, never on
+the other rows of its batch (issue #9: a batch split over two processes gives the rollouts one
+process gives). Shapes: B rows, A new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def prompt_seeds(seed: int, n: int, start: int = 0) -> list[int]:
+    """Sampling seeds of prompts ``start .. start + n - 1`` of a run seeded ``seed``.
+
+    A hash of (seed, global index), so a process that holds prompts 8..15 of a batch passes
+    ``start=8`` and gets the seeds one process gives them.
+    """
+    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 1
+            for i in range(start, start + n)]
+
+
+def row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
+    """(B, A) uniforms in [0, 1): row i is the first ``steps`` draws of a CPU generator seeded ``seeds[i]``.
+
+    Drawn on the CPU so a seed means the same samples on every device; step t of a row is the
+    same draw whatever ``steps`` is.
+    """
+    gen = torch.Generator()
+    rows = []
+    for s in seeds:
+        gen.manual_seed(s % 2**64)
+        rows.append(torch.rand(steps, generator=gen))
+    return torch.stack(rows) if rows else torch.zeros(0, steps)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) logits → (B, V) float32 logits / temperature, −inf outside the top-k and the top-p nucleus.
+
+    The nucleus keeps the most likely tokens until their mass reaches ``top_p``, the token that
+    crosses it included, so at least one token always stays. Each row is filtered on its own.
+    """
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        drop = mass_before >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0,
+                top_p: float = 1.0) -> torch.Tensor:
+    """Next tokens (B,) from (B, V) logits and (B,) uniforms in [0, 1), by inverse CDF.
+
+    Token v is chosen when cdf[v − 1] ≤ u · cdf[V − 1] < cdf[v], the cdf summed in vocabulary
+    order: token v has probability p_v, and a token of probability 0 is never chosen.
+    ``temperature <= 0`` is greedy (argmax; the uniforms are unused).
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    cdf = filter_logits(logits, temperature, top_k, top_p).softmax(-1).cumsum(-1)  # (B, V)
+    target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)

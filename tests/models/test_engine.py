@@ -1,0 +1,172 @@
+"""The rollout engine on tiny models of five architectures: our loop against HF generate, per-sample
+seeds whatever the batch, EOS, lengths, the RolloutEngine contract, LoRA."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.config import GenerationConfig
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.rollout.engine import HFRolloutEngine, decode, decode_hf, llama_family
+from rlhfkit.rollout.generate import generate
+from rlhfkit.rollout.sampling import prompt_seeds, row_uniforms
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
+# Different lengths, so the batch is left-padded.
+PROMPTS = ["User: Describe the cat.\nAssistant:", "User: Tell me about the old lake you saw today.\nAssistant:",
+           "User: What is the park like?\nAssistant:", "Hello",
+           "User: Tell me about the bridge from your childhood, and the river under it.\nAssistant:"]
+
+
+def load(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+
+
+def batch_of(tokenizer, prompts):
+    ids = [tokenizer(p).input_ids for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in ids])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_loop_equals_hf_generate_token_for_token(tiny_model_dir, arch):
+    model, tok = load(tiny_model_dir, arch)
+    input_ids, mask = batch_of(tok, PROMPTS)
+    assert mask.min() == 0  # left padding is exercised
+    cfg = GenerationConfig(max_new_tokens=24, temperature=0)
+    ours = decode(model, input_ids, mask, row_uniforms(prompt_seeds(0, 5), 24), cfg, None, tok.pad_token_id)
+    with torch.inference_mode():
+        hf = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
+                            pad_token_id=tok.pad_token_id, eos_token_id=None)[:, input_ids.shape[1]:]
+    assert ours.shape == (5, 24)
+    assert torch.equal(ours, hf)
+    assert (llama_family(model) is not None) == (arch in ("llama", "qwen2", "mistral"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prompt_sampled_alone_equals_it_inside_a_padded_batch(tiny_model_dir, arch):
+    model, tok = load(tiny_model_dir, arch)
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, batch_size=8)
+    seeds = [101, 202, 303, 404, 505]
+    together = generate(model, tok, PROMPTS, cfg, seeds=seeds)
+    for i in (0, 3, 4):
+        alone = generate(model, tok, [PROMPTS[i]], cfg, seeds=[seeds[i]])
+        assert alone.completion_ids[0] == together.completion_ids[i]
+    # Another place in another batch: reversed order, batches of two.
+    pairs = GenerationConfig(max_new_tokens=20, batch_size=2)
+    reordered = generate(model, tok, PROMPTS[::-1], pairs, seeds=seeds[::-1])
+    assert reordered.completion_ids[::-1] == together.completion_ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loop_and_hf_backends_draw_the_same_samples(tiny_model_dir, arch):
+    model, tok = load(tiny_model_dir, arch)
+    for kw in ({}, {"top_k": 5}, {"top_p": 0.7}):
+        cfg = GenerationConfig(max_new_tokens=16, temperature=0.8, **kw)
+        ours = generate(model, tok, PROMPTS, cfg, seed=3, backend="loop")
+        hf = generate(model, tok, PROMPTS, cfg, seed=3, backend="hf")
+        assert ours.completion_ids == hf.completion_ids, kw
+
+
+def test_sampling_repeats_with_a_seed_and_changes_without(tiny_model_dir):
+    model, tok = load(tiny_model_dir, "llama")
+    cfg = GenerationConfig(max_new_tokens=16)
+    a, b = generate(model, tok, PROMPTS, cfg, seed=0), generate(model, tok, PROMPTS, cfg, seed=0)
+    c = generate(model, tok, PROMPTS, cfg, seed=1)
+    assert a.completion_ids == b.completion_ids and a.texts == b.texts
+    assert a.completion_ids != c.completion_ids
+    # A prompt repeated with different seeds gets different samples (the seed is per row, not per batch).
+    rep = generate(model, tok, [PROMPTS[0]] * 4, cfg, seed=0)
+    assert len({tuple(r) for r in rep.completion_ids}) > 1
+
+
+def test_top_k_one_and_tiny_top_p_sample_the_greedy_completion(tiny_model_dir):
+    model, tok = load(tiny_model_dir, "qwen2")
+    greedy = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=16, temperature=0)).completion_ids
+    assert generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=16, top_k=1), seed=5).completion_ids == greedy
+    nucleus = GenerationConfig(max_new_tokens=16, top_p=1e-6)
+    assert generate(model, tok, PROMPTS, nucleus, seed=6).completion_ids == greedy
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_completions_are_cut_after_the_first_eos_and_the_loop_stops(tiny_model_dir, arch):
+    model, tok = load(tiny_model_dir, arch)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    free = generate(model, tok, PROMPTS[:2], cfg)
+    assert [len(c) for c in free.completion_ids] == [12, 12] and free.has_eos == [False, False]
+    # Declare row 0's fourth greedy token the EOS: row 0 stops there, row 1 goes on unless it meets it too.
+    eos = free.completion_ids[0][3]
+    tok_eos = copy.deepcopy(tok)
+    tok_eos.eos_token = tok_eos.convert_ids_to_tokens(eos)
+    cut = generate(model, tok_eos, PROMPTS[:2], cfg)
+    first = free.completion_ids[0].index(eos)
+    assert cut.completion_ids[0] == free.completion_ids[0][: first + 1] and cut.has_eos[0]
+    row1 = free.completion_ids[1]
+    assert cut.completion_ids[1] == (row1[: row1.index(eos) + 1] if eos in row1 else row1)
+    # One row alone: the loop ends at its EOS instead of running to max_new_tokens.
+    input_ids, mask = batch_of(tok, PROMPTS[:1])
+    new = decode(model, input_ids, mask, row_uniforms([0], 12), cfg, eos, tok.pad_token_id)
+    assert new.shape == (1, first + 1)
+
+
+def test_max_new_tokens_bounds_every_completion(tiny_model_dir):
+    model, tok = load(tiny_model_dir, "gpt_neox")
+    for n in (0, 1, 7):
+        gens = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=n), seed=2)
+        assert all(len(c) <= n for c in gens.completion_ids)
+        assert all(len(c) == n for c, e in zip(gens.completion_ids, gens.has_eos) if not e)
+    # A longer budget extends the same samples (step t draws the same uniform).
+    short = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=5), seed=2).completion_ids
+    long = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=10), seed=2).completion_ids
+    assert [c[:5] for c in long] == short
+
+
+@pytest.mark.parametrize("backend", ["hf", "loop"])
+def test_rollout_engine_contract(tiny_model_dir, backend):
+    model, tok = load(tiny_model_dir, "llama")
+    engine = HFRolloutEngine(model, tok, GenerationConfig(max_new_tokens=12, batch_size=3), backend=backend)
+    seeds = prompt_seeds(7, len(PROMPTS))
+    whole = engine.generate(PROMPTS, seeds)
+    # Two processes splitting the batch get exactly the rollouts of one process.
+    halves = [engine.generate(PROMPTS[:2], seeds[:2]), engine.generate(PROMPTS[2:], prompt_seeds(7, 3, start=2))]
+    assert halves[0].completion_ids + halves[1].completion_ids == whole.completion_ids
+    # The shared policy module: updating with it changes nothing.
+    engine.update_weights(model)
+    assert engine.generate(PROMPTS, seeds).completion_ids == whole.completion_ids
+    # New weights (a state dict) reach the samples, as a fresh engine on the new model would draw them.
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items() if "mlp" in k}
+    other = copy.deepcopy(model)
+    other.load_state_dict(state, strict=False)
+    engine.update_weights(state)
+    updated = engine.generate(PROMPTS, seeds)
+    assert updated.completion_ids != whole.completion_ids
+    fresh = HFRolloutEngine(other, tok, engine.cfg, backend)
+    assert updated.completion_ids == fresh.generate(PROMPTS, seeds).completion_ids
+    with pytest.raises(KeyError, match="does not have"):
+        engine.update_weights({"not.a.parameter": torch.zeros(1)})
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        engine.generate(PROMPTS, seeds[:2])
+    with pytest.raises(ValueError, match="choose one of"):
+        HFRolloutEngine(model, tok, engine.cfg, backend="vllm-someday")
+
+
+def test_lora_adapters_apply_in_the_loop(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load(tiny_model_dir, "llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                  init_lora_weights=False)).eval()
+    assert llama_family(peft_model) is not None
+    input_ids, mask = batch_of(tok, PROMPTS)
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0)
+    uniforms = row_uniforms(prompt_seeds(0, 5), 16)
+    with_lora = decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
+    assert torch.equal(with_lora, decode_hf(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id))
+    with peft_model.disable_adapter():
+        without = decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
+    assert not torch.equal(with_lora, without)
