@@ -443,6 +443,8 @@ class GenerationConfig:
     temperature: float = arg(1.0, "softmax temperature; 0 = greedy")
     top_k: int = arg(0, "sample from the k most likely tokens (0 = all)")
     top_p: float = arg(1.0, "nucleus sampling mass (1 = all)")
+    max_prompt_length: int = arg(0, "training prompts longer than this many tokens are dropped, and counted, "
+                                 "before a rollout trainer starts (0 = keep all)")
     batch_size: int = arg(64, "prompts per generation batch")
 
     @property

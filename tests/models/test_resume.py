@@ -174,6 +174,8 @@ def test_interrupted_rollout_trainers_resume_to_identical_weights(tiny_model_dir
     if sig == signal.SIGTERM:
         assert "--train.resume latest" in stderr
     subprocess.run(cmd(cut) + ["--train.resume", "latest"], check=True, capture_output=True, env=env)
+    final = cut / "checkpoints" / "step-8"  # a checkpoint at the end too, with the config it ran with
+    assert (final / "trainer_state.pt").is_file() and (final / "rlhfkit_config.yaml").is_file()
     expected, resumed = _all_weights(whole), _all_weights(cut)
     assert expected and resumed.keys() == expected.keys()
     for file, tensors in expected.items():

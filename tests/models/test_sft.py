@@ -139,3 +139,48 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
         load(ModelConfig(path=str(pickled)), torch.device("cpu"))
     loaded = load(ModelConfig(path=str(pickled), allow_pickle=True), torch.device("cpu"))
     assert torch.equal(loaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
+
+
+@pytest.mark.parametrize("command, row", [
+    ("sft", lambda text: {"prompt": "User: Hi.\nAssistant:", "completion": text}),
+    ("dpo", lambda text: {"prompt": "User: Hi.\nAssistant:", "chosen": " Hello.", "rejected": text}),
+    ("rm", lambda text: {"prompt": "User: Hi.\nAssistant:", "chosen": text, "rejected": " Hello."}),
+])
+@pytest.mark.parametrize("too_long", ["truncate", "drop"])
+def test_examples_over_max_length_are_counted_then_cut_or_dropped(tiny_model_dir, tmp_path, capsys, command, row,
+                                                                   too_long):
+    path = tiny_model_dir("llama")
+    long_text = " The cat is calm and lovely." * 8
+    rows = [row(long_text if i % 4 == 0 else " Fine.") for i in range(12)]  # 3 of 12 too long for 24 tokens
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(path)
+    assert len(encode_example(tok, rows[0]["prompt"], long_text, 1000).input_ids) > 24
+    assert main([command, "--model", path, "--data", str(data), "--eval_data", str(data), "--out",
+                 str(tmp_path / "out"), "--max_length", "24", "--too_long", too_long, "--train.max_steps", "1",
+                 "--train.batch_size", "4", "--train.tensorboard", "false"]) == 0
+    err = capsys.readouterr().err
+    action = "dropped" if too_long == "drop" else "truncated"
+    assert f"{data}: 3 of 12 examples exceed max_length 24: {action}" in err
+
+
+def test_dropping_every_example_says_what_to_change(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "User: Hi.\nAssistant:", "completion": " word" * 50}) + "\n")
+    assert main(["sft", "--model", tiny_model_dir("llama"), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--max_length", "16", "--too_long", "drop", "--train.tensorboard", "false"]) != 0
+    assert "every example exceeds max_length 16; raise it or set too_long truncate" in capsys.readouterr().err
+
+
+def test_rollout_prompts_over_max_prompt_length_are_dropped_and_counted(tiny_model_dir, capsys):
+    from rlhfkit.data.collate import drop_long_prompts, encode_prompt
+
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    rows = [{"prompt": "User: Hi.\nAssistant:"}, {"prompt": "User: " + "Tell me more. " * 20 + "\nAssistant:"},
+            {"prompt": [{"role": "user", "content": "Hi."}]}]
+    limit = len(encode_prompt(tok, rows[0]["prompt"])) + 4
+    assert len(encode_prompt(tok, rows[2]["prompt"])) <= limit  # the chat prompt, rendered, fits
+    kept = drop_long_prompts(rows, tok, limit, "prompts.jsonl")
+    assert kept == [rows[0], rows[2]]
+    assert f"prompts.jsonl: 1 of 3 examples exceed max_prompt_length {limit}: dropped" in capsys.readouterr().err
+    assert drop_long_prompts(rows, tok, 0, "prompts.jsonl") == rows

@@ -454,3 +454,49 @@ def test_property_random_bytes_only_raise_data_error(tmp_path, lines, fmt):
     path = tmp_path / f"d.{fmt}"
     path.write_bytes(b"\n".join(lines))
     check_loaders(path, rows_given=None)
+
+
+@prop
+@given(columns=st.dictionaries(st.sampled_from(STANDARD_KEYS), st.sampled_from([
+    st.text(max_size=6) | st.none(), st.integers(-2, 2) | st.none(), st.booleans(), st.floats(allow_nan=True),
+    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "bot"]),
+                                    "content": st.text(max_size=4)}), max_size=3)]), min_size=1, max_size=5),
+       n_rows=st.integers(1, 4), data=st.data())
+def test_property_random_parquet_columns_only_raise_data_error(tmp_path, columns, n_rows, data):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = {k: data.draw(st.lists(strategy, min_size=n_rows, max_size=n_rows)) for k, strategy in columns.items()}
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table(table), path)  # one type per column, as Arrow requires
+    check_loaders(path, rows_given=n_rows)
+
+
+# a trainer reads its data through a loader before anything else: malformed rows end the command
+# with the loader's one-line error (exit code 2), never a traceback and never a model load
+TRAINERS = [("sft", "--data", load_sft, []), ("rm", "--data", load_preference, []),
+            ("dpo", "--data", load_preference, []), ("kto", "--data", load_unpaired, []),
+            ("ppo", "--prompts", load_prompts, ["--reward_model", "no-reward-model"]),
+            ("grpo", "--prompts", load_prompts, ["--rewards", "rlhfkit.data.tasks.arithmetic:answer_format"])]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=rows_strategy, trainer=st.sampled_from(TRAINERS))
+def test_property_trainers_stop_on_malformed_rows_naming_file_row_field(tmp_path, capsys, rows, trainer):
+    from hypothesis import assume
+
+    from rlhfkit.cli import main
+
+    command, flag, loader, extra = trainer
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        loader(path)
+        assume(False)  # well-formed for this trainer: nothing to check here
+    except DataError as err:
+        expected = str(err)
+    capsys.readouterr()
+    code = main([command, "--model", str(tmp_path / "no-model"), flag, str(path), "--out", str(tmp_path / "out"),
+                 *extra])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"rlhfkit {command}: {expected}"
+    assert not (tmp_path / "out").exists()  # stopped before the run directory was made

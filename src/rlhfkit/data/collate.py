@@ -7,9 +7,13 @@ appended so that stopping is learned. Shapes: B batch, T sequence.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
+
+Item = TypeVar("Item")
 
 
 def render_prompt(tokenizer, prompt) -> str:
@@ -81,3 +85,36 @@ def collate(examples: list[Encoded], pad_token_id: int, side: str = "right") -> 
         "attention_mask": pad_batch([[1] * len(e.input_ids) for e in examples], 0, side),
         "completion_mask": pad_batch([e.completion_mask for e in examples], 0, side),
     }
+
+
+def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bool], limit: str,
+                  source: str) -> list[Item]:
+    """Apply the ``too_long`` policy ('truncate': keep them as encoded, cut; 'drop': leave them out)
+    to the examples of ``source`` that ``is_long``, and report how many there were on stderr.
+
+    ``limit`` names the setting they exceed (e.g. 'max_length 256'). Dropping every example is an
+    error that says what to change.
+    """
+    n_long = sum(1 for item in items if is_long(item))
+    if not n_long:
+        return items
+    action = "dropped" if too_long == "drop" else "truncated"
+    print(f"{source}: {n_long} of {len(items)} examples exceed {limit}: {action} (too_long: {too_long})",
+          file=sys.stderr)
+    if too_long != "drop":
+        return items
+    kept = [item for item in items if not is_long(item)]
+    if not kept:
+        from rlhfkit.data.formats import DataError
+
+        raise DataError(source, f"every example exceeds {limit}; raise it or set too_long truncate")
+    return kept
+
+
+def drop_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str) -> list[dict]:
+    """Rollout rows whose ``prompt`` has at most ``max_prompt_length`` tokens (0 = no limit); the rest
+    are dropped and counted."""
+    if max_prompt_length <= 0:
+        return rows
+    return fit_to_length(rows, "drop", lambda r: len(encode_prompt(tokenizer, r["prompt"])) > max_prompt_length,
+                         f"max_prompt_length {max_prompt_length}", source)

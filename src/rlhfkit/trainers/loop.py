@@ -27,6 +27,7 @@ import torch
 from rlhfkit.config import OptimConfig, TrainConfig, save_config
 from rlhfkit.progress import progress
 
+CONFIG_FILE = "rlhfkit_config.yaml"
 LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -165,6 +166,8 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
              "optimizers": {name: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
                             for name, (opt, sched) in optimizers.items()}}
     torch.save(state, tmp / "trainer_state.pt")
+    if (Path(out) / CONFIG_FILE).is_file():  # the resolved config the run was started with
+        shutil.copy2(Path(out) / CONFIG_FILE, tmp / CONFIG_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
@@ -235,12 +238,16 @@ class Checkpoints:
                                     self.cfg.keep_checkpoints, self.save_weights)
         return self.last
 
+    def finish(self, step: int) -> Path:
+        """The checkpoint of ``step``: the one already written, or a new one."""
+        return self.last if self.last and self.last.name == f"step-{step}" else self.save(step)
+
     def after_step(self, step: int, stop: "StopRequest") -> None:
         """Save when due; after SIGINT/SIGTERM, save and exit saying how to resume."""
         if self.cfg.save_every and step % self.cfg.save_every == 0:
             self.save(step)
         if stop.signal is not None:
-            path = self.last if self.last and self.last.name == f"step-{step}" else self.save(step)
+            path = self.finish(step)
             raise SystemExit(f"stopped by signal {stop.signal} after step {step}; checkpoint {path}. "
                              f"Resume with the same command and --train.resume latest")
 
@@ -308,6 +315,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             window["skipped_steps"] = [nonfinite.skipped]
             last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last)
             checkpoints.after_step(step + 1, stop)
+    if cfg.save_every:
+        checkpoints.finish(num_steps)
     if evaluate:
         last = evaluate()
         logger.log(num_steps, last)
@@ -333,7 +342,7 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     """Create the run directory and save the resolved config beside the outputs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "rlhfkit_config.yaml")
+    save_config(cfg, out / CONFIG_FILE)
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 
 from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import kl_penalty_loss, policy_loss
 from rlhfkit.models.roles import SharedBaseRoles
@@ -232,6 +233,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     strategy = STRATEGIES[cfg.advantage]
     reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
     out, device, tokenizer = start_run(cfg)
+    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
     reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
     roles = SharedBaseRoles(cfg.model, cfg.lora, device, critic=False)
     steps = cfg.train.max_steps
@@ -276,6 +278,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                     logger.log(done, metrics)
                 bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
                 checkpoints.after_step(done, stop)
+            if cfg.train.save_every:
+                checkpoints.finish(steps)
         if eval_rows:
             final = evaluate()
             logger.log(steps, final)

@@ -19,6 +19,7 @@ import torch
 
 from rlhfkit.advantages import AdaptiveKLController, FixedKLController, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import policy_loss, value_loss
 from rlhfkit.models.load import is_adapter_dir
@@ -160,10 +161,12 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     ``probe(prompts, texts)`` adds metrics about each rollout (the quickstart's gold reward);
     ``evaluate(model, tokenizer)`` runs every ``train.eval_every`` steps and at the end.
     """
-    prompts = [r["prompt"] for r in load_prompts(cfg.prompts)]
+    rows = load_prompts(cfg.prompts)
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
     out, device, tokenizer = start_run(cfg)
+    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
+    prompts = [r["prompt"] for r in rows]
     roles = build_roles(cfg, device)
     if score_fn is None and cfg.mode == "shared" and is_adapter_dir(cfg.reward_model):
         roles.add_reward_adapter(cfg.reward_model, cfg.model.path)  # the third adapter: no second model in memory
@@ -203,6 +206,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
                 if done % cfg.train.log_every == 0 or done == steps:
                     logger.log(done, metrics)
                 checkpoints.after_step(done, stop)
+            if cfg.train.save_every:
+                checkpoints.finish(steps)
         if evaluate:
             final = evaluate(roles.generation_model(), tokenizer)
             logger.log(steps, final)

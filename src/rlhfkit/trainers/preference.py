@@ -25,7 +25,7 @@ import torch
 
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_example
+from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import logprobs_of
@@ -48,6 +48,8 @@ class PreferenceConfig:
     data: str = arg("", "training file: prompt/chosen/rejected rows (KTO: prompt/completion/label)")
     eval_data: str = arg("", "held-out file of the same kind, for eval loss and rewards (empty = none)")
     max_length: int = arg(256, "tokens per sequence at most (prompt + completion + EOS)")
+    too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
+                                                "start first) or leave them out; either way they are counted")
     model: ModelConfig = arg(ModelConfig, "the model to train, usually the SFT model")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
     optim: OptimConfig = arg(OptimConfig(lr=1e-6), "optimiser (tiny demo models want ~1e-4)")
@@ -350,8 +352,12 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     policy = load_causal_lm(cfg.model, device)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora)
-    examples = objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed)
-    eval_examples = objective.encode(eval_rows, tokenizer, cfg.max_length, cfg.train.seed)
+
+    def encode(rows, source):  # a pair (or a KTO example with its mismatched partner) goes as a whole
+        return fit_to_length(objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed), cfg.too_long,
+                             lambda e: e.first.truncated or e.second.truncated, f"max_length {cfg.max_length}", source)
+
+    examples, eval_examples = encode(rows, cfg.data), encode(eval_rows, cfg.eval_data)
 
     def to_batch(seqs: list[Encoded]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in collate(seqs, tokenizer.pad_token_id).items()}

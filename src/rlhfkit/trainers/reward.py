@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from statistics import mean, pstdev
+from typing import Literal
 
 import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.data.collate import collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.load import add_lora, save_model
@@ -33,6 +34,8 @@ class RewardConfig:
     eval_data: str = arg("", "held-out pairs; empty = hold out eval_fraction of the training rows")
     eval_fraction: float = arg(0.05, "share of training pairs held out when eval_data is empty")
     max_length: int = arg(256, "tokens per sequence at most (prompt + response + EOS)")
+    too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
+                                                "start first) or leave them out; either way they are counted")
     normalize: bool = arg(True, "record score mean/std over the training set so scores come out standardised")
     model: ModelConfig = arg(ModelConfig, "the model to start from (usually the SFT model)")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (the score head is trained alongside)")
@@ -56,12 +59,14 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
 
-    def encode(rows):
-        return [(encode_example(tokenizer, r["prompt"], r["chosen"], cfg.max_length),
-                 encode_example(tokenizer, r["prompt"], r["rejected"], cfg.max_length),
-                 r.get("margin")) for r in rows]
+    def encode(rows, source):
+        encoded = [(encode_example(tokenizer, r["prompt"], r["chosen"], cfg.max_length),
+                    encode_example(tokenizer, r["prompt"], r["rejected"], cfg.max_length),
+                    r.get("margin")) for r in rows]
+        return fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
+                             f"max_length {cfg.max_length}", source)
 
-    pairs, eval_pairs = encode(records), encode(eval_records)
+    pairs, eval_pairs = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
 
     def scores_of(items):
         batch = collate([c for c, _, _ in items] + [r for _, r, _ in items], tokenizer.pad_token_id)

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import as_prompt_completion, collate, encode_example
+from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.load import add_lora, load_causal_lm, save_model
 from rlhfkit.ops import position_ids_from_mask, shifted_logprobs
@@ -28,6 +28,8 @@ class SFTConfig:
     eval_data: str = arg("", "evaluation file; empty = hold out eval_fraction of the training rows")
     eval_fraction: float = arg(0.05, "share of training rows held out for eval loss when eval_data is empty")
     max_length: int = arg(256, "tokens per example at most (prompt + completion + EOS)")
+    too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
+                                                "start first) or leave them out; either way they are counted")
     padding_side: Literal["left", "right"] = arg("right", "pad batches on the 'right' or 'left' (the loss is the same)")
     model: ModelConfig = arg(ModelConfig, "the model to fine-tune")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
@@ -57,10 +59,11 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
 
-    def encode(rows):
-        return [encode_example(tokenizer, *as_prompt_completion(r), cfg.max_length) for r in rows]
+    def encode(rows, source):
+        encoded = [encode_example(tokenizer, *as_prompt_completion(r), cfg.max_length) for r in rows]
+        return fit_to_length(encoded, cfg.too_long, lambda e: e.truncated, f"max_length {cfg.max_length}", source)
 
-    examples, eval_examples = encode(records), encode(eval_records)
+    examples, eval_examples = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
 
     def to_batch(items):
         batch = collate(items, tokenizer.pad_token_id, cfg.padding_side)
