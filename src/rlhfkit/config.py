@@ -446,6 +446,8 @@ class GenerationConfig:
     max_prompt_length: int = arg(0, "training prompts longer than this many tokens are dropped, and counted, "
                                  "before a rollout trainer starts (0 = keep all)")
     batch_size: int = arg(64, "prompts per generation batch")
+    backend: Literal["auto", "loop", "hf"] = arg("auto", "sampler: our KV-cache loop (auto: where it is tested) or "
+                                                 "Hugging Face generate; the same samples either way")
 
     @property
     def logprob_temperature(self) -> float:

@@ -18,7 +18,8 @@ from rlhfkit.advantages import approx_kl, gae, masked_mean, per_token_rewards
 from rlhfkit.config import GenerationConfig
 from rlhfkit.losses import entropy_from_logits
 from rlhfkit.models.forward import join_prompt_response
-from rlhfkit.rollout.generate import generate
+from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
+from rlhfkit.rollout.sampling import prompt_seeds
 
 ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, response texts) → (B,) proxy scores
 
@@ -84,12 +85,19 @@ class RolloutStats:
 def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: GenerationConfig, *, beta: float,
                     kl_estimator: str = "k1", reward_clip: float | None = 5.0,
                     missing_eos_penalty: float | None = None, gamma: float = 1.0, lam: float = 0.95,
-                    seed: int = 0) -> tuple[Experience, RolloutStats]:
-    """Sample one response per prompt with the actor and record everything learning needs."""
-    device = next(roles.generation_model().parameters()).device
+                    seed: int = 0, seeds: list[int] | None = None, engine: RolloutEngine | None = None
+                    ) -> tuple[Experience, RolloutStats]:
+    """Sample one response per prompt with the actor and record everything learning needs.
+
+    Prompt i samples with ``seeds[i]`` (default: ``prompt_seeds(seed, len(prompts))``) through
+    ``engine`` (default: the Hugging Face engine over the actor itself).
+    """
+    model = roles.generation_model()  # also makes the actor the active adapter in shared mode
+    device = next(model.parameters()).device
+    engine = engine or HFRolloutEngine(model, tokenizer, gen, gen.backend)
     roles.train(False)
     t0 = time.perf_counter()
-    gens = generate(roles.generation_model(), tokenizer, prompts, gen, seed=seed)
+    gens = engine.generate(list(prompts), prompt_seeds(seed, len(prompts)) if seeds is None else seeds)
     t1 = time.perf_counter()
     batch = {k: v.to(device) for k, v in
              join_prompt_response(gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id).items()}

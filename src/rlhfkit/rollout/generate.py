@@ -17,12 +17,12 @@ __all__ = ["Generations", "cut_at_eos", "generate", "prompt_seeds"]
 
 
 def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, seed: int = 0, progress: bool = False,
-             seeds: list[int] | None = None, backend: str = "auto") -> Generations:
+             seeds: list[int] | None = None, backend: str | None = None) -> Generations:
     """Sample one completion per prompt, ``cfg.batch_size`` prompts at a time.
 
     Prompt i samples with ``seeds[i]``; by default ``prompt_seeds(seed, len(prompts))`` (a hash of
-    ``seed`` and i), so a call repeats exactly. ``backend``: ``auto`` (our loop where it is tested,
-    else HF), ``loop`` or ``hf`` — the same tokens either way, up to float rounding.
+    ``seed`` and i), so a call repeats exactly. ``backend`` (default ``cfg.backend``): ``auto`` (our
+    loop where it is tested, else HF), ``loop`` or ``hf`` — the same tokens either way, up to float rounding.
     """
     seeds = prompt_seeds(seed, len(prompts)) if seeds is None else list(seeds)
-    return sample_prompts(model, tokenizer, prompts, seeds, cfg, backend, progress)
+    return sample_prompts(model, tokenizer, prompts, seeds, cfg, backend or cfg.backend, progress)

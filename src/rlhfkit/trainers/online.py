@@ -30,6 +30,7 @@ from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import kl_penalty_loss, policy_loss
 from rlhfkit.models.roles import SharedBaseRoles
 from rlhfkit.rewards import CombinedReward, build_reward
+from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
@@ -155,8 +156,8 @@ def reward_inputs(rows: list[dict], repeat: int) -> tuple[list, dict[str, list]]
     return prompts, {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 
-def rollout(roles, tokenizer, rows: list[dict], reward: CombinedReward, cfg: OnlineConfig, seed: int
-            ) -> tuple[Experience, dict[str, float]]:
+def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: CombinedReward, cfg: OnlineConfig,
+            seed: int) -> tuple[Experience, dict[str, float]]:
     """G samples of each row's prompt, group by group, through PPO's experience maker."""
     G = cfg.group_size
     prompts, columns = reward_inputs(rows, G)
@@ -167,7 +168,7 @@ def rollout(roles, tokenizer, rows: list[dict], reward: CombinedReward, cfg: Onl
         parts.update(values)
         return total
 
-    exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, beta=cfg.beta,
+    exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, engine=engine, beta=cfg.beta,
                                  kl_estimator=cfg.kl_estimator, reward_clip=None,
                                  missing_eos_penalty=cfg.missing_eos_penalty, seed=seed)
     grouped = exp.scores.view(-1, G)  # (P, G)
@@ -243,12 +244,14 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     generator = torch.Generator().manual_seed(cfg.train.seed)
     # prompts and sampling seeds are functions of the step: the adapter, the optimiser and the
     # mini-batch shuffling generator are all a checkpoint needs to resume exactly
-    checkpoints = Checkpoints(cfg.train, roles, {"policy": optimizer}, extra=lambda: {"generator": generator.get_state()},
+    checkpoints = Checkpoints(cfg.train, roles, {"policy": optimizer},
+                              extra=lambda: {"generator": generator.get_state()},
                               save_weights=lambda path: roles.save(path, tokenizer))
     start, extra = checkpoints.resume()
     if extra:
         generator.set_state(extra["generator"])
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
+    engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
     logger = Logger(out, cfg.train.tensorboard)
 
     def evaluate() -> dict[str, float]:
@@ -262,13 +265,15 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                 t0 = time.perf_counter()
                 # 1. experience: G samples per prompt, laid out group by group
                 batch_rows = [rows[i] for i in batch_indices(step, len(rows), cfg.prompts_per_step, cfg.train.seed)]
-                exp, metrics = rollout(roles, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step)
+                exp, metrics = rollout(roles, engine, tokenizer, batch_rows, reward, cfg,
+                                       seed=cfg.train.seed * 7919 + step)
                 # 2. advantages: the method's strategy, over the whole step's batch
                 exp.advantages = strategy.advantages(exp, cfg.group_size)
                 metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
                 # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
                 t1 = time.perf_counter()
                 metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator, nonfinite, step + 1))
+                engine.update_weights(roles.generation_model())  # a no-op for the HF engine (shared module)
                 metrics.update({"time/learn": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,
                                 "train/skipped_updates": nonfinite.skipped})
                 done = step + 1

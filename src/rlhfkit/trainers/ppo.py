@@ -25,6 +25,7 @@ from rlhfkit.losses import policy_loss, value_loss
 from rlhfkit.models.load import is_adapter_dir
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
+from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
                                   optimizer_step, start_run)
@@ -116,8 +117,9 @@ def build_roles(cfg: PPOConfig, device: torch.device):
     return SeparateRoles(cfg.model, cfg.reward_model if cfg.critic_init == "reward" else cfg.model.path, device)
 
 
-def ppo_step(step: int, roles, tokenizer, prompts: list, score_fn: ScoreFn, probe, kl_ctl, cfg: PPOConfig,
-             actor_opt, critic_opt, generator: torch.Generator, nonfinite: NonFinite) -> dict[str, float]:
+def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, score_fn: ScoreFn, probe, kl_ctl,
+             cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator, nonfinite: NonFinite
+             ) -> dict[str, float]:
     """One PPO step: experience → whitened advantages → learn → adapt β. Returns its metrics."""
     t_step = time.perf_counter()
     # 1. experience: rollouts_per_step batches of prompts into the buffer
@@ -126,7 +128,7 @@ def ppo_step(step: int, roles, tokenizer, prompts: list, score_fn: ScoreFn, prob
         k = step * cfg.rollouts_per_step + r
         batch_prompts = [prompts[i] for i in batch_indices(k, len(prompts), cfg.rollout_batch_size, cfg.train.seed)]
         exp, stats = make_experience(
-            roles, tokenizer, batch_prompts, score_fn, cfg.generation, beta=kl_ctl.beta,
+            roles, tokenizer, batch_prompts, score_fn, cfg.generation, engine=engine, beta=kl_ctl.beta,
             kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
             missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam,
             seed=cfg.train.seed * 7919 + k)
@@ -140,6 +142,7 @@ def ppo_step(step: int, roles, tokenizer, prompts: list, score_fn: ScoreFn, prob
     # 3. learn: ppo_epochs × shuffled mini-batches; the buffer is dropped afterwards
     t0 = time.perf_counter()
     learned = learn(roles, buffer, cfg, actor_opt, critic_opt, generator, nonfinite, step + 1)
+    engine.update_weights(roles.generation_model())  # the HF engine shares the module; vLLM would reload here
     metrics = {k: sum(m[k] for m in rollout_metrics) / len(rollout_metrics) for k in rollout_metrics[0]}
     if probes:
         metrics.update({k: sum(q[k] for q in probes) / len(probes) for k in probes[0]})
@@ -191,13 +194,14 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     if extra:
         kl_ctl.load_state_dict(extra["kl_ctl"]), generator.set_state(extra["generator"])
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
+    engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
     logger = Logger(out, cfg.train.tensorboard)
     metrics: dict[str, float] = {}
     try:
         with StopRequest() as stop:
             bar = progress(range(start, steps), "ppo", initial=start, total=steps)
             for step in bar:
-                metrics = ppo_step(step, roles, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
+                metrics = ppo_step(step, roles, engine, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
                                    critic_opt, generator, nonfinite)
                 bar.set_postfix(score=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
                 done = step + 1
