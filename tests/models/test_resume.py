@@ -75,7 +75,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     def loss_fn(indices):  # one micro-batch per step: the third step's loss is NaN
         calls.append(len(indices))
         value = model(torch.ones(len(indices), 2)).mean()
-        return (value * float("nan") if len(calls) == 3 else value), {}
+        return (value * float("nan") if len(calls) == 3 else value), len(indices), {}
 
     logger = Logger(tmp_path, tensorboard=False)
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3; last good checkpoint: none"):
@@ -230,7 +230,7 @@ def test_on_nan_skip_in_the_supervised_loop_leaves_that_step_out(tmp_path):
     def loss_fn(indices):  # d loss / d bias = 1 every step; the second step's loss is NaN
         calls.append(1)
         value = model(torch.ones(len(indices), 2)).mean()
-        return (value * float("nan") if len(calls) == 2 else value), {}
+        return (value * float("nan") if len(calls) == 2 else value), len(indices), {}
 
     logger = Logger(tmp_path, tensorboard=False)
     cfg = TrainConfig(out=str(tmp_path), max_steps=3, batch_size=4, on_nan="skip", log_every=1)

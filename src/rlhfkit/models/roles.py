@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rlhfkit import distributed
 from rlhfkit.config import LoraConfig, ModelConfig
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import add_lora, load_causal_lm, peft_lora_config, save_model
@@ -157,7 +158,7 @@ class SharedBaseRoles:
     def save(self, out: str | Path, tokenizer) -> None:
         """``out``: the actor adapter (loads as base + adapter); ``out/critic``: critic adapter + value head."""
         save_model(self.model, tokenizer, out)
-        if self.value_head is not None:
+        if self.value_head is not None and distributed.is_main():
             save_file(self.value_head.state_dict(), str(Path(out) / "critic" / VALUE_HEAD_FILE))
 
 

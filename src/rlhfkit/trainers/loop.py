@@ -24,11 +24,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rlhfkit import distributed
 from rlhfkit.config import OptimConfig, TrainConfig, save_config
 from rlhfkit.progress import progress
 
 CONFIG_FILE = "rlhfkit_config.yaml"
-LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
+# indices → (mean loss over its units, the number of units — tokens or examples —, detached metrics)
+LossFn = Callable[[list[int]], tuple[torch.Tensor, float, dict[str, float]]]
 
 
 def seed_everything(seed: int) -> None:
@@ -112,6 +114,9 @@ class Logger:
 
     def __init__(self, out: str | os.PathLike, tensorboard: bool = True):
         self.out = Path(out)
+        self.file = self.writer = None
+        if not distributed.is_main():  # one process writes; the others log nothing
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self.file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
         self.writer = None
@@ -121,6 +126,8 @@ class Logger:
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.file is None:
+            return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -129,7 +136,8 @@ class Logger:
                 self.writer.add_scalar(k, float(v), step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -234,6 +242,9 @@ class Checkpoints:
         return state["step"], state["extra"]
 
     def save(self, step: int) -> Path:
+        if not distributed.is_main():  # rank 0 writes; the path is the same for every rank
+            self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
+            return self.last
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
                                     self.cfg.keep_checkpoints, self.save_weights)
         return self.last
@@ -276,15 +287,19 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         evaluate: Callable[[], dict[str, float]] | None = None, desc: str = "train") -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
-    ``loss_fn(indices)`` returns a mean loss over those examples and detached metrics.
-    Gradient accumulation splits each batch into ``cfg.grad_accum`` micro-batches, each
-    weighted by its share of the batch, so the update equals one full-batch step.
+    ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
+    examples for pairwise losses), the number of units, and detached metrics. Each step's batch
+    is split over the processes (``rlhfkit.distributed``) and, within a process, into
+    ``cfg.grad_accum`` micro-batches; gradients of the unit sums are added up and divided by the
+    step's total units, so the update equals one full-batch step whatever the split.
     Returns the last evaluation's metrics (or the last training metrics).
     """
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum {cfg.grad_accum}")
     num_steps = total_steps(cfg, n_examples)
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = params[0].device
     checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)})
     nonfinite = NonFinite(cfg.on_nan, checkpoints)
     start, _ = checkpoints.resume()
@@ -293,31 +308,35 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     window: dict[str, list[float]] = defaultdict(list)
     t0 = time.perf_counter()
     with StopRequest() as stop:
-        bar = progress(range(start, num_steps), desc, initial=start, total=num_steps)
+        bar = progress(range(start, num_steps), desc, initial=start, total=num_steps, disable=not distributed.is_main())
         for step in bar:
-            indices = batch_indices(step, n_examples, cfg.batch_size, cfg.seed)
-            micro = max(1, len(indices) // cfg.grad_accum)
-            finite = True
-            for i in range(0, len(indices), micro):
-                chunk = indices[i: i + micro]
-                loss, metrics = loss_fn(chunk)
-                finite = nonfinite.ok("loss", loss.item(), step + 1)
-                if not finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                (loss * len(chunk) / len(indices)).backward()
-                for k, v in {"loss": loss.item(), **metrics}.items():
+            mine = distributed.shard(batch_indices(step, n_examples, cfg.batch_size, cfg.seed))
+            micro = max(1, -(-len(mine) // cfg.grad_accum))
+            units, loss_sum, bad = 0.0, 0.0, 0.0
+            for i in range(0, len(mine), micro):
+                loss, weight, metrics = loss_fn(mine[i: i + micro])
+                if not math.isfinite(loss.item()):
+                    bad += 1
+                    continue
+                (loss * weight).backward()  # the sum over this micro-batch's units
+                units, loss_sum = units + weight, loss_sum + loss.item() * weight
+                for k, v in metrics.items():
                     window[k].append(float(v))
-            if finite:
+            units, loss_sum, bad = distributed.all_sum([units, loss_sum, bad], device)
+            if nonfinite.ok("loss", float("nan") if bad else loss_sum, step + 1):
+                distributed.average_gradients(params, units)
                 grad_norm = optimizer_step(optimizer, scheduler, optim.max_grad_norm)
                 if nonfinite.ok("gradient norm", grad_norm, step + 1):
+                    window["loss"].append(loss_sum / max(units, 1e-12))
                     window["grad_norm"].append(grad_norm)
+            else:
+                optimizer.zero_grad(set_to_none=True)
             window["skipped_steps"] = [nonfinite.skipped]
             last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last)
             checkpoints.after_step(step + 1, stop)
     if cfg.save_every:
         checkpoints.finish(num_steps)
-    if evaluate:
+    if evaluate and distributed.is_main():
         last = evaluate()
         logger.log(num_steps, last)
     return last
@@ -332,7 +351,7 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
         logger.log(done, last)
         bar.set_postfix(loss=f"{last['train/loss']:.4f}")
         window.clear()
-    if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
+    if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps and distributed.is_main():
         logger.log(done, evaluate())
         model.train()
     return last
@@ -342,7 +361,8 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     """Create the run directory and save the resolved config beside the outputs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / CONFIG_FILE)
+    if distributed.is_main():
+        save_config(cfg, out / CONFIG_FILE)
     return out
 
 
@@ -351,9 +371,10 @@ def start_run(cfg):
     config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer)."""
     from rlhfkit.models.load import load_tokenizer, resolve_device
 
+    device = distributed.setup(resolve_device(cfg.train.device))
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)
-    return out, resolve_device(cfg.train.device), load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    return out, device, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
 
 
 def split_eval(load: Callable[[str], list], data: str, eval_data: str, fraction: float, seed: int

@@ -368,7 +368,8 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
         reference.prepare(examples + eval_examples, cfg.train.batch_size)
 
     def loss_fn(indices: list[int]):
-        return objective.step(policy, reference, to_batch, [examples[i] for i in indices])
+        loss, metrics = objective.step(policy, reference, to_batch, [examples[i] for i in indices])
+        return loss, len(indices), metrics  # a mean over examples
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

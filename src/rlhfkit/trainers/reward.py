@@ -77,7 +77,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
 
     def loss_fn(indices):
         loss, stats = reward_model_loss(*scores_of([pairs[i] for i in indices]))
-        return loss, {k: float(v) for k, v in stats.items()}
+        return loss, len(indices), {k: float(v) for k, v in stats.items()}  # a mean over pairs
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

@@ -71,7 +71,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
 
     def loss_fn(indices: list[int]):
         nll, n = completion_nll(model, to_batch([examples[i] for i in indices]))
-        return nll / n.clamp(min=1), {"tokens": n.item()}
+        tokens = n.item()
+        return nll / max(tokens, 1.0), tokens, {"tokens": tokens}  # a mean over completion tokens
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

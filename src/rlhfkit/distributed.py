@@ -1,0 +1,84 @@
+"""Data parallelism across processes started by ``torchrun`` or ``accelerate launch`` (issue #9).
+
+Nothing here is a distributed engine: accelerate reads the launcher's environment and opens
+the process group (gloo on CPUs, NCCL on GPUs); we only decide who does which examples and
+sum gradients. Every rank takes a contiguous shard of each global batch, back-propagates the
+*sum* of its per-unit losses (units: tokens or examples, as the loss says), and the summed
+gradients are divided by the global number of units, so the update equals the 1-process one
+with the same global batch, up to float summation order. Rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on the process that writes logs, checkpoints and the final model."""
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Open the process group when launched with more than one process; returns this rank's device
+    (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+    if world_size() == 1:
+        return device
+    from accelerate import PartialState
+
+    PartialState(cpu=device.type == "cpu")  # reads RANK / WORLD_SIZE / MASTER_ADDR, inits the group once
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def shard(items: list, n_ranks: int | None = None, index: int | None = None) -> list:
+    """This rank's contiguous share of ``items`` (sizes differ by at most one, earlier ranks larger)."""
+    n_ranks = world_size() if n_ranks is None else n_ranks
+    index = rank() if index is None else index
+    size, extra = divmod(len(items), n_ranks)
+    start = index * size + min(index, extra)
+    return items[start: start + size + (index < extra)]
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks (identity with one process)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def average_gradients(params, total_weight: float) -> None:
+    """Sum each gradient over ranks, then divide by ``total_weight`` (the global units behind it)."""
+    params = list(params)
+    if world_size() > 1:  # every rank sends every tensor, in the same order, even one it has no gradient for
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size() > 1 and grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for g in grads:
+        g.div_(max(total_weight, 1e-12))
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
