@@ -42,13 +42,29 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-def shard(items: list, n_ranks: int | None = None, index: int | None = None) -> list:
-    """This rank's contiguous share of ``items`` (sizes differ by at most one, earlier ranks larger)."""
+def shard_range(n: int, n_ranks: int | None = None, index: int | None = None) -> range:
+    """This rank's contiguous share of ``range(n)`` (sizes differ by at most one, earlier ranks larger)."""
     n_ranks = world_size() if n_ranks is None else n_ranks
     index = rank() if index is None else index
-    size, extra = divmod(len(items), n_ranks)
+    size, extra = divmod(n, n_ranks)
     start = index * size + min(index, extra)
-    return items[start: start + size + (index < extra)]
+    return range(start, start + size + (index < extra))
+
+
+def shard(items, n_ranks: int | None = None, index: int | None = None):
+    """This rank's contiguous share of a list or tensor."""
+    span = shard_range(len(items), n_ranks, index)
+    return items[span.start: span.stop]
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` with one process). Tensors inside should be on
+    the CPU: they arrive on the device they were sent from."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -60,6 +76,28 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def mean_over_processes(records: list[dict[str, float]], device: torch.device) -> dict[str, float]:
+    """Each metric averaged over ``records`` (those that have it), then over processes."""
+    keys = sorted({k for r in records for k in r})
+    means = [sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys]
+    return dict(zip(keys, (v / world_size() for v in all_sum(means, device))))
+
+
+BUCKET_ELEMENTS = 2**24  # ~64 MB of fp32 per collective: few calls, and no full copy of a large model's gradients
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of ``tensors`` of about ``limit`` elements (a larger tensor goes alone)."""
+    groups, current, size = [], [], 0
+    for t in tensors:
+        if current and size + t.numel() > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.numel()
+    return groups + [current] if current else groups
+
+
 def average_gradients(params, total_weight: float) -> None:
     """Sum each gradient over ranks, then divide by ``total_weight`` (the global units behind it)."""
     params = list(params)
@@ -68,13 +106,14 @@ def average_gradients(params, total_weight: float) -> None:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params if p.grad is not None]
-    if world_size() > 1 and grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
-        torch.distributed.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
+    if world_size() > 1:
+        for bucket in _buckets(grads, BUCKET_ELEMENTS):
+            flat = torch.cat([g.reshape(-1) for g in bucket])  # one collective per bucket, not per tensor
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
     for g in grads:
         g.div_(max(total_weight, 1e-12))
 

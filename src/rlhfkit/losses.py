@@ -294,3 +294,18 @@ def kto_loss(
     undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z - rewards)))
     losses = torch.where(labels.bool(), desirable, undesirable)
     return losses, {"rewards": (beta * rewards).detach()}
+
+
+def reduction_units(reduction: str, action_mask: torch.Tensor) -> float:
+    """How many units a reduction averages over in ``action_mask`` (B, A): tokens ("token_mean"),
+    sequences with at least one token ("seq_mean_token_mean") or sequences ("token_sum_norm",
+    whose constant grows with them). A shard's loss times units(shard) / units(batch), summed
+    over the shards of a batch, is the loss of the whole batch: how data parallelism stays exact.
+    """
+    if reduction == "token_mean":
+        return float(action_mask.sum())
+    if reduction == "seq_mean_token_mean":
+        return float((action_mask.sum(-1) > 0).sum())
+    if reduction == "token_sum_norm":
+        return float(action_mask.shape[0])
+    raise ValueError(f"unknown reduction {reduction!r}; valid names: {sorted(POLICY_LOSS_REDUCTIONS)}")

@@ -28,13 +28,20 @@ def test_one_process_gradients_are_divided_by_the_units():
     assert torch.equal(p.grad, torch.tensor([1.0, 2.0]))
 
 
+def test_gradient_buckets_keep_order_and_cover_every_tensor():
+    tensors = [torch.zeros(n) for n in (3, 4, 10, 2, 2)]
+    groups = distributed._buckets(tensors, 8)
+    assert [[t.numel() for t in g] for g in groups] == [[3, 4], [10], [2, 2]]
+    assert distributed._buckets([], 8) == []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _train(args, out, processes):
+def _train(args, out, processes, weights="model.safetensors"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "rlhfkit.cli"]
     if processes > 1:
@@ -42,7 +49,10 @@ def _train(args, out, processes):
                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
     result = subprocess.run(launch + args + ["--out", str(out)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(str(out / "model.safetensors"))
+    if weights == "all":  # every safetensors file of the run (adapters, critic, value head), checkpoints aside
+        return {f"{p.relative_to(out)}:{k}": v for p in sorted(out.rglob("*.safetensors"))
+                if "checkpoints" not in p.parts for k, v in load_file(str(p)).items()}
+    return load_file(str(out / weights))
 
 
 @pytest.mark.parametrize("command, data, extra", [
@@ -66,3 +76,57 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, task
     assert moved  # training changed the weights, so the comparison means something
     logs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "train/loss" in r] == [1, 2, 3, 4]  # rank 0 alone writes
+
+
+def _assert_close(one: dict, two: dict) -> None:
+    assert one and one.keys() == two.keys()
+    for name, value in one.items():
+        diff = (two[name] - value).norm() / value.norm().clamp(min=1e-12)
+        assert diff <= 1e-5, (name, diff.item())
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, task_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    _train(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+            "--train.max_steps", "2", "--train.batch_size", "8", "--train.tensorboard", "false"], out, 1)
+    return out
+
+
+def test_ppo_with_two_processes_equals_one(tiny_model_dir, task_dir, reward_dir, tmp_path):
+    # each process samples half of every rollout batch (per-prompt seeds), the buffer is gathered, and each
+    # mini-batch is split over the processes: the adapters, critic and value head end as in one process
+    args = ["ppo", "--model", tiny_model_dir("llama"), "--reward_model", str(reward_dir),
+            "--prompts", str(task_dir / "prompts_train.jsonl"), "--train.max_steps", "3", "--rollout_batch_size", "8",
+            "--mini_batch_size", "4", "--ppo_epochs", "2", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
+            "--train.tensorboard", "false"]
+    one = _train(args, tmp_path / "one", 1, weights="all")
+    two = _train(args, tmp_path / "two", 2, weights="all")
+    _assert_close(one, two)
+    assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # the actor really trained
+    logs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == len(first) == 3
+    assert logs[0]["rollout/kl"] == pytest.approx(first[0]["rollout/kl"], abs=1e-5)  # metrics over both halves
+
+
+def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path):
+    from rlhfkit.data.tasks import arithmetic
+
+    arithmetic.write(tmp_path / "data")
+    args = ["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"),
+            "--rewards", "rlhfkit.data.tasks.arithmetic:answer_format,rlhfkit.data.tasks.arithmetic:exact_answer",
+            "--train.max_steps", "3", "--prompts_per_step", "4", "--group_size", "4", "--mini_batch_size", "8",
+            "--optim.lr", "1e-2", "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]
+    _assert_close(_train(args, tmp_path / "one", 1, weights="all"), _train(args, tmp_path / "two", 2, weights="all"))
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes(tiny_model_dir, task_dir, tmp_path):
+    args = ["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0",
+            "--train.batch_size", "8", "--train.tensorboard", "false", "--optim.lr", "3e-3", "--train.save_every", "2"]
+    whole = _train(args + ["--train.max_steps", "4"], tmp_path / "whole", 1)
+    # stops at step 2; the first 4 steps sit in the 10-step warm-up, so the learning rates match the whole run's
+    _train(args + ["--train.max_steps", "2"], tmp_path / "split", 1)
+    resumed = _train(args + ["--train.max_steps", "4", "--train.resume", str(tmp_path / "split" / "checkpoints" /
+                                                                               "step-2")], tmp_path / "split", 2)
+    _assert_close(whole, resumed)

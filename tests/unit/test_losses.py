@@ -403,3 +403,24 @@ def test_kto_reference_point_has_no_gradient():
     losses.sum().backward()
     assert kl.grad is None
     assert (policy_logps.grad != 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean", "token_sum_norm"])
+def test_shard_losses_weighted_by_their_units_add_up_to_the_batch_loss(reduction):
+    from rlhfkit.losses import reduction_units
+
+    torch.manual_seed(0)
+    logprobs, old = torch.randn(5, 4), torch.randn(5, 4)
+    adv = torch.randn(5, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])  # an empty row too
+
+    def loss(rows):
+        norm = 4 * len(rows)  # Dr. GRPO's constant: max_new_tokens × sequences
+        return policy_loss(logprobs[rows], old[rows], adv[rows], mask[rows], 0.2, reduction=reduction,
+                           norm_constant=norm)[0]
+
+    whole = loss(list(range(5)))
+    total = reduction_units(reduction, mask)
+    split = sum(loss(rows) * reduction_units(reduction, mask[rows]) / total for rows in ([0, 1], [2, 3, 4]))
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+    assert total == {"token_mean": 10.0, "seq_mean_token_mean": 4.0, "token_sum_norm": 5.0}[reduction]

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from rlhfkit import distributed
 from rlhfkit.advantages import approx_kl, gae, masked_mean, per_token_rewards
 from rlhfkit.config import GenerationConfig
 from rlhfkit.losses import entropy_from_logits
@@ -44,6 +45,17 @@ class Experience:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device) -> "Experience":
+        return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def gather(self, pad_token_id: int) -> "Experience":
+        """Every process's experience joined in process order (itself with one process)."""
+        if distributed.world_size() == 1:
+            return self
+        device = self.input_ids.device
+        parts = [part.to(device) for part in distributed.all_gather(self.to("cpu"))]
+        return Experience.cat(parts, pad_token_id)
 
     def batch(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "action_mask": self.action_mask}

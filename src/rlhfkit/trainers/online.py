@@ -23,16 +23,18 @@ from typing import Callable, Literal
 
 import torch
 
+from rlhfkit import distributed
 from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
-from rlhfkit.losses import kl_penalty_loss, policy_loss
+from rlhfkit.losses import kl_penalty_loss, policy_loss, reduction_units
 from rlhfkit.models.roles import SharedBaseRoles
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
+from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
                                   optimizer_step, start_run)
 from rlhfkit.progress import progress
@@ -160,7 +162,10 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
             seed: int) -> tuple[Experience, dict[str, float]]:
     """G samples of each row's prompt, group by group, through PPO's experience maker."""
     G = cfg.group_size
-    prompts, columns = reward_inputs(rows, G)
+    # each process samples its share of the rows (whole groups), every sample with its own seed
+    span = distributed.shard_range(len(rows))
+    prompts, columns = reward_inputs(rows[span.start: span.stop], G)
+    seeds = prompt_seeds(seed, len(rows) * G)[span.start * G: span.stop * G]
     parts: dict[str, torch.Tensor] = {}
 
     def score_fn(prompts: list, texts: list[str]) -> torch.Tensor:
@@ -170,12 +175,13 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
 
     exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, engine=engine, beta=cfg.beta,
                                  kl_estimator=cfg.kl_estimator, reward_clip=None,
-                                 missing_eos_penalty=cfg.missing_eos_penalty, seed=seed)
+                                 missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds)
     grouped = exp.scores.view(-1, G)  # (P, G)
     metrics = {**stats.metrics, **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
                "rollout/flat_groups": (grouped == grouped[:, :1]).all(-1).float().mean().item()}
-    return exp, metrics
+    device = exp.input_ids.device
+    return exp.gather(tokenizer.pad_token_id), distributed.mean_over_processes([metrics], device)
 
 
 def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator,
@@ -189,17 +195,22 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
     temperature = cfg.generation.logprob_temperature
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
-            mb = exp[idx.to(exp.input_ids.device)]
+            idx = idx.to(exp.input_ids.device)
+            mb = exp[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
             logprobs = roles.actor_logprobs(mb.batch(), temperature=temperature)
             # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
             pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
                                             reduction=reduction,
                                             norm_constant=cfg.generation.max_new_tokens * len(mb))
             kl_loss = kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask)
-            loss = pg_loss + cfg.kl_coef * kl_loss
-            if not nonfinite.ok("loss", loss.item(), step):
+            if not nonfinite.ok("loss", distributed.all_sum([(pg_loss + kl_loss).item()], pg_loss.device)[0], step):
                 continue
-            loss.backward()
+            # each term weighted by this shard's share of its units: summed over processes, the mini-batch's loss
+            whole = exp.action_mask[idx]
+            pg_share = reduction_units(reduction, mb.action_mask) / max(reduction_units(reduction, whole), 1.0)
+            kl_share = float(mb.action_mask.sum()) / max(float(whole.sum()), 1.0)
+            (pg_loss * pg_share + cfg.kl_coef * kl_loss * kl_share).backward()
+            distributed.average_gradients(roles.actor_parameters(), 1.0)  # the sum over processes
             grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)  # applies nothing when non-finite
             if not nonfinite.ok("gradient norm", grad_norm, step):
                 continue
@@ -277,7 +288,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                 metrics.update({"time/learn": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,
                                 "train/skipped_updates": nonfinite.skipped})
                 done = step + 1
-                if eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                if (eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps
+                        and distributed.is_main()):
                     metrics.update(evaluate())
                 if done % cfg.train.log_every == 0 or done == steps:
                     logger.log(done, metrics)
@@ -285,7 +297,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                 checkpoints.after_step(done, stop)
             if cfg.train.save_every:
                 checkpoints.finish(steps)
-        if eval_rows:
+        if eval_rows and distributed.is_main():
             final = evaluate()
             logger.log(steps, final)
             metrics.update(final)

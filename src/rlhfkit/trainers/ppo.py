@@ -17,6 +17,7 @@ from typing import Callable, Literal
 
 import torch
 
+from rlhfkit import distributed
 from rlhfkit.advantages import AdaptiveKLController, FixedKLController, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
@@ -27,6 +28,7 @@ from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
+from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
                                   optimizer_step, start_run)
 from rlhfkit.progress import progress
@@ -80,17 +82,23 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
     sums: dict[str, float] = {}
     n = 0
     temperature = cfg.generation.logprob_temperature
+    params = roles.actor_parameters() + roles.critic_parameters()
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size):
-            mb = buffer[idx.to(buffer.input_ids.device)]
+            idx = idx.to(buffer.input_ids.device)
+            mb = buffer[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
+            # both losses are token means: weighted by this shard's share of the mini-batch's tokens, they sum
+            # over processes to the loss of the whole mini-batch
+            share = float(mb.action_mask.sum()) / max(float(buffer.action_mask[idx].sum()), 1.0)
             logprobs = roles.actor_logprobs(mb.batch(), temperature=temperature)
             pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
             values = roles.critic_values(mb.batch())
             vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
             loss = pg_loss + cfg.vf_coef * vf_loss
-            if not nonfinite.ok("loss", loss.item(), step):
+            if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
                 continue
-            loss.backward()
+            (loss * share).backward()
+            distributed.average_gradients(params, 1.0)  # the sum over processes
             grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # applies nothing when non-finite
             critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
             if not (nonfinite.ok("actor gradient norm", grad_norm, step)
@@ -127,15 +135,17 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
     for r in range(cfg.rollouts_per_step):
         k = step * cfg.rollouts_per_step + r
         batch_prompts = [prompts[i] for i in batch_indices(k, len(prompts), cfg.rollout_batch_size, cfg.train.seed)]
+        # each process samples its share of the batch, every prompt with its own seed: the same samples
+        # whatever the number of processes
+        seeds = distributed.shard(prompt_seeds(cfg.train.seed * 7919 + k, len(batch_prompts)))
         exp, stats = make_experience(
-            roles, tokenizer, batch_prompts, score_fn, cfg.generation, engine=engine, beta=kl_ctl.beta,
-            kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
-            missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam,
-            seed=cfg.train.seed * 7919 + k)
-        parts.append(exp), rollout_metrics.append(stats.metrics)
+            roles, tokenizer, distributed.shard(batch_prompts), score_fn, cfg.generation, engine=engine,
+            beta=kl_ctl.beta, kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
+            missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam, seeds=seeds)
+        parts.append(exp.gather(tokenizer.pad_token_id)), rollout_metrics.append(stats.metrics)
         if probe:
             probes.append(probe(stats.prompts, stats.texts))
-    buffer = Experience.cat(parts, tokenizer.pad_token_id)
+    buffer = Experience.cat(parts, tokenizer.pad_token_id)  # the whole buffer, in every process
     # 2. advantages whitened over the whole buffer (mean not added back, DESIGN.md §3)
     buffer.advantages = masked_whiten(buffer.advantages, buffer.action_mask)
     ev = explained_variance(buffer.old_values, buffer.returns, buffer.action_mask)
@@ -143,9 +153,7 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
     t0 = time.perf_counter()
     learned = learn(roles, buffer, cfg, actor_opt, critic_opt, generator, nonfinite, step + 1)
     engine.update_weights(roles.generation_model())  # the HF engine shares the module; vLLM would reload here
-    metrics = {k: sum(m[k] for m in rollout_metrics) / len(rollout_metrics) for k in rollout_metrics[0]}
-    if probes:
-        metrics.update({k: sum(q[k] for q in probes) / len(probes) for k in probes[0]})
+    metrics = distributed.mean_over_processes(rollout_metrics + probes, buffer.input_ids.device)
     metrics.update(learned)
     metrics.update({"value/explained_variance": ev, "time/learn": time.perf_counter() - t0,
                     "time/step": time.perf_counter() - t_step, "train/skipped_updates": nonfinite.skipped,
@@ -205,14 +213,15 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
                                    critic_opt, generator, nonfinite)
                 bar.set_postfix(score=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
                 done = step + 1
-                if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                if (evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps
+                        and distributed.is_main()):
                     metrics.update(evaluate(roles.generation_model(), tokenizer))
                 if done % cfg.train.log_every == 0 or done == steps:
                     logger.log(done, metrics)
                 checkpoints.after_step(done, stop)
             if cfg.train.save_every:
                 checkpoints.finish(steps)
-        if evaluate:
+        if evaluate and distributed.is_main():
             final = evaluate(roles.generation_model(), tokenizer)
             logger.log(steps, final)
             metrics.update(final)
