@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.ops import position_ids_from_mask, shifted_logprobs
+from rlhfkit.ops import position_ids_from_mask, shifted_logprobs, token_logprobs
+
+# config fields under which a model changes its logits after the output head (softcapping, scaling):
+# such models keep the full forward, whose code applies them
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | None = None,
@@ -30,6 +34,41 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     ids = input_ids[:, -(keep + 1):] if keep else input_ids
     lp = shifted_logprobs(logits, ids)
     return (lp, logits[:, :-1]) if with_logits else lp
+
+
+def backbone_and_head(model):
+    """(the transformer body, the output head) of a causal LM, plain or peft-wrapped, or None
+    where calling the head on hidden states would not reproduce the model's logits.
+
+    Inside a peft wrapper both are the live modules: LoRA layers (a LoRA-adapted head too) stay
+    active, and ``disable_adapter()`` switches them off here as in the full forward.
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if backbone is None or head is None or any(getattr(hf.config, k, None) for k in _LOGIT_TRANSFORMS):
+        return None
+    return backbone, head
+
+
+def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) where ``mask`` is set, 0 elsewhere.
+
+    input_ids, attention_mask (B, T), mask (B, T-1) → (B, T-1). The body runs over every
+    position, the output head and the log-softmax only over the N positions of ``mask`` (a loss
+    on completion tokens pays nothing for prompt and padding positions: with vocabulary V that
+    is the (N, H) x (H, V) product instead of (B T, H) x (H, V), and a (N, V) softmax).
+    """
+    parts = backbone_and_head(model)
+    if parts is None:
+        return logprobs_of(model, input_ids, attention_mask).masked_fill(~mask.bool(), 0.0)
+    backbone, head = parts
+    mask = mask.bool()
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
+    logits = head(hidden[:, :-1][mask]).float()  # (N, V)
+    lp = token_logprobs(logits, input_ids[:, 1:][mask])  # (N,)
+    return lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # (B, T-1)
 
 
 def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int

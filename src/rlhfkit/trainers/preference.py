@@ -28,7 +28,7 @@ from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, ar
 from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
-from rlhfkit.models.forward import logprobs_of
+from rlhfkit.models.forward import masked_logprobs
 from rlhfkit.models.load import add_lora, load_causal_lm, save_model
 from rlhfkit.ops import sequence_logprobs
 from rlhfkit.trainers.loop import Logger, run, start_run
@@ -173,8 +173,8 @@ def completion_logps(model, batch: dict[str, torch.Tensor], average: bool) -> to
 
     batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) → (B,).
     """
-    logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"])  # (B, T-1)
     mask = batch["completion_mask"][:, 1:]  # the label of position t is token t+1
+    logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
     return masked_mean(logprobs, mask, dim=-1) if average else sequence_logprobs(logprobs, mask)
 
 
@@ -205,11 +205,11 @@ class LiveReference:
     def prepare(self, examples: list[Example], batch_size: int) -> None:
         """Nothing to do before training."""
 
-    @torch.no_grad()
     def logps(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of (first, second) of each example: two (B,) tensors."""
-        with self.context() as model:
-            return completion_logps(model, self.to_batch(both(examples)), self.average).chunk(2)
+        with torch.inference_mode(), self.context() as model:
+            logps = completion_logps(model, self.to_batch(both(examples)), self.average)  # (2B,)
+        return logps.clone().chunk(2)  # clone: a normal tensor again, which autograd may use freely
 
 
 class PrecomputedReference(LiveReference):
@@ -305,7 +305,7 @@ class KTOObjective:
 
     def step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]):
         logps = completion_logps(policy, to_batch([e.first for e in examples]), average=False)  # (B,)
-        with torch.no_grad():  # z has no gradient (KTO paper, section 4.1)
+        with torch.inference_mode():  # z has no gradient (KTO paper, section 4.1)
             kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), average=False)  # (B,)
         ref_logps, ref_kl_logps = reference.logps(examples)
         kl = (kl_logps - ref_kl_logps).mean()  # kto_loss clamps it at 0 and detaches it

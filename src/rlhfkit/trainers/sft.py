@@ -15,8 +15,8 @@ import torch
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_sft
+from rlhfkit.models.forward import masked_logprobs
 from rlhfkit.models.load import add_lora, load_causal_lm, save_model
-from rlhfkit.ops import position_ids_from_mask, shifted_logprobs
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
 
@@ -43,11 +43,9 @@ def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     batch: ``input_ids``, ``attention_mask``, ``completion_mask``, each (B, T).
     Returns (nll_sum, n_tokens), scalars; the label of position t is token t+1.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=position_ids_from_mask(batch["attention_mask"])).logits  # (B, T, V)
-    logprobs = shifted_logprobs(logits, batch["input_ids"])  # (B, T-1)
-    mask = batch["completion_mask"][:, 1:].to(logprobs.dtype)
-    return -(logprobs * mask).sum(), mask.sum()
+    mask = batch["completion_mask"][:, 1:]  # the label of position t is token t+1
+    logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
+    return -logprobs.sum(), mask.sum().to(logprobs.dtype)
 
 
 def train(cfg: SFTConfig) -> dict[str, float]:
