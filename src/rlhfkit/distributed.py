@@ -114,8 +114,8 @@ def average_gradients(params, total_weight: float) -> None:
             for g in bucket:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g))
                 offset += g.numel()
-    for g in grads:
-        g.div_(max(total_weight, 1e-12))
+    if grads and total_weight != 1.0:
+        torch._foreach_div_(grads, max(total_weight, 1e-12))
 
 
 def barrier() -> None:
