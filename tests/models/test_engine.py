@@ -1,5 +1,5 @@
 """The rollout engine on tiny models of five architectures: our loop against HF generate, per-sample
-seeds whatever the batch, EOS, lengths, the RolloutEngine contract, LoRA."""
+seeds whatever the batch, EOS, lengths, the RolloutEngine contract, LoRA (merged per call and not)."""
 
 import copy
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhfkit.config import GenerationConfig
-from rlhfkit.models.load import load_tokenizer
-from rlhfkit.rollout.engine import HFRolloutEngine, decode, decode_hf, llama_family
+from rlhfkit.config import GenerationConfig, LoraConfig
+from rlhfkit.models.load import add_lora, load_tokenizer
+from rlhfkit.rollout.engine import HFRolloutEngine, decode, decode_hf, linear_weights, llama_family, llama_forward
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds, row_uniforms
 
@@ -170,3 +170,113 @@ def test_lora_adapters_apply_in_the_loop(tiny_model_dir):
     with peft_model.disable_adapter():
         without = decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
     assert not torch.equal(with_lora, without)
+
+
+def lora_actor(tiny_model_dir, arch, targets):
+    """A tiny model with a LoRA adapter as rlhfkit adds it, B made non-zero (a fresh adapter is a no-op)."""
+    model, tok = load(tiny_model_dir, arch)
+    peft_model = add_lora(model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=targets)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return peft_model, tok
+
+
+def logits_along(lm, input_ids, mask, tokens, merge):
+    """(A + 1, B, V) logits of ``llama_forward`` over a prompt batch and then ``tokens`` (B, A), fed in."""
+    valid = torch.cat([mask.bool(), torch.ones(tokens.shape, dtype=torch.bool)], 1)
+    forward = llama_forward(lm, valid, merge=merge)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        out = [forward(input_ids, positions)]
+        positions = positions[:, -1:]
+        for t in range(tokens.shape[1]):
+            positions = positions + 1
+            out.append(forward(tokens[:, t: t + 1], positions))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "all-linear+head"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_merged_lora_weights_sample_what_the_lora_modules_sample(tiny_model_dir, arch, targets):
+    peft_model, tok = lora_actor(tiny_model_dir, arch, targets)
+    lm = llama_family(peft_model)
+    wrapped = [m for m in (lm.model.layers[0].self_attn.q_proj, lm.model.layers[0].mlp.down_proj, lm.lm_head)
+               if hasattr(m, "lora_A")]
+    assert len(wrapped) == (3 if targets == "all-linear+head" else 2)
+    assert all(linear_weights(m) is not None for m in wrapped)  # the merged path, not the fallback
+    input_ids, mask = batch_of(tok, PROMPTS)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    uniforms = row_uniforms(prompt_seeds(1, 5), 16)
+    greedy = GenerationConfig(max_new_tokens=16, temperature=0)
+    for cfg in (greedy, GenerationConfig(max_new_tokens=16, top_p=0.9)):
+        merged = decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
+        modules = decode_hf(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
+        assert torch.equal(merged, modules)
+        if cfg is greedy:
+            first_greedy = merged
+    # Logits along the same tokens, one F.linear on W + s·BA against base + A + B + scale + add per layer
+    ours = logits_along(lm, input_ids, mask, merged, merge=True)
+    theirs = logits_along(lm, input_ids, mask, merged, merge=False)
+    assert (ours - theirs).abs().max() < 1e-5
+    # The module is untouched: base and adapter weights bit for bit, nothing merged into it
+    after = peft_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(getattr(m, "merged", False) for m in peft_model.modules())
+    # An optimiser step between rollouts: the next decode samples with the new adapter
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.mul_(-1.5)
+    stepped = decode(peft_model, input_ids, mask, uniforms, greedy, None, tok.pad_token_id)
+    assert torch.equal(stepped, decode_hf(peft_model, input_ids, mask, uniforms, greedy, None, tok.pad_token_id))
+    assert not torch.equal(stepped, first_greedy)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_disabled_adapters_decode_exactly_as_the_base_model(tiny_model_dir, arch):
+    peft_model, tok = lora_actor(tiny_model_dir, arch, "all-linear+head")
+    base, _ = load(tiny_model_dir, arch)  # a fresh copy of the same checkpoint, no peft
+    input_ids, mask = batch_of(tok, PROMPTS)
+    cfg = GenerationConfig(max_new_tokens=16, temperature=1.0)
+    uniforms = row_uniforms(prompt_seeds(2, 5), 16)
+    plain = decode(base, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
+    with peft_model.disable_adapter():
+        off = decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
+        off_logits = logits_along(llama_family(peft_model), input_ids, mask, off, merge=True)
+    assert torch.equal(off, plain)
+    assert torch.equal(off_logits, logits_along(base, input_ids, mask, off, merge=True))
+    assert not torch.equal(decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id), plain)
+
+
+def test_peft_merged_and_unsupported_adapters_take_the_module_path_or_the_merged_base(tiny_model_dir):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_model, tok = lora_actor(tiny_model_dir, "llama", "all-linear")
+    input_ids, mask = batch_of(tok, PROMPTS)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    uniforms = row_uniforms(prompt_seeds(3, 5), 12)
+    unmerged = decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)
+    q_proj = llama_family(peft_model).model.layers[0].self_attn.q_proj
+    # peft's own merge: W already holds the adapter, the base tensors are used as they are
+    peft_model.merge_adapter()
+    assert linear_weights(q_proj)[0] is q_proj.base_layer.weight
+    assert torch.equal(decode(peft_model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id), unmerged)
+    peft_model.unmerge_adapter()
+    # dropout in training mode is random per call: the module is called
+    train_dropout = get_peft_model(load(tiny_model_dir, "llama")[0],
+                                   PeftLoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
+    layer = llama_family(train_dropout).model.layers[0].self_attn.q_proj
+    assert linear_weights(layer) is None
+    train_dropout.eval()
+    assert linear_weights(layer) is not None
+    # DoRA: not a weight merge this function knows; the loop calls the module and still draws HF's tokens
+    dora = get_peft_model(load(tiny_model_dir, "llama")[0],
+                          PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                         init_lora_weights=False)).eval()
+    assert linear_weights(llama_family(dora).model.layers[0].self_attn.q_proj) is None
+    assert torch.equal(decode(dora, input_ids, mask, uniforms, cfg, None, tok.pad_token_id),
+                       decode_hf(dora, input_ids, mask, uniforms, cfg, None, tok.pad_token_id))

@@ -7,8 +7,9 @@ module itself, on CPU or GPU, with one of two backends that draw the same tokens
 - ``loop`` (ours): one forward per token with a KV cache, explicit positions for left padding
   and none of ``model.generate``'s per-token machinery. Llama-family models (llama, qwen2,
   mistral) run their decoder layers here with our attention over a preallocated KV buffer
-  (``KVBuffer``); other tested architectures (gpt2, gpt_neox) call the model's own forward with
-  a ``DynamicCache``.
+  (``KVBuffer``) and their linear layers as ``F.linear`` on weights taken once per call, LoRA
+  adapters merged into a copy (``linear_weights``); other tested architectures (gpt2, gpt_neox)
+  call the model's own forward with a ``DynamicCache``.
 - ``hf``: ``model.generate`` with our sampling rule as a logits processor, for architectures the
   loop is not tested on.
 
@@ -20,7 +21,7 @@ Shapes: B rows, T prompt width, A new tokens, V vocabulary, H heads, D head size
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ def llama_family(model):
 
     Llama, Qwen2 and Mistral with SDPA attention and no sliding window share one layer:
     RMSNorm → q/k/v projections → rotary → attention → o projection, RMSNorm → MLP. A peft
-    model is unwrapped; its LoRA layers stay in place and are called as modules.
+    model is unwrapped; its LoRA layers stay in place (``linear_weights`` reads them).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = lm.config
@@ -93,16 +94,94 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
-def llama_forward(lm, valid: torch.Tensor):
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (accelerate's offloading, user probes) besides its forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def linear_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The (out, in) weight and (out,) bias with which ``F.linear`` computes ``module(x)``, or None.
+
+    A plain ``nn.Linear``: its own tensors. A peft LoRA ``Linear`` over one, with one active adapter:
+    W + scaling · B A (and b + scaling · b_B with a LoRA bias) as new tensors; the module is left as
+    it is, so the reference (the same base, adapters off) stays bit-exact. Adapters disabled, already
+    merged into W, or none of the active ones on this layer: the base tensors. None, meaning "call the
+    module", for what this does not reproduce: hooks, DoRA and the other LoRA variants, several
+    active adapters, dropout in training mode, ``fan_in_fan_out``, adapter and base of different
+    dtypes, disabled adapters still merged (peft unmerges them on the call), other tuner types.
+    The weights change after every optimiser step: take them anew for each ``decode``.
+    """
+    if type(module) is torch.nn.Linear:
+        return None if has_hooks(module) else (module.weight, module.bias)
+    if not type(module).__module__.startswith("peft."):
+        return None
+    from peft.tuners.lora import Linear as LoraLinear
+
+    base = getattr(module, "base_layer", None)
+    if type(module) is not LoraLinear or type(base) is not torch.nn.Linear or has_hooks(module) or has_hooks(base):
+        return None
+    if module.disable_adapters:
+        return None if module.merged else (base.weight, base.bias)
+    if module.merged:  # peft's forward then calls the base layer alone
+        return base.weight, base.bias
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:
+        return base.weight, base.bias
+    name = active[0]
+    variant = name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False)
+    if len(active) > 1 or variant or module.fan_in_fan_out:
+        return None
+    lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    dropout_off = isinstance(dropout, torch.nn.Identity) or not dropout.training or getattr(dropout, "p", 1) == 0
+    if (not dropout_off or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear
+            or lora_a.weight.dtype != base.weight.dtype):
+        return None
+    scaling = module.scaling[name]
+    # (out, r) @ (r, in): the same product peft's merge adds (get_delta_weight), into a new tensor
+    weight = torch.addmm(base.weight, lora_b.weight, lora_a.weight, alpha=scaling)
+    bias = base.bias
+    if lora_b.bias is not None:  # lora_bias=True: B's bias is scaled with B (peft: lora_B(lora_A(x)) * scaling)
+        bias = scaling * lora_b.bias if bias is None else bias + scaling * lora_b.bias
+    return weight, bias
+
+
+def linear_op(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as one ``F.linear`` on the weights ``linear_weights`` finds, else the module itself."""
+    found = linear_weights(module)
+    if found is None:
+        return module
+    weight, bias = found
+    return lambda x: F.linear(x, weight, bias)
+
+
+def mlp_op(mlp: torch.nn.Module, merge: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated MLP of llama / qwen2 / mistral, down(act(gate(x)) · up(x)), with its linears as ``linear_op``."""
+    if not merge or type(mlp).__name__ not in ("LlamaMLP", "Qwen2MLP", "MistralMLP") or has_hooks(mlp):
+        return mlp
+    gate, up, down, act = linear_op(mlp.gate_proj), linear_op(mlp.up_proj), linear_op(mlp.down_proj), mlp.act_fn
+    return lambda x: down(act(gate(x)) * up(x))
+
+
+def llama_forward(lm, valid: torch.Tensor, merge: bool = True):
     """A forward: (B, q) ids, (B, q) positions → (B, V) logits at the last position, for a llama-family ``lm``.
 
-    The layer arithmetic is the HF modules' (norms, projections, MLP, rotary tables are called as
-    modules, so LoRA and rope scaling apply); what is ours is the attention over a ``KVBuffer``
-    with boolean masks cut from ``valid`` (B, T + A), the keys that may be attended. This skips
-    the per-call mask building, cache bookkeeping and output records of the HF model forward.
+    The layer arithmetic is the HF modules' (norms, MLP activation and rotary tables are called as
+    modules, so rope scaling applies); what is ours is the attention over a ``KVBuffer`` with
+    boolean masks cut from ``valid`` (B, T + A), the keys that may be attended, and, with ``merge``,
+    the linear layers as ``F.linear`` on weights taken here, once per call (``linear_weights``). An
+    unmerged LoRA layer costs five operators a token (base, A, B, scale, add) where a merged one
+    costs one, and the rollout is operator-bound at small batch sizes. ``merge=False`` calls every
+    linear as a module. This skips the per-call mask building, cache bookkeeping and output records
+    of the HF model forward.
     """
     base = lm.model
     kv = KVBuffer(len(base.layers), valid.shape[1])
+    op = linear_op if merge else (lambda module: module)
+    # (q, k, v, o projections, MLP) per layer; for a LoRA actor these are new tensors, rebuilt per call
+    # since the optimiser changes the adapters between rollouts
+    layers = [(op(layer.self_attn.q_proj), op(layer.self_attn.k_proj), op(layer.self_attn.v_proj),
+               op(layer.self_attn.o_proj), mlp_op(layer.mlp, merge)) for layer in base.layers]
+    head = op(lm.lm_head)
 
     def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, q = ids.shape
@@ -113,19 +192,19 @@ def llama_forward(lm, valid: torch.Tensor):
             mask = valid[:, None, None, : kv.length + q]  # (B, 1, 1, length + q)
         hidden = base.embed_tokens(ids)  # (B, q, hidden)
         cos, sin = (t[:, None] for t in base.rotary_emb(hidden, position_ids=positions))  # (B, 1, q, D)
-        for i, layer in enumerate(base.layers):
+        for i, (layer, (q_proj, k_proj, v_proj, o_proj, mlp)) in enumerate(zip(base.layers, layers)):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            query = attn.q_proj(x).view(b, q, -1, attn.head_dim).transpose(1, 2)  # (B, H, q, D)
-            key = attn.k_proj(x).view(b, q, -1, attn.head_dim).transpose(1, 2)
-            value = attn.v_proj(x).view(b, q, -1, attn.head_dim).transpose(1, 2)
+            query = q_proj(x).view(b, q, -1, attn.head_dim).transpose(1, 2)  # (B, H, q, D)
+            key = k_proj(x).view(b, q, -1, attn.head_dim).transpose(1, 2)
+            value = v_proj(x).view(b, q, -1, attn.head_dim).transpose(1, 2)
             key, value = kv.update(rotate(key, cos, sin), value, i)  # (B, H_kv, length + q, D)
             out = F.scaled_dot_product_attention(rotate(query, cos, sin), key, value, attn_mask=mask,
                                                  scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, q, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + o_proj(out.transpose(1, 2).reshape(b, q, -1))
+            hidden = hidden + mlp(layer.post_attention_layernorm(hidden))
         kv.length += q
-        return lm.lm_head(base.norm(hidden[:, -1]))
+        return head(base.norm(hidden[:, -1]))
 
     return forward
 
