@@ -1,5 +1,6 @@
 """Reliability: a run killed at any moment resumes to the very weights of an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -174,6 +175,8 @@ def test_interrupted_rollout_trainers_resume_to_identical_weights(tiny_model_dir
     if sig == signal.SIGTERM:
         assert "--train.resume latest" in stderr
     subprocess.run(cmd(cut) + ["--train.resume", "latest"], check=True, capture_output=True, env=env)
+    logged = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == 8  # one record per step, the killed run's extras gone
     final = cut / "checkpoints" / "step-8"  # a checkpoint at the end too, with the config it ran with
     assert (final / "trainer_state.pt").is_file() and (final / "rlhfkit_config.yaml").is_file()
     expected, resumed = _all_weights(whole), _all_weights(cut)

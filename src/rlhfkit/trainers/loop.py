@@ -128,6 +128,20 @@ class Logger:
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
+    def rewind(self, step: int) -> None:
+        """Forget the records after ``step`` (a resumed run logs those steps again), so the file has
+        one record per step however often the run was interrupted."""
+        if self.file is None:
+            return
+        path = self.out / "metrics.jsonl"
+        self.file.close()
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self.file = open(path, "a", encoding="utf-8")
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.file is None:
             return
@@ -306,6 +320,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)})
     nonfinite = NonFinite(cfg.on_nan, checkpoints)
     start, _ = checkpoints.resume()
+    if start:
+        logger.rewind(start)
     model.train()
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list)

@@ -204,6 +204,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
     logger = Logger(out, cfg.train.tensorboard)
+    if start:
+        logger.rewind(start)
     metrics: dict[str, float] = {}
     try:
         with StopRequest() as stop:
