@@ -244,3 +244,17 @@ def test_on_nan_skip_in_the_supervised_loop_leaves_that_step_out(tmp_path):
     # Adam with β1 = 0 moves each weight by lr·sign(g) per applied step: two steps applied, not three
     torch.testing.assert_close(model.bias.detach(), torch.tensor([-0.2]), rtol=0, atol=1e-6)
     assert metrics["train/skipped_steps"] == 1
+
+
+def test_a_fresh_run_in_an_old_directory_does_not_append_to_its_metrics(tmp_path):
+    def once():
+        model = torch.nn.Linear(2, 1)
+        logger = Logger(tmp_path, tensorboard=False)
+        run(model=model, loss_fn=lambda idx: (model(torch.ones(len(idx), 2)).pow(2).mean(), len(idx), {}),
+            n_examples=8, cfg=TrainConfig(out=str(tmp_path), max_steps=3, batch_size=4, log_every=1),
+            optim=OptimConfig(lr=0.1), logger=logger)
+        logger.close()
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    assert once() == [1, 2, 3]
+    assert once() == [1, 2, 3]

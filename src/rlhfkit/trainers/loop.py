@@ -129,8 +129,8 @@ class Logger:
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
     def rewind(self, step: int) -> None:
-        """Forget the records after ``step`` (a resumed run logs those steps again), so the file has
-        one record per step however often the run was interrupted."""
+        """Forget the records after ``step``: a resumed run logs those steps again, and a fresh run
+        (step 0) into an old run's directory starts a fresh file. One record per step, always."""
         if self.file is None:
             return
         path = self.out / "metrics.jsonl"
@@ -320,8 +320,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)})
     nonfinite = NonFinite(cfg.on_nan, checkpoints)
     start, _ = checkpoints.resume()
-    if start:
-        logger.rewind(start)
+    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     model.train()
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list)

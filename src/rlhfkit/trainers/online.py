@@ -264,8 +264,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
     logger = Logger(out, cfg.train.tensorboard)
-    if start:
-        logger.rewind(start)
+    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
 
     def evaluate() -> dict[str, float]:
         return evaluate_rewards(roles.generation_model(), tokenizer, eval_rows, reward, cfg.generation, cfg.train.seed)

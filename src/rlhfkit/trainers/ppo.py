@@ -204,8 +204,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
     logger = Logger(out, cfg.train.tensorboard)
-    if start:
-        logger.rewind(start)
+    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     metrics: dict[str, float] = {}
     try:
         with StopRequest() as stop:
