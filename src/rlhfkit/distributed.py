@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from rlhfkit.ops import mean_of
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,9 +80,8 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def mean_over_processes(records: list[dict[str, float]], device: torch.device) -> dict[str, float]:
     """Each metric averaged over ``records`` (those that have it), then over processes."""
-    keys = sorted({k for r in records for k in r})
-    means = [sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys]
-    return dict(zip(keys, (v / world_size() for v in all_sum(means, device))))
+    means = mean_of(records)
+    return dict(zip(means, (v / world_size() for v in all_sum(list(means.values()), device))))
 
 
 BUCKET_ELEMENTS = 2**24  # ~64 MB of fp32 per collective: few calls, and no full copy of a large model's gradients

@@ -52,3 +52,9 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
         raise ValueError("no values to average")
     err = stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
     return mean(values), err
+
+
+def mean_of(records: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the ``records`` that have it (one record per mini-batch, rollout, ...)."""
+    keys = sorted({k for r in records for k in r})
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}

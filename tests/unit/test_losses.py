@@ -424,3 +424,10 @@ def test_shard_losses_weighted_by_their_units_add_up_to_the_batch_loss(reduction
     split = sum(loss(rows) * reduction_units(reduction, mask[rows]) / total for rows in ([0, 1], [2, 3, 4]))
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
     assert total == {"token_mean": 10.0, "seq_mean_token_mean": 4.0, "token_sum_norm": 5.0}[reduction]
+
+
+def test_mean_of_averages_each_metric_over_the_records_that_have_it():
+    from rlhfkit.ops import mean_of
+
+    assert mean_of([{"a": 1.0, "b": 4.0}, {"a": 3.0}, {"a": 5.0, "b": 2.0}]) == {"a": 3.0, "b": 3.0}
+    assert mean_of([]) == {}

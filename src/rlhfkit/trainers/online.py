@@ -38,7 +38,7 @@ from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
                                   optimizer_step, start_run)
 from rlhfkit.progress import progress
-from rlhfkit.ops import mean_stderr
+from rlhfkit.ops import mean_of, mean_stderr
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -190,8 +190,7 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
 
     A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``).
     """
-    sums: dict[str, float] = {}
-    n = 0
+    records: list[dict[str, float]] = []
     temperature = cfg.generation.logprob_temperature
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
@@ -216,10 +215,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 continue
             stats = {"loss/policy": pg_loss.item(), "loss/kl": kl_loss.item(), "grad_norm": grad_norm,
                      **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-    return {k: v / n for k, v in sums.items()}
+            records.append(stats)
+    return mean_of(records)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from rlhfkit.losses import policy_loss, value_loss
 from rlhfkit.models.load import is_adapter_dir
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
+from rlhfkit.ops import mean_of
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.rollout.sampling import prompt_seeds
@@ -79,8 +80,7 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
 
     A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``).
     """
-    sums: dict[str, float] = {}
-    n = 0
+    records: list[dict[str, float]] = []
     temperature = cfg.generation.logprob_temperature
     params = roles.actor_parameters() + roles.critic_parameters()
     for _ in range(cfg.ppo_epochs):
@@ -107,10 +107,8 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
             stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
                      **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
                      **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-    return {k: v / n for k, v in sums.items()}
+            records.append(stats)
+    return mean_of(records)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
