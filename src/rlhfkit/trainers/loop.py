@@ -270,6 +270,11 @@ class Checkpoints:
         """The checkpoint of ``step``: the one already written, or a new one."""
         return self.last if self.last and self.last.name == f"step-{step}" else self.save(step)
 
+    def at_end(self, step: int) -> None:
+        """A checkpoint of the last step too, when the run checkpoints at all (``train.save_every``)."""
+        if self.cfg.save_every:
+            self.finish(step)
+
     def after_step(self, step: int, stop: "StopRequest") -> None:
         """Save when due; after SIGINT/SIGTERM, save and exit saying how to resume."""
         if self.cfg.save_every and step % self.cfg.save_every == 0:
@@ -355,8 +360,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             window["skipped_steps"] = [nonfinite.skipped]
             last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last)
             checkpoints.after_step(step + 1, stop)
-    if cfg.save_every:
-        checkpoints.finish(num_steps)
+    checkpoints.at_end(num_steps)
     if evaluate and distributed.is_main():
         last = evaluate()
         logger.log(num_steps, last)

@@ -293,8 +293,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                     logger.log(done, metrics)
                 bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
                 checkpoints.after_step(done, stop)
-            if cfg.train.save_every:
-                checkpoints.finish(steps)
+            checkpoints.at_end(steps)
         if eval_rows and distributed.is_main():
             final = evaluate()
             logger.log(steps, final)

@@ -218,8 +218,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
                 if done % cfg.train.log_every == 0 or done == steps:
                     logger.log(done, metrics)
                 checkpoints.after_step(done, stop)
-            if cfg.train.save_every:
-                checkpoints.finish(steps)
+            checkpoints.at_end(steps)
         if evaluate and distributed.is_main():
             final = evaluate(roles.generation_model(), tokenizer)
             logger.log(steps, final)
