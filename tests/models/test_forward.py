@@ -64,3 +64,54 @@ def test_models_that_transform_logits_take_the_full_forward(tiny_model_dir):
     mask = batch["completion_mask"][:, 1:]
     torch.testing.assert_close(masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask),
                                logprobs_of(model, batch["input_ids"], batch["attention_mask"]) * mask)
+
+
+def _grouped_batch(tok, group: int = 3):
+    """Two prompts of different lengths, each ``group`` times, with responses of different lengths."""
+    from rlhfkit.data.collate import encode_prompt
+    from rlhfkit.models.forward import join_prompt_response
+
+    prompts = [encode_prompt(tok, p) for p, _ in EXAMPLES[:2]]
+    responses = [" calm", " The lake is dull and grey today.", " Hello.", " It is", " Fine, thanks.", " No"]
+    prompt_ids = [prompts[i // group] for i in range(2 * group)]
+    response_ids = [tok(r, add_special_tokens=False)["input_ids"][: 1 + i] for i, r in enumerate(responses)]
+    response_ids = response_ids[: len(prompt_ids)]
+    return join_prompt_response(prompt_ids, response_ids, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lora", [None, "all-linear+head"])
+def test_shared_prefix_logprobs_equal_the_full_forward(tiny_model_dir, arch, lora):
+    """Repeated prompts run once (GRPO's groups): same log-probs and gradients as every row in full."""
+    from rlhfkit.models.forward import _shared_prefix_logits
+
+    model, _ = _model_and_batch(tiny_model_dir, arch, lora, "left")
+    tok = load_tokenizer(tiny_model_dir(arch))
+    batch = _grouped_batch(tok)
+    ids, attn, width = batch["input_ids"], batch["attention_mask"], batch["action_mask"].shape[1]
+    assert _shared_prefix_logits(model, ids, attn, width) is not None  # the shared path is the one under test
+    full = logprobs_of(model, ids, attn)[:, -width:] * batch["action_mask"]  # (B, A): every row in full
+    full.sum().backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    shared, logits = logprobs_of(model, ids, attn, keep=width, with_logits=True)
+    (shared * batch["action_mask"]).sum().backward()
+    assert shared.shape == full.shape and logits.shape[:2] == full.shape
+    torch.testing.assert_close(shared * batch["action_mask"], full, atol=1e-5, rtol=0)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, full_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    if lora:  # the reference pass (adapters off) takes the same path
+        with torch.no_grad(), model.disable_adapter():
+            torch.testing.assert_close(logprobs_of(model, ids, attn, keep=width) * batch["action_mask"],
+                                       logprobs_of(model, ids, attn)[:, -width:] * batch["action_mask"],
+                                       atol=1e-5, rtol=0)
+
+
+def test_distinct_prefixes_take_the_plain_forward(tiny_model_dir):
+    from rlhfkit.models.forward import _shared_prefix_logits
+
+    model, _ = _model_and_batch(tiny_model_dir, "llama", None, "left")
+    batch = _grouped_batch(load_tokenizer(tiny_model_dir("llama")), group=1)
+    assert _shared_prefix_logits(model, batch["input_ids"], batch["attention_mask"],
+                                 batch["action_mask"].shape[1]) is None

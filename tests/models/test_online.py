@@ -103,9 +103,11 @@ def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_modul
     assert rc == 0
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == 3  # two steps and the final evaluation
-    for key in ("rollout/score", "reward/length", "reward/exact_answer", "rollout/kl", "policy/clip_frac",
-                "loss/policy", "loss/kl", "rollout/response_length", "time/step"):
+    for key in ("rollout/score", "reward/length", "reward/exact_answer", "policy/clip_frac",
+                "loss/policy", "loss/kl", "rollout/response_length", "rollout/entropy", "time/step"):
         assert key in logs[0], key
+    # the reference pass (and with it the KL to the reference) runs only when a KL term needs it
+    assert ("rollout/kl" in logs[0]) == (extra[:1] in (["--kl_coef"], ["--beta"]))
     assert "eval/reward/exact_answer" in logs[-1] and "eval/reward_stderr" in logs[-1]
     # LoRA B matrices start at zero: any non-zero one means the adapter was trained
     adapter = load_file(str(out / "adapter_model.safetensors"))
@@ -136,3 +138,58 @@ def test_reward_model_directory_and_function_combined(tiny_model_dir, task_dir, 
                 "--reward_weights", "0.5,1") == 0
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rollout/score"] == pytest.approx(0.5 * first["reward/my-rm"] + first["reward/length"], abs=1e-4)
+
+
+def test_one_on_policy_update_skips_the_actor_and_reference_passes(tiny_model_dir, arithmetic_dir):
+    """One epoch of one mini-batch and no KL term: the experience maker runs neither the actor's nor
+    the reference's pass, and the update equals the one made from recorded old log-probs."""
+    import copy
+    import dataclasses
+
+    from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
+    from rlhfkit.data.formats import load_prompts
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.roles import SharedBaseRoles
+    from rlhfkit.rollout.experience import make_experience
+    from rlhfkit.trainers.loop import NonFinite, build_optimizer
+    from rlhfkit.trainers.online import GRPOConfig, learn, one_update
+
+    path = tiny_model_dir("llama")
+    prompts = [r["prompt"] for r in load_prompts(str(arithmetic_dir / "prompts_train.jsonl"))[:2] for _ in range(3)]
+    cfg = GRPOConfig(prompts="unused", group_size=3, prompts_per_step=2, mini_batch_size=6, epochs=1,
+                     model=ModelConfig(path=path), lora=LoraConfig(enabled=True, r=4, target_modules="all-linear"),
+                     optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+                     generation=GenerationConfig(max_new_tokens=6), train=TrainConfig(out="unused", on_nan="stop"))
+    assert one_update(cfg)
+    assert not one_update(dataclasses.replace(cfg, epochs=2))
+    assert not one_update(dataclasses.replace(cfg, mini_batch_size=3))
+    torch.manual_seed(0)
+    roles = SharedBaseRoles(cfg.model, cfg.lora, torch.device("cpu"), critic=False)
+    with torch.no_grad():  # a fresh adapter adds nothing: make it count
+        for p in roles.actor_parameters():
+            p.normal_(0, 0.05)
+    tok = load_tokenizer(path)
+
+    def score(prompts, texts):
+        return torch.tensor([float(len(t)) for t in texts])
+
+    kwargs = dict(beta=0.0, reward_clip=None, seeds=list(range(6)))
+    full, _ = make_experience(roles, tok, prompts, score, cfg.generation, **kwargs)
+    skip, stats = make_experience(roles, tok, prompts, score, cfg.generation, old_logprobs=False, reference=False,
+                                  **kwargs)
+    assert skip.old_logprobs is None and skip.ref_logprobs is None and "rollout/kl" not in stats.metrics
+    assert torch.equal(skip.input_ids, full.input_ids)  # the same samples
+    updated = []
+    for exp in (full, skip):
+        exp.advantages = STRATEGIES["grpo"].advantages(exp, cfg.group_size)
+        copy_roles = copy.deepcopy(roles)
+        optimizer = build_optimizer(copy_roles.actor_parameters(), cfg.optim, 1)
+        metrics = learn(copy_roles, exp, cfg, "seq_mean_token_mean", optimizer, torch.Generator().manual_seed(0),
+                        NonFinite("stop", None), 1)
+        assert metrics["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        updated.append([p.detach().clone() for p in copy_roles.actor_parameters()])
+    assert "rollout/entropy" in metrics  # the skipped pass's entropy comes from the learn pass
+    moved = max((a - p).abs().max().item() for a, p in zip(updated[0], roles.actor_parameters()))
+    assert moved > 1e-4  # the update did something
+    for a, b in zip(*updated):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

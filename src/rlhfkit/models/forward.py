@@ -26,14 +26,55 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     ``temperature`` divides the logits, matching the distribution that was sampled.
     ``with_logits`` also returns the (temperature-scaled) logits behind them, (B, k, V).
     """
-    kwargs = {"logits_to_keep": keep + 1} if keep else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), **kwargs).logits
+    logits = _shared_prefix_logits(model, input_ids, attention_mask, keep) if keep else None
+    if logits is None:
+        kwargs = {"logits_to_keep": keep + 1} if keep else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), **kwargs).logits
     if temperature != 1.0:
         logits = logits / temperature
     ids = input_ids[:, -(keep + 1):] if keep else input_ids
     lp = shifted_logprobs(logits, ids)
     return (lp, logits[:, :-1]) if with_logits else lp
+
+
+def _shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
+                          ) -> torch.Tensor | None:
+    """The last ``keep`` + 1 positions' logits, (B, keep + 1, V), each distinct prefix run once.
+
+    GRPO-style batches repeat every prompt G times: the first T - keep columns (prompt ids and
+    mask) of the rows of a group are equal, and so, under causal attention, are their keys,
+    values and hidden states. The prefix runs once per distinct row (U of them), its KV cache
+    is indexed out to the B rows, and the last ``keep`` columns run on top of it: the prompt
+    costs U rows instead of B, in the forward and in the backward (gradients from the rows of
+    a group add up through the indexing). The last column of the result is never a target
+    and is returned as zeros, so the shape matches ``logits_to_keep = keep + 1``.
+    None when every prefix is distinct, or the model cannot run on a cache here (gradient
+    checkpointing turns the cache off; an architecture without ``past_key_values``).
+    """
+    width = input_ids.shape[1] - keep
+    if width < 1 or getattr(model, "is_gradient_checkpointing", False):
+        return None
+    prefix = torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1)
+    unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return None
+    first = inverse.new_full((unique.shape[0],), input_ids.shape[0]).scatter_reduce(
+        0, inverse, torch.arange(input_ids.shape[0], device=inverse.device), "amin")  # one row per prefix
+    positions = position_ids_from_mask(attention_mask)
+    try:
+        head = model(input_ids=input_ids[first, :width], attention_mask=attention_mask[first, :width],
+                     position_ids=positions[first, :width], use_cache=True, logits_to_keep=1)
+    except TypeError:  # no cache or logits_to_keep in this architecture's forward
+        return None
+    cache = head.past_key_values
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(inverse)  # (U, ...) → (B, ...), differentiable indexing
+    tail = model(input_ids=input_ids[:, width:], attention_mask=attention_mask, position_ids=positions[:, width:],
+                 past_key_values=cache, use_cache=True, logits_to_keep=keep).logits  # (B, keep, V)
+    # column j of the result predicts token width + j: the prefix's last position, then the tail's
+    return torch.cat([head.logits[inverse], tail[:, :-1], tail.new_zeros(tail[:, :1].shape)], 1)
 
 
 def backbone_and_head(model):

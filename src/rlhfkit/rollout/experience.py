@@ -32,22 +32,26 @@ class Experience:
     input_ids: torch.Tensor       # (B, P + A) prompt (left-padded) | response (right-padded)
     attention_mask: torch.Tensor  # (B, P + A)
     action_mask: torch.Tensor     # (B, A) 1 on response tokens, EOS included
-    old_logprobs: torch.Tensor    # (B, A) actor at sampling time
-    ref_logprobs: torch.Tensor    # (B, A) reference
+    old_logprobs: torch.Tensor | None  # (B, A) actor at sampling time; None: on-policy, taken from the learn pass
+    ref_logprobs: torch.Tensor | None  # (B, A) reference; None: no KL term needs it
     old_values: torch.Tensor      # (B, A) critic at sampling time
     rewards: torch.Tensor         # (B, A) −β·kl + clipped score at the last token
     advantages: torch.Tensor      # (B, A) GAE
     returns: torch.Tensor         # (B, A) advantages + old_values
     scores: torch.Tensor          # (B,) proxy score (after any missing-EOS penalty, before clipping)
 
+    def _map(self, fn) -> "Experience":
+        return Experience(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                             for f in fields(self)})
+
     def __getitem__(self, idx) -> "Experience":
-        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return self._map(lambda t: t[idx])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device) -> "Experience":
-        return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return self._map(lambda t: t.to(device))
 
     def gather(self, pad_token_id: int) -> "Experience":
         """Every process's experience joined in process order (itself with one process)."""
@@ -70,7 +74,7 @@ class Experience:
 
         def pad(e: Experience, name: str) -> torch.Tensor:
             t = getattr(e, name)
-            if t.dim() == 1:
+            if t is None or t.dim() == 1:
                 return t
             a = e.action_mask.shape[1]
             if name in ("input_ids", "attention_mask"):
@@ -81,7 +85,11 @@ class Experience:
                 return torch.cat([left, t, right], 1)
             return torch.cat([t, t.new_zeros((t.shape[0], width_a - a))], 1)
 
-        return Experience(**{f.name: torch.cat([pad(e, f.name) for e in items]) for f in fields(Experience)})
+        def join(name: str) -> torch.Tensor | None:
+            parts = [pad(e, name) for e in items]
+            return None if any(t is None for t in parts) else torch.cat(parts)
+
+        return Experience(**{f.name: join(f.name) for f in fields(Experience)})
 
 
 @dataclass
@@ -97,13 +105,18 @@ class RolloutStats:
 def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: GenerationConfig, *, beta: float,
                     kl_estimator: str = "k1", reward_clip: float | None = 5.0,
                     missing_eos_penalty: float | None = None, gamma: float = 1.0, lam: float = 0.95,
-                    seed: int = 0, seeds: list[int] | None = None, engine: RolloutEngine | None = None
-                    ) -> tuple[Experience, RolloutStats]:
+                    seed: int = 0, seeds: list[int] | None = None, engine: RolloutEngine | None = None,
+                    old_logprobs: bool = True, reference: bool = True) -> tuple[Experience, RolloutStats]:
     """Sample one response per prompt with the actor and record everything learning needs.
 
     Prompt i samples with ``seeds[i]`` (default: ``prompt_seeds(seed, len(prompts))``) through
     ``engine`` (default: the Hugging Face engine over the actor itself).
+    ``old_logprobs=False`` skips the actor pass (for one on-policy update, whose learn pass
+    computes the same log-probs: ratio 1); ``reference=False`` skips the reference pass (no KL
+    term: β = 0). Either leaves its field None and ``rollout/kl`` unlogged.
     """
+    if beta and not (old_logprobs and reference):
+        raise ValueError("a KL penalty in the rewards (beta > 0) needs the actor's and the reference's log-probs")
     model = roles.generation_model()  # also makes the actor the active adapter in shared mode
     device = next(model.parameters()).device
     engine = engine or HFRolloutEngine(model, tokenizer, gen, gen.backend)
@@ -115,24 +128,29 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
              join_prompt_response(gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id).items()}
     mask = batch["action_mask"].float()
     temperature = gen.logprob_temperature
-    old_logprobs, logits = roles.actor_logprobs(batch, temperature=temperature, with_logits=True)
-    entropy = masked_mean(entropy_from_logits(logits), mask)
-    ref_logprobs = roles.reference_logprobs(batch, temperature=temperature)
+    old, ref, metrics = None, None, {}
+    if old_logprobs:
+        old, logits = roles.actor_logprobs(batch, temperature=temperature, with_logits=True)
+        metrics["rollout/entropy"] = masked_mean(entropy_from_logits(logits), mask).item()
+        del logits
+    if reference:
+        ref = roles.reference_logprobs(batch, temperature=temperature)
     old_values = roles.critic_values(batch)
     t2 = time.perf_counter()
     scores = score_fn(prompts, gens.texts).to(device).float()
     has_eos = torch.tensor(gens.has_eos, device=device)
     if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
         scores = torch.where(has_eos, scores, scores + missing_eos_penalty)
-    kl = approx_kl(old_logprobs, ref_logprobs, kind=kl_estimator) * mask
+    kl = approx_kl(old, ref, kind=kl_estimator) * mask if beta else torch.zeros_like(mask)
     rewards = per_token_rewards(scores, kl, mask, beta, clip=reward_clip)
     advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam)
     t3 = time.perf_counter()
-    exp = Experience(batch["input_ids"], batch["attention_mask"], batch["action_mask"], old_logprobs * mask,
-                     ref_logprobs * mask, old_values * mask, rewards, advantages, returns, scores)
-    seq_kl = (approx_kl(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
-    metrics = {"rollout/score": scores.mean().item(), "rollout/kl": seq_kl.mean().item(),
-               "rollout/entropy": entropy.item(), "rollout/response_length": mask.sum(-1).mean().item(),
-               "rollout/eos_share": has_eos.float().mean().item(), "rollout/beta": beta,
-               "time/generate": t1 - t0, "time/forward": t2 - t1, "time/score": t3 - t2}
+    exp = Experience(batch["input_ids"], batch["attention_mask"], batch["action_mask"],
+                     None if old is None else old * mask, None if ref is None else ref * mask,
+                     old_values * mask, rewards, advantages, returns, scores)
+    if old is not None and ref is not None:
+        metrics["rollout/kl"] = (approx_kl(old, ref, "k1") * mask).sum(-1).mean().item()
+    metrics.update({"rollout/score": scores.mean().item(), "rollout/response_length": mask.sum(-1).mean().item(),
+                    "rollout/eos_share": has_eos.float().mean().item(), "rollout/beta": beta,
+                    "time/generate": t1 - t0, "time/forward": t2 - t1, "time/score": t3 - t2})
     return exp, RolloutStats(gens.texts, list(prompts), t1 - t0, t3 - t1, metrics)

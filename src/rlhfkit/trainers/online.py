@@ -28,7 +28,7 @@ from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, rew
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
-from rlhfkit.losses import kl_penalty_loss, policy_loss, reduction_units
+from rlhfkit.losses import entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
 from rlhfkit.models.roles import SharedBaseRoles
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
@@ -158,6 +158,16 @@ def reward_inputs(rows: list[dict], repeat: int) -> tuple[list, dict[str, list]]
     return prompts, {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 
+def one_update(cfg: OnlineConfig) -> bool:
+    """Whether each step makes a single optimiser update (one epoch, one mini-batch).
+
+    Then the learn pass runs on the weights that sampled, its log-probs are the old log-probs
+    (the ratio is 1, its gradient the policy gradient) and the experience maker skips its
+    actor pass; the rollout's entropy comes from the learn pass too.
+    """
+    return cfg.epochs == 1 and cfg.mini_batch_size >= cfg.prompts_per_step * cfg.group_size
+
+
 def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: CombinedReward, cfg: OnlineConfig,
             seed: int) -> tuple[Experience, dict[str, float]]:
     """G samples of each row's prompt, group by group, through PPO's experience maker."""
@@ -175,7 +185,8 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
 
     exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, engine=engine, beta=cfg.beta,
                                  kl_estimator=cfg.kl_estimator, reward_clip=None,
-                                 missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds)
+                                 missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds,
+                                 old_logprobs=not one_update(cfg), reference=bool(cfg.kl_coef or cfg.beta))
     grouped = exp.scores.view(-1, G)  # (P, G)
     metrics = {**stats.metrics, **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
@@ -196,12 +207,17 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
         for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
             idx = idx.to(exp.input_ids.device)
             mb = exp[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
-            logprobs = roles.actor_logprobs(mb.batch(), temperature=temperature)
+            on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
+            logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
+            old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
             # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
-            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
+            pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
                                             reduction=reduction,
                                             norm_constant=cfg.generation.max_new_tokens * len(mb))
-            kl_loss = kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask)
+            kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask) if mb.ref_logprobs is not None
+                       else logprobs.new_zeros(()))
+            entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item() if on_policy else None
+            del logits
             if not nonfinite.ok("loss", distributed.all_sum([(pg_loss + kl_loss).item()], pg_loss.device)[0], step):
                 continue
             # each term weighted by this shard's share of its units: summed over processes, the mini-batch's loss
@@ -215,6 +231,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 continue
             stats = {"loss/policy": pg_loss.item(), "loss/kl": kl_loss.item(), "grad_norm": grad_norm,
                      **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
+            if entropy is not None:
+                stats["rollout/entropy"] = entropy
             records.append(stats)
     return mean_of(records)
 
@@ -291,7 +309,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                     metrics.update(evaluate())
                 if done % cfg.train.log_every == 0 or done == steps:
                     logger.log(done, metrics)
-                bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
+                bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}",
+                                **({"kl": f"{metrics['rollout/kl']:.2f}"} if "rollout/kl" in metrics else {}))
                 checkpoints.after_step(done, stop)
             checkpoints.at_end(steps)
         if eval_rows and distributed.is_main():
