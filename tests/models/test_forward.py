@@ -115,3 +115,35 @@ def test_distinct_prefixes_take_the_plain_forward(tiny_model_dir):
     batch = _grouped_batch(load_tokenizer(tiny_model_dir("llama")), group=1)
     assert _shared_prefix_logits(model, batch["input_ids"], batch["attention_mask"],
                                  batch["action_mask"].shape[1]) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lora", [None, "all-linear+head"])
+def test_masked_logprobs_share_the_prompts_of_pairs(tiny_model_dir, arch, lora):
+    """DPO's batch (every chosen row, then every rejected one, prompts of different lengths): each
+    prompt's columns run once, with the full forward's log-probs and gradients, on either padding side."""
+    from rlhfkit.models.forward import shared_prefix_forward
+
+    path = tiny_model_dir(arch)
+    tok = load_tokenizer(path)
+    rejected = [" The dog is loud.", " The lake is bright and very clear.", " Go away."]
+    for side in ("right", "left"):
+        model, _ = _model_and_batch(tiny_model_dir, arch, lora, side)
+        examples = ([encode_example(tok, p, c, 64) for p, c in EXAMPLES]
+                    + [encode_example(tok, p, r, 64) for (p, _), r in zip(EXAMPLES, rejected)])
+        batch = collate(examples, tok.pad_token_id, side)
+        mask = batch["completion_mask"][:, 1:]
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        width = int(mask.float().argmax(-1).min()) + 1
+        backbone = backbone_and_head(model)[0]
+        assert shared_prefix_forward(backbone, ids, attn, width) is not None  # the shared path is under test
+        full = logprobs_of(model, ids, attn) * mask
+        full.sum().backward()
+        full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        fast = masked_logprobs(model, ids, attn, mask)
+        fast.sum().backward()
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, full_grads[n], atol=1e-5, rtol=1e-4, msg=n)

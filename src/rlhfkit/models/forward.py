@@ -38,43 +38,56 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     return (lp, logits[:, :-1]) if with_logits else lp
 
 
-def _shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
-                          ) -> torch.Tensor | None:
-    """The last ``keep`` + 1 positions' logits, (B, keep + 1, V), each distinct prefix run once.
+def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,
+                          head_kwargs: dict | None = None, tail_kwargs: dict | None = None):
+    """Run ``module`` with each distinct prefix of ``width`` columns once: (head, tail, inverse) or None.
 
-    GRPO-style batches repeat every prompt G times: the first T - keep columns (prompt ids and
-    mask) of the rows of a group are equal, and so, under causal attention, are their keys,
-    values and hidden states. The prefix runs once per distinct row (U of them), its KV cache
-    is indexed out to the B rows, and the last ``keep`` columns run on top of it: the prompt
-    costs U rows instead of B, in the forward and in the backward (gradients from the rows of
-    a group add up through the indexing). The last column of the result is never a target
-    and is returned as zeros, so the shape matches ``logits_to_keep = keep + 1``.
-    None when every prefix is distinct, or the model cannot run on a cache here (gradient
-    checkpointing turns the cache off; an architecture without ``past_key_values``).
+    Batches of repeated prompts (GRPO's groups, DPO's chosen and rejected rows) have rows whose
+    first ``width`` columns (ids and mask) are equal, and so, under causal attention, are their
+    keys, values and hidden states there. The U distinct prefixes run once (``head``, outputs
+    (U, width, ...)), their KV cache is indexed out to the B rows (row b's prefix is head row
+    ``inverse[b]``), and the remaining T - width columns run on top of it (``tail``, outputs
+    (B, T - width, ...)). Forward and backward pay the prefix for U rows instead of B; the
+    gradients of the rows sharing a prefix add up through the indexing, as they would in full.
+    None when every prefix is distinct or the module cannot run on a cache here (gradient
+    checkpointing turns the cache off; an architecture without ``past_key_values``): run it whole.
     """
-    width = input_ids.shape[1] - keep
-    if width < 1 or getattr(model, "is_gradient_checkpointing", False):
+    hf = module.get_base_model() if hasattr(module, "get_base_model") else module
+    if not 1 <= width < input_ids.shape[1] or getattr(hf, "is_gradient_checkpointing", False):
         return None
     prefix = torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1)
     unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)
     if unique.shape[0] == input_ids.shape[0]:
         return None
-    first = inverse.new_full((unique.shape[0],), input_ids.shape[0]).scatter_reduce(
-        0, inverse, torch.arange(input_ids.shape[0], device=inverse.device), "amin")  # one row per prefix
+    rows = torch.arange(input_ids.shape[0], device=inverse.device)
+    first = inverse.new_full((unique.shape[0],), input_ids.shape[0]).scatter_reduce(0, inverse, rows, "amin")
     positions = position_ids_from_mask(attention_mask)
     try:
-        head = model(input_ids=input_ids[first, :width], attention_mask=attention_mask[first, :width],
-                     position_ids=positions[first, :width], use_cache=True, logits_to_keep=1)
-    except TypeError:  # no cache or logits_to_keep in this architecture's forward
+        head = module(input_ids=input_ids[first, :width], attention_mask=attention_mask[first, :width],
+                      position_ids=positions[first, :width], use_cache=True, **(head_kwargs or {}))
+    except TypeError:  # no cache (or no logits_to_keep) in this architecture's forward
         return None
     cache = head.past_key_values
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
     cache.batch_select_indices(inverse)  # (U, ...) → (B, ...), differentiable indexing
-    tail = model(input_ids=input_ids[:, width:], attention_mask=attention_mask, position_ids=positions[:, width:],
-                 past_key_values=cache, use_cache=True, logits_to_keep=keep).logits  # (B, keep, V)
-    # column j of the result predicts token width + j: the prefix's last position, then the tail's
-    return torch.cat([head.logits[inverse], tail[:, :-1], tail.new_zeros(tail[:, :1].shape)], 1)
+    tail = module(input_ids=input_ids[:, width:], attention_mask=attention_mask, position_ids=positions[:, width:],
+                  past_key_values=cache, use_cache=True, **(tail_kwargs or {}))
+    return head, tail, inverse
+
+
+def _shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
+                          ) -> torch.Tensor | None:
+    """The last ``keep`` + 1 positions' logits, (B, keep + 1, V), the prompt columns shared
+    (``shared_prefix_forward``). The last column is never a target and is returned as zeros,
+    so the shape matches ``logits_to_keep = keep + 1``. None where it does not apply."""
+    out = shared_prefix_forward(model, input_ids, attention_mask, input_ids.shape[1] - keep,
+                                {"logits_to_keep": 1}, {"logits_to_keep": keep})
+    if out is None:
+        return None
+    head, tail, inverse = out[0].logits, out[1].logits, out[2]  # (U, 1, V), (B, keep, V)
+    # column j predicts token T - keep + j: the prefix's last position, then the tail's
+    return torch.cat([head[inverse], tail[:, :-1], tail.new_zeros(tail[:, :1].shape)], 1)
 
 
 def backbone_and_head(model):
@@ -105,8 +118,16 @@ def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return logprobs_of(model, input_ids, attention_mask).masked_fill(~mask.bool(), 0.0)
     backbone, head = parts
     mask = mask.bool()
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
+    targets = mask.any(-1)
+    # columns before every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
+    width = int(mask[targets].float().argmax(-1).min()) + 1 if targets.any() else 0
+    shared = shared_prefix_forward(backbone, input_ids, attention_mask, width)
+    if shared is None:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
+    else:
+        head_out, tail_out, inverse = shared
+        hidden = torch.cat([head_out.last_hidden_state[inverse], tail_out.last_hidden_state], 1)  # (B, T, H)
     logits = head(hidden[:, :-1][mask]).float()  # (N, V)
     lp = token_logprobs(logits, input_ids[:, 1:][mask])  # (N,)
     return lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # (B, T-1)
