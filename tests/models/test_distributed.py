@@ -87,9 +87,13 @@ def _assert_close(one: dict, two: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reward_dir(tiny_model_dir, task_dir, tmp_path_factory):
+    # trained enough that its scores spread: scores are standardised and PPO's advantages whitened, so near-equal
+    # scores (at lr 1e-5 two steps hardly move it) would divide float noise by a tiny std, and 2 vs 1 process
+    # would compare noise (1e-4 apart in the critic seen), not the method (4e-6 apart with this one)
     out = tmp_path_factory.mktemp("rm")
     _train(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
-            "--train.max_steps", "2", "--train.batch_size", "8", "--train.tensorboard", "false"], out, 1)
+            "--train.max_steps", "2", "--train.batch_size", "8", "--optim.lr", "1e-3", "--train.tensorboard", "false"],
+           out, 1)
     return out
 
 

@@ -39,6 +39,38 @@ def test_score_ignores_padding_side_and_batch_companions(tiny_model_dir, arch):
     assert alone.std() > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_pair_scores_run_each_prompt_once_with_the_same_scores_and_gradients(tiny_model_dir, arch):
+    from rlhfkit.models.forward import prompt_width, shared_prefix_forward
+    from rlhfkit.trainers.reward import pair_scores
+
+    path = tiny_model_dir(arch)
+    model = load_reward_backbone(ModelConfig(path=path), torch.device("cpu"))
+    torch.nn.init.normal_(model.score.weight)
+    tok = load_tokenizer(path)
+    rejected = [" A dog.", " The lake is bright.", " Go away, now, please."]
+    batch = collate([encode_example(tok, p, r, 64) for p, r in zip(PROMPTS, RESPONSES)]
+                    + [encode_example(tok, p, r, 64) for p, r in zip(PROMPTS, rejected)], tok.pad_token_id)
+    width = prompt_width(batch["completion_mask"])
+    backbone = getattr(model, model.base_model_prefix)
+    assert shared_prefix_forward(backbone, batch["input_ids"], batch["attention_mask"], width) is not None
+    grads = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            chosen, rej = pair_scores(model, batch, 3)
+        else:
+            scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+            chosen, rej = scores[:3], scores[3:]
+        (chosen - 2 * rej).sum().backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters()}, chosen.detach(), rej.detach()))
+    (g0, c0, r0), (g1, c1, r1) = grads
+    torch.testing.assert_close(c1, c0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r1, r0, atol=1e-5, rtol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_path):
     out = tmp_path / "rm"
     rc = main(["rm", "--model", tiny_model_dir("qwen2"), "--data", str(task_dir / "preference.jsonl"),

@@ -38,6 +38,15 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     return (lp, logits[:, :-1]) if with_logits else lp
 
 
+def _checkpointing(module) -> bool:
+    """Whether activation (gradient) checkpointing is on: the model then runs without a cache."""
+    hf = module.get_base_model() if hasattr(module, "get_base_model") else module
+    # transformers 5.2x renamed the property; 5.17 has only the old name
+    name = "is_activation_checkpointing" if hasattr(type(hf), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(hf, name, False))
+
+
 def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,
                           head_kwargs: dict | None = None, tail_kwargs: dict | None = None):
     """Run ``module`` with each distinct prefix of ``width`` columns once: (head, tail, inverse) or None.
@@ -52,8 +61,7 @@ def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch
     None when every prefix is distinct or the module cannot run on a cache here (gradient
     checkpointing turns the cache off; an architecture without ``past_key_values``): run it whole.
     """
-    hf = module.get_base_model() if hasattr(module, "get_base_model") else module
-    if not 1 <= width < input_ids.shape[1] or getattr(hf, "is_gradient_checkpointing", False):
+    if not 1 <= width < input_ids.shape[1] or _checkpointing(module):
         return None
     prefix = torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1)
     unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)
@@ -105,6 +113,25 @@ def backbone_and_head(model):
     return backbone, head
 
 
+def prompt_width(completion_mask: torch.Tensor) -> int:
+    """Columns before the first completion token of every row: the shortest prompt's length.
+
+    completion_mask (B, T) → int; 0 when no row has a completion token."""
+    rows = completion_mask.bool().any(-1)
+    return int(completion_mask[rows].float().argmax(-1).min()) if rows.any() else 0
+
+
+def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int = 0) -> torch.Tensor:
+    """The body's last hidden states, (B, T, H), rows that agree on their first ``width`` columns
+    running them once (``shared_prefix_forward``; rows of one prompt, such as a preference pair)."""
+    shared = shared_prefix_forward(backbone, input_ids, attention_mask, width)
+    if shared is None:
+        return backbone(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    head, tail, inverse = shared
+    return torch.cat([head.last_hidden_state[inverse], tail.last_hidden_state], 1)
+
+
 def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) where ``mask`` is set, 0 elsewhere.
 
@@ -118,16 +145,8 @@ def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return logprobs_of(model, input_ids, attention_mask).masked_fill(~mask.bool(), 0.0)
     backbone, head = parts
     mask = mask.bool()
-    targets = mask.any(-1)
-    # columns before every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
-    width = int(mask[targets].float().argmax(-1).min()) + 1 if targets.any() else 0
-    shared = shared_prefix_forward(backbone, input_ids, attention_mask, width)
-    if shared is None:
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
-    else:
-        head_out, tail_out, inverse = shared
-        hidden = torch.cat([head_out.last_hidden_state[inverse], tail_out.last_hidden_state], 1)  # (B, T, H)
+    # columns up to every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
+    hidden = backbone_hidden(backbone, input_ids, attention_mask, prompt_width(mask) + 1)  # (B, T, H)
     logits = head(hidden[:, :-1][mask]).float()  # (N, V)
     lp = token_logprobs(logits, input_ids[:, 1:][mask])  # (N,)
     return lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # (B, T-1)

@@ -16,8 +16,8 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.models.forward import backbone_hidden
 from rlhfkit.models.load import check_weights_format, is_adapter_dir, load_tokenizer, resolve_device, resolve_dtype
-from rlhfkit.ops import position_ids_from_mask
 
 NORMALIZATION_FILE = "score_normalization.json"
 
@@ -33,12 +33,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(-1)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Score of each sequence, read at its last real token: (B, T), (B, T) → (B,) float32."""
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_width: int = 0
+                    ) -> torch.Tensor:
+    """Score of each sequence, read at its last real token: (B, T), (B, T) → (B,) float32.
+
+    Rows equal on their first ``prefix_width`` columns (a pair's prompt) run those columns once."""
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
+    hidden = backbone_hidden(backbone, input_ids, attention_mask, prefix_width)  # (B, T, H)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
     return hf.score(last).squeeze(-1).float()
 

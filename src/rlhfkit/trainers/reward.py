@@ -21,6 +21,7 @@ from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, ar
 from rlhfkit.data.collate import collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
+from rlhfkit.models.forward import prompt_width
 from rlhfkit.models.load import add_lora, save_model
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
@@ -45,7 +46,8 @@ class RewardConfig:
 
 def pair_scores(model, batch: dict[str, torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of a 2B-row batch laid out as [chosen..., rejected...]: → (chosen (B,), rejected (B,))."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    # a pair's two rows share their prompt's columns: those run once per pair
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"], prompt_width(batch["completion_mask"]))
     return scores[:n_pairs], scores[n_pairs:]
 
 
