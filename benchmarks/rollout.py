@@ -12,6 +12,12 @@ one width) with temperature 1 and no top-k / top-p cut-off, ``--new-tokens`` new
 
 The two alternate within each repetition. Tokens = rows × decoding steps run (EOS can end a
 batch early, which neither side forces off). Prints medians and the ratio ours / hf.
+
+``--group G`` is GRPO's / RLOO's batch: ``--batch / G`` prompts, each repeated G times in a row (the
+rows' seeds differ). It adds a third contestant, ``unshared``: ours with group prefill sharing off
+(``decode(share=False)``: every row runs its own prefill), and prints ours / unshared as well:
+
+    OMP_NUM_THREADS=1 python benchmarks/rollout.py --sizes 8.4M --batch 32 --group 4
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 SIZES = {"1.2M": (128, 4, 4), "8.4M": (256, 8, 8), "42M": (512, 10, 8)}  # hidden, layers, heads
 
@@ -43,7 +51,7 @@ def make_prompts(tokenizer, n: int, tokens: int) -> list[str]:
     return prompts
 
 
-def bench_size(path: str, batch: int, prompt_tokens: int, new_tokens: int, reps: int) -> dict:
+def bench_size(path: str, batch: int, prompt_tokens: int, new_tokens: int, reps: int, group: int = 1) -> dict:
     import torch
 
     from rlhfkit.config import GenerationConfig
@@ -53,12 +61,13 @@ def bench_size(path: str, batch: int, prompt_tokens: int, new_tokens: int, reps:
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = load_tokenizer(path)
-    prompts = make_prompts(tokenizer, batch, prompt_tokens)
+    prompts = [p for p in make_prompts(tokenizer, batch // group, prompt_tokens) for _ in range(group)]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     input_ids = pad_batch(ids, tokenizer.pad_token_id, side="left")
     attention_mask = pad_batch([[1] * len(r) for r in ids], 0, side="left")
     cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, batch_size=batch)
 
+    from rlhfkit.rollout import engine
     from rlhfkit.rollout.generate import generate
 
     def hf(rep: int) -> int:
@@ -73,7 +82,11 @@ def bench_size(path: str, batch: int, prompt_tokens: int, new_tokens: int, reps:
         gens = generate(model, tokenizer, prompts, cfg, seed=rep)
         return batch * max(len(c) for c in gens.completion_ids)
 
-    runs = {"hf": hf, "ours": ours}
+    def unshared(rep: int) -> int:  # generate's loop with every row running its own prefill
+        with mock.patch.object(engine, "decode", partial(engine.decode, share=False)):
+            return ours(rep)
+
+    runs = {"hf": hf, "ours": ours, **({"unshared": unshared} if group > 1 else {})}
     for f in runs.values():  # warm-up
         f(0)
     rates: dict[str, list[float]] = {k: [] for k in runs}
@@ -94,6 +107,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--group", type=int, default=1, help="repeat each of batch / group prompts group times")
     parser.add_argument("--models", default="", help="directory to keep the models in (default: a temporary one)")
     a = parser.parse_args()
 
@@ -102,9 +116,13 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.models or tmp)
-        print(f"batch {a.batch}, ~{a.prompt_tokens} prompt + {a.new_tokens} new tokens, {a.reps} reps, "
+        if a.batch % a.group:
+            parser.error(f"--batch {a.batch} is not a multiple of --group {a.group}")
+        grouped = f" ({a.batch // a.group} prompts x {a.group})" if a.group > 1 else ""
+        print(f"batch {a.batch}{grouped}, ~{a.prompt_tokens} prompt + {a.new_tokens} new tokens, {a.reps} reps, "
               f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
-        print(f"{'size':>6} {'params':>8} {'hf tok/s':>10} {'ours tok/s':>11} {'ours/hf':>8}")
+        extra = f" {'unshared tok/s':>15} {'ours/unshared':>14}" if a.group > 1 else ""
+        print(f"{'size':>6} {'params':>8} {'hf tok/s':>10} {'ours tok/s':>11} {'ours/hf':>8}{extra}")
         for size in a.sizes.split(","):
             hidden, layers, heads = SIZES[size]
             path = root / f"llama-{size}"
@@ -113,9 +131,10 @@ def main() -> None:
                 subprocess.run(cli + ["--arch", "llama", "--out", str(path), "--hidden_size", str(hidden),
                                       "--num_layers", str(layers), "--num_heads", str(heads)],
                                check=True, capture_output=True)
-            r = bench_size(str(path), a.batch, a.prompt_tokens, a.new_tokens, a.reps)
-            print(f"{size:>6} {r['params'] / 1e6:7.2f}M {r['hf']:10.0f} {r['ours']:11.0f} {r['ours'] / r['hf']:7.2f}×",
-                  flush=True)
+            r = bench_size(str(path), a.batch, a.prompt_tokens, a.new_tokens, a.reps, a.group)
+            extra = f" {r['unshared']:15.0f} {r['ours'] / r['unshared']:13.2f}×" if a.group > 1 else ""
+            print(f"{size:>6} {r['params'] / 1e6:7.2f}M {r['hf']:10.0f} {r['ours']:11.0f} {r['ours'] / r['hf']:7.2f}×"
+                  f"{extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import GenerationConfig, LoraConfig
 from rlhfkit.models.load import add_lora, load_tokenizer
-from rlhfkit.rollout.engine import HFRolloutEngine, decode, decode_hf, linear_weights, llama_family, llama_forward
+from rlhfkit.rollout import engine
+from rlhfkit.rollout.engine import (HFRolloutEngine, LlamaForward, decode, decode_hf, distinct_prompts, linear_weights,
+                                    llama_family)
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds, row_uniforms
 
@@ -185,9 +187,9 @@ def lora_actor(tiny_model_dir, arch, targets):
 
 
 def logits_along(lm, input_ids, mask, tokens, merge):
-    """(A + 1, B, V) logits of ``llama_forward`` over a prompt batch and then ``tokens`` (B, A), fed in."""
+    """(A + 1, B, V) logits of ``LlamaForward`` over a prompt batch and then ``tokens`` (B, A), fed in."""
     valid = torch.cat([mask.bool(), torch.ones(tokens.shape, dtype=torch.bool)], 1)
-    forward = llama_forward(lm, valid, merge=merge)
+    forward = LlamaForward(lm, valid, merge=merge)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         out = [forward(input_ids, positions)]
@@ -280,3 +282,69 @@ def test_peft_merged_and_unsupported_adapters_take_the_module_path_or_the_merged
     assert linear_weights(llama_family(dora).model.layers[0].self_attn.q_proj) is None
     assert torch.equal(decode(dora, input_ids, mask, uniforms, cfg, None, tok.pad_token_id),
                        decode_hf(dora, input_ids, mask, uniforms, cfg, None, tok.pad_token_id))
+
+
+def repeated_batch(tokenizer, prompts, group):
+    """Each prompt ``group`` times in a row (GRPO's batch), left-padded to one width."""
+    return batch_of(tokenizer, [p for p in prompts for _ in range(group)])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_group_prefill_sharing_samples_the_unshared_tokens(tiny_model_dir, arch, lora, monkeypatch):
+    model, tok = lora_actor(tiny_model_dir, arch, "all-linear") if lora else load(tiny_model_dir, arch)
+    # Three prompts of different lengths x 4: three pad widths (one none) among the rows
+    input_ids, mask = repeated_batch(tok, [PROMPTS[3], PROMPTS[0], PROMPTS[4]], 4)
+    assert len(set(mask.sum(1).tolist())) == 3 and mask.min() == 0
+    first, inverse = distinct_prompts(input_ids, mask)
+    assert first.tolist() == [0, 4, 8] and inverse.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # the rows the prefill runs on: 3 shared, 12 unshared
+    prefill_rows = []
+    spy = lambda lm, valid: prefill_rows.append(len(valid)) or LlamaForward(lm, valid)  # noqa: E731
+    monkeypatch.setattr(engine, "LlamaForward", spy)
+    uniforms = row_uniforms(prompt_seeds(4, 12), 16)
+    for cfg in (GenerationConfig(max_new_tokens=16, temperature=1.0), GenerationConfig(max_new_tokens=16, top_p=0.8)):
+        shared = decode(model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id, share=True)
+        unshared = decode(model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id, share=False)
+        assert prefill_rows[-2:] == [3, 12]
+        assert shared.shape == (12, 16)
+        assert torch.equal(shared, unshared)
+        # the seeds differ inside a group, so the rows of one prompt do not all sample one completion
+        assert len({tuple(r) for r in shared[:4].tolist()}) > 1
+    # The prefill's logits and the first step's, bit for bit: what the rows continue from is the same cache
+    valid = torch.cat([mask.bool(), torch.ones((12, 2), dtype=torch.bool)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    lm = llama_family(model)
+    with torch.inference_mode():
+        alone, together = LlamaForward(lm, valid), LlamaForward(lm, valid[first])
+        assert torch.equal(together(input_ids[first], positions[first], rows=inverse), alone(input_ids, positions))
+        step = torch.arange(3, 15)[:, None]
+        assert torch.equal(together(step, positions[:, -1:] + 1), alone(step, positions[:, -1:] + 1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_group_prefill_sharing_with_repeated_and_unique_prompts_mixed(tiny_model_dir, arch):
+    model, tok = load(tiny_model_dir, arch)
+    # not in groups: a repeat far from its first row, unique prompts in between, an uneven group
+    order = [PROMPTS[1], PROMPTS[3], PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[3], PROMPTS[0], PROMPTS[1]]
+    input_ids, mask = batch_of(tok, order)
+    first, inverse = distinct_prompts(input_ids, mask)
+    assert first.tolist() == [0, 1, 3, 6] and inverse.tolist() == [0, 1, 0, 2, 1, 1, 3, 0]
+    cfg = GenerationConfig(max_new_tokens=14, temperature=1.0)
+    uniforms = row_uniforms(prompt_seeds(9, len(order)), 14)
+    shared = decode(model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id)  # shares by default
+    assert torch.equal(shared, decode(model, input_ids, mask, uniforms, cfg, None, tok.pad_token_id, share=False))
+    # and through generate: each row equals its prompt sampled alone with its seed
+    seeds = prompt_seeds(9, len(order))
+    together = generate(model, tok, order, GenerationConfig(max_new_tokens=14, batch_size=8), seeds=seeds)
+    for i in (0, 2, 3, 7):
+        alone = generate(model, tok, [order[i]], GenerationConfig(max_new_tokens=14), seeds=[seeds[i]])
+        assert alone.completion_ids[0] == together.completion_ids[i]
+
+
+def test_rows_with_the_same_ids_but_other_padding_are_not_one_prompt():
+    # the pad id (0) is a real token of row 1: same ids, different masks, two prompts
+    input_ids = torch.tensor([[0, 5, 6], [0, 5, 6], [0, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]])
+    first, inverse = distinct_prompts(input_ids, mask)
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0]
