@@ -90,14 +90,19 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
             # both losses are token means: weighted by this shard's share of the mini-batch's tokens, they sum
             # over processes to the loss of the whole mini-batch
             share = float(mb.action_mask.sum()) / max(float(buffer.action_mask[idx].sum()), 1.0)
+            # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
+            # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graph (one forward's
+            # activations) is freed before the critic's forward, not held beside it
             logprobs = roles.actor_logprobs(mb.batch(), temperature=temperature)
             pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
+            (pg_loss * share).backward()
             values = roles.critic_values(mb.batch())
             vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            (cfg.vf_coef * vf_loss * share).backward()
+            loss = pg_loss.detach() + cfg.vf_coef * vf_loss.detach()
             if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
+                actor_opt[0].zero_grad(set_to_none=True), critic_opt[0].zero_grad(set_to_none=True)
                 continue
-            (loss * share).backward()
             distributed.average_gradients(params, 1.0)  # the sum over processes
             grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # applies nothing when non-finite
             critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
