@@ -2,10 +2,13 @@
 
     python benchmarks/ppo_memory.py [--hidden 512] [--layers 8] [--steps 2]
 
-Makes a tiny Llama of the given size and a reward model from it, then runs the same
-`rlhfkit ppo` for a few steps in each mode, each in a fresh process, and prints peak
-RSS (ru_maxrss) with the ratio shared / separate. The baseline row is a process that
-only imports rlhfkit, torch and transformers and loads the model once, in the same run.
+Makes a tiny Llama of the given size, a full reward model and a LoRA reward model from it
+(`rlhfkit rm`, one step each), then runs the same `rlhfkit ppo` for a few steps in each mode,
+each in a fresh process, and prints peak RSS (ru_maxrss) with the ratio to separate. Modes:
+separate (four full models, the critic from the reward model), shared (one base + LoRA actor and
+critic, the full reward model beside it) and shared with the reward as a third adapter on the
+base (the whole stack on one model). The baseline row is a process that only imports rlhfkit,
+torch and transformers and loads the model once, in the same run.
 """
 
 from __future__ import annotations
@@ -59,24 +62,29 @@ def main() -> None:
         tmp = Path(tmp)
         data = describe.write(tmp / "data")
         model = make_tiny_model("llama", tmp / "model", hidden_size=a.hidden, num_layers=a.layers, num_heads=8)
-        assert cli(["rm", "--model", str(model), "--data", str(data["preference"]), "--out", str(tmp / "rm"),
-                    "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false",
-                    "--normalize", "false", "--eval_fraction", "0"]) == 0
+        for rm, lora in (("rm", "false"), ("rm-lora", "true")):  # the LoRA one: PPO's third adapter on the base
+            assert cli(["rm", "--model", str(model), "--data", str(data["preference"]), "--out", str(tmp / rm),
+                        "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false",
+                        "--normalize", "false", "--eval_fraction", "0", "--lora.enabled", lora]) == 0
         import torch
         from transformers import AutoModelForCausalLM
 
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
-        common = {"model": str(model), "rm": str(tmp / "rm"), "prompts": str(data["prompts_train"]), "steps": a.steps}
-        rows = {mode: peak_rss_mb({**common, "mode": mode, "out": str(tmp / mode)})
-                for mode in ("baseline", "separate", "shared")}
+        common = {"model": str(model), "prompts": str(data["prompts_train"]), "steps": a.steps}
+        runs = {"baseline": ("baseline", "rm"), "separate": ("separate", "rm"), "shared": ("shared", "rm"),
+                "shared + reward adapter": ("shared", "rm-lora")}  # row -> (PPO mode, reward model)
+        rows = {row: peak_rss_mb({**common, "mode": mode, "rm": str(tmp / rm), "out": str(tmp / f"run{i}")})
+                for i, (row, (mode, rm)) in enumerate(runs.items())}
     base = rows["baseline"]
     print(f"\nPPO peak RSS, tiny Llama of {n_params / 1e6:.1f}M parameters (fp32, CPU, torch {torch.__version__})\n")
     print("| mode | peak RSS (MB) | above baseline (MB) | ratio to separate |")
     print("|---|---|---|---|")
     for mode, mb in rows.items():
         print(f"| {mode} | {mb:.0f} | {mb - base:.0f} | {mb / rows['separate']:.2f} |")
-    print(f"\nshared / separate peak RSS: {rows['shared'] / rows['separate']:.2f}; "
-          f"above the baseline process: {(rows['shared'] - base) / (rows['separate'] - base):.2f}")
+    print()
+    for row in ("shared", "shared + reward adapter"):
+        print(f"{row} / separate peak RSS: {rows[row] / rows['separate']:.2f}; "
+              f"above the baseline process: {(rows[row] - base) / (rows['separate'] - base):.2f}")
 
 
 if __name__ == "__main__":

@@ -35,12 +35,18 @@ Step times, first ``--warmup`` steps dropped, median over the rest, then the med
           critic on (8, 64) + train steps of policy and critic on (8, 64): four full models
   Models as the methods hold them: PPO's bare step has four full models, GRPO's one.
 
-What runs against what: rlhfkit's PPO trains LoRA adapters (rank 16, all linear layers and the
-output head, its default; shared mode: actor and critic adapters on one base, reference = adapters
-off). For GRPO both libraries train the same LoRA (rank 16, every linear layer but the head: TRL
-1.16 refuses a LoRA on lm_head) through ``peft_config`` in TRL; TRL's PPO runs as its examples do, with
-four full models (policy, reference, reward, value). Rewards: GRPO a cheap length function for both;
-PPO a one-label sequence classifier made from the same tiny model for both.
+What runs against what: rlhfkit's PPO runs the whole stack on one base model (shared mode): actor
+and critic are LoRA adapters (rank 16, all linear layers and the output head, its default), the
+reference is the base with adapters off, and the reward model is a third LoRA adapter with its own
+score head (``SharedBaseRoles.add_reward_adapter``): a LoRA reward model (rank 16, every linear layer
+but the head) that rlhfkit's own ``rm`` trainer makes on the same base in the setup (4 steps of 8
+pairs, unnormalised; ``{size}-rm-lora`` beside the models). TRL's PPO runs as its examples do, with
+four full models (policy, reference, reward, value): its trainer takes the reward model as a separate
+module. For GRPO both libraries train the same LoRA (rank 16, every linear layer but the head: TRL
+1.16 refuses a LoRA on lm_head) through ``peft_config`` in TRL. Rewards: GRPO a cheap length function
+for both; PPO for TRL (and the bare step) a one-label sequence classifier made from the same tiny
+model, for rlhfkit the reward adapter above (briefly trained, so the two score differently: what is
+compared is the cost of a step and its memory, not what is learnt).
 
 The machine is usually shared: figures are rough; compare ratios from one run.
 """
@@ -141,16 +147,33 @@ def make_data(model_dir: Path, out: Path, s: Shapes, rows: int = 256) -> dict[st
     return paths
 
 
+def make_reward_adapter(model_dir: Path, out: Path, pairs: str, steps: int = 4) -> None:
+    """rlhfkit's PPO reward: a LoRA reward model on the PPO base, from rlhfkit's own `rm` (a few steps).
+
+    PPO in shared mode loads it as a third adapter on its one base (``SharedBaseRoles.add_reward_adapter``).
+    The adapter records its base's path, which PPO checks: ``model_dir`` is absolute. Trained in a
+    process of its own: a child's ru_maxrss starts from its parent's peak RSS (Linux carries the
+    high-water mark across exec), so a parent that had trained a model would inflate every
+    measurement below it (1894 MB for a PPO child that peaks at ~1500 MB on its own).
+    """
+    subprocess.run([sys.executable, "-m", "rlhfkit.cli", "rm", "--model", str(model_dir), "--data", pairs,
+                    "--out", str(out), "--lora.enabled", "true", "--train.max_steps", str(steps),
+                    "--train.batch_size", "8", "--train.log_every", str(steps), "--train.eval_every", "0",
+                    "--train.tensorboard", "false", "--train.device", "cpu", "--model.dtype", "float32",
+                    "--normalize", "false", "--eval_fraction", "0"], check=True)
+
+
 def make_assets(work: Path, sizes: list[str], s: Shapes) -> dict:
-    """Per size a tiny Llama and a reward model made from it; one data set (the tokenizer is the same)."""
+    """Per size a tiny Llama, a full reward model made from it (TRL's PPO, the bare step) and a LoRA reward
+    model trained on it by rlhfkit (rlhfkit's PPO); one data set (the tokenizer is the same)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhfkit.models.tiny import make_tiny_model
 
-    assets: dict = {"models": {}, "reward_models": {}, "params": {}}
+    assets: dict = {"models": {}, "reward_models": {}, "reward_adapters": {}, "params": {}}
     for size in sizes:
-        model_dir, rm_dir = work / "models" / size, work / "models" / f"{size}-rm"
+        model_dir, rm_dir = (work / "models" / size).resolve(), work / "models" / f"{size}-rm"
         hidden, layers, heads = SIZES[size]
         if not (model_dir / "config.json").is_file():
             make_tiny_model("llama", model_dir, hidden_size=hidden, num_layers=layers, num_heads=heads)
@@ -167,6 +190,11 @@ def make_assets(work: Path, sizes: list[str], s: Shapes) -> dict:
                                                                       + 2 * hidden) + hidden)
         assets["models"][size], assets["reward_models"][size] = str(model_dir), str(rm_dir)
     assets["data"] = make_data(Path(assets["models"][sizes[0]]), work / "data", s)
+    for size in sizes:
+        adapter_dir = work / "models" / f"{size}-rm-lora"
+        if not (adapter_dir / "adapter_config.json").is_file():
+            make_reward_adapter(Path(assets["models"][size]), adapter_dir, assets["data"]["pairs"])
+        assets["reward_adapters"][size] = str(adapter_dir)
     return assets
 
 
@@ -227,8 +255,10 @@ def run_rlhfkit(job: dict) -> dict:
     elif trainer == "ppo":
         from rlhfkit.trainers.ppo import PPOConfig, train
 
+        # the reward adapter (make_assets); a job without one (profile_steps.py's) scores with the full model
         train(from_dict(PPOConfig, {
-            "prompts": data["prompts"], "reward_model": job["reward_model"], "mode": "shared",
+            "prompts": data["prompts"], "reward_model": job.get("reward_adapter", job["reward_model"]),
+            "mode": "shared",
             "rollout_batch_size": s.batch, "mini_batch_size": s.batch, "ppo_epochs": 1, "model": model,
             "train": _train_section(job),
             "generation": {"max_new_tokens": s.completion_tokens, "batch_size": s.batch}}))
@@ -596,7 +626,7 @@ def main() -> None:
                     job = {"trainer": trainer, "size": size, "impl": impl, "rep": rep, "steps": args.steps,
                            "warmup": args.warmup, "threads": args.threads, "shapes": asdict(s),
                            "model": assets["models"][size], "reward_model": assets["reward_models"][size],
-                           "data": assets["data"]}
+                           "reward_adapter": assets["reward_adapters"][size], "data": assets["data"]}
                     result = measure(job, work)
                     runs.append({k: job[k] for k in ("trainer", "size", "impl", "rep")} | result)
                     status = result.get("error") or f"{result['median_step']:.3f} s/step"
