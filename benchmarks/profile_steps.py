@@ -111,6 +111,7 @@ def main() -> None:
             for impl in ("rlhfkit", "bare"):
                 job = {"trainer": trainer, "size": size, "impl": impl, "steps": args.steps, "shapes": vars(s),
                        "threads": 1, "model": str(model), "reward_model": str(rm),
+                       "reward_adapter": str(work / "models" / f"{size}-rm-lora"),  # as vs_trl.py's PPO scores
                        "data": {k: str(work / "data" / f"{k}.jsonl") for k in ("sft", "pairs", "unpaired", "prompts")},
                        "out": str(work / "profile" / f"{trainer}-{size}-{impl}")}
                 r = profile_run(job, args.steps, args.warmup)

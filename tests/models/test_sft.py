@@ -184,3 +184,23 @@ def test_rollout_prompts_over_max_prompt_length_are_dropped_and_counted(tiny_mod
     assert kept == [rows[0], rows[2]]
     assert f"prompts.jsonl: 1 of 3 examples exceed max_prompt_length {limit}: dropped" in capsys.readouterr().err
     assert drop_long_prompts(rows, tok, 0, "prompts.jsonl") == rows
+
+
+def test_an_adapter_trained_from_a_relative_path_loads_from_anywhere(tiny_model_dir, tmp_path, monkeypatch):
+    """The base is recorded as an absolute path: the adapter loads from another working directory."""
+    import shutil
+
+    from rlhfkit.config import LoraConfig
+    from rlhfkit.models.load import add_lora, save_model
+
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = add_lora(load_causal_lm(ModelConfig(path="base"), torch.device("cpu")), LoraConfig(enabled=True, r=2))
+    save_model(model, load_tokenizer("base"), tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((tmp_path / "base").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_causal_lm(ModelConfig(path=str(tmp_path / "adapter")), torch.device("cpu"))
+    assert loaded.config.vocab_size == model.config.vocab_size

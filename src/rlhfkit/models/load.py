@@ -62,6 +62,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def absolute_if_local(path: str) -> str:
+    """A local directory as an absolute path (what an adapter saved on top of it records as its base,
+    so it loads from any working directory); a hub name unchanged."""
+    return str(Path(path).resolve()) if Path(path).is_dir() else path
+
+
 def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
     """A causal LM from ``cfg.path``; an adapter directory gives base + adapter (peft)."""
     device = device or resolve_device()
@@ -76,7 +82,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
         model = PeftModel.from_pretrained(base, cfg.path, is_trainable=False)
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(absolute_if_local(cfg.path), **kwargs)
     return model.to(device)
 
 

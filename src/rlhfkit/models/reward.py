@@ -17,7 +17,8 @@ from transformers import AutoModelForSequenceClassification
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collate import collate, encode_example
 from rlhfkit.models.forward import backbone_hidden
-from rlhfkit.models.load import check_weights_format, is_adapter_dir, load_tokenizer, resolve_device, resolve_dtype
+from rlhfkit.models.load import (absolute_if_local, check_weights_format, is_adapter_dir, load_tokenizer,
+                                 resolve_device, resolve_dtype)
 
 NORMALIZATION_FILE = "score_normalization.json"
 
@@ -56,7 +57,7 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device):
         model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, **kwargs), cfg.path)
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(absolute_if_local(cfg.path), **kwargs)
     return model.to(device)
 
 
