@@ -111,9 +111,10 @@ def main() -> None:
             for impl in ("rlhfkit", "bare"):
                 job = {"trainer": trainer, "size": size, "impl": impl, "steps": args.steps, "shapes": vars(s),
                        "threads": 1, "model": str(model), "reward_model": str(rm),
-                       "reward_adapter": str(work / "models" / f"{size}-rm-lora"),  # as vs_trl.py's PPO scores
                        "data": {k: str(work / "data" / f"{k}.jsonl") for k in ("sft", "pairs", "unpaired", "prompts")},
                        "out": str(work / "profile" / f"{trainer}-{size}-{impl}")}
+                if (work / "models" / f"{size}-rm-lora").is_dir():  # PPO scores as in vs_trl.py: a reward adapter
+                    job["reward_adapter"] = str(work / "models" / f"{size}-rm-lora")
                 r = profile_run(job, args.steps, args.warmup)
                 results.append({"trainer": trainer, "size": size, "impl": impl, **r})
                 groups = "  ".join(f"{g} {v * 1e3:.0f}" for g, v in sorted(r["groups"].items(), key=lambda kv: -kv[1]))
