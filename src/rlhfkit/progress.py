@@ -12,7 +12,7 @@ class _Bar(tqdm):
     next 30-second line (redrawing it every step would write a line per step, with a stale count)."""
 
     def set_postfix(self, ordered_dict=None, refresh=None, **kwargs):
-        interactive = self.mininterval < 30.0
+        interactive = getattr(self, "mininterval", 30.0) < 30.0  # a disabled bar (other ranks) has none
         super().set_postfix(ordered_dict, refresh=interactive if refresh is None else refresh, **kwargs)
 
 
