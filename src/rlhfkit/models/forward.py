@@ -2,7 +2,8 @@
 
 Shapes: B batch, T sequence, P prompt width (left-padded), A response width
 (right-padded), V vocabulary, H hidden size. Positions come from the attention mask, so
-results do not depend on the padding side.
+results do not depend on the padding side. Rows that begin with the same columns (a prompt
+repeated: GRPO's groups, preference pairs) run those columns once (``shared_prefix_forward``).
 """
 
 from __future__ import annotations
