@@ -58,3 +58,20 @@ def mean_of(records: list[dict[str, float]]) -> dict[str, float]:
     """Each metric's mean over the ``records`` that have it (one record per mini-batch, rollout, ...)."""
     keys = sorted({k for r in records for k in r})
     return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+
+
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask → (U,) the first row of each distinct row, in order of appearance, and
+    (B,) each row's index into them (0 .. U − 1).
+
+    Rows are equal when their ids and their masks are (the pad id may be a real token).
+    """
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    _, inverse = torch.unique(torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1), dim=0,
+                              return_inverse=True)  # sorted: relabelled below by first appearance
+    count = int(inverse.max()) + 1
+    first = inverse.new_full((count,), input_ids.shape[0]).scatter_reduce(0, inverse, rows, "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(count, device=order.device)
+    return first[order], rank[inverse]

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import GenerationConfig, LoraConfig
 from rlhfkit.models.load import add_lora, load_tokenizer
+from rlhfkit.ops import distinct_rows
 from rlhfkit.rollout import engine
-from rlhfkit.rollout.engine import (HFRolloutEngine, LlamaForward, decode, decode_hf, distinct_prompts, linear_weights,
-                                    llama_family)
+from rlhfkit.rollout.engine import HFRolloutEngine, LlamaForward, decode, decode_hf, linear_weights, llama_family
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds, row_uniforms
 
@@ -296,7 +296,7 @@ def test_group_prefill_sharing_samples_the_unshared_tokens(tiny_model_dir, arch,
     # Three prompts of different lengths x 4: three pad widths (one none) among the rows
     input_ids, mask = repeated_batch(tok, [PROMPTS[3], PROMPTS[0], PROMPTS[4]], 4)
     assert len(set(mask.sum(1).tolist())) == 3 and mask.min() == 0
-    first, inverse = distinct_prompts(input_ids, mask)
+    first, inverse = distinct_rows(input_ids, mask)
     assert first.tolist() == [0, 4, 8] and inverse.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     # the rows the prefill runs on: 3 shared, 12 unshared
     prefill_rows = []
@@ -328,7 +328,7 @@ def test_group_prefill_sharing_with_repeated_and_unique_prompts_mixed(tiny_model
     # not in groups: a repeat far from its first row, unique prompts in between, an uneven group
     order = [PROMPTS[1], PROMPTS[3], PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[3], PROMPTS[0], PROMPTS[1]]
     input_ids, mask = batch_of(tok, order)
-    first, inverse = distinct_prompts(input_ids, mask)
+    first, inverse = distinct_rows(input_ids, mask)
     assert first.tolist() == [0, 1, 3, 6] and inverse.tolist() == [0, 1, 0, 2, 1, 1, 3, 0]
     cfg = GenerationConfig(max_new_tokens=14, temperature=1.0)
     uniforms = row_uniforms(prompt_seeds(9, len(order)), 14)
@@ -346,5 +346,5 @@ def test_rows_with_the_same_ids_but_other_padding_are_not_one_prompt():
     # the pad id (0) is a real token of row 1: same ids, different masks, two prompts
     input_ids = torch.tensor([[0, 5, 6], [0, 5, 6], [0, 5, 6]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]])
-    first, inverse = distinct_prompts(input_ids, mask)
+    first, inverse = distinct_rows(input_ids, mask)
     assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.ops import position_ids_from_mask, shifted_logprobs, token_logprobs
+from rlhfkit.ops import distinct_rows, position_ids_from_mask, shifted_logprobs, token_logprobs
 
 # config fields under which a model changes its logits after the output head (softcapping, scaling):
 # such models keep the full forward, whose code applies them
@@ -64,12 +64,9 @@ def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch
     """
     if not 1 <= width < input_ids.shape[1] or _checkpointing(module):
         return None
-    prefix = torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1)
-    unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)
-    if unique.shape[0] == input_ids.shape[0]:
+    first, inverse = distinct_rows(input_ids[:, :width], attention_mask[:, :width])
+    if len(first) == input_ids.shape[0]:
         return None
-    rows = torch.arange(input_ids.shape[0], device=inverse.device)
-    first = inverse.new_full((unique.shape[0],), input_ids.shape[0]).scatter_reduce(0, inverse, rows, "amin")
     positions = position_ids_from_mask(attention_mask)
     try:
         head = module(input_ids=input_ids[first, :width], attention_mask=attention_mask[first, :width],

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from rlhfkit.config import GenerationConfig
 from rlhfkit.data.collate import encode_prompt, pad_batch
+from rlhfkit.ops import distinct_rows
 from rlhfkit.rollout.sampling import row_uniforms, sample_next
 
 # Architectures the loop is checked on token for token against HF generate; others use "hf".
@@ -351,23 +352,6 @@ def model_forward(model, valid: torch.Tensor):
     return forward
 
 
-def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) left-padded prompts → (U,) first row of each distinct prompt, (B,) each row's prompt in 0 .. U − 1.
-
-    Rows are the same prompt when their ids and their masks are equal (the pad id may be a real token).
-    """
-    index: dict[tuple, int] = {}
-    first, inverse = [], []
-    for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
-        key = (tuple(ids), tuple(mask))
-        if key not in index:
-            index[key] = len(first)
-            first.append(row)
-        inverse.append(index[key])
-    device = input_ids.device
-    return torch.tensor(first, dtype=torch.long, device=device), torch.tensor(inverse, dtype=torch.long, device=device)
-
-
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor,
            cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int, share: bool = True) -> torch.Tensor:
@@ -393,7 +377,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
     valid = torch.cat([attention_mask.bool(), attention_mask.new_ones((batch, steps), dtype=torch.bool)], 1)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # (B, T)
     lm = llama_family(model)
-    first, inverse = distinct_prompts(input_ids, attention_mask) if share and lm is not None else (None, None)
+    first, inverse = distinct_rows(input_ids, attention_mask) if share and lm is not None else (None, None)
     if first is not None and len(first) < batch:
         # Group prefill sharing: GRPO and RLOO send each prompt G times (rows i·G .. i·G + G − 1, seeds
         # differ), and the prefill costs about what all the decoding does at our sizes. Run it once per
