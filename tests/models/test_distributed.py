@@ -97,13 +97,16 @@ def reward_dir(tiny_model_dir, task_dir, tmp_path_factory):
     return out
 
 
-def test_ppo_with_two_processes_equals_one(tiny_model_dir, task_dir, reward_dir, tmp_path):
+@pytest.mark.parametrize("updates", [
+    ["--mini_batch_size", "4", "--ppo_epochs", "2"],
+    ["--mini_batch_size", "8", "--ppo_epochs", "1"],  # one update: values from the learn pass, advantages whitened
+])                                                    # over both processes' shares
+def test_ppo_with_two_processes_equals_one(tiny_model_dir, task_dir, reward_dir, tmp_path, updates):
     # each process samples half of every rollout batch (per-prompt seeds), the buffer is gathered, and each
     # mini-batch is split over the processes: the adapters, critic and value head end as in one process
     args = ["ppo", "--model", tiny_model_dir("llama"), "--reward_model", str(reward_dir),
             "--prompts", str(task_dir / "prompts_train.jsonl"), "--train.max_steps", "3", "--rollout_batch_size", "8",
-            "--mini_batch_size", "4", "--ppo_epochs", "2", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
-            "--train.tensorboard", "false"]
+            *updates, "--optim.lr", "1e-2", "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]
     one = _train(args, tmp_path / "one", 1, weights="all")
     two = _train(args, tmp_path / "two", 2, weights="all")
     _assert_close(one, two)

@@ -348,3 +348,43 @@ def test_rows_with_the_same_ids_but_other_padding_are_not_one_prompt():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]])
     first, inverse = distinct_rows(input_ids, mask)
     assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("arch, backend, lora", [("llama", "loop", False), ("llama", "loop", True),
+                                                 ("llama", "hf", True), ("gpt2", "loop", False), ("gpt2", "hf", False)])
+def test_rollout_logprobs_equal_a_scoring_forward(tiny_model_dir, arch, backend, lora):
+    from rlhfkit.losses import entropy_from_logits
+    from rlhfkit.models.forward import join_prompt_response, logprobs_of
+
+    model, tok = load(tiny_model_dir, arch)
+    if lora:
+        model = add_lora(model, LoraConfig(enabled=True, r=4, target_modules="all-linear+head"))
+        with torch.no_grad():  # a fresh adapter adds nothing: make it count
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    # temperature and top-k: the log-probs are of the tempered distribution before filtering, what learn scores
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=20, backend=backend)
+    # declare a token the EOS that some rows sample, so completions have different lengths
+    probe = generate(model, tok, PROMPTS, cfg, seed=3)
+    tok_eos = copy.deepcopy(tok)
+    tok_eos.eos_token = tok_eos.convert_ids_to_tokens(probe.completion_ids[0][4])
+    gens = HFRolloutEngine(model, tok_eos, cfg, backend).generate(PROMPTS, prompt_seeds(3, len(PROMPTS)),
+                                                                  logprobs=True)
+    assert gens.completion_ids == generate(model, tok_eos, PROMPTS, cfg, seed=3).completion_ids  # the same samples
+    lengths = [len(c) for c in gens.completion_ids]
+    assert len(set(lengths)) > 1 and any(gens.has_eos)
+    assert [len(r) for r in gens.logprobs] == [len(r) for r in gens.entropy] == lengths
+    batch = join_prompt_response(gens.prompt_ids, gens.completion_ids, tok.pad_token_id)
+    with torch.no_grad():
+        expected, logits = logprobs_of(model, batch["input_ids"], batch["attention_mask"],
+                                       keep=batch["action_mask"].shape[1], temperature=0.7, with_logits=True)
+        entropy = entropy_from_logits(logits)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(torch.tensor(gens.logprobs[i]), expected[i, :n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(gens.entropy[i]), entropy[i, :n], rtol=0, atol=1e-5)
+    # the engine leaves them out unless asked, and for a policy in half precision (they would differ from the
+    # trainer's forward by more than rounding)
+    assert HFRolloutEngine(model, tok, cfg, backend).generate(PROMPTS[:2], [0, 1]).logprobs is None
+    half = HFRolloutEngine(copy.deepcopy(model).to(torch.bfloat16), tok, cfg, backend)
+    assert half.generate(PROMPTS[:2], [0, 1], logprobs=True).logprobs is None

@@ -175,7 +175,7 @@ def test_one_on_policy_update_skips_the_actor_and_reference_passes(tiny_model_di
 
     kwargs = dict(beta=0.0, reward_clip=None, seeds=list(range(6)))
     full, _ = make_experience(roles, tok, prompts, score, cfg.generation, **kwargs)
-    skip, stats = make_experience(roles, tok, prompts, score, cfg.generation, old_logprobs=False, reference=False,
+    skip, stats = make_experience(roles, tok, prompts, score, cfg.generation, old_logprobs="none", reference=False,
                                   **kwargs)
     assert skip.old_logprobs is None and skip.ref_logprobs is None and "rollout/kl" not in stats.metrics
     assert torch.equal(skip.input_ids, full.input_ids)  # the same samples

@@ -178,3 +178,67 @@ def test_ppo_with_the_reward_as_third_adapter_trains(tiny_model_dir, task_dir, l
                  "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]) == 0
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == 2 and all(r["rollout/score"] == r["rollout/score"] for r in logs)  # finite, not NaN
+
+
+def test_old_logprobs_from_the_rollout_equal_the_actor_pass(tiny_model_dir):
+    roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("llama")), LoraConfig(enabled=True, r=4), CPU)
+    with torch.no_grad():  # a fresh adapter adds nothing: make the actor differ from the reference
+        for p in roles.actor_parameters():
+            p.normal_(0, 0.05)
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    kwargs = dict(beta=0.1, seed=1, values=False)
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.9)
+    forward, f_stats = make_experience(roles, tok, PROMPTS * 2, _length_score, gen, old_logprobs="forward", **kwargs)
+    rollout, r_stats = make_experience(roles, tok, PROMPTS * 2, _length_score, gen, old_logprobs="rollout", **kwargs)
+    assert torch.equal(forward.input_ids, rollout.input_ids)
+    torch.testing.assert_close(rollout.old_logprobs, forward.old_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rollout.rewards, forward.rewards, rtol=0, atol=1e-5)  # −β·kl is built on them
+    assert r_stats.metrics["rollout/entropy"] == pytest.approx(f_stats.metrics["rollout/entropy"], abs=1e-5)
+    assert r_stats.metrics["rollout/kl"] == pytest.approx(f_stats.metrics["rollout/kl"], abs=1e-5)
+    assert r_stats.metrics["rollout/kl"] > 1e-3  # the actor differs from the reference: the check means something
+    assert forward.old_values is forward.advantages is forward.returns is None  # values=False: learn computes them
+
+
+def test_one_update_takes_the_critic_values_from_its_learn_forward(tiny_model_dir):
+    import copy
+    import dataclasses
+
+    from rlhfkit.advantages import FixedKLController
+    from rlhfkit.config import OptimConfig
+    from rlhfkit.rollout.engine import HFRolloutEngine
+    from rlhfkit.trainers.loop import NonFinite, build_optimizer
+    from rlhfkit.trainers.ppo import PPOConfig, one_update, ppo_step
+
+    cfg = PPOConfig(prompts="unused", rollout_batch_size=6, mini_batch_size=6, ppo_epochs=1, beta=0.1,
+                    model=ModelConfig(path=tiny_model_dir("llama")), lora=LoraConfig(enabled=True, r=4),
+                    optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+                    generation=GenerationConfig(max_new_tokens=8))
+    separate = dataclasses.replace(cfg, critic_in_learn=False)
+    assert one_update(cfg) and not one_update(separate)
+    assert not one_update(dataclasses.replace(cfg, ppo_epochs=2))
+    assert not one_update(dataclasses.replace(cfg, mini_batch_size=3))
+    torch.manual_seed(0)
+    roles = SharedBaseRoles(cfg.model, cfg.lora, CPU)
+    with torch.no_grad():
+        for p in roles.actor_parameters() + roles.critic_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tok = load_tokenizer(cfg.model.path)
+    results = []
+    for c in (cfg, separate):
+        r = copy.deepcopy(roles)
+        actor_opt = build_optimizer(r.actor_parameters(), c.optim, 1)
+        critic_opt = build_optimizer(r.critic_parameters(), c.optim, 1)
+        engine = HFRolloutEngine(r.generation_model(), tok, c.generation)
+        metrics = ppo_step(0, r, engine, tok, PROMPTS * 2, _length_score, None, FixedKLController(c.beta), c,
+                           actor_opt, critic_opt, torch.Generator().manual_seed(0), NonFinite("stop", None))
+        results.append((metrics, [p.detach().clone() for p in r.actor_parameters() + r.critic_parameters()]))
+    (once, after_once), (twice, after_twice) = results
+    for key in ("loss/policy", "loss/value", "value/explained_variance", "rollout/advantage_mean", "rollout/kl",
+                "policy/ratio_mean"):
+        assert once[key] == pytest.approx(twice[key], abs=1e-5), key
+    assert once["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    moved = max((a - p).abs().max().item() for a, p in zip(after_once, roles.actor_parameters() +
+                                                              roles.critic_parameters()))
+    assert moved > 1e-3  # the step did something
+    for a, b in zip(after_once, after_twice):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

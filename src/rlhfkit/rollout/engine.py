@@ -41,12 +41,19 @@ BACKENDS = ("auto", "loop", "hf")
 
 @dataclass
 class Generations:
-    """Sampled completions: ids per row (EOS included when emitted) and decoded text."""
+    """Sampled completions: ids per row (EOS included when emitted) and decoded text.
+
+    With ``logprobs`` asked for, ``logprobs[i][t]`` is the log-probability the sampling model gave
+    completion token t of row i (at ``logprob_temperature``, before top-k / top-p) and
+    ``entropy[i][t]`` the entropy of that distribution; otherwise both are None.
+    """
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     texts: list[str]
     has_eos: list[bool]
+    logprobs: list[list[float]] | None = None
+    entropy: list[list[float]] | None = None
 
 
 def cut_at_eos(ids: list[int], eos_token_id: int | None) -> tuple[list[int], bool]:
@@ -352,10 +359,21 @@ def model_forward(model, valid: torch.Tensor):
     return forward
 
 
+def token_scores(logits: torch.Tensor, token: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits, (B,) sampled tokens → (B,) log-probability of each token under softmax(logits /
+    temperature) and (B,) entropy of that distribution: what a scoring forward would give them."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return logp.gather(-1, token[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor,
-           cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int, share: bool = True) -> torch.Tensor:
+           cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int, share: bool = True,
+           with_logprobs: bool = False):
     """Our sampling loop: (B, T) left-padded prompts, (B, T) mask, (B, A) uniforms → (B, A') new ids, A' ≤ A.
+
+    ``with_logprobs``: also (B, A') log-probs and entropies of the sampled tokens (``token_scores``),
+    taken from the logits the loop samples from — the old log-probs of PPO without a scoring pass.
 
     One prefill forward, then one forward per token. Positions count from each row's first real
     token (as HF generate counts them), so left padding shifts nothing. A row that has emitted
@@ -370,7 +388,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
     """
     batch, steps = input_ids.shape[0], uniforms.shape[1]
     if steps == 0:
-        return input_ids.new_zeros((batch, 0))
+        empty = input_ids.new_zeros((batch, 0))
+        return (empty, empty.float(), empty.float()) if with_logprobs else empty
     device = input_ids.device
     uniforms = uniforms.to(device)
     # Keys that may be attended: the prompt's real tokens, then every new token.
@@ -389,36 +408,43 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
         logits = forward(input_ids, positions)  # (B, V)
     positions = positions[:, -1:]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, scores = [], []
     check_every = 1 if device.type == "cpu" else 8  # a GPU would stall on a host sync every token
     for t in range(steps):
         token = sample_next(logits, uniforms[:, t], cfg.temperature, cfg.top_k, cfg.top_p)  # (B,)
         token = token.masked_fill_(done, pad_token_id)
         tokens.append(token)
+        if with_logprobs:
+            scores.append(token_scores(logits, token, cfg.logprob_temperature))
         if eos_token_id is not None:
             done |= token == eos_token_id
         if t == steps - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         positions = positions + 1
         logits = forward(token[:, None], positions)
+    if with_logprobs:
+        return torch.stack(tokens, 1), *(torch.stack(column, 1) for column in zip(*scores))
     return torch.stack(tokens, 1)
 
 
 class _InverseCDF:
     """HF logits processor that leaves only our inverse-CDF sample finite, so greedy decoding picks it."""
 
-    def __init__(self, uniforms: torch.Tensor, prompt_width: int, cfg: GenerationConfig):
+    def __init__(self, uniforms: torch.Tensor, prompt_width: int, cfg: GenerationConfig, record: bool = False):
         self.uniforms, self.prompt_width, self.cfg = uniforms, prompt_width, cfg
+        self.scores: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1] - self.prompt_width
         token = sample_next(scores, self.uniforms[:, t], self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        if self.scores is not None:
+            self.scores.append(token_scores(scores, token, self.cfg.logprob_temperature))
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
 
 @torch.inference_mode()
 def decode_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor,
-              cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+              cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int, with_logprobs: bool = False):
     """``decode`` through ``model.generate``: same arguments, same tokens up to float rounding."""
     from transformers import GenerationConfig as HFGenerationConfig
     from transformers import LogitsProcessorList
@@ -426,11 +452,17 @@ def decode_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, unif
     hf_cfg = HFGenerationConfig(max_new_tokens=uniforms.shape[1], do_sample=False, pad_token_id=pad_token_id,
                                 eos_token_id=eos_token_id)
     processors = None
-    if cfg.temperature > 0:
-        processors = LogitsProcessorList([_InverseCDF(uniforms.to(input_ids.device), input_ids.shape[1], cfg)])
+    if cfg.temperature > 0 or with_logprobs:
+        sampler = _InverseCDF(uniforms.to(input_ids.device), input_ids.shape[1], cfg, record=with_logprobs)
+        processors = LogitsProcessorList([sampler])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_cfg,
                          logits_processor=processors)
-    return out[:, input_ids.shape[1]:]
+    new = out[:, input_ids.shape[1]:]
+    if with_logprobs:  # the steps generate ran, one per column of new (A' ≤ A; none with A = 0)
+        logprobs, entropy = (torch.stack(column, 1) for column in zip(*sampler.scores)) if sampler.scores else (
+            new.new_zeros(new.shape, dtype=torch.float), new.new_zeros(new.shape, dtype=torch.float))
+        return new, logprobs, entropy
+    return new
 
 
 def resolve_backend(model, backend: str) -> str:
@@ -443,8 +475,10 @@ def resolve_backend(model, backend: str) -> str:
 
 
 def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: GenerationConfig, backend: str = "auto",
-                   progress: bool = False) -> Generations:
-    """One completion per prompt, prompt i sampled with ``seeds[i]``, ``cfg.batch_size`` prompts at a time."""
+                   progress: bool = False, logprobs: bool = False) -> Generations:
+    """One completion per prompt, prompt i sampled with ``seeds[i]``, ``cfg.batch_size`` prompts at a time.
+
+    ``logprobs``: also each completion token's log-prob and entropy under the sampling model."""
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt")
     run = decode if resolve_backend(model, backend) == "loop" else decode_hf
@@ -452,7 +486,7 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
     model.eval()
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    result = Generations([], [], [], [])
+    result = Generations([], [], [], [], [] if logprobs else None, [] if logprobs else None)
     batches = range(0, len(prompts), cfg.batch_size)
     if progress:
         from rlhfkit.progress import progress as bar
@@ -464,13 +498,17 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
             input_ids = pad_batch(prompt_ids, pad, side="left").to(device)
             attention_mask = pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
             uniforms = row_uniforms(seeds[start: start + cfg.batch_size], cfg.max_new_tokens)
-            new = run(model, input_ids, attention_mask, uniforms, cfg, eos, pad)
-            for ids, row in zip(prompt_ids, new.tolist()):
+            new = run(model, input_ids, attention_mask, uniforms, cfg, eos, pad, with_logprobs=logprobs)
+            new, logps, entropy = new if logprobs else (new, None, None)
+            for i, (ids, row) in enumerate(zip(prompt_ids, new.tolist())):
                 completion, has_eos = cut_at_eos(row, eos)
                 result.prompt_ids.append(ids)
                 result.completion_ids.append(completion)
                 result.has_eos.append(has_eos)
                 result.texts.append(tokenizer.decode(completion, skip_special_tokens=True))
+                if logprobs:
+                    result.logprobs.append(logps[i, : len(completion)].tolist())
+                    result.entropy.append(entropy[i, : len(completion)].tolist())
     finally:
         model.train(was_training)
     return result
@@ -479,8 +517,12 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
 class RolloutEngine(Protocol):
     """What trainers sample through: completions from prompts and per-prompt seeds, then new weights."""
 
-    def generate(self, prompts: list, seeds: list[int]) -> Generations:
-        """One completion per prompt; sample i depends only on prompts[i], the weights and seeds[i]."""
+    def generate(self, prompts: list, seeds: list[int], logprobs: bool = False) -> Generations:
+        """One completion per prompt; sample i depends only on prompts[i], the weights and seeds[i].
+
+        ``logprobs``: fill ``Generations.logprobs`` / ``entropy`` from the sampling distribution (an engine
+        that cannot, or whose numbers differ from the trainer's forward, e.g. another precision, says so by
+        leaving them None; trainers then recompute them)."""
 
     def update_weights(self, model_or_state) -> None:
         """Take the policy after an optimiser step: a module, or a state dict (full, or adapter weights)."""
@@ -493,8 +535,12 @@ class HFRolloutEngine:
         resolve_backend(model, backend)  # fail early on an unknown name
         self.model, self.tokenizer, self.cfg, self.backend = model, tokenizer, cfg, backend
 
-    def generate(self, prompts: list, seeds: list[int]) -> Generations:
-        return sample_prompts(self.model, self.tokenizer, prompts, seeds, self.cfg, self.backend)
+    def generate(self, prompts: list, seeds: list[int], logprobs: bool = False) -> Generations:
+        """``logprobs`` are given for a float32 policy only: there the loop's logits equal a training
+        forward's up to float rounding; in half precision they differ by more, and trainers recompute."""
+        exact = next(self.model.parameters()).dtype == torch.float32
+        return sample_prompts(self.model, self.tokenizer, prompts, seeds, self.cfg, self.backend,
+                              logprobs=logprobs and exact)
 
     def update_weights(self, model_or_state) -> None:
         """The policy module itself: nothing to do (it is shared). Another module: sample with it.

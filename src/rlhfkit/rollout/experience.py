@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -34,10 +34,10 @@ class Experience:
     action_mask: torch.Tensor     # (B, A) 1 on response tokens, EOS included
     old_logprobs: torch.Tensor | None  # (B, A) actor at sampling time; None: on-policy, taken from the learn pass
     ref_logprobs: torch.Tensor | None  # (B, A) reference; None: no KL term needs it
-    old_values: torch.Tensor      # (B, A) critic at sampling time
+    old_values: torch.Tensor | None  # (B, A) critic at sampling time; None: taken from the learn pass
     rewards: torch.Tensor         # (B, A) −β·kl + clipped score at the last token
-    advantages: torch.Tensor      # (B, A) GAE
-    returns: torch.Tensor         # (B, A) advantages + old_values
+    advantages: torch.Tensor | None  # (B, A) GAE (None with old_values)
+    returns: torch.Tensor | None     # (B, A) advantages + old_values (None with old_values)
     scores: torch.Tensor          # (B,) proxy score (after any missing-EOS penalty, before clipping)
 
     def _map(self, fn) -> "Experience":
@@ -101,41 +101,60 @@ class RolloutStats:
     metrics: dict[str, float]
 
 
+def per_token(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Ragged per-response-token numbers → (B, width) float32, 0 past each row's end."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
 @torch.no_grad()
 def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: GenerationConfig, *, beta: float,
                     kl_estimator: str = "k1", reward_clip: float | None = 5.0,
                     missing_eos_penalty: float | None = None, gamma: float = 1.0, lam: float = 0.95,
                     seed: int = 0, seeds: list[int] | None = None, engine: RolloutEngine | None = None,
-                    old_logprobs: bool = True, reference: bool = True) -> tuple[Experience, RolloutStats]:
+                    old_logprobs: Literal["forward", "rollout", "none"] = "forward", reference: bool = True,
+                    values: bool = True) -> tuple[Experience, RolloutStats]:
     """Sample one response per prompt with the actor and record everything learning needs.
 
     Prompt i samples with ``seeds[i]`` (default: ``prompt_seeds(seed, len(prompts))``) through
     ``engine`` (default: the Hugging Face engine over the actor itself).
-    ``old_logprobs=False`` skips the actor pass (for one on-policy update, whose learn pass
-    computes the same log-probs: ratio 1); ``reference=False`` skips the reference pass (no KL
-    term: β = 0). Either leaves its field None and ``rollout/kl`` unlogged.
+    ``old_logprobs``: ``forward`` runs the actor over the batch; ``rollout`` takes them from the
+    engine's sampling logits when it gives them (no pass; equal to the forward's up to float
+    rounding, so only for an engine in the trainer's precision), else runs the forward; ``none``
+    skips them (one on-policy update, whose learn pass computes the same log-probs: ratio 1).
+    ``reference=False`` skips the reference pass (no KL term: β = 0). Either leaves its field None
+    and ``rollout/kl`` unlogged. ``values=False`` skips the critic pass and GAE (old values,
+    advantages and returns None): one update computes them from the learn pass's values.
     """
-    if beta and not (old_logprobs and reference):
+    if beta and (old_logprobs == "none" or not reference):
         raise ValueError("a KL penalty in the rewards (beta > 0) needs the actor's and the reference's log-probs")
     model = roles.generation_model()  # also makes the actor the active adapter in shared mode
     device = next(model.parameters()).device
     engine = engine or HFRolloutEngine(model, tokenizer, gen, gen.backend)
     roles.train(False)
     t0 = time.perf_counter()
-    gens = engine.generate(list(prompts), prompt_seeds(seed, len(prompts)) if seeds is None else seeds)
+    seeds = prompt_seeds(seed, len(prompts)) if seeds is None else seeds
+    gens = engine.generate(list(prompts), seeds, logprobs=True) if old_logprobs == "rollout" else \
+        engine.generate(list(prompts), seeds)
     t1 = time.perf_counter()
     batch = {k: v.to(device) for k, v in
              join_prompt_response(gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id).items()}
     mask = batch["action_mask"].float()
     temperature = gen.logprob_temperature
-    old, ref, metrics = None, None, {}
-    if old_logprobs:
+    old, ref, old_values, metrics = None, None, None, {}
+    if old_logprobs == "rollout" and gens.logprobs is not None:
+        old = per_token(gens.logprobs, mask.shape[1]).to(device)
+        metrics["rollout/entropy"] = masked_mean(per_token(gens.entropy, mask.shape[1]).to(device), mask).item()
+    elif old_logprobs != "none":
         old, logits = roles.actor_logprobs(batch, temperature=temperature, with_logits=True)
         metrics["rollout/entropy"] = masked_mean(entropy_from_logits(logits), mask).item()
         del logits
     if reference:
         ref = roles.reference_logprobs(batch, temperature=temperature)
-    old_values = roles.critic_values(batch)
+    if values:
+        old_values = roles.critic_values(batch)
     t2 = time.perf_counter()
     scores = score_fn(prompts, gens.texts).to(device).float()
     has_eos = torch.tensor(gens.has_eos, device=device)
@@ -143,11 +162,11 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
         scores = torch.where(has_eos, scores, scores + missing_eos_penalty)
     kl = approx_kl(old, ref, kind=kl_estimator) * mask if beta else torch.zeros_like(mask)
     rewards = per_token_rewards(scores, kl, mask, beta, clip=reward_clip)
-    advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam)
+    advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam) if values else (None, None)
     t3 = time.perf_counter()
     exp = Experience(batch["input_ids"], batch["attention_mask"], batch["action_mask"],
                      None if old is None else old * mask, None if ref is None else ref * mask,
-                     old_values * mask, rewards, advantages, returns, scores)
+                     None if old_values is None else old_values * mask, rewards, advantages, returns, scores)
     if old is not None and ref is not None:
         metrics["rollout/kl"] = (approx_kl(old, ref, "k1") * mask).sum(-1).mean().item()
     metrics.update({"rollout/score": scores.mean().item(), "rollout/response_length": mask.sum(-1).mean().item(),

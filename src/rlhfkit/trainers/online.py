@@ -186,7 +186,8 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
     exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, engine=engine, beta=cfg.beta,
                                  kl_estimator=cfg.kl_estimator, reward_clip=None,
                                  missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds,
-                                 old_logprobs=not one_update(cfg), reference=bool(cfg.kl_coef or cfg.beta))
+                                 old_logprobs="none" if one_update(cfg) else "rollout",
+                                 reference=bool(cfg.kl_coef or cfg.beta))
     grouped = exp.scores.view(-1, G)  # (P, G)
     metrics = {**stats.metrics, **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,

@@ -18,7 +18,7 @@ from typing import Callable, Literal
 import torch
 
 from rlhfkit import distributed
-from rlhfkit.advantages import AdaptiveKLController, FixedKLController, masked_mean, masked_var, masked_whiten
+from rlhfkit.advantages import AdaptiveKLController, FixedKLController, gae, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
@@ -61,6 +61,8 @@ class PPOConfig:
     clip_eps: float = arg(0.2, "policy ratio clip ε")
     value_clip_eps: float = arg(0.2, "value clip ε_v")
     vf_coef: float = arg(0.5, "weight of the value loss")
+    critic_in_learn: bool = arg(True, "one epoch of one mini-batch: GAE's values from the critic's learn forward, "
+                                "not a separate no-grad pass (the same numbers, one pass fewer)")
     critic_lr: float = arg(0.0, "critic learning rate; 0 = the actor's (optim.lr)")
     eval_prompts: str = arg("", "held-out prompts evaluated every train.eval_every steps and at the end")
     task: Literal["none", "describe"] = arg("none", "built-in task whose gold reward is reported (evaluation only; "
@@ -74,6 +76,12 @@ class PPOConfig:
     train: TrainConfig = arg(TrainConfig(out="runs/ppo", max_steps=50, log_every=1), "loop; max_steps = PPO steps")
 
 
+def one_update(cfg: PPOConfig) -> bool:
+    """Whether each step makes a single update from critic values its learn forward gives (``learn_once``)."""
+    buffer = cfg.rollout_batch_size * cfg.rollouts_per_step
+    return cfg.critic_in_learn and cfg.ppo_epochs == 1 and cfg.mini_batch_size >= buffer
+
+
 def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator,
           nonfinite: NonFinite, step: int) -> dict:
     """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics.
@@ -81,8 +89,6 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
     A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``).
     """
     records: list[dict[str, float]] = []
-    temperature = cfg.generation.logprob_temperature
-    params = roles.actor_parameters() + roles.critic_parameters()
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size):
             idx = idx.to(buffer.input_ids.device)
@@ -93,27 +99,77 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
             # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
             # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graph (one forward's
             # activations) is freed before the critic's forward, not held beside it
-            logprobs = roles.actor_logprobs(mb.batch(), temperature=temperature)
+            logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
             pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
             (pg_loss * share).backward()
             values = roles.critic_values(mb.batch())
             vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
             (cfg.vf_coef * vf_loss * share).backward()
-            loss = pg_loss.detach() + cfg.vf_coef * vf_loss.detach()
-            if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
-                actor_opt[0].zero_grad(set_to_none=True), critic_opt[0].zero_grad(set_to_none=True)
-                continue
-            distributed.average_gradients(params, 1.0)  # the sum over processes
-            grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # applies nothing when non-finite
-            critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
-            if not (nonfinite.ok("actor gradient norm", grad_norm, step)
-                    and nonfinite.ok("critic gradient norm", critic_norm, step)):
-                continue
-            stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
-                     **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
-                     **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
-            records.append(stats)
+            stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite,
+                                 step)
+            if stats is not None:
+                records.append(stats)
     return mean_of(records)
+
+
+def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator,
+               nonfinite: NonFinite, step: int) -> dict:
+    """One epoch of one mini-batch (``one_update``), GAE's values taken from the critic's learn forward.
+
+    The critic has not moved since sampling, so its learn forward gives the values a no-grad pass
+    would: they are the old values (the value clip is inactive) and, detached, GAE's baseline. The
+    advantages are whitened over the whole buffer (every process's share). The value loss
+    back-propagates before the actor's forward: one graph alive at a time, as in ``learn``.
+    Returns the metrics, explained variance and advantage mean included.
+    """
+    idx = torch.randperm(len(buffer), generator=generator).to(buffer.input_ids.device)  # as ``learn`` draws it
+    mb = buffer[distributed.shard(idx)]
+    share = float(mb.action_mask.sum()) / max(float(buffer.action_mask.sum()), 1.0)
+    mask = mb.action_mask.float()
+    values = roles.critic_values(mb.batch())
+    with torch.no_grad():
+        old_values = values.detach() * mask
+        advantages, returns = gae(mb.rewards, old_values, mask, cfg.gamma, cfg.lam)
+        ev = explained_variance(old_values, returns, mask)
+        advantages = whiten_over_processes(advantages, mask)
+    vf_loss, vf_stats = value_loss(values, old_values, returns, mask, cfg.value_clip_eps)
+    (cfg.vf_coef * vf_loss * share).backward()
+    logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
+    pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, advantages, mask, cfg.clip_eps)
+    (pg_loss * share).backward()
+    stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite, step)
+    return {**(stats or {}), "value/explained_variance": ev,
+            "rollout/advantage_mean": masked_mean(advantages, mask).item()}
+
+
+def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, actor_opt, critic_opt,
+                 nonfinite: NonFinite, step: int) -> dict[str, float] | None:
+    """Sum the back-propagated gradients over processes and step both optimisers; the update's metrics,
+    or None when a non-finite loss or gradient skipped it."""
+    loss = pg_loss.detach() + cfg.vf_coef * vf_loss.detach()
+    if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
+        actor_opt[0].zero_grad(set_to_none=True), critic_opt[0].zero_grad(set_to_none=True)
+        return None
+    distributed.average_gradients(roles.actor_parameters() + roles.critic_parameters(), 1.0)  # the sum
+    grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # applies nothing when non-finite
+    critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+    if not (nonfinite.ok("actor gradient norm", grad_norm, step)
+            and nonfinite.ok("critic gradient norm", critic_norm, step)):
+        return None
+    return {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
+            **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
+            **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
+
+
+def whiten_over_processes(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_whiten`` with the mean and (unbiased) variance of the masked entries of every process's ``x``:
+    (B, A) → (B, A), 0 outside the mask. With one process it is ``masked_whiten``."""
+    x = torch.where(mask.bool(), x, 0.0)
+    total, n = distributed.all_sum([float((x * mask).sum()), float(mask.sum())], x.device)
+    mean = total / max(n, 1.0)
+    squares = distributed.all_sum([float((((x - mean) ** 2) * mask).sum())], x.device)[0]
+    var = squares / max(n, 1.0) * n / max(n - 1, 1.0)
+    return torch.where(mask.bool(), (x - mean) * (var + 1e-8) ** -0.5, 0.0)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -144,23 +200,28 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
         exp, stats = make_experience(
             roles, tokenizer, distributed.shard(batch_prompts), score_fn, cfg.generation, engine=engine,
             beta=kl_ctl.beta, kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
-            missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam, seeds=seeds)
+            missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam, seeds=seeds,
+            old_logprobs="rollout", values=not one_update(cfg))
         parts.append(exp.gather(tokenizer.pad_token_id)), rollout_metrics.append(stats.metrics)
         if probe:
             probes.append(probe(stats.prompts, stats.texts))
     buffer = Experience.cat(parts, tokenizer.pad_token_id)  # the whole buffer, in every process
-    # 2. advantages whitened over the whole buffer (mean not added back, DESIGN.md §3)
-    buffer.advantages = masked_whiten(buffer.advantages, buffer.action_mask)
-    ev = explained_variance(buffer.old_values, buffer.returns, buffer.action_mask)
-    # 3. learn: ppo_epochs × shuffled mini-batches; the buffer is dropped afterwards
     t0 = time.perf_counter()
-    learned = learn(roles, buffer, cfg, actor_opt, critic_opt, generator, nonfinite, step + 1)
+    if buffer.advantages is None:  # 2–3. one update: values, advantages and learning in one pass
+        learned = learn_once(roles, buffer, cfg, actor_opt, critic_opt, generator, nonfinite, step + 1)
+    else:
+        # 2. advantages whitened over the whole buffer (mean not added back, DESIGN.md §3)
+        buffer.advantages = masked_whiten(buffer.advantages, buffer.action_mask)
+        learned = {"value/explained_variance": explained_variance(buffer.old_values, buffer.returns,
+                                                                  buffer.action_mask),
+                   "rollout/advantage_mean": masked_mean(buffer.advantages, buffer.action_mask).item()}
+        # 3. learn: ppo_epochs × shuffled mini-batches; the buffer is dropped afterwards
+        learned.update(learn(roles, buffer, cfg, actor_opt, critic_opt, generator, nonfinite, step + 1))
     engine.update_weights(roles.generation_model())  # the HF engine shares the module; vLLM would reload here
     metrics = distributed.mean_over_processes(rollout_metrics + probes, buffer.input_ids.device)
     metrics.update(learned)
-    metrics.update({"value/explained_variance": ev, "time/learn": time.perf_counter() - t0,
-                    "time/step": time.perf_counter() - t_step, "train/skipped_updates": nonfinite.skipped,
-                    "rollout/advantage_mean": masked_mean(buffer.advantages, buffer.action_mask).item()})
+    metrics.update({"time/learn": time.perf_counter() - t0, "time/step": time.perf_counter() - t_step,
+                    "train/skipped_updates": nonfinite.skipped})
     # 4. adapt β from the per-sequence KL averaged over the batch (TRL's form)
     kl_ctl.update(metrics["rollout/kl"], len(buffer))
     return metrics
