@@ -164,6 +164,39 @@ def test_reward_as_third_adapter_scores_like_the_separate_reward_model(tiny_mode
         assert (roles.actor_logprobs(batch) - roles.reference_logprobs(batch)).abs().max() > 1e-3
 
 
+def test_adapter_switches_give_what_peft_switches_give(tiny_model_dir, lora_rm_dir):
+    path = tiny_model_dir("llama")
+    roles = SharedBaseRoles(ModelConfig(path=path), LoraConfig(enabled=True, r=4), CPU)
+    roles.add_reward_adapter(lora_rm_dir, path)
+    with torch.no_grad():
+        for p in roles.actor_parameters() + roles.critic_parameters():
+            p.normal_(0, 0.1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def hidden():
+        with torch.no_grad():
+            return roles.model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+
+    outputs = {}
+    for name in ("critic", "reward", "default"):
+        roles._use(name)
+        outputs[name] = hidden()
+        assert roles.model.active_adapter == name
+        with roles.reference():
+            outputs[name, "off"] = hidden()
+        torch.testing.assert_close(hidden(), outputs[name])  # back on, the same adapter
+        # every trainable adapter stays trainable, whatever is active; the reward adapter stays frozen
+        assert all(p.requires_grad for p in roles.actor_parameters() + roles.critic_parameters())
+        assert not any(p.requires_grad for n, p in roles.model.named_parameters() if ".reward." in n)
+    for name in ("critic", "reward", "default"):
+        roles.model.set_adapter(name)  # peft's own switch
+        torch.testing.assert_close(outputs[name], hidden(), rtol=0, atol=0)
+        with roles.model.disable_adapter():
+            torch.testing.assert_close(outputs[name, "off"], hidden(), rtol=0, atol=0)
+    assert (outputs["critic"] - outputs["default"]).abs().max() > 1e-3  # the adapters differ: the check means something
+    assert (outputs["default"] - outputs["default", "off"]).abs().max() > 1e-3
+
+
 def test_reward_adapter_on_another_base_is_refused(tiny_model_dir, lora_rm_dir):
     roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("gpt2")), LoraConfig(enabled=True, r=4), CPU)
     with pytest.raises(ValueError, match="was trained on"):
