@@ -1,9 +1,9 @@
 """Making experience: one rollout batch, everything PPO needs recorded (DESIGN.md §3).
 
-sample → cut at EOS → old log-probs (actor), reference log-probs, old values (critic),
-proxy score (reward model) → per-token rewards (−β·kl, clipped score at the last token)
-→ GAE → advantages (whitened later, over the whole buffer). Shapes: B rollouts, A response
-tokens, P prompt width.
+sample → cut at EOS → old log-probs (actor: from the sampling loop's own logits for a float32
+policy, else a forward), reference log-probs, old values (critic), proxy score (reward model)
+→ per-token rewards (−β·kl, clipped score at the last token) → GAE → advantages (whitened
+later, over the whole buffer). Shapes: B rollouts, A response tokens, P prompt width.
 """
 
 from __future__ import annotations

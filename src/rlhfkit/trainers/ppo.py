@@ -5,7 +5,8 @@ proxy score, shaped rewards, GAE) → whitened advantages over the buffer → ``
 passes over shuffled mini-batches: clipped policy loss + clipped value loss → step →
 adapt β → log. The KL penalty sits in the reward, so the loss has no KL term (seed 000).
 Models run in eval mode throughout (no dropout), so old and new log-probs agree before
-the first update.
+the first update. With one epoch of one mini-batch (``one_update``) the critic has not moved
+when learning starts, so its learn forward gives GAE's values and no separate pass runs.
 """
 
 from __future__ import annotations
