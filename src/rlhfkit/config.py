@@ -432,6 +432,9 @@ class TrainConfig:
                                           "checkpoint, or skip that update (counted in the logs)")
     resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints) or its directory")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
+    fsdp: Literal["auto", "off", "full_shard", "shard_grad_op"] = arg(
+        "auto", "shard weights, gradients and AdamW state over the processes (FSDP2; sft, rm, dpo family): "
+        "full_shard ~ ZeRO-3, shard_grad_op ~ ZeRO-2; auto = as the accelerate launch config says, else off")
     tensorboard: bool = arg(True, "also write TensorBoard event files")
 
 

@@ -6,6 +6,7 @@ sum gradients. Every rank takes a contiguous shard of each global batch, back-pr
 *sum* of its per-unit losses (units: tokens or examples, as the loss says), and the summed
 gradients are divided by the global number of units, so the update equals the 1-process one
 with the same global batch, up to float summation order. Rank 0 alone writes files.
+Sharding the model over the processes instead of replicating it is ``rlhfkit.fsdp``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 
 import torch
 
+from rlhfkit.config import ConfigError
 from rlhfkit.ops import mean_of
 
 
@@ -33,6 +35,11 @@ def is_main() -> bool:
 def setup(device: torch.device) -> torch.device:
     """Open the process group when launched with more than one process; returns this rank's device
     (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise ConfigError("this launch asks for DeepSpeed, which rlhfkit does not use (nor test); shard with FSDP "
+                          "instead: ZeRO-3 ~ accelerate launch --config_file examples/accelerate/fsdp.yaml (or "
+                          "--train.fsdp full_shard), ZeRO-2 ~ examples/accelerate/fsdp_grad_op.yaml (or --train.fsdp "
+                          "shard_grad_op); see docs/distributed.md")
     if world_size() == 1:
         return device
     from accelerate import PartialState
@@ -99,14 +106,28 @@ def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]
     return groups + [current] if current else groups
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an FSDP shard (a DTensor)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5: nothing is sharded
+        return False
+    return isinstance(t, DTensor)
+
+
 def average_gradients(params, total_weight: float) -> None:
-    """Sum each gradient over ranks, then divide by ``total_weight`` (the global units behind it)."""
+    """Sum each gradient over ranks, then divide by ``total_weight`` (the global units behind it).
+
+    Sharded parameters (``rlhfkit.fsdp``) arrive summed already, by FSDP's reduce-scatter in the
+    backward: only their shards are divided."""
     params = list(params)
+    sharded = [p for p in params if _is_sharded(p)] if world_size() > 1 else []  # one process shards nothing
+    replicated = [p for p in params if not sharded or not _is_sharded(p)]
     if world_size() > 1:  # every rank sends every tensor, in the same order, even one it has no gradient for
-        for p in params:
+        for p in replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in replicated if p.grad is not None]
     if world_size() > 1:
         for bucket in _buckets(grads, BUCKET_ELEMENTS):
             flat = torch.cat([g.reshape(-1) for g in bucket])  # one collective per bucket, not per tensor
@@ -115,6 +136,7 @@ def average_gradients(params, total_weight: float) -> None:
             for g in bucket:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g))
                 offset += g.numel()
+    grads += [p.grad.to_local() for p in sharded if p.grad is not None]  # views of this process's shards
     if grads and total_weight != 1.0:
         torch._foreach_div_(grads, max(total_weight, 1e-12))
 

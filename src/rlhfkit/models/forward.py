@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.data.collate import pad_batch
+from rlhfkit.fsdp import run_as_forward
 from rlhfkit.ops import distinct_rows, position_ids_from_mask, shifted_logprobs, token_logprobs
 
 # config fields under which a model changes its logits after the output head (softcapping, scaling):
@@ -141,8 +142,13 @@ def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     parts = backbone_and_head(model)
     if parts is None:
         return logprobs_of(model, input_ids, attention_mask).masked_fill(~mask.bool(), 0.0)
-    backbone, head = parts
-    mask = mask.bool()
+    # the parts are called, not the model: under FSDP the call still counts as the model's forward
+    return run_as_forward(model, _head_on_mask, *parts, input_ids, attention_mask, mask.bool())
+
+
+def _head_on_mask(backbone, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
+                  ) -> torch.Tensor:
+    """``masked_logprobs`` from the body and the head: (B, T), (B, T), mask (B, T-1) bool → (B, T-1)."""
     # columns up to every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
     hidden = backbone_hidden(backbone, input_ids, attention_mask, prompt_width(mask) + 1)  # (B, T, H)
     logits = head(hidden[:, :-1][mask]).float()  # (N, V)

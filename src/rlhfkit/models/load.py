@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from rlhfkit import distributed
+from rlhfkit import distributed, fsdp
 from rlhfkit.config import LoraConfig, ModelConfig
 
 hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no per-shard bars
@@ -118,12 +118,13 @@ def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: s
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     """Write a standard HF directory (safetensors): full weights, or the adapter for peft models.
-    In a multi-process run only rank 0 writes."""
+    In a multi-process run only rank 0 writes; a sharded model is gathered by every process first."""
     out = Path(out)
+    full = {"state_dict": fsdp.full_state_dict(model)} if fsdp.is_sharded(model) else {}  # collectives
     if not distributed.is_main():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **full)
     tokenizer.save_pretrained(out)
     return out
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.fsdp import run_as_forward
 from rlhfkit.models.forward import backbone_hidden
 from rlhfkit.models.load import (absolute_if_local, check_weights_format, is_adapter_dir, load_tokenizer,
                                  resolve_device, resolve_dtype)
@@ -40,10 +41,17 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     Rows equal on their first ``prefix_width`` columns (a pair's prompt) run those columns once."""
     hf = _hf_model(model)
-    backbone = getattr(hf, hf.base_model_prefix)
+    # the body and the score head are called, not the model: under FSDP the call still counts as its forward
+    return run_as_forward(model, _scores, getattr(hf, hf.base_model_prefix), hf.score, input_ids, attention_mask,
+                          prefix_width)
+
+
+def _scores(backbone, score, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_width: int
+            ) -> torch.Tensor:
+    """``sequence_scores`` from the body and the score head: (B, T), (B, T) → (B,) float32."""
     hidden = backbone_hidden(backbone, input_ids, attention_mask, prefix_width)  # (B, T, H)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
-    return hf.score(last).squeeze(-1).float()
+    return score(last).squeeze(-1).float()
 
 
 def load_reward_backbone(cfg: ModelConfig, device: torch.device):

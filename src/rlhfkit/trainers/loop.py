@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlhfkit import distributed
-from rlhfkit.config import OptimConfig, TrainConfig, save_config
+from rlhfkit import distributed, fsdp
+from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, save_config
 from rlhfkit.progress import progress
 
 CONFIG_FILE = "rlhfkit_config.yaml"
@@ -85,7 +85,8 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
     are cleared and the schedule stays where it was, so the caller can stop or skip cleanly.
     """
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(fsdp.full_value(norm))  # over every shard when the model is sharded
     if math.isfinite(norm):
         optimizer.step()
         scheduler.step()
@@ -174,22 +175,36 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     so a checkpoint loads like the final model) and ``trainer_state.pt`` with every trainable
     tensor of ``model.named_parameters()``, the optimisers and schedulers, RNG states, the
     step and any ``extra`` state. Only the newest ``keep`` checkpoints are kept.
+
+    A sharded model (``rlhfkit.fsdp``) and its optimiser state are gathered into full tensors first,
+    by every process (call this on all of them); process 0 writes what a 1-process run writes.
     """
     root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    sharded = fsdp.is_sharded(model)
+    if sharded:  # collectives: every process gathers, process 0 keeps the full tensors
+        weights = fsdp.full_state_dict(model)
+        optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
+        if not distributed.is_main():
+            return final
+    else:
+        weights, optimizer_states = None, {name: opt.state_dict() for name, (opt, _) in optimizers.items()}
+    root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if save_weights is None:
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:
+    if save_weights is not None:
         save_weights(tmp)
+    elif sharded:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     # the trainable tensors by name as well: restoring them needs no knowledge of how the
     # model (full, LoRA, score or value head) was saved above
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: weights[n] if sharded else p.detach().clone() for n, p in model.named_parameters()
+                 if p.requires_grad}
     state = {"step": step, "rng": _rng_state(), "trainable": trainable, "extra": extra or {},
-             "optimizers": {name: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-                            for name, (opt, sched) in optimizers.items()}}
+             "optimizers": {name: {"optimizer": optimizer_states[name], "scheduler": sched.state_dict()}
+                            for name, (_, sched) in optimizers.items()}}
     torch.save(state, tmp / "trainer_state.pt")
     if (Path(out) / CONFIG_FILE).is_file():  # the resolved config the run was started with
         shutil.copy2(Path(out) / CONFIG_FILE, tmp / CONFIG_FILE)
@@ -216,18 +231,18 @@ def find_checkpoint(out: str | os.PathLike, resume: str) -> Path:
 
 
 def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
-    """Restore trainable weights, optimisers, schedulers and RNG states; returns the saved state."""
+    """Restore trainable weights, optimisers, schedulers and RNG states; returns the saved state.
+    The saved tensors are full ones: a sharded model takes each process's shard of them."""
     state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file, written by save_checkpoint
     params = dict(model.named_parameters())
     missing = set(state["trainable"]) - set(params)
     if missing or set(state["optimizers"]) != set(optimizers):
         raise ValueError(f"{path} does not match this run (other model or trainer?): "
                          f"unknown tensors {sorted(missing)[:3]}, optimisers {sorted(state['optimizers'])}")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
+    for name, value in state["trainable"].items():
+        fsdp.copy_full_(params[name], value)
     for name, (opt, sched) in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name]["optimizer"])
+        opt.load_state_dict(fsdp.shard_optimizer_state(opt, state["optimizers"][name]["optimizer"]))
         sched.load_state_dict(state["optimizers"][name]["scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
@@ -259,7 +274,8 @@ class Checkpoints:
         return state["step"], state["extra"]
 
     def save(self, step: int) -> Path:
-        if not distributed.is_main():  # rank 0 writes; the path is the same for every rank
+        # rank 0 writes; the path is the same for every rank. A sharded model is gathered by all of them.
+        if not distributed.is_main() and not fsdp.is_sharded(self.model):
             self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
             return self.last
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
@@ -314,10 +330,21 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     is split over the processes (``rlhfkit.distributed``) and, within a process, into
     ``cfg.grad_accum`` micro-batches; gradients of the unit sums are added up and divided by the
     step's total units, so the update equals one full-batch step whatever the split.
-    Returns the last evaluation's metrics (or the last training metrics).
+    With ``cfg.fsdp`` (or an accelerate FSDP launch) ``model`` is sharded over the processes
+    first, in place (``rlhfkit.fsdp``). Returns the last evaluation's metrics (or the last
+    training metrics).
     """
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum {cfg.grad_accum}")
+    sharding = fsdp.mode(cfg.fsdp) if distributed.world_size() > 1 else "off"
+    per_step = min(cfg.batch_size, n_examples)  # a batch is the whole data when there is less than one batch
+    if sharding != "off" and per_step % (distributed.world_size() * cfg.grad_accum):
+        raise ValueError(f"with FSDP ({sharding}) every process runs the same forwards and backwards (they gather "
+                         f"and reduce together): train.batch_size {per_step} must be divisible by processes "
+                         f"({distributed.world_size()}) x train.grad_accum ({cfg.grad_accum})")
+    fsdp.shard(model, sharding)
+    sharded = fsdp.is_sharded(model)
+    evaluates = distributed.is_main() or sharded  # a sharded model's forward needs every process
     num_steps = total_steps(cfg, n_examples)
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -339,11 +366,13 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             whole_step = micro >= len(mine) and distributed.world_size() == 1
             for i in range(0, len(mine), micro):
                 loss, weight, metrics = loss_fn(mine[i: i + micro])
-                if not math.isfinite(loss.item()):
+                finite = math.isfinite(loss.item())
+                if finite or sharded:  # a sharded backward is collective: all run it; a bad step is dropped below
+                    # the sum over this micro-batch's units; alone in the step, its mean needs no rescaling
+                    (loss if whole_step else loss * weight).backward()
+                if not finite:
                     bad += 1
                     continue
-                # the sum over this micro-batch's units; alone in the step, its mean needs no rescaling
-                (loss if whole_step else loss * weight).backward()
                 units, loss_sum = units + weight, loss_sum + loss.item() * weight
                 for k, v in metrics.items():
                     window[k].append(float(v))
@@ -358,12 +387,13 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             else:
                 optimizer.zero_grad(set_to_none=True)
             window["skipped_steps"] = [nonfinite.skipped]
-            last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last)
+            last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate if evaluates
+                               else None, bar, t0, last)
             checkpoints.after_step(step + 1, stop)
     checkpoints.at_end(num_steps)
-    if evaluate and distributed.is_main():
+    if evaluate and evaluates:
         last = evaluate()
-        logger.log(num_steps, last)
+        logger.log(num_steps, last)  # process 0 alone writes
     return last
 
 
@@ -376,7 +406,7 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
         logger.log(done, last)
         bar.set_postfix(loss=f"{last['train/loss']:.4f}")
         window.clear()
-    if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps and distributed.is_main():
+    if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
         logger.log(done, evaluate())
         model.train()
     return last
@@ -391,11 +421,21 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     return out
 
 
-def start_run(cfg):
+SHARDABLE = "sft, rm, dpo, orpo, simpo and kto"  # the trainers whose model ``run`` shards (rlhfkit.fsdp)
+
+
+def start_run(cfg, can_shard: bool = False):
     """What every trainer does once its data is validated: the run directory (with the resolved
-    config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer)."""
+    config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer).
+    A trainer that cannot shard its model (``can_shard`` False) refuses an FSDP run here."""
     from rlhfkit.models.load import load_tokenizer, resolve_device
 
+    sharding = fsdp.mode(cfg.train.fsdp)
+    if sharding != "off" and not can_shard:
+        raise ConfigError(f"FSDP sharding ({sharding}, from train.fsdp or the accelerate config) is supported for "
+                          f"{SHARDABLE}, not for {type(cfg).__name__.removesuffix('Config')}: launch it with "
+                          "replicas (examples/accelerate/ddp.yaml or torchrun, train.fsdp off) and LoRA to fit "
+                          "the memory (docs/distributed.md)")
     device = distributed.setup(resolve_device(cfg.train.device))
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)

@@ -348,7 +348,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     objective = OBJECTIVES[type(cfg)](cfg)
     rows = objective.read(cfg.data)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
-    out, device, tokenizer = start_run(cfg)
+    out, device, tokenizer = start_run(cfg, can_shard=True)
     policy = load_causal_lm(cfg.model, device)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora)

@@ -1,0 +1,212 @@
+"""Sharded data parallelism: weights, gradients and AdamW state split over processes (issue #9).
+
+PyTorch's own FSDP2 (``torch.distributed.fsdp.fully_shard``) does the work; this module only
+chooses what to shard and keeps our data-parallel arithmetic (``rlhfkit.distributed``):
+
+* **Units.** Each decoder layer is one unit, gathered for its forward and its backward; the
+  root (embeddings, final norm, output or score head, LoRA adapters outside the layers) is
+  one more. Frozen base weights and trainable adapters share a unit; FSDP2 reduces only the
+  gradients that exist.
+* **Modes.** ``full_shard`` (like ZeRO-3) frees a layer's gathered weights after its forward and
+  gathers them again for the backward; ``shard_grad_op`` (like ZeRO-2) keeps them gathered from
+  the forward to the backward: more memory, one all-gather fewer per layer and step.
+* **Gradients.** Each process back-propagates the *sum* of its losses; FSDP's reduce-scatter is
+  set to sum (divide factor 1), and ``distributed.average_gradients`` divides each shard by the
+  global number of units, so the update is the 1-process one, as with replicas.
+* **Forwards that call parts of the model.** ``masked_logprobs`` and the reward model call the
+  body and the head separately (the head runs on the positions that carry a loss). Those calls
+  go through ``run_as_forward``, so the root unit's weights are gathered around them and its
+  gradients reduced after the backward, whether the head is tied to the embeddings or not.
+* **Checkpoints and the final model hold full tensors** (``gather``), written by process 0 in the
+  layout of a 1-process run: ``from_pretrained`` loads them, and a checkpoint resumes with any
+  number of processes, sharded or not (``copy_full_``, ``shard_optimizer_state``).
+
+Chosen by ``train.fsdp`` or, with ``auto``, by the FSDP config of ``accelerate launch``
+(``ACCELERATE_USE_FSDP`` and ``FSDP_*`` in the environment). Supervised trainers only (SFT,
+reward model, DPO and its family); ``docs/distributed.md`` says why not PPO yet.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+from rlhfkit import distributed
+from rlhfkit.config import ConfigError
+
+MODES = ("off", "full_shard", "shard_grad_op")
+# FSDP1 sharding strategies as accelerate names them (and numbers them, from 1)
+_FSDP1_STRATEGIES = {"FULL_SHARD": "full_shard", "SHARD_GRAD_OP": "shard_grad_op", "NO_SHARD": "off",
+                     "HYBRID_SHARD": None, "HYBRID_SHARD_ZERO2": None}
+_FORWARD = "rlhfkit_forward"  # the method FSDP is told to treat as a forward (``run_as_forward``)
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _launcher_mode() -> str:
+    """The sharding an ``accelerate launch`` FSDP config asks for, read from the environment it sets."""
+    if not _true(os.environ.get("ACCELERATE_USE_FSDP")):
+        return "off"
+    for key, config_key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                            ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+        if _true(os.environ.get(key)):
+            raise ConfigError(f"the accelerate FSDP config sets {config_key}: true, which rlhfkit does not support; "
+                              f"set it to false (see examples/accelerate/fsdp.yaml)")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip()
+    if os.environ.get("FSDP_VERSION", "1").strip() == "2":  # fsdp_reshard_after_forward: true | false
+        return "full_shard" if _true(reshard) else "shard_grad_op"
+    # FSDP1 configs name a strategy, in fsdp_reshard_after_forward (newer) or fsdp_sharding_strategy (older)
+    strategy = reshard if reshard.lower() not in ("true", "false") else os.environ.get("FSDP_SHARDING_STRATEGY",
+                                                                                      "FULL_SHARD")
+    names = list(_FSDP1_STRATEGIES)
+    strategy = names[int(strategy) - 1] if strategy.isdigit() and 0 < int(strategy) <= len(names) else strategy.upper()
+    if strategy not in _FSDP1_STRATEGIES:
+        raise ConfigError(f"unknown FSDP sharding strategy {strategy!r} in the accelerate config; use FULL_SHARD or "
+                          "SHARD_GRAD_OP (or fsdp_version: 2 with fsdp_reshard_after_forward: true | false)")
+    if _FSDP1_STRATEGIES[strategy] is None:
+        raise ConfigError(f"{strategy} (shard within a node, replicate across nodes) is not supported; use FULL_SHARD "
+                          "or SHARD_GRAD_OP, which shard over every process of every node")
+    return _FSDP1_STRATEGIES[strategy]
+
+
+def mode(setting: str = "auto") -> str:
+    """The sharding asked for: ``setting`` (``train.fsdp``), or with 'auto' the launcher's FSDP config,
+    else 'off'. One of ``MODES``, whatever the number of processes."""
+    if setting == "auto":
+        return _launcher_mode()
+    if setting not in MODES:
+        raise ConfigError(f"train.fsdp {setting!r}: choose auto, {', '.join(MODES)}")
+    return setting
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` was sharded by ``shard`` (FSDP2)."""
+    if distributed.world_size() == 1:  # never sharded; spares importing FSDP in every forward of a 1-process run
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: nothing can be sharded
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _unit_classes(model) -> set[str]:
+    """Class names of the modules that become units of their own: the launcher's
+    ``fsdp_transformer_layer_cls_to_wrap``, else the model's decoder layers (``_no_split_modules``)."""
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "") if _true(os.environ.get("ACCELERATE_USE_FSDP")) else ""
+    if named.strip():
+        return {n.strip() for n in named.split(",") if n.strip()}
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(getattr(hf, "_no_split_modules", None) or [])
+
+
+def shard(model, how: str):
+    """Shard ``model`` in place over every process (``how``: 'full_shard' or 'shard_grad_op') and
+    return it; with one process, or 'off', it is returned as it is. Call it before building the
+    optimiser: the parameters become sharded DTensors."""
+    if how == "off" or distributed.world_size() == 1:
+        return model
+    try:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError as e:
+        raise ImportError(f"FSDP sharding needs torch >= 2.6 (this is {torch.__version__}): "
+                          "pip install -U torch, or set train.fsdp off") from e
+    reshard = how == "full_shard"
+    classes = _unit_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)  # the root: whatever no layer holds
+    for unit in layers + [model]:
+        set_factor = getattr(unit, "set_gradient_divide_factor", None) or unit.set_reduce_scatter_divide_factor
+        set_factor(1.0)  # sums, as the replicas' all-reduce does; average_gradients divides
+        if hasattr(unit, "set_force_sum_reduction_for_comms"):  # gloo has no pre-multiplied sum
+            unit.set_force_sum_reduction_for_comms(True)
+    setattr(model, _FORWARD, lambda fn, *args, **kwargs: fn(*args, **kwargs))
+    register_fsdp_forward_method(model, _FORWARD)
+    if distributed.is_main():
+        held = sum(p.to_local().numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        print(f"fsdp {how} over {distributed.world_size()} processes: units = {len(layers)} decoder layers + the "
+              f"root; process 0 holds {held:,} of {total:,} parameters")
+    return model
+
+
+def run_as_forward(model, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, run as a forward of ``model``: when it is sharded, the root unit's
+    weights are gathered around the call and their gradients reduced after the backward, as for
+    ``model(...)``. For code that calls a model's parts (body, head) rather than the model."""
+    forward = getattr(model, _FORWARD, None) if is_sharded(model) else None
+    return forward(fn, *args, **kwargs) if forward is not None else fn(*args, **kwargs)
+
+
+def _is_dtensor(value) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def gather(obj: Any) -> Any:
+    """``obj`` (nested dicts, lists and tuples of tensors and other values) with every sharded
+    tensor replaced by its full tensor on the CPU, on process 0; None stands for each on the
+    others. Every process must call it on the same structure (each gather is a collective)."""
+    if isinstance(obj, dict):
+        return {k: gather(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gather(v) for v in obj)
+    if isinstance(obj, torch.Tensor) and _is_dtensor(obj):
+        full = obj.full_tensor()
+        return full.detach().cpu() if distributed.is_main() else None
+    return obj
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """``model.state_dict()`` with full tensors on the CPU, on process 0 (None on the others, which
+    must call it too). A weight held under two names (a head tied to the embeddings) is gathered
+    once and stays one tensor, so ``save_pretrained`` sees the tie as in a 1-process run."""
+    first: dict[int, str] = {}
+    alias = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+    state = model.state_dict()
+    full = gather({k: v for k, v in state.items() if alias.get(k, k) == k})
+    return {k: full[alias.get(k, k)] for k in state} if distributed.is_main() else None
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A (possibly sharded) tensor's full value, e.g. a gradient norm over shards."""
+    return t.full_tensor() if distributed.world_size() > 1 and _is_dtensor(t) else t
+
+
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Full ``value`` laid out as ``param`` is: this process's shard of it when ``param`` is sharded."""
+    if distributed.world_size() == 1 or not _is_dtensor(param):  # one process shards nothing
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    # every process holds the full value (each loaded the checkpoint): each cuts its own shard, no communication
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into ``param``, sharded or not."""
+    param.copy_(_like(param, value.to(param.device)))
+
+
+def shard_optimizer_state(optimizer, state: dict) -> dict:
+    """A full ``optimizer.state_dict()`` (a checkpoint's, any number of processes) with each tensor
+    of a parameter's shape cut to this process's shard of that parameter, ready for
+    ``optimizer.load_state_dict``. Unchanged when no parameter is sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state ids count in this order
+    if distributed.world_size() == 1 or not any(_is_dtensor(p) for p in params):
+        return state
+    per_param = {}
+    for i, entries in state["state"].items():
+        p = params[int(i)]
+        per_param[i] = {k: _like(p, v) if k != "step" and isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                        for k, v in entries.items()}  # AdamW's moments; its step count is one number
+    return {**state, "state": per_param}
