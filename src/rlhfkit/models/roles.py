@@ -55,6 +55,12 @@ def _frozen(model):
     return model.eval()
 
 
+def lean_lora(model):
+    from rlhfkit.models.lora import lean_lora as swap  # imports peft
+
+    return swap(model)
+
+
 def adapter_layers(model) -> list[nn.Module]:
     """The modules of a peft model that hold adapters (LoRA layers and auxiliary wrappers), in order."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -75,6 +81,7 @@ class SharedBaseRoles:
         self.value_head = None
         if critic:
             self.model.add_adapter("critic", critic_cfg)
+            lean_lora(self.model)  # any LoRA layer the critic's adapter added
             hidden = base.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1).to(device)
             nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
@@ -96,6 +103,7 @@ class SharedBaseRoles:
                              f"train it with `rlhfkit rm --lora.enabled true --model {base_path}`, or pass a full "
                              "reward-model directory")
         self.model.load_adapter(path, adapter_name="reward", is_trainable=False)  # its score head is not a LoRA layer
+        lean_lora(self.model)
         head = {k.rsplit(".", 1)[-1]: v for k, v in load_file(str(Path(path) / "adapter_model.safetensors")).items()
                 if ".score." in k}
         weight = head["weight"].to(self.value_head.weight.device)

@@ -148,37 +148,23 @@ def linear_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
     W + scaling · B A (and b + scaling · b_B with a LoRA bias) as new tensors; the module is left as
     it is, so the reference (the same base, adapters off) stays bit-exact. Adapters disabled, already
     merged into W, or none of the active ones on this layer: the base tensors. None, meaning "call the
-    module", for what this does not reproduce: hooks, DoRA and the other LoRA variants, several
-    active adapters, dropout in training mode, ``fan_in_fan_out``, adapter and base of different
-    dtypes, disabled adapters still merged (peft unmerges them on the call), other tuner types.
+    module", for hooks on it and what ``models.lora.plain_lora`` does not reproduce (DoRA and the other
+    variants, several active adapters, dropout in training mode, ...) and other tuner types.
     The weights change after every optimiser step: take them anew for each ``decode``.
     """
     if type(module) is torch.nn.Linear:
         return None if has_hooks(module) else (module.weight, module.bias)
-    if not type(module).__module__.startswith("peft."):
+    if not type(module).__module__.startswith(("peft.", "rlhfkit.")) or has_hooks(module):
         return None
-    from peft.tuners.lora import Linear as LoraLinear
+    from rlhfkit.models.lora import plain_lora
 
-    base = getattr(module, "base_layer", None)
-    if type(module) is not LoraLinear or type(base) is not torch.nn.Linear or has_hooks(module) or has_hooks(base):
+    parts = plain_lora(module)
+    if parts is None:
         return None
-    if module.disable_adapters:
-        return None if module.merged else (base.weight, base.bias)
-    if module.merged:  # peft's forward then calls the base layer alone
+    base, lora = parts
+    if lora is None:
         return base.weight, base.bias
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if not active:
-        return base.weight, base.bias
-    name = active[0]
-    variant = name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False)
-    if len(active) > 1 or variant or module.fan_in_fan_out:
-        return None
-    lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-    dropout_off = isinstance(dropout, torch.nn.Identity) or not dropout.training or getattr(dropout, "p", 1) == 0
-    if (not dropout_off or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear
-            or lora_a.weight.dtype != base.weight.dtype):
-        return None
-    scaling = module.scaling[name]
+    lora_a, lora_b, scaling = lora
     # (out, r) @ (r, in): the same product peft's merge adds (get_delta_weight), into a new tensor
     weight = torch.addmm(base.weight, lora_b.weight, lora_a.weight, alpha=scaling)
     bias = base.bias

@@ -1,0 +1,86 @@
+"""The lean LoRA forward: bit for bit peft's, outputs and gradients, and peft's own forward wherever it is not plain."""
+
+import copy
+
+import pytest
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.config import LoraConfig
+from rlhfkit.models.load import add_lora, peft_lora_config
+from rlhfkit.models.lora import LeanLoraLinear, lean_lora, plain_lora
+from rlhfkit.rollout.engine import linear_weights
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+
+
+def _models(tiny_model_dir, arch, **lora):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch))
+    cfg = LoraConfig(enabled=True, r=4, target_modules="all-linear+head", **lora)
+    other = peft_lora_config(cfg, base)  # resolved before LoRA layers wrap the base's modules
+    lean = add_lora(base, cfg)
+    lean.add_adapter("other", other)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lean.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)  # B starts at zero: make every adapter count
+    peft = copy.deepcopy(lean)
+    for module in peft.modules():
+        if type(module) is LeanLoraLinear:
+            module.__class__ = LoraLinear  # peft's own forward
+    return lean, peft
+
+
+def _grads(model, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks, where there is dropout
+    out = model(input_ids=IDS).logits
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lean_forward_and_gradients_are_peft_s_bit_for_bit(tiny_model_dir, arch):
+    lean, peft = _models(tiny_model_dir, arch)
+    layers = [m for m in lean.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(type(m) is LeanLoraLinear for m in layers)
+    # gpt2's Conv1D layers are not plain (fan_in_fan_out): they take peft's forward, the same answer either way
+    plain = sum(plain_lora(m) is not None for m in layers)
+    assert plain == (len(layers) if arch == "llama" else 0) or (arch == "gpt2" and plain < len(layers))
+    for adapter in ("default", "other"):
+        lean.set_adapter(adapter), peft.set_adapter(adapter)
+        out, grads = _grads(lean)
+        expected, expected_grads = _grads(peft)
+        assert torch.equal(out, expected)
+        assert grads.keys() == expected_grads.keys() and grads
+        for name, g in grads.items():
+            assert torch.equal(g, expected_grads[name]), name
+    with lean.disable_adapter(), peft.disable_adapter(), torch.no_grad():
+        off = lean(input_ids=IDS).logits
+        assert torch.equal(off, peft(input_ids=IDS).logits)
+    assert (off - out).abs().max() > 1e-3  # the adapters change the output: the comparisons mean something
+
+
+def test_dropout_in_training_takes_peft_s_forward(tiny_model_dir):
+    lean, peft = _models(tiny_model_dir, "llama", dropout=0.5)
+    lean.train(), peft.train()
+    layer = next(m for m in lean.modules() if type(m) is LeanLoraLinear)
+    assert plain_lora(layer) is None  # random masks: only peft's forward draws them
+    out, grads = _grads(lean, seed=3)
+    expected, expected_grads = _grads(peft, seed=3)
+    assert torch.equal(out, expected)
+    assert all(torch.equal(g, expected_grads[n]) for n, g in grads.items())
+    lean.eval()
+    assert plain_lora(layer) is not None  # dropout off in eval: the lean forward again
+
+
+def test_rollout_engine_still_merges_lean_layers(tiny_model_dir):
+    lean, _ = _models(tiny_model_dir, "llama")
+    layer = next(m for m in lean.modules() if type(m) is LeanLoraLinear)
+    weight, bias = linear_weights(layer)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), layer(x), rtol=1e-5, atol=1e-6)
+    assert lean_lora(lean) is lean  # idempotent
