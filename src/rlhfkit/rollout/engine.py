@@ -524,7 +524,7 @@ class HFRolloutEngine:
     def generate(self, prompts: list, seeds: list[int], logprobs: bool = False) -> Generations:
         """``logprobs`` are given for a float32 policy only: there the loop's logits equal a training
         forward's up to float rounding; in half precision they differ by more, and trainers recompute."""
-        exact = next(self.model.parameters()).dtype == torch.float32
+        exact = all(p.dtype == torch.float32 for p in self.model.parameters())  # LoRA adapters may be fp32 on a bf16 base
         return sample_prompts(self.model, self.tokenizer, prompts, seeds, self.cfg, self.backend,
                               logprobs=logprobs and exact)
 
