@@ -84,3 +84,20 @@ def test_rollout_engine_still_merges_lean_layers(tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), layer(x), rtol=1e-5, atol=1e-6)
     assert lean_lora(lean) is lean  # idempotent
+
+
+def test_adapters_off_is_peft_s_disable_adapter(tiny_model_dir):
+    from rlhfkit.models.lora import adapters_off
+
+    lean, _ = _models(tiny_model_dir, "llama")
+    flags = {n: p.requires_grad for n, p in lean.named_parameters()}
+    assert any(flags.values()) and not all(flags.values())
+    with torch.no_grad():
+        with lean.disable_adapter():
+            expected = lean(input_ids=IDS).logits
+        with adapters_off(lean):
+            off = lean(input_ids=IDS).logits
+        on = lean(input_ids=IDS).logits
+    assert torch.equal(off, expected)
+    assert (on - off).abs().max() > 1e-3  # back on afterwards
+    assert {n: p.requires_grad for n, p in lean.named_parameters()} == flags

@@ -12,9 +12,13 @@ the same order, so outputs and gradients are bit for bit peft's — and hands ev
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
@@ -80,3 +84,26 @@ def lean_lora(model):
         if type(module) is LoraLinear:
             module.__class__ = LeanLoraLinear
     return model
+
+
+def adapter_layers(model) -> list[torch.nn.Module]:
+    """The modules of a peft model that hold adapters (LoRA layers and auxiliary wrappers), in order."""
+    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+
+
+@contextlib.contextmanager
+def adapters_off(model, layers: list[torch.nn.Module] | None = None):
+    """The base model: every adapter layer off, as peft's ``disable_adapter`` turns them off, without
+    its survey of the whole model first (~30 ms a call at 8.4M). ``layers``: ``adapter_layers(model)``,
+    if the caller keeps them. Every parameter's ``requires_grad`` is as before afterwards."""
+    layers = adapter_layers(model) if layers is None else layers
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -62,11 +62,9 @@ def lean_lora(model):
 
 
 def adapter_layers(model) -> list[nn.Module]:
-    """The modules of a peft model that hold adapters (LoRA layers and auxiliary wrappers), in order."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    from rlhfkit.models.lora import adapter_layers as layers  # imports peft
 
-    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    return layers(model)
 
 
 class SharedBaseRoles:
@@ -158,16 +156,11 @@ class SharedBaseRoles:
 
     @contextlib.contextmanager
     def reference(self):
-        """The base model: every adapter layer off (as ``disable_adapter`` turns them off, without its
-        status survey of the whole model, ~30 ms a call)."""
-        for layer in self._layers:
-            layer.enable_adapters(False)
-        try:
+        """The base model: every adapter layer off (``models.lora.adapters_off``)."""
+        from rlhfkit.models.lora import adapters_off
+
+        with adapters_off(self.model, self._layers):
             yield self.model
-        finally:
-            for layer in self._layers:
-                layer.enable_adapters(True)
-            self._trainable()
 
     def reference_logprobs(self, batch, temperature: float = 1.0) -> torch.Tensor:
         with self.reference() as ref:
