@@ -60,6 +60,11 @@ def mean_of(records: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
 
 
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (accelerate's offloading, user probes) besides its forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and mask → (U,) the first row of each distinct row, in order of appearance, and
     (B,) each row's index into them (0 .. U − 1).

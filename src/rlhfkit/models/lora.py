@@ -20,10 +20,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
-
-def has_hooks(module: torch.nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (accelerate's offloading, user probes) besides its forward."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+from rlhfkit.ops import has_hooks
 
 
 def plain_lora(module) -> tuple[torch.nn.Linear, tuple | None] | None:

@@ -55,12 +55,6 @@ def _frozen(model):
     return model.eval()
 
 
-def lean_lora(model):
-    from rlhfkit.models.lora import lean_lora as swap  # imports peft
-
-    return swap(model)
-
-
 def adapter_layers(model) -> list[nn.Module]:
     from rlhfkit.models.lora import adapter_layers as layers  # imports peft
 
@@ -78,8 +72,7 @@ class SharedBaseRoles:
         self.model = add_lora(base, lora)  # adapter "default" = the actor
         self.value_head = None
         if critic:
-            self.model.add_adapter("critic", critic_cfg)
-            lean_lora(self.model)  # any LoRA layer the critic's adapter added
+            self.model.add_adapter("critic", critic_cfg)  # the actor's targets: the same (lean) LoRA layers
             hidden = base.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1).to(device)
             nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
@@ -100,8 +93,10 @@ class SharedBaseRoles:
             raise ValueError(f"the reward adapter {path} was trained on {trained_on}, not on PPO's base {base_path}: "
                              f"train it with `rlhfkit rm --lora.enabled true --model {base_path}`, or pass a full "
                              "reward-model directory")
+        from rlhfkit.models.lora import lean_lora
+
         self.model.load_adapter(path, adapter_name="reward", is_trainable=False)  # its score head is not a LoRA layer
-        lean_lora(self.model)
+        lean_lora(self.model)  # any layer the reward adapter targets and the actor's does not
         head = {k.rsplit(".", 1)[-1]: v for k, v in load_file(str(Path(path) / "adapter_model.safetensors")).items()
                 if ".score." in k}
         weight = head["weight"].to(self.value_head.weight.device)

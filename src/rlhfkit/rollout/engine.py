@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from rlhfkit.config import GenerationConfig
 from rlhfkit.data.collate import encode_prompt, pad_batch
-from rlhfkit.ops import distinct_rows
+from rlhfkit.ops import distinct_rows, has_hooks
 from rlhfkit.rollout.sampling import row_uniforms, sample_next
 
 # Architectures the loop is checked on token for token against HF generate; others use "hf".
@@ -134,11 +134,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     ``signed_sin`` (``fold_sign``), so this is the same products and sum, bit for bit, in four operators.
     """
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
-
-
-def has_hooks(module: torch.nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (accelerate's offloading, user probes) besides its forward."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def linear_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -352,6 +347,16 @@ def token_scores(logits: torch.Tensor, token: torch.Tensor, temperature: float) 
     return logp.gather(-1, token[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
+def stack_scores(scores: list[tuple[torch.Tensor, torch.Tensor]], new: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step ``token_scores`` → (B, A') log-probs and (B, A') entropies, A' = ``new.shape[1]`` (zeros with no step)."""
+    if not scores:
+        empty = new.new_zeros(new.shape, dtype=torch.float)
+        return empty, empty.clone()
+    logprobs, entropy = (torch.stack(column, 1) for column in zip(*scores))
+    return logprobs, entropy
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor,
            cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int, share: bool = True,
@@ -375,7 +380,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
     batch, steps = input_ids.shape[0], uniforms.shape[1]
     if steps == 0:
         empty = input_ids.new_zeros((batch, 0))
-        return (empty, empty.float(), empty.float()) if with_logprobs else empty
+        return (empty, *stack_scores([], empty)) if with_logprobs else empty
     device = input_ids.device
     uniforms = uniforms.to(device)
     # Keys that may be attended: the prompt's real tokens, then every new token.
@@ -408,9 +413,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
             break
         positions = positions + 1
         logits = forward(token[:, None], positions)
-    if with_logprobs:
-        return torch.stack(tokens, 1), *(torch.stack(column, 1) for column in zip(*scores))
-    return torch.stack(tokens, 1)
+    new = torch.stack(tokens, 1)
+    return (new, *stack_scores(scores, new)) if with_logprobs else new
 
 
 class _InverseCDF:
@@ -444,11 +448,8 @@ def decode_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, unif
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_cfg,
                          logits_processor=processors)
     new = out[:, input_ids.shape[1]:]
-    if with_logprobs:  # the steps generate ran, one per column of new (A' ≤ A; none with A = 0)
-        logprobs, entropy = (torch.stack(column, 1) for column in zip(*sampler.scores)) if sampler.scores else (
-            new.new_zeros(new.shape, dtype=torch.float), new.new_zeros(new.shape, dtype=torch.float))
-        return new, logprobs, entropy
-    return new
+    # the steps generate ran, one per column of new (A' ≤ A; none with A = 0)
+    return (new, *stack_scores(sampler.scores, new)) if with_logprobs else new
 
 
 def resolve_backend(model, backend: str) -> str:

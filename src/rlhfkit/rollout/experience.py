@@ -136,8 +136,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     roles.train(False)
     t0 = time.perf_counter()
     seeds = prompt_seeds(seed, len(prompts)) if seeds is None else seeds
-    gens = engine.generate(list(prompts), seeds, logprobs=True) if old_logprobs == "rollout" else \
-        engine.generate(list(prompts), seeds)
+    gens = engine.generate(list(prompts), seeds, logprobs=old_logprobs == "rollout")
     t1 = time.perf_counter()
     batch = {k: v.to(device) for k, v in
              join_prompt_response(gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id).items()}
