@@ -47,7 +47,8 @@ def test_masked_logprobs_equal_full_logits(tiny_model_dir, arch, lora):
         assert (fast[mask == 0] == 0).all()
         for n, p in model.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(p.grad, full_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+                scale = full_grads[n].abs().max().item()  # float32 rounding, relative to the gradient's size
+                torch.testing.assert_close(p.grad, full_grads[n], atol=1e-5 * scale, rtol=1e-5, msg=n)
         if lora:  # with the adapter switched off, the base model's log-probs
             with torch.no_grad(), model.disable_adapter():
                 off = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)

@@ -101,3 +101,70 @@ def test_adapters_off_is_peft_s_disable_adapter(tiny_model_dir):
     assert torch.equal(off, expected)
     assert (on - off).abs().max() > 1e-3  # back on afterwards
     assert {n: p.requires_grad for n, p in lean.named_parameters()} == flags
+
+
+LONG_IDS = torch.arange(5, 5 + 4 * 12).reshape(4, 12)  # 48 rows: above every tiny layer's break-even
+
+
+def test_merged_forward_and_gradients_equal_peft_s_products(tiny_model_dir):
+    from rlhfkit.models.lora import merges
+
+    lean, peft = _models(tiny_model_dir, "llama")
+    layers = [m for m in lean.modules() if type(m) is LeanLoraLinear]
+    x_of = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: x_of.__setitem__(m, a[0])) for m in layers]
+    with torch.no_grad():
+        lean(input_ids=LONG_IDS)
+    for h in hooks:
+        h.remove()  # a hook would send the call to peft's forward
+    assert all(merges(x_of[m], m.base_layer, plain_lora(m)[1][1]) for m in layers)  # every layer merges here
+    assert not any(merges(x_of[m][:1, :2], m.base_layer, plain_lora(m)[1][1]) for m in layers)  # 2 rows: none
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=LONG_IDS).logits
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = run(lean)
+    expected, expected_grads = run(peft)
+    atol = 1e-5 * expected.abs().max().item()  # float32 rounding of a sum in another order
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=atol)
+    assert grads.keys() == expected_grads.keys() and len(grads) == 2 * len(layers)  # A and B of each layer
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[name], rtol=1e-4, atol=1e-5 * expected_grads[name].abs().max().item(),
+                                   msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(input_ids=LONG_IDS).logits, expected, rtol=1e-5, atol=atol)
+        with lean.disable_adapter():
+            assert (lean(input_ids=LONG_IDS).logits - out).abs().max() > 1e-3  # the adapters count
+
+
+def test_merged_lora_gradients_by_finite_differences():
+    from rlhfkit.models.lora import MergedLoraLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    a = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: MergedLoraLinear.apply(x, weight, bias, a, b, 0.5), (x, a, b))
+    out = MergedLoraLinear.apply(x, weight, bias, a, b, 0.5)
+    torch.testing.assert_close(out, x @ weight.T + bias + 0.5 * (x @ a.T) @ b.T)
+
+
+def test_merging_only_where_it_is_exact_enough_and_cheaper():
+    from rlhfkit.models.lora import merges
+
+    base, lora_b = torch.nn.Linear(32, 32), torch.nn.Linear(4, 32, bias=False)
+    base.requires_grad_(False)
+    assert merges(torch.randn(17, 32), base, lora_b)  # 17·64 > 32·32
+    assert not merges(torch.randn(16, 32), base, lora_b)  # at the break-even: the skinny products
+    assert not merges(torch.randn(2, 40, 32).bfloat16(), base.bfloat16(), lora_b.bfloat16())  # float32 only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not merges(torch.randn(64, 32), base.float(), lora_b.float())
+    assert not merges(torch.randn(64, 32), base.float(), torch.nn.Linear(4, 32))  # a LoRA bias
+    base.weight.requires_grad_(True)
+    assert not merges(torch.randn(64, 32), base, lora_b)  # the base trains: its gradient is not given
+    with torch.no_grad():
+        assert merges(torch.randn(64, 32), base, lora_b)

@@ -8,6 +8,15 @@ products called directly, the base alone 0.13 s). ``LeanLoraLinear`` is peft's c
 ``forward`` that, for a plain adapter, calls those same products itself — the same operators in
 the same order, so outputs and gradients are bit for bit peft's — and hands every other case
 (``plain_lora`` says which) to peft's own forward.
+
+On the CPU in float32, where a call has more rows than the adapter's break-even (``merges``),
+the adapter is merged into a transient copy of the weight instead: ``x @ (W + s·B·A)ᵀ`` is one
+matmul where ``x @ Wᵀ + s·(x @ Aᵀ) @ Bᵀ`` is three, two of them skinny (rank-wide) products that
+run far below the machine's speed; a no-grad forward of an 8.4M Llama with rank-16 adapters on
+every linear layer, (8, 85): 0.18 → 0.15 s (base alone 0.14 s). ``MergedLoraLinear`` gives the
+gradients of the adapter and of ``x`` from the same merged weight. Equal to peft's products up to
+float rounding (not bit for bit); GPUs, other dtypes and small calls (decode steps) keep the
+unmerged products.
 """
 
 from __future__ import annotations
@@ -65,11 +74,63 @@ class LeanLoraLinear(LoraLinear):
         if parts is None:
             return super().forward(x, *args, **kwargs)
         base, lora = parts
-        result = F.linear(x, base.weight, base.bias)
         if lora is None:
-            return result
+            return F.linear(x, base.weight, base.bias)
         lora_a, lora_b, scaling = lora
+        if merges(x, base, lora_b):
+            if not torch.is_grad_enabled():
+                return F.linear(x, merged_weight(base.weight, lora_a.weight, lora_b.weight, scaling), base.bias)
+            return MergedLoraLinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling)
+        result = F.linear(x, base.weight, base.bias)
         return result + F.linear(F.linear(x, lora_a.weight), lora_b.weight, lora_b.bias) * scaling
+
+
+def merges(x: torch.Tensor, base: torch.nn.Linear, lora_b: torch.nn.Linear) -> bool:
+    """Whether ``LeanLoraLinear`` computes a call through the merged weight: float32 on the CPU, a
+    frozen base, no LoRA bias, and more rows than the break-even of merging, where the merge's
+    out·in·r multiply-adds cost less than the skinny products' rows·(in + out)·r."""
+    weight = base.weight
+    if (x.device.type != "cpu" or weight.dtype != torch.float32 or lora_b.bias is not None
+            or torch.is_autocast_enabled("cpu")):
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+        return False
+    out_features, in_features = weight.shape
+    return x.numel() // in_features * (in_features + out_features) > in_features * out_features
+
+
+def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + s·B·A: (out, in), (r, in), (out, r) → (out, in), a new tensor."""
+    return torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+
+
+class MergedLoraLinear(torch.autograd.Function):
+    """``x @ (W + s·B·A)ᵀ + bias`` for a frozen ``W`` and ``bias``: x (..., in) → (..., out).
+
+    Saves ``x`` and the parameters, no copy of the merged weight (it is made again in the backward):
+    with g the output's gradient and x, g flattened to rows, ∂x = g·(W + s·B·A),
+    ∂A = s·(g·B)ᵀ·x and ∂B = s·gᵀ·(x·Aᵀ): the gradients of peft's unmerged products, up to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(x, merged_weight(weight, lora_a, lora_b, scaling), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        scaling = ctx.scaling
+        g, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ merged_weight(weight, lora_a, lora_b, scaling)).view_as(x)
+        if ctx.needs_input_grad[3]:
+            grad_a = (g @ lora_b).t() @ rows * scaling
+        if ctx.needs_input_grad[4]:
+            grad_b = g.t() @ (rows @ lora_a.t()) * scaling
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 def lean_lora(model):
