@@ -275,3 +275,45 @@ def test_one_update_takes_the_critic_values_from_its_learn_forward(tiny_model_di
     assert moved > 1e-3  # the step did something
     for a, b in zip(after_once, after_twice):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_the_reward_adapter_scores_the_sampled_ids(tiny_model_dir, lora_rm_dir):
+    from rlhfkit.data.collate import encode_prompt
+    from rlhfkit.models.roles import RewardAdapterScores
+
+    path = tiny_model_dir("llama")
+    tok = load_tokenizer(path)
+    roles = SharedBaseRoles(ModelConfig(path=path), LoraConfig(enabled=True, r=4), CPU)
+    roles.add_reward_adapter(lora_rm_dir, path)
+    scorer = RewardAdapterScores(roles, tok)
+    texts = [" The cat is calm.", " The lake is grim and cold.", " Hello."]
+    prompt_ids = [encode_prompt(tok, p) for p in PROMPTS]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    with_eos = [ids[0] + [tok.eos_token_id], ids[1], ids[2] + [tok.eos_token_id]]  # ended by EOS or cut off
+    by_text = scorer(PROMPTS, texts)
+    torch.testing.assert_close(scorer.score_ids(prompt_ids, with_eos), by_text, rtol=1e-5, atol=1e-5)
+    assert by_text.std() > 1e-4  # the rows score differently: the comparison means something
+    # ids that decode and encode again into other tokens: the sampled ones are scored, not the round trip's
+    split = [tok.convert_tokens_to_ids(list(tok.convert_ids_to_tokens(i)[0])) + i[1:] for i in ids]
+    assert [tok.decode(s) for s in split] == [tok.decode(i) for i in ids] and split != ids
+    assert not torch.allclose(scorer.score_ids(prompt_ids, split), by_text, atol=1e-4)
+
+
+def test_make_experience_gives_a_token_scorer_the_sampled_ids(tiny_model_dir):
+    roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("llama")), LoraConfig(enabled=True, r=4), CPU)
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    seen = {}
+
+    class Scorer:
+        def __call__(self, prompts, texts):
+            raise AssertionError("texts scored where ids were wanted")
+
+        def score_ids(self, prompt_ids, completion_ids):
+            seen["ids"] = prompt_ids, completion_ids
+            return torch.tensor([float(len(c)) for c in completion_ids])
+
+    exp, stats = make_experience(roles, tok, PROMPTS, Scorer(), GenerationConfig(max_new_tokens=6), beta=0.0, seed=2)
+    prompt_ids, completion_ids = seen["ids"]
+    assert exp.scores.tolist() == [float(len(c)) for c in completion_ids]
+    assert exp.action_mask.sum(-1).tolist() == [float(len(c)) for c in completion_ids]  # the very sampled ids
+    assert [tok.decode(c, skip_special_tokens=True) for c in completion_ids] == stats.texts

@@ -54,8 +54,12 @@ def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encod
     When too long, the prompt loses tokens from its start (keeping at least one
     completion slot) and then the completion loses its end (and with it the EOS).
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return join_ids(encode_prompt(tokenizer, prompt), completion_ids, max_length)
+
+
+def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> Encoded:
+    """Prompt ids + completion ids (EOS included), cut to ``max_length`` as ``encode_example`` cuts."""
     truncated = len(prompt_ids) + len(completion_ids) > max_length
     if truncated:
         keep_prompt = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2, 1))

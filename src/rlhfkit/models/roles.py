@@ -26,7 +26,7 @@ from rlhfkit import distributed
 from rlhfkit.config import LoraConfig, ModelConfig
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import add_lora, load_causal_lm, peft_lora_config, save_model
-from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.reward import NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone
 from rlhfkit.ops import position_ids_from_mask
 
@@ -108,12 +108,25 @@ class SharedBaseRoles:
         self._reward = [p for n, p in self.model.named_parameters() if ".reward." in n]
         self._use("default")
 
-    @torch.no_grad()
     def reward_scores(self, tokenizer, prompts: list, responses: list[str], max_length: int = 512) -> torch.Tensor:
         """Scores from the reward adapter, encoded exactly as ``RewardModel.score`` does: (B,) on the CPU."""
-        batch = collate([encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
-                        tokenizer.pad_token_id)
-        batch = {k: v.to(self.value_head.weight.device) for k, v in batch.items()}
+        return self._reward_scores([encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
+                                   tokenizer.pad_token_id)
+
+    def reward_scores_of_ids(self, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                             max_length: int = 512) -> torch.Tensor:
+        """Scores of sampled token ids themselves (the adapter shares the actor's tokenizer): prompt ids +
+        completion ids + EOS where the completion has none, cut as ``encode_example`` cuts: (B,) on the CPU.
+        What ``reward_scores`` gives for the decoded texts wherever decoding and encoding again give back the
+        same ids, without that round trip (sampled ids often re-encode into other, more, tokens)."""
+        eos = tokenizer.eos_token_id
+        rows = [join_ids(p, c if c and c[-1] == eos else [*c, eos], max_length)
+                for p, c in zip(prompt_ids, completion_ids)]
+        return self._reward_scores(rows, tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def _reward_scores(self, rows: list, pad_token_id: int) -> torch.Tensor:
+        batch = {k: v.to(self.value_head.weight.device) for k, v in collate(rows, pad_token_id).items()}
         self._use("reward")
         hidden = hidden_states(self.model, batch)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch["attention_mask"])]
@@ -188,6 +201,21 @@ class SharedBaseRoles:
         save_model(self.model, tokenizer, out)
         if self.value_head is not None and distributed.is_main():
             save_file(self.value_head.state_dict(), str(Path(out) / "critic" / VALUE_HEAD_FILE))
+
+
+class RewardAdapterScores:
+    """The reward adapter of ``SharedBaseRoles`` as PPO's score function: called with (prompts, texts)
+    it re-encodes the texts (``reward_scores``); ``make_experience`` calls ``score_ids`` with the sampled
+    ids instead (``reward_scores_of_ids``), as TRL and OpenRLHF score the policy's own tokens."""
+
+    def __init__(self, roles: SharedBaseRoles, tokenizer):
+        self.roles, self.tokenizer = roles, tokenizer
+
+    def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        return self.roles.reward_scores(self.tokenizer, prompts, responses)
+
+    def score_ids(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
+        return self.roles.reward_scores_of_ids(self.tokenizer, prompt_ids, completion_ids)
 
 
 class SeparateRoles:

@@ -22,7 +22,9 @@ from rlhfkit.models.forward import join_prompt_response
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.sampling import prompt_seeds
 
-ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, response texts) → (B,) proxy scores
+# (prompts, response texts) → (B,) proxy scores; one with a ``score_ids(prompt_ids, completion_ids)`` method
+# (a reward on the actor's own tokenizer) is given the sampled ids instead
+ScoreFn = Callable[[list, list[str]], torch.Tensor]
 
 
 @dataclass
@@ -155,7 +157,9 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     if values:
         old_values = roles.critic_values(batch)
     t2 = time.perf_counter()
-    scores = score_fn(prompts, gens.texts).to(device).float()
+    score_ids = getattr(score_fn, "score_ids", None)  # a scorer on the actor's tokenizer: the sampled ids
+    scores = (score_ids(gens.prompt_ids, gens.completion_ids) if score_ids else score_fn(prompts, gens.texts))
+    scores = scores.to(device).float()
     has_eos = torch.tensor(gens.has_eos, device=device)
     if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
         scores = torch.where(has_eos, scores, scores + missing_eos_penalty)

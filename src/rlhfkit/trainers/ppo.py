@@ -11,7 +11,6 @@ when learning starts, so its learn forward gives GAE's values and no separate pa
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -26,7 +25,7 @@ from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import policy_loss, value_loss
 from rlhfkit.models.load import is_adapter_dir
 from rlhfkit.models.reward import RewardModel
-from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
+from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
@@ -246,7 +245,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     roles = build_roles(cfg, device)
     if score_fn is None and cfg.mode == "shared" and is_adapter_dir(cfg.reward_model):
         roles.add_reward_adapter(cfg.reward_model, cfg.model.path)  # the third adapter: no second model in memory
-        score_fn = functools.partial(roles.reward_scores, tokenizer)
+        score_fn = RewardAdapterScores(roles, tokenizer)  # scores the sampled ids themselves
     elif score_fn is None:
         score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score
     steps = cfg.train.max_steps
