@@ -74,6 +74,15 @@ class ExportConfig:
     allow_pickle: bool = arg(False, "allow pickled .bin base weights (unsafe)")
 
 
+
+def _report(metrics: dict, saved: str) -> None:
+    """The final metrics and where the model went, printed by the process that wrote it (rank 0)."""
+    from rlhfkit import distributed
+
+    if distributed.is_main():
+        print(json.dumps(metrics, indent=2))
+        print(saved)
+
 def cmd_tiny_model(cfg: TinyModelConfig) -> None:
     from rlhfkit.models.tiny import make_tiny_model
 
@@ -95,8 +104,7 @@ def cmd_sft(cfg) -> None:
     from rlhfkit.trainers.sft import train
 
     metrics = train(cfg)
-    print(json.dumps(metrics, indent=2))
-    print(f"model saved to {cfg.train.out}")
+    _report(metrics, f"model saved to {cfg.train.out}")
 
 
 def _prompt_file(path: str, limit: int) -> list:
@@ -158,8 +166,7 @@ def cmd_rm(cfg) -> None:
     from rlhfkit.trainers.reward import train
 
     metrics = train(cfg)
-    print(json.dumps(metrics, indent=2))
-    print(f"reward model saved to {cfg.train.out}")
+    _report(metrics, f"reward model saved to {cfg.train.out}")
 
 
 def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
@@ -203,8 +210,7 @@ def cmd_ppo(cfg) -> None:
 
             hooks["evaluate"] = evaluate
     metrics = train(cfg, **hooks)
-    print(json.dumps(metrics, indent=2))
-    print(f"actor saved to {cfg.train.out} (critic in {cfg.train.out}/critic)")
+    _report(metrics, f"actor saved to {cfg.train.out} (critic in {cfg.train.out}/critic)")
 
 
 def cmd_quickstart(cfg) -> None:
@@ -272,8 +278,7 @@ def cmd_preference(cfg) -> None:
     from rlhfkit.trainers.preference import train
 
     metrics = train(cfg)
-    print(json.dumps(metrics, indent=2))
-    print(f"model saved to {cfg.train.out}")
+    _report(metrics, f"model saved to {cfg.train.out}")
 
 
 def _preference_config(name: str):
@@ -304,8 +309,7 @@ def cmd_online(cfg) -> None:
     from rlhfkit.trainers.online import train
 
     metrics = train(cfg)
-    print(json.dumps(metrics, indent=2))
-    print(f"policy adapter saved to {cfg.train.out}")
+    _report(metrics, f"policy adapter saved to {cfg.train.out}")
 
 
 def _quickstart_config():

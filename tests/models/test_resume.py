@@ -258,3 +258,23 @@ def test_a_fresh_run_in_an_old_directory_does_not_append_to_its_metrics(tmp_path
 
     assert once() == [1, 2, 3]
     assert once() == [1, 2, 3]
+
+
+def test_a_resumed_run_s_tensorboard_hides_the_steps_it_logs_again(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = Logger(tmp_path)
+    for step in range(1, 5):
+        first.log(step, {"loss": float(step)})
+    first.close()  # "killed" after step 4; its last checkpoint was step 2
+    resumed = Logger(tmp_path)
+    resumed.rewind(2)
+    for step in (3, 4, 5):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0),
+                                                                    (5, 50.0)]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]

@@ -364,3 +364,15 @@ def test_path_dict_and_optional_section(tmp_path):
         parse_args(Extras, ["--weights.b", "x"])
     path = save_config(cfg, tmp_path / "extras.yaml")
     assert from_dict(Extras, load_yaml(path)) == cfg
+
+
+def test_only_the_writing_process_reports_the_saved_model(monkeypatch, capsys):
+    from rlhfkit.cli import _report
+
+    monkeypatch.setenv("RANK", "1")
+    _report({"loss": 1.5}, "model saved to out/")
+    assert capsys.readouterr().out == ""  # another rank wrote nothing: it says nothing
+    monkeypatch.setenv("RANK", "0")
+    _report({"loss": 1.5}, "model saved to out/")
+    out = capsys.readouterr().out
+    assert '"loss": 1.5' in out and out.rstrip().endswith("model saved to out/")

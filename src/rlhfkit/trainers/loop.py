@@ -123,17 +123,22 @@ class Logger:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.writer = self._tensorboard() if tensorboard else None
 
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+    def _tensorboard(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=purge_step)
 
     def rewind(self, step: int) -> None:
         """Forget the records after ``step``: a resumed run logs those steps again, and a fresh run
-        (step 0) into an old run's directory starts a fresh file. One record per step, always."""
+        (step 0) into an old run's directory starts a fresh file. One record per step, always.
+        TensorBoard's events after ``step`` are purged too (``purge_step``: TensorBoard hides them)."""
         if self.file is None:
             return
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = self._tensorboard(purge_step=step + 1)
         path = self.out / "metrics.jsonl"
         self.file.close()
         kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
