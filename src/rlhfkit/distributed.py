@@ -91,6 +91,12 @@ def mean_over_processes(records: list[dict[str, float]], device: torch.device) -
     return dict(zip(means, (v / world_size() for v in all_sum(list(means.values()), device))))
 
 
+def sum_over_processes(weighted: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value summed over processes (identity with one). Pass each process's metric times its share of
+    the whole (its tokens over the mini-batch's): the sum is the metric of the whole mini-batch."""
+    return dict(zip(weighted, all_sum(list(weighted.values()), device)))
+
+
 BUCKET_ELEMENTS = 2**24  # ~64 MB of fp32 per collective: few calls, and no full copy of a large model's gradients
 
 

@@ -115,17 +115,38 @@ def test_ppo_with_two_processes_equals_one(tiny_model_dir, task_dir, reward_dir,
     first = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == len(first) == 3
     assert logs[0]["rollout/kl"] == pytest.approx(first[0]["rollout/kl"], abs=1e-5)  # metrics over both halves
+    # and the learn pass's: every process's token means weighted by its share, not the logging rank's shard
+    learned = ["loss/policy", "loss/value", "grad_norm/actor", "policy/clip_frac", "policy/approx_kl",
+               "policy/ratio_mean", "value/value_clip_frac", "rollout/advantage_mean"]
+    for step in range(3):
+        for key in learned:
+            if "clip_frac" in key and step:  # after an update a token near the clip edge may fall either side
+                continue
+            assert logs[step][key] == pytest.approx(first[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
-def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path):
+def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path, monkeypatch):
     from rlhfkit.data.tasks import arithmetic
 
     arithmetic.write(tmp_path / "data")
+    # a reward an untrained model already earns unevenly (the task's own give it zeros: nothing would train)
+    (tmp_path / "length_reward.py").write_text(
+        "def length(prompts, completions, **columns):\n    return [len(c) / 20 for c in completions]\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     args = ["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"),
-            "--rewards", "rlhfkit.data.tasks.arithmetic:answer_format,rlhfkit.data.tasks.arithmetic:exact_answer",
-            "--train.max_steps", "3", "--prompts_per_step", "4", "--group_size", "4", "--mini_batch_size", "8",
-            "--optim.lr", "1e-2", "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]
-    _assert_close(_train(args, tmp_path / "one", 1, weights="all"), _train(args, tmp_path / "two", 2, weights="all"))
+            "--rewards", "length_reward:length", "--train.max_steps", "3", "--prompts_per_step", "4",
+            "--group_size", "4", "--mini_batch_size", "8", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
+            "--train.tensorboard", "false"]
+    weights = _train(args, tmp_path / "one", 1, weights="all")
+    _assert_close(weights, _train(args, tmp_path / "two", 2, weights="all"))
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # the policy really trained
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert all(r["grad_norm"] > 0 for r in one)
+    # the learn pass's metrics over both processes' rows, not the logging rank's shard
+    for key in ("loss/policy", "grad_norm", "policy/approx_kl", "rollout/entropy"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    assert two[0]["policy/clip_frac"] == pytest.approx(one[0]["policy/clip_frac"], abs=1e-6)
 
 
 def test_a_checkpoint_resumes_on_another_number_of_processes(tiny_model_dir, task_dir, tmp_path):

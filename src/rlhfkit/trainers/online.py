@@ -230,11 +230,12 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)  # applies nothing when non-finite
             if not nonfinite.ok("gradient norm", grad_norm, step):
                 continue
-            stats = {"loss/policy": pg_loss.item(), "loss/kl": kl_loss.item(), "grad_norm": grad_norm,
-                     **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
+            # over the whole mini-batch: each shard's figure weighted by its share (the norm is global already)
+            stats = {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * kl_share,
+                     "grad_norm": grad_norm * kl_share, **{f"policy/{k}": float(v) * kl_share for k, v in pg_stats.items()}}
             if entropy is not None:
-                stats["rollout/entropy"] = entropy
-            records.append(stats)
+                stats["rollout/entropy"] = entropy * kl_share
+            records.append(distributed.sum_over_processes(stats, pg_loss.device))
     return mean_of(records)
 
 

@@ -106,7 +106,7 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
             vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
             (cfg.vf_coef * vf_loss * share).backward()
             stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite,
-                                 step)
+                                 step, share)
             if stats is not None:
                 records.append(stats)
     return mean_of(records)
@@ -137,14 +137,20 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
     logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
     pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, advantages, mask, cfg.clip_eps)
     (pg_loss * share).backward()
-    stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite, step)
-    return {**(stats or {}), "value/explained_variance": ev,
-            "rollout/advantage_mean": masked_mean(advantages, mask).item()}
+    stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite, step,
+                         share)
+    # over every process: the advantage mean exactly (a token mean), the explained variance as a share-weighted
+    # mean of each shard's (a ratio of variances: close to, not exactly, the whole batch's)
+    spread = distributed.sum_over_processes({"value/explained_variance": ev * share,
+                                             "rollout/advantage_mean": masked_mean(advantages, mask).item() * share},
+                                            mask.device)
+    return {**(stats or {}), **spread}
 
 
 def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, actor_opt, critic_opt,
-                 nonfinite: NonFinite, step: int) -> dict[str, float] | None:
-    """Sum the back-propagated gradients over processes and step both optimisers; the update's metrics,
+                 nonfinite: NonFinite, step: int, share: float = 1.0) -> dict[str, float] | None:
+    """Sum the back-propagated gradients over processes and step both optimisers; the update's metrics
+    over the whole mini-batch (each process's token means weighted by its ``share`` of the tokens),
     or None when a non-finite loss or gradient skipped it."""
     loss = pg_loss.detach() + cfg.vf_coef * vf_loss.detach()
     if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
@@ -156,9 +162,11 @@ def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, ac
     if not (nonfinite.ok("actor gradient norm", grad_norm, step)
             and nonfinite.ok("critic gradient norm", critic_norm, step)):
         return None
-    return {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
-            **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
-            **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
+    stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
+             **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
+             **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
+    # token means over this shard, weighted by its share: summed, those of the mini-batch (the norm is global)
+    return distributed.sum_over_processes({k: v * share for k, v in stats.items()}, pg_loss.device)
 
 
 def whiten_over_processes(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
