@@ -35,6 +35,11 @@ def test_gradient_buckets_keep_order_and_cover_every_tensor():
     assert distributed._buckets([], 8) == []
 
 
+def port_taken(stderr: str) -> bool:
+    """Whether a launch failed because its rendezvous port was in use."""
+    return "EADDRINUSE" in stderr or "Address already in use" in stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,11 +48,14 @@ def _free_port() -> int:
 
 def _train(args, out, processes, weights="model.safetensors"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "rlhfkit.cli"]
-    if processes > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                  "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
-    result = subprocess.run(launch + args + ["--out", str(out)], capture_output=True, text=True, env=env)
+    for _ in range(3):  # the free port may be taken between finding it and the launcher binding it: try another
+        launch = [sys.executable, "-m", "rlhfkit.cli"]
+        if processes > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                      "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
+        result = subprocess.run(launch + args + ["--out", str(out)], capture_output=True, text=True, env=env)
+        if not port_taken(result.stderr):
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     if weights == "all":  # every safetensors file of the run (adapters, critic, value head), checkpoints aside
         return {f"{p.relative_to(out)}:{k}": v for p in sorted(out.rglob("*.safetensors"))

@@ -107,15 +107,20 @@ def _free_port() -> str:
 def _launch(launcher: str, args: list[str], out: Path) -> str:
     """Run the rlhfkit command ``args`` in 2 processes: ``launcher`` is 'torchrun' or an accelerate
     config in examples/accelerate. Returns its stdout."""
-    if launcher == "torchrun":
-        start = ["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                 "--master_port", _free_port()]
-    else:
-        start = ["accelerate.commands.launch", "--config_file", str(ACCELERATE / launcher), "--num_processes", "2",
-                 "--main_process_port", _free_port()]
+    from test_distributed import port_taken
+
     env = {k: v for k, v in os.environ.items() if k not in FSDP_ENV}
-    result = subprocess.run([sys.executable, "-m", *start, "-m", "rlhfkit.cli", *args, "--out", str(out)],
-                            capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
+    for _ in range(3):  # the free port may be taken between finding it and the launcher binding it: try another
+        if launcher == "torchrun":
+            start = ["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                     "--master_port", _free_port()]
+        else:
+            start = ["accelerate.commands.launch", "--config_file", str(ACCELERATE / launcher), "--num_processes",
+                     "2", "--main_process_port", _free_port()]
+        result = subprocess.run([sys.executable, "-m", *start, "-m", "rlhfkit.cli", *args, "--out", str(out)],
+                                capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
+        if not port_taken(result.stderr):
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
