@@ -5,6 +5,7 @@ Imports only torch and the standard library. Shapes: B batch, T sequence, V voca
 
 from __future__ import annotations
 
+import inspect
 import math
 from statistics import mean, stdev
 
@@ -58,6 +59,18 @@ def mean_of(records: list[dict[str, float]]) -> dict[str, float]:
     """Each metric's mean over the ``records`` that have it (one record per mini-batch, rollout, ...)."""
     keys = sorted({k for r in records for k in r})
     return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+
+
+def cache_keyword(model) -> str:
+    """The keyword an HF model's forward takes its KV cache by: ``cache`` (recent transformers 5 releases,
+    where ``past_key_values`` is deprecated, to be removed in 5.40) or ``past_key_values`` (earlier ones)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: the HF model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache an HF model's output holds (``cache``, or ``past_key_values`` in earlier releases), or None."""
+    return output.cache if hasattr(output, "cache") else getattr(output, "past_key_values", None)
 
 
 def has_hooks(module: torch.nn.Module) -> bool:

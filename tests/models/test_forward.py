@@ -148,3 +148,25 @@ def test_masked_logprobs_share_the_prompts_of_pairs(tiny_model_dir, arch, lora):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, full_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_forwards_use_the_model_s_own_cache_keyword(tiny_model_dir, arch, caplog):
+    import logging
+    import warnings
+
+    from rlhfkit.config import GenerationConfig
+    from rlhfkit.models.forward import shared_prefix_forward
+    from rlhfkit.ops import cache_keyword
+    from rlhfkit.rollout.engine import decode
+
+    model, batch = _model_and_batch(tiny_model_dir, arch, "all-linear", "left")
+    assert cache_keyword(model) == cache_keyword(model.get_base_model())  # a peft model: its HF model's
+    ids, mask = batch["input_ids"][[0, 0]], batch["attention_mask"][[0, 0]]  # one prompt twice: shared
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as warned, torch.no_grad():
+        warnings.simplefilter("always")
+        assert shared_prefix_forward(model, ids, mask, 5) is not None
+        decode(model.get_base_model(), ids[:, :5], mask[:, :5], torch.rand(2, 3), GenerationConfig(max_new_tokens=3),
+               None, 0, share=False)
+    said = " ".join([str(w.message) for w in warned] + [r.getMessage() for r in caplog.records])
+    assert "past_key_values" not in said  # no deprecated keyword where the model takes ``cache``

@@ -12,7 +12,8 @@ import torch
 
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.fsdp import run_as_forward
-from rlhfkit.ops import distinct_rows, position_ids_from_mask, shifted_logprobs, token_logprobs
+from rlhfkit.ops import (cache_keyword, cache_of, distinct_rows, position_ids_from_mask, shifted_logprobs,
+                         token_logprobs)
 
 # config fields under which a model changes its logits after the output head (softcapping, scaling):
 # such models keep the full forward, whose code applies them
@@ -74,12 +75,12 @@ def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch
                       position_ids=positions[first, :width], use_cache=True, **(head_kwargs or {}))
     except TypeError:  # no cache (or no logits_to_keep) in this architecture's forward
         return None
-    cache = head.past_key_values
+    cache = cache_of(head)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
     cache.batch_select_indices(inverse)  # (U, ...) → (B, ...), differentiable indexing
     tail = module(input_ids=input_ids[:, width:], attention_mask=attention_mask, position_ids=positions[:, width:],
-                  past_key_values=cache, use_cache=True, **(tail_kwargs or {}))
+                  use_cache=True, **{cache_keyword(module): cache}, **(tail_kwargs or {}))
     return head, tail, inverse
 
 

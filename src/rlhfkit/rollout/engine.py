@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from rlhfkit.config import GenerationConfig
 from rlhfkit.data.collate import encode_prompt, pad_batch
-from rlhfkit.ops import distinct_rows, has_hooks
+from rlhfkit.ops import cache_keyword, distinct_rows, has_hooks
 from rlhfkit.rollout.sampling import row_uniforms, sample_next
 
 # Architectures the loop is checked on token for token against HF generate; others use "hf".
@@ -329,12 +329,12 @@ def model_forward(model, valid: torch.Tensor):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    mask = valid.long()
+    mask, keyword = valid.long(), cache_keyword(model)
 
     def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         seen = cache.get_seq_length() + ids.shape[1]
-        out = model(input_ids=ids, attention_mask=mask[:, :seen], position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask[:, :seen], position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{keyword: cache})
         return out.logits[:, -1]
 
     return forward
