@@ -168,3 +168,13 @@ def test_merging_only_where_it_is_exact_enough_and_cheaper():
     assert not merges(torch.randn(64, 32), base, lora_b)  # the base trains: its gradient is not given
     with torch.no_grad():
         assert merges(torch.randn(64, 32), base, lora_b)
+
+
+def test_wrapping_says_nothing_a_user_cannot_act_on(tiny_model_dir):
+    import warnings
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        add_lora(base, LoraConfig(enabled=True, r=4))
+    assert not [w for w in said if "is_gradient_checkpointing" in str(w.message)]

@@ -76,12 +76,13 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
     if is_adapter_dir(cfg.path):
         from peft import PeftModel
 
-        from rlhfkit.models.lora import lean_lora
+        from rlhfkit.models.lora import lean_lora, peft_quietly
 
         base_path = json.loads((Path(cfg.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         check_weights_format(base_path, cfg.allow_pickle)
         base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-        model = lean_lora(PeftModel.from_pretrained(base, cfg.path, is_trainable=False))
+        with peft_quietly():
+            model = lean_lora(PeftModel.from_pretrained(base, cfg.path, is_trainable=False))
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
         model = AutoModelForCausalLM.from_pretrained(absolute_if_local(cfg.path), **kwargs)
@@ -115,9 +116,10 @@ def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: s
     With ``task_type="SEQ_CLS"`` peft also trains and saves the score head."""
     from peft import get_peft_model
 
-    from rlhfkit.models.lora import lean_lora
+    from rlhfkit.models.lora import lean_lora, peft_quietly
 
-    return lean_lora(get_peft_model(model, peft_lora_config(cfg, model, task_type), adapter_name=adapter_name))
+    with peft_quietly():
+        return lean_lora(get_peft_model(model, peft_lora_config(cfg, model, task_type), adapter_name=adapter_name))
 
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ unmerged products.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,15 @@ def lean_lora(model):
         if type(module) is LoraLinear:
             module.__class__ = LeanLoraLinear
     return model
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft wrapping a model reads ``is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning at every wrap; nothing a user can act on: that one warning is silenced, no other."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def adapter_layers(model) -> list[torch.nn.Module]:

@@ -60,12 +60,13 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device):
     if is_adapter_dir(cfg.path):
         from peft import PeftModel
 
-        from rlhfkit.models.lora import lean_lora
+        from rlhfkit.models.lora import lean_lora, peft_quietly
 
         base = json.loads((Path(cfg.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         check_weights_format(base, cfg.allow_pickle)
-        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, **kwargs), cfg.path)
-        model = lean_lora(model)
+        backbone = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        with peft_quietly():
+            model = lean_lora(PeftModel.from_pretrained(backbone, cfg.path))
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
         model = AutoModelForSequenceClassification.from_pretrained(absolute_if_local(cfg.path), **kwargs)
