@@ -12,6 +12,7 @@ Over-optimisation shows as a proxy that keeps rising while the gold reward falls
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,12 +30,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--betas", default="0,0.1")
+    parser.add_argument("--target_kl", type=float, default=None, help="PPO's early stop within a step (default: off)")
     a = parser.parse_args()
     out = Path(a.out)
     data, _ = prepare(out, a.seed)
     betas = [float(b) for b in a.betas.split(",")]
     for beta in betas:
-        ppo.train(ppo_config(out, out / f"ppo_beta{beta:g}", data, a.seed, a.steps, beta), probe=gold_probe)
+        cfg = dataclasses.replace(ppo_config(out, out / f"ppo_beta{beta:g}", data, a.seed, a.steps, beta),
+                                  target_kl=a.target_kl)
+        ppo.train(cfg, probe=gold_probe)
 
     print(f"\nrollouts during training (64 prompts a step, seed {a.seed}): proxy score / gold reward / KL to SFT")
     print("| step | " + " | ".join(f"β = {b:g}" for b in betas) + " |")

@@ -317,3 +317,17 @@ def test_make_experience_gives_a_token_scorer_the_sampled_ids(tiny_model_dir):
     assert exp.scores.tolist() == [float(len(c)) for c in completion_ids]
     assert exp.action_mask.sum(-1).tolist() == [float(len(c)) for c in completion_ids]  # the very sampled ids
     assert [tok.decode(c, skip_special_tokens=True) for c in completion_ids] == stats.texts
+
+
+@pytest.mark.parametrize("target_kl, updates", [(1e-9, 1), (1e9, 4)])
+def test_target_kl_stops_a_step_s_updates(tiny_model_dir, task_dir, lora_rm_dir, tmp_path, target_kl, updates):
+    out = tmp_path / "ppo"
+    assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", lora_rm_dir,
+                 "--prompts", str(task_dir / "prompts_train.jsonl"), "--out", str(out), "--train.max_steps", "2",
+                 "--rollout_batch_size", "8", "--mini_batch_size", "4", "--ppo_epochs", "2", "--optim.lr", "1e-2",
+                 "--target_kl", str(target_kl), "--generation.max_new_tokens", "8",
+                 "--train.tensorboard", "false"]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 2 epochs × 2 mini-batches; a tiny target stops at the second (the first starts from the rollout policy)
+    assert [r["policy/updates"] for r in logs] == [updates] * 2
+    assert [r["policy/early_stop"] for r in logs] == [float(updates < 4)] * 2

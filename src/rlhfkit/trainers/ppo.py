@@ -64,6 +64,8 @@ class PPOConfig:
     critic_in_learn: bool = arg(True, "one epoch of one mini-batch: GAE's values from the critic's learn forward, "
                                 "not a separate no-grad pass (the same numbers, one pass fewer)")
     critic_lr: float = arg(0.0, "critic learning rate; 0 = the actor's (optim.lr)")
+    target_kl: float | None = arg(None, "stop a step's remaining updates once a mini-batch's approx-KL to the "
+                                        "rollout policy, before its update, exceeds 1.5 × this (None: never)")
     eval_prompts: str = arg("", "held-out prompts evaluated every train.eval_every steps and at the end")
     task: Literal["none", "describe"] = arg("none", "built-in task whose gold reward is reported (evaluation only; "
                                             "never a training signal)")
@@ -86,10 +88,17 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
           nonfinite: NonFinite, step: int) -> dict:
     """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics.
 
-    A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``).
+    A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``). With
+    ``target_kl``, a mini-batch whose approx-KL to the rollout policy exceeds 1.5 × ``target_kl``
+    before its update ends the step's learning there (Stable-Baselines3's rule); the metrics then
+    say so (``policy/early_stop``, ``policy/updates``). ``learn_once`` has one update, from the
+    rollout policy itself: nothing to stop.
     """
     records: list[dict[str, float]] = []
+    stopped = False
     for _ in range(cfg.ppo_epochs):
+        if stopped:
+            break
         for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size):
             idx = idx.to(buffer.input_ids.device)
             mb = buffer[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
@@ -101,6 +110,11 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
             # activations) is freed before the critic's forward, not held beside it
             logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
             pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
+            if cfg.target_kl is not None:  # the policy has moved far enough this step (over every process's share)
+                moved = distributed.all_sum([float(pg_stats["approx_kl"]) * share], pg_loss.device)[0]
+                if moved > 1.5 * cfg.target_kl:
+                    stopped = True
+                    break
             (pg_loss * share).backward()
             values = roles.critic_values(mb.batch())
             vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
@@ -109,7 +123,10 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
                                  step, share)
             if stats is not None:
                 records.append(stats)
-    return mean_of(records)
+    learned = mean_of(records)
+    if cfg.target_kl is not None:
+        learned.update({"policy/early_stop": float(stopped), "policy/updates": float(len(records))})
+    return learned
 
 
 def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator,
