@@ -74,7 +74,6 @@ class ExportConfig:
     allow_pickle: bool = arg(False, "allow pickled .bin base weights (unsafe)")
 
 
-
 def _report(metrics: dict, saved: str) -> None:
     """The final metrics and where the model went, printed by the process that wrote it (rank 0)."""
     from rlhfkit import distributed
@@ -82,6 +81,7 @@ def _report(metrics: dict, saved: str) -> None:
     if distributed.is_main():
         print(json.dumps(metrics, indent=2))
         print(saved)
+
 
 def cmd_tiny_model(cfg: TinyModelConfig) -> None:
     from rlhfkit.models.tiny import make_tiny_model

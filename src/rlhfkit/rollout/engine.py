@@ -349,7 +349,8 @@ def token_scores(logits: torch.Tensor, token: torch.Tensor, temperature: float) 
 
 def stack_scores(scores: list[tuple[torch.Tensor, torch.Tensor]], new: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step ``token_scores`` → (B, A') log-probs and (B, A') entropies, A' = ``new.shape[1]`` (zeros with no step)."""
+    """Per-step ``token_scores`` → (B, A') log-probs and (B, A') entropies, A' = ``new.shape[1]``
+    (zeros when no step ran)."""
     if not scores:
         empty = new.new_zeros(new.shape, dtype=torch.float)
         return empty, empty.clone()

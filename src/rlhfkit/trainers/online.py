@@ -232,7 +232,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 continue
             # over the whole mini-batch: each shard's figure weighted by its share (the norm is global already)
             stats = {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * kl_share,
-                     "grad_norm": grad_norm * kl_share, **{f"policy/{k}": float(v) * kl_share for k, v in pg_stats.items()}}
+                     "grad_norm": grad_norm * kl_share,
+                     **{f"policy/{k}": float(v) * kl_share for k, v in pg_stats.items()}}
             if entropy is not None:
                 stats["rollout/entropy"] = entropy * kl_share
             records.append(distributed.sum_over_processes(stats, pg_loss.device))

@@ -96,33 +96,33 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
     """
     records: list[dict[str, float]] = []
     stopped = False
-    for _ in range(cfg.ppo_epochs):
-        if stopped:
-            break
-        for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size):
-            idx = idx.to(buffer.input_ids.device)
-            mb = buffer[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
-            # both losses are token means: weighted by this shard's share of the mini-batch's tokens, they sum
-            # over processes to the loss of the whole mini-batch
-            share = float(mb.action_mask.sum()) / max(float(buffer.action_mask[idx].sum()), 1.0)
-            # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
-            # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graph (one forward's
-            # activations) is freed before the critic's forward, not held beside it
-            logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
-            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
-            if cfg.target_kl is not None:  # the policy has moved far enough this step (over every process's share)
-                moved = distributed.all_sum([float(pg_stats["approx_kl"]) * share], pg_loss.device)[0]
-                if moved > 1.5 * cfg.target_kl:
-                    stopped = True
-                    break
-            (pg_loss * share).backward()
-            values = roles.critic_values(mb.batch())
-            vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
-            (cfg.vf_coef * vf_loss * share).backward()
-            stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite,
-                                 step, share)
-            if stats is not None:
-                records.append(stats)
+    # each epoch's shuffle drawn when the epoch starts, as nested loops would draw it
+    batches = (idx for _ in range(cfg.ppo_epochs)
+               for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size))
+    for idx in batches:
+        idx = idx.to(buffer.input_ids.device)
+        mb = buffer[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
+        # both losses are token means: weighted by this shard's share of the mini-batch's tokens, they sum
+        # over processes to the loss of the whole mini-batch
+        share = float(mb.action_mask.sum()) / max(float(buffer.action_mask[idx].sum()), 1.0)
+        # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
+        # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graph (one forward's
+        # activations) is freed before the critic's forward, not held beside it
+        logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
+        pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
+        if cfg.target_kl is not None:  # the policy has moved far enough this step (over every process's share)
+            moved = distributed.all_sum([float(pg_stats["approx_kl"]) * share], pg_loss.device)[0]
+            if moved > 1.5 * cfg.target_kl:
+                stopped = True
+                break
+        (pg_loss * share).backward()
+        values = roles.critic_values(mb.batch())
+        vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
+        (cfg.vf_coef * vf_loss * share).backward()
+        stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite,
+                             step, share)
+        if stats is not None:
+            records.append(stats)
     learned = mean_of(records)
     if cfg.target_kl is not None:
         learned.update({"policy/early_stop": float(stopped), "policy/updates": float(len(records))})
