@@ -326,7 +326,7 @@ def _rm_config():
 
 # command → (config class, or a function returning it for heavy imports; runner; one-line summary)
 COMMANDS = {
-    "quickstart": (_quickstart_config, cmd_quickstart, "the whole pipeline on the built-in task, on CPU"),
+    "quickstart": (_quickstart_config, cmd_quickstart, "the whole pipeline on the built-in task (CPU; --device cuda)"),
     "tiny-model": (TinyModelConfig, cmd_tiny_model, "make a small random model of a real architecture"),
     "make-data": (MakeDataConfig, cmd_make_data, "write the built-in task (JSONL) to a directory"),
     "sft": (_sft_config, cmd_sft, "supervised fine-tuning on prompt/completion or messages data"),

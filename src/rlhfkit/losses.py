@@ -142,13 +142,13 @@ def value_loss(
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) at every position: (..., V) -> (...).
+    """Entropy of softmax(logits) at every position: (..., V) -> (...), in float32.
 
     H = -sum_v p_v log p_v with log p = logits - logsumexp(logits) (log_softmax): shift-invariant, so
     large logits lose no precision. Logits of -inf (a vocabulary masked by top-k, say) are raised to the
     lowest finite value first: their p is 0 either way, and 0 * -inf would be NaN.
     """
-    logits = logits.clamp(min=torch.finfo(logits.dtype).min)
+    logits = logits.float().clamp(min=torch.finfo(torch.float32).min)  # bf16 logits: summed in float32
     logprobs = torch.log_softmax(logits, dim=-1)
     return -(logprobs.exp() * logprobs).sum(-1)
 

@@ -5,16 +5,13 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from rlhfkit.cli import main
 
 
-@pytest.mark.slow
-def test_quickstart_fast_ppo_and_dpo_beat_sft_with_summary_and_report(tmp_path, capsys):
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--fast", "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    stages = summary["stages"]
+def check_the_ordering(stages: dict) -> None:
+    """The quickstart's claims: PPO and DPO beat SFT on held-out gold reward, the reward model ranks pairs."""
     for name in ("sft", "ppo"):
         s = stages[name]
         assert s["n"] >= 200 and 0.0 <= s["gold_reward_mean"] <= 1.0 and s["gold_reward_stderr"] > 0
@@ -31,6 +28,18 @@ def test_quickstart_fast_ppo_and_dpo_beat_sft_with_summary_and_report(tmp_path, 
         assert gain > max(0.05, 2 * se), (method, gain, se)
     assert ppo["kl_to_sft"] < 10 and ppo["proxy_reward_mean"] > sft["proxy_reward_mean"]
     assert stages["rm"]["accuracy"] > 0.6 and stages["rm"]["accuracy_ceiling"] > 0.6
+    for name in ("sft", "rm", "dpo", "ppo"):  # throughput read back from each stage's metrics.jsonl
+        assert stages[name]["tokens_per_s"] > 0 and stages[name]["step_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_quickstart_fast_ppo_and_dpo_beat_sft_with_summary_and_report(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--fast", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    stages = summary["stages"]
+    assert (summary["device"], summary["dtype"]) == ("cpu", "float32") and "transformers" in summary["versions"]
+    check_the_ordering(stages)
     # every model is a standard HF directory; every stage left plottable logs
     assert (out / "sft" / "model.safetensors").is_file() and (out / "rm" / "model.safetensors").is_file()
     assert (out / "ppo" / "adapter_config.json").is_file()
@@ -58,3 +67,13 @@ def test_quickstart_fast_ppo_and_dpo_beat_sft_with_summary_and_report(tmp_path, 
     # the bars of the gold-reward plot are matplotlib's blue (31, 119, 180): present only if the PNGs loaded
     blue = int((np.abs(pixels - np.array([31, 119, 180])) < 12).all(-1).sum())
     assert blue > 2000, blue
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quickstart_on_a_gpu_in_bfloat16_keeps_the_ordering(tmp_path):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--fast", "--device", "cuda", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["dtype"] == "bfloat16"
+    check_the_ordering(summary["stages"])

@@ -393,3 +393,5 @@ def test_rollout_logprobs_equal_a_scoring_forward(tiny_model_dir, arch, backend,
             if "lora_" in name:
                 p.data = p.data.float()
         assert HFRolloutEngine(half, tok, cfg, backend).generate(PROMPTS[:2], [0, 1], logprobs=True).logprobs is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 weights computing in bf16 (mixed precision)
+        assert HFRolloutEngine(model, tok, cfg, backend).generate(PROMPTS[:2], [0, 1], logprobs=True).logprobs is None

@@ -101,7 +101,8 @@ def test_shared_prefix_logprobs_equal_the_full_forward(tiny_model_dir, arch, lor
     torch.testing.assert_close(shared * batch["action_mask"], full, atol=1e-5, rtol=0)
     for n, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, full_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+            scale = full_grads[n].abs().max().item()  # float32 rounding, relative to the gradient's size
+            torch.testing.assert_close(p.grad, full_grads[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
     if lora:  # the reference pass (adapters off) takes the same path
         with torch.no_grad(), model.disable_adapter():
             torch.testing.assert_close(logprobs_of(model, ids, attn, keep=width) * batch["action_mask"],

@@ -83,10 +83,11 @@ def arithmetic_dir(tmp_path_factory):
 
 
 def _run(command, model, data, out, *extra):
+    options = {"--train.max_steps": "2", "--prompts_per_step": "4", "--group_size": "4", "--mini_batch_size": "8",
+               "--optim.lr": "1e-2", "--generation.max_new_tokens": "8", "--train.tensorboard": "false"}
+    options = [a for k, v in options.items() if k not in extra for a in (k, v)]  # ``extra`` may set one of them
     return main([command, "--model", model, "--prompts", str(data / "prompts_train.jsonl"),
-                 "--eval_prompts", str(data / "prompts_valid.jsonl"), "--out", str(out),
-                 "--train.max_steps", "2", "--prompts_per_step", "4", "--group_size", "4", "--mini_batch_size", "8",
-                 "--optim.lr", "1e-2", "--generation.max_new_tokens", "8", "--train.tensorboard", "false", *extra])
+                 "--eval_prompts", str(data / "prompts_valid.jsonl"), "--out", str(out), *options, *extra])
 
 
 @pytest.mark.parametrize("command, extra", [
@@ -94,6 +95,7 @@ def _run(command, model, data, out, *extra):
     ("grpo", ["--advantage", "dr_grpo"]),
     ("rloo", []),
     ("reinforce-pp", ["--beta", "0.05"]),
+    ("reinforce-pp", ["--beta", "0.05", "--mini_batch_size", "16"]),  # one update, with a KL penalty in the rewards
 ])
 def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_module, tmp_path, command, extra):
     out = tmp_path / command
@@ -104,7 +106,8 @@ def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_modul
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == 3  # two steps and the final evaluation
     for key in ("rollout/score", "reward/length", "reward/exact_answer", "policy/clip_frac",
-                "loss/policy", "loss/kl", "rollout/response_length", "rollout/entropy", "time/step"):
+                "loss/policy", "loss/kl", "rollout/response_length", "rollout/entropy", "time/step",
+                "time/tokens_per_s"):
         assert key in logs[0], key
     # the reference pass (and with it the KL to the reference) runs only when a KL term needs it
     assert ("rollout/kl" in logs[0]) == (extra[:1] in (["--kl_coef"], ["--beta"]))

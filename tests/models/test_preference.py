@@ -124,7 +124,7 @@ def test_precomputed_reference_gives_the_losses_of_a_live_reference(tiny_model_d
         assert abs(live[0]["train/loss"] - math.log(2)) > 1e-3
     for a, b in zip(live, cached):  # later steps, and the reward metrics, agree as well
         for key in a:
-            if key != "train/seconds":
+            if key not in ("train/seconds", "train/step_seconds", "train/tokens_per_s"):  # timings
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 

@@ -116,6 +116,7 @@ def test_read_saved_dataset_and_dataset_dict(tmp_path):
 
 
 def test_directory_that_is_not_a_saved_dataset(tmp_path):
+    pytest.importorskip("datasets")  # a dependency; absent only in environments like the GPU machine's image
     (tmp_path / "plain").mkdir()
     raises(read_records, tmp_path / "plain", row=None, field=None, match="save_to_disk")
 
@@ -142,6 +143,7 @@ def test_empty_parquet_has_no_rows(tmp_path):
 
 
 def test_not_parquet(tmp_path):
+    pytest.importorskip("pyarrow.parquet")
     (tmp_path / "d.parquet").write_text("prompt\nhi\n")
     raises(load_prompts, tmp_path / "d.parquet", row=None, field=None, match="Parquet")
 

@@ -35,7 +35,7 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), **kwargs).logits
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.float() / temperature  # one rounding fewer for bf16 logits
     ids = input_ids[:, -(keep + 1):] if keep else input_ids
     lp = shifted_logprobs(logits, ids)
     return (lp, logits[:, :-1]) if with_logits else lp

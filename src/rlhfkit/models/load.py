@@ -8,9 +8,11 @@ A directory holding a LoRA adapter (``adapter_config.json``) loads as base + ada
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,12 +31,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bfloat16 on GPUs that support it, float32 elsewhere (bf16 is slow on CPUs)."""
+def bf16_gpu(device: torch.device) -> bool:
+    """A GPU that computes in bfloat16 (where ``dtype: auto`` means bf16 compute)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str, device: torch.device, trainable: bool = False) -> torch.dtype:
+    """The weights' dtype. ``auto`` on a bf16 GPU: bfloat16 for weights that stay frozen (a reference,
+    a reward model, a LoRA base), float32 for weights the optimiser updates (bf16 mixed precision:
+    they compute in bf16 under ``mixed_precision``; in pure bf16 small updates round away). ``auto``
+    elsewhere: float32 (bf16 is slow on CPUs). A named dtype is taken as it is."""
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if bf16_gpu(device) and not trainable else torch.float32
     return getattr(torch, name)
+
+
+def mixed_precision(name: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A context factory for the forwards of a run whose model dtype is ``name``: autocast to bfloat16
+    where ``auto`` resolves to bf16 compute (a bf16 GPU), nothing elsewhere or for a named dtype."""
+    if name == "auto" and bf16_gpu(device):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def check_weights_format(path: str, allow_pickle: bool) -> None:
@@ -68,10 +85,11 @@ def absolute_if_local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).is_dir() else path
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None):
-    """A causal LM from ``cfg.path``; an adapter directory gives base + adapter (peft)."""
+def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainable: bool = False):
+    """A causal LM from ``cfg.path``; an adapter directory gives base + adapter (peft). ``trainable``:
+    its own weights will be trained (full fine-tuning), which ``dtype: auto`` keeps in float32."""
     device = device or resolve_device()
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, trainable)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=not cfg.allow_pickle or None)
     if is_adapter_dir(cfg.path):
         from peft import PeftModel
@@ -110,16 +128,23 @@ def peft_lora_config(cfg: LoraConfig, model, task_type: str = "CAUSAL_LM"):
                           target_modules=lora_targets(model, cfg.target_modules), task_type=task_type)
 
 
-def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
+def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM",
+             float32: bool = False):
     """Wrap ``model`` with a fresh trainable LoRA adapter (base weights frozen).
 
-    With ``task_type="SEQ_CLS"`` peft also trains and saves the score head."""
+    With ``task_type="SEQ_CLS"`` peft also trains and saves the score head. ``float32``: every
+    trainable weight in float32 (mixed precision on a bf16 base; peft upcasts the adapters only)."""
     from peft import get_peft_model
 
     from rlhfkit.models.lora import lean_lora, peft_quietly
 
     with peft_quietly():
-        return lean_lora(get_peft_model(model, peft_lora_config(cfg, model, task_type), adapter_name=adapter_name))
+        model = lean_lora(get_peft_model(model, peft_lora_config(cfg, model, task_type), adapter_name=adapter_name))
+    if float32:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return model
 
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:

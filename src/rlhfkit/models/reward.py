@@ -54,9 +54,11 @@ def _scores(backbone, score, input_ids: torch.Tensor, attention_mask: torch.Tens
     return score(last).squeeze(-1).float()
 
 
-def load_reward_backbone(cfg: ModelConfig, device: torch.device):
-    """A one-label sequence classifier from a causal-LM or reward-model directory (or adapter)."""
-    kwargs = dict(num_labels=1, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
+def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool = False):
+    """A one-label sequence classifier from a causal-LM or reward-model directory (or adapter);
+    ``trainable`` as in ``load_causal_lm``."""
+    kwargs = dict(num_labels=1, dtype=resolve_dtype(cfg.dtype, device, trainable),
+                  trust_remote_code=cfg.trust_remote_code)
     if is_adapter_dir(cfg.path):
         from peft import PeftModel
 

@@ -25,7 +25,7 @@ from torch import nn
 from rlhfkit import distributed
 from rlhfkit.config import LoraConfig, ModelConfig
 from rlhfkit.models.forward import logprobs_of
-from rlhfkit.models.load import add_lora, load_causal_lm, peft_lora_config, save_model
+from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, peft_lora_config, save_model
 from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.reward import NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone
 from rlhfkit.ops import position_ids_from_mask
@@ -46,7 +46,7 @@ def values_at_actions(hidden: torch.Tensor, head: nn.Module, width: int) -> torc
 
     Response token j sits at column T - A + j and is predicted from column T - A - 1 + j.
     """
-    return head(hidden[:, -(width + 1):-1]).squeeze(-1).float()
+    return head(hidden[:, -(width + 1):-1].to(head.weight.dtype)).squeeze(-1).float()  # a float32 head on bf16
 
 
 def _frozen(model):
@@ -67,9 +67,10 @@ class SharedBaseRoles:
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device, critic: bool = True):
         """``critic=False`` (critic-free methods: GRPO, RLOO, REINFORCE++): no critic adapter or value
         head; ``critic_values`` returns zeros and ``critic_parameters`` is empty."""
+        self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
         base = _frozen(load_causal_lm(model_cfg, device))
         critic_cfg = peft_lora_config(lora, base)  # resolved before LoRA layers wrap the base's modules
-        self.model = add_lora(base, lora)  # adapter "default" = the actor
+        self.model = add_lora(base, lora, float32=model_cfg.dtype == "auto")  # adapter "default" = the actor
         self.value_head = None
         if critic:
             self.model.add_adapter("critic", critic_cfg)  # the actor's targets: the same (lean) LoRA layers
@@ -100,8 +101,8 @@ class SharedBaseRoles:
         head = {k.rsplit(".", 1)[-1]: v for k, v in load_file(str(Path(path) / "adapter_model.safetensors")).items()
                 if ".score." in k}
         weight = head["weight"].to(self.value_head.weight.device)
-        self.reward_head = nn.Linear(weight.shape[1], 1, bias="bias" in head).to(weight.device, weight.dtype)
-        self.reward_head.load_state_dict(head)
+        self.reward_head = nn.Linear(weight.shape[1], 1, bias="bias" in head).to(weight.device)  # float32
+        self.reward_head.load_state_dict(head)  # copied into float32 whatever dtype it was saved in
         norm = Path(path) / NORMALIZATION_FILE
         self.reward_stats = json.loads(norm.read_text()) if norm.is_file() else {"mean": 0.0, "std": 1.0}
         self._layers, self._active = adapter_layers(self.model), None
@@ -130,7 +131,7 @@ class SharedBaseRoles:
         self._use("reward")
         hidden = hidden_states(self.model, batch)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch["attention_mask"])]
-        scores = self.reward_head(last).squeeze(-1).float().cpu()
+        scores = self.reward_head(last.float()).squeeze(-1).float().cpu()
         return (scores - self.reward_stats["mean"]) / self.reward_stats["std"]
 
     def _use(self, adapter: str) -> None:
@@ -222,10 +223,12 @@ class SeparateRoles:
     """Four full models' worth: actor, frozen reference, critic (backbone + value head)."""
 
     def __init__(self, model_cfg: ModelConfig, critic_path: str, device: torch.device):
-        self.actor = load_causal_lm(model_cfg, device)
+        self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
+        self.actor = load_causal_lm(model_cfg, device, trainable=True)
         self.ref = _frozen(load_causal_lm(model_cfg, device))
         # critic = backbone + one-output head; from the reward model (seed 002) or the SFT model
-        self.critic = load_reward_backbone(ModelConfig(**{**vars(model_cfg), "path": critic_path}), device)
+        self.critic = load_reward_backbone(ModelConfig(**{**vars(model_cfg), "path": critic_path}), device,
+                                           trainable=True)
 
     def actor_logprobs(self, batch, temperature: float = 1.0, with_logits: bool = False):
         return logprobs_of(self.actor, batch["input_ids"], batch["attention_mask"],

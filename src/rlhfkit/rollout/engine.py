@@ -524,9 +524,12 @@ class HFRolloutEngine:
         self.model, self.tokenizer, self.cfg, self.backend = model, tokenizer, cfg, backend
 
     def generate(self, prompts: list, seeds: list[int], logprobs: bool = False) -> Generations:
-        """``logprobs`` are given for a float32 policy only: there the loop's logits equal a training
-        forward's up to float rounding; in half precision they differ by more, and trainers recompute."""
-        exact = all(p.dtype == torch.float32 for p in self.model.parameters())  # LoRA adapters may be fp32 on a bf16 base
+        """``logprobs`` are given for a policy computing in float32 only: there the loop's logits equal a
+        training forward's up to float rounding; in half precision (bf16 weights, or float32 ones under
+        autocast) they differ by more, and trainers recompute them."""
+        device = next(self.model.parameters()).device
+        exact = (all(p.dtype == torch.float32 for p in self.model.parameters())  # adapters: fp32 on a bf16 base
+                 and not torch.is_autocast_enabled(device.type))
         return sample_prompts(self.model, self.tokenizer, prompts, seeds, self.cfg, self.backend,
                               logprobs=logprobs and exact)
 

@@ -9,6 +9,7 @@ the step counter, the model, the optimiser, the scheduler and the RNG states.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -166,7 +167,9 @@ class Logger:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": cuda}
 
 
 Optimizers = dict[str, tuple]  # name → (optimizer, scheduler)
@@ -238,7 +241,9 @@ def find_checkpoint(out: str | os.PathLike, resume: str) -> Path:
 def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
     """Restore trainable weights, optimisers, schedulers and RNG states; returns the saved state.
     The saved tensors are full ones: a sharded model takes each process's shard of them."""
-    state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file, written by save_checkpoint
+    # our own file, written by save_checkpoint; read onto the CPU (it may come from another device), then
+    # copied into the parameters and optimiser states wherever they live
+    state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
     params = dict(model.named_parameters())
     missing = set(state["trainable"]) - set(params)
     if missing or set(state["optimizers"]) != set(optimizers):
@@ -252,6 +257,9 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
+    cuda = state["rng"].get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return state
 
 
@@ -326,8 +334,28 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+class Throughput:
+    """Seconds per step and tokens per second over each logging window (evaluation time left out)."""
+
+    def __init__(self, step: int):
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.t, self.step, self.tokens = time.perf_counter(), step, 0.0
+
+    def read(self, step: int) -> dict[str, float]:
+        seconds = time.perf_counter() - self.t
+        out = {"step_seconds": seconds / max(step - self.step, 1)}
+        if self.tokens:
+            out["tokens_per_s"] = self.tokens / max(seconds, 1e-9)
+        self.restart(step)
+        return out
+
+
 def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: OptimConfig, logger: Logger,
-        evaluate: Callable[[], dict[str, float]] | None = None, desc: str = "train") -> dict[str, float]:
+        evaluate: Callable[[], dict[str, float]] | None = None, desc: str = "train",
+        tokens_of: Callable[[list[int]], int] | None = None,
+        amp: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
     ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
@@ -335,6 +363,10 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     is split over the processes (``rlhfkit.distributed``) and, within a process, into
     ``cfg.grad_accum`` micro-batches; gradients of the unit sums are added up and divided by the
     step's total units, so the update equals one full-batch step whatever the split.
+    ``tokens_of(indices)`` (optional) counts the tokens those examples feed the model: logged as
+    ``train/tokens_per_s`` over all processes, beside ``train/step_seconds``. ``amp`` (from
+    ``models.load.mixed_precision``) is entered around every forward (``loss_fn``, ``evaluate``), not
+    around the backward.
     With ``cfg.fsdp`` (or an accelerate FSDP launch) ``model`` is sharded over the processes
     first, in place (``rlhfkit.fsdp``). Returns the last evaluation's metrics (or the last
     training metrics).
@@ -350,6 +382,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     fsdp.shard(model, sharding)
     sharded = fsdp.is_sharded(model)
     evaluates = distributed.is_main() or sharded  # a sharded model's forward needs every process
+    if evaluate is not None:
+        evaluate = _under(amp, evaluate)
     num_steps = total_steps(cfg, n_examples)
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -361,7 +395,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     model.train()
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list)
-    t0 = time.perf_counter()
+    t0, throughput = time.perf_counter(), Throughput(start)
     with StopRequest() as stop:
         bar = progress(range(start, num_steps), desc, initial=start, total=num_steps, disable=not distributed.is_main())
         for step in bar:
@@ -370,7 +404,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             units, loss_sum, bad = 0.0, 0.0, 0.0
             whole_step = micro >= len(mine) and distributed.world_size() == 1
             for i in range(0, len(mine), micro):
-                loss, weight, metrics = loss_fn(mine[i: i + micro])
+                with amp():
+                    loss, weight, metrics = loss_fn(mine[i: i + micro])
                 finite = math.isfinite(loss.item())
                 if finite or sharded:  # a sharded backward is collective: all run it; a bad step is dropped below
                     # the sum over this micro-batch's units; alone in the step, its mean needs no rescaling
@@ -381,7 +416,9 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                 units, loss_sum = units + weight, loss_sum + loss.item() * weight
                 for k, v in metrics.items():
                     window[k].append(float(v))
-            units, loss_sum, bad = distributed.all_sum([units, loss_sum, bad], device)
+            tokens = float(tokens_of(mine)) if tokens_of else 0.0
+            units, loss_sum, bad, tokens = distributed.all_sum([units, loss_sum, bad, tokens], device)
+            throughput.tokens += tokens
             if nonfinite.ok("loss", float("nan") if bad else loss_sum, step + 1):
                 if not whole_step:
                     distributed.average_gradients(params, units)
@@ -393,7 +430,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                 optimizer.zero_grad(set_to_none=True)
             window["skipped_steps"] = [nonfinite.skipped]
             last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate if evaluates
-                               else None, bar, t0, last)
+                               else None, bar, t0, last, throughput)
             checkpoints.after_step(step + 1, stop)
     checkpoints.at_end(num_steps)
     if evaluate and evaluates:
@@ -402,10 +439,18 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     return last
 
 
-def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last):
+def _under(context: Callable[[], ContextManager], fn: Callable) -> Callable:
+    def wrapped(*args, **kwargs):
+        with context():
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last, throughput):
     """Log and evaluate when due; returns the last logged metrics."""
     if (done % cfg.log_every == 0 or done == num_steps) and "loss" in window:
         last = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
+        last.update({f"train/{k}": v for k, v in throughput.read(done).items()})
         last["train/lr"] = scheduler.get_last_lr()[0]
         last["train/seconds"] = time.perf_counter() - t0
         logger.log(done, last)
@@ -414,6 +459,7 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
     if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
         logger.log(done, evaluate())
         model.train()
+        throughput.restart(done)
     return last
 
 

@@ -183,11 +183,13 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
         parts.update(values)
         return total
 
-    exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, engine=engine, beta=cfg.beta,
-                                 kl_estimator=cfg.kl_estimator, reward_clip=None,
-                                 missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds,
-                                 old_logprobs="none" if one_update(cfg) else "rollout",
-                                 reference=bool(cfg.kl_coef or cfg.beta))
+    # one update needs no old log-probs (ratio 1), unless a KL penalty in the rewards (REINFORCE++'s β) needs them
+    with roles.amp():
+        exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, engine=engine,
+                                     beta=cfg.beta, kl_estimator=cfg.kl_estimator, reward_clip=None,
+                                     missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds,
+                                     old_logprobs="none" if one_update(cfg) and not cfg.beta else "rollout",
+                                     reference=bool(cfg.kl_coef or cfg.beta))
     grouped = exp.scores.view(-1, G)  # (P, G)
     metrics = {**stats.metrics, **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
@@ -209,7 +211,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             idx = idx.to(exp.input_ids.device)
             mb = exp[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
             on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
-            logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
+            with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
+                logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
             old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
             # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
             pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
@@ -304,7 +307,9 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                 t1 = time.perf_counter()
                 metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator, nonfinite, step + 1))
                 engine.update_weights(roles.generation_model())  # a no-op for the HF engine (shared module)
-                metrics.update({"time/learn": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,
+                seconds = time.perf_counter() - t0
+                metrics.update({"time/learn": time.perf_counter() - t1, "time/step": seconds,
+                                "time/tokens_per_s": exp.attention_mask.sum().item() / seconds,
                                 "train/skipped_updates": nonfinite.skipped})
                 done = step + 1
                 if (eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps

@@ -108,7 +108,8 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
         # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
         # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graph (one forward's
         # activations) is freed before the critic's forward, not held beside it
-        logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
+        with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
+            logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
         pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
         if cfg.target_kl is not None:  # the policy has moved far enough this step (over every process's share)
             moved = distributed.all_sum([float(pg_stats["approx_kl"]) * share], pg_loss.device)[0]
@@ -116,7 +117,8 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
                 stopped = True
                 break
         (pg_loss * share).backward()
-        values = roles.critic_values(mb.batch())
+        with roles.amp():
+            values = roles.critic_values(mb.batch())
         vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
         (cfg.vf_coef * vf_loss * share).backward()
         stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite,
@@ -143,7 +145,8 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
     mb = buffer[distributed.shard(idx)]
     share = float(mb.action_mask.sum()) / max(float(buffer.action_mask.sum()), 1.0)
     mask = mb.action_mask.float()
-    values = roles.critic_values(mb.batch())
+    with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
+        values = roles.critic_values(mb.batch())
     with torch.no_grad():
         old_values = values.detach() * mask
         advantages, returns = gae(mb.rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -151,7 +154,8 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
         advantages = whiten_over_processes(advantages, mask)
     vf_loss, vf_stats = value_loss(values, old_values, returns, mask, cfg.value_clip_eps)
     (cfg.vf_coef * vf_loss * share).backward()
-    logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
+    with roles.amp():
+        logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
     pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, advantages, mask, cfg.clip_eps)
     (pg_loss * share).backward()
     stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite, step,
@@ -222,11 +226,12 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
         # each process samples its share of the batch, every prompt with its own seed: the same samples
         # whatever the number of processes
         seeds = distributed.shard(prompt_seeds(cfg.train.seed * 7919 + k, len(batch_prompts)))
-        exp, stats = make_experience(
-            roles, tokenizer, distributed.shard(batch_prompts), score_fn, cfg.generation, engine=engine,
-            beta=kl_ctl.beta, kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
-            missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam, seeds=seeds,
-            old_logprobs="rollout", values=not one_update(cfg))
+        with roles.amp():
+            exp, stats = make_experience(
+                roles, tokenizer, distributed.shard(batch_prompts), score_fn, cfg.generation, engine=engine,
+                beta=kl_ctl.beta, kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
+                missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam, seeds=seeds,
+                old_logprobs="rollout", values=not one_update(cfg))
         parts.append(exp.gather(tokenizer.pad_token_id)), rollout_metrics.append(stats.metrics)
         if probe:
             probes.append(probe(stats.prompts, stats.texts))
@@ -245,7 +250,9 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
     engine.update_weights(roles.generation_model())  # the HF engine shares the module; vLLM would reload here
     metrics = distributed.mean_over_processes(rollout_metrics + probes, buffer.input_ids.device)
     metrics.update(learned)
-    metrics.update({"time/learn": time.perf_counter() - t0, "time/step": time.perf_counter() - t_step,
+    seconds = time.perf_counter() - t_step
+    metrics.update({"time/learn": time.perf_counter() - t0, "time/step": seconds,
+                    "time/tokens_per_s": buffer.attention_mask.sum().item() / seconds,  # all processes' sequences
                     "train/skipped_updates": nonfinite.skipped})
     # 4. adapt β from the per-sequence KL averaged over the batch (TRL's form)
     kl_ctl.update(metrics["rollout/kl"], len(buffer))

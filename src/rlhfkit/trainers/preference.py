@@ -29,7 +29,7 @@ from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import masked_logprobs
-from rlhfkit.models.load import add_lora, load_causal_lm, save_model
+from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, save_model
 from rlhfkit.ops import sequence_logprobs
 from rlhfkit.trainers.loop import Logger, run, start_run
 
@@ -351,9 +351,9 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     rows = objective.read(cfg.data)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
     out, device, tokenizer = start_run(cfg, can_shard=True)
-    policy = load_causal_lm(cfg.model, device)
+    policy = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
-        policy = add_lora(policy, cfg.lora)
+        policy = add_lora(policy, cfg.lora, float32=cfg.model.dtype == "auto")
 
     def encode(rows, source):  # a pair (or a KTO example with its mismatched partner) goes as a whole
         return fit_to_length(objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed), cfg.too_long,
@@ -390,7 +390,11 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     logger = Logger(out, cfg.train.tensorboard)
     try:
         metrics = run(model=policy, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
-                      logger=logger, evaluate=evaluate if eval_examples else None, desc=type(cfg).__name__.removesuffix("Config").lower())
+                      logger=logger, evaluate=evaluate if eval_examples else None,
+                      desc=type(cfg).__name__.removesuffix("Config").lower(),
+                      tokens_of=lambda idx: sum(len(examples[i].first.input_ids) + len(examples[i].second.input_ids)
+                                                for i in idx),
+                      amp=mixed_precision(cfg.model.dtype, device))
     finally:
         logger.close()
     save_model(policy, tokenizer, out)

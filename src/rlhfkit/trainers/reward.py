@@ -22,7 +22,7 @@ from rlhfkit.data.collate import collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import prompt_width
-from rlhfkit.models.load import add_lora, save_model
+from rlhfkit.models.load import add_lora, mixed_precision, save_model
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
@@ -56,10 +56,10 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_preference, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
     out, device, tokenizer = start_run(cfg, can_shard=True)
-    model = load_reward_backbone(cfg.model, device)
+    model = load_reward_backbone(cfg.model, device, trainable=not cfg.lora.enabled)
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooling agrees where others load it
     if cfg.lora.enabled:
-        model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
+        model = add_lora(model, cfg.lora, task_type="SEQ_CLS", float32=cfg.model.dtype == "auto")
 
     def encode(rows, source):
         encoded = [(encode_example(tokenizer, r["prompt"], r["chosen"], cfg.max_length),
@@ -99,7 +99,9 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     logger = Logger(out, cfg.train.tensorboard)
     try:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(pairs), cfg=cfg.train, optim=cfg.optim,
-                      logger=logger, evaluate=evaluate, desc="reward model")
+                      tokens_of=lambda idx: sum(len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in idx),
+                      logger=logger, evaluate=evaluate, desc="reward model",
+                      amp=mixed_precision(cfg.model.dtype, device))
     finally:
         logger.close()
     save_model(model, tokenizer, out)

@@ -16,7 +16,7 @@ from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, ar
 from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import masked_logprobs
-from rlhfkit.models.load import add_lora, load_causal_lm, save_model
+from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, save_model
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
 
@@ -53,9 +53,9 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_sft, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
     out, device, tokenizer = start_run(cfg, can_shard=True)
-    model = load_causal_lm(cfg.model, device)
+    model = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
-        model = add_lora(model, cfg.lora)
+        model = add_lora(model, cfg.lora, float32=cfg.model.dtype == "auto")
 
     def encode(rows, source):
         encoded = [encode_example(tokenizer, *as_prompt_completion(r), cfg.max_length) for r in rows]
@@ -86,7 +86,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     logger = Logger(out, cfg.train.tensorboard)
     try:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
-                      logger=logger, evaluate=evaluate, desc="sft")
+                      tokens_of=lambda idx: sum(len(examples[i].input_ids) for i in idx),
+                      logger=logger, evaluate=evaluate, desc="sft", amp=mixed_precision(cfg.model.dtype, device))
     finally:
         logger.close()
     save_model(model, tokenizer, out)

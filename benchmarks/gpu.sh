@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (issue #9's GPU point), in about five minutes:
+#
+#     bash benchmarks/gpu.sh [OUT]        # OUT defaults to $OUT, else runs/gpu
+#
+# Nothing is installed: the GPU image has torch, transformers, peft and accelerate but no internet (and no
+# `datasets`), so rlhfkit runs from src/. It writes to OUT:
+#   versions.txt          GPU, driver, torch / transformers / peft / accelerate
+#   quickstart_cuda.txt   the whole quickstart on the GPU (bf16 mixed precision: dtype auto)
+#   quickstart_cpu.txt    the same on that machine's CPU, run at the same time (one thread)
+#   compare.txt           the two side by side: gold reward, tokens/s, ms/step per stage; the ordering checked
+#   tests.txt             the non-slow tests with the GPU visible (trainers default to device auto = cuda)
+set -uo pipefail
+out=${1:-${OUT:-runs/gpu}}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+device=${DEVICE:-cuda}  # DEVICE=cpu tries the script itself on a machine without a GPU
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$py" -c 'import torch, transformers, peft, accelerate as a; print("torch", torch.__version__, "cuda",
+torch.version.cuda, "bf16", torch.cuda.is_bf16_supported(), "| transformers", transformers.__version__, "| peft",
+peft.__version__, "| accelerate", a.__version__)'
+} 2>&1 | tee "$out/versions.txt"
+
+OMP_NUM_THREADS=1 "$py" -m rlhfkit.cli quickstart --device cpu --out "$out/qs_cpu" > "$out/quickstart_cpu.txt" 2>&1 &
+cpu=$!
+timeout 300 "$py" -m rlhfkit.cli quickstart --device "$device" --out "$out/qs_cuda" > "$out/quickstart_cuda.txt" 2>&1
+echo "quickstart on $device: exit $?"; tail -n 14 "$out/quickstart_cuda.txt"
+wait "$cpu"; echo "quickstart on cpu: exit $?"
+"$py" benchmarks/compare_quickstarts.py "$out/qs_cpu/summary.json" "$out/qs_cuda/summary.json" 2>&1 | tee "$out/compare.txt"
+rm -rf "$out"/qs_*/*/checkpoints "$out"/qs_*/{tiny,sft,rm,dpo,sft_chosen,ppo}/*.safetensors  # keep $OUT small
+
+OMP_NUM_THREADS=4 timeout "${TEST_SECONDS:-200}" "$py" -m pytest -q -m "not slow" -p no:cacheprovider -x \
+    --maxfail 20 tests > "$out/tests.txt" 2>&1
+echo "tests: exit $?"; tail -n 25 "$out/tests.txt"

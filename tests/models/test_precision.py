@@ -1,0 +1,83 @@
+"""bf16 mixed precision (``dtype: auto`` on a bf16 GPU), checked on the CPU by letting it count as one:
+trained weights stay float32 and compute in bf16 under autocast; frozen weights are bf16."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rlhfkit.models.load as load
+from rlhfkit.cli import main
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """The CPU taken for a GPU with bfloat16: what ``auto`` does there, runnable here (slowly)."""
+    monkeypatch.setattr(load, "bf16_gpu", lambda device: True)
+
+
+def test_auto_keeps_trained_weights_in_float32_and_frozen_ones_in_bf16(bf16_cpu):
+    cpu = torch.device("cpu")
+    assert load.resolve_dtype("auto", cpu) == torch.bfloat16  # a reference, a reward model, a LoRA base
+    assert load.resolve_dtype("auto", cpu, trainable=True) == torch.float32  # full fine-tuning: master weights
+    assert load.resolve_dtype("bfloat16", cpu, trainable=True) == torch.bfloat16  # asked for: as asked
+    with load.mixed_precision("auto", cpu)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with load.mixed_precision("float32", cpu)():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_full_sft_updates_float32_weights_from_bf16_compute(bf16_cpu, tiny_model_dir, task_dir, tmp_path,
+                                                             monkeypatch):
+    seen = []  # the dtype the first attention projection computes in, during training
+    original = torch.nn.Linear.forward
+
+    def spy(self, x):
+        out = original(self, x)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
+    path, out = tiny_model_dir("llama"), tmp_path / "sft"
+    assert main(["sft", "--model", path, "--data", str(task_dir / "sft.jsonl"), "--out", str(out),
+                 "--train.max_steps", "1", "--train.batch_size", "8", "--optim.lr", "1e-5", "--optim.warmup_steps", "0",
+                 "--train.tensorboard", "false", "--eval_fraction", "0"]) == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    before, after = load_file(f"{path}/model.safetensors"), load_file(str(out / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in after.values())
+    # one Adam step of ~lr on every weight: float32 keeps it; bf16 weights (~0.02, spacing ~1e-4) would mostly not
+    changed = sum((after[k] != before[k]).sum().item() for k in before if before[k].dim() == 2)
+    total = sum(before[k].numel() for k in before if before[k].dim() == 2)
+    assert changed / total > 0.9
+
+
+@pytest.fixture
+def fp32_lora_rm(tiny_model_dir, task_dir, tmp_path):
+    """A LoRA reward model trained in float32 (its score head saved as float32)."""
+    out = tmp_path / "rm"
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+                 "--out", str(out), "--lora.enabled", "true", "--lora.r", "4", "--train.max_steps", "2",
+                 "--train.batch_size", "8", "--train.tensorboard", "false", "--model.dtype", "float32"]) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_shared_ppo_runs_on_a_bf16_base_with_a_float32_reward_adapter(bf16_cpu, tiny_model_dir, task_dir,
+                                                                       fp32_lora_rm, tmp_path, dtype):
+    """auto: bf16 base, float32 adapters and heads, forwards under autocast; bfloat16: no autocast, the
+    float32 value and reward heads read bf16 hidden states (cast to their dtype)."""
+    out = tmp_path / "ppo"
+    assert main(["ppo", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_train.jsonl"),
+                 "--reward_model", fp32_lora_rm, "--out", str(out), "--model.dtype", dtype,
+                 "--train.max_steps", "2", "--rollout_batch_size", "8", "--mini_batch_size", "4",
+                 "--generation.max_new_tokens", "6", "--train.tensorboard", "false", "--lora.r", "4",
+                 "--optim.lr", "1e-2"]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 2
+    for row in logs:
+        assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in adapter.items() if "lora_" in k)  # trained in float32
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # and trained
