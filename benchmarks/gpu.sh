@@ -31,6 +31,9 @@ wait "$cpu"; echo "quickstart on cpu: exit $?"
 "$py" benchmarks/compare_quickstarts.py "$out/qs_cpu/summary.json" "$out/qs_cuda/summary.json" 2>&1 | tee "$out/compare.txt"
 rm -rf "$out"/qs_*/*/checkpoints "$out"/qs_*/{tiny,sft,rm,dpo,sft_chosen,ppo}/*.safetensors  # keep $OUT small
 
-OMP_NUM_THREADS=4 timeout "${TEST_SECONDS:-200}" "$py" -m pytest -q -m "not slow" -p no:cacheprovider -x \
-    --maxfail 20 tests > "$out/tests.txt" 2>&1
-echo "tests: exit $?"; tail -n 25 "$out/tests.txt"
+# one line per test (-v), so a run cut short by the timeout still says what passed and failed; in 8 workers
+# where pytest-xdist is installed (it is in the GPU image)
+workers=$("$py" -c 'import xdist' 2>/dev/null && echo "-n 8")
+OMP_NUM_THREADS=2 timeout "${TEST_SECONDS:-200}" "$py" -m pytest -v --tb=short -m "not slow" -p no:cacheprovider \
+    --maxfail 20 $workers tests > "$out/tests.txt" 2>&1
+echo "tests: exit $?"; grep -E "FAILED|ERROR" "$out/tests.txt" | head -n 30; tail -n 3 "$out/tests.txt"

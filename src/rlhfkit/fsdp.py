@@ -104,10 +104,10 @@ def _unit_classes(model) -> set[str]:
     return set(getattr(hf, "_no_split_modules", None) or [])
 
 
-def shard(model, how: str):
+def shard(model, how: str, what: str = "the model"):
     """Shard ``model`` in place over every process (``how``: 'full_shard' or 'shard_grad_op') and
     return it; with one process, or 'off', it is returned as it is. Call it before building the
-    optimiser: the parameters become sharded DTensors."""
+    optimiser: the parameters become sharded DTensors. ``what`` names the model in the line printed."""
     if how == "off" or distributed.world_size() == 1:
         return model
     try:
@@ -131,8 +131,8 @@ def shard(model, how: str):
     if distributed.is_main():
         held = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
-        print(f"fsdp {how} over {distributed.world_size()} processes: units = {len(layers)} decoder layers + the "
-              f"root; process 0 holds {held:,} of {total:,} parameters")
+        print(f"fsdp {how} over {distributed.world_size()} processes ({what}): units = {len(layers)} decoder "
+              f"layers + the root; process 0 holds {held:,} of {total:,} parameters")
     return model
 
 

@@ -86,6 +86,31 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, task
     assert [r["step"] for r in logs if "train/loss" in r] == [1, 2, 3, 4]  # rank 0 alone writes
 
 
+def test_kto_with_two_processes_equals_one(tiny_model_dir, task_dir, tmp_path):
+    """KTO's reference point z is the KL estimate of the whole step's batch, summed over the processes' shares.
+    A reference unlike the policy keeps z > 0 (a z of 0 is clamped away and would hide a per-process z)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.load import load_tokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    reference.save_pretrained(tmp_path / "ref")
+    load_tokenizer(tiny_model_dir("llama")).save_pretrained(tmp_path / "ref")
+    args = ["kto", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "unpaired.jsonl"), "--beta", "0.5",
+            "--ref_model", str(tmp_path / "ref"), "--train.max_steps", "3", "--train.batch_size", "8",
+            "--train.log_every", "1", "--train.tensorboard", "false", "--optim.lr", "3e-3"]
+    one, two = _train(args, tmp_path / "one", 1), _train(args, tmp_path / "two", 2)
+    logs = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/kl"] > 0.1 for r in logs if "train/kl" in r)
+    for name, value in one.items():
+        diff = (two[name] - value).norm() / value.norm().clamp(min=1e-12)
+        assert diff <= 1e-4, (name, diff.item())  # float noise through Adam; a z per process gave 2.7e-3
+
+
 def _assert_close(one: dict, two: dict) -> None:
     assert one and one.keys() == two.keys()
     for name, value in one.items():

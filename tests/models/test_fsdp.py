@@ -165,19 +165,24 @@ def test_a_checkpoint_moves_between_one_process_and_the_fsdp_config(sft_args, sf
     # 1 process → steps 1-2 (sft_one's checkpoint), 2 sharded processes → step 3, 1 process → step 4
     stdout = _launch("fsdp.yaml", [*sft_args, "--train.max_steps", "3", "--train.resume",
                                    str(sft_one / "checkpoints" / "step-2")], tmp_path)
-    assert "fsdp full_shard over 2 processes: units = 1 decoder layers + the root" in stdout
+    assert "fsdp full_shard over 2 processes (the trained model): units = 1 decoder layers + the root" in stdout
     step3 = tmp_path / "checkpoints" / "step-3"
     assert (step3 / "model.safetensors").is_file() and not list(step3.glob("*shard*"))  # full tensors, one file
     _one_process([*sft_args, "--train.max_steps", "4", "--train.resume", str(step3)], tmp_path)
     _assert_same_weights(sft_one, tmp_path)
 
 
-def test_dpo_with_the_fsdp_grad_op_config_equals_one_process(tiny_model_dir, task_dir, tmp_path):
-    # the reference is a second, frozen model in each process (replicated, not sharded)
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_dpo_with_the_fsdp_grad_op_config_equals_one_process(tiny_model_dir, task_dir, tmp_path, reference):
+    # the reference is a second, frozen model, sharded too (gathered layer by layer for its forwards only);
+    # precomputed from another model directory, it is loaded, sharded, used once before training and dropped
+    ref = ["--ref_model", tiny_model_dir("llama")] if reference == "precomputed" else []
     args = ["dpo", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--beta", "0.5",
-            *TRAIN, "--train.max_steps", "4"]
+            "--reference", reference, *ref, *TRAIN, "--train.max_steps", "4"]
     _one_process(args, tmp_path / "one")
-    assert "fsdp shard_grad_op" in _launch("fsdp_grad_op.yaml", args, tmp_path / "two")
+    printed = _launch("fsdp_grad_op.yaml", args, tmp_path / "two")
+    assert "fsdp shard_grad_op over 2 processes (the trained model)" in printed
+    assert "fsdp full_shard over 2 processes (the frozen reference)" in printed
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 

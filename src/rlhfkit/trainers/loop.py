@@ -355,7 +355,8 @@ class Throughput:
 def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: OptimConfig, logger: Logger,
         evaluate: Callable[[], dict[str, float]] | None = None, desc: str = "train",
         tokens_of: Callable[[list[int]], int] | None = None,
-        amp: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+        amp: Callable[[], ContextManager] = contextlib.nullcontext,
+        before_step: Callable[[list[int]], None] | None = None) -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
     ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
@@ -366,7 +367,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     ``tokens_of(indices)`` (optional) counts the tokens those examples feed the model: logged as
     ``train/tokens_per_s`` over all processes, beside ``train/step_seconds``. ``amp`` (from
     ``models.load.mixed_precision``) is entered around every forward (``loss_fn``, ``evaluate``), not
-    around the backward.
+    around the backward. ``before_step(indices)`` (optional) runs once a step in every process, with
+    that process's share of the step's batch, before its micro-batches (KTO's reference point).
     With ``cfg.fsdp`` (or an accelerate FSDP launch) ``model`` is sharded over the processes
     first, in place (``rlhfkit.fsdp``). Returns the last evaluation's metrics (or the last
     training metrics).
@@ -379,7 +381,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         raise ValueError(f"with FSDP ({sharding}) every process runs the same forwards and backwards (they gather "
                          f"and reduce together): train.batch_size {per_step} must be divisible by processes "
                          f"({distributed.world_size()}) x train.grad_accum ({cfg.grad_accum})")
-    fsdp.shard(model, sharding)
+    fsdp.shard(model, sharding, what="the trained model")
     sharded = fsdp.is_sharded(model)
     evaluates = distributed.is_main() or sharded  # a sharded model's forward needs every process
     if evaluate is not None:
@@ -403,6 +405,9 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             micro = max(1, -(-len(mine) // cfg.grad_accum))
             units, loss_sum, bad = 0.0, 0.0, 0.0
             whole_step = micro >= len(mine) and distributed.world_size() == 1
+            if before_step is not None:
+                with amp():
+                    before_step(mine)
             for i in range(0, len(mine), micro):
                 with amp():
                     loss, weight, metrics = loss_fn(mine[i: i + micro])

@@ -23,6 +23,7 @@ from typing import Callable, Literal
 
 import torch
 
+from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_example, fit_to_length
@@ -205,11 +206,12 @@ class LiveReference:
     def prepare(self, examples: list[Example], batch_size: int) -> None:
         """Nothing to do before training."""
 
-    def logps(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs of (first, second) of each example: two (B,) tensors."""
+    def logps(self, examples: list[Example], parts: tuple[int, ...] = (0, 1)) -> tuple[torch.Tensor, ...]:
+        """Reference log-probs of each example's ``parts`` (0 = first, 1 = second): one (B,) tensor each."""
+        seqs = [(e.first, e.second)[k] for k in parts for e in examples]
         with torch.inference_mode(), self.context() as model:
-            logps = completion_logps(model, self.to_batch(both(examples)), self.average)  # (2B,)
-        return logps.clone().chunk(2)  # clone: a normal tensor again, which autograd may use freely
+            logps = completion_logps(model, self.to_batch(seqs), self.average)  # (len(parts) B,)
+        return logps.clone().chunk(len(parts))  # clone: a normal tensor again, which autograd may use freely
 
 
 class PrecomputedReference(LiveReference):
@@ -225,15 +227,19 @@ class PrecomputedReference(LiveReference):
             self.device = first.device
         self.context = None  # drops the frozen model, if one was loaded for this pass
 
-    def logps(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, examples: list[Example], parts: tuple[int, ...] = (0, 1)) -> tuple[torch.Tensor, ...]:
         cached = torch.tensor([e.ref_logps for e in examples], device=self.device)  # (B, 2)
-        return cached[:, 0], cached[:, 1]
+        return tuple(cached[:, k] for k in parts)
 
 
 def _frozen_model(cfg, policy) -> Callable:
+    """A frozen copy of the reference: sharded like the policy when the run shards (each layer's weights
+    gathered for its forward only: it has no backward), whole in every process otherwise."""
     device = next(policy.parameters()).device
     ref_cfg = dataclasses.replace(cfg.model, path=cfg.ref_model or cfg.model.path)
     model = load_causal_lm(ref_cfg, device).eval().requires_grad_(False)
+    if fsdp.mode(cfg.train.fsdp) != "off":
+        fsdp.shard(model, "full_shard", what="the frozen reference")
     return lambda: nullcontext(model)
 
 
@@ -287,6 +293,10 @@ class PairedObjective:
     read = staticmethod(load_preference)  # rows, validated
     encode = staticmethod(encode_pairs)  # rows → Examples
 
+    def before_step(self, policy, reference, to_batch: Batcher, examples: list[Example], chunk: int) -> dict:
+        """What a whole step's batch must settle before its micro-batches: nothing for pairwise losses."""
+        return {}
+
     def step(self, policy, reference: LiveReference | None, to_batch: Batcher, examples: list[Example]):
         logps = completion_logps(policy, to_batch(both(examples)), self.average)  # (2B,)
         chosen, rejected = logps.chunk(2)  # (B,), (B,)
@@ -305,12 +315,33 @@ class KTOObjective:
     read = staticmethod(load_unpaired)
     encode = staticmethod(encode_unpaired)
 
-    def step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]):
-        logps = completion_logps(policy, to_batch([e.first for e in examples]), average=False)  # (B,)
+    def before_step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example],
+                    chunk: int) -> dict:
+        """The step's KL estimate over its whole batch: this process's ``examples`` in chunks of ``chunk``,
+        summed over every process. So z does not depend on how the batch is split (processes,
+        ``grad_accum``); every process calls this once a step, whatever its share."""
+        total = 0.0
+        for i in range(0, len(examples), chunk):
+            total += self._kl_sum(policy, reference, to_batch, examples[i: i + chunk])
+        total, count = distributed.all_sum([total, float(len(examples))], next(policy.parameters()).device)
+        return {"kl": total / max(count, 1.0)}
+
+    @staticmethod
+    def _kl_sum(policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]) -> float:
+        """Σ over examples of log π(y'|x) − log π_ref(y'|x) on their mismatched pairs, without gradient."""
         with torch.inference_mode():  # z has no gradient (KTO paper, section 4.1)
             kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), average=False)  # (B,)
-        ref_logps, ref_kl_logps = reference.logps(examples)
-        kl = (kl_logps - ref_kl_logps).mean()  # kto_loss clamps it at 0 and detaches it
+        (ref_kl_logps,) = reference.logps(examples, parts=(1,))
+        return (kl_logps - ref_kl_logps).sum().item()
+
+    def step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example],
+             kl: float | None = None):
+        """``kl``: the step's estimate (``before_step``); None (evaluation) takes this batch's own."""
+        logps = completion_logps(policy, to_batch([e.first for e in examples]), average=False)  # (B,)
+        (ref_logps,) = reference.logps(examples, parts=(0,))
+        if kl is None:
+            kl = self._kl_sum(policy, reference, to_batch, examples) / len(examples)
+        kl = torch.tensor(kl, device=logps.device)  # kto_loss clamps it at 0 and detaches it
         labels = torch.tensor([e.label for e in examples], device=logps.device)  # (B,) bool
         losses, m = kto_loss(logps, ref_logps, labels, kl, self.cfg.beta, self.cfg.desirable_weight,
                              self.cfg.undesirable_weight)
@@ -369,8 +400,14 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
         reference = make_reference(cfg, policy, objective.average, to_batch)
         reference.prepare(examples + eval_examples, cfg.train.batch_size)
 
+    settled: dict = {}  # what before_step settled for the current step's micro-batches
+
+    def before_step(indices: list[int]) -> None:
+        chunk = max(1, -(-len(indices) // cfg.train.grad_accum))  # the loop's micro-batch size
+        settled.update(objective.before_step(policy, reference, to_batch, [examples[i] for i in indices], chunk))
+
     def loss_fn(indices: list[int]):
-        loss, metrics = objective.step(policy, reference, to_batch, [examples[i] for i in indices])
+        loss, metrics = objective.step(policy, reference, to_batch, [examples[i] for i in indices], **settled)
         return loss, len(indices), metrics  # a mean over examples
 
     @torch.no_grad()
@@ -394,7 +431,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
                       desc=type(cfg).__name__.removesuffix("Config").lower(),
                       tokens_of=lambda idx: sum(len(examples[i].first.input_ids) + len(examples[i].second.input_ids)
                                                 for i in idx),
-                      amp=mixed_precision(cfg.model.dtype, device))
+                      amp=mixed_precision(cfg.model.dtype, device), before_step=before_step)
     finally:
         logger.close()
     save_model(policy, tokenizer, out)
