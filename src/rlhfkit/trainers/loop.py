@@ -356,7 +356,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         evaluate: Callable[[], dict[str, float]] | None = None, desc: str = "train",
         tokens_of: Callable[[list[int]], int] | None = None,
         amp: Callable[[], ContextManager] = contextlib.nullcontext,
-        before_step: Callable[[list[int]], None] | None = None) -> dict[str, float]:
+        before_step: Callable[[list[int], int], None] | None = None) -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
     ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
@@ -367,8 +367,9 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     ``tokens_of(indices)`` (optional) counts the tokens those examples feed the model: logged as
     ``train/tokens_per_s`` over all processes, beside ``train/step_seconds``. ``amp`` (from
     ``models.load.mixed_precision``) is entered around every forward (``loss_fn``, ``evaluate``), not
-    around the backward. ``before_step(indices)`` (optional) runs once a step in every process, with
-    that process's share of the step's batch, before its micro-batches (KTO's reference point).
+    around the backward. ``before_step(indices, micro)`` (optional) runs once a step in every process,
+    with that process's share of the step's batch and its micro-batch size, before its micro-batches
+    (KTO's reference point).
     With ``cfg.fsdp`` (or an accelerate FSDP launch) ``model`` is sharded over the processes
     first, in place (``rlhfkit.fsdp``). Returns the last evaluation's metrics (or the last
     training metrics).
@@ -407,7 +408,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             whole_step = micro >= len(mine) and distributed.world_size() == 1
             if before_step is not None:
                 with amp():
-                    before_step(mine)
+                    before_step(mine, micro)
             for i in range(0, len(mine), micro):
                 with amp():
                     loss, weight, metrics = loss_fn(mine[i: i + micro])

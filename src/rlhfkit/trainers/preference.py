@@ -402,9 +402,8 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
 
     settled: dict = {}  # what before_step settled for the current step's micro-batches
 
-    def before_step(indices: list[int]) -> None:
-        chunk = max(1, -(-len(indices) // cfg.train.grad_accum))  # the loop's micro-batch size
-        settled.update(objective.before_step(policy, reference, to_batch, [examples[i] for i in indices], chunk))
+    def before_step(indices: list[int], micro: int) -> None:
+        settled.update(objective.before_step(policy, reference, to_batch, [examples[i] for i in indices], micro))
 
     def loss_fn(indices: list[int]):
         loss, metrics = objective.step(policy, reference, to_batch, [examples[i] for i in indices], **settled)
