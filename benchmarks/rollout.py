@@ -18,6 +18,11 @@ rows' seeds differ). It adds a third contestant, ``unshared``: ours with group p
 (``decode(share=False)``: every row runs its own prefill), and prints ours / unshared as well:
 
     OMP_NUM_THREADS=1 python benchmarks/rollout.py --sizes 8.4M --batch 32 --group 4
+
+``--kv-heads K``: the Llamas use grouped-query attention, K key/value heads (as Llama 3, Qwen2 and
+Mistral do):
+
+    OMP_NUM_THREADS=1 python benchmarks/rollout.py --sizes 8.4M,42M --batch 32 --kv-heads 2
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--group", type=int, default=1, help="repeat each of batch / group prompts group times")
+    parser.add_argument("--kv-heads", type=int, default=0, help="key/value heads (grouped-query attention; 0 = heads)")
     parser.add_argument("--models", default="", help="directory to keep the models in (default: a temporary one)")
     a = parser.parse_args()
 
@@ -119,17 +125,19 @@ def main() -> None:
         if a.batch % a.group:
             parser.error(f"--batch {a.batch} is not a multiple of --group {a.group}")
         grouped = f" ({a.batch // a.group} prompts x {a.group})" if a.group > 1 else ""
-        print(f"batch {a.batch}{grouped}, ~{a.prompt_tokens} prompt + {a.new_tokens} new tokens, {a.reps} reps, "
+        gqa = f", {a.kv_heads} key/value heads" if a.kv_heads else ""
+        print(f"batch {a.batch}{grouped}{gqa}, ~{a.prompt_tokens} prompt + {a.new_tokens} new tokens, {a.reps} reps, "
               f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
         extra = f" {'unshared tok/s':>15} {'ours/unshared':>14}" if a.group > 1 else ""
         print(f"{'size':>6} {'params':>8} {'hf tok/s':>10} {'ours tok/s':>11} {'ours/hf':>8}{extra}")
         for size in a.sizes.split(","):
             hidden, layers, heads = SIZES[size]
-            path = root / f"llama-{size}"
+            path = root / (f"llama-{size}" + (f"-kv{a.kv_heads}" if a.kv_heads else ""))
             if not (path / "config.json").exists():
                 cli = [sys.executable, "-m", "rlhfkit.cli", "tiny-model"]  # = `rlhfkit tiny-model`
                 subprocess.run(cli + ["--arch", "llama", "--out", str(path), "--hidden_size", str(hidden),
-                                      "--num_layers", str(layers), "--num_heads", str(heads)],
+                                      "--num_layers", str(layers), "--num_heads", str(heads),
+                                      "--num_kv_heads", str(a.kv_heads)],
                                check=True, capture_output=True)
             r = bench_size(str(path), a.batch, a.prompt_tokens, a.new_tokens, a.reps, a.group)
             extra = f" {r['unshared']:15.0f} {r['ours'] / r['unshared']:13.2f}×" if a.group > 1 else ""

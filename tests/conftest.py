@@ -16,15 +16,17 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A function arch → directory of a tiny random model (hidden 32, 1 layer) with its tokenizer."""
+    """A function arch → directory of a tiny random model (hidden 32, 1 layer) with its tokenizer.
+    ``"llama-gqa"`` (also qwen2, mistral): grouped-query attention, 4 query heads sharing 2 key/value heads."""
     from rlhfkit.models.tiny import make_tiny_model
 
     made = {}
 
     def get(arch: str = "llama"):
         if arch not in made:
-            made[arch] = make_tiny_model(arch, tmp_path_factory.mktemp(arch), hidden_size=32, num_layers=1,
-                                         num_heads=2)
+            name, gqa = arch.removesuffix("-gqa"), arch.endswith("-gqa")
+            heads = dict(num_heads=4, num_kv_heads=2) if gqa else dict(num_heads=2)
+            made[arch] = make_tiny_model(name, tmp_path_factory.mktemp(arch), hidden_size=32, num_layers=1, **heads)
         return str(made[arch])
 
     return get

@@ -26,6 +26,7 @@ class TinyModelConfig:
     hidden_size: int = arg(128, "hidden size")
     num_layers: int = arg(2, "transformer blocks")
     num_heads: int = arg(4, "attention heads")
+    num_kv_heads: int = arg(0, "key/value heads for grouped-query attention (llama, qwen2, mistral; 0 = num_heads)")
     vocab_size: int = arg(1024, "BPE vocabulary size at most (the task's text may give fewer)")
     max_positions: int = arg(256, "longest sequence the model accepts")
     seed: int = arg(0, "seed of the random weights")
@@ -87,7 +88,7 @@ def cmd_tiny_model(cfg: TinyModelConfig) -> None:
     from rlhfkit.models.tiny import make_tiny_model
 
     out = make_tiny_model(cfg.arch, cfg.out, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.vocab_size,
-                          cfg.max_positions, cfg.seed)
+                          cfg.max_positions, cfg.seed, cfg.num_kv_heads or None)
     print(f"wrote a tiny {cfg.arch} model to {out}")
 
 

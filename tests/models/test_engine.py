@@ -16,6 +16,9 @@ from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds, row_uniforms
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
+# Grouped-query attention (4 query heads, 2 key/value heads), as in most current models: our loop's attention
+# groups the queries of each key/value head itself.
+GQA = ["llama-gqa", "qwen2-gqa", "mistral-gqa"]
 # Different lengths, so the batch is left-padded.
 PROMPTS = ["User: Describe the cat.\nAssistant:", "User: Tell me about the old lake you saw today.\nAssistant:",
            "User: What is the park like?\nAssistant:", "Hello",
@@ -35,7 +38,7 @@ def batch_of(tokenizer, prompts):
     return input_ids, mask
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + GQA)
 def test_greedy_loop_equals_hf_generate_token_for_token(tiny_model_dir, arch):
     model, tok = load(tiny_model_dir, arch)
     input_ids, mask = batch_of(tok, PROMPTS)
@@ -47,7 +50,9 @@ def test_greedy_loop_equals_hf_generate_token_for_token(tiny_model_dir, arch):
                             pad_token_id=tok.pad_token_id, eos_token_id=None)[:, input_ids.shape[1]:]
     assert ours.shape == (5, 24)
     assert torch.equal(ours, hf)
-    assert (llama_family(model) is not None) == (arch in ("llama", "qwen2", "mistral"))
+    assert (llama_family(model) is not None) == (arch.removesuffix("-gqa") in ("llama", "qwen2", "mistral"))
+    heads = model.config.num_attention_heads
+    assert (getattr(model.config, "num_key_value_heads", heads) < heads) == (arch in GQA)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,7 +70,7 @@ def test_a_prompt_sampled_alone_equals_it_inside_a_padded_batch(tiny_model_dir, 
     assert reordered.completion_ids[::-1] == together.completion_ids
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + GQA)
 def test_loop_and_hf_backends_draw_the_same_samples(tiny_model_dir, arch):
     model, tok = load(tiny_model_dir, arch)
     for kw in ({}, {"top_k": 5}, {"top_p": 0.7}):
@@ -201,7 +206,7 @@ def logits_along(lm, input_ids, mask, tokens, merge):
 
 
 @pytest.mark.parametrize("targets", ["all-linear", "all-linear+head"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama-gqa"])
 def test_merged_lora_weights_sample_what_the_lora_modules_sample(tiny_model_dir, arch, targets):
     peft_model, tok = lora_actor(tiny_model_dir, arch, targets)
     lm = llama_family(peft_model)
@@ -290,7 +295,7 @@ def repeated_batch(tokenizer, prompts, group):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen2-gqa"])
 def test_group_prefill_sharing_samples_the_unshared_tokens(tiny_model_dir, arch, lora, monkeypatch):
     model, tok = lora_actor(tiny_model_dir, arch, "all-linear") if lora else load(tiny_model_dir, arch)
     # Three prompts of different lengths x 4: three pad widths (one none) among the rows
@@ -351,7 +356,8 @@ def test_rows_with_the_same_ids_but_other_padding_are_not_one_prompt():
 
 
 @pytest.mark.parametrize("arch, backend, lora", [("llama", "loop", False), ("llama", "loop", True),
-                                                 ("llama", "hf", True), ("gpt2", "loop", False), ("gpt2", "hf", False)])
+                                                 ("llama", "hf", True), ("mistral-gqa", "loop", True),
+                                                 ("gpt2", "loop", False), ("gpt2", "hf", False)])
 def test_rollout_logprobs_equal_a_scoring_forward(tiny_model_dir, arch, backend, lora):
     from rlhfkit.losses import entropy_from_logits
     from rlhfkit.models.forward import join_prompt_response, logprobs_of

@@ -26,20 +26,23 @@ CHAT_TEMPLATE = (
 )
 
 # Field names differ between architectures; each entry maps our sizes onto one config.
+# kv: key/value heads (grouped-query attention where fewer than the query heads k; None where the
+# architecture has no such field).
 ARCHS = {
-    "llama": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
-                                      num_key_value_heads=k, intermediate_size=ff),
-    "qwen2": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
-                                      num_key_value_heads=k, intermediate_size=ff, max_window_layers=n,
-                                      layer_types=["full_attention"] * n),
-    "mistral": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
-                                        num_key_value_heads=k, intermediate_size=ff, head_dim=h // k,
-                                        sliding_window=None),
-    "gpt2": lambda h, n, k, ff: dict(n_embd=h, n_layer=n, n_head=k, n_inner=ff, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0),
-    "gpt_neox": lambda h, n, k, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
-                                         intermediate_size=ff, hidden_dropout=0.0, attention_dropout=0.0),
+    "llama": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                          num_key_value_heads=kv, intermediate_size=ff),
+    "qwen2": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                          num_key_value_heads=kv, intermediate_size=ff, max_window_layers=n,
+                                          layer_types=["full_attention"] * n),
+    "mistral": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                            num_key_value_heads=kv, intermediate_size=ff, head_dim=h // k,
+                                            sliding_window=None),
+    "gpt2": lambda h, n, k, kv, ff: dict(n_embd=h, n_layer=n, n_head=k, n_inner=ff, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                             intermediate_size=ff, hidden_dropout=0.0, attention_dropout=0.0),
 }
+GQA_ARCHS = ("llama", "qwen2", "mistral")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -58,14 +61,22 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedToken
 
 def make_tiny_model(arch: str, out: str | Path, hidden_size: int = 128, num_layers: int = 2,
                     num_heads: int = 4, vocab_size: int = 1024, max_positions: int = 256,
-                    seed: int = 0) -> Path:
-    """Write a random ``arch`` model and its tokenizer to ``out``; returns the directory."""
+                    seed: int = 0, num_kv_heads: int | None = None) -> Path:
+    """Write a random ``arch`` model and its tokenizer to ``out``; returns the directory.
+
+    ``num_kv_heads`` (llama, qwen2, mistral): key/value heads, fewer than ``num_heads`` for
+    grouped-query attention as most current models use; by default one per query head."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if kv_heads != num_heads and arch not in GQA_ARCHS:
+        raise ValueError(f"{arch} has no grouped-query attention; num_kv_heads applies to {', '.join(GQA_ARCHS)}")
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {kv_heads}")
     tokenizer = train_tokenizer(describe.corpus(), vocab_size)
-    sizes = ARCHS[arch](hidden_size, num_layers, num_heads, 4 * hidden_size)
+    sizes = ARCHS[arch](hidden_size, num_layers, num_heads, kv_heads, 4 * hidden_size)
     positions = {"n_positions": max_positions} if arch == "gpt2" else {"max_position_embeddings": max_positions}
     config = AutoConfig.for_model(
         arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

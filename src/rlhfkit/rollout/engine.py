@@ -303,6 +303,9 @@ class LlamaForward:
                 self.layers, self.head = self.linears(decode=True)
                 self.decoding = True
             mask = self.step_mask[..., : kv.length + q]  # (B, 1, 1, length + q)
+        group = heads // kv_heads
+        if group > 1 and q > 1:
+            mask = mask.repeat(1, 1, group, 1)  # (B, 1, G q, length + q): each query head's rows see the same keys
         hidden = self.base.embed_tokens(ids)  # (B, q, C)
         cos, sin = self.rope(positions, hidden)  # (B, 1, q, D)
         hidden = hidden.view(b * q, -1)  # (B q, C): the linears multiply 2-D operands
@@ -312,8 +315,12 @@ class LlamaForward:
             qkv = qkv_proj(attn_norm(hidden)).view(b, q, -1, attn.head_dim).transpose(1, 2)  # (B, H + 2 H_kv, q, D)
             qk = rotate(qkv[:, : heads + kv_heads], cos, sin)  # queries and keys, rotated together
             key, value = kv.update(qk[:, heads:], qkv[:, heads + kv_heads:], i)  # (B, H_kv, length + q, D)
-            out = F.scaled_dot_product_attention(qk[:, :heads], key, value, attn_mask=mask, scale=attn.scaling,
-                                                 enable_gqa=heads != kv_heads)  # (B, H, q, D)
+            # grouped-query attention: the G = H / H_kv query heads of a key/value head as G·q rows of one
+            # head (heads are grouped consecutively), so no kernel repeats K and V (on CUDA, SDPA's enable_gqa
+            # with a mask falls back to its math kernel)
+            query = qk[:, :heads].reshape(b, kv_heads, group * q, -1)  # (B, H_kv, G q, D)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling
+                                                 ).view(b, heads, q, -1)  # (B, H, q, D)
             hidden = hidden + o_proj(out.transpose(1, 2).reshape(b * q, -1))
             hidden = hidden + mlp(mlp_norm(hidden))
         kv.length += q
