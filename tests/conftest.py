@@ -40,3 +40,17 @@ def task_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     describe.write(out)
     return out
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """A function that sets the variables an accelerate launch would, every other ``ACCELERATE_*`` and
+    ``FSDP_*`` variable unset for the test."""
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+
+    def set_env(**values):
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+
+    return set_env

@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(cls, expand_shorthands(cls, rest), prog=f"rlhfkit {name}")
         runner(cfg)
+        from rlhfkit import distributed
+
+        distributed.teardown()
     except ConfigError as e:
         print(f"rlhfkit {name}: {e}", file=sys.stderr)
         return 2

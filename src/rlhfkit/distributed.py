@@ -15,7 +15,6 @@ import os
 
 import torch
 
-from rlhfkit.config import ConfigError
 from rlhfkit.ops import mean_of
 
 
@@ -35,11 +34,6 @@ def is_main() -> bool:
 def setup(device: torch.device) -> torch.device:
     """Open the process group when launched with more than one process; returns this rank's device
     (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise ConfigError("this launch asks for DeepSpeed, which rlhfkit does not use (nor test); shard with FSDP "
-                          "instead: ZeRO-3 ~ accelerate launch --config_file examples/accelerate/fsdp.yaml (or "
-                          "--train.fsdp full_shard), ZeRO-2 ~ examples/accelerate/fsdp_grad_op.yaml (or --train.fsdp "
-                          "shard_grad_op); see docs/distributed.md")
     if world_size() == 1:
         return device
     from accelerate import PartialState
@@ -150,3 +144,11 @@ def average_gradients(params, total_weight: float) -> None:
 def barrier() -> None:
     if world_size() > 1:
         torch.distributed.barrier()
+
+
+def teardown() -> None:
+    """Close the process group, once every process is done with it: a group left to the interpreter's exit
+    can abort the process there (its communication threads torn down in any order)."""
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

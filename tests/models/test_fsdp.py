@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit import distributed, fsdp
+from rlhfkit import fsdp
 from rlhfkit.cli import COMMANDS, main
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, parse_args
 from rlhfkit.trainers.loop import run, start_run
@@ -20,23 +20,12 @@ from rlhfkit.trainers.loop import run, start_run
 ACCELERATE = Path(__file__).parents[2] / "examples" / "accelerate"
 TRAIN = ["--train.batch_size", "8", "--train.log_every", "1", "--train.tensorboard", "false", "--optim.lr", "3e-3"]
 FSDP_ENV = ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_SHARDING_STRATEGY",
-            "FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING", "ACCELERATE_USE_DEEPSPEED")
+            "FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING", "ACCELERATE_USE_DEEPSPEED",
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
 
 
 # --------------------------------------------------------------------------- the mode and the clear errors
-
-
-@pytest.fixture
-def launcher_env(monkeypatch):
-    """Set the environment an accelerate launch would (unset everything else it could set)."""
-    for key in FSDP_ENV:
-        monkeypatch.delenv(key, raising=False)
-
-    def set_env(**values):
-        for key, value in values.items():
-            monkeypatch.setenv(key, value)
-
-    return set_env
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -70,21 +59,21 @@ def test_unsupported_fsdp_options_are_refused_naming_the_fix(launcher_env, env, 
         fsdp.mode("auto")
 
 
-def test_a_deepspeed_launch_is_refused_naming_the_fsdp_configs(launcher_env):
-    launcher_env(ACCELERATE_USE_DEEPSPEED="true")
-    with pytest.raises(ConfigError, match="DeepSpeed.*examples/accelerate/fsdp.yaml.*fsdp_grad_op.yaml"):
-        distributed.setup(torch.device("cpu"))
-
-
+@pytest.mark.parametrize("engine, option, launch, printed", [
+    ("fsdp", "full_shard", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, r"FSDP sharding \(full_shard"),
+    ("deepspeed", "zero2", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+     r"DeepSpeed \(zero3"),
+])
 @pytest.mark.parametrize("command", ["ppo", "grpo"])
-def test_rollout_trainers_refuse_fsdp_saying_what_is_supported(launcher_env, command, tmp_path):
+def test_rollout_trainers_refuse_sharding_saying_what_is_supported(launcher_env, command, tmp_path, engine, option,
+                                                                   launch, printed):
     make_cls = COMMANDS[command][0]
     cls = make_cls if isinstance(make_cls, type) else make_cls()
-    cfg = parse_args(cls, ["--train.fsdp", "full_shard", "--train.out", str(tmp_path)])
-    with pytest.raises(ConfigError, match="supported for sft, rm, dpo, orpo, simpo and kto, not for"):
+    cfg = parse_args(cls, [f"--train.{engine}", option, "--train.out", str(tmp_path)])
+    with pytest.raises(ConfigError, match=f"supported for sft, rm, dpo, orpo, simpo and kto, not .*train.{engine} off"):
         start_run(cfg)
-    launcher_env(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")  # the same from an accelerate FSDP config
-    with pytest.raises(ConfigError, match=r"FSDP sharding \(full_shard"):
+    launcher_env(**launch)  # the same from an accelerate FSDP or DeepSpeed config
+    with pytest.raises(ConfigError, match=printed):
         start_run(parse_args(cls, ["--train.out", str(tmp_path)]))
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from rlhfkit import distributed, fsdp
+from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import LoraConfig, ModelConfig
 
 hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no per-shard bars
@@ -149,9 +149,12 @@ def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: s
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     """Write a standard HF directory (safetensors): full weights, or the adapter for peft models.
-    In a multi-process run only rank 0 writes; a sharded model is gathered by every process first."""
+    In a multi-process run only rank 0 writes; a sharded or ZeRO-3 model is gathered by every process first."""
     out = Path(out)
-    full = {"state_dict": fsdp.full_state_dict(model)} if fsdp.is_sharded(model) else {}  # collectives
+    if fsdp.is_sharded(model) or zero.partitioned(model):  # collectives: every process gathers
+        full = {"state_dict": (fsdp.full_state_dict if fsdp.is_sharded(model) else zero.full_state_dict)(model)}
+    else:
+        full = {}
     if not distributed.is_main():
         return out
     out.mkdir(parents=True, exist_ok=True)

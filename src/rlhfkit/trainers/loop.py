@@ -10,6 +10,7 @@ the step counter, the model, the optimiser, the scheduler and the RNG states.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from rlhfkit import distributed, fsdp
+from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, save_config
 from rlhfkit.progress import progress
 
@@ -184,33 +185,37 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     tensor of ``model.named_parameters()``, the optimisers and schedulers, RNG states, the
     step and any ``extra`` state. Only the newest ``keep`` checkpoints are kept.
 
-    A sharded model (``rlhfkit.fsdp``) and its optimiser state are gathered into full tensors first,
-    by every process (call this on all of them); process 0 writes what a 1-process run writes.
+    A sharded model (``rlhfkit.fsdp``) or one DeepSpeed partitions (``rlhfkit.zero``) and its optimiser
+    state are gathered into full tensors first, by every process (call this on all of them); process 0
+    writes what a 1-process run writes.
     """
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    sharded = fsdp.is_sharded(model)
+    sharded, engine = fsdp.is_sharded(model), zero.engine_of(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if sharded:  # collectives: every process gathers, process 0 keeps the full tensors
         weights = fsdp.full_state_dict(model)
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
-        if not distributed.is_main():
-            return final
+        trained = weights and {n: weights[n] for n in trainable}
+    elif engine is not None:  # collectives too: DeepSpeed's partitions, as full tensors
+        weights = zero.full_state_dict(model) if engine.stage == 3 else None  # stages 1-2 hold whole weights
+        optimizer_states = {name: engine.optimizer_state() for name in optimizers}
+        trained = zero.full_params(model, trainable)
     else:
         weights, optimizer_states = None, {name: opt.state_dict() for name, (opt, _) in optimizers.items()}
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if not distributed.is_main():
+        return final
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if save_weights is not None:
         save_weights(tmp)
-    elif sharded:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
     # the trainable tensors by name as well: restoring them needs no knowledge of how the
     # model (full, LoRA, score or value head) was saved above
-    trainable = {n: weights[n] if sharded else p.detach().clone() for n, p in model.named_parameters()
-                 if p.requires_grad}
-    state = {"step": step, "rng": _rng_state(), "trainable": trainable, "extra": extra or {},
+    state = {"step": step, "rng": _rng_state(), "trainable": trained, "extra": extra or {},
              "optimizers": {name: {"optimizer": optimizer_states[name], "scheduler": sched.state_dict()}
                             for name, (_, sched) in optimizers.items()}}
     torch.save(state, tmp / "trainer_state.pt")
@@ -288,7 +293,7 @@ class Checkpoints:
 
     def save(self, step: int) -> Path:
         # rank 0 writes; the path is the same for every rank. A sharded model is gathered by all of them.
-        if not distributed.is_main() and not fsdp.is_sharded(self.model):
+        if not distributed.is_main() and not fsdp.is_sharded(self.model) and zero.engine_of(self.model) is None:
             self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
             return self.last
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
@@ -356,7 +361,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         evaluate: Callable[[], dict[str, float]] | None = None, desc: str = "train",
         tokens_of: Callable[[list[int]], int] | None = None,
         amp: Callable[[], ContextManager] = contextlib.nullcontext,
-        before_step: Callable[[list[int], int], None] | None = None) -> dict[str, float]:
+        before_step: Callable[[list[int], int], None] | None = None,
+        units_of: Callable[[list[int]], float] = len) -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
     ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
@@ -371,29 +377,47 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     with that process's share of the step's batch and its micro-batch size, before its micro-batches
     (KTO's reference point).
     With ``cfg.fsdp`` (or an accelerate FSDP launch) ``model`` is sharded over the processes
-    first, in place (``rlhfkit.fsdp``). Returns the last evaluation's metrics (or the last
-    training metrics).
+    first, in place (``rlhfkit.fsdp``); with ``cfg.deepspeed`` (or an accelerate DeepSpeed launch)
+    DeepSpeed's ZeRO partitions it (``rlhfkit.zero``), which needs the step's units before its
+    backward: ``units_of(indices)`` counts them as ``loss_fn`` will (default: one per example).
+    Returns the last evaluation's metrics (or the last training metrics).
     """
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum {cfg.grad_accum}")
-    sharding = fsdp.mode(cfg.fsdp) if distributed.world_size() > 1 else "off"
+    world = distributed.world_size()
+    sharding = fsdp.mode(cfg.fsdp) if world > 1 else "off"
+    stage = zero.stage(cfg.deepspeed) if world > 1 else 0
+    if sharding != "off" and stage:
+        raise ConfigError(f"both FSDP ({sharding}) and DeepSpeed (ZeRO-{stage}) are asked for: choose one "
+                          "(train.fsdp off or train.deepspeed off, or one accelerate config)")
     per_step = min(cfg.batch_size, n_examples)  # a batch is the whole data when there is less than one batch
-    if sharding != "off" and per_step % (distributed.world_size() * cfg.grad_accum):
-        raise ValueError(f"with FSDP ({sharding}) every process runs the same forwards and backwards (they gather "
+    if (sharding != "off" or stage) and per_step % (world * cfg.grad_accum):
+        what = f"FSDP ({sharding})" if stage == 0 else f"DeepSpeed ZeRO-{stage}"
+        raise ValueError(f"with {what} every process runs the same forwards and backwards (they gather "
                          f"and reduce together): train.batch_size {per_step} must be divisible by processes "
-                         f"({distributed.world_size()}) x train.grad_accum ({cfg.grad_accum})")
+                         f"({world}) x train.grad_accum ({cfg.grad_accum})")
     fsdp.shard(model, sharding, what="the trained model")
     sharded = fsdp.is_sharded(model)
-    evaluates = distributed.is_main() or sharded  # a sharded model's forward needs every process
-    if evaluate is not None:
-        evaluate = _under(amp, evaluate)
     num_steps = total_steps(cfg, n_examples)
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = params[0].device
     checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)})
     nonfinite = NonFinite(cfg.on_nan, checkpoints)
-    start, _ = checkpoints.resume()
+    start, _ = checkpoints.resume()  # into the plain model and optimiser: a DeepSpeed engine adopts them
+    engine = None
+    if stage:
+        engine = zero.Engine(model, optimizer, stage, cfg.grad_accum, per_step // (world * cfg.grad_accum),
+                             optim.max_grad_norm)
+        # every forward of a loss (or of KTO's reference point) inside one engine forward; under ZeRO-3 an
+        # evaluation's too, which every process runs (each forward gathers weights from all of them)
+        loss_fn = functools.partial(engine.run, loss_fn)
+        before_step = before_step and functools.partial(engine.run, before_step)
+        if stage == 3 and evaluate is not None:
+            evaluate = functools.partial(engine.run, evaluate)
+    evaluates = distributed.is_main() or sharded or stage == 3  # a sharded model's forward needs every process
+    if evaluate is not None:
+        evaluate = _under(amp, evaluate)
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     model.train()
     last: dict[str, float] = {}
@@ -405,7 +429,10 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             mine = distributed.shard(batch_indices(step, n_examples, cfg.batch_size, cfg.seed))
             micro = max(1, -(-len(mine) // cfg.grad_accum))
             units, loss_sum, bad = 0.0, 0.0, 0.0
-            whole_step = micro >= len(mine) and distributed.world_size() == 1
+            whole_step = micro >= len(mine) and world == 1
+            if engine is not None:  # DeepSpeed averages over processes: scale by processes / the step's units
+                expected = [float(units_of(mine[i: i + micro])) for i in range(0, len(mine), micro)]
+                scale = world / max(distributed.all_sum([sum(expected)], device)[0], 1e-12)
             if before_step is not None:
                 with amp():
                     before_step(mine, micro)
@@ -413,7 +440,11 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                 with amp():
                     loss, weight, metrics = loss_fn(mine[i: i + micro])
                 finite = math.isfinite(loss.item())
-                if finite or sharded:  # a sharded backward is collective: all run it; a bad step is dropped below
+                if engine is not None:  # collective too; DeepSpeed drops a step whose gradients are not finite
+                    if weight != expected[i // micro]:
+                        raise RuntimeError(f"units_of counted {expected[i // micro]} units where the loss has {weight}")
+                    engine.backward(loss * (weight * scale), last=i + micro >= len(mine))
+                elif finite or sharded:  # a sharded backward is collective: all run it; a bad step is dropped below
                     # the sum over this micro-batch's units; alone in the step, its mean needs no rescaling
                     (loss if whole_step else loss * weight).backward()
                 if not finite:
@@ -425,7 +456,15 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             tokens = float(tokens_of(mine)) if tokens_of else 0.0
             units, loss_sum, bad, tokens = distributed.all_sum([units, loss_sum, bad, tokens], device)
             throughput.tokens += tokens
-            if nonfinite.ok("loss", float("nan") if bad else loss_sum, step + 1):
+            if engine is not None:  # its step is collective: every process takes it, a bad one applies nothing
+                grad_norm = engine.step()
+                if math.isfinite(grad_norm):
+                    scheduler.step()
+                if nonfinite.ok("loss", float("nan") if bad else loss_sum, step + 1) and nonfinite.ok(
+                        "gradient norm", grad_norm, step + 1):
+                    window["loss"].append(loss_sum / max(units, 1e-12))
+                    window["grad_norm"].append(grad_norm)
+            elif nonfinite.ok("loss", float("nan") if bad else loss_sum, step + 1):
                 if not whole_step:
                     distributed.average_gradients(params, units)
                 grad_norm = optimizer_step(optimizer, scheduler, optim.max_grad_norm)
@@ -478,7 +517,7 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     return out
 
 
-SHARDABLE = "sft, rm, dpo, orpo, simpo and kto"  # the trainers whose model ``run`` shards (rlhfkit.fsdp)
+SHARDABLE = "sft, rm, dpo, orpo, simpo and kto"  # the trainers whose model ``run`` shards (fsdp, zero)
 
 
 def start_run(cfg, can_shard: bool = False):
@@ -487,12 +526,13 @@ def start_run(cfg, can_shard: bool = False):
     A trainer that cannot shard its model (``can_shard`` False) refuses an FSDP run here."""
     from rlhfkit.models.load import load_tokenizer, resolve_device
 
-    sharding = fsdp.mode(cfg.train.fsdp)
-    if sharding != "off" and not can_shard:
-        raise ConfigError(f"FSDP sharding ({sharding}, from train.fsdp or the accelerate config) is supported for "
-                          f"{SHARDABLE}, not for {type(cfg).__name__.removesuffix('Config')}: launch it with "
-                          "replicas (examples/accelerate/ddp.yaml or torchrun, train.fsdp off) and LoRA to fit "
-                          "the memory (docs/distributed.md)")
+    for what, key, chosen in (("FSDP sharding", "fsdp", fsdp.mode(cfg.train.fsdp)),
+                              ("DeepSpeed", "deepspeed", zero.mode(cfg.train.deepspeed))):
+        if chosen != "off" and not can_shard:
+            raise ConfigError(f"{what} ({chosen}, from train.{key} or the accelerate config) is supported for "
+                              f"{SHARDABLE}, not for {type(cfg).__name__.removesuffix('Config')}: launch it with "
+                              f"replicas (examples/accelerate/ddp.yaml or torchrun, train.{key} off) and LoRA to fit "
+                              "the memory (docs/distributed.md)")
     device = distributed.setup(resolve_device(cfg.train.device))
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)

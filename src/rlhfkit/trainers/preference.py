@@ -23,9 +23,9 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhfkit import distributed, fsdp
+from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import masked_mean
-from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_example, fit_to_length
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
@@ -244,7 +244,18 @@ def _frozen_model(cfg, policy) -> Callable:
 
 
 def _adapter_off(cfg, policy) -> Callable:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from rlhfkit.models.lora import adapters_off
+
+    if (zero.mode(cfg.train.deepspeed) == "zero3" and distributed.world_size() > 1
+            and isinstance(policy.get_output_embeddings(), BaseTunerLayer)):
+        # DeepSpeed 0.19's ZeRO-3 backward fails (count_used_parameters_in_backward) after a forward with the
+        # adapters off when the output head carries one; the reference never changes, so precompute it
+        raise ConfigError("reference: adapter with a LoRA adapter on the output head (lora.target_modules "
+                          f"{cfg.lora.target_modules}) does not run under DeepSpeed ZeRO-3: use reference: precomputed "
+                          "(the same reference, computed once before training), adapters without the head "
+                          "(all-linear), or ZeRO-2")
 
     @contextmanager
     def context():

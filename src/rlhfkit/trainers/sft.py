@@ -87,6 +87,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     try:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(examples[i].input_ids) for i in idx),
+                      units_of=lambda idx: float(collate([examples[i] for i in idx], tokenizer.pad_token_id,
+                                                         cfg.padding_side)["completion_mask"][:, 1:].sum()),
                       logger=logger, evaluate=evaluate, desc="sft", amp=mixed_precision(cfg.model.dtype, device))
     finally:
         logger.close()

@@ -1,0 +1,165 @@
+"""DeepSpeed ZeRO: two CPU processes (gloo) train to the weights of one under stages 2 and 3, the
+example accelerate configs launch, checkpoints cross between DeepSpeed and a 1-process run, and what
+is not supported says so. The launches skip without DeepSpeed (``pip install deepspeed``)."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from test_fsdp import TRAIN, _assert_same_weights, _launch, _one_process
+
+from rlhfkit import zero
+from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, parse_args
+from rlhfkit.trainers.loop import run
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install deepspeed)")
+
+
+# --------------------------------------------------------------------------- the mode and the clear errors
+
+
+def test_the_accelerate_deepspeed_config_chooses_the_stage(launcher_env, tmp_path):
+    assert zero.mode("auto") == "off"
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    assert zero.mode("auto") == "zero2"
+    assert zero.mode("off") == "off" and zero.mode("zero3") == "zero3"  # train.deepspeed, when set, wins
+    # a deepspeed_config_file: its zero_optimization section, stage and the rest, is what counts
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "offload_param": {"device": "none"},
+        "reduce_bucket_size": "auto"}}))
+    launcher_env(ACCELERATE_DEEPSPEED_CONFIG_FILE=str(file))
+    assert zero.mode("auto") == "zero3"
+    assert zero.settings() == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    launcher_env(ACCELERATE_DEEPSPEED_CONFIG_FILE="none", ACCELERATE_DEEPSPEED_ZERO_STAGE="0")
+    assert zero.mode("auto") == "off"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, r"offloads \(offload_optimizer to cpu\).*"
+                                                               r"offload_optimizer_device: none"),
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}, "offload_param_device: none"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, "ZeRO stage 4 in the DeepSpeed config: choose 1, 2 or 3"),
+])
+def test_unsupported_deepspeed_options_are_refused_naming_the_fix(launcher_env, env, message):
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", **env)
+    with pytest.raises(ConfigError, match=message):
+        zero.mode("auto")
+    with pytest.raises(ConfigError, match="train.deepspeed 'zero4': choose auto, off, zero1, zero2, zero3"):
+        zero.mode("zero4")
+
+
+def test_an_unreadable_deepspeed_config_file_names_itself(launcher_env, tmp_path):
+    file = tmp_path / "ds.json"
+    file.write_text("{zero_optimization: ")
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(file))
+    with pytest.raises(ConfigError, match=f"{file} .*cannot be read as JSON"):
+        zero.mode("auto")
+
+
+def test_fsdp_and_deepspeed_together_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainConfig(batch_size=8, fsdp="full_shard", deepspeed="zero3", max_steps=1)
+    with pytest.raises(ConfigError, match=r"both FSDP \(full_shard\) and DeepSpeed \(ZeRO-3\) are asked for"):
+        run(model=torch.nn.Linear(2, 2), loss_fn=None, n_examples=100, cfg=cfg, optim=OptimConfig(), logger=None)
+    cfg = TrainConfig(batch_size=6, grad_accum=2, deepspeed="zero2", max_steps=1)
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-2 .* train.batch_size 6 must be divisible by processes"):
+        run(model=torch.nn.Linear(2, 2), loss_fn=None, n_examples=100, cfg=cfg, optim=OptimConfig(), logger=None)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _zero3_config(tmp_path) -> str:
+    """An accelerate config naming a DeepSpeed JSON file: ZeRO-3 with every weight partitioned (by default
+    DeepSpeed keeps weights under 100k elements, every weight of a tiny model, whole in each process)."""
+    ds = tmp_path / "ds_zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    config = tmp_path / "zero3_file.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\n"
+                      "num_processes: 2\nuse_cpu: false\ndeepspeed_config:\n"
+                      f"  deepspeed_config_file: {ds}\n  zero3_init_flag: false\n")
+    return str(config)
+
+
+@needs_deepspeed
+def test_sft_with_the_zero2_config_equals_one_process(tiny_model_dir, task_dir, tmp_path):
+    # evaluated by process 0 alone: under ZeRO-2 every process holds the whole weights
+    args = ["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--eval_fraction",
+            "0.05", "--train.eval_every", "2", *TRAIN, "--train.grad_accum", "2", "--train.max_steps", "4"]
+    _one_process(args, tmp_path / "one")
+    printed = _launch("zero2.yaml", args, tmp_path / "two")
+    assert "deepspeed ZeRO-2 over 2 processes (the trained model): AdamW state and gradients partitioned" in printed
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@needs_deepspeed
+def test_a_checkpoint_moves_between_one_process_and_zero3(tiny_model_dir, task_dir, tmp_path):
+    # 1 process → steps 1-2, 2 processes under ZeRO-3 → step 3, 1 process → step 4; the held-out loss is
+    # evaluated by both ZeRO-3 processes (each forward gathers weights from both)
+    args = ["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0.05",
+            *TRAIN, "--train.save_every", "2", "--train.eval_every", "1"]
+    _one_process([*args, "--train.max_steps", "4"], tmp_path / "one")
+    printed = _launch(_zero3_config(tmp_path), [*args, "--train.max_steps", "3", "--train.resume",
+                                                str(tmp_path / "one" / "checkpoints" / "step-2")], tmp_path / "two")
+    held = printed.split("holds ")[1].split(" weights")[0]  # "17,696 of 35,392"
+    mine, total = (int(n.replace(",", "")) for n in held.split(" of "))
+    assert 0 < mine < total and abs(mine - total / 2) <= total * 0.01  # every weight split in half
+    step3 = tmp_path / "two" / "checkpoints" / "step-3"
+    state = torch.load(step3 / "trainer_state.pt", weights_only=False)
+    one2 = torch.load(tmp_path / "one" / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=False)
+    saved, before = state["optimizers"]["model"]["optimizer"], one2["optimizers"]["model"]["optimizer"]
+    assert saved["state"].keys() == before["state"].keys()  # AdamW's state as a 1-process run holds it
+    assert all(saved["state"][i]["exp_avg"].shape == before["state"][i]["exp_avg"].shape for i in before["state"])
+    assert float(saved["state"][0]["step"]) == 3.0
+    _one_process([*args, "--train.max_steps", "4", "--train.resume", str(step3)], tmp_path / "two")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ones = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    at3 = [r["eval/loss"] for r in evals if r.get("step") == 3 and "eval/loss" in r]
+    assert at3 and abs(at3[0] - [r["eval/loss"] for r in ones if r.get("step") == 3 and "eval/loss" in r][0]) < 1e-5
+
+
+@needs_deepspeed
+def test_lora_dpo_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path):
+    # frozen base partitioned with the adapters; the reference is the policy with its adapters switched off,
+    # inside the same engine forward as the loss
+    args = ["dpo", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--beta", "0.5",
+            "--lora.enabled", "true", "--reference", "adapter", *TRAIN, "--train.grad_accum", "2",
+            "--train.max_steps", "4"]
+    _one_process(args, tmp_path / "one")
+    assert "deepspeed ZeRO-3 over 2 processes" in _launch("torchrun", [*args, "--train.deepspeed", "zero3"],
+                                                         tmp_path / "two")
+    one = _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # the adapters really trained
+
+
+def test_an_adapted_head_with_the_adapter_reference_under_zero3_names_the_alternatives(tiny_model_dir, monkeypatch):
+    from rlhfkit.models.load import add_lora, load_causal_lm
+    from rlhfkit.trainers.preference import DPOConfig, make_reference
+
+    cfg = parse_args(DPOConfig, ["--model.path", tiny_model_dir("llama"), "--lora.enabled", "true",
+                                 "--lora.target_modules", "all-linear+head", "--reference", "adapter",
+                                 "--train.deepspeed", "zero3"])
+    policy = add_lora(load_causal_lm(cfg.model, torch.device("cpu")), cfg.lora)
+    make_reference(cfg, policy, False, None)  # one process: nothing is partitioned
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="reference: adapter with a LoRA adapter on the output head .* use "
+                                          "reference: precomputed"):
+        make_reference(cfg, policy, False, None)
+    cfg = parse_args(DPOConfig, ["--model.path", tiny_model_dir("llama"), "--lora.enabled", "true",
+                                 "--reference", "adapter", "--train.deepspeed", "zero3"])
+    make_reference(cfg, add_lora(load_causal_lm(cfg.model, torch.device("cpu")), cfg.lora), False, None)  # no head
+
+
+@needs_deepspeed
+def test_kto_with_a_reference_model_under_the_zero3_config_equals_one_process(tiny_model_dir, task_dir, tmp_path):
+    # KTO's reference point z: one pass over the step's batch before its micro-batches, summed over processes;
+    # the reference is a second, frozen model, whole in each process
+    args = ["kto", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "unpaired.jsonl"),
+            "--reference", "model", *TRAIN, "--train.max_steps", "3"]
+    _one_process(args, tmp_path / "one")
+    assert "deepspeed ZeRO-3" in _launch("zero3.yaml", args, tmp_path / "two")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
