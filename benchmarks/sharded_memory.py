@@ -4,9 +4,11 @@
 
 Makes a tiny Llama of the given size and runs the same `rlhfkit sft` (full fine-tuning, AdamW)
 with `torchrun --nproc_per_node 2` in each mode, each launch fresh, and prints each process's peak
-RSS (ru_maxrss, the mean over the 2 processes) and its ratio to replicas. The baseline row is 2
-processes that import rlhfkit, torch, transformers and DeepSpeed, open the process group and load
-the model once, in the same run: what every mode pays before training. DeepSpeed modes need
+RSS during the training steps (the mean over the 2 processes; the kernel's high-water mark reset as
+the loop starts, after the model was loaded whole and sharded) and its ratio to replicas, above a
+baseline of 2 processes that import rlhfkit, torch, transformers and DeepSpeed and open the process
+group, in the same run; each process's peak over its whole life (ru_maxrss), which on a CPU
+includes the model loaded whole before sharding and gathered whole for the final save. DeepSpeed modes need
 `pip install deepspeed`. CPU RSS also counts what each library allocates for itself (DeepSpeed's
 buckets, gloo's buffers), so the ratios are what a CPU run pays, an upper bound of a GPU's savings.
 """
@@ -22,33 +24,67 @@ import sys
 import tempfile
 from pathlib import Path
 
-# run by torchrun in each process: train (or, for the baseline, load the model once), then report the peak
+# run by torchrun in each process: train (or, for the baseline, only import and open the process group), and
+# write two figures: the peak RSS of the training steps (the kernel's high-water mark reset, after handing freed
+# memory back, when the loop starts: after the model was loaded whole and sharded; read when the final model is
+# about to be saved, before its gather) and the peak of the whole process (ru_maxrss)
 CHILD = """
-import json, os, resource, sys
+import ctypes, json, os, resource, sys
+from pathlib import Path
 args = json.loads(sys.argv[1])
+libc = ctypes.CDLL("libc.so.6")
+
+
+def reset_peak():
+    libc.malloc_trim(0)  # what was freed (the whole model loaded before sharding) back to the system
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark of the RSS starts again from here
+
+
+def high_water_kb():
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+
+
+steps_peak = 0
 if args["mode"] == "baseline":
     import deepspeed, torch
     from rlhfkit import distributed
-    from rlhfkit.config import ModelConfig
-    from rlhfkit.models.load import load_causal_lm
+    import rlhfkit.trainers.sft
     distributed.setup(torch.device("cpu"))
-    load_causal_lm(ModelConfig(path=args["model"]), torch.device("cpu"), trainable=True)
+    reset_peak()
     distributed.barrier()
+    steps_peak = high_water_kb()
 else:
     from rlhfkit.cli import main
+    from rlhfkit.trainers import loop, sft
+    rewind, save = loop.Logger.rewind, sft.save_model
+
+    def rewind_then_reset(self, step):  # the loop calls it once, right before its first step
+        rewind(self, step)
+        reset_peak()
+
+    def read_then_save(*a, **k):
+        global steps_peak
+        steps_peak = high_water_kb()
+        return save(*a, **k)
+
+    loop.Logger.rewind, sft.save_model = rewind_then_reset, read_then_save
     rc = main(["sft", "--model", args["model"], "--data", args["data"], "--out", args["out"], "--eval_fraction", "0",
                "--train.max_steps", str(args["steps"]), "--train.batch_size", "8", "--max_length", "64",
                "--train.tensorboard", "false", "--train.fsdp", args["fsdp"], "--train.deepspeed", args["deepspeed"]])
     assert rc == 0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-Path = __import__("pathlib").Path
-Path(args["out"], f"peak-{os.environ.get('RANK', '0')}.txt").write_text(str(peak))
+Path(args["out"], f"peak-{os.environ.get('RANK', '0')}.json").write_text(json.dumps([steps_peak, peak]))
 """
 
 MODES = {  # name → (train.fsdp, train.deepspeed)
-    "replicas": ("off", "off"), "fsdp shard_grad_op": ("shard_grad_op", "off"), "fsdp full_shard": ("full_shard", "off"),
+    "replicas": ("off", "off"), "fsdp shard_grad_op": ("shard_grad_op", "off"),
+    "fsdp full_shard": ("full_shard", "off"),
     "zero1": ("off", "zero1"), "zero2": ("off", "zero2"), "zero3": ("off", "zero3"),
+    "zero3 live 1e7": ("off", "zero3"),  # with LIVE_SETTINGS
 }
+# DeepSpeed keeps up to stage3_max_live_parameters (1e9 by default) gathered weights in each process, and those it
+# will use again within stage3_max_reuse_distance: below ~1e9 parameters, nothing is released between layers
+LIVE_SETTINGS = {"zero_optimization": {"stage3_max_live_parameters": 10**7, "stage3_max_reuse_distance": 10**7}}
 
 
 def _free_port() -> str:
@@ -57,18 +93,22 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def peak_rss_mb(args: dict, out: Path) -> float:
-    """The mean over 2 processes of each one's peak RSS, in MB."""
+def peak_rss_mb(args: dict, out: Path) -> tuple[float, float]:
+    """The mean over 2 processes of each one's peak RSS in its training steps and over its whole life, in MB."""
     out.mkdir(parents=True, exist_ok=True)
     script = out / "child.py"
     script.write_text(CHILD)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", _free_port(), str(script), json.dumps({**args, "out": str(out)})]
-    done = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.get("settings"):  # read by rlhfkit.zero as an accelerate launch's deepspeed_config_file
+        (out / "ds.json").write_text(json.dumps(args["settings"]))
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(out / "ds.json")
+    done = subprocess.run(launch, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
-    peaks = [int((out / f"peak-{r}.txt").read_text()) / 1024 for r in (0, 1)]
-    return sum(peaks) / len(peaks)
+    peaks = [json.loads((out / f"peak-{r}.json").read_text()) for r in (0, 1)]
+    return tuple(sum(p[i] for p in peaks) / len(peaks) / 1024 for i in (0, 1))
 
 
 def main() -> None:
@@ -94,17 +134,18 @@ def main() -> None:
         common = {"model": str(model), "data": str(data["sft"]), "steps": a.steps}
         print(f"full SFT, {params / 1e6:.1f}M parameters ({4 * params / 2**20:.0f} MB in float32), AdamW, 2 processes "
               f"(gloo), {a.steps} steps; torch {torch.__version__}; peak RSS per process, mean of the 2")
-        base = peak_rss_mb({**common, "mode": "baseline"}, root / "baseline")
-        print(f"{'mode':>20} {'peak MB':>9} {'above baseline':>15} {'ratio to replicas (above baseline)':>35}")
-        print(f"{'baseline':>20} {base:9.0f}")
+        base, _ = peak_rss_mb({**common, "mode": "baseline"}, root / "baseline")
+        print(f"{'mode':>20} {'steps peak MB':>14} {'above baseline':>15} {'/ replicas':>11} {'process peak MB':>16}")
+        print(f"{'baseline':>20} {base:14.0f}")
         rows = {}
         for name in a.modes.split(","):
             fsdp, ds = MODES[name]
-            rows[name] = peak_rss_mb({**common, "mode": "train", "fsdp": fsdp, "deepspeed": ds}, root / name)
+            run = {**common, "mode": "train", "fsdp": fsdp, "deepspeed": ds,
+                   "settings": LIVE_SETTINGS if name.endswith("live 1e7") else None}
+            rows[name], whole = peak_rss_mb(run, root / name)
             ref = rows.get("replicas")
             ratio = f"{(rows[name] - base) / (ref - base):.2f}x" if ref else ""
-            print(f"{name:>20} {rows[name]:9.0f} {rows[name] - base:15.0f} {ratio:>35}", flush=True)
-
+            print(f"{name:>20} {rows[name]:14.0f} {rows[name] - base:15.0f} {ratio:>11} {whole:16.0f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -116,6 +116,18 @@ def partitioned(model) -> bool:
     return engine is not None and engine.stage == 3
 
 
+def _sized_to(model) -> dict:
+    """Bucket sizes for ``model`` where the DeepSpeed config leaves them out (or says "auto"), as the HF
+    integration sizes them: DeepSpeed's own defaults (5e8 elements a reduction bucket, 2 GB in float32)
+    are sized for models of billions of weights and cost far more than the model below that. H = hidden size."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
+    if not hidden:
+        return {}
+    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+
 class Forwards(torch.nn.Module):
     """The trained model under a forward that runs any function of it: handed to DeepSpeed in its place,
     so one engine forward covers a whole loss function (``Engine.run``). Its parameters are the model's,
@@ -151,7 +163,8 @@ class Engine:
         config = {"train_micro_batch_size_per_gpu": micro_size, "gradient_accumulation_steps": micro_batches,
                   "train_batch_size": micro_size * micro_batches * world,
                   "gradient_clipping": max_grad_norm if max_grad_norm > 0 else 0.0,
-                  "zero_optimization": {**settings(), "stage": stage, "compute_grad_norm": True},  # logged
+                  "zero_optimization": {**_sized_to(model), **settings(), "stage": stage,
+                                        "compute_grad_norm": True},  # the norm is logged
                   "zero_allow_untested_optimizer": True, "steps_per_print": 2**62, "wall_clock_breakdown": False}
         self.engine, *_ = deepspeed.initialize(model=Forwards(model), optimizer=optimizer, config=config,
                                                dist_init_required=False)
