@@ -163,3 +163,68 @@ def test_kto_with_a_reference_model_under_the_zero3_config_equals_one_process(ti
     _one_process(args, tmp_path / "one")
     assert "deepspeed ZeRO-3" in _launch("zero3.yaml", args, tmp_path / "two")
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+NAN_STEP = """
+import json, sys
+import torch
+from rlhfkit import distributed
+from rlhfkit.config import OptimConfig, TrainConfig
+from rlhfkit.trainers.loop import Logger, run
+
+out, deepspeed = sys.argv[1], sys.argv[2]
+distributed.setup(torch.device("cpu"))
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+gen = torch.Generator().manual_seed(1)
+x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+calls = [0]
+
+
+def loss_fn(indices):  # step 3's loss is NaN, in process 0 only
+    calls[0] += 1
+    loss = ((model(x[indices]) - y[indices]) ** 2).mean()
+    if calls[0] == 3 and distributed.rank() == 0:
+        loss = loss * float("nan")
+    return loss, len(indices), {}
+
+
+cfg = TrainConfig(out=out, batch_size=8, max_steps=5, on_nan="skip", tensorboard=False, deepspeed=deepspeed,
+                  log_every=1)
+run(model=model, loss_fn=loss_fn, n_examples=16, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=0),
+    logger=Logger(out, tensorboard=False))
+if distributed.is_main():
+    torch.save(model.state_dict(), out + "/weights.pt")
+distributed.teardown()
+"""
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
+    # DeepSpeed sees the non-finite gradients and applies nothing; the schedule and AdamW's step count stay put,
+    # as in one process skipping the step: the weights of the two runs agree, and the skip is counted
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import _free_port, port_taken
+
+    script = tmp_path / "nan_step.py"
+    script.write_text(NAN_STEP)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "off"], check=True, capture_output=True)
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                               "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path / "two"),
+                               stage], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if not port_taken(done.stderr):
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (torch.load(tmp_path / run / "weights.pt") for run in ("one", "two"))
+    for name, value in one.items():
+        assert ((two[name] - value).norm() / value.norm()).item() <= 1e-5, name
+    logs = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")}
+    assert [(r["step"], r["train/skipped_steps"]) for r in logs["two"]] == [(1, 0), (2, 0), (4, 1), (5, 1)]
+    assert [r["step"] for r in logs["one"]] == [1, 2, 4, 5]  # the skipped step logs nothing of its own
+    assert [r["train/lr"] for r in logs["two"]] == pytest.approx([r["train/lr"] for r in logs["one"]], rel=1e-12)
