@@ -217,13 +217,15 @@ class Engine:
         from deepspeed.utils import safe_get_full_optimizer_state
 
         base = self._base_states()
-        state = {}
+        state, main = {}, distributed.is_main()
         if base:  # after the first step: every parameter has moments; the step count is shared
-            for i, p in enumerate(self.params):
+            for i, p in enumerate(self.params):  # one tensor at a time, kept by process 0 alone
                 moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-                state[i] = {"step": base[0]["step"].detach().clone().cpu(),
-                            **{k: v.detach().cpu().clone() for k, v in moments.items()}}
-        if not distributed.is_main():
+                if main:
+                    state[i] = {"step": base[0]["step"].detach().clone().cpu(),
+                                **{k: v.detach().cpu().clone() for k, v in moments.items()}}
+                del moments
+        if not main:
             return None
         groups, start = [], 0
         for group, size in zip(self.optimizer.param_groups, self.group_sizes):
@@ -251,7 +253,23 @@ class Engine:
             link()
         for i, p in enumerate(self.params):
             for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, per_param[i][key].to(p.device), key)
+                value = per_param[i][key].to(p.device)
+                if self.stage == 3:
+                    self._set_zero3_state(p, value, key)
+                else:
+                    safe_set_full_optimizer_state(p, value, key)
+
+    def _set_zero3_state(self, param: torch.Tensor, value: torch.Tensor, key: str) -> None:
+        """This process's slice of a full AdamW state tensor into its ZeRO-3 partition. DeepSpeed 0.19's own
+        setter (``set_full_hp_param``) reads past the end of a tensor whose size does not divide by the
+        processes, on the last one; here the padding past the end stays zero."""
+        z3 = self.engine.optimizer
+        part, _ = z3._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+        start = part.numel() * z3._get_param_partition_rank(param)
+        flat = value.flatten()
+        n = max(0, min(part.numel(), flat.numel() - start))
+        part.data.zero_()
+        part.data[:n].copy_(flat[start: start + n])
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:
@@ -278,6 +296,10 @@ def full_params(model, names: list[str]) -> dict[str, torch.Tensor] | None:
     """The float32 values DeepSpeed trains for the parameters ``names``, full, on the CPU, on process 0."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    params = dict(model.named_parameters())
-    full = {n: safe_get_full_fp32_param(params[n]) for n in names}
-    return {n: v.detach().cpu().clone() for n, v in full.items()} if distributed.is_main() else None
+    params, full, main = dict(model.named_parameters()), {}, distributed.is_main()
+    for n in names:  # one tensor at a time, kept by process 0 alone
+        value = safe_get_full_fp32_param(params[n])
+        if main:
+            full[n] = value.detach().cpu().clone()
+        del value
+    return full if main else None

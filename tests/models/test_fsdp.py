@@ -118,14 +118,14 @@ def _one_process(args: list[str], out: Path) -> None:
     assert main([*args, "--out", str(out)]) == 0
 
 
-def _assert_same_weights(one: Path, two: Path) -> dict[str, torch.Tensor]:
-    """The model (or adapter) saved in ``one`` and in ``two`` agree within 1e-5 (relative norm of the
+def _assert_same_weights(one: Path, two: Path, tol: float = 1e-5) -> dict[str, torch.Tensor]:
+    """The model (or adapter) saved in ``one`` and in ``two`` agree within ``tol`` (relative norm of the
     difference, per tensor); returns ``one``'s tensors."""
     first, second = ({k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
                      for out in (one, two))
     assert first and first.keys() == second.keys()
     worst = max((((second[k] - v).norm() / v.norm().clamp(min=1e-12)).item(), k) for k, v in first.items())
-    assert worst[0] <= 1e-5, worst
+    assert worst[0] <= tol, worst
     return first
 
 

@@ -59,7 +59,7 @@ def test_an_unreadable_deepspeed_config_file_names_itself(launcher_env, tmp_path
         zero.mode("auto")
 
 
-def test_fsdp_and_deepspeed_together_are_refused(monkeypatch):
+def test_fsdp_and_deepspeed_together_are_refused(launcher_env, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = TrainConfig(batch_size=8, fsdp="full_shard", deepspeed="zero3", max_steps=1)
     with pytest.raises(ConfigError, match=r"both FSDP \(full_shard\) and DeepSpeed \(ZeRO-3\) are asked for"):
@@ -123,6 +123,30 @@ def test_a_checkpoint_moves_between_one_process_and_zero3(tiny_model_dir, task_d
 
 
 @needs_deepspeed
+def test_zero3_resumes_tensors_whose_size_does_not_divide_by_the_processes(task_dir, tmp_path):
+    # a GPT-2 of hidden size 33: its norms and biases (33, 99 elements) split 17 + 16, the last partition padded
+    from rlhfkit.models.tiny import make_tiny_model
+
+    model = make_tiny_model("gpt2", tmp_path / "gpt2", hidden_size=33, num_layers=1, num_heads=3)
+    args = ["sft", "--model", str(model), "--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0", *TRAIN,
+            "--train.save_every", "1", "--train.keep_checkpoints", "3"]
+    _one_process([*args, "--train.max_steps", "4"], tmp_path / "one")
+    _launch("torchrun", [*args, "--train.max_steps", "3", "--train.deepspeed", "zero3", "--train.resume",
+                         str(tmp_path / "one" / "checkpoints" / "step-2")], tmp_path / "two")
+    # AdamW's moments after step 3, read back out of the partitions, are the 1-process ones
+    states = [torch.load(tmp_path / run / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=False)
+              ["optimizers"]["model"]["optimizer"]["state"] for run in ("one", "two")]
+    for i, moments in states[0].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert ((states[1][i][key] - moments[key]).norm() / moments[key].norm()).item() < 1e-4, (i, key)
+    _one_process([*args, "--train.max_steps", "4", "--train.resume",
+                  str(tmp_path / "two" / "checkpoints" / "step-3")], tmp_path / "two")
+    # this model amplifies float noise (Adam on c_attn.bias's near-zero gradients): replicas differ from one
+    # process by 1.2e-4 there; a misplaced slice of AdamW's state would differ by far more
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", tol=1e-3)
+
+
+@needs_deepspeed
 def test_lora_dpo_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path):
     # frozen base partitioned with the adapters; the reference is the policy with its adapters switched off,
     # inside the same engine forward as the loss
@@ -172,38 +196,38 @@ from rlhfkit import distributed
 from rlhfkit.config import OptimConfig, TrainConfig
 from rlhfkit.trainers.loop import Logger, run
 
-out, deepspeed = sys.argv[1], sys.argv[2]
+out, deepspeed, autocast = sys.argv[1], sys.argv[2], sys.argv[3] == "bf16"
 distributed.setup(torch.device("cpu"))
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 gen = torch.Generator().manual_seed(1)
 x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
-calls = [0]
+calls, under_autocast = [0], []
 
 
-def loss_fn(indices):  # step 3's loss is NaN, in process 0 only
+def loss_fn(indices):  # step 3's loss is NaN in process 0 only, its gradients finite
     calls[0] += 1
+    under_autocast.append(torch.is_autocast_enabled("cpu"))
     loss = ((model(x[indices]) - y[indices]) ** 2).mean()
     if calls[0] == 3 and distributed.rank() == 0:
-        loss = loss * float("nan")
-    return loss, len(indices), {}
+        loss = loss + torch.tensor(float("nan"))
+    return loss.float(), len(indices), {}
 
 
 cfg = TrainConfig(out=out, batch_size=8, max_steps=5, on_nan="skip", tensorboard=False, deepspeed=deepspeed,
                   log_every=1)
+amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else None
 run(model=model, loss_fn=loss_fn, n_examples=16, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=0),
-    logger=Logger(out, tensorboard=False))
+    logger=Logger(out, tensorboard=False), **({"amp": amp} if amp else {}))
 if distributed.is_main():
     torch.save(model.state_dict(), out + "/weights.pt")
+    json.dump(under_autocast, open(out + "/autocast.json", "w"))
 distributed.teardown()
 """
 
 
-@needs_deepspeed
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
-    # DeepSpeed sees the non-finite gradients and applies nothing; the schedule and AdamW's step count stay put,
-    # as in one process skipping the step: the weights of the two runs agree, and the skip is counted
+def _nan_step_runs(tmp_path, stage: str, autocast: str = "fp32") -> None:
+    """NAN_STEP in 1 process (no DeepSpeed) into tmp_path/one, in 2 under ``stage`` into tmp_path/two."""
     import os
     import subprocess
     import sys
@@ -212,14 +236,25 @@ def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
 
     script = tmp_path / "nan_step.py"
     script.write_text(NAN_STEP)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "off"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "off", autocast], check=True,
+                   capture_output=True)
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                               "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path / "two"),
-                               stage], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                  "--master_port", str(_free_port())]
+        done = subprocess.run([*launch, str(script), str(tmp_path / "two"), stage, autocast], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if not port_taken(done.stderr):
             break
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
+    # the NaN is in the loss's value alone (its gradients are finite): the last backward is made non-finite in
+    # every process, so DeepSpeed applies nothing; the schedule and AdamW's step count stay put, as in one
+    # process skipping the step: the weights of the two runs agree, and the skip is counted
+    _nan_step_runs(tmp_path, stage)
     one, two = (torch.load(tmp_path / run / "weights.pt") for run in ("one", "two"))
     for name, value in one.items():
         assert ((two[name] - value).norm() / value.norm()).item() <= 1e-5, name
@@ -228,3 +263,12 @@ def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
     assert [(r["step"], r["train/skipped_steps"]) for r in logs["two"]] == [(1, 0), (2, 0), (4, 1), (5, 1)]
     assert [r["step"] for r in logs["one"]] == [1, 2, 4, 5]  # the skipped step logs nothing of its own
     assert [r["train/lr"] for r in logs["two"]] == pytest.approx([r["train/lr"] for r in logs["one"]], rel=1e-12)
+
+
+@needs_deepspeed
+def test_the_loss_computes_under_the_run_s_autocast_inside_the_engine(tmp_path):
+    # DeepSpeed turns off an autocast entered around its forward unless its config has a torch_autocast
+    # section: the loop enters it inside (what a bf16 GPU run does, here on the CPU)
+    _nan_step_runs(tmp_path, "zero2", autocast="bf16")
+    for name in ("one", "two"):
+        assert json.loads((tmp_path / name / "autocast.json").read_text()) == [True] * 5

@@ -410,14 +410,16 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         engine = zero.Engine(model, optimizer, stage, cfg.grad_accum, per_step // (world * cfg.grad_accum),
                              optim.max_grad_norm)
         # every forward of a loss (or of KTO's reference point) inside one engine forward; under ZeRO-3 an
-        # evaluation's too, which every process runs (each forward gathers weights from all of them)
-        loss_fn = functools.partial(engine.run, loss_fn)
-        before_step = before_step and functools.partial(engine.run, before_step)
+        # evaluation's too, which every process runs (each forward gathers weights from all of them). The
+        # autocast goes inside: the engine turns off one entered around it unless its own config asks for it
+        loss_fn = functools.partial(engine.run, _under(amp, loss_fn))
+        before_step = before_step and functools.partial(engine.run, _under(amp, before_step))
         if stage == 3 and evaluate is not None:
-            evaluate = functools.partial(engine.run, evaluate)
+            evaluate = functools.partial(engine.run, _under(amp, evaluate))
     evaluates = distributed.is_main() or sharded or stage == 3  # a sharded model's forward needs every process
-    if evaluate is not None:
+    if evaluate is not None and stage != 3:
         evaluate = _under(amp, evaluate)
+    outside = contextlib.nullcontext if engine is not None else amp  # what the loop enters around a forward
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     model.train()
     last: dict[str, float] = {}
@@ -428,22 +430,24 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         for step in bar:
             mine = distributed.shard(batch_indices(step, n_examples, cfg.batch_size, cfg.seed))
             micro = max(1, -(-len(mine) // cfg.grad_accum))
-            units, loss_sum, bad = 0.0, 0.0, 0.0
+            units, loss_sum, bad, miscounted = 0.0, 0.0, 0.0, 0.0
             whole_step = micro >= len(mine) and world == 1
             if engine is not None:  # DeepSpeed averages over processes: scale by processes / the step's units
                 expected = [float(units_of(mine[i: i + micro])) for i in range(0, len(mine), micro)]
                 scale = world / max(distributed.all_sum([sum(expected)], device)[0], 1e-12)
             if before_step is not None:
-                with amp():
+                with outside():
                     before_step(mine, micro)
             for i in range(0, len(mine), micro):
-                with amp():
+                with outside():
                     loss, weight, metrics = loss_fn(mine[i: i + micro])
                 finite = math.isfinite(loss.item())
                 if engine is not None:  # collective too; DeepSpeed drops a step whose gradients are not finite
-                    if weight != expected[i // micro]:
-                        raise RuntimeError(f"units_of counted {expected[i // micro]} units where the loss has {weight}")
-                    engine.backward(loss * (weight * scale), last=i + micro >= len(mine))
+                    miscounted += weight != expected[i // micro]
+                    last_micro, scaled = i + micro >= len(mine), loss * (weight * scale)
+                    if last_micro and distributed.all_sum([bad + (not finite)], device)[0]:
+                        scaled = scaled * float("nan")  # a bad loss anywhere: non-finite gradients, so no update
+                    engine.backward(scaled, last=last_micro)
                 elif finite or sharded:  # a sharded backward is collective: all run it; a bad step is dropped below
                     # the sum over this micro-batch's units; alone in the step, its mean needs no rescaling
                     (loss if whole_step else loss * weight).backward()
@@ -454,7 +458,10 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                 for k, v in metrics.items():
                     window[k].append(float(v))
             tokens = float(tokens_of(mine)) if tokens_of else 0.0
-            units, loss_sum, bad, tokens = distributed.all_sum([units, loss_sum, bad, tokens], device)
+            units, loss_sum, bad, tokens, miscounted = distributed.all_sum([units, loss_sum, bad, tokens, miscounted],
+                                                                           device)
+            if miscounted:  # every process stops (a one-process error would leave the others waiting)
+                raise RuntimeError("units_of counted other units than the loss has: the DeepSpeed scaling is wrong")
             throughput.tokens += tokens
             if engine is not None:  # its step is collective: every process takes it, a bad one applies nothing
                 grad_norm = engine.step()
