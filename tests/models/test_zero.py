@@ -272,3 +272,16 @@ def test_the_loss_computes_under_the_run_s_autocast_inside_the_engine(tmp_path):
     _nan_step_runs(tmp_path, "zero2", autocast="bf16")
     for name in ("one", "two"):
         assert json.loads((tmp_path / name / "autocast.json").read_text()) == [True] * 5
+
+
+@needs_deepspeed
+def test_the_reward_model_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path):
+    # the score head called apart from the body, inside the engine forward; the score statistics written
+    # after training agree too
+    args = ["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), *TRAIN,
+            "--train.max_steps", "3"]
+    _one_process(args, tmp_path / "one")
+    assert "deepspeed ZeRO-3" in _launch("torchrun", [*args, "--train.deepspeed", "zero3"], tmp_path / "two")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    one, two = (json.loads((tmp_path / run / "score_normalization.json").read_text()) for run in ("one", "two"))
+    assert two == pytest.approx(one, rel=1e-5)
