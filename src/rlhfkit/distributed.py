@@ -18,6 +18,11 @@ import torch
 from rlhfkit.ops import mean_of
 
 
+def truthy(value: str | None) -> bool:
+    """Whether a launcher's setting (an environment variable, a config value) says yes."""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

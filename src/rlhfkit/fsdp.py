@@ -43,22 +43,18 @@ _FSDP1_STRATEGIES = {"FULL_SHARD": "full_shard", "SHARD_GRAD_OP": "shard_grad_op
 _FORWARD = "rlhfkit_forward"  # the method FSDP is told to treat as a forward (``run_as_forward``)
 
 
-def _true(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _launcher_mode() -> str:
     """The sharding an ``accelerate launch`` FSDP config asks for, read from the environment it sets."""
-    if not _true(os.environ.get("ACCELERATE_USE_FSDP")):
+    if not distributed.truthy(os.environ.get("ACCELERATE_USE_FSDP")):
         return "off"
     for key, config_key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
                             ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
-        if _true(os.environ.get(key)):
+        if distributed.truthy(os.environ.get(key)):
             raise ConfigError(f"the accelerate FSDP config sets {config_key}: true, which rlhfkit does not support; "
                               f"set it to false (see examples/accelerate/fsdp.yaml)")
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip()
     if os.environ.get("FSDP_VERSION", "1").strip() == "2":  # fsdp_reshard_after_forward: true | false
-        return "full_shard" if _true(reshard) else "shard_grad_op"
+        return "full_shard" if distributed.truthy(reshard) else "shard_grad_op"
     # FSDP1 configs name a strategy, in fsdp_reshard_after_forward (newer) or fsdp_sharding_strategy (older)
     strategy = reshard if reshard.lower() not in ("true", "false") else os.environ.get("FSDP_SHARDING_STRATEGY",
                                                                                       "FULL_SHARD")
@@ -97,7 +93,8 @@ def is_sharded(model) -> bool:
 def _unit_classes(model) -> set[str]:
     """Class names of the modules that become units of their own: the launcher's
     ``fsdp_transformer_layer_cls_to_wrap``, else the model's decoder layers (``_no_split_modules``)."""
-    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "") if _true(os.environ.get("ACCELERATE_USE_FSDP")) else ""
+    launched = distributed.truthy(os.environ.get("ACCELERATE_USE_FSDP"))
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "") if launched else ""
     if named.strip():
         return {n.strip() for n in named.split(",") if n.strip()}
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model

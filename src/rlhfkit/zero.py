@@ -42,10 +42,6 @@ _ENGINE = "_rlhfkit_zero_engine"  # where a partitioned model keeps its ``Engine
 _INSTALL = "pip install deepspeed"
 
 
-def _true(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _config_file_zero() -> dict:
     """The ``zero_optimization`` section of the launch's DeepSpeed config file (``deepspeed_config_file``), or {}."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
@@ -81,7 +77,7 @@ def settings() -> dict:
 
 
 def _launcher_mode() -> str:
-    if not _true(os.environ.get("ACCELERATE_USE_DEEPSPEED")):
+    if not distributed.truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED")):
         return "off"
     stage = settings().get("stage", 2)
     if stage not in (0, 1, 2, 3):
@@ -155,7 +151,7 @@ class Engine:
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-rank banners; warnings still show
-        self.stage, self.model, self.optimizer = stage, model, optimizer
+        self.stage, self.optimizer = stage, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]  # AdamW's order, as saved
         self.group_sizes = [len(group["params"]) for group in optimizer.param_groups]
         loaded = {i: optimizer.state.pop(p) for i, p in enumerate(self.params) if p in optimizer.state}

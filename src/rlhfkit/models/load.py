@@ -151,10 +151,9 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     """Write a standard HF directory (safetensors): full weights, or the adapter for peft models.
     In a multi-process run only rank 0 writes; a sharded or ZeRO-3 model is gathered by every process first."""
     out = Path(out)
-    if fsdp.is_sharded(model) or zero.partitioned(model):  # collectives: every process gathers
-        full = {"state_dict": (fsdp.full_state_dict if fsdp.is_sharded(model) else zero.full_state_dict)(model)}
-    else:
-        full = {}
+    gather = (fsdp.full_state_dict if fsdp.is_sharded(model) else
+              zero.full_state_dict if zero.partitioned(model) else None)
+    full = {"state_dict": gather(model)} if gather else {}  # collectives: every process gathers
     if not distributed.is_main():
         return out
     out.mkdir(parents=True, exist_ok=True)

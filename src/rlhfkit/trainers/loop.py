@@ -192,7 +192,8 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     sharded, engine = fsdp.is_sharded(model), zero.engine_of(model)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
     if sharded:  # collectives: every process gathers, process 0 keeps the full tensors
         weights = fsdp.full_state_dict(model)
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
@@ -203,7 +204,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         trained = zero.full_params(model, trainable)
     else:
         weights, optimizer_states = None, {name: opt.state_dict() for name, (opt, _) in optimizers.items()}
-        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trained = {n: params[n].detach().clone() for n in trainable}
     if not distributed.is_main():
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -409,17 +410,19 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     if stage:
         engine = zero.Engine(model, optimizer, stage, cfg.grad_accum, per_step // (world * cfg.grad_accum),
                              optim.max_grad_norm)
+    # every forward under the run's autocast (not around the backward); under DeepSpeed inside the engine's
+    # forward, which turns off an autocast entered around it unless its own config asks for one
+    loss_fn = _under(amp, loss_fn)
+    before_step = before_step and _under(amp, before_step)
+    evaluate = evaluate and _under(amp, evaluate)
+    if engine is not None:
         # every forward of a loss (or of KTO's reference point) inside one engine forward; under ZeRO-3 an
-        # evaluation's too, which every process runs (each forward gathers weights from all of them). The
-        # autocast goes inside: the engine turns off one entered around it unless its own config asks for it
-        loss_fn = functools.partial(engine.run, _under(amp, loss_fn))
-        before_step = before_step and functools.partial(engine.run, _under(amp, before_step))
+        # evaluation's too, which every process runs (each forward gathers weights from all of them)
+        loss_fn = functools.partial(engine.run, loss_fn)
+        before_step = before_step and functools.partial(engine.run, before_step)
         if stage == 3 and evaluate is not None:
-            evaluate = functools.partial(engine.run, _under(amp, evaluate))
+            evaluate = functools.partial(engine.run, evaluate)
     evaluates = distributed.is_main() or sharded or stage == 3  # a sharded model's forward needs every process
-    if evaluate is not None and stage != 3:
-        evaluate = _under(amp, evaluate)
-    outside = contextlib.nullcontext if engine is not None else amp  # what the loop enters around a forward
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     model.train()
     last: dict[str, float] = {}
@@ -436,11 +439,9 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                 expected = [float(units_of(mine[i: i + micro])) for i in range(0, len(mine), micro)]
                 scale = world / max(distributed.all_sum([sum(expected)], device)[0], 1e-12)
             if before_step is not None:
-                with outside():
-                    before_step(mine, micro)
+                before_step(mine, micro)
             for i in range(0, len(mine), micro):
-                with outside():
-                    loss, weight, metrics = loss_fn(mine[i: i + micro])
+                loss, weight, metrics = loss_fn(mine[i: i + micro])
                 finite = math.isfinite(loss.item())
                 if engine is not None:  # collective too; DeepSpeed drops a step whose gradients are not finite
                     miscounted += weight != expected[i // micro]
