@@ -270,9 +270,3 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.beta = float(state["beta"])
-
-    def state_dict(self) -> dict[str, float]:
-        return {"beta": self.beta}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.beta = float(state["beta"])
