@@ -43,7 +43,7 @@ def main() -> None:
     print(f"\nrollouts during training (64 prompts a step, seed {a.seed}): proxy score / gold reward / KL to SFT")
     print("| step | " + " | ".join(f"β = {b:g}" for b in betas) + " |")
     print("|---|" + "---|" * len(betas))
-    logs = {b: [json.loads(l) for l in (out / f"ppo_beta{b:g}" / "metrics.jsonl").read_text().splitlines()]
+    logs = {b: [json.loads(line) for line in (out / f"ppo_beta{b:g}" / "metrics.jsonl").read_text().splitlines()]
             for b in betas}
     for i in list(range(0, a.steps, 10)) + [a.steps - 1]:
         cells = [f"{r['rollout/score']:+.2f} / {r['rollout/gold']:.3f} / {r['rollout/kl']:.1f}"

@@ -43,7 +43,7 @@ def peak_rss_mb(args: dict) -> float:
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
-    line = next(l for l in out.stdout.splitlines() if l.startswith("PEAK_RSS_KB"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("PEAK_RSS_KB"))
     return int(line.split()[1]) / 1024
 
 

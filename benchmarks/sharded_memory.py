@@ -1,11 +1,14 @@
-"""Peak memory per process of full-parameter SFT in 2 CPU processes: replicas, FSDP and DeepSpeed ZeRO.
+"""Peak memory per process of training in 2 CPU processes: replicas, FSDP and DeepSpeed ZeRO.
 
-    python benchmarks/sharded_memory.py [--hidden 512] [--layers 8] [--steps 3] [--modes ...]
+    python benchmarks/sharded_memory.py [--trainer sft|ppo|ppo-shared] [--hidden 512] [--layers 8] [--steps 3]
+                                        [--modes ...]
 
-Makes a tiny Llama of the given size and runs the same `rlhfkit sft` (full fine-tuning, AdamW)
-with `torchrun --nproc_per_node 2` in each mode, each launch fresh, and prints each process's peak
+Makes a tiny Llama of the given size and runs the same command in each mode with
+`torchrun --nproc_per_node 2`, each launch fresh: `rlhfkit sft` (full fine-tuning, AdamW), or PPO
+(`ppo`: `--mode separate`, full actor and critic, a frozen reference, a reward model; `ppo-shared`: one
+base with LoRA actor and critic adapters; DeepSpeed does not run PPO), and prints each process's peak
 RSS during the training steps (the mean over the 2 processes; the kernel's high-water mark reset as
-the loop starts, after the model was loaded whole and sharded) and its ratio to replicas, above a
+the loop starts, after the models were loaded whole and sharded) and its ratio to replicas, above a
 baseline of 2 processes that import rlhfkit, torch, transformers and DeepSpeed and open the process
 group, in the same run; each process's peak over its whole life (ru_maxrss), which on a CPU
 includes the model loaded whole before sharding and gathered whole for the final save. DeepSpeed modes need
@@ -26,8 +29,8 @@ from pathlib import Path
 
 # run by torchrun in each process: train (or, for the baseline, only import and open the process group), and
 # write two figures: the peak RSS of the training steps (the kernel's high-water mark reset, after handing freed
-# memory back, when the loop starts: after the model was loaded whole and sharded; read when the final model is
-# about to be saved, before its gather) and the peak of the whole process (ru_maxrss)
+# memory back, when the loop starts: after the models were loaded whole and sharded; read when the loop ends,
+# before the final model is gathered and saved) and the peak of the whole process (ru_maxrss)
 CHILD = """
 import ctypes, json, os, resource, sys
 from pathlib import Path
@@ -55,28 +58,27 @@ if args["mode"] == "baseline":
     steps_peak = high_water_kb()
 else:
     from rlhfkit.cli import main
-    from rlhfkit.trainers import loop, sft
-    rewind, save = loop.Logger.rewind, sft.save_model
+    from rlhfkit.trainers import loop
+    rewind, at_end = loop.Logger.rewind, loop.Checkpoints.at_end
 
-    def rewind_then_reset(self, step):  # the loop calls it once, right before its first step
+    def rewind_then_reset(self, step):  # every trainer calls it once, right before its first step
         rewind(self, step)
         reset_peak()
 
-    def read_then_save(*a, **k):
+    def read_then_end(self, step):  # every trainer calls it once, when its last step is done
         global steps_peak
         steps_peak = high_water_kb()
-        return save(*a, **k)
+        return at_end(self, step)
 
-    loop.Logger.rewind, sft.save_model = rewind_then_reset, read_then_save
-    rc = main(["sft", "--model", args["model"], "--data", args["data"], "--out", args["out"], "--eval_fraction", "0",
-               "--train.max_steps", str(args["steps"]), "--train.batch_size", "8", "--max_length", "64",
+    loop.Logger.rewind, loop.Checkpoints.at_end = rewind_then_reset, read_then_end
+    rc = main([*args["command"], "--out", args["out"], "--train.max_steps", str(args["steps"]),
                "--train.tensorboard", "false", "--train.fsdp", args["fsdp"], "--train.deepspeed", args["deepspeed"]])
     assert rc == 0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 Path(args["out"], f"peak-{os.environ.get('RANK', '0')}.json").write_text(json.dumps([steps_peak, peak]))
 """
 
-MODES = {  # name → (train.fsdp, train.deepspeed)
+MODES = {  # name → (train.fsdp, train.deepspeed); PPO: the first three
     "replicas": ("off", "off"), "fsdp shard_grad_op": ("shard_grad_op", "off"),
     "fsdp full_shard": ("full_shard", "off"),
     "zero1": ("off", "zero1"), "zero2": ("off", "zero2"), "zero3": ("off", "zero3"),
@@ -113,11 +115,14 @@ def peak_rss_mb(args: dict, out: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trainer", choices=("sft", "ppo", "ppo-shared"), default="sft")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
+    parser.add_argument("--modes", default="", help=f"comma-separated, of: {', '.join(MODES)} (default: all the "
+                        "trainer runs)")
     a = parser.parse_args()
+    modes = a.modes.split(",") if a.modes else list(MODES)[:3] if a.trainer.startswith("ppo") else list(MODES)
 
     from rlhfkit.data.tasks import describe
     from rlhfkit.models.tiny import make_tiny_model
@@ -131,14 +136,29 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
-        common = {"model": str(model), "data": str(data["sft"]), "steps": a.steps}
-        print(f"full SFT, {params / 1e6:.1f}M parameters ({4 * params / 2**20:.0f} MB in float32), AdamW, 2 processes "
-              f"(gloo), {a.steps} steps; torch {torch.__version__}; peak RSS per process, mean of the 2")
+        if a.trainer == "sft":
+            command = ["sft", "--model", str(model), "--data", str(data["sft"]), "--eval_fraction", "0",
+                       "--train.batch_size", "8", "--max_length", "64"]
+            what = "full SFT"
+        else:  # a reward model to score with (and, separate, the critic to start from): one step of `rlhfkit rm`
+            from rlhfkit.cli import main as cli
+
+            assert cli(["rm", "--model", str(model), "--data", str(data["preference"]), "--out", str(root / "rm"),
+                        "--train.max_steps", "1", "--train.batch_size", "8", "--max_length", "64",
+                        "--train.tensorboard", "false"]) == 0
+            mode = "separate" if a.trainer == "ppo" else "shared"
+            command = ["ppo", "--mode", mode, "--model", str(model), "--reward_model", str(root / "rm"),
+                       "--prompts", str(data["prompts_train"]), "--rollout_batch_size", "8", "--mini_batch_size", "4",
+                       "--ppo_epochs", "1", "--generation.max_new_tokens", "16"]
+            what = f"PPO mode {mode}"
+        common = {"command": command, "steps": a.steps}
+        print(f"{what}, {params / 1e6:.1f}M parameters a model ({4 * params / 2**20:.0f} MB in float32), AdamW, 2 "
+              f"processes (gloo), {a.steps} steps; torch {torch.__version__}; peak RSS per process, mean of the 2")
         base, _ = peak_rss_mb({**common, "mode": "baseline"}, root / "baseline")
         print(f"{'mode':>20} {'steps peak MB':>14} {'above baseline':>15} {'/ replicas':>11} {'process peak MB':>16}")
         print(f"{'baseline':>20} {base:14.0f}")
         rows = {}
-        for name in a.modes.split(","):
+        for name in modes:
             fsdp, ds = MODES[name]
             run = {**common, "mode": "train", "fsdp": fsdp, "deepspeed": ds,
                    "settings": LIVE_SETTINGS if name.endswith("live 1e7") else None}

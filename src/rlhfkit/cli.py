@@ -126,7 +126,8 @@ def _load(model_cfg: ModelConfig):
 def cmd_generate(cfg: GenerateConfig) -> None:
     from rlhfkit.rollout.generate import generate
 
-    prompts = [p.replace("\\n", "\n") for p in cfg.prompt] or (_prompt_file(cfg.prompts, cfg.limit) if cfg.prompts else [])
+    prompts = ([p.replace("\\n", "\n") for p in cfg.prompt]
+               or (_prompt_file(cfg.prompts, cfg.limit) if cfg.prompts else []))
     if not prompts:
         raise ConfigError("nothing to answer: pass --prompt TEXT or --prompts FILE")
     model, tokenizer = _load(cfg.model)

@@ -20,14 +20,21 @@ chooses what to shard and keeps our data-parallel arithmetic (``rlhfkit.distribu
 * **Checkpoints and the final model hold full tensors** (``gather``), written by process 0 in the
   layout of a 1-process run: ``from_pretrained`` loads them, and a checkpoint resumes with any
   number of processes, sharded or not (``copy_full_``, ``shard_optimizer_state``).
+* **Rollouts and rank-0 evaluation** run on the policy's gathered weights (``gathered``): every unit
+  is all-gathered once before sampling and resharded after, so the decode loop, which reads the
+  weights itself, sees full tensors and makes no collective call per token, and each process may
+  sample a different number of tokens. The whole policy is held in each process while it samples
+  (as DeepSpeed-Chat's hybrid engine does), not while it learns.
 
 Chosen by ``train.fsdp`` or, with ``auto``, by the FSDP config of ``accelerate launch``
-(``ACCELERATE_USE_FSDP`` and ``FSDP_*`` in the environment). Supervised trainers only (SFT,
-reward model, DPO and its family); ``docs/distributed.md`` says why not PPO yet.
+(``ACCELERATE_USE_FSDP`` and ``FSDP_*`` in the environment). Every trainer: SFT, the reward
+model, DPO and its family, PPO (each of its roles' models: ``models.roles``), GRPO, RLOO and
+REINFORCE++.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable
 
@@ -41,6 +48,8 @@ MODES = ("off", "full_shard", "shard_grad_op")
 _FSDP1_STRATEGIES = {"FULL_SHARD": "full_shard", "SHARD_GRAD_OP": "shard_grad_op", "NO_SHARD": "off",
                      "HYBRID_SHARD": None, "HYBRID_SHARD_ZERO2": None}
 _FORWARD = "rlhfkit_forward"  # the method FSDP is told to treat as a forward (``run_as_forward``)
+_RESHARD = "rlhfkit_reshard_after_forward"  # what ``shard`` chose, restored after ``gathered``
+_gathered: set[int] = set()  # the models ``gathered`` holds whole now (ids): the same in every process
 
 
 def _launcher_mode() -> str:
@@ -79,6 +88,19 @@ def mode(setting: str = "auto") -> str:
     return setting
 
 
+def mode_for_rollouts(setting: str, **batches: int) -> str:
+    """``mode(setting)`` for a trainer that splits ``batches`` (name → rows) over the processes (PPO's
+    rollout batch and mini-batch, GRPO's prompts and mini-batch): 'off' with one process. Sharded, every
+    process joins every forward (they gather together), so each batch must give every process a share."""
+    world = distributed.world_size()
+    how = mode(setting) if world > 1 else "off"
+    for name, rows in batches.items():
+        if how != "off" and rows % world:
+            raise ConfigError(f"with FSDP ({how}) every process runs every forward (they gather together): "
+                              f"{name} {rows} must be divisible by the processes ({world})")
+    return how
+
+
 def is_sharded(model) -> bool:
     """Whether ``model`` was sharded by ``shard`` (FSDP2)."""
     if distributed.world_size() == 1:  # never sharded; spares importing FSDP in every forward of a 1-process run
@@ -88,6 +110,16 @@ def is_sharded(model) -> bool:
     except ImportError:  # torch < 2.6: nothing can be sharded
         return False
     return isinstance(model, FSDPModule)
+
+
+def collective(module) -> bool:
+    """Whether a forward of ``module`` (a sharded model, or a part of one holding its units) communicates, so
+    that every process must make the same forwards: not inside a ``gathered`` stretch, where nothing does."""
+    if distributed.world_size() == 1 or _gathered:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _unit_classes(model) -> set[str]:
@@ -125,6 +157,7 @@ def shard(model, how: str, what: str = "the model"):
             unit.set_force_sum_reduction_for_comms(True)
     setattr(model, _FORWARD, lambda fn, *args, **kwargs: fn(*args, **kwargs))
     register_fsdp_forward_method(model, _FORWARD)
+    setattr(model, _RESHARD, reshard)
     if distributed.is_main():
         held = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
@@ -141,7 +174,45 @@ def run_as_forward(model, fn: Callable, *args, **kwargs):
     return forward(fn, *args, **kwargs) if forward is not None else fn(*args, **kwargs)
 
 
-def _is_dtensor(value) -> bool:
+@contextlib.contextmanager
+def gathered(model):
+    """Every unit of a sharded ``model`` all-gathered for the stretch inside, and kept so by its forwards:
+    full weights in each process, for forwards that run outside FSDP's hooks (the rollout engine's
+    decode loop reads the weights itself) or on one process alone (process 0's evaluation), with no
+    collective call inside. Entering is collective: every process enters. Nothing happens for a model
+    that is not sharded or is gathered already. Forwards inside must not build a graph to back-propagate."""
+    if not is_sharded(model) or id(model) in _gathered:
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the same order in every process
+    with torch.no_grad():  # FSDP sets itself up in the root's first forward: make it one (``generate`` inside
+        run_as_forward(model, lambda: None)  # may call a wrapped model's own forward, not the root's)
+    model.set_reshard_after_forward(False)  # a forward inside would otherwise reshard its unit behind it
+    for unit in units:
+        unit.unshard()
+    _gathered.add(id(model))
+    try:
+        yield model
+    finally:
+        _gathered.discard(id(model))
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(getattr(model, _RESHARD, True))
+        model.set_reshard_after_forward(False, recurse=False)  # the root, as FSDP sets it: the backward needs it
+
+
+def updates_shards(optimizer) -> bool:
+    """Whether ``optimizer`` updates FSDP shards. Its parameters are the shards whatever the modules hold at
+    the moment (a unit's gathered weights stay between a forward and its reshard): saving then gathers,
+    which every process must join."""
+    return distributed.world_size() > 1 and any(is_shard(p) for group in optimizer.param_groups
+                                                for p in group["params"])
+
+
+def is_shard(value) -> bool:
+    """Whether ``value`` is an FSDP shard (a DTensor)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, DTensor)
@@ -155,7 +226,7 @@ def gather(obj: Any) -> Any:
         return {k: gather(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(gather(v) for v in obj)
-    if isinstance(obj, torch.Tensor) and _is_dtensor(obj):
+    if isinstance(obj, torch.Tensor) and is_shard(obj):
         full = obj.full_tensor()
         return full.detach().cpu() if distributed.is_main() else None
     return obj
@@ -174,12 +245,28 @@ def full_state_dict(model) -> dict[str, torch.Tensor] | None:
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A (possibly sharded) tensor's full value, e.g. a gradient norm over shards."""
-    return t.full_tensor() if distributed.world_size() > 1 and _is_dtensor(t) else t
+    return t.full_tensor() if distributed.world_size() > 1 and is_shard(t) else t
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` over ``params``, sharded or whole or both (PPO's critic: a sharded
+    adapter beside a value head kept whole, which PyTorch will not take in one call): the gradients scaled by
+    min(1, max_norm / (norm + 1e-6)), as PyTorch scales them; returns the norm before, over every shard."""
+    groups = [[p for p in params if is_shard(p)], [p for p in params if not is_shard(p)]]
+    if distributed.world_size() == 1 or not all(groups):  # one kind: PyTorch's own
+        return float(full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    norms = [float(full_value(torch.nn.utils.clip_grad_norm_(group, float("inf")))) for group in groups]
+    total = (norms[0] ** 2 + norms[1] ** 2) ** 0.5  # a NaN or inf stays one
+    scale = min(1.0, max_norm / (total + 1e-6))
+    if scale < 1.0:
+        for group in groups:
+            torch._foreach_mul_([p.grad for p in group], scale)
+    return total
 
 
 def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Full ``value`` laid out as ``param`` is: this process's shard of it when ``param`` is sharded."""
-    if distributed.world_size() == 1 or not _is_dtensor(param):  # one process shards nothing
+    if distributed.world_size() == 1 or not is_shard(param):  # one process shards nothing
         return value
     from torch.distributed.tensor import distribute_tensor
 
@@ -199,7 +286,7 @@ def shard_optimizer_state(optimizer, state: dict) -> dict:
     of a parameter's shape cut to this process's shard of that parameter, ready for
     ``optimizer.load_state_dict``. Unchanged when no parameter is sharded."""
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state ids count in this order
-    if distributed.world_size() == 1 or not any(_is_dtensor(p) for p in params):
+    if distributed.world_size() == 1 or not any(is_shard(p) for p in params):
         return state
     per_param = {}
     for i, entries in state["state"].items():

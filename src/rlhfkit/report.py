@@ -13,7 +13,8 @@ import json
 import math
 from pathlib import Path
 
-STAGE_ORDER = ("sft", "rm", "sft_chosen", "best_of_4", "ppo", "dpo", "orpo", "simpo", "kto")  # pipeline order: baselines, then methods
+# pipeline order: baselines, then methods
+STAGE_ORDER = ("sft", "rm", "sft_chosen", "best_of_4", "ppo", "dpo", "orpo", "simpo", "kto")
 SIDE_BY_SIDE = ("sft", "ppo", "dpo")
 LOSS_KEYS = ("train/loss", "eval/loss", "loss/policy", "loss/value")
 ABOUT = {"sft": "supervised fine-tuning on demonstrations (the starting point)",

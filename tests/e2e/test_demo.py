@@ -23,11 +23,13 @@ def test_demo_script_sft_mid_scale_and_reward_model_accurate(tmp_path):
     # SFT imitates demonstrations of mixed quality: mid-scale, well short of the ceiling of 1
     assert 0.45 < result["gold_reward_mean"] < 0.75, result["gold_reward_mean"]
     assert result["eos_rate"] > 0.95
-    legible = [s for s in result["samples"] if re.fullmatch(r" (The|I think the|This) [a-z]+ is [a-z, ]+\.", s["completion"])]
+    legible = [s for s in result["samples"]
+               if re.fullmatch(r" (The|I think the|This) [a-z]+ is [a-z, ]+\.", s["completion"])]
     assert len(legible) / len(result["samples"]) > 0.8
     # the resolved config sits beside the model, and the logs can be plotted
     assert (tmp_path / "sft" / "rlhfkit_config.yaml").is_file()
-    losses = [json.loads(line).get("train/loss") for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line).get("train/loss") for line in lines]
     losses = [v for v in losses if v is not None]
     assert losses[-1] < 0.5 * losses[0]
     # the reward model ranks held-out pairs well above chance, below the ceiling the label noise allows

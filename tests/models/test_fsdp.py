@@ -2,6 +2,7 @@
 example accelerate config launches, checkpoints cross process counts, and what is not supported
 says so."""
 
+import json
 import os
 import socket
 import subprocess
@@ -59,22 +60,27 @@ def test_unsupported_fsdp_options_are_refused_naming_the_fix(launcher_env, env, 
         fsdp.mode("auto")
 
 
-@pytest.mark.parametrize("engine, option, launch, printed", [
-    ("fsdp", "full_shard", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, r"FSDP sharding \(full_shard"),
-    ("deepspeed", "zero2", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
-     r"DeepSpeed \(zero3"),
-])
 @pytest.mark.parametrize("command", ["ppo", "grpo"])
-def test_rollout_trainers_refuse_sharding_saying_what_is_supported(launcher_env, command, tmp_path, engine, option,
-                                                                   launch, printed):
+def test_rollout_trainers_refuse_deepspeed_naming_fsdp(launcher_env, command, tmp_path, tiny_model_dir):
     make_cls = COMMANDS[command][0]
     cls = make_cls if isinstance(make_cls, type) else make_cls()
-    cfg = parse_args(cls, [f"--train.{engine}", option, "--train.out", str(tmp_path)])
-    with pytest.raises(ConfigError, match=f"supported for sft, rm, dpo, orpo, simpo and kto, not .*train.{engine} off"):
+    cfg = parse_args(cls, ["--train.deepspeed", "zero2", "--train.out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="supported for sft, rm, dpo, orpo, simpo and kto, not .*train.fsdp full_sh"):
         start_run(cfg)
-    launcher_env(**launch)  # the same from an accelerate FSDP or DeepSpeed config
-    with pytest.raises(ConfigError, match=printed):
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")  # the same from a launch
+    with pytest.raises(ConfigError, match=r"DeepSpeed \(zero3"):
         start_run(parse_args(cls, ["--train.out", str(tmp_path)]))
+    launcher_env(ACCELERATE_USE_DEEPSPEED="false", ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    start_run(parse_args(cls, ["--model.path", tiny_model_dir("llama"), "--train.out", str(tmp_path)]))  # FSDP: yes
+
+
+def test_rollout_batches_must_give_every_sharded_process_a_share(monkeypatch):
+    assert fsdp.mode_for_rollouts("full_shard", rollout_batch_size=6) == "off"  # one process: nothing to split
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert fsdp.mode_for_rollouts("shard_grad_op", rollout_batch_size=8, mini_batch_size=4) == "shard_grad_op"
+    assert fsdp.mode_for_rollouts("off", rollout_batch_size=6) == "off"  # replicas take uneven shares
+    with pytest.raises(ConfigError, match=r"mini_batch_size 6 must be divisible by the processes \(4\)"):
+        fsdp.mode_for_rollouts("full_shard", rollout_batch_size=8, mini_batch_size=6)
 
 
 def test_sharding_needs_equal_micro_batches_on_every_process(monkeypatch):
@@ -107,7 +113,8 @@ def _launch(launcher: str, args: list[str], out: Path) -> str:
             start = ["accelerate.commands.launch", "--config_file", str(ACCELERATE / launcher), "--num_processes",
                      "2", "--main_process_port", _free_port()]
         result = subprocess.run([sys.executable, "-m", *start, "-m", "rlhfkit.cli", *args, "--out", str(out)],
-                                capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
+                                capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
+                                timeout=300)  # a collective one process skips hangs the other: fail instead
         if not port_taken(result.stderr):
             break
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,11 +125,13 @@ def _one_process(args: list[str], out: Path) -> None:
     assert main([*args, "--out", str(out)]) == 0
 
 
-def _assert_same_weights(one: Path, two: Path, tol: float = 1e-5) -> dict[str, torch.Tensor]:
+def _assert_same_weights(one: Path, two: Path, tol: float = 1e-5, pattern: str = "*.safetensors"
+                         ) -> dict[str, torch.Tensor]:
     """The model (or adapter) saved in ``one`` and in ``two`` agree within ``tol`` (relative norm of the
-    difference, per tensor); returns ``one``'s tensors."""
-    first, second = ({k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-                     for out in (one, two))
+    difference, per tensor); returns ``one``'s tensors. ``pattern``: which files (``**/*.safetensors``: the
+    critic's too)."""
+    first, second = ({f"{f.relative_to(out)}:{k}": v for f in sorted(out.glob(pattern)) if "checkpoints" not in f.parts
+                      for k, v in load_file(str(f)).items()} for out in (one, two))
     assert first and first.keys() == second.keys()
     worst = max((((second[k] - v).norm() / v.norm().clamp(min=1e-12)).item(), k) for k, v in first.items())
     assert worst[0] <= tol, worst
@@ -185,3 +194,99 @@ def test_lora_dpo_sharded_by_train_fsdp_equals_one_process(tiny_model_dir, task_
     assert "fsdp full_shard" in _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
     one = _assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # the adapters really trained
+
+
+# --------------------------------------------------------------------------- PPO and the online methods sharded
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(tiny_model_dir, task_dir, tmp_path_factory):
+    """A reward model whose scores spread (see test_distributed's), and prompts that repeat: a process whose
+    rows repeat a prompt would share its prefix in one more forward than one whose rows do not, so the
+    processes must agree on it (a sharded forward is collective)."""
+    root = tmp_path_factory.mktemp("ppo-setup")
+    _one_process(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+                  "--train.max_steps", "2", "--train.batch_size", "8", "--optim.lr", "1e-3",
+                  "--train.tensorboard", "false"], root / "rm")
+    rows = (task_dir / "prompts_train.jsonl").read_text().splitlines()[:5]
+    (root / "prompts.jsonl").write_text("\n".join(rows * 3) + "\n")
+    return root
+
+
+def _ppo_args(tiny_model_dir, setup: Path, lr: str, *extra: str) -> list[str]:
+    # clipping at 0.05 is active on every update: the critic's norm spans its sharded adapter and its whole head
+    return ["ppo", "--model", tiny_model_dir("llama"), "--reward_model", str(setup / "rm"),
+            "--prompts", str(setup / "prompts.jsonl"), "--train.max_steps", "3", "--rollout_batch_size", "8",
+            "--optim.lr", lr, "--optim.max_grad_norm", "0.05", "--generation.max_new_tokens", "8",
+            "--train.tensorboard", "false", *extra]
+
+
+def test_shared_ppo_sharded_equals_one_process_and_its_checkpoints_cross(tiny_model_dir, task_dir, ppo_setup,
+                                                                           tmp_path):
+    # one base, sharded: actor and critic adapters inside its units, the value head whole in each process; the
+    # rollouts sample with the gathered policy, the held-out evaluation runs on process 0 alone, gathered too
+    args = _ppo_args(tiny_model_dir, ppo_setup, "1e-2", "--mini_batch_size", "4", "--ppo_epochs", "2",
+                     "--task", "describe", "--eval_prompts", str(task_dir / "prompts_valid.jsonl"),
+                     "--train.save_every", "2")
+    _one_process(args, tmp_path / "one")
+    printed = _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
+    assert "fsdp full_shard over 2 processes (the shared base: actor, critic and reference)" in printed
+    weights = _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
+    assert "critic/value_head.safetensors:weight" in weights
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # the adapters really trained
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert all(r["grad_norm/actor"] > 0.05 for r in one if "grad_norm/actor" in r)  # so the clip was active
+    assert two[-1]["eval/gold"] == pytest.approx(one[-1]["eval/gold"], abs=1e-6)
+    # a sharded checkpoint resumes in one process, and a 1-process one sharded, to the same weights
+    _one_process([*args, "--train.resume", str(tmp_path / "two" / "checkpoints" / "step-2")], tmp_path / "back")
+    _assert_same_weights(tmp_path / "one", tmp_path / "back", pattern="**/*.safetensors")
+    _launch("torchrun", [*args, "--train.fsdp", "full_shard", "--train.resume",
+                         str(tmp_path / "one" / "checkpoints" / "step-2")], tmp_path / "forth")
+    _assert_same_weights(tmp_path / "one", tmp_path / "forth", pattern="**/*.safetensors")
+
+
+def test_separate_ppo_with_the_fsdp_grad_op_config_equals_one_process(tiny_model_dir, ppo_setup, tmp_path):
+    # full actor and critic (from the reward model) sharded, the frozen reference fully sharded; one update
+    # a step: the critic's learn forward gives GAE's values
+    args = _ppo_args(tiny_model_dir, ppo_setup, "1e-3", "--mode", "separate", "--mini_batch_size", "8",
+                     "--ppo_epochs", "1")
+    _one_process(args, tmp_path / "one")
+    printed = _launch("fsdp_grad_op.yaml", args, tmp_path / "two")
+    for role in ("the actor", "the critic"):
+        assert f"fsdp shard_grad_op over 2 processes ({role})" in printed
+    assert "fsdp full_shard over 2 processes (the frozen reference)" in printed
+    weights = _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
+    base = load_file(str(Path(tiny_model_dir("llama")) / "model.safetensors"))
+    assert any(not torch.equal(weights[f"model.safetensors:{k}"], v) for k, v in base.items())  # it trained
+
+
+@pytest.mark.parametrize("arch, backend, lr", [
+    ("llama", "auto", "1e-2"),  # our decode loop, which reads the gathered weights itself
+    # model.generate, whose forwards go through FSDP's hooks (and would sync per token); at lr 1e-2 replicas
+    # too end 1.8e-5 from one process on this GPT-2 (float noise through Adam), sharded 1.7e-6 from replicas
+    ("gpt2", "hf", "3e-3"),
+])
+def test_grpo_sharded_equals_one_process(tiny_model_dir, tmp_path, monkeypatch, arch, backend, lr):
+    from rlhfkit.data.tasks import arithmetic
+
+    arithmetic.write(tmp_path / "data")
+    (tmp_path / "length_reward.py").write_text(
+        "def length(prompts, completions, **columns):\n    return [len(c) / 20 for c in completions]\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the 1-process run imports it here
+    # groups of one prompt share its prefix in the learn forward; the k3 KL term runs the reference (adapter off)
+    args = ["grpo", "--model", tiny_model_dir(arch), "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"),
+            "--rewards", "length_reward:length", "--train.max_steps", "3", "--prompts_per_step", "4",
+            "--group_size", "4", "--mini_batch_size", "8", "--kl_coef", "0.1", "--optim.lr", lr,
+            "--generation.max_new_tokens", "8", "--generation.backend", backend, "--train.tensorboard", "false",
+            "--eval_prompts", str(tmp_path / "data" / "prompts_valid.jsonl"), "--train.eval_every", "2"]
+    _one_process(args, tmp_path / "one")
+    _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
+    weights = _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    evaluated = [(r["step"], r["eval/reward"]) for r in two if "eval/reward" in r]
+    assert [step for step, _ in evaluated] == [2, 3]  # mid-run (train.eval_every) and at the end
+    assert [v for _, v in evaluated] == pytest.approx([r["eval/reward"] for r in one if "eval/reward" in r], abs=1e-6)

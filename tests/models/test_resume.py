@@ -140,7 +140,8 @@ def _ppo_cmd(model, reward, task_dir, out, *extra):
 
 
 def _grpo_cmd(model, data, out, *extra):
-    return [sys.executable, "-m", "rlhfkit.cli", "grpo", "--model", model, "--prompts", str(data / "prompts_train.jsonl"),
+    return [sys.executable, "-m", "rlhfkit.cli", "grpo", "--model", model,
+            "--prompts", str(data / "prompts_train.jsonl"),
             "--rewards", "rlhfkit.data.tasks.arithmetic:answer_format,rlhfkit.data.tasks.arithmetic:exact_answer",
             "--out", str(out), "--train.max_steps", "8", "--prompts_per_step", "4", "--group_size", "4",
             "--mini_batch_size", "8", "--epochs", "2", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit import distributed
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.fsdp import run_as_forward
-from rlhfkit.ops import (cache_keyword, cache_of, distinct_rows, position_ids_from_mask, shifted_logprobs,
-                         token_logprobs)
+from rlhfkit.fsdp import collective, run_as_forward
+from rlhfkit.ops import cache_keyword, cache_of, distinct_rows, position_ids_from_mask, shifted_logprobs, token_logprobs
 
 # config fields under which a model changes its logits after the output head (softcapping, scaling):
 # such models keep the full forward, whose code applies them
@@ -64,10 +64,13 @@ def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch
     None when every prefix is distinct or the module cannot run on a cache here (gradient
     checkpointing turns the cache off; an architecture without ``past_key_values``): run it whole.
     """
-    if not 1 <= width < input_ids.shape[1] or _checkpointing(module):
-        return None
-    first, inverse = distinct_rows(input_ids[:, :width], attention_mask[:, :width])
-    if len(first) == input_ids.shape[0]:
+    shares = 1 <= width < input_ids.shape[1] and not _checkpointing(module)
+    if shares:
+        first, inverse = distinct_rows(input_ids[:, :width], attention_mask[:, :width])
+        shares = len(first) < input_ids.shape[0]
+    if collective(module):  # a sharded forward: every process makes the same forwards, so all share or none does
+        shares = distributed.all_sum([float(not shares)], input_ids.device)[0] == 0
+    if not shares:
         return None
     positions = position_ids_from_mask(attention_mask)
     try:

@@ -8,7 +8,7 @@
   full critic (backbone + value head), actor and critic fully trained.
 
 Trainers see one interface: ``actor_logprobs``, ``critic_values``, ``with roles.reference():``,
-``actor_parameters``/``critic_parameters``, ``generation_model`` and ``save``. Batches are
+``actor_parameters``/``critic_parameters``, ``generation_model``, ``shard`` and ``save``. Batches are
 ``rlhfkit.models.forward.join_prompt_response`` layouts. Shapes: B, A (response), H hidden.
 """
 
@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhfkit import distributed
+from rlhfkit import distributed, fsdp
 from rlhfkit.config import LoraConfig, ModelConfig
+from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, peft_lora_config, save_model
-from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.reward import NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone
 from rlhfkit.ops import position_ids_from_mask
 
@@ -34,7 +34,19 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Last-layer hidden states of the backbone (no LM head): (B, T, H)."""
+    """Last-layer hidden states of the backbone (no LM head): (B, T, H). A forward of ``model``
+    (``fsdp.run_as_forward``), so a sharded model gathers the weights the backbone reads."""
+    return fsdp.run_as_forward(model, _backbone_states, model, batch)
+
+
+def critic_values_of(model, head: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """V_t of ``model``'s backbone through the value ``head``: (B, A), as one forward of ``model``,
+    so a head that is part of a sharded model (the critic's ``score``) is gathered for it too."""
+    width = batch["action_mask"].shape[1]  # a copy, not a view, leaves the forward: FSDP warns of views
+    return fsdp.run_as_forward(model, lambda: values_at_actions(_backbone_states(model, batch), head, width).clone())
+
+
+def _backbone_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
     return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -77,11 +89,22 @@ class SharedBaseRoles:
             hidden = base.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1).to(device)
             nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
-        self._actor = [p for n, p in self.model.named_parameters() if ".default." in n]
-        self._critic = [p for n, p in self.model.named_parameters() if ".critic." in n]
-        self._layers, self._reward = adapter_layers(self.model), []
-        self._active: str | None = None
+        self._layers, self._active = adapter_layers(self.model), None
+        self._find_parameters()
         self._use("default")  # also marks the critic adapter trainable, which peft leaves frozen on add
+
+    def _find_parameters(self) -> None:
+        """Each adapter's parameters, by name (found again once sharding has replaced them)."""
+        named = list(self.model.named_parameters())
+        self._actor, self._critic, self._reward = ([p for n, p in named if f".{a}." in n]
+                                                   for a in ("default", "critic", "reward"))
+
+    def shard(self, how: str) -> None:
+        """Shard the base with its adapters over the processes (``rlhfkit.fsdp``, ``how``: full_shard or
+        shard_grad_op); the value and reward heads, a few thousand weights, stay whole in each. After
+        ``add_reward_adapter``, before the optimisers are built. Nothing with one process or 'off'."""
+        fsdp.shard(self.model, how, what="the shared base: actor, critic and reference")
+        self._find_parameters()
 
     def add_reward_adapter(self, path: str, base_path: str) -> None:
         """The reward model as a third adapter on the shared base (DESIGN.md §2, seed 000).
@@ -106,7 +129,7 @@ class SharedBaseRoles:
         norm = Path(path) / NORMALIZATION_FILE
         self.reward_stats = json.loads(norm.read_text()) if norm.is_file() else {"mean": 0.0, "std": 1.0}
         self._layers, self._active = adapter_layers(self.model), None
-        self._reward = [p for n, p in self.model.named_parameters() if ".reward." in n]
+        self._find_parameters()
         self._use("default")
 
     def reward_scores(self, tokenizer, prompts: list, responses: list[str], max_length: int = 512) -> torch.Tensor:
@@ -146,10 +169,13 @@ class SharedBaseRoles:
         self._trainable()
 
     def _trainable(self) -> None:
-        """peft makes the active adapter alone trainable: actor and critic both keep training, the reward never."""
-        for p in self._actor + self._critic:
+        """peft makes the active adapter alone trainable: actor and critic both keep training, the reward never.
+        Sharded, the layers may hold FSDP's gathered copies of the adapters (between a forward and its reshard):
+        those are set too (the shards' flags reach a copy only when it is gathered again)."""
+        current = list(self.model.named_parameters()) if fsdp.is_sharded(self.model) else []
+        for p in self._actor + self._critic + [p for n, p in current if ".default." in n or ".critic." in n]:
             p.requires_grad_(True)
-        for p in self._reward:
+        for p in self._reward + [p for n, p in current if ".reward." in n]:
             p.requires_grad_(False)
 
     def actor_logprobs(self, batch, temperature: float = 1.0, with_logits: bool = False):
@@ -161,7 +187,7 @@ class SharedBaseRoles:
         if self.value_head is None:  # critic-free: a zero baseline
             return torch.zeros(batch["action_mask"].shape, device=batch["action_mask"].device)
         self._use("critic")
-        return values_at_actions(hidden_states(self.model, batch), self.value_head, batch["action_mask"].shape[1])
+        return critic_values_of(self.model, self.value_head, batch)
 
     @contextlib.contextmanager
     def reference(self):
@@ -235,8 +261,7 @@ class SeparateRoles:
                            keep=batch["action_mask"].shape[1], temperature=temperature, with_logits=with_logits)
 
     def critic_values(self, batch) -> torch.Tensor:
-        return values_at_actions(hidden_states(self.critic, batch), _hf_model(self.critic).score,
-                                 batch["action_mask"].shape[1])
+        return critic_values_of(self.critic, _hf_model(self.critic).score, batch)
 
     @contextlib.contextmanager
     def reference(self):
@@ -248,6 +273,16 @@ class SeparateRoles:
 
     def generation_model(self):
         return self.actor
+
+    def shard(self, how: str) -> None:
+        """Shard actor and critic over the processes (``rlhfkit.fsdp``, ``how``: full_shard or shard_grad_op),
+        the frozen reference always fully (nothing of it is kept for a backward). Before the optimisers are
+        built. Nothing with one process or 'off'."""
+        if how == "off":
+            return
+        fsdp.shard(self.actor, how, what="the actor")
+        fsdp.shard(self.ref, "full_shard", what="the frozen reference")
+        fsdp.shard(self.critic, how, what="the critic")
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())

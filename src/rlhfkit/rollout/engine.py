@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from rlhfkit import fsdp
 from rlhfkit.config import GenerationConfig
 from rlhfkit.data.collate import encode_prompt, pad_batch
 from rlhfkit.ops import cache_keyword, distinct_rows, has_hooks
@@ -453,8 +454,10 @@ def decode_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, unif
     if cfg.temperature > 0 or with_logprobs:
         sampler = _InverseCDF(uniforms.to(input_ids.device), input_ids.shape[1], cfg, record=with_logprobs)
         processors = LogitsProcessorList([sampler])
+    # each process decodes alone: a sharded policy samples gathered (``fsdp.gathered``), so nothing is synced per
+    # token (generate would, seeing FSDP, and hang a process-0 evaluation)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_cfg,
-                         logits_processor=processors)
+                         logits_processor=processors, synced_gpus=False)
     new = out[:, input_ids.shape[1]:]
     # the steps generate ran, one per column of new (A' ≤ A; none with A = 0)
     return (new, *stack_scores(sampler.scores, new)) if with_logprobs else new
@@ -537,8 +540,9 @@ class HFRolloutEngine:
         device = next(self.model.parameters()).device
         exact = (all(p.dtype == torch.float32 for p in self.model.parameters())  # adapters: fp32 on a bf16 base
                  and not torch.is_autocast_enabled(device.type))
-        return sample_prompts(self.model, self.tokenizer, prompts, seeds, self.cfg, self.backend,
-                              logprobs=logprobs and exact)
+        with fsdp.gathered(self.model):  # a sharded policy samples with its full weights (every process enters)
+            return sample_prompts(self.model, self.tokenizer, prompts, seeds, self.cfg, self.backend,
+                                  logprobs=logprobs and exact)
 
     def update_weights(self, model_or_state) -> None:
         """The policy module itself: nothing to do (it is shared). Another module: sample with it.

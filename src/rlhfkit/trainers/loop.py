@@ -64,10 +64,13 @@ def build_optimizer(params, cfg: OptimConfig, num_steps: int):
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: is everything frozen?")
-    # the fused kernel updates every tensor in one pass (CPU and CUDA): ~10× less optimiser time on a CPU
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    # the fused kernel updates every tensor in one pass (CPU and CUDA): ~10× less optimiser time on a CPU.
+    # Sharded and whole tensors together (PPO's sharded critic adapter and its value head) go one at a time:
+    # the multi-tensor kernels take one kind only
+    mixed = distributed.world_size() > 1 and len({fsdp.is_shard(p) for p in params}) > 1
+    fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  fused=fused)
+                                  fused=fused, foreach=False if mixed else None)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -87,13 +90,19 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
     are cleared and the schedule stays where it was, so the caller can stop or skip cleanly.
     """
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    norm = float(fsdp.full_value(norm))  # over every shard when the model is sharded
+    norm = fsdp.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))  # over every shard
     if math.isfinite(norm):
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], model) -> dict[str, float]:
+    """``evaluate(model)`` on process 0, {} on the others. Every process calls it: a sharded ``model``
+    is gathered by all of them around process 0's evaluation (``fsdp.gathered``)."""
+    with fsdp.gathered(model):
+        return evaluate(model) if distributed.is_main() else {}
 
 
 class NonFinite:
@@ -185,19 +194,21 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     tensor of ``model.named_parameters()``, the optimisers and schedulers, RNG states, the
     step and any ``extra`` state. Only the newest ``keep`` checkpoints are kept.
 
-    A sharded model (``rlhfkit.fsdp``) or one DeepSpeed partitions (``rlhfkit.zero``) and its optimiser
-    state are gathered into full tensors first, by every process (call this on all of them); process 0
-    writes what a 1-process run writes.
+    A sharded model (``rlhfkit.fsdp``; or PPO's roles, whose models are) or one DeepSpeed partitions
+    (``rlhfkit.zero``) and its optimiser state are gathered into full tensors first, by every process
+    (call this on all of them; each calls ``save_weights`` too, which gathers); process 0 writes what a
+    1-process run writes.
     """
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    sharded, engine = fsdp.is_sharded(model), zero.engine_of(model)
+    sharded, engine = any(fsdp.updates_shards(opt) for opt, _ in optimizers.values()), zero.engine_of(model)
     params = dict(model.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     if sharded:  # collectives: every process gathers, process 0 keeps the full tensors
-        weights = fsdp.full_state_dict(model)
+        weights = fsdp.full_state_dict(model) if save_weights is None else None
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
-        trained = weights and {n: weights[n] for n in trainable}
+        trained = (weights and {n: weights[n] for n in trainable} if save_weights is None
+                   else fsdp.gather({n: params[n].detach() for n in trainable}))
     elif engine is not None:  # collectives too: DeepSpeed's partitions, as full tensors
         weights = zero.full_state_dict(model) if engine.stage == 3 else None  # stages 1-2 hold whole weights
         optimizer_states = {name: engine.optimizer_state() for name in optimizers}
@@ -205,14 +216,15 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     else:
         weights, optimizer_states = None, {name: opt.state_dict() for name, (opt, _) in optimizers.items()}
         trained = {n: params[n].detach().clone() for n in trainable}
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if save_weights is not None and (sharded or distributed.is_main()):
+        save_weights(tmp)  # sharded: every process gathers, process 0 writes
     if not distributed.is_main():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if save_weights is not None:
-        save_weights(tmp)
-    else:
+    if save_weights is None:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
     # the trainable tensors by name as well: restoring them needs no knowledge of how the
     # model (full, LoRA, score or value head) was saved above
@@ -258,7 +270,12 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
     for name, value in state["trainable"].items():
         fsdp.copy_full_(params[name], value)
     for name, (opt, sched) in optimizers.items():
-        opt.load_state_dict(fsdp.shard_optimizer_state(opt, state["optimizers"][name]["optimizer"]))
+        saved = fsdp.shard_optimizer_state(opt, state["optimizers"][name]["optimizer"])
+        # how this run's AdamW steps (fused, or one tensor at a time: ``build_optimizer``) is its own choice,
+        # whatever the run that saved it chose
+        kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in opt.param_groups]
+        opt.load_state_dict({**saved, "param_groups": [{**group, **kernel} for group, kernel
+                                                       in zip(saved["param_groups"], kernels)]})
         sched.load_state_dict(state["optimizers"][name]["scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
@@ -294,7 +311,8 @@ class Checkpoints:
 
     def save(self, step: int) -> Path:
         # rank 0 writes; the path is the same for every rank. A sharded model is gathered by all of them.
-        if not distributed.is_main() and not fsdp.is_sharded(self.model) and zero.engine_of(self.model) is None:
+        sharded = any(fsdp.updates_shards(opt) for opt, _ in self.optimizers.values())
+        if not distributed.is_main() and not sharded and zero.engine_of(self.model) is None:
             self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
             return self.last
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
@@ -525,22 +543,22 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     return out
 
 
-SHARDABLE = "sft, rm, dpo, orpo, simpo and kto"  # the trainers whose model ``run`` shards (fsdp, zero)
+ZERO_TRAINERS = "sft, rm, dpo, orpo, simpo and kto"  # the trainers whose model ``run`` hands DeepSpeed
 
 
-def start_run(cfg, can_shard: bool = False):
+def start_run(cfg, deepspeed: bool = False):
     """What every trainer does once its data is validated: the run directory (with the resolved
     config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer).
-    A trainer that cannot shard its model (``can_shard`` False) refuses an FSDP run here."""
+    A trainer whose models DeepSpeed cannot partition (``deepspeed`` False: PPO and the online
+    methods, which shard with FSDP) refuses a DeepSpeed run here."""
     from rlhfkit.models.load import load_tokenizer, resolve_device
 
-    for what, key, chosen in (("FSDP sharding", "fsdp", fsdp.mode(cfg.train.fsdp)),
-                              ("DeepSpeed", "deepspeed", zero.mode(cfg.train.deepspeed))):
-        if chosen != "off" and not can_shard:
-            raise ConfigError(f"{what} ({chosen}, from train.{key} or the accelerate config) is supported for "
-                              f"{SHARDABLE}, not for {type(cfg).__name__.removesuffix('Config')}: launch it with "
-                              f"replicas (examples/accelerate/ddp.yaml or torchrun, train.{key} off) and LoRA to fit "
-                              "the memory (docs/distributed.md)")
+    chosen = zero.mode(cfg.train.deepspeed)
+    if chosen != "off" and not deepspeed:
+        raise ConfigError(f"DeepSpeed ({chosen}, from train.deepspeed or the accelerate config) is supported for "
+                          f"{ZERO_TRAINERS}, not for {type(cfg).__name__.removesuffix('Config')}: shard it with FSDP "
+                          "(train.fsdp full_shard, or examples/accelerate/fsdp.yaml) and train.deepspeed off, or "
+                          "launch it with replicas (docs/distributed.md)")
     device = distributed.setup(resolve_device(cfg.train.device))
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)

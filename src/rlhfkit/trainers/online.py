@@ -23,22 +23,22 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhfkit import distributed
+from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
 from rlhfkit.models.roles import SharedBaseRoles
+from rlhfkit.ops import mean_of, mean_stderr
+from rlhfkit.progress import progress
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
-                                  optimizer_step, start_run)
-from rlhfkit.progress import progress
-from rlhfkit.ops import mean_of, mean_stderr
+                                  evaluate_on_main, optimizer_step, start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -266,9 +266,12 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     strategy = STRATEGIES[cfg.advantage]
     reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
     out, device, tokenizer = start_run(cfg)
+    sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, prompts_per_step=cfg.prompts_per_step,
+                                      mini_batch_size=cfg.mini_batch_size)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
     reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
     roles = SharedBaseRoles(cfg.model, cfg.lora, device, critic=False)
+    roles.shard(sharding)  # FSDP: the base and its adapter split over the processes (before the optimiser)
     steps = cfg.train.max_steps
     samples = cfg.prompts_per_step * cfg.group_size
     updates = steps * cfg.epochs * -(-samples // cfg.mini_batch_size)  # the schedule counts updates
@@ -287,8 +290,9 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     logger = Logger(out, cfg.train.tensorboard)
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
 
-    def evaluate() -> dict[str, float]:
-        return evaluate_rewards(roles.generation_model(), tokenizer, eval_rows, reward, cfg.generation, cfg.train.seed)
+    def evaluate() -> dict[str, float]:  # on process 0; a sharded policy gathered by every process around it
+        return evaluate_on_main(lambda model: evaluate_rewards(model, tokenizer, eval_rows, reward, cfg.generation,
+                                                               cfg.train.seed), roles.generation_model())
 
     metrics: dict[str, float] = {}
     try:
@@ -312,8 +316,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                                 "time/tokens_per_s": exp.attention_mask.sum().item() / seconds,
                                 "train/skipped_updates": nonfinite.skipped})
                 done = step + 1
-                if (eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps
-                        and distributed.is_main()):
+                if eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
                     metrics.update(evaluate())
                 if done % cfg.train.log_every == 0 or done == steps:
                     logger.log(done, metrics)
@@ -321,7 +324,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                                 **({"kl": f"{metrics['rollout/kl']:.2f}"} if "rollout/kl" in metrics else {}))
                 checkpoints.after_step(done, stop)
             checkpoints.at_end(steps)
-        if eval_rows and distributed.is_main():
+        if eval_rows:
             final = evaluate()
             logger.log(steps, final)
             metrics.update(final)

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhfkit import distributed
+from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import AdaptiveKLController, FixedKLController, gae, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
@@ -27,12 +27,12 @@ from rlhfkit.models.load import is_adapter_dir
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of
+from rlhfkit.progress import progress
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
-                                  optimizer_step, start_run)
-from rlhfkit.progress import progress
+                                  evaluate_on_main, optimizer_step, start_run)
 
 
 @dataclass
@@ -44,7 +44,8 @@ class PPOConfig:
                             "trained on the same base becomes a third adapter on it")
     mode: Literal["shared", "separate"] = arg("shared", "shared: one base + LoRA actor/critic, reference = "
                                               "adapters off; separate: full actor, reference and critic models")
-    critic_init: Literal["reward", "sft"] = arg("reward", "separate mode: critic starts from the reward model or the SFT model")
+    critic_init: Literal["reward", "sft"] = arg("reward", "separate mode: critic starts from the reward model or "
+                                                "the SFT model")
     rollout_batch_size: int = arg(64, "prompts sampled per rollout batch")
     rollouts_per_step: int = arg(1, "rollout batches collected into the buffer before learning")
     mini_batch_size: int = arg(16, "rollouts per optimiser step")
@@ -272,6 +273,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
     out, device, tokenizer = start_run(cfg)
+    sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, rollout_batch_size=cfg.rollout_batch_size,
+                                      mini_batch_size=cfg.mini_batch_size)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
     prompts = [r["prompt"] for r in rows]
     roles = build_roles(cfg, device)
@@ -279,7 +282,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         roles.add_reward_adapter(cfg.reward_model, cfg.model.path)  # the third adapter: no second model in memory
         score_fn = RewardAdapterScores(roles, tokenizer)  # scores the sampled ids themselves
     elif score_fn is None:
-        score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score
+        score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score  # whole in every process
+    roles.shard(sharding)  # FSDP: the roles' models split over the processes (before the optimisers see them)
     steps = cfg.train.max_steps
     buffer_size = cfg.rollout_batch_size * cfg.rollouts_per_step
     updates = steps * cfg.ppo_epochs * -(-buffer_size // cfg.mini_batch_size)  # the schedule counts updates
@@ -310,15 +314,14 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
                                    critic_opt, generator, nonfinite)
                 bar.set_postfix(score=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
                 done = step + 1
-                if (evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps
-                        and distributed.is_main()):
-                    metrics.update(evaluate(roles.generation_model(), tokenizer))
+                if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                    metrics.update(evaluate_on_main(lambda model: evaluate(model, tokenizer), roles.generation_model()))
                 if done % cfg.train.log_every == 0 or done == steps:
                     logger.log(done, metrics)
                 checkpoints.after_step(done, stop)
             checkpoints.at_end(steps)
-        if evaluate and distributed.is_main():
-            final = evaluate(roles.generation_model(), tokenizer)
+        if evaluate:
+            final = evaluate_on_main(lambda model: evaluate(model, tokenizer), roles.generation_model())
             logger.log(steps, final)
             metrics.update(final)
     finally:

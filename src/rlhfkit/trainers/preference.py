@@ -103,7 +103,8 @@ class KTOConfig(PreferenceConfig):
     """`rlhfkit kto`: Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired labelled data."""
 
     beta: float = arg(0.1, "scale of the implicit reward beta * log(pi / pi_ref)")
-    desirable_weight: float = arg(1.0, "lambda_D; with imbalanced data aim for lambda_D n_D / (lambda_U n_U) in [1, 4/3]")
+    desirable_weight: float = arg(1.0, "lambda_D; with imbalanced data aim for lambda_D n_D / (lambda_U n_U) "
+                                  "in [1, 4/3]")
     undesirable_weight: float = arg(1.0, "lambda_U, the weight of undesirable examples")
     reference: ReferenceKind = arg("model", _REFERENCE_HELP)
     ref_model: str = arg("", "reference model directory; empty = model.path")
@@ -392,7 +393,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     objective = OBJECTIVES[type(cfg)](cfg)
     rows = objective.read(cfg.data)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
-    out, device, tokenizer = start_run(cfg, can_shard=True)
+    out, device, tokenizer = start_run(cfg, deepspeed=True)
     policy = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, float32=cfg.model.dtype == "auto")
