@@ -84,6 +84,15 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds in any process (every process calls it; the identity with one)."""
+    if world_size() == 1:
+        return flag
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return all_sum([float(flag)], device)[0] > 0
+
+
 def mean_over_processes(records: list[dict[str, float]], device: torch.device) -> dict[str, float]:
     """Each metric averaged over ``records`` (those that have it), then over processes."""
     means = mean_of(records)

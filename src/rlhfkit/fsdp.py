@@ -94,8 +94,15 @@ def mode_for_rollouts(setting: str, **batches: int) -> str:
     process joins every forward (they gather together), so each batch must give every process a share."""
     world = distributed.world_size()
     how = mode(setting) if world > 1 else "off"
+    if how == "off":
+        return how
+    from torch.distributed.fsdp import FSDPModule
+
+    if not hasattr(FSDPModule, "set_reshard_after_forward"):  # ``gathered`` needs it: torch 2.8 and later
+        raise ConfigError(f"sharded rollouts need torch >= 2.8 (this is {torch.__version__}): pip install -U torch, "
+                          "or set train.fsdp off (replicas)")
     for name, rows in batches.items():
-        if how != "off" and rows % world:
+        if rows % world:
             raise ConfigError(f"with FSDP ({how}) every process runs every forward (they gather together): "
                               f"{name} {rows} must be divisible by the processes ({world})")
     return how
@@ -197,10 +204,21 @@ def gathered(model):
         yield model
     finally:
         _gathered.discard(id(model))
-        for unit in units:
+        release(model)
+        model.set_reshard_after_forward(getattr(model, _RESHARD, True))  # as ``shard`` chose
+
+
+def release(model) -> None:
+    """Reshard every unit of a sharded ``model`` now (nothing otherwise): what ``shard_grad_op``, and the root
+    unit, keep gathered after a forward that no backward follows (PPO's experience passes, a learn pass
+    stopped early), so that the whole model is not held through what comes next. Local: no communication."""
+    if not is_sharded(model):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
             unit.reshard()
-        model.set_reshard_after_forward(getattr(model, _RESHARD, True))
-        model.set_reshard_after_forward(False, recurse=False)  # the root, as FSDP sets it: the backward needs it
 
 
 def updates_shards(optimizer) -> bool:
@@ -255,7 +273,7 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
     groups = [[p for p in params if is_shard(p)], [p for p in params if not is_shard(p)]]
     if distributed.world_size() == 1 or not all(groups):  # one kind: PyTorch's own
         return float(full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-    norms = [float(full_value(torch.nn.utils.clip_grad_norm_(group, float("inf")))) for group in groups]
+    norms = [float(full_value(torch.nn.utils.get_total_norm([p.grad for p in group]))) for group in groups]
     total = (norms[0] ** 2 + norms[1] ** 2) ** 0.5  # a NaN or inf stays one
     scale = min(1.0, max_norm / (total + 1e-6))
     if scale < 1.0:

@@ -8,7 +8,7 @@
   full critic (backbone + value head), actor and critic fully trained.
 
 Trainers see one interface: ``actor_logprobs``, ``critic_values``, ``with roles.reference():``,
-``actor_parameters``/``critic_parameters``, ``generation_model``, ``shard`` and ``save``. Batches are
+``actor_parameters``/``critic_parameters``, ``generation_model``, ``shard``/``release`` and ``save``. Batches are
 ``rlhfkit.models.forward.join_prompt_response`` layouts. Shapes: B, A (response), H hidden.
 """
 
@@ -105,6 +105,10 @@ class SharedBaseRoles:
         ``add_reward_adapter``, before the optimisers are built. Nothing with one process or 'off'."""
         fsdp.shard(self.model, how, what="the shared base: actor, critic and reference")
         self._find_parameters()
+
+    def release(self) -> None:
+        """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""
+        fsdp.release(self.model)
 
     def add_reward_adapter(self, path: str, base_path: str) -> None:
         """The reward model as a third adapter on the shared base (DESIGN.md §2, seed 000).
@@ -283,6 +287,11 @@ class SeparateRoles:
         fsdp.shard(self.actor, how, what="the actor")
         fsdp.shard(self.ref, "full_shard", what="the frozen reference")
         fsdp.shard(self.critic, how, what="the critic")
+
+    def release(self) -> None:
+        """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""
+        for model in (self.actor, self.ref, self.critic):
+            fsdp.release(model)
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())

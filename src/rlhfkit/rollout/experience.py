@@ -160,6 +160,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     score_ids = getattr(score_fn, "score_ids", None)  # a scorer on the actor's tokenizer: the sampled ids
     scores = (score_ids(gens.prompt_ids, gens.completion_ids) if score_ids else score_fn(prompts, gens.texts))
     scores = scores.to(device).float()
+    roles.release()  # sharded models: no backward follows these passes (a reward adapter's too) to reshard them
     has_eos = torch.tensor(gens.has_eos, device=device)
     if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
         scores = torch.where(has_eos, scores, scores + missing_eos_penalty)

@@ -329,13 +329,15 @@ class Checkpoints:
             self.finish(step)
 
     def after_step(self, step: int, stop: "StopRequest") -> None:
-        """Save when due; after SIGINT/SIGTERM, save and exit saying how to resume."""
+        """Save when due; after SIGINT/SIGTERM, save and exit saying how to resume. Processes that saw the
+        signal at different steps stop together, after the same one (saving a sharded model is collective)."""
+        stopping = distributed.any_process(stop.signal is not None)
         if self.cfg.save_every and step % self.cfg.save_every == 0:
             self.save(step)
-        if stop.signal is not None:
+        if stopping:
             path = self.finish(step)
-            raise SystemExit(f"stopped by signal {stop.signal} after step {step}; checkpoint {path}. "
-                             f"Resume with the same command and --train.resume latest")
+            raise SystemExit(f"stopped by signal {stop.signal or 'in another process'} after step {step}; "
+                             f"checkpoint {path}. Resume with the same command and --train.resume latest")
 
 
 class StopRequest:

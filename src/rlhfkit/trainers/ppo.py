@@ -116,6 +116,7 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
             moved = distributed.all_sum([float(pg_stats["approx_kl"]) * share], pg_loss.device)[0]
             if moved > 1.5 * cfg.target_kl:
                 stopped = True
+                roles.release()  # sharded: this forward's gathered weights wait for no backward
                 break
         (pg_loss * share).backward()
         with roles.amp():
@@ -185,6 +186,7 @@ def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, ac
             and nonfinite.ok("critic gradient norm", critic_norm, step)):
         return None
     stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "grad_norm/actor": grad_norm,
+             "grad_norm/critic": critic_norm,
              **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
              **{f"value/{k}": float(v) for k, v in vf_stats.items()}}
     # token means over this shard, weighted by its share: summed, those of the mini-batch (the norm is global)
