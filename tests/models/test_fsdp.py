@@ -234,6 +234,7 @@ def test_shared_ppo_sharded_equals_one_process_and_its_checkpoints_cross(tiny_mo
     _one_process(args, tmp_path / "one")
     printed = _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
     assert "fsdp full_shard over 2 processes (the shared base: actor, critic and reference)" in printed
+    assert "replicas (train.fsdp off) use less memory" in printed  # what sharding a shared base costs, said
     weights = _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
     assert "critic/value_head.safetensors:weight" in weights
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # the adapters really trained

@@ -105,6 +105,10 @@ class SharedBaseRoles:
         ``add_reward_adapter``, before the optimisers are built. Nothing with one process or 'off'."""
         fsdp.shard(self.model, how, what="the shared base: actor, critic and reference")
         self._find_parameters()
+        if fsdp.is_sharded(self.model) and distributed.is_main():
+            print("note: the policy samples with the whole base gathered, so a process holds its shard and the whole "
+                  "base at the peak, more than a replica holds: with LoRA on a shared base, replicas (train.fsdp off) "
+                  "use less memory (docs/distributed.md)")
 
     def release(self) -> None:
         """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""
