@@ -270,8 +270,9 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` over ``params``, sharded or whole or both (PPO's critic: a sharded
     adapter beside a value head kept whole, which PyTorch will not take in one call): the gradients scaled by
     min(1, max_norm / (norm + 1e-6)), as PyTorch scales them; returns the norm before, over every shard."""
-    groups = [[p for p in params if is_shard(p)], [p for p in params if not is_shard(p)]]
-    if distributed.world_size() == 1 or not all(groups):  # one kind: PyTorch's own
+    groups = [[p for p in params if is_shard(p)], [p for p in params if not is_shard(p)]] \
+        if distributed.world_size() > 1 else []
+    if not (groups and all(groups)):  # one kind: PyTorch's own
         return float(full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
     norms = [float(full_value(torch.nn.utils.get_total_norm([p.grad for p in group]))) for group in groups]
     total = (norms[0] ** 2 + norms[1] ** 2) ** 0.5  # a NaN or inf stays one
