@@ -250,15 +250,17 @@ def gather(obj: Any) -> Any:
     return obj
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor] | None:
+def full_state_dict(model, keys: set[str] | None = None) -> dict[str, torch.Tensor] | None:
     """``model.state_dict()`` with full tensors on the CPU, on process 0 (None on the others, which
-    must call it too). A weight held under two names (a head tied to the embeddings) is gathered
-    once and stays one tensor, so ``save_pretrained`` sees the tie as in a 1-process run."""
+    must call it too); ``keys``: those entries alone (what a peft adapter directory holds), the rest
+    not gathered. A weight held under two names (a head tied to the embeddings) is gathered once and
+    stays one tensor, so ``save_pretrained`` sees the tie as in a 1-process run."""
     first: dict[int, str] = {}
     alias = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
     state = model.state_dict()
-    full = gather({k: v for k, v in state.items() if alias.get(k, k) == k})
-    return {k: full[alias.get(k, k)] for k in state} if distributed.is_main() else None
+    wanted = list(state) if keys is None else [k for k in state if k in keys]
+    full = gather({k: state[k] for k in dict.fromkeys(alias.get(k, k) for k in wanted)})
+    return {k: full[alias.get(k, k)] for k in wanted} if distributed.is_main() else None
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:

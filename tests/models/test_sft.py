@@ -204,3 +204,27 @@ def test_an_adapter_trained_from_a_relative_path_loads_from_anywhere(tiny_model_
     monkeypatch.chdir(elsewhere)
     loaded = load_causal_lm(ModelConfig(path=str(tmp_path / "adapter")), torch.device("cpu"))
     assert loaded.config.vocab_size == model.config.vocab_size
+
+
+@pytest.mark.parametrize("targets, extra", [("all-linear", set()),
+                                            ("all-linear+head", {"base_model.model.lm_head.base_layer.weight"})])
+def test_saved_keys_are_what_the_adapter_directory_holds(tiny_model_dir, tmp_path, targets, extra):
+    # a sharded peft model gathers these alone to save (not the frozen base): they must be all save_pretrained writes
+    from safetensors.torch import load_file
+
+    from rlhfkit.config import LoraConfig
+    from rlhfkit.models.load import add_lora, saved_keys
+
+    model = add_lora(load_causal_lm(ModelConfig(path=tiny_model_dir("llama")), torch.device("cpu")),
+                     LoraConfig(enabled=True, r=4, target_modules=targets))
+    model.add_adapter("critic", model.peft_config["default"])  # every adapter is saved: PPO's critic too
+    keys = saved_keys(model)
+    assert keys and keys < set(model.state_dict())
+    assert {k for k in keys if ".lora_" not in k} == extra  # the tied head's base weight, saved with its adapter
+    assert {k for k in keys if ".critic." in k} and {k for k in keys if ".default." in k}
+    model.save_pretrained(tmp_path / "all", safe_serialization=True)
+    state = model.state_dict()
+    model.save_pretrained(tmp_path / "some", safe_serialization=True, state_dict={k: state[k] for k in keys})
+    for path in ("adapter_model.safetensors", "critic/adapter_model.safetensors"):
+        whole, some = load_file(str(tmp_path / "all" / path)), load_file(str(tmp_path / "some" / path))
+        assert whole.keys() == some.keys() and all(torch.equal(whole[k], some[k]) for k in whole)

@@ -147,13 +147,30 @@ def add_lora(model, cfg: LoraConfig, adapter_name: str = "default", task_type: s
     return model
 
 
+def saved_keys(model) -> set[str] | None:
+    """The state-dict entries a peft model's ``save_pretrained`` writes (every adapter's weights, and the
+    embedding layers an adapter on them brings), picked by peft's own selection from the tensors as they are,
+    nothing gathered; None for a model that is not peft's, or when peft's selection makes tensors of its own."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft.utils.save_and_load import get_peft_model_state_dict
+
+    state = model.state_dict()
+    source = {id(v): k for k, v in state.items()}
+    picked = [v for name in model.peft_config
+              for v in get_peft_model_state_dict(model, state_dict=state, adapter_name=name).values()]
+    return {source[id(v)] for v in picked} if all(id(v) in source for v in picked) else None
+
+
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     """Write a standard HF directory (safetensors): full weights, or the adapter for peft models.
-    In a multi-process run only rank 0 writes; a sharded or ZeRO-3 model is gathered by every process first."""
+    In a multi-process run only rank 0 writes; a sharded or ZeRO-3 model is gathered by every process first
+    (of a sharded peft model, what its adapter directory holds: not the frozen base)."""
     out = Path(out)
-    gather = (fsdp.full_state_dict if fsdp.is_sharded(model) else
-              zero.full_state_dict if zero.partitioned(model) else None)
-    full = {"state_dict": gather(model)} if gather else {}  # collectives: every process gathers
+    if fsdp.is_sharded(model):  # collectives: every process gathers
+        full = {"state_dict": fsdp.full_state_dict(model, saved_keys(model))}
+    else:
+        full = {"state_dict": zero.full_state_dict(model)} if zero.partitioned(model) else {}
     if not distributed.is_main():
         return out
     out.mkdir(parents=True, exist_ok=True)
