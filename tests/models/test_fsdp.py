@@ -130,8 +130,9 @@ def _assert_same_weights(one: Path, two: Path, tol: float = 1e-5, pattern: str =
     """The model (or adapter) saved in ``one`` and in ``two`` agree within ``tol`` (relative norm of the
     difference, per tensor); returns ``one``'s tensors. ``pattern``: which files (``**/*.safetensors``: the
     critic's too)."""
-    first, second = ({f"{f.relative_to(out)}:{k}": v for f in sorted(out.glob(pattern)) if "checkpoints" not in f.parts
-                      for k, v in load_file(str(f)).items()} for out in (one, two))
+    first, second = ({f"{f.relative_to(out)}:{k}": v for f in sorted(out.glob(pattern))
+                      if "checkpoints" not in f.relative_to(out).parts for k, v in load_file(str(f)).items()}
+                     for out in (one, two))
     assert first and first.keys() == second.keys()
     worst = max((((second[k] - v).norm() / v.norm().clamp(min=1e-12)).item(), k) for k, v in first.items())
     assert worst[0] <= tol, worst
@@ -189,11 +190,13 @@ def test_lora_dpo_sharded_by_train_fsdp_equals_one_process(tiny_model_dir, task_
     # the reference is the sharded policy with its adapters switched off
     args = ["dpo", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--beta", "0.5",
             "--lora.enabled", "true", "--lora.target_modules", "all-linear+head", "--reference", "adapter",
-            *TRAIN, "--train.max_steps", "4"]
+            *TRAIN, "--train.max_steps", "4", "--train.save_every", "3"]
     _one_process(args, tmp_path / "one")
     assert "fsdp full_shard" in _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
     one = _assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # the adapters really trained
+    # a checkpoint's adapter too (gathered alone, without the frozen base)
+    _assert_same_weights(tmp_path / "one" / "checkpoints" / "step-3", tmp_path / "two" / "checkpoints" / "step-3")
 
 
 # --------------------------------------------------------------------------- PPO and the online methods sharded

@@ -205,7 +205,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     params = dict(model.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     if sharded:  # collectives: every process gathers, process 0 keeps the full tensors
-        weights = fsdp.full_state_dict(model) if save_weights is None else None
+        from rlhfkit.models.load import saved_keys
+
+        keys = saved_keys(model) if save_weights is None else None  # a peft model's: its adapters, not the base
+        weights = fsdp.full_state_dict(model, keys and keys | set(trainable)) if save_weights is None else None
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
         trained = (weights and {n: weights[n] for n in trainable} if save_weights is None
                    else fsdp.gather({n: params[n].detach() for n in trainable}))
