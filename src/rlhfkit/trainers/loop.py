@@ -98,6 +98,38 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
     return norm
 
 
+def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[int], dict[str, float]],
+                  checkpoints: "Checkpoints", logger: "Logger", evaluate: Callable[[], dict[str, float]] | None = None,
+                  postfix: Callable[[dict[str, float]], dict[str, str]] = dict) -> dict[str, float]:
+    """The outer loop of PPO and the online methods: ``step_fn(step)`` (a step's metrics) for steps ``start`` to
+    ``cfg.max_steps``, then ``evaluate()`` (every process calls it) every ``cfg.eval_every`` steps and at the
+    end, the metrics logged every ``cfg.log_every`` steps, checkpoints when due, a clean stop on SIGINT /
+    SIGTERM, a progress bar (process 0) showing ``postfix(metrics)``. Rewinds, then closes, ``logger``.
+    Returns the last step's metrics with the final evaluation's."""
+    steps, metrics = cfg.max_steps, {}
+    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
+    try:
+        with StopRequest() as stop:
+            bar = progress(range(start, steps), desc, initial=start, total=steps, disable=not distributed.is_main())
+            for step in bar:
+                metrics = step_fn(step)
+                bar.set_postfix(**postfix(metrics))
+                done = step + 1
+                if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != steps:
+                    metrics.update(evaluate())
+                if done % cfg.log_every == 0 or done == steps:
+                    logger.log(done, metrics)
+                checkpoints.after_step(done, stop)
+            checkpoints.at_end(steps)
+        if evaluate:
+            final = evaluate()
+            logger.log(steps, final)
+            metrics.update(final)
+    finally:
+        logger.close()
+    return metrics
+
+
 def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], model) -> dict[str, float]:
     """``evaluate(model)`` on process 0, {} on the others. Every process calls it: a sharded ``model``
     is gathered by all of them around process 0's evaluation (``fsdp.gathered``)."""

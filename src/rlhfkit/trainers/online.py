@@ -31,14 +31,13 @@ from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
 from rlhfkit.models.roles import SharedBaseRoles
 from rlhfkit.ops import mean_of, mean_stderr
-from rlhfkit.progress import progress
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
-from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
-                                  evaluate_on_main, optimizer_step, start_run)
+from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, batch_indices, build_optimizer, evaluate_on_main,
+                                  optimizer_step, rollout_steps, start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -287,48 +286,32 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         generator.set_state(extra["generator"])
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
-    logger = Logger(out, cfg.train.tensorboard)
-    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
+
+    def step_fn(step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        # 1. experience: G samples per prompt, laid out group by group
+        batch_rows = [rows[i] for i in batch_indices(step, len(rows), cfg.prompts_per_step, cfg.train.seed)]
+        exp, metrics = rollout(roles, engine, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step)
+        # 2. advantages: the method's strategy, over the whole step's batch
+        exp.advantages = strategy.advantages(exp, cfg.group_size)
+        metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
+        # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
+        t1 = time.perf_counter()
+        metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator, nonfinite, step + 1))
+        engine.update_weights(roles.generation_model())  # a no-op for the HF engine (shared module)
+        seconds = time.perf_counter() - t0
+        metrics.update({"time/learn": time.perf_counter() - t1, "time/step": seconds,
+                        "time/tokens_per_s": exp.attention_mask.sum().item() / seconds,
+                        "train/skipped_updates": nonfinite.skipped})
+        return metrics
 
     def evaluate() -> dict[str, float]:  # on process 0; a sharded policy gathered by every process around it
         return evaluate_on_main(lambda model: evaluate_rewards(model, tokenizer, eval_rows, reward, cfg.generation,
                                                                cfg.train.seed), roles.generation_model())
 
-    metrics: dict[str, float] = {}
-    try:
-        with StopRequest() as stop:
-            bar = progress(range(start, steps), cfg.advantage, initial=start, total=steps)
-            for step in bar:
-                t0 = time.perf_counter()
-                # 1. experience: G samples per prompt, laid out group by group
-                batch_rows = [rows[i] for i in batch_indices(step, len(rows), cfg.prompts_per_step, cfg.train.seed)]
-                exp, metrics = rollout(roles, engine, tokenizer, batch_rows, reward, cfg,
-                                       seed=cfg.train.seed * 7919 + step)
-                # 2. advantages: the method's strategy, over the whole step's batch
-                exp.advantages = strategy.advantages(exp, cfg.group_size)
-                metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
-                # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
-                t1 = time.perf_counter()
-                metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator, nonfinite, step + 1))
-                engine.update_weights(roles.generation_model())  # a no-op for the HF engine (shared module)
-                seconds = time.perf_counter() - t0
-                metrics.update({"time/learn": time.perf_counter() - t1, "time/step": seconds,
-                                "time/tokens_per_s": exp.attention_mask.sum().item() / seconds,
-                                "train/skipped_updates": nonfinite.skipped})
-                done = step + 1
-                if eval_rows and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-                    metrics.update(evaluate())
-                if done % cfg.train.log_every == 0 or done == steps:
-                    logger.log(done, metrics)
-                bar.set_postfix(reward=f"{metrics['rollout/score']:.3f}",
-                                **({"kl": f"{metrics['rollout/kl']:.2f}"} if "rollout/kl" in metrics else {}))
-                checkpoints.after_step(done, stop)
-            checkpoints.at_end(steps)
-        if eval_rows:
-            final = evaluate()
-            logger.log(steps, final)
-            metrics.update(final)
-    finally:
-        logger.close()
+    metrics = rollout_steps(cfg.train, cfg.advantage, start, step_fn, checkpoints, Logger(out, cfg.train.tensorboard),
+                            evaluate if eval_rows else None,
+                            postfix=lambda m: {"reward": f"{m['rollout/score']:.3f}",
+                                               **({"kl": f"{m['rollout/kl']:.2f}"} if "rollout/kl" in m else {})})
     roles.save(out, tokenizer)
     return metrics

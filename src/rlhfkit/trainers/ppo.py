@@ -27,12 +27,11 @@ from rlhfkit.models.load import is_adapter_dir
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of
-from rlhfkit.progress import progress
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.rollout.sampling import prompt_seeds
-from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, StopRequest, batch_indices, build_optimizer,
-                                  evaluate_on_main, optimizer_step, start_run)
+from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, batch_indices, build_optimizer, evaluate_on_main,
+                                  optimizer_step, rollout_steps, start_run)
 
 
 @dataclass
@@ -305,28 +304,12 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         kl_ctl.load_state_dict(extra["kl_ctl"]), generator.set_state(extra["generator"])
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
-    logger = Logger(out, cfg.train.tensorboard)
-    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
-    metrics: dict[str, float] = {}
-    try:
-        with StopRequest() as stop:
-            bar = progress(range(start, steps), "ppo", initial=start, total=steps)
-            for step in bar:
-                metrics = ppo_step(step, roles, engine, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
-                                   critic_opt, generator, nonfinite)
-                bar.set_postfix(score=f"{metrics['rollout/score']:.3f}", kl=f"{metrics['rollout/kl']:.2f}")
-                done = step + 1
-                if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-                    metrics.update(evaluate_on_main(lambda model: evaluate(model, tokenizer), roles.generation_model()))
-                if done % cfg.train.log_every == 0 or done == steps:
-                    logger.log(done, metrics)
-                checkpoints.after_step(done, stop)
-            checkpoints.at_end(steps)
-        if evaluate:
-            final = evaluate_on_main(lambda model: evaluate(model, tokenizer), roles.generation_model())
-            logger.log(steps, final)
-            metrics.update(final)
-    finally:
-        logger.close()
+    metrics = rollout_steps(
+        cfg.train, "ppo", start, checkpoints=checkpoints, logger=Logger(out, cfg.train.tensorboard),
+        step_fn=lambda step: ppo_step(step, roles, engine, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
+                                      critic_opt, generator, nonfinite),
+        evaluate=evaluate and (lambda: evaluate_on_main(lambda model: evaluate(model, tokenizer),
+                                                        roles.generation_model())),
+        postfix=lambda m: {"score": f"{m['rollout/score']:.3f}", "kl": f"{m['rollout/kl']:.2f}"})
     roles.save(out, tokenizer)
     return metrics
