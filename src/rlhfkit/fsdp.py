@@ -96,11 +96,13 @@ def mode_for_rollouts(setting: str, **batches: int) -> str:
     how = mode(setting) if world > 1 else "off"
     if how == "off":
         return how
-    from torch.distributed.fsdp import FSDPModule
-
-    if not hasattr(FSDPModule, "set_reshard_after_forward"):  # ``gathered`` needs it: torch 2.8 and later
-        raise ConfigError(f"sharded rollouts need torch >= 2.8 (this is {torch.__version__}): pip install -U torch, "
-                          "or set train.fsdp off (replicas)")
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        FSDPModule = None
+    if not hasattr(FSDPModule, "set_reshard_after_forward"):  # ``gathered`` needs it (torch 2.8 has it)
+        raise ConfigError(f"sharded rollouts need FSDPModule.set_reshard_after_forward, which torch "
+                          f"{torch.__version__} lacks: pip install -U torch (2.8 or later), or set train.fsdp off")
     for name, rows in batches.items():
         if rows % world:
             raise ConfigError(f"with FSDP ({how}) every process runs every forward (they gather together): "

@@ -26,8 +26,19 @@ FSDP_ENV = ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD",
             "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
 
 
-# --------------------------------------------------------------------------- the mode and the clear errors
+def _sharded_rollouts() -> bool:
+    """Whether this torch's FSDP2 can gather a policy for its rollouts (``fsdp.gathered``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return hasattr(FSDPModule, "set_reshard_after_forward")
 
+
+needs_sharded_rollouts = pytest.mark.skipif(not _sharded_rollouts(), reason="sharded rollouts need torch >= 2.8")
+
+
+# --------------------------------------------------------------------------- the mode and the clear errors
 
 @pytest.mark.parametrize("env, expected", [
     ({}, "off"),
@@ -74,6 +85,7 @@ def test_rollout_trainers_refuse_deepspeed_naming_fsdp(launcher_env, command, tm
     start_run(parse_args(cls, ["--model.path", tiny_model_dir("llama"), "--train.out", str(tmp_path)]))  # FSDP: yes
 
 
+@needs_sharded_rollouts
 def test_rollout_batches_must_give_every_sharded_process_a_share(monkeypatch):
     assert fsdp.mode_for_rollouts("full_shard", rollout_batch_size=6) == "off"  # one process: nothing to split
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -227,6 +239,7 @@ def _ppo_args(tiny_model_dir, setup: Path, lr: str, *extra: str, reward: str = "
             "--train.tensorboard", "false", *extra]
 
 
+@needs_sharded_rollouts
 def test_shared_ppo_sharded_equals_one_process_and_its_checkpoints_cross(tiny_model_dir, task_dir, ppo_setup,
                                                                            tmp_path):
     # one base, sharded: actor and critic adapters inside its units, the value head whole in each process; the
@@ -254,6 +267,7 @@ def test_shared_ppo_sharded_equals_one_process_and_its_checkpoints_cross(tiny_mo
     _assert_same_weights(tmp_path / "one", tmp_path / "forth", pattern="**/*.safetensors")
 
 
+@needs_sharded_rollouts
 def test_shared_ppo_sharded_grad_op_with_a_reward_adapter_and_early_stops_equals_one_process(tiny_model_dir,
                                                                                             ppo_setup, tmp_path):
     # the reward as a third adapter on the sharded base; under shard_grad_op the experience passes leave the units
@@ -270,6 +284,7 @@ def test_shared_ppo_sharded_grad_op_with_a_reward_adapter_and_early_stops_equals
     assert [r["rollout/score"] for r in two] == pytest.approx([r["rollout/score"] for r in one], abs=1e-5)
 
 
+@needs_sharded_rollouts
 def test_separate_ppo_with_the_fsdp_grad_op_config_equals_one_process(tiny_model_dir, ppo_setup, tmp_path):
     # full actor and critic (from the reward model) sharded, the frozen reference fully sharded; one update
     # a step: the critic's learn forward gives GAE's values
@@ -285,6 +300,7 @@ def test_separate_ppo_with_the_fsdp_grad_op_config_equals_one_process(tiny_model
     assert any(not torch.equal(weights[f"model.safetensors:{k}"], v) for k, v in base.items())  # it trained
 
 
+@needs_sharded_rollouts
 @pytest.mark.parametrize("arch, backend, lr", [
     ("llama", "auto", "1e-2"),  # our decode loop, which reads the gathered weights itself
     # model.generate, whose forwards go through FSDP's hooks (and would sync per token); at lr 1e-2 replicas

@@ -206,21 +206,27 @@ def test_an_adapter_trained_from_a_relative_path_loads_from_anywhere(tiny_model_
     assert loaded.config.vocab_size == model.config.vocab_size
 
 
-@pytest.mark.parametrize("targets, extra", [("all-linear", set()),
-                                            ("all-linear+head", {"base_model.model.lm_head.base_layer.weight"})])
-def test_saved_keys_are_what_the_adapter_directory_holds(tiny_model_dir, tmp_path, targets, extra):
+@pytest.mark.parametrize("targets, task, extra", [
+    ("all-linear", "CAUSAL_LM", set()),
+    ("all-linear+head", "CAUSAL_LM", {"base_model.model.lm_head.base_layer.weight"}),  # the tied head's base
+    ("all-linear", "SEQ_CLS", {"base_model.model.score.modules_to_save.default.weight",  # a reward model's head
+                               "base_model.model.score.modules_to_save.critic.weight"}),
+])
+def test_saved_keys_are_what_the_adapter_directory_holds(tiny_model_dir, tmp_path, targets, task, extra):
     # a sharded peft model gathers these alone to save (not the frozen base): they must be all save_pretrained writes
     from safetensors.torch import load_file
 
     from rlhfkit.config import LoraConfig
     from rlhfkit.models.load import add_lora, saved_keys
+    from rlhfkit.models.reward import load_reward_backbone
 
-    model = add_lora(load_causal_lm(ModelConfig(path=tiny_model_dir("llama")), torch.device("cpu")),
-                     LoraConfig(enabled=True, r=4, target_modules=targets))
+    cfg, cpu = ModelConfig(path=tiny_model_dir("llama")), torch.device("cpu")
+    base = load_causal_lm(cfg, cpu) if task == "CAUSAL_LM" else load_reward_backbone(cfg, cpu)
+    model = add_lora(base, LoraConfig(enabled=True, r=4, target_modules=targets), task_type=task)
     model.add_adapter("critic", model.peft_config["default"])  # every adapter is saved: PPO's critic too
     keys = saved_keys(model)
     assert keys and keys < set(model.state_dict())
-    assert {k for k in keys if ".lora_" not in k} == extra  # the tied head's base weight, saved with its adapter
+    assert {k for k in keys if ".lora_" not in k} == extra
     assert {k for k in keys if ".critic." in k} and {k for k in keys if ".default." in k}
     model.save_pretrained(tmp_path / "all", safe_serialization=True)
     state = model.state_dict()

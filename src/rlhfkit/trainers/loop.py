@@ -240,9 +240,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         from rlhfkit.models.load import saved_keys
 
         keys = saved_keys(model) if save_weights is None else None  # a peft model's: its adapters, not the base
-        weights = fsdp.full_state_dict(model, keys and keys | set(trainable)) if save_weights is None else None
+        weights = (fsdp.full_state_dict(model, None if keys is None else keys | set(trainable))
+                   if save_weights is None else None)
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
-        trained = (weights and {n: weights[n] for n in trainable} if save_weights is None
+        trained = ((None if weights is None else {n: weights[n] for n in trainable}) if save_weights is None
                    else fsdp.gather({n: params[n].detach() for n in trainable}))
     elif engine is not None:  # collectives too: DeepSpeed's partitions, as full tensors
         weights = zero.full_state_dict(model) if engine.stage == 3 else None  # stages 1-2 hold whole weights
@@ -371,6 +372,7 @@ class Checkpoints:
             self.save(step)
         if stopping:
             path = self.finish(step)
+            distributed.barrier()  # process 0 writes it: the others, exiting first, would have the launcher kill it
             raise SystemExit(f"stopped by signal {stop.signal or 'in another process'} after step {step}; "
                              f"checkpoint {path}. Resume with the same command and --train.resume latest")
 

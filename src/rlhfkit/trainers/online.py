@@ -222,6 +222,7 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item() if on_policy else None
             del logits
             if not nonfinite.ok("loss", distributed.all_sum([(pg_loss + kl_loss).item()], pg_loss.device)[0], step):
+                roles.release()  # sharded: this forward's gathered weights wait for no backward
                 continue
             # each term weighted by this shard's share of its units: summed over processes, the mini-batch's loss
             whole = exp.action_mask[idx]
