@@ -120,7 +120,7 @@ def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]
     return groups + [current] if current else groups
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
+def is_shard(t) -> bool:
     """Whether ``t`` is an FSDP shard (a DTensor)."""
     try:
         from torch.distributed.tensor import DTensor
@@ -135,8 +135,8 @@ def average_gradients(params, total_weight: float) -> None:
     Sharded parameters (``rlhfkit.fsdp``) arrive summed already, by FSDP's reduce-scatter in the
     backward: only their shards are divided."""
     params = list(params)
-    sharded = [p for p in params if _is_sharded(p)] if world_size() > 1 else []  # one process shards nothing
-    replicated = [p for p in params if not sharded or not _is_sharded(p)]
+    sharded = [p for p in params if is_shard(p)] if world_size() > 1 else []  # one process shards nothing
+    replicated = [p for p in params if not sharded or not is_shard(p)]
     if world_size() > 1:  # every rank sends every tensor, in the same order, even one it has no gradient for
         for p in replicated:
             if p.grad is None:

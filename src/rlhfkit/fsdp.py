@@ -223,19 +223,12 @@ def release(model) -> None:
             unit.reshard()
 
 
-def updates_shards(optimizer) -> bool:
-    """Whether ``optimizer`` updates FSDP shards. Its parameters are the shards whatever the modules hold at
-    the moment (a unit's gathered weights stay between a forward and its reshard): saving then gathers,
-    which every process must join."""
-    return distributed.world_size() > 1 and any(is_shard(p) for group in optimizer.param_groups
-                                                for p in group["params"])
-
-
-def is_shard(value) -> bool:
-    """Whether ``value`` is an FSDP shard (a DTensor)."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
+def updates_shards(optimizers) -> bool:
+    """Whether any of ``optimizers`` updates FSDP shards. Their parameters are the shards whatever the modules
+    hold at the moment (a unit's gathered weights stay between a forward and its reshard): saving then
+    gathers, which every process must join."""
+    return distributed.world_size() > 1 and any(distributed.is_shard(p) for opt in optimizers
+                                                for group in opt.param_groups for p in group["params"])
 
 
 def gather(obj: Any) -> Any:
@@ -246,7 +239,7 @@ def gather(obj: Any) -> Any:
         return {k: gather(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(gather(v) for v in obj)
-    if isinstance(obj, torch.Tensor) and is_shard(obj):
+    if isinstance(obj, torch.Tensor) and distributed.is_shard(obj):
         full = obj.full_tensor()
         return full.detach().cpu() if distributed.is_main() else None
     return obj
@@ -267,17 +260,18 @@ def full_state_dict(model, keys: set[str] | None = None) -> dict[str, torch.Tens
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A (possibly sharded) tensor's full value, e.g. a gradient norm over shards."""
-    return t.full_tensor() if distributed.world_size() > 1 and is_shard(t) else t
+    return t.full_tensor() if distributed.world_size() > 1 and distributed.is_shard(t) else t
 
 
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` over ``params``, sharded or whole or both (PPO's critic: a sharded
     adapter beside a value head kept whole, which PyTorch will not take in one call): the gradients scaled by
     min(1, max_norm / (norm + 1e-6)), as PyTorch scales them; returns the norm before, over every shard."""
-    groups = [[p for p in params if is_shard(p)], [p for p in params if not is_shard(p)]] \
-        if distributed.world_size() > 1 else []
-    if not (groups and all(groups)):  # one kind: PyTorch's own
+    shards = [p for p in params if distributed.is_shard(p)] if distributed.world_size() > 1 else []
+    whole = [p for p in params if not distributed.is_shard(p)] if shards else []
+    if not whole:  # one kind: PyTorch's own
         return float(full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    groups = (shards, whole)
     norms = [float(full_value(torch.nn.utils.get_total_norm([p.grad for p in group]))) for group in groups]
     total = (norms[0] ** 2 + norms[1] ** 2) ** 0.5  # a NaN or inf stays one
     scale = min(1.0, max_norm / (total + 1e-6))
@@ -289,7 +283,7 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
 
 def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Full ``value`` laid out as ``param`` is: this process's shard of it when ``param`` is sharded."""
-    if distributed.world_size() == 1 or not is_shard(param):  # one process shards nothing
+    if distributed.world_size() == 1 or not distributed.is_shard(param):  # one process shards nothing
         return value
     from torch.distributed.tensor import distribute_tensor
 
@@ -309,7 +303,7 @@ def shard_optimizer_state(optimizer, state: dict) -> dict:
     of a parameter's shape cut to this process's shard of that parameter, ready for
     ``optimizer.load_state_dict``. Unchanged when no parameter is sharded."""
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state ids count in this order
-    if distributed.world_size() == 1 or not any(is_shard(p) for p in params):
+    if distributed.world_size() == 1 or not any(distributed.is_shard(p) for p in params):
         return state
     per_param = {}
     for i, entries in state["state"].items():

@@ -286,8 +286,6 @@ class SeparateRoles:
         """Shard actor and critic over the processes (``rlhfkit.fsdp``, ``how``: full_shard or shard_grad_op),
         the frozen reference always fully (nothing of it is kept for a backward). Before the optimisers are
         built. Nothing with one process or 'off'."""
-        if how == "off":
-            return
         fsdp.shard(self.actor, how, what="the actor")
         fsdp.shard(self.ref, "full_shard", what="the frozen reference")
         fsdp.shard(self.critic, how, what="the critic")

@@ -67,7 +67,7 @@ def build_optimizer(params, cfg: OptimConfig, num_steps: int):
     # the fused kernel updates every tensor in one pass (CPU and CUDA): ~10× less optimiser time on a CPU.
     # Sharded and whole tensors together (PPO's sharded critic adapter and its value head) go one at a time:
     # the multi-tensor kernels take one kind only
-    mixed = distributed.world_size() > 1 and len({fsdp.is_shard(p) for p in params}) > 1
+    mixed = distributed.world_size() > 1 and len({distributed.is_shard(p) for p in params}) > 1
     fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=fused, foreach=False if mixed else None)
@@ -233,18 +233,19 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     """
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    sharded, engine = any(fsdp.updates_shards(opt) for opt, _ in optimizers.values()), zero.engine_of(model)
+    sharded, engine = fsdp.updates_shards(opt for opt, _ in optimizers.values()), zero.engine_of(model)
     params = dict(model.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     if sharded:  # collectives: every process gathers, process 0 keeps the full tensors
-        from rlhfkit.models.load import saved_keys
+        if save_weights is None:
+            from rlhfkit.models.load import saved_keys
 
-        keys = saved_keys(model) if save_weights is None else None  # a peft model's: its adapters, not the base
-        weights = (fsdp.full_state_dict(model, None if keys is None else keys | set(trainable))
-                   if save_weights is None else None)
+            keys = saved_keys(model)  # a peft model's: its adapters, not the frozen base
+            weights = fsdp.full_state_dict(model, None if keys is None else keys | set(trainable))
+            trained = None if weights is None else {n: weights[n] for n in trainable}
+        else:  # save_weights gathers what it writes
+            weights, trained = None, fsdp.gather({n: params[n].detach() for n in trainable})
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
-        trained = ((None if weights is None else {n: weights[n] for n in trainable}) if save_weights is None
-                   else fsdp.gather({n: params[n].detach() for n in trainable}))
     elif engine is not None:  # collectives too: DeepSpeed's partitions, as full tensors
         weights = zero.full_state_dict(model) if engine.stage == 3 else None  # stages 1-2 hold whole weights
         optimizer_states = {name: engine.optimizer_state() for name in optimizers}
@@ -347,7 +348,7 @@ class Checkpoints:
 
     def save(self, step: int) -> Path:
         # rank 0 writes; the path is the same for every rank. A sharded model is gathered by all of them.
-        sharded = any(fsdp.updates_shards(opt) for opt, _ in self.optimizers.values())
+        sharded = fsdp.updates_shards(opt for opt, _ in self.optimizers.values())
         if not distributed.is_main() and not sharded and zero.engine_of(self.model) is None:
             self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
             return self.last
