@@ -6,7 +6,7 @@
 Makes a tiny Llama of the given size and runs the same command in each mode with
 `torchrun --nproc_per_node 2`, each launch fresh: `rlhfkit sft` (full fine-tuning, AdamW), or PPO
 (`ppo`: `--mode separate`, full actor and critic, a frozen reference, a reward model; `ppo-shared`: one
-base with LoRA actor and critic adapters; DeepSpeed does not run PPO), and prints each process's peak
+base with LoRA actor and critic adapters; DeepSpeed ZeRO-1/2 runs `separate` only), and prints each process's peak
 RSS during the training steps (the mean over the 2 processes; the kernel's high-water mark reset as
 the loop starts, after the models were loaded whole and sharded) and its ratio to replicas, above a
 baseline of 2 processes that import rlhfkit, torch, transformers and DeepSpeed and open the process
@@ -78,7 +78,7 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 Path(args["out"], f"peak-{os.environ.get('RANK', '0')}.json").write_text(json.dumps([steps_peak, peak]))
 """
 
-MODES = {  # name → (train.fsdp, train.deepspeed); PPO: the first three
+MODES = {  # name → (train.fsdp, train.deepspeed); PPO separate: the first five, PPO shared: the first three
     "replicas": ("off", "off"), "fsdp shard_grad_op": ("shard_grad_op", "off"),
     "fsdp full_shard": ("full_shard", "off"),
     "zero1": ("off", "zero1"), "zero2": ("off", "zero2"), "zero3": ("off", "zero3"),
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--modes", default="", help=f"comma-separated, of: {', '.join(MODES)} (default: all the "
                         "trainer runs)")
     a = parser.parse_args()
-    modes = a.modes.split(",") if a.modes else list(MODES)[:3] if a.trainer.startswith("ppo") else list(MODES)
+    modes = a.modes.split(",") if a.modes else list(MODES)[:{"ppo": 5, "ppo-shared": 3}.get(a.trainer, len(MODES))]
 
     from rlhfkit.data.tasks import describe
     from rlhfkit.models.tiny import make_tiny_model

@@ -42,6 +42,24 @@ def task_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def ppo_setup(tiny_model_dir, task_dir, tmp_path_factory):
+    """For the multi-process PPO tests (test_fsdp, test_zero): a reward model whose scores spread (see
+    test_distributed's), a LoRA one (PPO's third adapter on the shared base), and prompts that repeat: a
+    process whose rows repeat a prompt would share its prefix in one more forward than one whose rows do
+    not, so the processes must agree on it (a sharded forward is collective)."""
+    from rlhfkit.cli import main
+
+    root = tmp_path_factory.mktemp("ppo-setup")
+    for name, extra in (("rm", ["--optim.lr", "1e-3"]), ("rm-lora", ["--lora.enabled", "true", "--optim.lr", "1e-2"])):
+        assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), *extra,
+                     "--train.max_steps", "2", "--train.batch_size", "8", "--train.tensorboard", "false",
+                     "--out", str(root / name)]) == 0
+    rows = (task_dir / "prompts_train.jsonl").read_text().splitlines()[:5]
+    (root / "prompts.jsonl").write_text("\n".join(rows * 3) + "\n")
+    return root
+
+
 @pytest.fixture
 def launcher_env(monkeypatch):
     """A function that sets the variables an accelerate launch would, every other ``ACCELERATE_*`` and

@@ -433,11 +433,12 @@ class TrainConfig:
     resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints) or its directory")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     fsdp: Literal["auto", "off", "full_shard", "shard_grad_op"] = arg(
-        "auto", "shard weights, gradients and AdamW state over the processes (FSDP2; sft, rm, dpo family): "
+        "auto", "shard weights, gradients and AdamW state over the processes (FSDP2; every trainer): "
         "full_shard ~ ZeRO-3, shard_grad_op ~ ZeRO-2; auto = as the accelerate launch config says, else off")
     deepspeed: Literal["auto", "off", "zero1", "zero2", "zero3"] = arg(
-        "auto", "DeepSpeed ZeRO over the processes (sft, rm, dpo family; pip install deepspeed): zero1 partitions "
-        "AdamW's state, zero2 the gradients too, zero3 the weights too; auto = as the accelerate launch config says")
+        "auto", "DeepSpeed ZeRO over the processes (sft, rm, dpo family; ppo mode separate: zero1/zero2; pip install "
+        "deepspeed): zero1 partitions AdamW's state, zero2 the gradients too, zero3 the weights too; auto = as the "
+        "accelerate launch config says")
     tensorboard: bool = arg(True, "also write TensorBoard event files")
 
 

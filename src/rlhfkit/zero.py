@@ -21,12 +21,16 @@ data-parallel arithmetic around it (``rlhfkit.distributed``):
   bf16 GPU); DeepSpeed's own fp16 / bf16 modes and its offloading are not used.
 
 Chosen by ``train.deepspeed`` or, with ``auto``, by the DeepSpeed config of ``accelerate launch``
-(``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_*`` in the environment). The same trainers
-as ``rlhfkit.fsdp``: SFT, the reward model, DPO and its family.
+(``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_*`` in the environment). For SFT, the reward
+model, DPO and its family (one engine over the trained model, in ``trainers.loop.run``), and for PPO's
+``mode: separate`` at stages 1-2 (one engine for the actor, one for the critic, as OpenRLHF runs them).
+The PPO trainer reaches an engine through its optimiser: ``backward(optimizer, loss)`` and
+``loop.optimizer_step`` take DeepSpeed's way when the optimiser has one, the plain one otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -101,9 +105,59 @@ def stage(setting: str = "auto") -> int:
     return 0 if chosen == "off" else int(chosen.removeprefix("zero"))
 
 
-def engine_of(model) -> "Engine | None":
-    """The ``Engine`` that partitions ``model``, or None."""
-    return getattr(model, _ENGINE, None)
+def engine_of(owner) -> "Engine | None":
+    """The ``Engine`` that partitions ``owner`` (a model, or the optimiser the engine steps), or None."""
+    return getattr(owner, _ENGINE, None)
+
+
+def updates_partitions(optimizers) -> bool:
+    """Whether any of ``optimizers`` is stepped by an ``Engine``: saving their state gathers, on every process."""
+    return any(engine_of(opt) is not None for opt in optimizers)
+
+
+def ppo_stage(setting: str, mode: str, sharding: str) -> int:
+    """The ZeRO stage of a PPO run (``train.deepspeed`` ``setting``, PPO's ``mode``, the FSDP mode chosen), 0 for
+    none: always 0 with one process. Stages 1-2 partition the AdamW state (and gradients) of the full actor
+    and critic of ``mode: separate``; the rest is refused, naming what to use instead."""
+    stage_ = stage(setting) if distributed.world_size() > 1 else 0
+    if not stage_:
+        return 0
+    if sharding != "off":
+        raise ConfigError(f"both FSDP ({sharding}) and DeepSpeed (ZeRO-{stage_}) are asked for: choose one "
+                          "(train.fsdp off or train.deepspeed off, or one accelerate config)")
+    if mode != "separate":
+        raise ConfigError(f"DeepSpeed ZeRO-{stage_} runs PPO's mode: separate only (a full actor and critic). "
+                          "In shared mode the trained weights are two small LoRA adapters on one base: launch it "
+                          "with replicas (docs/distributed.md), or set --mode separate")
+    if stage_ == 3:
+        raise ConfigError("DeepSpeed ZeRO-3 is not supported for PPO: use ZeRO-2 (examples/accelerate/zero2.yaml), "
+                          "which partitions the actor's and critic's AdamW state and gradients, or FSDP to split "
+                          "the weights too (train.fsdp full_shard, or examples/accelerate/fsdp.yaml)")
+    return stage_
+
+
+def backward(optimizer, loss: torch.Tensor) -> None:
+    """Back-propagate ``loss``, this process's part of a sum over processes, for the parameters ``optimizer``
+    updates: ``loss.backward()``, or, where an ``Engine`` steps ``optimizer``, DeepSpeed's backward of
+    ``loss × processes`` (DeepSpeed averages the gradients) with the reduction completed (one micro-batch
+    a step). A non-finite loss there poisons its gradients, so every process's engine skips the update."""
+    engine = engine_of(optimizer)
+    if engine is None:
+        loss.backward()
+        return
+    if not torch.isfinite(loss.detach()):
+        loss = loss * float("nan")  # a NaN gradient everywhere this loss reaches: the norm, summed, is NaN
+    engine.backward(loss * distributed.world_size(), last=True)
+
+
+def run_as_forward(model, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, as one forward of the ``Engine`` over ``model`` when its gradients are
+    wanted (DeepSpeed attaches its backward bookkeeping there); no-grad passes over weights ZeRO-1/2
+    leave whole run as they are."""
+    engine = engine_of(model)
+    if engine is None or not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    return engine.run(fn, *args, **kwargs)
 
 
 def partitioned(model) -> bool:
@@ -140,10 +194,13 @@ class Forwards(torch.nn.Module):
 class Engine:
     """DeepSpeed's engine over ``model`` and its PyTorch ``optimizer`` (AdamW over ``params``), for steps of
     ``micro_batches`` micro-batches. Built after a checkpoint was loaded into the plain model and optimiser:
-    it adopts their weights and AdamW state."""
+    it adopts their weights and AdamW state. ``amp`` (the run's autocast) is entered inside each engine
+    forward: DeepSpeed's forward turns off an autocast entered around it. ``what`` names the model in the
+    line process 0 prints."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stage: int, micro_batches: int,
-                 micro_size: int, max_grad_norm: float):
+                 micro_size: int, max_grad_norm: float, amp: Callable[[], contextlib.AbstractContextManager] =
+                 contextlib.nullcontext, what: str = "the trained model"):
         try:
             import deepspeed
         except ImportError as e:
@@ -151,7 +208,7 @@ class Engine:
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-rank banners; warnings still show
-        self.stage, self.optimizer = stage, optimizer
+        self.stage, self.optimizer, self.amp = stage, optimizer, amp
         self.params = [p for group in optimizer.param_groups for p in group["params"]]  # AdamW's order, as saved
         self.group_sizes = [len(group["params"]) for group in optimizer.param_groups]
         loaded = {i: optimizer.state.pop(p) for i, p in enumerate(self.params) if p in optimizer.state}
@@ -164,14 +221,14 @@ class Engine:
                   "zero_allow_untested_optimizer": True, "steps_per_print": 2**62, "wall_clock_breakdown": False}
         self.engine, *_ = deepspeed.initialize(model=Forwards(model), optimizer=optimizer, config=config,
                                                dist_init_required=False)
-        setattr(model, _ENGINE, self)
+        setattr(model, _ENGINE, self), setattr(optimizer, _ENGINE, self)
         if loaded:  # a checkpoint's AdamW state, full tensors: into DeepSpeed's partitions
             self.load_optimizer_state(loaded)
         if distributed.is_main():
-            what = {1: "AdamW state", 2: "AdamW state and gradients", 3: "weights, gradients and AdamW state"}[stage]
+            split = {1: "AdamW state", 2: "AdamW state and gradients", 3: "weights, gradients and AdamW state"}[stage]
             held = sum(p.numel() for p in self._flats())
             trained = sum(getattr(p, "ds_numel", p.numel()) for p in self.params)
-            line = (f"deepspeed ZeRO-{stage} over {world} processes (the trained model): {what} partitioned; "
+            line = (f"deepspeed ZeRO-{stage} over {world} processes ({what}): {split} partitioned; "
                     f"process 0 updates {held:,} of {trained:,} trained parameters")
             if stage == 3:
                 line += (f", holds {sum(p.ds_tensor.numel() for p in model.parameters()):,} of "
@@ -180,7 +237,11 @@ class Engine:
 
     def run(self, fn: Callable, *args, **kwargs):
         """``fn(*args, **kwargs)`` as one forward of the engine (every forward of the model inside it)."""
-        return self.engine(fn, *args, **kwargs)
+        return self.engine(self._under_amp, fn, *args, **kwargs)
+
+    def _under_amp(self, fn: Callable, *args, **kwargs):
+        with self.amp():
+            return fn(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Back-propagate ``loss`` (already scaled for DeepSpeed's average over processes); ``last``: the step's

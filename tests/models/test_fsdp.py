@@ -71,12 +71,13 @@ def test_unsupported_fsdp_options_are_refused_naming_the_fix(launcher_env, env, 
         fsdp.mode("auto")
 
 
-@pytest.mark.parametrize("command", ["ppo", "grpo"])
-def test_rollout_trainers_refuse_deepspeed_naming_fsdp(launcher_env, command, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_online_trainers_refuse_deepspeed_naming_fsdp(launcher_env, command, tmp_path, tiny_model_dir):
     make_cls = COMMANDS[command][0]
     cls = make_cls if isinstance(make_cls, type) else make_cls()
     cfg = parse_args(cls, ["--train.deepspeed", "zero2", "--train.out", str(tmp_path)])
-    with pytest.raises(ConfigError, match="supported for sft, rm, dpo, orpo, simpo and kto, not .*train.fsdp full_sh"):
+    with pytest.raises(ConfigError, match="supported for sft, rm, dpo, orpo, simpo, kto and ppo's mode separate, "
+                                          "not .*train.fsdp full_sh"):
         start_run(cfg)
     launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")  # the same from a launch
     with pytest.raises(ConfigError, match=r"DeepSpeed \(zero3"):
@@ -212,23 +213,6 @@ def test_lora_dpo_sharded_by_train_fsdp_equals_one_process(tiny_model_dir, task_
 
 
 # --------------------------------------------------------------------------- PPO and the online methods sharded
-
-
-@pytest.fixture(scope="module")
-def ppo_setup(tiny_model_dir, task_dir, tmp_path_factory):
-    """A reward model whose scores spread (see test_distributed's), and prompts that repeat: a process whose
-    rows repeat a prompt would share its prefix in one more forward than one whose rows do not, so the
-    processes must agree on it (a sharded forward is collective)."""
-    root = tmp_path_factory.mktemp("ppo-setup")
-    _one_process(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
-                  "--train.max_steps", "2", "--train.batch_size", "8", "--optim.lr", "1e-3",
-                  "--train.tensorboard", "false"], root / "rm")
-    _one_process(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
-                  "--lora.enabled", "true", "--train.max_steps", "2", "--train.batch_size", "8", "--optim.lr", "1e-2",
-                  "--train.tensorboard", "false"], root / "rm-lora")  # PPO's third adapter on the shared base
-    rows = (task_dir / "prompts_train.jsonl").read_text().splitlines()[:5]
-    (root / "prompts.jsonl").write_text("\n".join(rows * 3) + "\n")
-    return root
 
 
 def _ppo_args(tiny_model_dir, setup: Path, lr: str, *extra: str, reward: str = "rm") -> list[str]:

@@ -4,10 +4,11 @@ is not supported says so. The launches skip without DeepSpeed (``pip install dee
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
-from test_fsdp import TRAIN, _assert_same_weights, _launch, _one_process
+from test_fsdp import TRAIN, _assert_same_weights, _launch, _one_process, _ppo_args
 
 from rlhfkit import zero
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, parse_args
@@ -67,6 +68,20 @@ def test_fsdp_and_deepspeed_together_are_refused(launcher_env, monkeypatch):
     cfg = TrainConfig(batch_size=6, grad_accum=2, deepspeed="zero2", max_steps=1)
     with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-2 .* train.batch_size 6 must be divisible by processes"):
         run(model=torch.nn.Linear(2, 2), loss_fn=None, n_examples=100, cfg=cfg, optim=OptimConfig(), logger=None)
+
+
+def test_ppo_under_deepspeed_is_mode_separate_at_stages_1_and_2(launcher_env, monkeypatch):
+    assert zero.ppo_stage("zero3", "shared", "off") == 0  # one process: nothing to partition
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert zero.ppo_stage("zero2", "separate", "off") == 2 and zero.ppo_stage("off", "shared", "off") == 0
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="1")  # from a launch
+    assert zero.ppo_stage("auto", "separate", "off") == 1
+    with pytest.raises(ConfigError, match="ZeRO-1 runs PPO's mode: separate only .* launch it with replicas"):
+        zero.ppo_stage("auto", "shared", "off")
+    with pytest.raises(ConfigError, match=r"ZeRO-3 is not supported for PPO: use ZeRO-2 .* or FSDP"):
+        zero.ppo_stage("zero3", "separate", "off")
+    with pytest.raises(ConfigError, match=r"both FSDP \(full_shard\) and DeepSpeed \(ZeRO-2\)"):
+        zero.ppo_stage("zero2", "separate", "full_shard")
 
 
 # --------------------------------------------------------------------------- two processes
@@ -265,6 +280,79 @@ def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
     assert [r["train/lr"] for r in logs["two"]] == pytest.approx([r["train/lr"] for r in logs["one"]], rel=1e-12)
 
 
+ENGINE_STEPS = """
+import math
+import sys
+import torch
+from rlhfkit import distributed, zero
+from rlhfkit.config import OptimConfig
+from rlhfkit.trainers.loop import build_optimizer, optimizer_step
+
+out, stage = sys.argv[1], int(sys.argv[2])
+distributed.setup(torch.device("cpu"))
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+gen = torch.Generator().manual_seed(1)
+x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-2, warmup_steps=3), 5)
+if stage:
+    zero.Engine(model, optimizer[0], stage, 1, 8 // distributed.world_size(), 1.0)
+norms = []
+for step in range(5):  # PPO's way: each process's share of the loss, zero.backward, then loop.optimizer_step
+    rows = distributed.shard(torch.arange(8 * (step % 2), 8 * (step % 2) + 8))
+    loss = zero.run_as_forward(model, lambda: ((model(x[rows]) - y[rows]) ** 2).sum() / 8)
+    if step == 2 and distributed.rank() == 0:
+        loss = loss + torch.tensor(float("nan"))  # its gradients finite: the loss's value alone is NaN
+    zero.backward(optimizer[0], loss)
+    if math.isfinite(distributed.all_sum([loss.item()], loss.device)[0]):  # as ppo.apply_update
+        if not stage:
+            distributed.average_gradients(model.parameters(), 1.0)
+        norms.append(optimizer_step(*optimizer, 1.0))
+    elif stage:  # collective: taken on the poisoned gradients, it applies nothing
+        norms.append(optimizer_step(*optimizer, 1.0))
+    else:
+        optimizer[0].zero_grad(set_to_none=True)
+        norms.append(float("nan"))
+weights = zero.full_params(model, [n for n, _ in model.named_parameters()]) if stage else model.state_dict()
+if distributed.is_main():  # full_params gathers: every process calls it
+    torch.save({"weights": weights, "norms": norms, "lr": optimizer[1].get_last_lr()}, out)
+distributed.teardown()
+"""
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_ppo_s_engine_steps_skip_a_nan_loss_of_one_process_everywhere(tmp_path, stage):
+    # zero.backward scales by the processes (DeepSpeed averages) and poisons a non-finite loss's gradients, so
+    # every engine's step skips it (its gradients are finite here: only the loss's value is NaN), and
+    # optimizer_step leaves the schedule where it was: as one process skipping it (ppo.apply_update's branches)
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import _free_port, port_taken
+
+    script = tmp_path / "engine_steps.py"
+    script.write_text(ENGINE_STEPS)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), "0"], check=True, capture_output=True)
+    for _ in range(3):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                  "--master_port", str(_free_port())]
+        done = subprocess.run([*launch, str(script), str(tmp_path / "two.pt"), stage], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if not port_taken(done.stderr):
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert [math.isfinite(n) for n in two["norms"]] == [math.isfinite(n) for n in one["norms"]] == [
+        True, True, False, True, True]
+    assert [n for n in two["norms"] if math.isfinite(n)] == pytest.approx([n for n in one["norms"]
+                                                                            if math.isfinite(n)], rel=1e-5)
+    assert two["lr"] == pytest.approx(one["lr"], rel=1e-12)  # the schedule skipped the same step
+    for name, value in one["weights"].items():
+        assert ((two["weights"][name] - value).norm() / value.norm()).item() <= 1e-5, name
+
+
 @needs_deepspeed
 def test_the_loss_computes_under_the_run_s_autocast_inside_the_engine(tmp_path):
     # DeepSpeed turns off an autocast entered around its forward unless its config has a torch_autocast
@@ -285,3 +373,53 @@ def test_the_reward_model_under_zero3_equals_one_process(tiny_model_dir, task_di
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
     one, two = (json.loads((tmp_path / run / "score_normalization.json").read_text()) for run in ("one", "two"))
     assert two == pytest.approx(one, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- PPO's mode separate
+
+
+@needs_deepspeed
+def test_separate_ppo_under_zero2_equals_one_process_and_its_checkpoints_cross(tiny_model_dir, ppo_setup,
+                                                                                tmp_path):
+    # an engine for the full actor and one for the critic (from the reward model), AdamW state and gradients
+    # partitioned; the reference whole. Two epochs of two mini-batches, clipping active on both (0.05), a
+    # held-out evaluation by process 0, and a checkpoint that crosses 1 ↔ 2 processes both ways
+    args = _ppo_args(tiny_model_dir, ppo_setup, "1e-3", "--mode", "separate", "--mini_batch_size", "4",
+                     "--ppo_epochs", "2", "--train.save_every", "2")
+    _one_process(args, tmp_path / "one")
+    printed = _launch("zero2.yaml", args, tmp_path / "two")
+    for role in ("the actor", "the critic"):
+        assert f"deepspeed ZeRO-2 over 2 processes ({role}): AdamW state and gradients partitioned" in printed
+    weights = _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
+    assert any(k.startswith("critic/") for k in weights)
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert all(min(r["grad_norm/actor"], r["grad_norm/critic"]) > 0.05 for r in one)  # clipped every update
+    for key in ("grad_norm/actor", "grad_norm/critic", "loss/policy", "loss/value", "rollout/score"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4), key
+    # its checkpoint resumes in one process, and a 1-process one under ZeRO-2, to the same weights
+    _one_process([*args, "--train.resume", str(tmp_path / "two" / "checkpoints" / "step-2")], tmp_path / "back")
+    _assert_same_weights(tmp_path / "one", tmp_path / "back", pattern="**/*.safetensors")
+    _launch("zero2.yaml", [*args, "--train.resume", str(tmp_path / "one" / "checkpoints" / "step-2")],
+            tmp_path / "forth")
+    _assert_same_weights(tmp_path / "one", tmp_path / "forth", pattern="**/*.safetensors")
+
+
+@needs_deepspeed
+def test_separate_ppo_with_one_update_a_step_under_zero1_equals_one_process(tiny_model_dir, task_dir, ppo_setup,
+                                                                           tmp_path):
+    # one update a step: the critic's learn forward (through its engine) gives GAE's values, the critic
+    # back-propagates first; the held-out gold reward is evaluated by process 0 on the whole actor
+    args = _ppo_args(tiny_model_dir, ppo_setup, "1e-3", "--mode", "separate", "--mini_batch_size", "8",
+                     "--ppo_epochs", "1", "--task", "describe", "--eval_prompts",
+                     str(task_dir / "prompts_valid.jsonl"))
+    _one_process(args, tmp_path / "one")
+    assert "deepspeed ZeRO-1 over 2 processes (the actor)" in _launch("torchrun", [*args, "--train.deepspeed",
+                                                                                   "zero1"], tmp_path / "two")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert two[-1]["eval/gold"] == pytest.approx(one[-1]["eval/gold"], abs=1e-6)
+    for key in ("loss/value", "grad_norm/critic", "grad_norm/actor"):  # of the whole mini-batch, either way
+        values = [[r[key] for r in run if key in r] for run in (one, two)]
+        assert len(values[0]) == 3 and values[1] == pytest.approx(values[0], rel=1e-4), key

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhfkit import distributed, fsdp
+from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
@@ -265,11 +265,13 @@ class SeparateRoles:
                                            trainable=True)
 
     def actor_logprobs(self, batch, temperature: float = 1.0, with_logits: bool = False):
-        return logprobs_of(self.actor, batch["input_ids"], batch["attention_mask"],
-                           keep=batch["action_mask"].shape[1], temperature=temperature, with_logits=with_logits)
+        # with gradients under DeepSpeed: one forward of the actor's engine (``rlhfkit.zero``)
+        return zero.run_as_forward(self.actor, logprobs_of, self.actor, batch["input_ids"], batch["attention_mask"],
+                                   keep=batch["action_mask"].shape[1], temperature=temperature,
+                                   with_logits=with_logits)
 
     def critic_values(self, batch) -> torch.Tensor:
-        return critic_values_of(self.critic, _hf_model(self.critic).score, batch)
+        return zero.run_as_forward(self.critic, critic_values_of, self.critic, _hf_model(self.critic).score, batch)
 
     @contextlib.contextmanager
     def reference(self):
@@ -294,6 +296,14 @@ class SeparateRoles:
         """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""
         for model in (self.actor, self.ref, self.critic):
             fsdp.release(model)
+
+    def partition(self, stage: int, actor_opt, critic_opt, micro_size: int, max_grad_norm: float) -> None:
+        """DeepSpeed ZeRO-``stage`` (1 or 2) for the actor and the critic: an engine each, over its optimiser
+        (``rlhfkit.zero``), which then back-propagates, reduces, clips and steps through it. The frozen
+        reference stays whole. After a checkpoint was loaded into the plain models and optimisers."""
+        self.engines = [zero.Engine(model, opt, stage, 1, micro_size, max_grad_norm, amp=self.amp, what=what)
+                        for model, opt, what in ((self.actor, actor_opt, "the actor"),
+                                                 (self.critic, critic_opt, "the critic"))]
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())

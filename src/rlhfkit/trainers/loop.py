@@ -88,7 +88,14 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
 
     A non-finite norm (a NaN or inf anywhere in the gradients) applies nothing: the gradients
     are cleared and the schedule stays where it was, so the caller can stop or skip cleanly.
+    An optimiser a DeepSpeed engine steps (``rlhfkit.zero``) takes the engine's step, which clips too.
     """
+    engine = zero.engine_of(optimizer)
+    if engine is not None:  # collective: every process steps
+        norm = engine.step()
+        if math.isfinite(norm):
+            scheduler.step()
+        return norm
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = fsdp.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))  # over every shard
     if math.isfinite(norm):
@@ -227,13 +234,15 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     step and any ``extra`` state. Only the newest ``keep`` checkpoints are kept.
 
     A sharded model (``rlhfkit.fsdp``; or PPO's roles, whose models are) or one DeepSpeed partitions
-    (``rlhfkit.zero``) and its optimiser state are gathered into full tensors first, by every process
+    (``rlhfkit.zero``: optimisers an engine steps) and its optimiser state are gathered into full tensors
+    first, by every process
     (call this on all of them; each calls ``save_weights`` too, which gathers); process 0 writes what a
     1-process run writes.
     """
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    sharded, engine = fsdp.updates_shards(opt for opt, _ in optimizers.values()), zero.engine_of(model)
+    sharded = fsdp.updates_shards(opt for opt, _ in optimizers.values())
+    engines = {name: zero.engine_of(opt) for name, (opt, _) in optimizers.items()}
     params = dict(model.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     if sharded:  # collectives: every process gathers, process 0 keeps the full tensors
@@ -246,9 +255,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         else:  # save_weights gathers what it writes
             weights, trained = None, fsdp.gather({n: params[n].detach() for n in trainable})
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
-    elif engine is not None:  # collectives too: DeepSpeed's partitions, as full tensors
-        weights = zero.full_state_dict(model) if engine.stage == 3 else None  # stages 1-2 hold whole weights
-        optimizer_states = {name: engine.optimizer_state() for name in optimizers}
+    elif any(engines.values()):  # collectives too: DeepSpeed's partitions, as full tensors
+        # stages 1-2 hold whole weights; PPO's engines (its save_weights) are never ZeRO-3
+        weights = zero.full_state_dict(model) if zero.partitioned(model) else None
+        optimizer_states = {name: engine.optimizer_state() for name, engine in engines.items()}
         trained = zero.full_params(model, trainable)
     else:
         weights, optimizer_states = None, {name: opt.state_dict() for name, (opt, _) in optimizers.items()}
@@ -349,7 +359,8 @@ class Checkpoints:
     def save(self, step: int) -> Path:
         # rank 0 writes; the path is the same for every rank. A sharded model is gathered by all of them.
         sharded = fsdp.updates_shards(opt for opt, _ in self.optimizers.values())
-        if not distributed.is_main() and not sharded and zero.engine_of(self.model) is None:
+        partitioned = zero.updates_partitions(opt for opt, _ in self.optimizers.values())
+        if not distributed.is_main() and not sharded and not partitioned:
             self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
             return self.last
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
@@ -583,14 +594,14 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     return out
 
 
-ZERO_TRAINERS = "sft, rm, dpo, orpo, simpo and kto"  # the trainers whose model ``run`` hands DeepSpeed
+ZERO_TRAINERS = "sft, rm, dpo, orpo, simpo, kto and ppo's mode separate"  # the trainers DeepSpeed partitions
 
 
 def start_run(cfg, deepspeed: bool = False):
     """What every trainer does once its data is validated: the run directory (with the resolved
     config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer).
-    A trainer whose models DeepSpeed cannot partition (``deepspeed`` False: PPO and the online
-    methods, which shard with FSDP) refuses a DeepSpeed run here."""
+    A trainer whose models DeepSpeed cannot partition (``deepspeed`` False: the online methods, which
+    shard with FSDP) refuses a DeepSpeed run here."""
     from rlhfkit.models.load import load_tokenizer, resolve_device
 
     chosen = zero.mode(cfg.train.deepspeed)

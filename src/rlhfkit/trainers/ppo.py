@@ -17,7 +17,7 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhfkit import distributed, fsdp
+from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import AdaptiveKLController, FixedKLController, gae, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
@@ -117,11 +117,11 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
                 stopped = True
                 roles.release()  # sharded: this forward's gathered weights wait for no backward
                 break
-        (pg_loss * share).backward()
+        zero.backward(actor_opt[0], pg_loss * share)  # DeepSpeed's backward where an engine steps the optimiser
         with roles.amp():
             values = roles.critic_values(mb.batch())
         vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
-        (cfg.vf_coef * vf_loss * share).backward()
+        zero.backward(critic_opt[0], cfg.vf_coef * vf_loss * share)
         stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite,
                              step, share)
         if stats is not None:
@@ -154,11 +154,11 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
         ev = explained_variance(old_values, returns, mask)
         advantages = whiten_over_processes(advantages, mask)
     vf_loss, vf_stats = value_loss(values, old_values, returns, mask, cfg.value_clip_eps)
-    (cfg.vf_coef * vf_loss * share).backward()
+    zero.backward(critic_opt[0], cfg.vf_coef * vf_loss * share)
     with roles.amp():
         logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
     pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, advantages, mask, cfg.clip_eps)
-    (pg_loss * share).backward()
+    zero.backward(actor_opt[0], pg_loss * share)
     stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite, step,
                          share)
     # over every process: the advantage mean exactly (a token mean), the explained variance as a share-weighted
@@ -173,12 +173,18 @@ def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, ac
                  nonfinite: NonFinite, step: int, share: float = 1.0) -> dict[str, float] | None:
     """Sum the back-propagated gradients over processes and step both optimisers; the update's metrics
     over the whole mini-batch (each process's token means weighted by its ``share`` of the tokens),
-    or None when a non-finite loss or gradient skipped it."""
+    or None when a non-finite loss or gradient skipped it. Under DeepSpeed the engines have reduced the
+    gradients in the backward already, and step them here."""
     loss = pg_loss.detach() + cfg.vf_coef * vf_loss.detach()
+    partitioned = zero.updates_partitions((actor_opt[0], critic_opt[0]))
     if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
-        actor_opt[0].zero_grad(set_to_none=True), critic_opt[0].zero_grad(set_to_none=True)
+        if partitioned:  # an engine's step is collective: taken on NaN gradients (zero.backward), it applies nothing
+            optimizer_step(*actor_opt, cfg.optim.max_grad_norm), optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+        else:
+            actor_opt[0].zero_grad(set_to_none=True), critic_opt[0].zero_grad(set_to_none=True)
         return None
-    distributed.average_gradients(roles.actor_parameters() + roles.critic_parameters(), 1.0)  # the sum
+    if not partitioned:
+        distributed.average_gradients(roles.actor_parameters() + roles.critic_parameters(), 1.0)  # the sum
     grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # applies nothing when non-finite
     critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
     if not (nonfinite.ok("actor gradient norm", grad_norm, step)
@@ -273,9 +279,10 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     rows = load_prompts(cfg.prompts)
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
-    out, device, tokenizer = start_run(cfg)
+    out, device, tokenizer = start_run(cfg, deepspeed=True)
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, rollout_batch_size=cfg.rollout_batch_size,
                                       mini_batch_size=cfg.mini_batch_size)
+    stage = zero.ppo_stage(cfg.train.deepspeed, cfg.mode, sharding)  # DeepSpeed: mode separate, ZeRO-1/2
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
     prompts = [r["prompt"] for r in rows]
     roles = build_roles(cfg, device)
@@ -299,9 +306,12 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     checkpoints = Checkpoints(cfg.train, roles, {"actor": actor_opt, "critic": critic_opt},
                               extra=lambda: {"kl_ctl": kl_ctl.state_dict(), "generator": generator.get_state()},
                               save_weights=lambda path: roles.save(path, tokenizer))
-    start, extra = checkpoints.resume()
+    start, extra = checkpoints.resume()  # into the plain models and optimisers: DeepSpeed's engines adopt them
     if extra:
         kl_ctl.load_state_dict(extra["kl_ctl"]), generator.set_state(extra["generator"])
+    if stage:
+        micro = max(1, cfg.mini_batch_size // distributed.world_size())  # DeepSpeed's bookkeeping only
+        roles.partition(stage, actor_opt[0], critic_opt[0], micro, cfg.optim.max_grad_norm)
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
     metrics = rollout_steps(
