@@ -140,7 +140,8 @@ def backward(optimizer, loss: torch.Tensor) -> None:
     """Back-propagate ``loss``, this process's part of a sum over processes, for the parameters ``optimizer``
     updates: ``loss.backward()``, or, where an ``Engine`` steps ``optimizer``, DeepSpeed's backward of
     ``loss × processes`` (DeepSpeed averages the gradients) with the reduction completed (one micro-batch
-    a step). A non-finite loss there poisons its gradients, so every process's engine skips the update."""
+    a step). A non-finite loss there poisons its gradients, so every process's engine skips the update
+    (and the caller, who sees the loss, skips the other engines' with ``Engine.skip``)."""
     engine = engine_of(optimizer)
     if engine is None:
         loss.backward()
@@ -249,6 +250,20 @@ class Engine:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    def skip(self) -> None:
+        """Drop this step's reduced gradients and apply nothing (collective: every process calls it, for a
+        loss that was not finite in some process). The gradients DeepSpeed holds are made NaN, so its step
+        takes its own overflow path: gradients cleared, AdamW and its step count untouched. Another
+        model's NaN loss (PPO: the critic's) leaves this one's gradients finite, so skipping it needs this."""
+        held = getattr(self.engine.optimizer, "averaged_gradients", None)  # stages 1-2: this process's partitions
+        if held is None:
+            raise RuntimeError(f"DeepSpeed {_version()}'s ZeRO-{self.stage} optimiser keeps no averaged_gradients "
+                               "to drop: skipping a step is not supported with this DeepSpeed (set train.on_nan stop)")
+        for grads in held.values():
+            for grad in grads or []:
+                grad.fill_(float("nan"))
+        self.engine.step()
+
     def step(self) -> float:
         """Clip, step AdamW and clear the gradients; returns the gradient norm before clipping. A non-finite
         norm applies nothing (DeepSpeed skips the update), so the caller can stop or skip cleanly."""
@@ -327,6 +342,12 @@ class Engine:
         n = max(0, min(part.numel(), flat.numel() - start))
         part.data.zero_()
         part.data[:n].copy_(flat[start: start + n])
+
+
+def _version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:

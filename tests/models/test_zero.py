@@ -4,7 +4,6 @@ is not supported says so. The launches skip without DeepSpeed (``pip install dee
 
 import importlib.util
 import json
-import math
 
 import pytest
 import torch
@@ -281,51 +280,56 @@ def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
 
 
 ENGINE_STEPS = """
-import math
-import sys
+import sys, types
 import torch
 from rlhfkit import distributed, zero
 from rlhfkit.config import OptimConfig
-from rlhfkit.trainers.loop import build_optimizer, optimizer_step
+from rlhfkit.trainers.loop import NonFinite, build_optimizer
+from rlhfkit.trainers.ppo import apply_update
 
 out, stage = sys.argv[1], int(sys.argv[2])
 distributed.setup(torch.device("cpu"))
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+actor, critic = (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)) for _ in "ac")
 gen = torch.Generator().manual_seed(1)
 x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
-optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-2, warmup_steps=3), 5)
+optimizers = [build_optimizer(m.parameters(), OptimConfig(lr=1e-2, warmup_steps=3), 5) for m in (actor, critic)]
 if stage:
-    zero.Engine(model, optimizer[0], stage, 1, 8 // distributed.world_size(), 1.0)
-norms = []
-for step in range(5):  # PPO's way: each process's share of the loss, zero.backward, then loop.optimizer_step
+    for model, (optimizer, _) in zip((actor, critic), optimizers):
+        zero.Engine(model, optimizer, stage, 1, 8 // distributed.world_size(), 1.0)
+roles = types.SimpleNamespace(actor_parameters=lambda: list(actor.parameters()),
+                              critic_parameters=lambda: list(critic.parameters()))
+cfg = types.SimpleNamespace(vf_coef=0.5, optim=types.SimpleNamespace(max_grad_norm=1.0))
+nonfinite, norms = NonFinite("skip", None), []
+for step in range(5):  # PPO's learn: each process's share of each loss, zero.backward, then apply_update
     rows = distributed.shard(torch.arange(8 * (step % 2), 8 * (step % 2) + 8))
-    loss = zero.run_as_forward(model, lambda: ((model(x[rows]) - y[rows]) ** 2).sum() / 8)
-    if step == 2 and distributed.rank() == 0:
-        loss = loss + torch.tensor(float("nan"))  # its gradients finite: the loss's value alone is NaN
-    zero.backward(optimizer[0], loss)
-    if math.isfinite(distributed.all_sum([loss.item()], loss.device)[0]):  # as ppo.apply_update
-        if not stage:
-            distributed.average_gradients(model.parameters(), 1.0)
-        norms.append(optimizer_step(*optimizer, 1.0))
-    elif stage:  # collective: taken on the poisoned gradients, it applies nothing
-        norms.append(optimizer_step(*optimizer, 1.0))
-    else:
-        optimizer[0].zero_grad(set_to_none=True)
-        norms.append(float("nan"))
-weights = zero.full_params(model, [n for n, _ in model.named_parameters()]) if stage else model.state_dict()
-if distributed.is_main():  # full_params gathers: every process calls it
-    torch.save({"weights": weights, "norms": norms, "lr": optimizer[1].get_last_lr()}, out)
+    losses = []
+    for model, (optimizer, _) in zip((actor, critic), optimizers):
+        loss = zero.run_as_forward(model, lambda: ((model(x[rows]) - y[rows]) ** 2).sum() / 8)
+        if step == 2 and distributed.rank() == 0 and model is actor:
+            loss = loss + torch.tensor(float("nan"))  # the actor's loss alone, in process 0 alone
+        zero.backward(optimizer, loss)
+        losses.append(loss)
+    stats = apply_update(roles, losses[0], {}, losses[1], {}, cfg, *optimizers, nonfinite, step + 1, len(rows) / 8)
+    norms.append(stats and (stats["grad_norm/actor"], stats["grad_norm/critic"]))
+weights = {}
+for name, model in (("actor", actor), ("critic", critic)):  # full_params gathers: every process calls it
+    names = [n for n, _ in model.named_parameters()]
+    weights[name] = zero.full_params(model, names) if stage else model.state_dict()
+if distributed.is_main():
+    torch.save({"weights": weights, "norms": norms, "lr": [sched.get_last_lr()[0] for _, sched in optimizers],
+                "skipped": nonfinite.skipped}, out)
 distributed.teardown()
 """
 
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage", ["1", "2"])
-def test_ppo_s_engine_steps_skip_a_nan_loss_of_one_process_everywhere(tmp_path, stage):
-    # zero.backward scales by the processes (DeepSpeed averages) and poisons a non-finite loss's gradients, so
-    # every engine's step skips it (its gradients are finite here: only the loss's value is NaN), and
-    # optimizer_step leaves the schedule where it was: as one process skipping it (ppo.apply_update's branches)
+def test_a_nan_loss_of_one_role_in_one_process_skips_both_ppo_updates_everywhere(tmp_path, stage):
+    # ppo.apply_update with an engine each for actor and critic: the actor's loss NaN in process 0 (its
+    # gradients finite: only the value is NaN) skips the update of both roles in both processes, the critic's
+    # too, whose gradients are finite everywhere (Engine.skip), and both schedules stay put, as one process
+    # skipping it: the weights agree with one process's, and so do the logged norms and learning rates
     import os
     import subprocess
     import sys
@@ -344,13 +348,13 @@ def test_ppo_s_engine_steps_skip_a_nan_loss_of_one_process_everywhere(tmp_path, 
             break
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert [math.isfinite(n) for n in two["norms"]] == [math.isfinite(n) for n in one["norms"]] == [
-        True, True, False, True, True]
-    assert [n for n in two["norms"] if math.isfinite(n)] == pytest.approx([n for n in one["norms"]
-                                                                            if math.isfinite(n)], rel=1e-5)
-    assert two["lr"] == pytest.approx(one["lr"], rel=1e-12)  # the schedule skipped the same step
-    for name, value in one["weights"].items():
-        assert ((two["weights"][name] - value).norm() / value.norm()).item() <= 1e-5, name
+    assert one["skipped"] == two["skipped"] == 1 and one["norms"][2] is None and two["norms"][2] is None
+    flat = [[v for pair in run["norms"] if pair for v in pair] for run in (one, two)]  # actor's, critic's
+    assert len(flat[0]) == 8 and flat[1] == pytest.approx(flat[0], rel=1e-5)
+    assert two["lr"] == pytest.approx(one["lr"], rel=1e-12)  # both schedules skipped the same step
+    for role in ("actor", "critic"):
+        for name, value in one["weights"][role].items():
+            assert ((two["weights"][role][name] - value).norm() / value.norm()).item() <= 1e-5, (role, name)
 
 
 @needs_deepspeed

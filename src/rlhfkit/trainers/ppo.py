@@ -178,8 +178,8 @@ def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, ac
     loss = pg_loss.detach() + cfg.vf_coef * vf_loss.detach()
     partitioned = zero.updates_partitions((actor_opt[0], critic_opt[0]))
     if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
-        if partitioned:  # an engine's step is collective: taken on NaN gradients (zero.backward), it applies nothing
-            optimizer_step(*actor_opt, cfg.optim.max_grad_norm), optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+        if partitioned:  # both engines drop the step (collective); one role's NaN leaves the other's gradients finite
+            zero.engine_of(actor_opt[0]).skip(), zero.engine_of(critic_opt[0]).skip()
         else:
             actor_opt[0].zero_grad(set_to_none=True), critic_opt[0].zero_grad(set_to_none=True)
         return None
