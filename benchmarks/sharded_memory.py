@@ -58,8 +58,8 @@ if args["mode"] == "baseline":
     steps_peak = high_water_kb()
 else:
     from rlhfkit.cli import main
-    from rlhfkit.trainers import loop
-    rewind, at_end = loop.Logger.rewind, loop.Checkpoints.at_end
+    from rlhfkit.trainers import checkpoint, loop
+    rewind, at_end = loop.Logger.rewind, checkpoint.Checkpoints.at_end
 
     def rewind_then_reset(self, step):  # every trainer calls it once, right before its first step
         rewind(self, step)
@@ -70,7 +70,7 @@ else:
         steps_peak = high_water_kb()
         return at_end(self, step)
 
-    loop.Logger.rewind, loop.Checkpoints.at_end = rewind_then_reset, read_then_end
+    loop.Logger.rewind, checkpoint.Checkpoints.at_end = rewind_then_reset, read_then_end
     rc = main([*args["command"], "--out", args["out"], "--train.max_steps", str(args["steps"]),
                "--train.tensorboard", "false", "--train.fsdp", args["fsdp"], "--train.deepspeed", args["deepspeed"]])
     assert rc == 0

@@ -154,7 +154,8 @@ def test_one_on_policy_update_skips_the_actor_and_reference_passes(tiny_model_di
     from rlhfkit.models.load import load_tokenizer
     from rlhfkit.models.roles import SharedBaseRoles
     from rlhfkit.rollout.experience import make_experience
-    from rlhfkit.trainers.loop import NonFinite, build_optimizer
+    from rlhfkit.trainers.checkpoint import NonFinite
+    from rlhfkit.trainers.loop import build_optimizer
     from rlhfkit.trainers.online import GRPOConfig, learn, one_update
 
     path = tiny_model_dir("llama")

@@ -239,7 +239,8 @@ def test_one_update_takes_the_critic_values_from_its_learn_forward(tiny_model_di
     from rlhfkit.advantages import FixedKLController
     from rlhfkit.config import OptimConfig
     from rlhfkit.rollout.engine import HFRolloutEngine
-    from rlhfkit.trainers.loop import NonFinite, build_optimizer
+    from rlhfkit.trainers.checkpoint import NonFinite
+    from rlhfkit.trainers.loop import build_optimizer
     from rlhfkit.trainers.ppo import PPOConfig, one_update, ppo_step
 
     cfg = PPOConfig(prompts="unused", rollout_batch_size=6, mini_batch_size=6, ppo_epochs=1, beta=0.1,

@@ -86,7 +86,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    from rlhfkit.trainers.loop import find_checkpoint
+    from rlhfkit.trainers.checkpoint import find_checkpoint
 
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         find_checkpoint(tmp_path, "latest")

@@ -83,6 +83,20 @@ def test_ppo_under_deepspeed_is_mode_separate_at_stages_1_and_2(launcher_env, mo
         zero.ppo_stage("zero2", "separate", "full_shard")
 
 
+def test_separate_roles_hand_their_autocast_to_each_engine(monkeypatch):
+    # DeepSpeed's forward turns off an autocast entered around it: the engines enter the roles' own inside
+    from rlhfkit.models.roles import SeparateRoles
+
+    made = []
+    monkeypatch.setattr(zero, "Engine", lambda *args, **kwargs: made.append((args, kwargs)))
+    roles = SeparateRoles.__new__(SeparateRoles)
+    roles.actor, roles.critic, roles.amp = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), lambda: None
+    roles.partition(2, "actor AdamW", "critic AdamW", 4, 0.5)
+    assert [(args[0], args[1:], kwargs) for args, kwargs in made] == [
+        (roles.actor, ("actor AdamW", 2, 1, 4, 0.5), {"amp": roles.amp, "what": "the actor"}),
+        (roles.critic, ("critic AdamW", 2, 1, 4, 0.5), {"amp": roles.amp, "what": "the critic"})]
+
+
 # --------------------------------------------------------------------------- two processes
 
 
@@ -280,11 +294,12 @@ def test_a_nan_loss_in_one_process_skips_that_step_everywhere(tmp_path, stage):
 
 
 ENGINE_STEPS = """
-import sys, types
+import contextlib, sys, types
 import torch
 from rlhfkit import distributed, zero
 from rlhfkit.config import OptimConfig
-from rlhfkit.trainers.loop import NonFinite, build_optimizer
+from rlhfkit.trainers.checkpoint import NonFinite
+from rlhfkit.trainers.loop import build_optimizer
 from rlhfkit.trainers.ppo import apply_update
 
 out, stage = sys.argv[1], int(sys.argv[2])
@@ -294,9 +309,18 @@ actor, critic = (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), tor
 gen = torch.Generator().manual_seed(1)
 x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
 optimizers = [build_optimizer(m.parameters(), OptimConfig(lr=1e-2, warmup_steps=3), 5) for m in (actor, critic)]
+entered = []  # the forwards that ran inside the run's "autocast" (a stand-in that only records it)
+
+
+@contextlib.contextmanager
+def amp():
+    entered.append(torch.is_grad_enabled())
+    yield
+
+
 if stage:
     for model, (optimizer, _) in zip((actor, critic), optimizers):
-        zero.Engine(model, optimizer, stage, 1, 8 // distributed.world_size(), 1.0)
+        zero.Engine(model, optimizer, stage, 1, 8 // distributed.world_size(), 1.0, amp=amp)
 roles = types.SimpleNamespace(actor_parameters=lambda: list(actor.parameters()),
                               critic_parameters=lambda: list(critic.parameters()))
 cfg = types.SimpleNamespace(vf_coef=0.5, optim=types.SimpleNamespace(max_grad_norm=1.0))
@@ -318,7 +342,7 @@ for name, model in (("actor", actor), ("critic", critic)):  # full_params gather
     weights[name] = zero.full_params(model, names) if stage else model.state_dict()
 if distributed.is_main():
     torch.save({"weights": weights, "norms": norms, "lr": [sched.get_last_lr()[0] for _, sched in optimizers],
-                "skipped": nonfinite.skipped}, out)
+                "skipped": nonfinite.skipped, "amp": entered}, out)
 distributed.teardown()
 """
 
@@ -349,6 +373,7 @@ def test_a_nan_loss_of_one_role_in_one_process_skips_both_ppo_updates_everywhere
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["skipped"] == two["skipped"] == 1 and one["norms"][2] is None and two["norms"][2] is None
+    assert two["amp"] == [True] * 10 and one["amp"] == []  # each engine forward entered the run's autocast inside
     flat = [[v for pair in run["norms"] if pair for v in pair] for run in (one, two)]  # actor's, critic's
     assert len(flat[0]) == 8 and flat[1] == pytest.approx(flat[0], rel=1e-5)
     assert two["lr"] == pytest.approx(one["lr"], rel=1e-12)  # both schedules skipped the same step

@@ -36,8 +36,9 @@ from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
-from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, batch_indices, build_optimizer, evaluate_on_main,
-                                  optimizer_step, rollout_steps, start_run)
+from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
+from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, evaluate_on_main, optimizer_step,
+                                  rollout_steps, start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 

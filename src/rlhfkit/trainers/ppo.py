@@ -30,8 +30,9 @@ from rlhfkit.ops import mean_of
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.rollout.sampling import prompt_seeds
-from rlhfkit.trainers.loop import (Checkpoints, Logger, NonFinite, batch_indices, build_optimizer, evaluate_on_main,
-                                  optimizer_step, rollout_steps, start_run)
+from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
+from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, evaluate_on_main, optimizer_step,
+                                  rollout_steps, start_run)
 
 
 @dataclass
