@@ -65,6 +65,24 @@ def shard(items, n_ranks: int | None = None, index: int | None = None):
     return items[span.start: span.stop]
 
 
+def check_shares(buffer: int, mini_batch: int, **batches: int) -> None:
+    """Refuse a split that leaves a process without rows, naming the setting: each of ``batches`` (setting →
+    rows, split over the processes) and each mini-batch a ``buffer`` of rows is cut into (``mini_batch``
+    rows, the last one what is left). Nothing with one process."""
+    from rlhfkit.config import ConfigError
+
+    world = world_size()
+    for name, rows in {**batches, "mini_batch_size": min(mini_batch, buffer)}.items():
+        if rows < world:
+            raise ConfigError(f"{name} {rows} leaves some of the {world} processes without rows (each takes a share "
+                              f"of it): make it at least {world}")
+    last = buffer % mini_batch
+    if 0 < last < world:
+        raise ConfigError(f"mini_batch_size {mini_batch} cuts the {buffer} samples of a step into mini-batches whose "
+                          f"last holds {last}, fewer than the {world} processes: choose a mini_batch_size that "
+                          f"divides {buffer}, or leaves at least {world}")
+
+
 def all_gather(obj) -> list:
     """Every rank's ``obj``, in rank order (``[obj]`` with one process). Tensors inside should be on
     the CPU: they arrive on the device they were sent from."""

@@ -21,6 +21,34 @@ def test_shards_cover_the_batch_in_order_once():
     assert distributed.shard(items, 1, 0) == items
 
 
+def test_splits_that_leave_a_process_without_rows_are_refused_naming_the_setting(monkeypatch, task_dir, tmp_path):
+    from rlhfkit.config import ConfigError, GenerationConfig, TrainConfig
+    from rlhfkit.trainers import online, ppo
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for buffer, mini in ((8, 4), (8, 3), (8, 64), (2, 2)):  # mini-batches 4+4, 3+3+2, the whole 8, 2
+        distributed.check_shares(buffer, mini, rollout_batch_size=buffer)
+    with pytest.raises(ConfigError, match="mini_batch_size 1 leaves some of the 2 processes without rows"):
+        distributed.check_shares(8, 1, rollout_batch_size=8)
+    with pytest.raises(ConfigError, match="prompts_per_step 1 leaves some of the 2 processes without rows"):
+        distributed.check_shares(8, 8, prompts_per_step=1)
+    with pytest.raises(ConfigError, match="whose last holds 1, fewer than the 2 processes: choose a mini_batch_size "
+                                          "that divides 8"):
+        distributed.check_shares(8, 7, rollout_batch_size=8)
+    # the trainers check before they start (before: a process with no rows crashed in max() mid-step, seen)
+    prompts, train = str(task_dir / "prompts_train.jsonl"), TrainConfig(out=str(tmp_path))
+    with pytest.raises(ConfigError, match="mini_batch_size 1 leaves"):
+        ppo.train(ppo.PPOConfig(prompts=prompts, reward_model="unused", rollout_batch_size=4, mini_batch_size=1,
+                                train=train))
+    with pytest.raises(ConfigError, match="last holds 2, fewer than the 3 processes"):
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        online.train(online.GRPOConfig(prompts=prompts, prompts_per_step=3, group_size=2, mini_batch_size=4,
+                                       generation=GenerationConfig(), train=train))
+    assert not any(tmp_path.iterdir())  # refused before the run directory was made
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed.check_shares(1, 1, rollout_batch_size=1)
+
+
 def test_one_process_gradients_are_divided_by_the_units():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([3.0, 6.0])

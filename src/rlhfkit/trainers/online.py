@@ -264,6 +264,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     """
     rows = load_prompts(cfg.prompts)
     eval_rows = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    distributed.check_shares(cfg.prompts_per_step * cfg.group_size, cfg.mini_batch_size,
+                             prompts_per_step=cfg.prompts_per_step)
     strategy = STRATEGIES[cfg.advantage]
     reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
     out, device, tokenizer = start_run(cfg)

@@ -280,6 +280,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     rows = load_prompts(cfg.prompts)
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
+    distributed.check_shares(cfg.rollout_batch_size * cfg.rollouts_per_step, cfg.mini_batch_size,
+                             rollout_batch_size=cfg.rollout_batch_size)
     out, device, tokenizer = start_run(cfg, deepspeed=True)
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, rollout_batch_size=cfg.rollout_batch_size,
                                       mini_batch_size=cfg.mini_batch_size)
