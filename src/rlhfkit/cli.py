@@ -311,7 +311,7 @@ def cmd_online(cfg) -> None:
     from rlhfkit.trainers.online import train
 
     metrics = train(cfg)
-    _report(metrics, f"policy adapter saved to {cfg.train.out}")
+    _report(metrics, f"policy {'adapter' if cfg.lora.enabled else 'model'} saved to {cfg.train.out}")
 
 
 def _quickstart_config():

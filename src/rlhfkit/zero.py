@@ -22,9 +22,10 @@ data-parallel arithmetic around it (``rlhfkit.distributed``):
 
 Chosen by ``train.deepspeed`` or, with ``auto``, by the DeepSpeed config of ``accelerate launch``
 (``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_*`` in the environment). For SFT, the reward
-model, DPO and its family (one engine over the trained model, in ``trainers.loop.run``), and for PPO's
-``mode: separate`` at stages 1-2 (one engine for the actor, one for the critic, as OpenRLHF runs them).
-The PPO trainer reaches an engine through its optimiser: ``backward(optimizer, loss)`` and
+model, DPO and its family (one engine over the trained model, in ``trainers.loop.run``), and at stages 1-2
+for PPO's ``mode: separate`` (one engine for the actor, one for the critic, as OpenRLHF runs them) and the
+online methods training the full policy (``lora.enabled: false``).
+Those trainers reach an engine through its optimiser: ``backward(optimizer, loss)`` and
 ``loop.optimizer_step`` take DeepSpeed's way when the optimiser has one, the plain one otherwise.
 """
 
@@ -115,24 +116,24 @@ def updates_partitions(optimizers) -> bool:
     return any(engine_of(opt) is not None for opt in optimizers)
 
 
-def ppo_stage(setting: str, mode: str, sharding: str) -> int:
-    """The ZeRO stage of a PPO run (``train.deepspeed`` ``setting``, PPO's ``mode``, the FSDP mode chosen), 0 for
-    none: always 0 with one process. Stages 1-2 partition the AdamW state (and gradients) of the full actor
-    and critic of ``mode: separate``; the rest is refused, naming what to use instead."""
+def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:
+    """The ZeRO stage of a PPO or online-method run (``train.deepspeed`` ``setting``, the FSDP mode chosen), 0 for
+    none: always 0 with one process. Stages 1-2 partition the AdamW state (and gradients) of full trained models
+    (``full``: PPO's mode separate, the online methods with lora.enabled false); a run training LoRA adapters is
+    refused with ``instead`` (what to do), ZeRO-3 too (the weights would be gathered whole to sample)."""
     stage_ = stage(setting) if distributed.world_size() > 1 else 0
     if not stage_:
         return 0
     if sharding != "off":
         raise ConfigError(f"both FSDP ({sharding}) and DeepSpeed (ZeRO-{stage_}) are asked for: choose one "
                           "(train.fsdp off or train.deepspeed off, or one accelerate config)")
-    if mode != "separate":
-        raise ConfigError(f"DeepSpeed ZeRO-{stage_} runs PPO's mode: separate only (a full actor and critic). "
-                          "In shared mode the trained weights are two small LoRA adapters on one base: launch it "
-                          "with replicas (docs/distributed.md), or set --mode separate")
+    if not full:
+        raise ConfigError(f"DeepSpeed ZeRO-{stage_} partitions full trained models only. {instead}")
     if stage_ == 3:
-        raise ConfigError("DeepSpeed ZeRO-3 is not supported for PPO: use ZeRO-2 (examples/accelerate/zero2.yaml), "
-                          "which partitions the actor's and critic's AdamW state and gradients, or FSDP to split "
-                          "the weights too (train.fsdp full_shard, or examples/accelerate/fsdp.yaml)")
+        raise ConfigError("DeepSpeed ZeRO-3 is not supported for PPO and the online methods: use ZeRO-2 "
+                          "(examples/accelerate/zero2.yaml), which partitions the trained models' AdamW state and "
+                          "gradients, or FSDP to split the weights too (train.fsdp full_shard, or "
+                          "examples/accelerate/fsdp.yaml)")
     return stage_
 
 

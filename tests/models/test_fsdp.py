@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from rlhfkit import fsdp
 from rlhfkit.cli import COMMANDS, main
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, parse_args
-from rlhfkit.trainers.loop import run, start_run
+from rlhfkit.trainers.loop import run
 
 ACCELERATE = Path(__file__).parents[2] / "examples" / "accelerate"
 TRAIN = ["--train.batch_size", "8", "--train.log_every", "1", "--train.tensorboard", "false", "--optim.lr", "3e-3"]
@@ -71,19 +71,25 @@ def test_unsupported_fsdp_options_are_refused_naming_the_fix(launcher_env, env, 
         fsdp.mode("auto")
 
 
-@pytest.mark.parametrize("command", ["grpo", "rloo"])
-def test_online_trainers_refuse_deepspeed_naming_fsdp(launcher_env, command, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo"])
+def test_rollout_trainers_under_deepspeed_train_full_models_only_and_say_what_else(launcher_env, command, tmp_path,
+                                                                                  task_dir, monkeypatch):
+    # PPO's shared mode and the online methods' LoRA policy train small adapters: refused before the run starts,
+    # naming replicas and the full-model setting; from train.deepspeed or from an accelerate DeepSpeed launch
     make_cls = COMMANDS[command][0]
     cls = make_cls if isinstance(make_cls, type) else make_cls()
-    cfg = parse_args(cls, ["--train.deepspeed", "zero2", "--train.out", str(tmp_path)])
-    with pytest.raises(ConfigError, match="supported for sft, rm, dpo, orpo, simpo, kto and ppo's mode separate, "
-                                          "not .*train.fsdp full_sh"):
-        start_run(cfg)
-    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")  # the same from a launch
-    with pytest.raises(ConfigError, match=r"DeepSpeed \(zero3"):
-        start_run(parse_args(cls, ["--train.out", str(tmp_path)]))
-    launcher_env(ACCELERATE_USE_DEEPSPEED="false", ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
-    start_run(parse_args(cls, ["--model.path", tiny_model_dir("llama"), "--train.out", str(tmp_path)]))  # FSDP: yes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    common = ["--prompts", str(task_dir / "prompts_train.jsonl"), "--train.out", str(tmp_path / "run")]
+    if command == "ppo":
+        common += ["--reward_model", "unused"]
+    instead = "--mode separate" if command == "ppo" else r"--lora.enabled false"
+    train = COMMANDS[command][1]
+    with pytest.raises(ConfigError, match=f"ZeRO-2 partitions full trained models only.* replicas .*{instead}"):
+        train(parse_args(cls, [*common, "--train.deepspeed", "zero2"]))
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="1")  # the same from a launch
+    with pytest.raises(ConfigError, match=f"ZeRO-1 partitions full trained models only.*{instead}"):
+        train(parse_args(cls, common))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
 @needs_sharded_rollouts

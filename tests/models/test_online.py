@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.cli import main
 from rlhfkit.data.tasks import arithmetic
+from rlhfkit.models.roles import SeparateRoles
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.trainers.online import STRATEGIES, Method
 
@@ -116,6 +117,36 @@ def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_modul
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
     assert not (out / "critic").exists()  # critic-free
+
+
+def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(tiny_model_dir, arithmetic_dir,
+                                                                              reward_module, tmp_path, monkeypatch):
+    # lora.enabled false: the whole model is trained and saved as a model directory; the reference is a frozen
+    # copy, loaded only when a KL term needs it; a checkpoint resumes to the uninterrupted run's weights
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.trainers import online
+
+    built = []
+    monkeypatch.setattr(online, "SeparateRoles", lambda *a, **k: built.append(k) or SeparateRoles(*a, **k))
+    model = tiny_model_dir("llama")
+    args = ["--rewards", "my_rewards:length", "--lora.enabled", "false", "--optim.lr", "1e-3"]
+    assert _run("grpo", model, arithmetic_dir, tmp_path / "one", *args, "--kl_coef", "0.05",
+                "--train.save_every", "1") == 0
+    logs = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    # the reference is the policy at step 1 (the k1 estimate is 0), then a copy the policy has moved away from
+    assert logs[0]["rollout/kl"] == pytest.approx(0.0, abs=1e-6) and abs(logs[1]["rollout/kl"]) > 1e-3
+    assert not (tmp_path / "one" / "adapter_config.json").exists()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    assert all(not torch.equal(trained[k], v) for k, v in base.items() if v.dim() == 2)  # every matrix trained
+    assert _run("grpo", model, arithmetic_dir, tmp_path / "two", *args, "--kl_coef", "0.05", "--train.resume",
+                str(tmp_path / "one" / "checkpoints" / "step-1")) == 0
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    for k, v in trained.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-6)
+    assert _run("rloo", model, arithmetic_dir, tmp_path / "three", *args) == 0  # no KL term: no reference
+    assert [k["reference"] for k in built] == [True, True, False]
 
 
 def test_reward_function_errors_name_the_function(tiny_model_dir, arithmetic_dir, reward_module, tmp_path, capsys):

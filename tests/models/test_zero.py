@@ -69,18 +69,18 @@ def test_fsdp_and_deepspeed_together_are_refused(launcher_env, monkeypatch):
         run(model=torch.nn.Linear(2, 2), loss_fn=None, n_examples=100, cfg=cfg, optim=OptimConfig(), logger=None)
 
 
-def test_ppo_under_deepspeed_is_mode_separate_at_stages_1_and_2(launcher_env, monkeypatch):
-    assert zero.ppo_stage("zero3", "shared", "off") == 0  # one process: nothing to partition
+def test_ppo_and_the_online_methods_under_deepspeed_are_full_models_at_stages_1_and_2(launcher_env, monkeypatch):
+    assert zero.rollout_stage("zero3", "off", False, "") == 0  # one process: nothing to partition
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert zero.ppo_stage("zero2", "separate", "off") == 2 and zero.ppo_stage("off", "shared", "off") == 0
+    assert zero.rollout_stage("zero2", "off", True, "") == 2 and zero.rollout_stage("off", "off", False, "") == 0
     launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="1")  # from a launch
-    assert zero.ppo_stage("auto", "separate", "off") == 1
-    with pytest.raises(ConfigError, match="ZeRO-1 runs PPO's mode: separate only .* launch it with replicas"):
-        zero.ppo_stage("auto", "shared", "off")
-    with pytest.raises(ConfigError, match=r"ZeRO-3 is not supported for PPO: use ZeRO-2 .* or FSDP"):
-        zero.ppo_stage("zero3", "separate", "off")
+    assert zero.rollout_stage("auto", "off", True, "") == 1
+    with pytest.raises(ConfigError, match="ZeRO-1 partitions full trained models only. Use replicas"):
+        zero.rollout_stage("auto", "off", False, "Use replicas")
+    with pytest.raises(ConfigError, match=r"ZeRO-3 is not supported for PPO and the online methods: use ZeRO-2"):
+        zero.rollout_stage("zero3", "off", True, "")
     with pytest.raises(ConfigError, match=r"both FSDP \(full_shard\) and DeepSpeed \(ZeRO-2\)"):
-        zero.ppo_stage("zero2", "separate", "full_shard")
+        zero.rollout_stage("zero2", "full_shard", True, "")
 
 
 def test_separate_roles_hand_their_autocast_to_each_engine(monkeypatch):
@@ -452,3 +452,34 @@ def test_separate_ppo_with_one_update_a_step_under_zero1_equals_one_process(tiny
     for key in ("loss/value", "grad_norm/critic", "grad_norm/actor"):  # of the whole mini-batch, either way
         values = [[r[key] for r in run if key in r] for run in (one, two)]
         assert len(values[0]) == 3 and values[1] == pytest.approx(values[0], rel=1e-4), key
+
+
+# --------------------------------------------------------------------------- the online methods, the full policy
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("launch", ["zero2.yaml", "fsdp"])
+def test_full_parameter_grpo_under_zero2_or_fsdp_equals_one_process(tiny_model_dir, ppo_setup, tmp_path, launch):
+    # lora.enabled false: the whole policy trained (an engine over it, or sharded), a frozen copy as the KL
+    # term's reference, whole (DeepSpeed) or fully sharded (FSDP); two updates a step, clipping active
+    args = ["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(ppo_setup / "prompts.jsonl"),
+            "--rewards", str(ppo_setup / "rm"), "--lora.enabled", "false", "--kl_coef", "0.05",
+            "--train.max_steps", "3", "--prompts_per_step", "4", "--group_size", "4", "--mini_batch_size", "8",
+            "--optim.lr", "1e-3", "--optim.max_grad_norm", "0.05", "--generation.max_new_tokens", "8",
+            "--train.tensorboard", "false", "--train.seed", "1"]
+    # (seed 0 draws one uniform within float rounding of a token boundary: batches of 16 and of 8 rows round the
+    # random tiny model's near-uniform softmax differently, and that one token differs)
+    _one_process(args, tmp_path / "one")
+    if launch == "fsdp":
+        printed = _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
+        assert "fsdp full_shard over 2 processes (the actor)" in printed
+        assert "fsdp full_shard over 2 processes (the frozen reference)" in printed
+    else:
+        printed = _launch(launch, args, tmp_path / "two")
+        assert "deepspeed ZeRO-2 over 2 processes (the actor): AdamW state and gradients partitioned" in printed
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert all(r["grad_norm"] > 0.05 for r in one)  # clipped every update
+    for key in ("loss/policy", "loss/kl", "grad_norm", "rollout/kl"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key

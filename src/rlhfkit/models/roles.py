@@ -254,15 +254,21 @@ class RewardAdapterScores:
 
 
 class SeparateRoles:
-    """Four full models' worth: actor, frozen reference, critic (backbone + value head)."""
+    """Four full models' worth: actor, frozen reference, critic (backbone + value head), actor and critic
+    trained in full. For the critic-free methods (``critic_path`` None) no critic, and the reference only
+    when a KL term needs it (``reference``)."""
 
-    def __init__(self, model_cfg: ModelConfig, critic_path: str, device: torch.device):
+    def __init__(self, model_cfg: ModelConfig, critic_path: str | None, device: torch.device,
+                 reference: bool = True):
         self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
         self.actor = load_causal_lm(model_cfg, device, trainable=True)
-        self.ref = _frozen(load_causal_lm(model_cfg, device))
+        self.ref = _frozen(load_causal_lm(model_cfg, device)) if reference else None
         # critic = backbone + one-output head; from the reward model (seed 002) or the SFT model
-        self.critic = load_reward_backbone(ModelConfig(**{**vars(model_cfg), "path": critic_path}), device,
-                                           trainable=True)
+        self.critic = (load_reward_backbone(ModelConfig(**{**vars(model_cfg), "path": critic_path}), device,
+                                            trainable=True) if critic_path else None)
+
+    def _models(self) -> list[nn.Module]:
+        return [m for m in (self.actor, self.ref, self.critic) if m is not None]
 
     def actor_logprobs(self, batch, temperature: float = 1.0, with_logits: bool = False):
         # with gradients under DeepSpeed: one forward of the actor's engine (``rlhfkit.zero``)
@@ -275,11 +281,14 @@ class SeparateRoles:
 
     @contextlib.contextmanager
     def reference(self):
+        if self.ref is None:
+            raise RuntimeError("these roles were built without a reference model (reference=False)")
         yield self.ref
 
     def reference_logprobs(self, batch, temperature: float = 1.0) -> torch.Tensor:
-        return logprobs_of(self.ref, batch["input_ids"], batch["attention_mask"],
-                           keep=batch["action_mask"].shape[1], temperature=temperature)
+        with self.reference() as ref:
+            return logprobs_of(ref, batch["input_ids"], batch["attention_mask"],
+                               keep=batch["action_mask"].shape[1], temperature=temperature)
 
     def generation_model(self):
         return self.actor
@@ -289,39 +298,46 @@ class SeparateRoles:
         the frozen reference always fully (nothing of it is kept for a backward). Before the optimisers are
         built. Nothing with one process or 'off'."""
         fsdp.shard(self.actor, how, what="the actor")
-        fsdp.shard(self.ref, "full_shard", what="the frozen reference")
-        fsdp.shard(self.critic, how, what="the critic")
+        if self.ref is not None:
+            fsdp.shard(self.ref, "full_shard", what="the frozen reference")
+        if self.critic is not None:
+            fsdp.shard(self.critic, how, what="the critic")
 
     def release(self) -> None:
         """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""
-        for model in (self.actor, self.ref, self.critic):
+        for model in self._models():
             fsdp.release(model)
 
     def partition(self, stage: int, actor_opt, critic_opt, micro_size: int, max_grad_norm: float) -> None:
-        """DeepSpeed ZeRO-``stage`` (1 or 2) for the actor and the critic: an engine each, over its optimiser
-        (``rlhfkit.zero``), which then back-propagates, reduces, clips and steps through it. The frozen
-        reference stays whole. After a checkpoint was loaded into the plain models and optimisers."""
+        """DeepSpeed ZeRO-``stage`` (1 or 2) for the actor and the critic (``critic_opt`` None: none): an engine
+        each, over its optimiser (``rlhfkit.zero``), which then back-propagates, reduces, clips and steps
+        through it. The frozen reference stays whole. After a checkpoint was loaded into the plain models
+        and optimisers."""
+        pairs = [(self.actor, actor_opt, "the actor"), (self.critic, critic_opt, "the critic")]
         self.engines = [zero.Engine(model, opt, stage, 1, micro_size, max_grad_norm, amp=self.amp, what=what)
-                        for model, opt, what in ((self.actor, actor_opt, "the actor"),
-                                                 (self.critic, critic_opt, "the critic"))]
+                        for model, opt, what in pairs if opt is not None]
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        return list(self.critic.parameters())
+        return [] if self.critic is None else list(self.critic.parameters())
 
     def named_parameters(self):
         """Every parameter by a unique name (checkpoints save the trainable ones)."""
         yield from self.actor.named_parameters(prefix="actor")
-        yield from self.critic.named_parameters(prefix="critic")
+        if self.critic is not None:
+            yield from self.critic.named_parameters(prefix="critic")
 
     def train(self, mode: bool = True) -> None:
-        self.actor.train(mode), self.critic.train(mode)
+        self.actor.train(mode)
+        if self.critic is not None:
+            self.critic.train(mode)
 
     def save(self, out: str | Path, tokenizer) -> None:
         save_model(self.actor, tokenizer, out)
-        save_model(self.critic, tokenizer, Path(out) / "critic")
+        if self.critic is not None:
+            save_model(self.critic, tokenizer, Path(out) / "critic")
 
 
 def load_value_head(path: str | Path, head: nn.Linear) -> nn.Linear:

@@ -378,22 +378,11 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     return out
 
 
-ZERO_TRAINERS = "sft, rm, dpo, orpo, simpo, kto and ppo's mode separate"  # the trainers DeepSpeed partitions
-
-
-def start_run(cfg, deepspeed: bool = False):
+def start_run(cfg):
     """What every trainer does once its data is validated: the run directory (with the resolved
-    config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer).
-    A trainer whose models DeepSpeed cannot partition (``deepspeed`` False: the online methods, which
-    shard with FSDP) refuses a DeepSpeed run here."""
+    config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer)."""
     from rlhfkit.models.load import load_tokenizer, resolve_device
 
-    chosen = zero.mode(cfg.train.deepspeed)
-    if chosen != "off" and not deepspeed:
-        raise ConfigError(f"DeepSpeed ({chosen}, from train.deepspeed or the accelerate config) is supported for "
-                          f"{ZERO_TRAINERS}, not for {type(cfg).__name__.removesuffix('Config')}: shard it with FSDP "
-                          "(train.fsdp full_shard, or examples/accelerate/fsdp.yaml) and train.deepspeed off, or "
-                          "launch it with replicas (docs/distributed.md)")
     device = distributed.setup(resolve_device(cfg.train.device))
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)

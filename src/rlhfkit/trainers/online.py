@@ -2,7 +2,9 @@
 
 Each step: P prompts, each repeated G times (laid out group by group) → PPO's experience maker
 (sample, old log-probs, reference log-probs, reward; the actor is a LoRA adapter and the reference
-the same base with adapters off, as in PPO's shared mode, but without a critic) → advantages from
+the same base with adapters off, as in PPO's shared mode, but without a critic; or, with
+``lora.enabled: false``, the full model trained and a frozen copy as the reference, loaded only when a
+KL term needs it, as in PPO's separate mode) → advantages from
 the method's strategy → ``epochs`` passes over shuffled mini-batches: PPO's clipped policy loss
 (+ an optional k3 KL term, GRPO eq. 4) → step → log. Methods differ only in their advantage and
 the reduction of the token losses:
@@ -23,13 +25,13 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhfkit import distributed, fsdp
+from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
-from rlhfkit.models.roles import SharedBaseRoles
+from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of, mean_stderr
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
@@ -69,14 +71,13 @@ class OnlineConfig:
                             "steps and at the end")
     model: ModelConfig = arg(ModelConfig, "the SFT model: the policy starts here and the reference stays here")
     lora: LoraConfig = arg(LoraConfig(enabled=True, target_modules="all-linear+head"),
-                           "the policy's adapter (needed: the reference is the base with adapters off)")
+                           "the policy's adapter (the reference is the base with adapters off); enabled false: "
+                           "the full model is trained, a frozen copy is the reference (loaded only with a KL term)")
     optim: OptimConfig = arg(OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"), "policy optimiser")
     generation: GenerationConfig = arg(GenerationConfig, "sampling (temperature 1, no top-k/top-p by default)")
     train: TrainConfig = arg(TrainConfig(out="runs/online", max_steps=50, log_every=1), "loop; max_steps = RL steps")
 
     def __post_init__(self) -> None:
-        if not self.lora.enabled:
-            raise ValueError("lora.enabled must be true: the reference model is the base with the adapter off")
         if self.advantage == "rloo" and self.group_size < 2:
             raise ValueError("rloo needs group_size >= 2 (a leave-one-out baseline needs another sample)")
 
@@ -189,7 +190,7 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
                                      beta=cfg.beta, kl_estimator=cfg.kl_estimator, reward_clip=None,
                                      missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds,
                                      old_logprobs="none" if one_update(cfg) and not cfg.beta else "rollout",
-                                     reference=bool(cfg.kl_coef or cfg.beta))
+                                     reference=bool(cfg.kl_coef or cfg.beta), values=False)  # no critic
     grouped = exp.scores.view(-1, G)  # (P, G)
     metrics = {**stats.metrics, **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
@@ -229,8 +230,10 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             whole = exp.action_mask[idx]
             pg_share = reduction_units(reduction, mb.action_mask) / max(reduction_units(reduction, whole), 1.0)
             kl_share = float(mb.action_mask.sum()) / max(float(whole.sum()), 1.0)
-            (pg_loss * pg_share + cfg.kl_coef * kl_loss * kl_share).backward()
-            distributed.average_gradients(roles.actor_parameters(), 1.0)  # the sum over processes
+            # DeepSpeed's backward where an engine steps the optimiser (which then reduces the gradients)
+            zero.backward(optimizer[0], pg_loss * pg_share + cfg.kl_coef * kl_loss * kl_share)
+            if not zero.engine_of(optimizer[0]):
+                distributed.average_gradients(roles.actor_parameters(), 1.0)  # the sum over processes
             grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)  # applies nothing when non-finite
             if not nonfinite.ok("gradient norm", grad_norm, step):
                 continue
@@ -268,13 +271,17 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                              prompts_per_step=cfg.prompts_per_step)
     strategy = STRATEGIES[cfg.advantage]
     reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
-    out, device, tokenizer = start_run(cfg)
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, prompts_per_step=cfg.prompts_per_step,
                                       mini_batch_size=cfg.mini_batch_size)
+    stage = zero.rollout_stage(cfg.train.deepspeed, sharding, not cfg.lora.enabled,  # ZeRO-1/2, the full policy
+                               f"{cfg.advantage} with a LoRA policy trains a small adapter: launch it with replicas "
+                               "(docs/distributed.md), or train the full model (--lora.enabled false)")
+    out, device, tokenizer = start_run(cfg)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
     reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
-    roles = SharedBaseRoles(cfg.model, cfg.lora, device, critic=False)
-    roles.shard(sharding)  # FSDP: the base and its adapter split over the processes (before the optimiser)
+    roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False) if cfg.lora.enabled
+             else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta)))
+    roles.shard(sharding)  # FSDP: the policy (a base and its adapter) split over the processes, before the optimiser
     steps = cfg.train.max_steps
     samples = cfg.prompts_per_step * cfg.group_size
     updates = steps * cfg.epochs * -(-samples // cfg.mini_batch_size)  # the schedule counts updates
@@ -285,9 +292,12 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     checkpoints = Checkpoints(cfg.train, roles, {"policy": optimizer},
                               extra=lambda: {"generator": generator.get_state()},
                               save_weights=lambda path: roles.save(path, tokenizer))
-    start, extra = checkpoints.resume()
+    start, extra = checkpoints.resume()  # into the plain model and optimiser: a DeepSpeed engine adopts them
     if extra:
         generator.set_state(extra["generator"])
+    if stage:
+        micro = max(1, cfg.mini_batch_size // distributed.world_size())  # DeepSpeed's bookkeeping only
+        roles.partition(stage, optimizer[0], None, micro, cfg.optim.max_grad_norm)
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
 

@@ -282,10 +282,12 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
     distributed.check_shares(cfg.rollout_batch_size * cfg.rollouts_per_step, cfg.mini_batch_size,
                              rollout_batch_size=cfg.rollout_batch_size)
-    out, device, tokenizer = start_run(cfg, deepspeed=True)
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, rollout_batch_size=cfg.rollout_batch_size,
                                       mini_batch_size=cfg.mini_batch_size)
-    stage = zero.ppo_stage(cfg.train.deepspeed, cfg.mode, sharding)  # DeepSpeed: mode separate, ZeRO-1/2
+    stage = zero.rollout_stage(cfg.train.deepspeed, sharding, cfg.mode == "separate",  # ZeRO-1/2, full models
+                               "PPO's mode: shared trains two small LoRA adapters on one base: launch it with "
+                               "replicas (docs/distributed.md), or set --mode separate")
+    out, device, tokenizer = start_run(cfg)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
     prompts = [r["prompt"] for r in rows]
     roles = build_roles(cfg, device)

@@ -393,7 +393,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     objective = OBJECTIVES[type(cfg)](cfg)
     rows = objective.read(cfg.data)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
-    out, device, tokenizer = start_run(cfg, deepspeed=True)
+    out, device, tokenizer = start_run(cfg)
     policy = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, float32=cfg.model.dtype == "auto")

@@ -55,7 +55,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     """Train a reward model from ``cfg.model.path`` on ``cfg.data``; saved to ``cfg.train.out``."""
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_preference, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
-    out, device, tokenizer = start_run(cfg, deepspeed=True)
+    out, device, tokenizer = start_run(cfg)
     model = load_reward_backbone(cfg.model, device, trainable=not cfg.lora.enabled)
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooling agrees where others load it
     if cfg.lora.enabled:

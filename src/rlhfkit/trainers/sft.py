@@ -52,7 +52,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; the model lands in ``cfg.train.out``."""
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_sft, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
-    out, device, tokenizer = start_run(cfg, deepspeed=True)
+    out, device, tokenizer = start_run(cfg)
     model = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, float32=cfg.model.dtype == "auto")
