@@ -1,6 +1,6 @@
 """GRPO, Dr. GRPO, RLOO and REINFORCE++ on the arithmetic task, from one SFT model: one command.
 
-    python benchmarks/online_methods.py [--out DIR] [--seed N] [--steps N]
+    python benchmarks/online_methods.py [--out DIR] [--seed N] [--steps N] [--methods GRPO,...]
 
 Writes the arithmetic task (single-digit sums, rlhfkit.data.tasks.arithmetic) and a tiny Llama (default
 sizes: hidden 128, 2 layers), fine-tunes it on the mixed-quality demonstrations (half of them wrong), runs
@@ -44,6 +44,8 @@ METHODS = [
     ("Dr. GRPO", "grpo", ["--advantage", "dr_grpo"]),
     ("RLOO", "rloo", []),
     ("REINFORCE++", "reinforce-pp", ["--beta", "0.01"]),
+    # the full model trained (no LoRA: TRL's default), at a learning rate for full weights
+    ("GRPO full model", "grpo", ["--lora.enabled", "false", "--optim.lr", "2e-4"]),
 ]
 SAMPLES = 4  # samples per test prompt at temperature 1
 
@@ -69,7 +71,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-online", help="directory for data, models and logs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task, the model, training and sampling")
     parser.add_argument("--steps", type=int, default=60, help="RL steps per method (16 prompts × 8 samples each)")
+    parser.add_argument("--methods", default="", help="comma-separated names from the table (default: all); "
+                        f"of {', '.join(name for name, _, _ in METHODS)}")
     args = parser.parse_args()
+    chosen = [m for m in METHODS if not args.methods or m[0] in args.methods.split(",")]
     torch.set_num_threads(1)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -86,10 +91,11 @@ def main() -> None:
         runs[name] = {"dir": str(out / slug), "wall_s": wall}
 
     train("SFT", ["sft", "--model", str(out / "tiny"), "--data", str(data / "sft.jsonl"), *SFT])
-    for name, command, options in METHODS:
+    for name, command, options in chosen:
+        common = [a for k, v in zip(COMMON[::2], COMMON[1::2]) if k not in options for a in (k, v)]  # options win
         train(name, [command, "--model", runs["SFT"]["dir"], "--prompts", str(data / "prompts_train.jsonl"),
                      "--eval_prompts", str(data / "prompts_valid.jsonl"), "--train.max_steps", str(args.steps),
-                     *REWARDS, *COMMON, *options])
+                     *REWARDS, *common, *options])
 
     rows = load_prompts(data / "prompts_test.jsonl")
     cpu = torch.device("cpu")

@@ -65,17 +65,19 @@ def shard(items, n_ranks: int | None = None, index: int | None = None):
     return items[span.start: span.stop]
 
 
-def check_shares(buffer: int, mini_batch: int, **batches: int) -> None:
+def check_shares(buffer: int, mini_batch: int, source: str = "", rows: int = 0, **batches: int) -> None:
     """Refuse a split that leaves a process without rows, naming the setting: each of ``batches`` (setting →
     rows, split over the processes) and each mini-batch a ``buffer`` of rows is cut into (``mini_batch``
-    rows, the last one what is left). Nothing with one process."""
+    rows, the last one what is left). ``source`` (a prompts file of ``rows`` usable rows) is named when the
+    batch is the whole file. Nothing with one process."""
     from rlhfkit.config import ConfigError
 
     world = world_size()
-    for name, rows in {**batches, "mini_batch_size": min(mini_batch, buffer)}.items():
-        if rows < world:
-            raise ConfigError(f"{name} {rows} leaves some of the {world} processes without rows (each takes a share "
-                              f"of it): make it at least {world}")
+    for name, n in {**batches, "mini_batch_size": min(mini_batch, buffer)}.items():
+        if n < world:
+            where = f" ({source} holds {rows} usable prompts)" if source and rows < world else ""
+            raise ConfigError(f"{name} {n}{where} leaves some of the {world} processes without rows (each takes a "
+                              f"share of it): make it at least {world}")
     last = buffer % mini_batch
     if 0 < last < world:
         raise ConfigError(f"mini_batch_size {mini_batch} cuts the {buffer} samples of a step into mini-batches whose "

@@ -21,9 +21,8 @@ def test_shards_cover_the_batch_in_order_once():
     assert distributed.shard(items, 1, 0) == items
 
 
-def test_splits_that_leave_a_process_without_rows_are_refused_naming_the_setting(monkeypatch, task_dir, tmp_path):
-    from rlhfkit.config import ConfigError, GenerationConfig, TrainConfig
-    from rlhfkit.trainers import online, ppo
+def test_splits_that_leave_a_process_without_rows_are_refused_naming_the_setting(monkeypatch):
+    from rlhfkit.config import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for buffer, mini in ((8, 4), (8, 3), (8, 64), (2, 2)):  # mini-batches 4+4, 3+3+2, the whole 8, 2
@@ -32,21 +31,32 @@ def test_splits_that_leave_a_process_without_rows_are_refused_naming_the_setting
         distributed.check_shares(8, 1, rollout_batch_size=8)
     with pytest.raises(ConfigError, match="prompts_per_step 1 leaves some of the 2 processes without rows"):
         distributed.check_shares(8, 8, prompts_per_step=1)
+    with pytest.raises(ConfigError, match=r"prompts_per_step 1 \(p.jsonl holds 1 usable prompts\) leaves"):
+        distributed.check_shares(8, 8, "p.jsonl", 1, prompts_per_step=1)
     with pytest.raises(ConfigError, match="whose last holds 1, fewer than the 2 processes: choose a mini_batch_size "
                                           "that divides 8"):
         distributed.check_shares(8, 7, rollout_batch_size=8)
-    # the trainers check before they start (before: a process with no rows crashed in max() mid-step, seen)
-    prompts, train = str(task_dir / "prompts_train.jsonl"), TrainConfig(out=str(tmp_path))
-    with pytest.raises(ConfigError, match="mini_batch_size 1 leaves"):
-        ppo.train(ppo.PPOConfig(prompts=prompts, reward_model="unused", rollout_batch_size=4, mini_batch_size=1,
-                                train=train))
-    with pytest.raises(ConfigError, match="last holds 2, fewer than the 3 processes"):
-        monkeypatch.setenv("WORLD_SIZE", "3")
-        online.train(online.GRPOConfig(prompts=prompts, prompts_per_step=3, group_size=2, mini_batch_size=4,
-                                       generation=GenerationConfig(), train=train))
-    assert not any(tmp_path.iterdir())  # refused before the run directory was made
     monkeypatch.setenv("WORLD_SIZE", "1")
     distributed.check_shares(1, 1, rollout_batch_size=1)
+
+
+@pytest.mark.parametrize("command", ["ppo", "grpo"])
+def test_a_prompts_file_smaller_than_the_processes_is_refused_in_every_process(tiny_model_dir, task_dir, tmp_path,
+                                                                              command):
+    # the batch is the whole file when it holds fewer rows than the setting: one prompt for two processes
+    # (before: process 1 sampled nothing and crashed in pad_batch, and process 0 waited on it)
+    (tmp_path / "one.jsonl").write_text((task_dir / "prompts_train.jsonl").read_text().splitlines()[0] + "\n")
+    args = [command, "--model", tiny_model_dir("llama"), "--prompts", str(tmp_path / "one.jsonl"),
+            "--train.tensorboard", "false", "--out", str(tmp_path / "run")]
+    reward = "rlhfkit.data.tasks.arithmetic:answer_format"
+    args += ["--reward_model", "unused"] if command == "ppo" else ["--rewards", reward]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(_free_port()), "-m", "rlhfkit.cli", *args]
+    result = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert said.count(f"({tmp_path / 'one.jsonl'} holds 1 usable prompts) leaves some of the 2 processes") == 2
 
 
 def test_one_process_gradients_are_divided_by_the_units():

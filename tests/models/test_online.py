@@ -149,6 +149,15 @@ def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(ti
     assert [k["reference"] for k in built] == [True, True, False]
 
 
+def test_a_lora_adapter_cannot_be_trained_in_full_and_says_how_to(tmp_path):
+    # loaded, it would be a frozen base under a frozen adapter: nothing to train (before: "no trainable parameters")
+    from rlhfkit.config import ConfigError, ModelConfig
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a LoRA adapter directory: merge it into a full model .*rlhfkit export"):
+        SeparateRoles(ModelConfig(path=str(tmp_path)), None, torch.device("cpu"))
+
+
 def test_reward_function_errors_name_the_function(tiny_model_dir, arithmetic_dir, reward_module, tmp_path, capsys):
     rc = _run("rloo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "broken", "--rewards", "my_rewards:broken")
     assert rc == 2

@@ -5,7 +5,8 @@
   the critic a second LoRA adapter (``critic``) plus a value head, and the reference is
   the same base with adapters disabled.
 * ``SeparateRoles`` (OpenRLHF style): a full actor, a frozen full reference copy and a
-  full critic (backbone + value head), actor and critic fully trained.
+  full critic (backbone + value head), actor and critic fully trained; for the critic-free
+  methods training the full model, the actor alone, with the reference only for a KL term.
 
 Trainers see one interface: ``actor_logprobs``, ``critic_values``, ``with roles.reference():``,
 ``actor_parameters``/``critic_parameters``, ``generation_model``, ``shard``/``release`` and ``save``. Batches are
@@ -23,10 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.config import LoraConfig, ModelConfig
+from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
-from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, peft_lora_config, save_model
+from rlhfkit.models.load import (add_lora, is_adapter_dir, load_causal_lm, mixed_precision, peft_lora_config,
+                                 save_model)
 from rlhfkit.models.reward import NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone
 from rlhfkit.ops import position_ids_from_mask
 
@@ -260,6 +262,10 @@ class SeparateRoles:
 
     def __init__(self, model_cfg: ModelConfig, critic_path: str | None, device: torch.device,
                  reference: bool = True):
+        if is_adapter_dir(model_cfg.path):  # loaded, it would be a frozen base under a frozen adapter
+            raise ConfigError(f"{model_cfg.path} is a LoRA adapter directory: merge it into a full model to train "
+                              "every weight (rlhfkit export --model ADAPTER_DIR --out DIR), or train LoRA adapters "
+                              "(PPO's mode shared; lora.enabled true for GRPO, RLOO and REINFORCE++)")
         self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
         self.actor = load_causal_lm(model_cfg, device, trainable=True)
         self.ref = _frozen(load_causal_lm(model_cfg, device)) if reference else None

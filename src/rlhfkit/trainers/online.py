@@ -261,14 +261,13 @@ def evaluate_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward,
 
 
 def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, float]:
-    """Run the method ``cfg.advantage``; the policy adapter lands in ``cfg.train.out``.
+    """Run the method ``cfg.advantage``; the policy (an adapter, or the full model with lora.enabled false)
+    lands in ``cfg.train.out``.
 
     ``reward`` replaces the rewards named in the config (any CombinedReward).
     """
     rows = load_prompts(cfg.prompts)
     eval_rows = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
-    distributed.check_shares(cfg.prompts_per_step * cfg.group_size, cfg.mini_batch_size,
-                             prompts_per_step=cfg.prompts_per_step)
     strategy = STRATEGIES[cfg.advantage]
     reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, prompts_per_step=cfg.prompts_per_step,
@@ -278,6 +277,9 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                                "(docs/distributed.md), or train the full model (--lora.enabled false)")
     out, device, tokenizer = start_run(cfg)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
+    per_step = min(len(rows), cfg.prompts_per_step)  # a step's prompts: the whole file when it holds fewer
+    distributed.check_shares(per_step * cfg.group_size, cfg.mini_batch_size, cfg.prompts, len(rows),
+                             prompts_per_step=per_step)
     reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
     roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False) if cfg.lora.enabled
              else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta)))

@@ -280,8 +280,6 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     rows = load_prompts(cfg.prompts)
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
-    distributed.check_shares(cfg.rollout_batch_size * cfg.rollouts_per_step, cfg.mini_batch_size,
-                             rollout_batch_size=cfg.rollout_batch_size)
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, rollout_batch_size=cfg.rollout_batch_size,
                                       mini_batch_size=cfg.mini_batch_size)
     stage = zero.rollout_stage(cfg.train.deepspeed, sharding, cfg.mode == "separate",  # ZeRO-1/2, full models
@@ -290,6 +288,9 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     out, device, tokenizer = start_run(cfg)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
     prompts = [r["prompt"] for r in rows]
+    batch = min(len(prompts), cfg.rollout_batch_size)  # a rollout batch: the whole file when it holds fewer
+    distributed.check_shares(batch * cfg.rollouts_per_step, cfg.mini_batch_size, cfg.prompts, len(prompts),
+                             rollout_batch_size=batch)
     roles = build_roles(cfg, device)
     if score_fn is None and cfg.mode == "shared" and is_adapter_dir(cfg.reward_model):
         roles.add_reward_adapter(cfg.reward_model, cfg.model.path)  # the third adapter: no second model in memory
