@@ -134,7 +134,13 @@ def _launch(launcher: str, args: list[str], out: Path) -> str:
         result = subprocess.run([sys.executable, "-m", *start, "-m", "rlhfkit.cli", *args, "--out", str(out)],
                                 capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
                                 timeout=300)  # a collective one process skips hangs the other: fail instead
-        if not port_taken(result.stderr):
+        # once in a clean-clone CI run a DeepSpeed GRPO process aborted in the interpreter's exit, after its run
+        # had finished ("terminate called without an active exception"; not reproduced in 24 runs since): a
+        # launch that ends that way runs again, saying so, instead of failing the suite
+        exit_abort = "terminate called without an active exception" in result.stderr
+        if exit_abort:
+            print(f"launch aborted at exit, run again: {' '.join(args[:1])}", file=sys.stderr)
+        if not port_taken(result.stderr) and not exit_abort:
             break
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
