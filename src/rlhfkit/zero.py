@@ -116,6 +116,13 @@ def updates_partitions(optimizers) -> bool:
     return any(engine_of(opt) is not None for opt in optimizers)
 
 
+def refuse_with_fsdp(stage_: int, sharding: str) -> None:
+    """FSDP (``sharding``) and DeepSpeed (ZeRO-``stage_``, 0 for none) in one run are refused."""
+    if sharding != "off" and stage_:
+        raise ConfigError(f"both FSDP ({sharding}) and DeepSpeed (ZeRO-{stage_}) are asked for: choose one "
+                          "(train.fsdp off or train.deepspeed off, or one accelerate config)")
+
+
 def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:
     """The ZeRO stage of a PPO or online-method run (``train.deepspeed`` ``setting``, the FSDP mode chosen), 0 for
     none: always 0 with one process. Stages 1-2 partition the AdamW state (and gradients) of full trained models
@@ -124,9 +131,7 @@ def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:
     stage_ = stage(setting) if distributed.world_size() > 1 else 0
     if not stage_:
         return 0
-    if sharding != "off":
-        raise ConfigError(f"both FSDP ({sharding}) and DeepSpeed (ZeRO-{stage_}) are asked for: choose one "
-                          "(train.fsdp off or train.deepspeed off, or one accelerate config)")
+    refuse_with_fsdp(stage_, sharding)
     if not full:
         raise ConfigError(f"DeepSpeed ZeRO-{stage_} partitions full trained models only. {instead}")
     if stage_ == 3:

@@ -4,6 +4,7 @@ is not supported says so. The launches skip without DeepSpeed (``pip install dee
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,26 +255,30 @@ distributed.teardown()
 """
 
 
-def _nan_step_runs(tmp_path, stage: str, autocast: str = "fp32") -> None:
-    """NAN_STEP in 1 process (no DeepSpeed) into tmp_path/one, in 2 under ``stage`` into tmp_path/two."""
+def _script_runs(script: Path, one: list[str], two: list[str]) -> None:
+    """``script`` run in 1 process with arguments ``one``, then in 2 (torchrun) with ``two``."""
     import os
     import subprocess
     import sys
 
     from test_distributed import _free_port, port_taken
 
-    script = tmp_path / "nan_step.py"
-    script.write_text(NAN_STEP)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "off", autocast], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(script), *one], check=True, capture_output=True)
     for _ in range(3):
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                   "--master_port", str(_free_port())]
-        done = subprocess.run([*launch, str(script), str(tmp_path / "two"), stage, autocast], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run([*launch, str(script), *two], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         if not port_taken(done.stderr):
             break
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _nan_step_runs(tmp_path, stage: str, autocast: str = "fp32") -> None:
+    """NAN_STEP in 1 process (no DeepSpeed) into tmp_path/one, in 2 under ``stage`` into tmp_path/two."""
+    script = tmp_path / "nan_step.py"
+    script.write_text(NAN_STEP)
+    _script_runs(script, [str(tmp_path / "one"), "off", autocast], [str(tmp_path / "two"), stage, autocast])
 
 
 @needs_deepspeed
@@ -354,23 +359,9 @@ def test_a_nan_loss_of_one_role_in_one_process_skips_both_ppo_updates_everywhere
     # gradients finite: only the value is NaN) skips the update of both roles in both processes, the critic's
     # too, whose gradients are finite everywhere (Engine.skip), and both schedules stay put, as one process
     # skipping it: the weights agree with one process's, and so do the logged norms and learning rates
-    import os
-    import subprocess
-    import sys
-
-    from test_distributed import _free_port, port_taken
-
     script = tmp_path / "engine_steps.py"
     script.write_text(ENGINE_STEPS)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), "0"], check=True, capture_output=True)
-    for _ in range(3):
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                  "--master_port", str(_free_port())]
-        done = subprocess.run([*launch, str(script), str(tmp_path / "two.pt"), stage], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if not port_taken(done.stderr):
-            break
-    assert done.returncode == 0, done.stderr[-3000:]
+    _script_runs(script, [str(tmp_path / "one.pt"), "0"], [str(tmp_path / "two.pt"), stage])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["skipped"] == two["skipped"] == 1 and one["norms"][2] is None and two["norms"][2] is None
     assert two["amp"] == [True] * 10 and one["amp"] == []  # each engine forward entered the run's autocast inside

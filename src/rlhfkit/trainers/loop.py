@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, save_config
+from rlhfkit.config import OptimConfig, TrainConfig, save_config
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import CONFIG_FILE, Checkpoints, NonFinite, StopRequest
 
@@ -241,9 +241,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     world = distributed.world_size()
     sharding = fsdp.mode(cfg.fsdp) if world > 1 else "off"
     stage = zero.stage(cfg.deepspeed) if world > 1 else 0
-    if sharding != "off" and stage:
-        raise ConfigError(f"both FSDP ({sharding}) and DeepSpeed (ZeRO-{stage}) are asked for: choose one "
-                          "(train.fsdp off or train.deepspeed off, or one accelerate config)")
+    zero.refuse_with_fsdp(stage, sharding)
     per_step = min(cfg.batch_size, n_examples)  # a batch is the whole data when there is less than one batch
     if (sharding != "off" or stage) and per_step % (world * cfg.grad_accum):
         what = f"FSDP ({sharding})" if stage == 0 else f"DeepSpeed ZeRO-{stage}"

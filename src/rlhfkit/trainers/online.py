@@ -298,8 +298,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     if extra:
         generator.set_state(extra["generator"])
     if stage:
-        micro = max(1, cfg.mini_batch_size // distributed.world_size())  # DeepSpeed's bookkeeping only
-        roles.partition(stage, optimizer[0], None, micro, cfg.optim.max_grad_norm)
+        roles.partition(stage, optimizer[0], None, cfg.mini_batch_size, cfg.optim.max_grad_norm)
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
 

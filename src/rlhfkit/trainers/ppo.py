@@ -316,8 +316,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     if extra:
         kl_ctl.load_state_dict(extra["kl_ctl"]), generator.set_state(extra["generator"])
     if stage:
-        micro = max(1, cfg.mini_batch_size // distributed.world_size())  # DeepSpeed's bookkeeping only
-        roles.partition(stage, actor_opt[0], critic_opt[0], micro, cfg.optim.max_grad_norm)
+        roles.partition(stage, actor_opt[0], critic_opt[0], cfg.mini_batch_size, cfg.optim.max_grad_norm)
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
     metrics = rollout_steps(
