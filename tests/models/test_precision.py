@@ -65,19 +65,59 @@ def fp32_lora_rm(tiny_model_dir, task_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
 def test_shared_ppo_runs_on_a_bf16_base_with_a_float32_reward_adapter(bf16_cpu, tiny_model_dir, task_dir,
-                                                                       fp32_lora_rm, tmp_path, dtype):
-    """auto: bf16 base, float32 adapters and heads, forwards under autocast; bfloat16: no autocast, the
-    float32 value and reward heads read bf16 hidden states (cast to their dtype)."""
-    out = tmp_path / "ppo"
+                                                                       fp32_lora_rm, tmp_path, dtype, monkeypatch):
+    """auto: bf16 base, float32 adapters and heads, forwards under autocast (the held-out evaluation's
+    sampling too); bfloat16: no autocast, the float32 value and reward heads read bf16 hidden states (cast to
+    their dtype)."""
+    import rlhfkit.evaluate
+
+    autocast, gold_eval = [], rlhfkit.evaluate.gold_eval
+
+    def spy(*args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return gold_eval(*args, **kwargs)
+
+    monkeypatch.setattr(rlhfkit.evaluate, "gold_eval", spy)
+    out, prompts = tmp_path / "ppo", tmp_path / "eval.jsonl"
+    prompts.write_text("".join((task_dir / "prompts_test.jsonl").read_text().splitlines(keepends=True)[:4]))
     assert main(["ppo", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_train.jsonl"),
                  "--reward_model", fp32_lora_rm, "--out", str(out), "--model.dtype", dtype,
                  "--train.max_steps", "2", "--rollout_batch_size", "8", "--mini_batch_size", "4",
                  "--generation.max_new_tokens", "6", "--train.tensorboard", "false", "--lora.r", "4",
-                 "--optim.lr", "1e-2"]) == 0
+                 "--optim.lr", "1e-2", "--task", "describe", "--eval_prompts", str(prompts)]) == 0
+    assert autocast == [dtype == "auto"]  # one evaluation, at the end
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(logs) == 2
+    assert len(logs) == 3 and "eval/gold" in logs[-1]
     for row in logs:
         assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert all(v.dtype == torch.float32 for k, v in adapter.items() if "lora_" in k)  # trained in float32
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # and trained
+
+
+def test_full_model_grpo_keeps_a_float32_policy_beside_a_bf16_reference_and_evaluates_under_autocast(
+        bf16_cpu, tiny_model_dir, tmp_path, monkeypatch):
+    import rlhfkit.trainers.online as online
+    from rlhfkit.data.tasks import arithmetic
+
+    autocast, evaluate_rewards = [], online.evaluate_rewards
+
+    def spy(model, *args, **kwargs):
+        autocast.append((torch.is_autocast_enabled("cpu"), next(model.parameters()).dtype))
+        return evaluate_rewards(model, *args, **kwargs)
+
+    monkeypatch.setattr(online, "evaluate_rewards", spy)
+    data, out = tmp_path / "arithmetic", tmp_path / "grpo"
+    arithmetic.write(data)
+    assert main(["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(data / "prompts_train.jsonl"),
+                 "--eval_prompts", str(data / "prompts_valid.jsonl"), "--out", str(out), "--lora.enabled", "false",
+                 "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer", "--kl_coef", "0.05",
+                 "--train.max_steps", "2", "--prompts_per_step", "2", "--group_size", "4",
+                 "--mini_batch_size", "8", "--optim.lr", "1e-3", "--generation.max_new_tokens", "6",
+                 "--train.tensorboard", "false"]) == 0
+    assert autocast == [(True, torch.float32)]  # the float32 policy samples under bf16 autocast
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 3 and all(v == v for row in logs for v in row.values() if isinstance(v, float))
+    # before the first update the bf16 reference and the float32 policy under autocast differ by rounding only
+    assert 0 <= logs[0]["loss/kl"] < 1e-5
+    assert all(v.dtype == torch.float32 for v in load_file(str(out / "model.safetensors")).values())

@@ -134,11 +134,15 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
     return metrics
 
 
-def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], model) -> dict[str, float]:
-    """``evaluate(model)`` on process 0, {} on the others. Every process calls it: a sharded ``model``
-    is gathered by all of them around process 0's evaluation (``fsdp.gathered``)."""
+def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], model,
+                     amp: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """``evaluate(model)`` on process 0 under the run's autocast ``amp``, {} on the others. Every process
+    calls it: a sharded ``model`` is gathered by all of them around process 0's evaluation (``fsdp.gathered``)."""
     with fsdp.gathered(model):
-        return evaluate(model) if distributed.is_main() else {}
+        if not distributed.is_main():
+            return {}
+        with amp():
+            return evaluate(model)
 
 
 class Logger:

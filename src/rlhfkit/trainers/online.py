@@ -322,7 +322,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
 
     def evaluate() -> dict[str, float]:  # on process 0; a sharded policy gathered by every process around it
         return evaluate_on_main(lambda model: evaluate_rewards(model, tokenizer, eval_rows, reward, cfg.generation,
-                                                               cfg.train.seed), roles.generation_model())
+                                                               cfg.train.seed), roles.generation_model(), roles.amp)
 
     metrics = rollout_steps(cfg.train, cfg.advantage, start, step_fn, checkpoints, Logger(out, cfg.train.tensorboard),
                             evaluate if eval_rows else None,

@@ -324,7 +324,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         step_fn=lambda step: ppo_step(step, roles, engine, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
                                       critic_opt, generator, nonfinite),
         evaluate=evaluate and (lambda: evaluate_on_main(lambda model: evaluate(model, tokenizer),
-                                                        roles.generation_model())),
+                                                        roles.generation_model(), roles.amp)),
         postfix=lambda m: {"score": f"{m['rollout/score']:.3f}", "kl": f"{m['rollout/kl']:.2f}"})
     roles.save(out, tokenizer)
     return metrics
