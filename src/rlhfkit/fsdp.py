@@ -211,9 +211,10 @@ def gathered(model):
 
 
 def release(model) -> None:
-    """Reshard every unit of a sharded ``model`` now (nothing otherwise): what ``shard_grad_op``, and the root
-    unit, keep gathered after a forward that no backward follows (PPO's experience passes, a learn pass
-    stopped early), so that the whole model is not held through what comes next. Local: no communication."""
+    """Reshard every unit of a sharded ``model`` now (nothing otherwise): what ``shard_grad_op`` keeps gathered
+    after a forward that no backward follows (PPO's experience passes, a learn pass stopped early), so that the
+    whole model is not held through what comes next (``full_shard`` reshards each unit, the root too, after its
+    forward). Local: no communication."""
     if not is_sharded(model):
         return
     from torch.distributed.fsdp import FSDPModule

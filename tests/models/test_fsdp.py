@@ -364,3 +364,57 @@ def test_a_signal_to_one_sharded_process_stops_both_after_the_same_step(tiny_mod
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
+
+
+RELEASE = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+from torch.distributed.tensor import DTensor
+from rlhfkit import distributed, fsdp
+
+path, how, out = sys.argv[1:]
+distributed.setup(torch.device("cpu"))
+model = fsdp.shard(AutoModelForCausalLM.from_pretrained(path), how)
+layer = model.model.layers[0].self_attn.q_proj  # in a decoder-layer unit
+whole = lambda: {"layer": not isinstance(layer.weight, DTensor),  # gathered: the unit's full tensors in place
+                 "root": not isinstance(model.lm_head.weight, DTensor)}
+seen = {"start": whole()}
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3]]))  # a forward no backward follows (an experience pass)
+seen["after forward"] = whole()
+fsdp.release(model)
+seen["after release"] = whole()
+model(torch.tensor([[1, 2, 3]]))  # one that builds a graph, then a learn pass stopped early
+seen["after grad forward"] = whole()
+fsdp.release(model)
+seen["after release 2"] = whole()
+with fsdp.gathered(model):
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    seen["gathered, after forward"] = whole()
+seen["after gathered"] = whole()
+if distributed.is_main():
+    json.dump(seen, open(out, "w"))
+distributed.teardown()
+"""
+
+
+@needs_sharded_rollouts
+@pytest.mark.parametrize("how", ["shard_grad_op", "full_shard"])
+def test_release_reshards_what_a_forward_left_gathered(tiny_model_dir, tmp_path, how):
+    # shard_grad_op keeps every unit gathered after a forward (for a backward), which PPO's experience passes and a
+    # learn pass stopped early would otherwise hold through what follows: release() reshards them, as leaving
+    # gathered() does
+    from test_zero import _script_runs
+
+    script = tmp_path / "release.py"
+    script.write_text(RELEASE)
+    _script_runs(script, [tiny_model_dir("llama"), how, str(tmp_path / "one.json")],
+                 [tiny_model_dir("llama"), how, str(tmp_path / "two.json")])
+    sharded, gathered = {"layer": False, "root": False}, {"layer": True, "root": True}
+    left = gathered if how == "shard_grad_op" else sharded  # full_shard reshards every unit, the root too
+    assert json.loads((tmp_path / "two.json").read_text()) == {
+        "start": sharded, "after forward": left, "after release": sharded, "after grad forward": left,
+        "after release 2": sharded, "gathered, after forward": gathered, "after gathered": sharded}
+    assert json.loads((tmp_path / "one.json").read_text())["after release"] == gathered  # one process: not sharded
