@@ -91,7 +91,11 @@ def _k2(d: torch.Tensor) -> torch.Tensor:
     return 0.5 * d**2
 
 
+K3_CLAMP = 20.0  # |d| beyond it (probability ratios past e^20) counts as ±20: exp(-d) would overflow past 88
+
+
 def _k3(d: torch.Tensor) -> torch.Tensor:
+    d = d.clamp(-K3_CLAMP, K3_CLAMP)
     return torch.expm1(-d) + d  # exp(-d) - 1 + d, without cancellation for small d
 
 

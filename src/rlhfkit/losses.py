@@ -153,16 +153,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
-def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """GRPO's KL term (Shao et al. 2024, eq. 4; DESIGN.md section 3): masked mean of k3, with gradient.
+def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, action_mask: torch.Tensor,
+                    reduction: str = "token_mean", norm_constant: float | None = None) -> torch.Tensor:
+    """GRPO's KL term (Shao et al. 2024, eq. 3-4; DESIGN.md section 3): k3 per token, with gradient, reduced
+    as the policy loss is (POLICY_LOSS_REDUCTIONS[reduction]): GRPO's objective puts β·KL inside the same
+    1/|o_i| average as the surrogate, so a long response's KL is not weighted above its policy term.
 
     d = logprobs - ref_logprobs, k3 = exp(-d) - 1 + d. logprobs, ref_logprobs, action_mask: (B, A).
     Returns a scalar; gradient flows into logprobs.
     """
+    if reduction not in POLICY_LOSS_REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid names: {sorted(POLICY_LOSS_REDUCTIONS)}")
     mask = action_mask.bool()
     logprobs = torch.where(mask, logprobs, 0.0)
     ref_logprobs = torch.where(mask, ref_logprobs, 0.0)
-    return masked_mean(approx_kl(logprobs, ref_logprobs, "k3"), mask)
+    return POLICY_LOSS_REDUCTIONS[reduction](approx_kl(logprobs, ref_logprobs, "k3"), mask, norm_constant)
 
 
 # --------------------------------------------------------------------------- direct preference losses
@@ -173,6 +178,8 @@ def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, action_m
 
 def _dpo_sigmoid(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
     # eps = 0: DPO. eps > 0: conservative DPO (cDPO, Mitchell 2023): labels flipped with probability eps.
+    if not 0.0 <= eps < 0.5:  # at 1/2 the labels carry nothing; past it the loss prefers the rejected answers
+        raise ValueError(f"cDPO needs 0 <= label_smoothing < 0.5, got {eps}")
     return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
 
 
@@ -219,6 +226,8 @@ def dpo_loss(
     """
     if loss_type not in DPO_LOSSES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid names: {sorted(DPO_LOSSES)}")
+    if not beta > 0:
+        raise ValueError(f"DPO needs beta > 0 (the KL leash; larger stays closer to the reference), got {beta}")
     if label_smoothing and loss_type not in _LABEL_SMOOTHED:
         raise ValueError(f"label_smoothing is read only by loss_type in {_LABEL_SMOOTHED}, not {loss_type!r}")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)

@@ -170,6 +170,15 @@ def test_rloo_refuses_a_method_of_another_command(tiny_model_dir, arithmetic_dir
     assert rc == 2 and "expected one of 'rloo'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_beta_is_refused_where_the_advantage_would_ignore_it(tiny_model_dir, arithmetic_dir, tmp_path, capsys,
+                                                             command):
+    # grpo, dr_grpo and rloo read each sample's reward alone: β's KL-shaped token rewards would be dropped silently
+    rc = _run(command, tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", "--beta", "0.05",
+              "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
+    assert rc == 2 and "for a KL penalty set kl_coef" in capsys.readouterr().err
+
+
 def test_reward_model_directory_and_function_combined(tiny_model_dir, task_dir, arithmetic_dir, reward_module,
                                                       tmp_path):
     rm = tmp_path / "my-rm"

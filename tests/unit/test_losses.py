@@ -252,6 +252,28 @@ def test_kl_penalty_loss_all_masked_is_zero():
     close(kl_penalty_loss(torch.tensor([[-1.0]]), torch.tensor([[5.0]]), torch.tensor([[0]])), 0.0)
 
 
+def test_kl_penalty_loss_is_reduced_as_the_policy_loss_is():
+    # row 0: one token, d = -1, k3 = e - 2 = 0.71828183; row 1: nine tokens, d = 0, k3 = 0; one padded column
+    logprobs = torch.zeros(2, 10)
+    logprobs[0, 0] = -1.0
+    mask = torch.tensor([[1] + [0] * 9, [1] * 9 + [0]])
+    k3 = math.e - 2
+    close(kl_penalty_loss(logprobs, torch.zeros(2, 10), mask), k3 / 10)  # every token alike
+    close(kl_penalty_loss(logprobs, torch.zeros(2, 10), mask, "seq_mean_token_mean"), k3 / 2)  # GRPO: 1/|o_i|
+    close(kl_penalty_loss(logprobs, torch.zeros(2, 10), mask, "token_sum_norm", norm_constant=20.0), k3 / 20)
+    with pytest.raises(ValueError, match="unknown reduction"):
+        kl_penalty_loss(logprobs, logprobs, mask, "sum")
+
+
+def test_kl_penalty_loss_stays_finite_far_from_the_reference():
+    # d = -100: exp(100) overflows float32; d is clamped to -20, where k3 = exp(20) - 21 and the gradient is 0
+    logprobs = torch.tensor([[-100.0, -1.0]], requires_grad=True)
+    loss = kl_penalty_loss(logprobs, torch.tensor([[0.0, -1.0]]), torch.tensor([[1, 1]]))
+    assert math.isclose(loss.item(), (math.exp(20) - 21) / 2, rel_tol=1e-6)
+    loss.backward()
+    close(logprobs.grad, [[0.0, 0.0]])
+
+
 # --------------------------------------------------------------------------- DPO family
 # Example 0: pc=-1, rc=-2, pr=-3, rr=-2 -> h = (-1 + 2) - (-3 + 2) = 2; with beta 0.5, beta h = 1.
 # Example 1: policy equals reference -> h = 0.
@@ -288,9 +310,18 @@ def test_dpo_robust_without_noise_is_plain_dpo():
     close(dpo("robust")[0], dpo("sigmoid")[0])
 
 
-def test_dpo_robust_rejects_half_noise():
-    with pytest.raises(ValueError, match="0.5"):
-        dpo("robust", label_smoothing=0.5)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+@pytest.mark.parametrize("eps", [0.5, 0.9, -0.1])
+def test_dpo_label_smoothing_outside_0_to_half_is_refused(loss_type, eps):
+    # cDPO at eps 0.9 would train towards the rejected answers; a negative eps gives negative losses
+    with pytest.raises(ValueError, match="0 <= label_smoothing < 0.5"):
+        dpo(loss_type, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1])
+def test_dpo_needs_a_positive_beta(beta):
+    with pytest.raises(ValueError, match="beta > 0"):
+        dpo("ipo", beta=beta)  # IPO divided by beta
 
 
 def test_dpo_ipo_by_hand():

@@ -80,6 +80,9 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         if self.advantage == "rloo" and self.group_size < 2:
             raise ValueError("rloo needs group_size >= 2 (a leave-one-out baseline needs another sample)")
+        if self.beta and self.advantage != "reinforce_pp":  # its advantages read each sample's reward alone
+            raise ValueError(f"beta shapes REINFORCE++'s token rewards; {self.advantage} would ignore it: for a KL "
+                             "penalty set kl_coef (a k3 KL-to-reference term in the loss)")
 
 
 @dataclass
@@ -216,11 +219,12 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
             old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
             # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
+            reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
             pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
-                                            reduction=reduction,
-                                            norm_constant=cfg.generation.max_new_tokens * len(mb))
-            kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask) if mb.ref_logprobs is not None
-                       else logprobs.new_zeros(()))
+                                            **reduce)
+            # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
+            kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask, **reduce)
+                       if mb.ref_logprobs is not None else logprobs.new_zeros(()))
             entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item() if on_policy else None
             del logits
             if not nonfinite.ok("loss", distributed.all_sum([(pg_loss + kl_loss).item()], pg_loss.device)[0], step):
@@ -229,20 +233,20 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             # each term weighted by this shard's share of its units: summed over processes, the mini-batch's loss
             whole = exp.action_mask[idx]
             pg_share = reduction_units(reduction, mb.action_mask) / max(reduction_units(reduction, whole), 1.0)
-            kl_share = float(mb.action_mask.sum()) / max(float(whole.sum()), 1.0)
+            token_share = float(mb.action_mask.sum()) / max(float(whole.sum()), 1.0)
             # DeepSpeed's backward where an engine steps the optimiser (which then reduces the gradients)
-            zero.backward(optimizer[0], pg_loss * pg_share + cfg.kl_coef * kl_loss * kl_share)
+            zero.backward(optimizer[0], (pg_loss + cfg.kl_coef * kl_loss) * pg_share)
             if not zero.engine_of(optimizer[0]):
                 distributed.average_gradients(roles.actor_parameters(), 1.0)  # the sum over processes
             grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)  # applies nothing when non-finite
             if not nonfinite.ok("gradient norm", grad_norm, step):
                 continue
             # over the whole mini-batch: each shard's figure weighted by its share (the norm is global already)
-            stats = {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * kl_share,
-                     "grad_norm": grad_norm * kl_share,
-                     **{f"policy/{k}": float(v) * kl_share for k, v in pg_stats.items()}}
+            stats = {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * pg_share,
+                     "grad_norm": grad_norm * token_share,
+                     **{f"policy/{k}": float(v) * token_share for k, v in pg_stats.items()}}
             if entropy is not None:
-                stats["rollout/entropy"] = entropy * kl_share
+                stats["rollout/entropy"] = entropy * token_share
             records.append(distributed.sum_over_processes(stats, pg_loss.device))
     return mean_of(records)
 
