@@ -107,3 +107,23 @@ def test_rm_with_lora_trains_the_score_head_too(tiny_model_dir, task_dir, tmp_pa
     second = RewardModel.from_pretrained(str(out), device="cpu").score(PROMPTS, RESPONSES)
     torch.testing.assert_close(first, second)
     assert torch.isfinite(first).all() and first.std() > 0
+
+
+def test_a_row_without_a_margin_counts_as_margin_0_beside_rows_with_one(tiny_model_dir, task_dir, tmp_path):
+    # one row of the batch has a margin: it must reach the loss (it was dropped for the whole batch), and the
+    # others count as margin 0: the first step's loss equals that of the same file with explicit zeros
+    rows = [json.loads(line) for line in (task_dir / "preference.jsonl").read_text().splitlines()[:8]]
+
+    def first_loss(name, margins):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({**r, **({} if m is None else {"margin": m})}) + "\n"
+                                for r, m in zip(rows, margins)))
+        out = tmp_path / name
+        assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(data), "--out", str(out),
+                     "--train.max_steps", "1", "--train.batch_size", "8", "--train.tensorboard", "false",
+                     "--eval_fraction", "0"]) == 0
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["train/loss"]
+
+    partial = first_loss("partial", [3.0] + [None] * 7)
+    assert partial == pytest.approx(first_loss("zeros", [3.0] + [0.0] * 7), rel=1e-6)
+    assert partial != pytest.approx(first_loss("none", [None] * 8), rel=1e-4)

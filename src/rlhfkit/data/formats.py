@@ -486,7 +486,8 @@ def load_preference(path: str | os.PathLike) -> list[dict]:
     ``chosen``/``rejected`` non-empty strings or messages lists ending in an assistant
     reply. Without ``prompt``, chosen/rejected are whole conversations and their shared
     leading messages become the prompt. ``chosen == rejected`` is an error. ``margin``, if
-    present, is a finite number (output as float).
+    present, is a finite number (output as float); a row without one (or with an empty cell) has none,
+    which the reward model's loss reads as 0.
     """
     return _validate(path, _preference_row)
 

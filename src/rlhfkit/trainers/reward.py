@@ -73,8 +73,9 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     def scores_of(items):
         batch = collate([c for c, _, _ in items] + [r for _, r, _ in items], tokenizer.pad_token_id)
         chosen, rejected = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, len(items))
-        margins = [m for _, _, m in items]
-        margin = torch.tensor(margins, device=device) if all(m is not None for m in margins) else None
+        margins = [m for _, _, m in items]  # a row without a margin has 0 (Llama 2's "negligibly better")
+        margin = (torch.tensor([m or 0.0 for m in margins], device=device)
+                  if any(m is not None for m in margins) else None)
         return chosen, rejected, margin
 
     def loss_fn(indices):
