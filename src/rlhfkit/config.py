@@ -431,6 +431,8 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = arg("stop", "a NaN/inf loss or gradient: stop naming the step and the last "
                                           "checkpoint, or skip that update (counted in the logs)")
     resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints) or its directory")
+    overwrite_output_dir: bool = arg(False, "a fresh run (no resume) into an out directory that holds an earlier "
+                                     "run's checkpoints deletes them (true) or refuses to start (false)")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     fsdp: Literal["auto", "off", "full_shard", "shard_grad_op"] = arg(
         "auto", "shard weights, gradients and AdamW state over the processes (FSDP2; every trainer): "
