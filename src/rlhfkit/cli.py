@@ -8,6 +8,7 @@ field with its doc line and default. Shorthands: `--model PATH` sets `model.path
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class MakeDataConfig:
 class GenerateConfig:
     """`rlhfkit generate`: sample completions from any model directory."""
 
-    prompt: list[str] = arg([], "prompt text(s); repeat the flag or separate with commas")
+    prompt: list[str] = arg([], "prompt text (commas and all); repeat the flag for several", split=False)
     prompts: str = arg("", "file of prompts (a `prompt` column) to answer instead")
     limit: int = arg(10, "answer at most this many prompts from the file")
     seed: int = arg(0, "sampling seed")
@@ -183,14 +184,17 @@ def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
     if meta.is_file():
         split = Path(cfg.data).stem.rpartition("_")[2]  # preference_test → test
         ceilings = json.loads(meta.read_text())
-        result["accuracy_ceiling"] = ceilings.get(f"label_accuracy_ceiling_{split}", ceilings["label_accuracy_ceiling"])
+        result["accuracy_ceiling"] = ceilings.get(f"label_accuracy_ceiling_{split}",
+                                                  ceilings.get("label_accuracy_ceiling"))  # None: another meta.json
     print(f"reward model {cfg.model} on {result['n_pairs']} held-out pairs:")
     print(f"  accuracy vs labels     {result['accuracy']:.3f} ± {result['accuracy_stderr']:.3f}"
           + (f"   (ceiling the label noise allows: {result['accuracy_ceiling']:.3f})"
              if result.get("accuracy_ceiling") else ""))
-    print(f"  agreement with gold    {result['gold_agreement']:.3f} ± {result['gold_agreement_stderr']:.3f}"
-          f"   ({result['n_gold_untied']} pairs the gold reward does not tie; ceiling 1.0)")
+    if result["gold_agreement"] is not None:  # the built-in task's pairs
+        print(f"  agreement with gold    {result['gold_agreement']:.3f} ± {result['gold_agreement_stderr']:.3f}"
+              f"   ({result['n_gold_untied']} pairs the gold reward does not tie; ceiling 1.0)")
     if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(result, indent=2))
 
 
@@ -401,16 +405,18 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit import distributed
 
         distributed.teardown()
-    except ConfigError as e:
+    except ConfigError as e:  # a config or data error (DataError is a ValueError too): one line, no traceback
         print(f"rlhfkit {name}: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # data errors and the like: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError, NotImplementedError) as e:
+        # what rlhfkit refuses, names and says how to fix: one line; the traceback on request, for a bug report
         from rlhfkit.data.formats import DataError
 
-        if isinstance(e, DataError):
-            print(f"rlhfkit {name}: {e}", file=sys.stderr)
-            return 2
-        raise
+        if os.environ.get("RLHFKIT_TRACEBACK"):
+            raise
+        hint = "" if isinstance(e, DataError) else " (RLHFKIT_TRACEBACK=1 shows where it came from)"
+        print(f"rlhfkit {name}: {e}{hint}", file=sys.stderr)
+        return 2
     return 0
 
 

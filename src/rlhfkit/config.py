@@ -45,11 +45,19 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message names the file or flag, the key and the fix."""
 
 
-def arg(default: Any, help: str, **kw: Any) -> Any:
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def arg(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, split: bool = True, **kw: Any) -> Any:
     """A dataclass field with a one-line `help`. A list, dict or dataclass default (type or
     instance) becomes a default_factory, so instances never share it; `dataclasses.MISSING` makes
-    the field required."""
-    kw["metadata"] = {**kw.get("metadata", {}), "help": help}
+    the field required. `ge`, `gt`, `le`, `lt`: bounds a value read from a file or the command line
+    must keep (each item of a list; NaN keeps none). `split=False`: a list field takes a lone string
+    as one item, not as comma-separated items (prompts, which hold commas)."""
+    bounds = {name: b for name, b in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if b is not None}
+    kw["metadata"] = {**kw.get("metadata", {}), "help": help, "bounds": bounds, "split": split}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=default, **kw)
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
@@ -83,11 +91,24 @@ def _names(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+# names a transformers / TRL user types, and ours (suggested, not accepted: one name for each setting)
+_TRL_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
+              "gradient_accumulation_steps": "grad_accum", "output_dir": "out", "logging_steps": "log_every",
+              "save_steps": "save_every", "eval_steps": "eval_every", "save_total_limit": "keep_checkpoints",
+              "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "max_completion_length":
+              "max_new_tokens", "num_generations": "group_size", "resume_from_checkpoint": "resume"}
+
+
 def _suggest(key: str, names: list[str]) -> str:
-    hit = difflib.get_close_matches(key, names, n=1)
-    if not hit:  # perhaps the right name in the wrong section: match on the last part alone
-        leaves = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}
-        hit = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1)]
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}  # the shallowest name of each leaf
+    leaf = _TRL_NAMES.get(leaf, leaf) if _TRL_NAMES.get(leaf) in leaves else leaf
+    if leaf in leaves:  # the right name in the wrong section (or TRL's name for it)
+        hit = [leaves[leaf]]
+    else:
+        hit = difflib.get_close_matches(key, names, n=1)
+    if not hit:  # a misspelt name in the wrong section: match on the last part alone
+        hit = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
     return f"; did you mean '{hit[0]}'?" if hit else ""
 
 
@@ -130,8 +151,9 @@ _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 _HINTS = {bool: " (use true/false)", str: " (quote it in YAML)"}
 
 
-def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
-    """`value` (from YAML, or a string from the command line) as type `tp`, else ConfigError."""
+def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str], split: bool = True) -> Any:
+    """`value` (from YAML, or a string from the command line) as type `tp`, else ConfigError. `split`: a
+    string for a list is comma-separated items (else one item)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def bad(hint: str = "") -> ConfigError:
@@ -163,7 +185,7 @@ def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
             return _convert(value, next(filter(_is_section, options)), key, where)
         for option in options:
             try:
-                return _convert(value, option, key, where)
+                return _convert(value, option, key, where, split)
             except ConfigError:
                 pass
         raise bad()
@@ -173,7 +195,9 @@ def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
         except (TypeError, ValueError):
             raise bad(_HINTS.get(tp, "")) from None
     if origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, str):  # from the command line: --layers 0,1,2
+        if isinstance(value, str) and not split:  # one item that may hold commas
+            value = [value]
+        elif isinstance(value, str):  # from the command line: --layers 0,1,2
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad()
@@ -194,6 +218,35 @@ def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
     raise bad()
 
 
+def _rule(bounds: dict[str, float]) -> str:
+    """A field's bounds in words: '>= 0 and finite', '> 0 and <= 1'."""
+    return " and ".join("finite" if b == float("inf") else f"{_BOUNDS[n][0]} {b}" for n, b in bounds.items())
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], key: str, where: Callable[[str], str]) -> None:
+    """ConfigError naming `key` when `value` (or an item of it) breaks one of its field's `bounds`."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item is not None and not all(_BOUNDS[name][1](item, b) for name, b in bounds.items()):
+            raise ConfigError(f"bad value for '{key}' in {where(key)}: must be {_rule(bounds)}, got {item!r}")
+
+
+def _check_keys(cls: type, data: Any, where: Callable[[str], str], names: list[str], prefix: str = "") -> None:
+    """ConfigError for the first key of `data` that `cls` does not have, naming the closest of the
+    config's dotted `names` (all of them: the right name may sit in another section)."""
+    if not isinstance(data, Mapping):
+        return
+    sections = {f.name: tp for f, tp in _fields(cls)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in sections:
+            while isinstance(value, Mapping) and len(value) == 1:  # --generation.top_p: name what was typed
+                key, value = next(iter(value.items()))
+                full += f".{key}"
+            raise ConfigError(f"unknown key '{full}' in {where(full)}" + _suggest(full, names))
+        if _is_section(sections[key]):
+            _check_keys(sections[key], value, where, names, full + ".")
+
+
 def _build(cls: type[C], data: Any, where: Callable[[str], str], prefix: str = "") -> C:
     """An instance of `cls` from nested dicts; `where(dotted_key)` names the source of a key."""
     if not isinstance(data, Mapping):
@@ -211,7 +264,8 @@ def _build(cls: type[C], data: Any, where: Callable[[str], str], prefix: str = "
             value, default = data[f.name], _default(f)
             if _is_section(tp) and isinstance(value, Mapping) and isinstance(default, tp):
                 value = _merge(to_dict(default), value)  # keys not given keep the parent's default section
-            kwargs[f.name] = _convert(value, tp, key, where)
+            kwargs[f.name] = _convert(value, tp, key, where, f.metadata.get("split", True))
+            _check_bounds(kwargs[f.name], f.metadata.get("bounds", {}), key, where)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             raise ConfigError(f"missing required key '{key}' ({f.metadata.get('help', _type_name(tp))}) in "
                               f"{where(key)}; set it in the YAML file or with --{key} VALUE")
@@ -224,16 +278,31 @@ def _build(cls: type[C], data: Any, where: Callable[[str], str], prefix: str = "
 
 def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "<dict>") -> C:
     """An instance of dataclass `cls` from (nested) `data`; `source` names it in errors."""
+    _check_keys(cls, data, lambda key: source, _names(cls))
     return _build(cls, data, lambda key: source)
 
 
 # ---- files and the command line -------------------------------------------------------------
 
+class _SafeUniqueLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (where the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """The mapping in YAML file `path` (an empty file is {}). Uses the safe loader: tags such as
-    `!!python/object` are refused, never executed."""
+    `!!python/object` are refused, never executed; a key given twice in a mapping is refused."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_SafeUniqueLoader)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
     except yaml.YAMLError as e:
@@ -306,6 +375,7 @@ def parse_args(cls: type[C], argv: list[str] | None = None, prog: str = "rlhfkit
         inside = any(k.startswith(key + ".") for k in overrides) if key else bool(overrides)
         return f"{path} and the command line" if inside else str(path)
 
+    _check_keys(cls, data, where, _names(cls))
     return _build(cls, data, where)
 
 
@@ -341,7 +411,9 @@ def help_text(cls: type, prog: str = "rlhfkit <cmd>") -> str:
         if rows:
             lines.extend(["", title])
         for f, tp, v in rows:
-            lines.extend([f"  --{prefix}{f.name} {_type_name(tp)}  (default: {_show(v)})",
+            bounds = f.metadata.get("bounds")
+            lines.extend([f"  --{prefix}{f.name} {_type_name(tp)}  (default: {_show(v)}"
+                          f"{'; ' + _rule(bounds) if bounds else ''})",
                           f"        {f.metadata.get('help', '')}"])
         for f, tp, v in fields:
             if _is_section(tp):
@@ -395,9 +467,9 @@ class LoraConfig:
     """LoRA adapters (peft). Off = full fine-tuning."""
 
     enabled: bool = arg(False, "train LoRA adapters instead of all weights")
-    r: int = arg(16, "adapter rank")
-    alpha: int = arg(32, "scaling numerator (scale = alpha / r)")
-    dropout: float = arg(0.0, "dropout on the adapter input")
+    r: int = arg(16, "adapter rank", ge=1)
+    alpha: int = arg(32, "scaling numerator (scale = alpha / r)", gt=0)
+    dropout: float = arg(0.0, "dropout on the adapter input", ge=0, lt=1)
     target_modules: str = arg("all-linear", "modules to adapt: 'all-linear' (not the output head), "
                               "'all-linear+head', or a comma-separated list of module names")
 
@@ -406,12 +478,17 @@ class LoraConfig:
 class OptimConfig:
     """AdamW with linear warm-up then a cosine or constant schedule."""
 
-    lr: float = arg(2e-5, "peak learning rate (tiny demo models want ~3e-3)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    betas: list[float] = arg([0.9, 0.999], "AdamW betas")
-    warmup_steps: int = arg(10, "linear warm-up steps")
+    lr: float = arg(2e-5, "peak learning rate (tiny demo models want ~3e-3)", ge=0, lt=float("inf"))
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0, lt=float("inf"))
+    betas: list[float] = arg([0.9, 0.999], "AdamW betas (two)", ge=0, lt=1)
+    warmup_steps: int = arg(10, "linear warm-up steps", ge=0)
     schedule: Literal["cosine", "constant"] = arg("cosine", "learning-rate schedule after warm-up")
-    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0,
+                              lt=float("inf"))
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ValueError(f"betas takes two values (beta1, beta2), got {list(self.betas)}")
 
 
 @dataclasses.dataclass
@@ -420,14 +497,15 @@ class TrainConfig:
 
     out: str = arg("runs/out", "output directory (model, config, logs, checkpoints)")
     seed: int = arg(0, "random seed for initialisation, data order and sampling")
-    batch_size: int = arg(32, "examples per optimiser step")
-    grad_accum: int = arg(1, "micro-batches per step (batch_size must divide by it)")
-    epochs: float = arg(1.0, "passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = arg(0, "optimiser steps; 0 = derive from epochs")
-    log_every: int = arg(10, "log metrics every N steps")
-    eval_every: int = arg(0, "evaluate every N steps (0 = only at the end)")
-    save_every: int = arg(0, "write a checkpoint every N steps (0 = only the final model)")
-    keep_checkpoints: int = arg(2, "keep the newest N checkpoints")
+    batch_size: int = arg(32, "examples per optimiser step", ge=1)
+    grad_accum: int = arg(1, "micro-batches per step (batch_size must divide by it)", ge=1)
+    epochs: float = arg(1.0, "passes over the training data (ignored when max_steps > 0)", gt=0,
+                        lt=float("inf"))
+    max_steps: int = arg(0, "optimiser steps; 0 = derive from epochs", ge=0)
+    log_every: int = arg(10, "log metrics every N steps", ge=1)
+    eval_every: int = arg(0, "evaluate every N steps (0 = only at the end)", ge=0)
+    save_every: int = arg(0, "write a checkpoint every N steps (0 = only the final model)", ge=0)
+    keep_checkpoints: int = arg(2, "keep the newest N checkpoints", ge=1)
     on_nan: Literal["stop", "skip"] = arg("stop", "a NaN/inf loss or gradient: stop naming the step and the last "
                                           "checkpoint, or skip that update (counted in the logs)")
     resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints) or its directory")
@@ -448,13 +526,13 @@ class TrainConfig:
 class GenerationConfig:
     """Sampling settings (DESIGN.md §3: temperature 1, no top-k / top-p cut-off by default)."""
 
-    max_new_tokens: int = arg(32, "tokens generated after the prompt at most")
-    temperature: float = arg(1.0, "softmax temperature; 0 = greedy")
-    top_k: int = arg(0, "sample from the k most likely tokens (0 = all)")
-    top_p: float = arg(1.0, "nucleus sampling mass (1 = all)")
+    max_new_tokens: int = arg(32, "tokens generated after the prompt at most", ge=1)
+    temperature: float = arg(1.0, "softmax temperature; 0 = greedy", ge=0, lt=float("inf"))
+    top_k: int = arg(0, "sample from the k most likely tokens (0 = all)", ge=0)
+    top_p: float = arg(1.0, "nucleus sampling mass (1 = all)", gt=0, le=1)
     max_prompt_length: int = arg(0, "training prompts longer than this many tokens are dropped, and counted, "
-                                 "before a rollout trainer starts (0 = keep all)")
-    batch_size: int = arg(64, "prompts per generation batch")
+                                 "before a rollout trainer starts (0 = keep all)", ge=0)
+    batch_size: int = arg(64, "prompts per generation batch", ge=1)
     backend: Literal["auto", "loop", "hf"] = arg("auto", "sampler: our KV-cache loop (auto: where it is tested) or "
                                                  "Hugging Face generate; the same samples either way")
 

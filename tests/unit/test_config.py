@@ -376,3 +376,65 @@ def test_only_the_writing_process_reports_the_saved_model(monkeypatch, capsys):
     _report({"loss": 1.5}, "model saved to out/")
     out = capsys.readouterr().out
     assert '"loss": 1.5' in out and out.rstrip().endswith("model saved to out/")
+
+
+@dataclass
+class Bounded:
+    lr: float = arg(1e-3, "learning rate", ge=0, lt=float("inf"))
+    top_p: float = arg(1.0, "nucleus mass", gt=0, le=1)
+    betas: list[float] = arg([0.9, 0.999], "Adam betas", ge=0, lt=1)
+    prompt: list[str] = arg([], "prompts", split=False)
+    steps: int | None = arg(None, "steps", ge=1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], r"'lr' in the command line: must be >= 0 and finite, got -1\.0"),
+    (["--lr", "nan"], r"'lr' .* must be >= 0 and finite, got nan"),
+    (["--lr", "inf"], r"'lr' .* must be >= 0 and finite, got inf"),
+    (["--top_p", "0"], r"'top_p' .* must be > 0 and <= 1, got 0\.0"),
+    (["--top_p", "1.5"], r"'top_p' .* must be > 0 and <= 1, got 1\.5"),
+    (["--betas", "0.9,1.0"], r"'betas' .* must be >= 0 and < 1, got 1\.0"),
+    (["--steps", "0"], r"'steps' .* must be >= 1, got 0"),
+])
+def test_a_value_out_of_its_bounds_names_the_key_and_the_rule(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(Bounded, argv)
+
+
+def test_values_at_their_bounds_and_none_are_accepted(tmp_path):
+    cfg = parse_args(Bounded, ["--lr", "0", "--top_p", "1", "--betas", "0,0.5", "--steps", "none"])
+    assert (cfg.lr, cfg.top_p, cfg.betas, cfg.steps) == (0.0, 1.0, [0.0, 0.5], None)
+    with pytest.raises(ConfigError, match=rf"'lr' in {tmp_path / 'c.yaml'}: must be >= 0"):  # from a file too
+        parse_args(Bounded, ["--config", write(tmp_path, "lr: -0.5\n", name="c.yaml")])
+    assert "(default: 1.0; > 0 and <= 1)" in help_text(Bounded)
+
+
+def test_a_list_that_does_not_split_keeps_commas(tmp_path):
+    # a prompt holds commas: one --prompt (or one YAML string) is one prompt; a repeated flag gives several
+    assert parse_args(Bounded, ["--prompt", "Describe the river, please."]).prompt == ["Describe the river, please."]
+    assert parse_args(Bounded, ["--prompt", "a, b", "--prompt", "c"]).prompt == ["a, b", "c"]
+    assert parse_args(Bounded, ["--config", write(tmp_path, "prompt: Hello, you\n")]).prompt == ["Hello, you"]
+    assert parse_args(Bounded, ["--betas", "0.5,0.6"]).betas == [0.5, 0.6]  # the others still split
+
+
+def test_load_yaml_refuses_a_key_given_twice(tmp_path):
+    # the first block would be dropped silently: the run would train with the second
+    path = write(tmp_path, "optim:\n  learning_rate: 0.1\nmax_steps: 3\noptim:\n  schedule: constant\n")
+    with pytest.raises(ConfigError, match=r"cannot parse config file .*'optim' is given twice"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match="'lr' is given twice"):
+        load_yaml(write(tmp_path, "a:\n  lr: 1\n  lr: 2\n", name="nested.yaml"))
+
+
+def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
+    # the exact name in another section wins over a near spelling in the same one (train.lr is not train.out)
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.learning_rate'.*did you mean 'optim\.learning_rate'"):
+        from_dict(Train, {"model": {"learning_rate": 1e-4}})
+    from rlhfkit.trainers.sft import SFTConfig
+
+    for typed, meant in [("train.lr", "optim.lr"), ("learning_rate", "optim.lr"), ("num_train_epochs", "train.epochs"),
+                         ("lora_r", "lora.r"), ("output_dir", "train.out")]:
+        with pytest.raises(ConfigError, match=rf"unknown key '{typed}' .*did you mean '{meant}'\?"):
+            parse_args(SFTConfig, [f"--{typed}", "1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'generation\.top_p' in the command line$"):
+        parse_args(SFTConfig, ["--generation.top_p", "0.5"])  # named as typed, no far-fetched guess

@@ -7,9 +7,10 @@ appended so that stopping is learned. Shapes: B batch, T sequence.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -58,6 +59,13 @@ def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encod
     return join_ids(encode_prompt(tokenizer, prompt), completion_ids, max_length)
 
 
+def encode_reply(tokenizer, prompt, reply, max_length: int) -> Encoded:
+    """``encode_example`` for a preference or KTO reply: a string after ``prompt``, or chat messages ending in the
+    assistant turn that is scored or learned (earlier turns join the prompt's messages)."""
+    pair = as_prompt_completion({"messages": prompt + reply}) if isinstance(reply, list) else (prompt, reply)
+    return encode_example(tokenizer, *pair, max_length)
+
+
 def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> Encoded:
     """Prompt ids + completion ids (EOS included), cut to ``max_length`` as ``encode_example`` cuts."""
     truncated = len(prompt_ids) + len(completion_ids) > max_length
@@ -89,6 +97,21 @@ def collate(examples: list[Encoded], pad_token_id: int, side: str = "right") -> 
         "attention_mask": pad_batch([[1] * len(e.input_ids) for e in examples], 0, side),
         "completion_mask": pad_batch([e.completion_mask for e in examples], 0, side),
     }
+
+
+@contextlib.contextmanager
+def encoding(source: str) -> Iterator[None]:
+    """Rows of ``source`` tokenised inside: an error doing it (a chat template that refuses a system turn, a
+    tokenizer that rejects a value) becomes a DataError naming ``source``, as the loader's own errors do."""
+    from rlhfkit.data.formats import DataError
+
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # jinja2's TemplateError, a tokenizer's ValueError or TypeError
+        raise DataError(source, f"a row cannot be encoded with this model's tokenizer: {type(e).__name__}: {e}"
+                        ) from e
 
 
 def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bool], limit: str,

@@ -94,6 +94,10 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     ``DatasetDict`` gives its ``train`` split, or its only split). Text files must be UTF-8.
     Raises DataError if the file is missing, unreadable, malformed or has no rows.
     """
+    if not os.fspath(path):  # Path("") is the working directory: say what is missing instead
+        from rlhfkit.config import ConfigError
+
+        raise ConfigError("no data file given: pass --data FILE (or set it in the config file)")
     p = Path(path)
     if not p.exists():
         raise DataError(path, "no such file or directory")

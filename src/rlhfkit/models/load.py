@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.config import LoraConfig, ModelConfig
+from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 
 hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no per-shard bars
 
@@ -67,12 +67,30 @@ def check_weights_format(path: str, allow_pickle: bool) -> None:
                          "convert them to safetensors, or set model.allow_pickle: true if you trust the file")
 
 
+def check_model_path(path: str, what: str = "model") -> None:
+    """A clear error for a model path that names nothing: empty; a local path (absolute, relative with ./ or
+    ../, or with more than one /) that does not exist; a directory that is no saved model. A hub name
+    (``org/name``) not found locally goes to ``from_pretrained`` as it is."""
+    if not path:
+        raise ConfigError(f"no {what} given: pass --model DIR (a Hugging Face directory or hub name)")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file() and not is_adapter_dir(p):
+            raise ConfigError(f"{path} is not a saved {what}: a Hugging Face model directory holds config.json "
+                              "(a LoRA adapter directory, adapter_config.json)")
+    elif p.exists():
+        raise ConfigError(f"{what} {path} is a file: give the directory that holds it")
+    elif path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+        raise ConfigError(f"{what} directory {path} does not exist")
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when the model has none)."""
+    check_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -88,6 +106,7 @@ def absolute_if_local(path: str) -> str:
 def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainable: bool = False):
     """A causal LM from ``cfg.path``; an adapter directory gives base + adapter (peft). ``trainable``:
     its own weights will be trained (full fine-tuning), which ``dtype: auto`` keeps in float32."""
+    check_model_path(cfg.path)
     device = device or resolve_device()
     dtype = resolve_dtype(cfg.dtype, device, trainable)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=not cfg.allow_pickle or None)

@@ -15,11 +15,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.data.collate import collate, encode_reply
 from rlhfkit.fsdp import run_as_forward
 from rlhfkit.models.forward import backbone_hidden
-from rlhfkit.models.load import (absolute_if_local, check_weights_format, is_adapter_dir, load_tokenizer,
-                                 resolve_device, resolve_dtype)
+from rlhfkit.models.load import (absolute_if_local, check_model_path, check_weights_format, is_adapter_dir,
+                                 load_tokenizer, resolve_device, resolve_dtype)
 
 NORMALIZATION_FILE = "score_normalization.json"
 
@@ -57,8 +57,9 @@ def _scores(backbone, score, input_ids: torch.Tensor, attention_mask: torch.Tens
 def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool = False):
     """A one-label sequence classifier from a causal-LM or reward-model directory (or adapter);
     ``trainable`` as in ``load_causal_lm``."""
+    check_model_path(cfg.path, "reward model")
     kwargs = dict(num_labels=1, dtype=resolve_dtype(cfg.dtype, device, trainable),
-                  trust_remote_code=cfg.trust_remote_code)
+                  trust_remote_code=cfg.trust_remote_code, use_safetensors=not cfg.allow_pickle or None)
     if is_adapter_dir(cfg.path):
         from peft import PeftModel
 
@@ -104,7 +105,7 @@ class RewardModel:
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(prompts), batch_size):
-            examples = [encode_example(self.tokenizer, p, r, self.max_length)
+            examples = [encode_reply(self.tokenizer, p, r, self.max_length)
                         for p, r in zip(prompts[i: i + batch_size], responses[i: i + batch_size])]
             batch = collate(examples, self.tokenizer.pad_token_id)
             out.append(sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))

@@ -54,14 +54,17 @@ class OnlineConfig:
                              "directories, summed with reward_weights")
     reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
     advantage: Method = arg("grpo", "advantage estimator: grpo, dr_grpo, rloo or reinforce_pp")
-    group_size: int = arg(8, "G: samples per prompt")
-    prompts_per_step: int = arg(16, "prompts per step; the step's batch is prompts_per_step x group_size samples")
-    mini_batch_size: int = arg(64, "samples per optimiser step")
-    epochs: int = arg(1, "passes over each step's samples (1 = on-policy: the ratio stays 1 on the first pass)")
-    clip_eps: float = arg(0.2, "policy ratio clip ε")
-    kl_coef: float = arg(0.0, "weight of the k3 KL-to-reference term in the loss (GRPO eq. 4; 0 = none)")
+    group_size: int = arg(8, "G: samples per prompt", ge=1)
+    prompts_per_step: int = arg(16, "prompts per step; the step's batch is prompts_per_step x group_size samples",
+                                ge=1)
+    mini_batch_size: int = arg(64, "samples per optimiser step", ge=1)
+    epochs: int = arg(1, "passes over each step's samples (1 = on-policy: the ratio stays 1 on the first pass)",
+                       ge=1)
+    clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
+    kl_coef: float = arg(0.0, "weight of the k3 KL-to-reference term in the loss (GRPO eq. 4; 0 = none)",
+                          ge=0)
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
-                      "(+ the reward at the last token)")
+                      "(+ the reward at the last token)", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
     missing_eos_penalty: float | None = arg(None, "added to the reward of samples that never emit EOS")
     loss_reduction: Literal["auto", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = arg(
@@ -106,7 +109,8 @@ class ReinforcePPConfig(OnlineConfig):
 
     advantage: Literal["reinforce_pp"] = arg("reinforce_pp", "reinforce_pp: whitened reward-to-go of KL-shaped "
                                              "token rewards")
-    beta: float = arg(0.01, "KL coefficient β in the token rewards r_t = −β·kl_t (+ reward at the last token)")
+    beta: float = arg(0.01, "KL coefficient β in the token rewards r_t = −β·kl_t (+ reward at the last token)",
+                      ge=0)
 
 
 # --------------------------------------------------------------------------- strategies

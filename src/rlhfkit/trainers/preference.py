@@ -26,7 +26,7 @@ import torch
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import Encoded, as_prompt_completion, collate, encode_example, fit_to_length
+from rlhfkit.data.collate import Encoded, collate, encode_reply, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import masked_logprobs
@@ -48,7 +48,7 @@ class PreferenceConfig:
 
     data: str = arg("", "training file: prompt/chosen/rejected rows (KTO: prompt/completion/label)")
     eval_data: str = arg("", "held-out file of the same kind, for eval loss and rewards (empty = none)")
-    max_length: int = arg(256, "tokens per sequence at most (prompt + completion + EOS)")
+    max_length: int = arg(256, "tokens per sequence at most (prompt + completion + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
     model: ModelConfig = arg(ModelConfig, "the model to train, usually the SFT model")
@@ -131,17 +131,11 @@ class Example:
     ref_logps: tuple[float, float] | None = None  # reference log-probs of (first, second), when cached
 
 
-def _encode(tokenizer, prompt, reply, max_length: int) -> Encoded:
-    # A chat reply (messages) ends with the assistant turn that is learned; earlier turns join the prompt.
-    pair = as_prompt_completion({"messages": prompt + reply}) if isinstance(reply, list) else (prompt, reply)
-    return encode_example(tokenizer, *pair, max_length)
-
-
 def encode_pairs(rows: list[dict], tokenizer, max_length: int, seed: int) -> list[Example]:
     """Preference rows → Examples of (prompt + chosen, prompt + rejected); ``seed`` is unused (the
     signature is encode_unpaired's)."""
-    return [Example(_encode(tokenizer, r["prompt"], r["chosen"], max_length),
-                    _encode(tokenizer, r["prompt"], r["rejected"], max_length)) for r in rows]
+    return [Example(encode_reply(tokenizer, r["prompt"], r["chosen"], max_length),
+                    encode_reply(tokenizer, r["prompt"], r["rejected"], max_length)) for r in rows]
 
 
 def mismatched_partners(n: int, seed: int) -> list[int]:
@@ -160,8 +154,8 @@ def mismatched_partners(n: int, seed: int) -> list[int]:
 def encode_unpaired(rows: list[dict], tokenizer, max_length: int, seed: int) -> list[Example]:
     """Unpaired rows → Examples of (prompt + completion, prompt + a mismatched completion), labelled."""
     partners = mismatched_partners(len(rows), seed)
-    return [Example(_encode(tokenizer, r["prompt"], r["completion"], max_length),
-                    _encode(tokenizer, r["prompt"], rows[j]["completion"], max_length), label=r["label"])
+    return [Example(encode_reply(tokenizer, r["prompt"], r["completion"], max_length),
+                    encode_reply(tokenizer, r["prompt"], rows[j]["completion"], max_length), label=r["label"])
             for r, j in zip(rows, partners)]
 
 
@@ -399,7 +393,9 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
         policy = add_lora(policy, cfg.lora, float32=cfg.model.dtype == "auto")
 
     def encode(rows, source):  # a pair (or a KTO example with its mismatched partner) goes as a whole
-        return fit_to_length(objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed), cfg.too_long,
+        with encoding(source):
+            encoded = objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed)
+        return fit_to_length(encoded, cfg.too_long,
                              lambda e: e.first.truncated or e.second.truncated, f"max_length {cfg.max_length}", source)
 
     examples, eval_examples = encode(rows, cfg.data), encode(eval_rows, cfg.eval_data)

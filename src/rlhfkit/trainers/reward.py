@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import collate, encode_example, fit_to_length
+from rlhfkit.data.collate import collate, encode_reply, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import prompt_width
@@ -33,8 +33,8 @@ class RewardConfig:
 
     data: str = arg("", "preference file with prompt, chosen, rejected (and an optional margin) columns")
     eval_data: str = arg("", "held-out pairs; empty = hold out eval_fraction of the training rows")
-    eval_fraction: float = arg(0.05, "share of training pairs held out when eval_data is empty")
-    max_length: int = arg(256, "tokens per sequence at most (prompt + response + EOS)")
+    eval_fraction: float = arg(0.05, "share of training pairs held out when eval_data is empty", ge=0, lt=1)
+    max_length: int = arg(256, "tokens per sequence at most (prompt + response + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
     normalize: bool = arg(True, "record score mean/std over the training set so scores come out standardised")
@@ -62,9 +62,10 @@ def train(cfg: RewardConfig) -> dict[str, float]:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS", float32=cfg.model.dtype == "auto")
 
     def encode(rows, source):
-        encoded = [(encode_example(tokenizer, r["prompt"], r["chosen"], cfg.max_length),
-                    encode_example(tokenizer, r["prompt"], r["rejected"], cfg.max_length),
-                    r.get("margin")) for r in rows]
+        with encoding(source):
+            encoded = [(encode_reply(tokenizer, r["prompt"], r["chosen"], cfg.max_length),
+                        encode_reply(tokenizer, r["prompt"], r["rejected"], cfg.max_length),
+                        r.get("margin")) for r in rows]
         return fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
                              f"max_length {cfg.max_length}", source)
 

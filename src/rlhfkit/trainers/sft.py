@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, fit_to_length
+from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, encoding, fit_to_length
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import masked_logprobs
 from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, save_model
@@ -26,8 +26,9 @@ class SFTConfig:
 
     data: str = arg("", "training file (json, jsonl, csv, parquet or a datasets directory)")
     eval_data: str = arg("", "evaluation file; empty = hold out eval_fraction of the training rows")
-    eval_fraction: float = arg(0.05, "share of training rows held out for eval loss when eval_data is empty")
-    max_length: int = arg(256, "tokens per example at most (prompt + completion + EOS)")
+    eval_fraction: float = arg(0.05, "share of training rows held out for eval loss when eval_data is empty",
+                               ge=0, lt=1)
+    max_length: int = arg(256, "tokens per example at most (prompt + completion + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
     padding_side: Literal["left", "right"] = arg("right", "pad batches on the 'right' or 'left' (the loss is the same)")
@@ -58,7 +59,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
         model = add_lora(model, cfg.lora, float32=cfg.model.dtype == "auto")
 
     def encode(rows, source):
-        encoded = [encode_example(tokenizer, *as_prompt_completion(r), cfg.max_length) for r in rows]
+        with encoding(source):
+            encoded = [encode_example(tokenizer, *as_prompt_completion(r), cfg.max_length) for r in rows]
         return fit_to_length(encoded, cfg.too_long, lambda e: e.truncated, f"max_length {cfg.max_length}", source)
 
     examples, eval_examples = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")

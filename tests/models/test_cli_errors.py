@@ -1,0 +1,91 @@
+"""What a user's mistakes get from the command line: one line naming what to fix, exit code 2, no traceback;
+and the chat-format preference data the loaders accept runs through the reward model's commands."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.cli import main
+from rlhfkit.models.load import load_tokenizer
+
+CHAT_PAIRS = [{"chosen": [{"role": "user", "content": f"Describe the {thing}."},
+                          {"role": "assistant", "content": f"The {thing} is lovely and calm."}],
+               "rejected": [{"role": "user", "content": f"Describe the {thing}."},
+                            {"role": "assistant", "content": f"The {thing} is awful."}]}
+              for thing in ("cat", "river", "bridge", "lake", "tree", "house", "road", "hill")]
+
+
+def _one_line_error(capsys, rc: int) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/nonexistent/model", "model directory /nonexistent/model does not exist"),
+    ("", "no model given: pass --model DIR"),
+    ("EMPTY", "is not a saved model: a Hugging Face model directory holds config.json"),
+])
+def test_a_model_path_that_names_nothing_says_so(task_dir, tmp_path, capsys, model, message):
+    if model == "EMPTY":
+        model = str(tmp_path / "empty")
+        (tmp_path / "empty").mkdir()
+    rc = main(["sft", "--model", model, "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "o")])
+    assert message in _one_line_error(capsys, rc)
+
+
+def test_no_data_file_says_to_pass_one(tiny_model_dir, tmp_path, capsys):
+    rc = main(["sft", "--model", tiny_model_dir("llama"), "--out", str(tmp_path / "o")])
+    assert "no data file given: pass --data FILE" in _one_line_error(capsys, rc)
+
+
+def test_a_refusal_is_one_line_with_the_traceback_on_request(tiny_model_dir, task_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    pickled = tmp_path / "pickled"  # .bin weights only: refused unless model.allow_pickle
+    shutil.copytree(tiny_model_dir("llama"), pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).state_dict(), pickled / "pytorch_model.bin")
+    args = ["sft", "--model", str(pickled), "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "o")]
+    err = _one_line_error(capsys, main(args))
+    assert "holds only pickled weights" in err and "RLHFKIT_TRACEBACK=1" in err
+    monkeypatch.setenv("RLHFKIT_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="pickled weights"):
+        main(args)
+
+
+def test_a_chat_template_that_refuses_a_row_names_the_file(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "no-system"  # a template that refuses system turns, as Gemma's does
+    shutil.copytree(tiny_model_dir("qwen2"), model)
+    tokenizer = load_tokenizer(str(model))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    tokenizer.save_pretrained(model)
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}] * 3
+    rows.append({"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi."},
+                              {"role": "assistant", "content": "Hello."}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"), "--eval_fraction", "0"])
+    err = _one_line_error(capsys, rc)
+    assert f"{data}: a row cannot be encoded with this model's tokenizer" in err and "System role not" in err
+
+
+def test_reward_model_trains_and_evaluates_on_chat_pairs(tiny_model_dir, tmp_path, capsys):
+    # chat pairs (whole conversations; the shared turns become the prompt) load for rm and eval-rm alike; the
+    # gold reward belongs to the built-in task, so eval-rm reports accuracy alone on other data
+    data = tmp_path / "chat_pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_PAIRS))
+    (tmp_path / "meta.json").write_text(json.dumps({"task": "mine"}))  # another meta.json: no ceiling in it
+    out = tmp_path / "rm"
+    assert main(["rm", "--model", tiny_model_dir("qwen2"), "--data", str(data), "--out", str(out),
+                 "--train.max_steps", "2", "--train.batch_size", "4", "--train.tensorboard", "false"]) == 0
+    report = tmp_path / "new" / "dir" / "rm_eval.json"
+    assert main(["eval-rm", "--model", str(out), "--data", str(data), "--out", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy vs labels" in printed and "agreement with gold" not in printed
+    result = json.loads(report.read_text())
+    assert result["n_pairs"] == 8 and 0 <= result["accuracy"] <= 1 and result["gold_agreement"] is None
