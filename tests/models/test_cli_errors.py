@@ -47,7 +47,8 @@ def test_a_refusal_is_one_line_with_the_traceback_on_request(tiny_model_dir, tas
     pickled = tmp_path / "pickled"  # .bin weights only: refused unless model.allow_pickle
     shutil.copytree(tiny_model_dir("llama"), pickled)
     (pickled / "model.safetensors").unlink()
-    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).state_dict(), pickled / "pytorch_model.bin")
+    weights = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).state_dict()
+    torch.save(weights, pickled / "pytorch_model.bin")
     args = ["sft", "--model", str(pickled), "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "o")]
     err = _one_line_error(capsys, main(args))
     assert "holds only pickled weights" in err and "RLHFKIT_TRACEBACK=1" in err

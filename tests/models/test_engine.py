@@ -401,3 +401,74 @@ def test_rollout_logprobs_equal_a_scoring_forward(tiny_model_dir, arch, backend,
         assert HFRolloutEngine(half, tok, cfg, backend).generate(PROMPTS[:2], [0, 1], logprobs=True).logprobs is None
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 weights computing in bf16 (mixed precision)
         assert HFRolloutEngine(model, tok, cfg, backend).generate(PROMPTS[:2], [0, 1], logprobs=True).logprobs is None
+
+
+@pytest.mark.parametrize("backend", ["hf", "loop"])
+def test_the_models_generation_config_neither_reshapes_sampling_nor_hides_its_stop_token(tiny_model_dir, backend):
+    # instruct models ship a repetition penalty, suppressed tokens, an end-of-turn id besides the tokenizer's EOS:
+    # generate would apply the first two (samples and log-probs then differ from the policy's distribution,
+    # entropies NaN where a token is -inf); the end-of-turn id must stop a row as generate's stop would
+    from rlhfkit.models.forward import join_prompt_response, response_logprobs
+    from rlhfkit.rollout.experience import per_token
+
+    model, tok = load(tiny_model_dir, "llama")
+    cfg = GenerationConfig(max_new_tokens=12)
+    seeds = prompt_seeds(3, len(PROMPTS))
+    plain = engine.sample_prompts(model, tok, PROMPTS, seeds, cfg, backend, logprobs=True)
+    eot = plain.completion_ids[0][2]  # taken for the model's end-of-turn token
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.suppress_tokens = [plain.completion_ids[1][0]]
+    model.generation_config.eos_token_id = [tok.eos_token_id, eot]
+    gens = engine.sample_prompts(model, tok, PROMPTS, seeds, cfg, backend, logprobs=True)
+    for row, (before, after) in enumerate(zip(plain.completion_ids, gens.completion_ids)):
+        cut, stopped = engine.cut_at_eos(before, [tok.eos_token_id, eot])  # the same draws, cut at either stop
+        assert after == cut and gens.has_eos[row] == stopped
+    assert gens.completion_ids[0][-1] == eot and gens.has_eos[0]
+    batch = join_prompt_response(gens.prompt_ids, gens.completion_ids, tok.pad_token_id)
+    with torch.no_grad():
+        forward = response_logprobs(model, batch)
+    torch.testing.assert_close(per_token(gens.logprobs, forward.shape[1]) * batch["action_mask"],
+                               forward * batch["action_mask"], atol=1e-5, rtol=0)
+    assert all(e == e for row in gens.entropy for e in row)  # no NaN
+    assert model.generation_config.repetition_penalty == 1.3  # the model's own config is left as it was
+
+
+def test_hf_backend_with_no_new_tokens_returns_none(tiny_model_dir):
+    model, tok = load(tiny_model_dir, "llama")
+    input_ids, mask = batch_of(tok, PROMPTS[:2])
+    new, logprobs, entropy = decode_hf(model, input_ids, mask, torch.rand(2, 0), GenerationConfig(max_new_tokens=1),
+                                       tok.eos_token_id, tok.pad_token_id, with_logprobs=True)
+    assert new.shape == logprobs.shape == entropy.shape == (2, 0)
+
+
+def test_a_peft_saved_adapter_updates_the_engine(tiny_model_dir):
+    # what adapter_model.safetensors holds (peft's key names, without the adapter's) loads into the active adapter
+    from peft.utils.save_and_load import get_peft_model_state_dict
+
+    model, tok = load(tiny_model_dir, "llama")
+    policy = add_lora(model, LoraConfig(enabled=True, r=4, target_modules="all-linear")).eval()
+    trained = copy.deepcopy(policy)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    rollout = HFRolloutEngine(policy, tok, GenerationConfig(max_new_tokens=8))
+    seeds = prompt_seeds(1, len(PROMPTS))
+    before = rollout.generate(PROMPTS, seeds).completion_ids
+    rollout.update_weights(get_peft_model_state_dict(trained))
+    after = rollout.generate(PROMPTS, seeds).completion_ids
+    assert after != before
+    assert after == HFRolloutEngine(trained, tok, rollout.cfg).generate(PROMPTS, seeds).completion_ids
+
+
+def test_the_stacked_transposed_decode_layout_is_made_for_cpu_weights_only():
+    # it holds a second copy of every weight; off the CPU the steps multiply the module's own weights
+    from functools import partial
+
+    from rlhfkit.rollout.engine import linear_op
+
+    cpu, meta = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, device="meta")
+    assert not isinstance(linear_op([cpu], decode=True), partial)  # torch.mm on a transposed copy
+    op = linear_op([meta], decode=True)
+    assert isinstance(op, partial) and op.keywords["weight"] is meta.weight  # F.linear on the module's weight
+    assert linear_op([meta], decode=True)(torch.zeros(2, 8, device="meta")).shape == (2, 4)

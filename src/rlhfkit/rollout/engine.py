@@ -22,9 +22,10 @@ Shapes: B rows, T prompt width, A new tokens, V vocabulary, H heads, D head size
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +58,28 @@ class Generations:
     entropy: list[list[float]] | None = None
 
 
-def cut_at_eos(ids: list[int], eos_token_id: int | None) -> tuple[list[int], bool]:
-    """Ids up to and including the first EOS, and whether there was one."""
-    if eos_token_id is not None and eos_token_id in ids:
-        return ids[: ids.index(eos_token_id) + 1], True
+def as_ids(eos_token_id: int | list[int] | None) -> list[int]:
+    """One stop id, several, or none, as a list."""
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and those the model's generation config lists (an
+    instruct model's end-of-turn token, Llama 3's <|eot_id|> or Phi-3's <|end|>, is often not the tokenizer's
+    EOS; ``model.generate`` stops at either)."""
+    config = getattr(model, "generation_config", None)
+    extra = as_ids(getattr(config, "eos_token_id", None))
+    return list(dict.fromkeys(as_ids(tokenizer.eos_token_id) + extra))
+
+
+def cut_at_eos(ids: list[int], eos_token_id: int | list[int] | None) -> tuple[list[int], bool]:
+    """Ids up to and including the first stop id (``eos_token_id``: one or several), and whether there was one."""
+    stops = set(as_ids(eos_token_id))
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[: i + 1], True
     return ids, False
 
 
@@ -185,9 +204,13 @@ def linear_op(modules: list[torch.nn.Module], merge: bool = True,
       (two). The same dot products summed in another order: equal to the module's output up to float
       rounding, not bit for bit, as ``model.generate`` at another batch size is.
 
+    The decode layout is for CPUs only: it holds a second copy of every weight, and GPU GEMMs read a transposed
+    operand natively (on a GPU the steps use the prefill's layout). Not measured on a GPU here.
+
     Otherwise (``merge=False``, hooks, DoRA, …) each module is called and the outputs concatenated.
     """
     found = [linear_weights(m) for m in modules] if merge else [None] * len(modules)
+    decode = decode and all(f is not None and f[0].device.type == "cpu" for f in found)
     if any(f is None for f in found) or not decode:
         ops = [m if f is None else partial(F.linear, weight=f[0], bias=f[1]) for m, f in zip(modules, found)]
         return ops[0] if len(ops) == 1 else lambda x: torch.cat([op(x) for op in ops], -1)
@@ -351,7 +374,9 @@ def model_forward(model, valid: torch.Tensor):
 def token_scores(logits: torch.Tensor, token: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V) logits, (B,) sampled tokens → (B,) log-probability of each token under softmax(logits /
     temperature) and (B,) entropy of that distribution: what a scoring forward would give them."""
-    logp = torch.log_softmax(logits.float() / temperature, -1)
+    # -inf logits (a token a processor ruled out) at the lowest finite value: p is 0 either way, and 0 · -inf is NaN
+    logits = logits.float().clamp(min=torch.finfo(torch.float32).min)
+    logp = torch.log_softmax(logits / temperature, -1)
     return logp.gather(-1, token[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
@@ -368,9 +393,10 @@ def stack_scores(scores: list[tuple[torch.Tensor, torch.Tensor]], new: torch.Ten
 
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor,
-           cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int, share: bool = True,
+           cfg: GenerationConfig, eos_token_id: int | list[int] | None, pad_token_id: int, share: bool = True,
            with_logprobs: bool = False):
     """Our sampling loop: (B, T) left-padded prompts, (B, T) mask, (B, A) uniforms → (B, A') new ids, A' ≤ A.
+    ``eos_token_id``: the id, or ids (``stop_ids``), that end a row.
 
     ``with_logprobs``: also (B, A') log-probs and entropies of the sampled tokens (``token_scores``),
     taken from the logits the loop samples from — the old log-probs of PPO without a scoring pass.
@@ -407,6 +433,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
         forward = LlamaForward(lm, valid) if lm is not None else model_forward(model, valid)
         logits = forward(input_ids, positions)  # (B, V)
     positions = positions[:, -1:]
+    stops = torch.tensor(as_ids(eos_token_id), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, scores = [], []
     check_every = 1 if device.type == "cpu" else 8  # a GPU would stall on a host sync every token
@@ -416,8 +443,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
         tokens.append(token)
         if with_logprobs:
             scores.append(token_scores(logits, token, cfg.logprob_temperature))
-        if eos_token_id is not None:
-            done |= token == eos_token_id
+        if len(stops):
+            done |= torch.isin(token, stops)
         if t == steps - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         positions = positions + 1
@@ -441,23 +468,46 @@ class _InverseCDF:
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
 
+@contextlib.contextmanager
+def neutral_generation_config(model) -> Iterator[None]:
+    """``model``'s own generation config set aside inside: ``generate`` fills what a config passed to it leaves
+    unset from the model's (a repetition penalty, suppressed tokens, a minimum length, as instruct models ship
+    them), which would change the distribution our sampler draws from and records log-probs of."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = lm.generation_config
+    lm.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
+
+
 @torch.inference_mode()
 def decode_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor,
-              cfg: GenerationConfig, eos_token_id: int | None, pad_token_id: int, with_logprobs: bool = False):
-    """``decode`` through ``model.generate``: same arguments, same tokens up to float rounding."""
+              cfg: GenerationConfig, eos_token_id: int | list[int] | None, pad_token_id: int,
+              with_logprobs: bool = False):
+    """``decode`` through ``model.generate``: same arguments, same tokens up to float rounding. Only our
+    sampling rule shapes the distribution: none of the processors the model's generation config asks for."""
     from transformers import GenerationConfig as HFGenerationConfig
     from transformers import LogitsProcessorList
 
+    if uniforms.shape[1] == 0:  # generate refuses max_new_tokens 0
+        return decode(model, input_ids, attention_mask, uniforms, cfg, eos_token_id, pad_token_id,
+                      with_logprobs=with_logprobs)
+    stops = as_ids(eos_token_id)
     hf_cfg = HFGenerationConfig(max_new_tokens=uniforms.shape[1], do_sample=False, pad_token_id=pad_token_id,
-                                eos_token_id=eos_token_id)
+                                eos_token_id=stops or None)
     processors = None
     if cfg.temperature > 0 or with_logprobs:
         sampler = _InverseCDF(uniforms.to(input_ids.device), input_ids.shape[1], cfg, record=with_logprobs)
         processors = LogitsProcessorList([sampler])
     # each process decodes alone: a sharded policy samples gathered (``fsdp.gathered``), so nothing is synced per
     # token (generate would, seeing FSDP, and hang a process-0 evaluation)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_cfg,
-                         logits_processor=processors, synced_gpus=False)
+    with neutral_generation_config(model):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_cfg,
+                             logits_processor=processors, synced_gpus=False)
     new = out[:, input_ids.shape[1]:]
     # the steps generate ran, one per column of new (A' ≤ A; none with A = 0)
     return (new, *stack_scores(sampler.scores, new)) if with_logprobs else new
@@ -483,7 +533,7 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
     result = Generations([], [], [], [], [] if logprobs else None, [] if logprobs else None)
     batches = range(0, len(prompts), cfg.batch_size)
     if progress:
@@ -546,10 +596,19 @@ class HFRolloutEngine:
 
     def update_weights(self, model_or_state) -> None:
         """The policy module itself: nothing to do (it is shared). Another module: sample with it.
-        A state dict (this module's key names; a LoRA-only one is fine): copied into the module."""
+        A state dict, copied into the module: its own key names (a LoRA-only one is fine), or, for a peft
+        model, an adapter as peft saves it (``adapter_model.safetensors``: key names without the adapter's),
+        loaded into the active adapter."""
         if isinstance(model_or_state, torch.nn.Module):
             self.model = model_or_state
             return
-        unexpected = self.model.load_state_dict(model_or_state, strict=False).unexpected_keys
+        own = self.model.state_dict().keys()
+        if hasattr(self.model, "peft_config") and not any(k in own for k in model_or_state):
+            from peft import set_peft_model_state_dict
+
+            unexpected = set_peft_model_state_dict(self.model, model_or_state,
+                                                   adapter_name=self.model.active_adapter).unexpected_keys
+        else:
+            unexpected = self.model.load_state_dict(model_or_state, strict=False).unexpected_keys
         if unexpected:
             raise KeyError(f"weights for parameters the policy does not have: {unexpected[:5]}")

@@ -3,8 +3,9 @@
 Prompts are encoded exactly as in training (``rlhfkit.data.collate.encode_prompt``), padded on
 the left, and each completion is cut just after its first EOS. Each prompt samples with its own
 seed (``rlhfkit.rollout.sampling``), so a sample depends on its prompt, the model and its seed
-only — not on its batch companions or its place among them (issue #9). The sampling loop and
-its backends live in ``rlhfkit.rollout.engine``.
+only — not on its batch companions or its place among them (issue #9), up to float rounding
+(``rlhfkit.rollout.sampling`` says when that shows). The sampling loop and its backends live in
+``rlhfkit.rollout.engine``.
 """
 
 from __future__ import annotations

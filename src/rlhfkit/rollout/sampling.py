@@ -2,9 +2,12 @@
 
 Torch only. Row i of a batch draws its uniforms from its own ``torch.Generator`` seeded with
 its own seed, one uniform per new token, and picks its token by inverse CDF over its own
-filtered distribution — so a sample depends on its prompt, the model and its seed, never on
-the other rows of its batch (issue #9: a batch split over two processes gives the rollouts one
-process gives). Shapes: B rows, A new tokens, V vocabulary.
+filtered distribution — so a sample depends on its prompt, the model and its seed, not on the
+other rows of its batch (issue #9: a batch split over two processes gives the rollouts one process
+gives). Up to float rounding: a row's logits in a batch of another size or padding can differ in
+their last bits, and where a uniform falls within that of a token boundary the row samples another
+token from there on (seen once in ~335,000 tokens on CPU, float32; bf16 and GPUs make it likelier).
+Shapes: B rows, A new tokens, V vocabulary.
 """
 
 from __future__ import annotations
