@@ -257,9 +257,10 @@ def simpo_loss(
 
 
 def _log_odds(avg_logps: torch.Tensor) -> torch.Tensor:
-    """log(p / (1 - p)) for p = exp(avg_logps) (B,); clamped just below 0 so that 1 - p > 0."""
-    avg_logps = avg_logps.clamp(max=-1e-6)
-    return avg_logps - torch.log1p(-torch.exp(avg_logps))
+    """log(p / (1 - p)) for p = exp(avg_logps) (B,), in float32 at least; clamped just below 0 so that 1 - p > 0.
+    1 - p is -expm1(a): exact near a = 0, where 1 - exp(a) cancels (and rounds to 0 in bf16)."""
+    avg_logps = avg_logps.to(torch.promote_types(avg_logps.dtype, torch.float32)).clamp(max=-1e-6)
+    return avg_logps - torch.log(-torch.expm1(avg_logps))
 
 
 def orpo_loss(

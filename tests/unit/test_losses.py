@@ -462,3 +462,14 @@ def test_mean_of_averages_each_metric_over_the_records_that_have_it():
 
     assert mean_of([{"a": 1.0, "b": 4.0}, {"a": 3.0}, {"a": 5.0, "b": 2.0}]) == {"a": 3.0, "b": 3.0}
     assert mean_of([]) == {}
+
+
+def test_orpo_near_certain_answers_in_bf16_stay_finite():
+    # avg log-probs near 0: 1 - exp(a) rounds to 0 in bf16 (log odds inf - inf = NaN); -expm1(a) in float32 does not
+    c, r = torch.tensor([-1e-3], dtype=torch.bfloat16), torch.tensor([-2e-3], dtype=torch.bfloat16)
+    losses, metrics = orpo_loss(c, r, lam=1.0)
+    assert torch.isfinite(losses).all()
+    # log odds(a) = a - log(1 - e^a) ≈ -log(-a) for small a: c's odds above r's by about log 2 (bf16 inputs rounded)
+    a, b = c.float().item(), r.float().item()
+    expected = (a - math.log(-math.expm1(a))) - (b - math.log(-math.expm1(b)))
+    assert metrics["log_odds_ratio"].item() == pytest.approx(expected, rel=1e-5)
