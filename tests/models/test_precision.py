@@ -121,3 +121,23 @@ def test_full_model_grpo_keeps_a_float32_policy_beside_a_bf16_reference_and_eval
     # before the first update the bf16 reference and the float32 policy under autocast differ by rounding only
     assert 0 <= logs[0]["loss/kl"] < 1e-5
     assert all(v.dtype == torch.float32 for v in load_file(str(out / "model.safetensors")).values())
+
+
+@pytest.mark.parametrize("reference, lora, tolerance", [
+    ("precomputed", "false", 1e-7),  # the policy's own forwards, before training: as exact as the adapter's
+    ("adapter", "true", 1e-7),
+    ("model", "false", 1e-4),  # a bf16 copy beside the float32 policy: rounding apart (-4.8e-6 seen)
+])
+def test_a_precomputed_reference_is_computed_as_the_policy_is(bf16_cpu, tiny_model_dir, task_dir, tmp_path, reference,
+                                                              lora, tolerance):
+    # at lr 0 the policy is its reference: with both under the run's bf16 autocast, DPO's first loss is log 2; the
+    # precomputed pass ran outside autocast and missed it by 3.1e-5
+    import math
+
+    out = tmp_path / reference
+    assert main(["dpo", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+                 "--out", str(out), "--reference", reference, "--lora.enabled", lora, "--lora.r", "4",
+                 "--train.max_steps", "1", "--train.batch_size", "8", "--train.log_every", "1", "--optim.lr", "0",
+                 "--train.tensorboard", "false"]) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=tolerance)

@@ -403,10 +403,12 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     def to_batch(seqs: list[Encoded]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in collate(seqs, tokenizer.pad_token_id).items()}
 
+    amp = mixed_precision(cfg.model.dtype, device)
     reference = None
     if objective.needs_reference:
         reference = make_reference(cfg, policy, objective.average, to_batch)
-        reference.prepare(examples + eval_examples, cfg.train.batch_size)
+        with amp():  # a precomputed reference's forwards as a live one's run: under the loop's autocast
+            reference.prepare(examples + eval_examples, cfg.train.batch_size)
 
     settled: dict = {}  # what before_step settled for the current step's micro-batches
 
@@ -438,7 +440,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
                       desc=type(cfg).__name__.removesuffix("Config").lower(),
                       tokens_of=lambda idx: sum(len(examples[i].first.input_ids) + len(examples[i].second.input_ids)
                                                 for i in idx),
-                      amp=mixed_precision(cfg.model.dtype, device), before_step=before_step)
+                      amp=amp, before_step=before_step)
     finally:
         logger.close()
     save_model(policy, tokenizer, out)
