@@ -363,8 +363,12 @@ def parse_args(cls: type[C], argv: list[str] | None = None, prog: str = "rlhfkit
         print(help_text(cls, prog))
         raise SystemExit(0)
     overrides = parse_overrides(argv)
-    path = overrides.pop("config", None)
-    data = load_yaml(path) if path else {}
+    paths = overrides.pop("config", None)
+    paths = [paths] if isinstance(paths, str) else paths or []  # several: merged in order, the later win
+    data = {}
+    for file in paths:
+        _merge(data, load_yaml(file))
+    path = ", ".join(paths)
     for key, value in overrides.items():
         set_dotted(data, key, value)
 
@@ -400,7 +404,8 @@ def help_text(cls: type, prog: str = "rlhfkit <cmd>") -> str:
     lines += ["Options come from --config FILE.yaml first, then the command line (which wins). Dashes and",
               "underscores in names are the same; a bare --FLAG means true; 'none' means None; a list is a,b,c",
               "or the flag repeated.",
-              "", "  --config FILE.yaml", "        YAML file of options (read with the safe loader)",
+              "", "  --config FILE.yaml",
+              "        YAML file of options (read with the safe loader); repeated, the files merge in order",
               "  -h, --help", "        show this message and exit"]
 
     def section(c: type, prefix: str, title: str, defaults: Any) -> None:

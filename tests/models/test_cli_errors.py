@@ -90,3 +90,9 @@ def test_reward_model_trains_and_evaluates_on_chat_pairs(tiny_model_dir, tmp_pat
     assert "accuracy vs labels" in printed and "agreement with gold" not in printed
     result = json.loads(report.read_text())
     assert result["n_pairs"] == 8 and 0 <= result["accuracy"] <= 1 and result["gold_agreement"] is None
+
+
+def test_a_device_name_torch_does_not_know_says_which_are(task_dir, tiny_model_dir, tmp_path, capsys):
+    rc = main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"),
+               "--train.device", "gpu", "--out", str(tmp_path / "o")])
+    assert "train.device 'gpu' is not a device: use auto, cpu, cuda or cuda:N" in _one_line_error(capsys, rc)

@@ -438,3 +438,13 @@ def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
             parse_args(SFTConfig, [f"--{typed}", "1"])
     with pytest.raises(ConfigError, match=r"unknown key 'generation\.top_p' in the command line$"):
         parse_args(SFTConfig, ["--generation.top_p", "0.5"])  # named as typed, no far-fetched guess
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    first = write(tmp_path, "max_steps: 3\noptim:\n  learning_rate: 0.1\n", name="a.yaml")
+    second = write(tmp_path, "optim:\n  schedule: constant\nmax_steps: 5\n", name="b.yaml")
+    cfg = parse_args(Train, ["--config", first, "--config", second, "--bf16"])
+    assert (cfg.max_steps, cfg.optim.learning_rate, cfg.optim.schedule, cfg.bf16) == (5, 0.1, "constant", True)
+    typo = write(tmp_path, "max_stesp: 1\n", name="c.yaml")
+    with pytest.raises(ConfigError, match=rf"'max_stesp' in {first}, {typo}"):
+        parse_args(Train, ["--config", first, "--config", typo])

@@ -203,6 +203,16 @@ def test_csv_duplicate_column(tmp_path):
     raises(load_prompts, path, row=None, field=None, match="'prompt' appears twice")
 
 
+def test_json_key_given_twice_is_refused(tmp_path):
+    # json keeps the last value without a word: an empty completion would be overwritten silently
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "", "completion": "x"}\n')
+    raises(load_sft, path, row=1, field="completion", match="line 2 gives key 'completion' twice")
+    path = tmp_path / "d.json"
+    path.write_text('[{"prompt": "a", "completion": "b", "prompt": "c"}]')
+    raises(load_sft, path, row=None, field=None, match="key 'prompt' is given twice in one object")
+
+
 # --------------------------------------------------------------------------- SFT
 
 

@@ -136,9 +136,28 @@ def _read_text(path) -> str:
     return data.decode("utf-8-sig", errors="surrogateescape")
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object that gives one key twice (``json`` would keep the last value without a word)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_json(path, text: str) -> list:
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise DataError(path, f"key {_printable(exc.key)!r} is given twice in one object") from exc
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
             return _parse_jsonl(path, text)
@@ -163,7 +182,10 @@ def _parse_jsonl(path, text: str) -> list[dict]:
             continue
         row = len(records)
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise DataError(path, f"line {lineno} gives key {_printable(exc.key)!r} twice", row=row,
+                            field=_printable(exc.key)) from exc
         except json.JSONDecodeError as exc:
             raise DataError(path, f"line {lineno} is not valid JSON: {exc.msg} at column {exc.colno}",
                             row=row) from exc

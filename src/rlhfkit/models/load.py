@@ -28,7 +28,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → the first CUDA GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:  # "gpu", "cuda0", ...
+        raise ConfigError(f"train.device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
 
 
 def bf16_gpu(device: torch.device) -> bool:
