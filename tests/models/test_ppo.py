@@ -1,6 +1,7 @@
 """PPO roles and experience on tiny models: reference = adapters off, first-step ratios, both modes train."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -332,3 +333,73 @@ def test_target_kl_stops_a_step_s_updates(tiny_model_dir, task_dir, lora_rm_dir,
     # 2 epochs × 2 mini-batches; a tiny target stops at the second (the first starts from the rollout policy)
     assert [r["policy/updates"] for r in logs] == [updates] * 2
     assert [r["policy/early_stop"] for r in logs] == [float(updates < 4)] * 2
+
+
+@pytest.mark.parametrize("which", ["full", "lora"])
+def test_a_critic_from_the_reward_model_trains_in_full_and_starts_on_the_rewards_scale(tiny_model_dir, rm_dir,
+                                                                                        lora_rm_dir, which):
+    # a LoRA reward model's adapter is merged into a trainable critic (it was loaded frozen: "no trainable
+    # parameters"), and the reward model's score normalisation applies to the critic's values, as to its scores
+    from rlhfkit.data.collate import collate, encode_example
+    from rlhfkit.models.reward import RewardModel, sequence_scores
+
+    path, rm = tiny_model_dir("llama"), {"full": rm_dir, "lora": lora_rm_dir}[which]
+    roles = SeparateRoles(ModelConfig(path=path), rm, CPU)
+    assert all(p.requires_grad for p in roles.critic_parameters())
+    tok = load_tokenizer(path)
+    prompts, responses = ["User: Describe the cat.\nAssistant:", "Hello"], [" The cat is calm.", " Hi there"]
+    batch = collate([encode_example(tok, p, r, 64) for p, r in zip(prompts, responses)], tok.pad_token_id)
+    with torch.no_grad():
+        raw = sequence_scores(roles.critic, batch["input_ids"], batch["attention_mask"])
+    stats = roles.critic_stats
+    assert stats is not None and stats["std"] != 1.0  # rlhfkit rm normalises by default
+    torch.testing.assert_close((raw - stats["mean"]) / stats["std"], RewardModel.from_pretrained(rm, CPU).score(
+        prompts, responses), rtol=1e-4, atol=1e-4)
+    values = roles.critic_values(join_prompt_response([tok(p).input_ids for p in prompts],
+                                                      [tok(r).input_ids for r in responses], tok.pad_token_id))
+    with torch.no_grad():
+        roles.critic_stats = None
+        unscaled = roles.critic_values(join_prompt_response([tok(p).input_ids for p in prompts],
+                                                            [tok(r).input_ids for r in responses], tok.pad_token_id))
+    torch.testing.assert_close(values.detach(), (unscaled - stats["mean"]) / stats["std"])
+
+
+def test_shared_mode_refuses_an_adapter_directory_and_full_training(tiny_model_dir, lora_rm_dir, task_dir, tmp_path,
+                                                                    capsys):
+    # an SFT adapter as --model: peft re-initialised it as the actor, silently training from the bare base
+    from rlhfkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is a LoRA adapter directory: .* merge it first .*rlhfkit export"):
+        SharedBaseRoles(ModelConfig(path=lora_rm_dir), LoraConfig(enabled=True, r=4), CPU)
+    rc = main(["ppo", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_train.jsonl"),
+               "--reward_model", lora_rm_dir, "--lora.enabled", "false", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "to train every weight set --mode separate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ppo", "grpo"])
+def test_the_schedule_counts_the_updates_a_small_prompts_file_gives(tiny_model_dir, task_dir, rm_dir, tmp_path,
+                                                                    command):
+    # 6 prompts and a batch of 64 asked for: a step holds 6; the cosine schedule ends at 0 after the updates
+    # actually taken (it was sized for 64 prompts a step and ended near the peak)
+    prompts = tmp_path / "six.jsonl"
+    prompts.write_text("".join((task_dir / "prompts_train.jsonl").read_text().splitlines(keepends=True)[:6]))
+    common = ["--model", tiny_model_dir("llama"), "--prompts", str(prompts), "--out", str(tmp_path / command),
+              "--train.max_steps", "2", "--mini_batch_size", "3", "--generation.max_new_tokens", "4",
+              "--optim.lr", "1e-3", "--optim.schedule", "cosine", "--optim.warmup_steps", "0",
+              "--train.tensorboard", "false"]
+    if command == "ppo":
+        args = ["ppo", *common, "--reward_model", rm_dir, "--rollout_batch_size", "64", "--ppo_epochs", "1"]
+    else:
+        args = ["grpo", *common, "--rewards", "my_length:score", "--prompts_per_step", "64", "--group_size", "1"]
+        (tmp_path / "my_length.py").write_text("def score(prompts, completions, **columns):\n"
+                                               "    return [len(c) / 10 for c in completions]\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(args) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    logs = [json.loads(line) for line in (tmp_path / command / "metrics.jsonl").read_text().splitlines()]
+    assert logs[0]["train/lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 2)))  # 2 of 4 updates
+    assert logs[1]["train/lr"] == pytest.approx(0.0, abs=1e-12)

@@ -69,7 +69,9 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool
         check_weights_format(base, cfg.allow_pickle)
         backbone = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
         with peft_quietly():
-            model = lean_lora(PeftModel.from_pretrained(backbone, cfg.path))
+            model = PeftModel.from_pretrained(backbone, cfg.path)
+        # trained in full (PPO's critic from a LoRA reward model): the adapter merged into every weight
+        model = model.merge_and_unload().requires_grad_(True) if trainable else lean_lora(model)
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
         model = AutoModelForSequenceClassification.from_pretrained(absolute_if_local(cfg.path), **kwargs)

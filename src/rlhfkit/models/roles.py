@@ -81,6 +81,10 @@ class SharedBaseRoles:
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device, critic: bool = True):
         """``critic=False`` (critic-free methods: GRPO, RLOO, REINFORCE++): no critic adapter or value
         head; ``critic_values`` returns zeros and ``critic_parameters`` is empty."""
+        if is_adapter_dir(model_cfg.path):  # peft would re-initialise its adapter as the actor: the SFT lost
+            raise ConfigError(f"{model_cfg.path} is a LoRA adapter directory: the actor and critic are new adapters "
+                              "on a full model, the reference that model with them off; merge it first (rlhfkit "
+                              "export --model ADAPTER_DIR --out DIR) and pass DIR")
         self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
         base = _frozen(load_causal_lm(model_cfg, device))
         critic_cfg = peft_lora_config(lora, base)  # resolved before LoRA layers wrap the base's modules
@@ -272,6 +276,10 @@ class SeparateRoles:
         # critic = backbone + one-output head; from the reward model (seed 002) or the SFT model
         self.critic = (load_reward_backbone(ModelConfig(**{**vars(model_cfg), "path": critic_path}), device,
                                             trainable=True) if critic_path else None)
+        # a reward model's score normalisation, if it has one, applies to the critic started from it: its first
+        # values are on the scale of the normalised rewards they predict (OpenRLHF's critic does the same)
+        norm = Path(critic_path or "") / NORMALIZATION_FILE
+        self.critic_stats = json.loads(norm.read_text()) if critic_path and norm.is_file() else None
 
     def _models(self) -> list[nn.Module]:
         return [m for m in (self.actor, self.ref, self.critic) if m is not None]
@@ -283,7 +291,10 @@ class SeparateRoles:
                                    with_logits=with_logits)
 
     def critic_values(self, batch) -> torch.Tensor:
-        return zero.run_as_forward(self.critic, critic_values_of, self.critic, _hf_model(self.critic).score, batch)
+        values = zero.run_as_forward(self.critic, critic_values_of, self.critic, _hf_model(self.critic).score, batch)
+        if self.critic_stats is None:
+            return values
+        return (values - self.critic_stats["mean"]) / self.critic_stats["std"]
 
     @contextlib.contextmanager
     def reference(self):
@@ -346,6 +357,8 @@ class SeparateRoles:
         save_model(self.actor, tokenizer, out)
         if self.critic is not None:
             save_model(self.critic, tokenizer, Path(out) / "critic")
+            if self.critic_stats is not None and distributed.is_main():  # its values are normalised scores
+                (Path(out) / "critic" / NORMALIZATION_FILE).write_text(json.dumps(self.critic_stats, indent=2))
 
 
 def load_value_head(path: str | Path, head: nn.Linear) -> nn.Linear:

@@ -19,6 +19,7 @@ Sequence advantages are broadcast over the response tokens. Rewards come from ``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -288,6 +289,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     per_step = min(len(rows), cfg.prompts_per_step)  # a step's prompts: the whole file when it holds fewer
     distributed.check_shares(per_step * cfg.group_size, cfg.mini_batch_size, cfg.prompts, len(rows),
                              prompts_per_step=per_step)
+    cfg = dataclasses.replace(cfg, prompts_per_step=per_step)  # what a step holds: the schedule counts its updates
     reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
     roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False) if cfg.lora.enabled
              else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta)))
@@ -325,7 +327,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         seconds = time.perf_counter() - t0
         metrics.update({"time/learn": time.perf_counter() - t1, "time/step": seconds,
                         "time/tokens_per_s": exp.attention_mask.sum().item() / seconds,
-                        "train/skipped_updates": nonfinite.skipped})
+                        "train/skipped_updates": nonfinite.skipped, "train/lr": optimizer[1].get_last_lr()[0]})
         return metrics
 
     def evaluate() -> dict[str, float]:  # on process 0; a sharded policy gathered by every process around it

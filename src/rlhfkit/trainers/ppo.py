@@ -11,6 +11,7 @@ when learning starts, so its learn forward gives GAE's values and no separate pa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -77,6 +78,11 @@ class PPOConfig:
     optim: OptimConfig = arg(OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"), "actor optimiser")
     generation: GenerationConfig = arg(GenerationConfig, "sampling (temperature 1, no top-k/top-p by default)")
     train: TrainConfig = arg(TrainConfig(out="runs/ppo", max_steps=50, log_every=1), "loop; max_steps = PPO steps")
+
+    def __post_init__(self) -> None:
+        if self.mode == "shared" and not self.lora.enabled:  # it would train adapters all the same
+            raise ValueError("mode shared trains LoRA adapters for the actor and the critic on one base: to train "
+                             "every weight set --mode separate")
 
 
 def one_update(cfg: PPOConfig) -> bool:
@@ -262,7 +268,8 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
     seconds = time.perf_counter() - t_step
     metrics.update({"time/learn": time.perf_counter() - t0, "time/step": seconds,
                     "time/tokens_per_s": buffer.attention_mask.sum().item() / seconds,  # all processes' sequences
-                    "train/skipped_updates": nonfinite.skipped})
+                    "train/skipped_updates": nonfinite.skipped, "train/lr": actor_opt[1].get_last_lr()[0],
+                    "train/critic_lr": critic_opt[1].get_last_lr()[0]})
     # 4. adapt β from the per-sequence KL averaged over the batch (TRL's form)
     kl_ctl.update(metrics["rollout/kl"], len(buffer))
     return metrics
@@ -291,6 +298,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     batch = min(len(prompts), cfg.rollout_batch_size)  # a rollout batch: the whole file when it holds fewer
     distributed.check_shares(batch * cfg.rollouts_per_step, cfg.mini_batch_size, cfg.prompts, len(prompts),
                              rollout_batch_size=batch)
+    cfg = dataclasses.replace(cfg, rollout_batch_size=batch)  # what a step holds: the schedule counts its updates
     roles = build_roles(cfg, device)
     if score_fn is None and cfg.mode == "shared" and is_adapter_dir(cfg.reward_model):
         roles.add_reward_adapter(cfg.reward_model, cfg.model.path)  # the third adapter: no second model in memory
