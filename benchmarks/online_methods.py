@@ -55,7 +55,8 @@ def run_command(argv: list[str], log: Path) -> float:
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, "-m", "rlhfkit.cli", *argv, "--train.tensorboard", "false"],
+        rc = subprocess.call([sys.executable, "-m", "rlhfkit.cli", *argv, "--train.tensorboard", "false",
+                              "--train.overwrite_output_dir", "true"],  # its directories are this script's own
                              stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc:
         raise SystemExit(f"rlhfkit {argv[0]} failed (exit {rc}); see {log}")

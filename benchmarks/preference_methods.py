@@ -54,7 +54,8 @@ def run_command(argv: list[str], log: Path) -> tuple[float, float]:
     """Run `rlhfkit ARGV` in a child process; returns (wall seconds, peak RSS in MiB) of that child."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", *argv, "--train.tensorboard", "false"],
+        proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", *argv, "--train.tensorboard", "false",
+                                 "--train.overwrite_output_dir", "true"],  # its directories are this script's own
                                 stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage; ru_maxrss is KiB on Linux
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so tell Popen

@@ -40,7 +40,8 @@ def our_step(trainer: str, model_dir: str, data: dict, s: vs_trl.Shapes, out: st
 
     common = {"max_length": 4 * s.seq, "model": {"path": model_dir, "dtype": "float32"}, "optim": {"lr": 1e-4},
               "train": {"out": out, "batch_size": s.batch, "max_steps": 1, "log_every": 1, "eval_every": 0,
-                        "save_every": 0, "tensorboard": False, "device": "cpu", "seed": 0}, **extra}
+                        "save_every": 0, "tensorboard": False, "device": "cpu", "seed": 0,
+                        "overwrite_output_dir": True}, **extra}  # reruns go into the same directory
     if trainer == "sft":
         import rlhfkit.trainers.sft as mod
 

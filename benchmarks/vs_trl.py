@@ -160,7 +160,8 @@ def make_reward_adapter(model_dir: Path, out: Path, pairs: str, steps: int = 4) 
                     "--out", str(out), "--lora.enabled", "true", "--train.max_steps", str(steps),
                     "--train.batch_size", "8", "--train.log_every", str(steps), "--train.eval_every", "0",
                     "--train.tensorboard", "false", "--train.device", "cpu", "--model.dtype", "float32",
-                    "--normalize", "false", "--eval_fraction", "0"], check=True)
+                    "--normalize", "false", "--eval_fraction", "0", "--train.overwrite_output_dir", "true"],
+                   check=True)
 
 
 def make_assets(work: Path, sizes: list[str], s: Shapes) -> dict:
@@ -212,7 +213,8 @@ def trl112_python() -> str:
 
 def _train_section(job: dict) -> dict:
     return {"out": job["out"], "batch_size": job["shapes"]["batch"], "max_steps": job["steps"], "log_every": 1,
-            "eval_every": 0, "save_every": 0, "tensorboard": False, "device": "cpu", "seed": 0}
+            "eval_every": 0, "save_every": 0, "tensorboard": False, "device": "cpu", "seed": 0,
+            "overwrite_output_dir": True}  # profile_steps.py reruns into the same directory
 
 
 def _metric_times(out: str, key: str, cumulative: bool) -> list[float]:

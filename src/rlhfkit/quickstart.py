@@ -37,11 +37,17 @@ THROUGHPUT = {"sft": "train/tokens_per_s", "rm": "train/tokens_per_s", "dpo": "t
 STAGE_ORDER = ("sft", "sft_chosen", "best_of_4", "ppo", "dpo", "orpo", "simpo", "kto")
 
 
+def stage_train(**settings) -> TrainConfig:
+    """A stage's training settings. Its directory under OUT is the quickstart's own, so a rerun deletes any
+    checkpoints an interrupted run left there instead of refusing to start (``train.overwrite_output_dir``)."""
+    return TrainConfig(overwrite_output_dir=True, **settings)
+
+
 def extra_methods(root: Path, data: dict, seed: int, device: str = "auto", dtype: str = "auto") -> dict:
     """`--all`: the other direct methods from the SFT model (settings of benchmarks/preference_methods.py)."""
     def common(name, epochs=1.0, lr=5e-4):
         return dict(model=ModelConfig(path=str(root / "sft"), dtype=dtype), optim=OptimConfig(lr=lr, warmup_steps=10),
-                    train=TrainConfig(out=str(root / name), epochs=epochs, seed=seed, device=device))
+                    train=stage_train(out=str(root / name), epochs=epochs, seed=seed, device=device))
 
     return {"orpo": preference.ORPOConfig(data=str(data["preference"]), lam=0.5, **common("orpo", lr=1e-3)),
             "simpo": preference.SimPOConfig(data=str(data["preference"]), beta=2.0, gamma=0.5,
@@ -88,7 +94,7 @@ def prepare(out: Path, seed: int, arch: str = "llama", device: str = "cpu", dtyp
     t0 = time.perf_counter()
     sft.train(sft.SFTConfig(data=str(data["sft"]), model=ModelConfig(path=str(tiny), dtype=dtype),
                             optim=OptimConfig(lr=3e-3, warmup_steps=10),
-                            train=TrainConfig(out=str(out / "sft"), epochs=10.0, batch_size=32,
+                            train=stage_train(out=str(out / "sft"), epochs=10.0, batch_size=32,
                                               seed=seed, device=device)))
     seconds["sft"] = time.perf_counter() - t0
 
@@ -96,7 +102,7 @@ def prepare(out: Path, seed: int, arch: str = "llama", device: str = "cpu", dtyp
     reward.train(reward.RewardConfig(data=str(data["preference"]),
                                      model=ModelConfig(path=str(out / "sft"), dtype=dtype),
                                      optim=OptimConfig(lr=1e-3, warmup_steps=10),
-                                     train=TrainConfig(out=str(out / "rm"), epochs=2.0,
+                                     train=stage_train(out=str(out / "rm"), epochs=2.0,
                                                        batch_size=32, seed=seed, device=device)))
     seconds["rm"] = time.perf_counter() - t0
     return data, seconds
@@ -108,7 +114,7 @@ def ppo_config(root: Path, out: Path, data: dict, seed: int, steps: int, beta: f
     return ppo.PPOConfig(prompts=str(data["prompts_train"]), reward_model=str(root / "rm"), beta=beta,
                          model=ModelConfig(path=str(root / "sft"), dtype=dtype), critic_lr=1e-3,
                          optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"), generation=GENERATION,
-                         train=TrainConfig(out=str(out), max_steps=steps, log_every=1, seed=seed, device=device))
+                         train=stage_train(out=str(out), max_steps=steps, log_every=1, seed=seed, device=device))
 
 
 def _samples(prompts, completions, rewards) -> list[dict]:
@@ -158,7 +164,7 @@ def verifiable(root: Path, seed: int, device: str = "cpu", dtype: str = "auto") 
     t0 = time.perf_counter()
     sft.train(sft.SFTConfig(data=str(files["sft"]), model=ModelConfig(path=str(root / "tiny"), dtype=dtype),
                             optim=OptimConfig(lr=3e-3, warmup_steps=10),
-                            train=TrainConfig(out=str(out / "sft"), epochs=30.0, batch_size=32, seed=seed,
+                            train=stage_train(out=str(out / "sft"), epochs=30.0, batch_size=32, seed=seed,
                                               device=device)))
     seconds["sft"] = time.perf_counter() - t0
     common = dict(prompts=str(files["prompts_train"]), model=ModelConfig(path=str(out / "sft"), dtype=dtype),
@@ -169,7 +175,7 @@ def verifiable(root: Path, seed: int, device: str = "cpu", dtype: str = "auto") 
     methods = {"grpo": online.GRPOConfig, "rloo": online.RLOOConfig, "reinforce_pp": online.ReinforcePPConfig}
     for name, method in methods.items():
         t0 = time.perf_counter()
-        online.train(method(**common, train=TrainConfig(out=str(out / name), max_steps=60, log_every=1, seed=seed,
+        online.train(method(**common, train=stage_train(out=str(out / name), max_steps=60, log_every=1, seed=seed,
                                                         device=device)))
         seconds[name] = time.perf_counter() - t0
     rows = load_prompts(files["prompts_test"])
@@ -209,7 +215,7 @@ def run(cfg: QuickstartConfig) -> dict:
     timed("dpo", lambda: preference.train(preference.DPOConfig(
         data=str(data["preference"]), beta=0.25, model=ModelConfig(path=str(out / "sft"), dtype=cfg.dtype),
         optim=OptimConfig(lr=5e-4, warmup_steps=10),
-        train=TrainConfig(out=str(out / "dpo"), epochs=epochs, seed=cfg.seed, device=str(device)))))
+        train=stage_train(out=str(out / "dpo"), epochs=epochs, seed=cfg.seed, device=str(device)))))
     # baseline at DPO's budget: keep fine-tuning the SFT model, on the chosen answers only
     chosen = out / "data" / "sft_chosen.jsonl"
     chosen.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
@@ -217,7 +223,7 @@ def run(cfg: QuickstartConfig) -> dict:
     timed("sft_chosen", lambda: sft.train(sft.SFTConfig(
         data=str(chosen), model=ModelConfig(path=str(out / "sft"), dtype=cfg.dtype),
         optim=OptimConfig(lr=1e-3, warmup_steps=10),
-        train=TrainConfig(out=str(out / "sft_chosen"), epochs=epochs, seed=cfg.seed, device=str(device)))))
+        train=stage_train(out=str(out / "sft_chosen"), epochs=epochs, seed=cfg.seed, device=str(device)))))
 
     extra = extra_methods(out, data, cfg.seed, **place) if cfg.all else {}
     for name, method_cfg in extra.items():

@@ -186,9 +186,12 @@ def test_the_ddp_config_trains_as_one_process(sft_args, sft_one, tmp_path):
 
 
 def test_a_checkpoint_moves_between_one_process_and_the_fsdp_config(sft_args, sft_one, tmp_path):
-    # 1 process → steps 1-2 (sft_one's checkpoint), 2 sharded processes → step 3, 1 process → step 4
-    stdout = _launch("fsdp.yaml", [*sft_args, "--train.max_steps", "3", "--train.resume",
+    # 1 process → steps 1-2 (sft_one's checkpoint), 2 sharded processes → steps 3-4 (a checkpoint at each: a
+    # resumed run keeps its settings but how often it saves), 1 process from step 3 → step 4
+    args = [a for a in sft_args if a not in ("--train.save_every", "2")]
+    stdout = _launch("fsdp.yaml", [*args, "--train.save_every", "1", "--train.max_steps", "4", "--train.resume",
                                    str(sft_one / "checkpoints" / "step-2")], tmp_path)
+    _assert_same_weights(sft_one, tmp_path)
     assert "fsdp full_shard over 2 processes (the trained model): units = 1 decoder layers + the root" in stdout
     step3 = tmp_path / "checkpoints" / "step-3"
     assert (step3 / "model.safetensors").is_file() and not list(step3.glob("*shard*"))  # full tensors, one file

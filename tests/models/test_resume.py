@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,11 +43,17 @@ def _start_and_interrupt(cmd, out, sig, log):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, task_dir, tmp_path_factory):
+def whole_run(tiny_model_dir, task_dir, tmp_path_factory):
+    """The directory of an uninterrupted SFT run of ``_sft_cmd`` (checkpoints of steps 38 and 40)."""
     out = tmp_path_factory.mktemp("whole")
     subprocess.run(_sft_cmd(tiny_model_dir("llama"), task_dir / "sft.jsonl", out), check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return _weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(whole_run):
+    return _weights(whole_run)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -66,6 +73,45 @@ def test_interrupted_sft_resumes_to_identical_weights(tiny_model_dir, task_dir, 
     assert resumed.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name  # bitwise, on CPU
+
+
+def _with(cmd: list[str], **options: str) -> list[str]:
+    """``cmd`` with the value of each ``--option`` replaced (a repeated flag would make a list)."""
+    cmd = list(cmd)
+    for name, value in options.items():
+        cmd[cmd.index(f"--{name}") + 1] = value
+    return cmd
+
+
+def test_a_resume_with_another_learning_rate_is_refused_before_anything_is_written(tiny_model_dir, task_dir,
+                                                                                    whole_run, tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(whole_run, out)
+    record = (out / "rlhfkit_config.yaml").read_text()
+    cmd = _sft_cmd(tiny_model_dir("llama"), task_dir / "sft.jsonl", out, "--train.resume", "latest")
+    assert main(_with(cmd[3:], **{"optim.lr": "1e-6"})) == 2
+    error = capsys.readouterr().err
+    assert f"cannot resume {out / 'checkpoints' / 'step-40'}" in error and "optim.lr: 0.003 → 1e-06" in error
+    assert (out / "rlhfkit_config.yaml").read_text() == record  # still the settings the weights were trained with
+
+
+def test_a_fresh_run_into_an_earlier_run_s_directory_is_refused_unless_told_to_delete_it(tiny_model_dir, task_dir,
+                                                                                         whole_run, tmp_path,
+                                                                                         capsys):
+    # a shorter run there would save step-2 and step-4, and prune them at once as older than the earlier
+    # run's step-38 and step-40; --train.resume latest would then load the other run's weights
+    from rlhfkit.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(whole_run, out)
+    cmd = _with(_sft_cmd(tiny_model_dir("llama"), task_dir / "sft.jsonl", out)[3:], **{"train.max_steps": "4"})
+    assert main(cmd) == 2
+    error = capsys.readouterr().err
+    assert f"{out / 'checkpoints'} holds an earlier run's checkpoints (newest: step-40)" in error
+    assert main([*cmd, "--train.overwrite_output_dir", "true"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
@@ -279,3 +325,18 @@ def test_a_resumed_run_s_tensorboard_hides_the_steps_it_logs_again(tmp_path):
                                                                     (5, 50.0)]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+
+
+def test_a_full_sft_checkpoint_loads_as_a_model(tiny_model_dir, task_dir, tmp_path):
+    # the tokenizer is saved beside the weights: the checkpoint is what --model takes to start a fresh run
+    from rlhfkit.cli import main
+
+    out = tmp_path / "sft"
+    assert main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--out", str(out),
+                 "--train.max_steps", "2", "--train.save_every", "1", "--train.batch_size", "4",
+                 "--train.tensorboard", "false", "--eval_fraction", "0"]) == 0
+    step = out / "checkpoints" / "step-1"
+    assert (step / "tokenizer_config.json").is_file()
+    assert main(["sft", "--model", str(step), "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "next"),
+                 "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false",
+                 "--eval_fraction", "0"]) == 0

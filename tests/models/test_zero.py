@@ -126,13 +126,14 @@ def test_sft_with_the_zero2_config_equals_one_process(tiny_model_dir, task_dir, 
 
 @needs_deepspeed
 def test_a_checkpoint_moves_between_one_process_and_zero3(tiny_model_dir, task_dir, tmp_path):
-    # 1 process → steps 1-2, 2 processes under ZeRO-3 → step 3, 1 process → step 4; the held-out loss is
-    # evaluated by both ZeRO-3 processes (each forward gathers weights from both)
+    # 1 process → steps 1-2, 2 processes under ZeRO-3 → steps 3-4 (a checkpoint at each), 1 process from step 3 →
+    # step 4; the held-out loss is evaluated by both ZeRO-3 processes (each forward gathers weights from both)
     args = ["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0.05",
-            *TRAIN, "--train.save_every", "2", "--train.eval_every", "1"]
-    _one_process([*args, "--train.max_steps", "4"], tmp_path / "one")
-    printed = _launch(_zero3_config(tmp_path), [*args, "--train.max_steps", "3", "--train.resume",
+            *TRAIN, "--train.eval_every", "1", "--train.max_steps", "4"]
+    _one_process([*args, "--train.save_every", "2"], tmp_path / "one")
+    printed = _launch(_zero3_config(tmp_path), [*args, "--train.save_every", "1", "--train.resume",
                                                 str(tmp_path / "one" / "checkpoints" / "step-2")], tmp_path / "two")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
     held = printed.split("holds ")[1].split(" weights")[0]  # "17,696 of 35,392"
     mine, total = (int(n.replace(",", "")) for n in held.split(" of "))
     assert 0 < mine < total and abs(mine - total / 2) <= total * 0.01  # every weight split in half
@@ -143,7 +144,7 @@ def test_a_checkpoint_moves_between_one_process_and_zero3(tiny_model_dir, task_d
     assert saved["state"].keys() == before["state"].keys()  # AdamW's state as a 1-process run holds it
     assert all(saved["state"][i]["exp_avg"].shape == before["state"][i]["exp_avg"].shape for i in before["state"])
     assert float(saved["state"][0]["step"]) == 3.0
-    _one_process([*args, "--train.max_steps", "4", "--train.resume", str(step3)], tmp_path / "two")
+    _one_process([*args, "--train.save_every", "2", "--train.resume", str(step3)], tmp_path / "two")
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
     evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     ones = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
@@ -160,7 +161,7 @@ def test_zero3_resumes_tensors_whose_size_does_not_divide_by_the_processes(task_
     args = ["sft", "--model", str(model), "--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0", *TRAIN,
             "--train.save_every", "1", "--train.keep_checkpoints", "3"]
     _one_process([*args, "--train.max_steps", "4"], tmp_path / "one")
-    _launch("torchrun", [*args, "--train.max_steps", "3", "--train.deepspeed", "zero3", "--train.resume",
+    _launch("torchrun", [*args, "--train.max_steps", "4", "--train.deepspeed", "zero3", "--train.resume",
                          str(tmp_path / "one" / "checkpoints" / "step-2")], tmp_path / "two")
     # AdamW's moments after step 3, read back out of the partitions, are the 1-process ones
     states = [torch.load(tmp_path / run / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=False)

@@ -4,14 +4,20 @@ that a run never loses work (``trainers.loop`` runs the steps).
 A checkpoint is a directory ``out/checkpoints/step-N`` written atomically (a temporary directory renamed
 into place): the weights as the final model is saved (``save_pretrained``, or the trainer's own
 ``save_weights``), and ``trainer_state.pt`` with every trainable tensor, the optimisers and schedulers,
-the RNG states, the step and the trainer's extra state. Tensors are full whatever the run's sharding
-(FSDP) or partitioning (DeepSpeed), so a checkpoint resumes with any number of processes.
+the RNG states, the step and the trainer's extra state, and a copy of the run's resolved config. Tensors are
+full whatever the run's sharding (FSDP) or partitioning (DeepSpeed), so a checkpoint resumes with any number
+of processes. ``trainer_state.pt`` holds tensors and plain values only, and is read back with
+``torch.load(weights_only=True)``: resuming a checkpoint from elsewhere never runs code from it.
+
+A resumed run must be the run that was saved (``check_resume_config``), and a fresh run does not mix its
+checkpoints with an earlier run's in the same directory (``check_no_earlier_run``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -21,24 +27,62 @@ from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.config import TrainConfig
+from rlhfkit.config import ConfigError, TrainConfig, load_yaml, to_dict
 
 CONFIG_FILE = "rlhfkit_config.yaml"  # the resolved config, beside a run's outputs and in each checkpoint
+STATE_FILE = "trainer_state.pt"
 
 
 def _rng_state() -> dict:
+    """Every RNG's state as tensors, tuples, lists, ints and floats, which ``torch.load(weights_only=True)``
+    reads back (numpy's own state holds an ndarray, which it refuses: its keys are saved as a list)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda}
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached_gaussian],
+            "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, cached_gaussian = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The complete checkpoints ``step-N`` under ``root``, oldest first (by N)."""
+    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path``, then each directory's entries: after a power loss, a checkpoint
+    renamed into place is complete, never a name pointing at a truncated file."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
 
 
 Optimizers = dict[str, tuple]  # name → (optimizer, scheduler)
 
 
 def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimizers, extra: dict | None = None,
-                    keep: int = 2, save_weights: Callable[[Path], None] | None = None) -> Path:
+                    keep: int = 2, save_weights: Callable[[Path], None] | None = None, tokenizer=None) -> Path:
     """Write ``out/checkpoints/step-N`` atomically: a temporary directory renamed into place.
 
     Holds the weights as ``save_weights(dir)`` writes them (default ``model.save_pretrained``,
@@ -86,17 +130,21 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         return final
     if save_weights is None:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
+        if tokenizer is not None:  # a checkpoint of full weights then loads as a model (--model step-N)
+            tokenizer.save_pretrained(tmp)
     # the trainable tensors by name as well: restoring them needs no knowledge of how the
     # model (full, LoRA, score or value head) was saved above
     state = {"step": step, "rng": _rng_state(), "trainable": trained, "extra": extra or {},
              "optimizers": {name: {"optimizer": optimizer_states[name], "scheduler": sched.state_dict()}
                             for name, (_, sched) in optimizers.items()}}
-    torch.save(state, tmp / "trainer_state.pt")
+    torch.save(state, tmp / STATE_FILE)
     if (Path(out) / CONFIG_FILE).is_file():  # the resolved config the run was started with
         shutil.copy2(Path(out) / CONFIG_FILE, tmp / CONFIG_FILE)
+    _fsync_tree(tmp)  # on the disk before the rename makes it look complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    done = sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+    _fsync(root)  # the rename too
+    done = _step_dirs(root)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -107,21 +155,34 @@ def find_checkpoint(out: str | os.PathLike, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
     else:
-        found = sorted(Path(out).glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+        found = _step_dirs(Path(out) / "checkpoints")
         if not found:
             raise FileNotFoundError(f"no checkpoint under {Path(out) / 'checkpoints'} to resume from")
         path = found[-1]
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.pt)")
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def read_state(path: Path) -> dict:
+    """``path/trainer_state.pt`` onto the CPU (it may come from another device). Read with
+    ``weights_only=True``: a file holding anything but tensors and plain values (a pickled object runs code
+    as it loads) is refused, not run."""
+    file = path / STATE_FILE
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]  # torch's line naming it
+        raise ValueError(f"{file} holds objects other than tensors and plain values, so it was not loaded "
+                         "(unpickling them could run code): rlhfkit writes none, so it was made elsewhere, or by "
+                         f"an rlhfkit older than this format. {' '.join(found[:1])}".strip()) from None
 
 
 def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
     """Restore trainable weights, optimisers, schedulers and RNG states; returns the saved state.
     The saved tensors are full ones: a sharded model takes each process's shard of them."""
-    # our own file, written by save_checkpoint; read onto the CPU (it may come from another device), then
-    # copied into the parameters and optimiser states wherever they live
-    state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
+    # read onto the CPU, then copied into the parameters and optimiser states wherever they live
+    state = read_state(path)
     params = dict(model.named_parameters())
     missing = set(state["trainable"]) - set(params)
     if missing or set(state["optimizers"]) != set(optimizers):
@@ -137,13 +198,94 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
         opt.load_state_dict({**saved, "param_groups": [{**group, **kernel} for group, kernel
                                                        in zip(saved["param_groups"], kernels)]})
         sched.load_state_dict(state["optimizers"][name]["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    cuda = state["rng"].get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    _set_rng_state(state["rng"])
     return state
+
+
+# Settings a resumed run may change: where it runs and what it logs, evaluates and saves; how each step's
+# work is split over processes and micro-batches (a checkpoint holds full tensors, and the update is the
+# full batch's: ``loop.run``); the sampler (the same samples either way); and the inputs of evaluation
+# alone (PPO's and the online methods' held-out prompts, PPO's gold-reward task).
+MAY_CHANGE_ON_RESUME = frozenset({
+    "train.resume", "train.out", "train.device", "train.log_every", "train.eval_every", "train.save_every",
+    "train.keep_checkpoints", "train.tensorboard", "train.overwrite_output_dir", "train.on_nan", "train.fsdp",
+    "train.deepspeed", "train.grad_accum", "generation.backend", "eval_prompts", "task"})
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys: {"optim": {"lr": 1e-3}} → {"optim.lr": 1e-3}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_resume_config(path: Path, cfg) -> None:
+    """Refuse (ConfigError, naming each change) to resume checkpoint ``path`` with settings other than those
+    in its copy of the run's config, except ``MAY_CHANGE_ON_RESUME``. A new learning rate, batch size, seed,
+    data file or length (``max_steps``, ``epochs``: the schedule's length too) would silently train half of
+    one run and half of another, while the run's recorded config claimed the new settings throughout.
+    Call it before the run's own config is written over. A checkpoint without a copy is not checked."""
+    if not (path / CONFIG_FILE).is_file():
+        return
+    # both as save_config writes them and load_yaml reads them back, so that equal settings compare equal
+    old = _flat(load_yaml(path / CONFIG_FILE))
+    new = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    changed = [f"{key}: {_show(old, key)} → {_show(new, key)}" for key in dict.fromkeys([*old, *new])
+               if key not in MAY_CHANGE_ON_RESUME and (key in old, old.get(key)) != (key in new, new.get(key))]
+    if changed:
+        raise ConfigError(f"cannot resume {path}: it was saved with other settings ({'; '.join(changed)}). "
+                          "To continue it, run the first run's command plus --train.resume "
+                          f"{cfg.train.resume}. To train on with new settings, "
+                          + _fresh_start_hint(path, old.get("model.path", "")))
+
+
+def _show(config: dict, key: str) -> str:
+    """``config[key]`` as typed on the command line (true, none, 0.001, a,b), or that it is not set."""
+    if key not in config:
+        return "(not set)"
+    value = config[key]
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _fresh_start_hint(path: Path, model_path: str) -> str:
+    """How to start a fresh run from checkpoint ``path``'s weights: a checkpoint of full weights loads as a
+    model; one of a LoRA run holds its adapter, which trains no further as ``--model`` (it loads frozen):
+    merged into its base by ``rlhfkit export``, it does. Both need the tokenizer, which checkpoints hold (those
+    written before it was saved with them lack it: copied in, it is there)."""
+    tokenizer = "" if (path / "tokenizer_config.json").is_file() else (
+        f"copy the tokenizer files of {model_path or 'the model it started from'} into {path}, then ")
+    if (path / "adapter_config.json").is_file():
+        return (f"{tokenizer}merge its LoRA adapter into its base with `rlhfkit export --model {path} --out MERGED` "
+                "and start a fresh run (without --train.resume) with --model MERGED and another --train.out")
+    return f"{tokenizer}start a fresh run (without --train.resume) with --model {path} and another --train.out"
+
+
+def check_no_earlier_run(out: str | os.PathLike, overwrite: bool, model_path: str = "") -> None:
+    """A fresh run into ``out`` whose ``checkpoints/`` holds an earlier run's ``step-N`` directories: refused
+    (ConfigError) unless ``overwrite`` (``train.overwrite_output_dir``), which deletes them first (process 0).
+    Mixed with them, the new run's checkpoints would be pruned by step number in favour of the old run's,
+    and ``--train.resume latest`` could load the other run's weights."""
+    root = Path(out) / "checkpoints"
+    found = _step_dirs(root)
+    distributed.barrier()  # every process has looked before process 0 deletes anything
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(f"{root} holds an earlier run's checkpoints (newest: {found[-1].name}): to continue that "
+                          "run add --train.resume latest; to start afresh, write to another --train.out, or "
+                          "delete them with --train.overwrite_output_dir true")
+    if model_path and root.resolve() in Path(model_path).resolve().parents:
+        raise ConfigError(f"--model {model_path} lies in {root}, which --train.overwrite_output_dir true would "
+                          "delete before loading it: write this run to another --train.out")
+    if distributed.is_main():
+        shutil.rmtree(root)
+    distributed.barrier()  # gone before any process goes on
 
 
 class Checkpoints:
@@ -156,9 +298,9 @@ class Checkpoints:
     """
 
     def __init__(self, cfg: TrainConfig, model, optimizers: Optimizers, extra: Callable[[], dict] | None = None,
-                 save_weights: Callable[[Path], None] | None = None):
+                 save_weights: Callable[[Path], None] | None = None, tokenizer=None):
         self.cfg, self.model, self.optimizers = cfg, model, optimizers
-        self.extra, self.save_weights = extra or dict, save_weights
+        self.extra, self.save_weights, self.tokenizer = extra or dict, save_weights, tokenizer
         self.last: Path | None = None
 
     def resume(self) -> tuple[int, dict]:
@@ -177,8 +319,16 @@ class Checkpoints:
             self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
             return self.last
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
-                                    self.cfg.keep_checkpoints, self.save_weights)
+                                    self.cfg.keep_checkpoints, self.save_weights, self.tokenizer)
         return self.last
+
+    def check_start(self, start: int, total: int) -> None:
+        """Refuse a resumed ``start`` past the run's ``total`` steps: the loop would train nothing and exit
+        as if it had finished. A checkpoint at ``total`` is a finished run's, fine to resume."""
+        if start > total:
+            raise ConfigError(f"{self.last} is at step {start}, past this run's {total} steps (another run's "
+                              "checkpoint, or the data changed?): resume a checkpoint of this run, or "
+                              + _fresh_start_hint(self.last, ""))
 
     def finish(self, step: int) -> Path:
         """The checkpoint of ``step``: the one already written, or a new one."""

@@ -26,7 +26,8 @@ import torch
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import OptimConfig, TrainConfig, save_config
 from rlhfkit.progress import progress
-from rlhfkit.trainers.checkpoint import CONFIG_FILE, Checkpoints, NonFinite, StopRequest
+from rlhfkit.trainers.checkpoint import (CONFIG_FILE, Checkpoints, NonFinite, StopRequest, check_no_earlier_run,
+                                         check_resume_config, find_checkpoint)
 
 # indices → (mean loss over its units, the number of units — tokens or examples —, detached metrics)
 LossFn = Callable[[list[int]], tuple[torch.Tensor, float, dict[str, float]]]
@@ -111,6 +112,7 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
     SIGTERM, a progress bar (process 0) showing ``postfix(metrics)``. Rewinds, then closes, ``logger``.
     Returns the last step's metrics with the final evaluation's."""
     steps, metrics = cfg.max_steps, {}
+    checkpoints.check_start(start, steps)
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     try:
         with StopRequest() as stop:
@@ -220,7 +222,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         tokens_of: Callable[[list[int]], int] | None = None,
         amp: Callable[[], ContextManager] = contextlib.nullcontext,
         before_step: Callable[[list[int], int], None] | None = None,
-        units_of: Callable[[list[int]], float] = len) -> dict[str, float]:
+        units_of: Callable[[list[int]], float] = len, tokenizer=None) -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
     ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
@@ -237,7 +239,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     With ``cfg.fsdp`` (or an accelerate FSDP launch) ``model`` is sharded over the processes
     first, in place (``rlhfkit.fsdp``); with ``cfg.deepspeed`` (or an accelerate DeepSpeed launch)
     DeepSpeed's ZeRO partitions it (``rlhfkit.zero``), which needs the step's units before its
-    backward: ``units_of(indices)`` counts them as ``loss_fn`` will (default: one per example).
+    backward: ``units_of(indices)`` counts them as ``loss_fn`` will (default: one per example). ``tokenizer``
+    (optional) is saved into each checkpoint beside the weights, so that one loads as a model.
     Returns the last evaluation's metrics (or the last training metrics).
     """
     if cfg.batch_size % cfg.grad_accum:
@@ -258,9 +261,10 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = params[0].device
-    checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)})
+    checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)}, tokenizer=tokenizer)
     nonfinite = NonFinite(cfg.on_nan, checkpoints)
     start, _ = checkpoints.resume()  # into the plain model and optimiser: a DeepSpeed engine adopts them
+    checkpoints.check_start(start, num_steps)
     engine = None
     if stage:
         engine = zero.Engine(model, optimizer, stage, cfg.grad_accum, per_step // (world * cfg.grad_accum),
@@ -372,8 +376,15 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
 
 
 def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
-    """Create the run directory and save the resolved config beside the outputs."""
+    """Create the run directory and save the resolved config beside the outputs. First, while the directory
+    is as the earlier run left it: a resumed run's checkpoint must have been saved with these settings
+    (``check_resume_config``), and a fresh run refuses, or with ``train.overwrite_output_dir`` deletes, an
+    earlier run's checkpoints there (``check_no_earlier_run``)."""
     out = Path(out)
+    if cfg.train.resume:
+        check_resume_config(find_checkpoint(out, cfg.train.resume), cfg)
+    else:
+        check_no_earlier_run(out, cfg.train.overwrite_output_dir, cfg.model.path)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(cfg, out / CONFIG_FILE)

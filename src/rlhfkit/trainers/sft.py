@@ -91,7 +91,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
                       tokens_of=lambda idx: sum(len(examples[i].input_ids) for i in idx),
                       units_of=lambda idx: float(collate([examples[i] for i in idx], tokenizer.pad_token_id,
                                                          cfg.padding_side)["completion_mask"][:, 1:].sum()),
-                      logger=logger, evaluate=evaluate, desc="sft", amp=mixed_precision(cfg.model.dtype, device))
+                      logger=logger, evaluate=evaluate, desc="sft", amp=mixed_precision(cfg.model.dtype, device),
+                      tokenizer=tokenizer)
     finally:
         logger.close()
     save_model(model, tokenizer, out)

@@ -1,0 +1,247 @@
+"""Checkpoints on a tiny model: the saved state loads without unpickling code, a fresh run does not mix with
+an earlier run's checkpoints, a resume keeps the settings it was saved with and never starts past the end,
+and a checkpoint is on the disk before it is renamed into place."""
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.advantages import AdaptiveKLController
+from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, save_config
+from rlhfkit.trainers.checkpoint import CONFIG_FILE, Checkpoints, load_checkpoint, save_checkpoint
+from rlhfkit.trainers.loop import Logger, build_optimizer, prepare_out_dir, rollout_steps, run
+from rlhfkit.trainers.sft import SFTConfig
+
+
+class Linear(torch.nn.Linear):
+    """A model the checkpoints can save: ``save_pretrained`` writes its weights as a trainer's model would."""
+
+    def save_pretrained(self, path, **kwargs):
+        torch.save(self.state_dict(), Path(path) / "weights.pt")
+
+
+def _trained(steps: int = 2) -> tuple[Linear, dict]:
+    """A model and its AdamW + schedule after ``steps`` updates (the optimiser holds moments and a step)."""
+    torch.manual_seed(0)
+    model = Linear(3, 2)
+    optimizer, scheduler = build_optimizer(model.parameters(), OptimConfig(lr=0.1), 10)
+    for _ in range(steps):
+        model(torch.ones(4, 3)).pow(2).mean().backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+    return model, {"model": (optimizer, scheduler)}
+
+
+# ---------------------------------------------------------------------------------------------- 1. loading safely
+
+
+class RunsCode:
+    """Unpickled, it calls ``os.mkdir(path)``: a stand-in for any code a crafted checkpoint could run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_a_trainer_state_holding_a_pickled_object_is_refused_without_running_it(tmp_path):
+    model, optimizers = _trained()
+    path = save_checkpoint(tmp_path, 2, model, optimizers)
+    state = torch.load(path / "trainer_state.pt", weights_only=False)  # written just above
+    marker = tmp_path / "ran"
+    torch.save({**state, "extra": {"kl_ctl": RunsCode(marker)}}, path / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"trainer_state\.pt holds objects other than tensors .* not loaded"
+                                         r".*posix\.mkdir") as error:
+        load_checkpoint(path, *_trained(0))
+    assert str(path / "trainer_state.pt") in str(error.value)
+    assert not marker.exists()
+
+
+def test_the_state_of_every_trainer_round_trips_through_the_safe_loader(tmp_path):
+    # PPO's extra (its KL controller and shuffling generator; the online methods' is the generator alone),
+    # AdamW's moments and step, the schedule and every RNG come back from torch.load(weights_only=True)
+    model, optimizers = _trained()
+    kl_ctl, generator = AdaptiveKLController(0.1, 6.0, 100), torch.Generator().manual_seed(3)
+    kl_ctl.update(9.0, 8)
+    extra = {"kl_ctl": kl_ctl.state_dict(), "generator": generator.get_state()}
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = save_checkpoint(tmp_path, 2, model, optimizers, extra)
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1))
+    saved_moments = optimizers["model"][0].state_dict()["state"]
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    fresh, fresh_optimizers = _trained(0)
+    state = load_checkpoint(path, fresh, fresh_optimizers)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected_draws
+    assert torch.equal(fresh.weight, model.weight) and state["step"] == 2
+    restored = fresh_optimizers["model"][0].state_dict()["state"]
+    for i, moments in saved_moments.items():
+        for key, value in moments.items():
+            assert torch.equal(restored[i][key], value), (i, key)
+    assert fresh_optimizers["model"][1].last_epoch == 2
+    again = AdaptiveKLController(0.1, 6.0, 100)
+    again.load_state_dict(state["extra"]["kl_ctl"])
+    assert again.beta == kl_ctl.beta != 0.1
+    assert torch.equal(torch.Generator().set_state(state["extra"]["generator"]).get_state(), generator.get_state())
+
+
+# ---------------------------------------------------------------------------------------------- 2. a fresh run
+
+
+def _config(out: Path, **changes) -> SFTConfig:
+    cfg = SFTConfig(data="train.jsonl", train=TrainConfig(out=str(out), max_steps=8, batch_size=8, save_every=2))
+    sections = {k: v for k, v in changes.items() if "." not in k}
+    for key, value in changes.items():
+        if "." in key:
+            section, name = key.split(".")
+            sections[section] = dataclasses.replace(sections.get(section, getattr(cfg, section)), **{name: value})
+    return dataclasses.replace(cfg, **sections)
+
+
+def _earlier_run(out: Path, *steps: int, cfg: SFTConfig | None = None) -> None:
+    """What an earlier run left in ``out``: checkpoints of ``steps``, each with its copy of the run's config."""
+    for step in steps:
+        path = out / "checkpoints" / f"step-{step}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.pt").write_bytes(b"")
+        if cfg is not None:
+            save_config(cfg, path / CONFIG_FILE)
+
+
+def test_a_fresh_run_refuses_a_directory_holding_an_earlier_run_s_checkpoints(tmp_path):
+    _earlier_run(tmp_path, 4, 8)
+    with pytest.raises(ConfigError) as error:
+        prepare_out_dir(_config(tmp_path), tmp_path)
+    message = str(error.value)
+    for part in (str(tmp_path / "checkpoints"), "step-8", "--train.resume latest", "another --train.out",
+                 "--train.overwrite_output_dir true"):
+        assert part in message
+    assert not (tmp_path / CONFIG_FILE).exists()  # nothing written
+
+
+def test_overwrite_output_dir_deletes_the_earlier_checkpoints_and_starts(tmp_path):
+    _earlier_run(tmp_path, 4, 8)
+    prepare_out_dir(_config(tmp_path, **{"train.overwrite_output_dir": True}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / CONFIG_FILE).is_file()
+
+
+def test_overwrite_output_dir_does_not_delete_the_model_it_starts_from(tmp_path):
+    _earlier_run(tmp_path, 8)
+    cfg = _config(tmp_path, **{"train.overwrite_output_dir": True, "model.path": str(tmp_path / "checkpoints" /
+                                                                                     "step-8")})
+    with pytest.raises(ConfigError, match="lies in .*checkpoints, which --train.overwrite_output_dir true would"):
+        prepare_out_dir(cfg, tmp_path)
+    assert (tmp_path / "checkpoints" / "step-8").is_dir()
+
+
+def test_the_quickstart_s_stages_may_rerun_into_their_own_directories(tmp_path):
+    from rlhfkit import quickstart
+
+    ppo = quickstart.ppo_config(tmp_path, tmp_path / "ppo", {"prompts_train": "p.jsonl"}, 0, 2, 0.1)
+    assert ppo.train.overwrite_output_dir
+    assert all(cfg.train.overwrite_output_dir for cfg in quickstart.extra_methods(tmp_path, {
+        "preference": "p.jsonl", "unpaired": "u.jsonl"}, 0).values())
+
+
+# ---------------------------------------------------------------------------------------------- 3. resumed settings
+
+
+def test_a_resume_with_other_settings_is_refused_listing_each_change(tmp_path):
+    _earlier_run(tmp_path, 2, cfg=_config(tmp_path, **{"optim.lr": 1e-3}))
+    save_config(_config(tmp_path, **{"optim.lr": 1e-3}), tmp_path / CONFIG_FILE)
+    before = (tmp_path / CONFIG_FILE).read_text()
+    changed = _config(tmp_path, **{"optim.lr": 1e-6, "train.batch_size": 16, "train.max_steps": 9,
+                                   "train.resume": "latest", "lora.enabled": True})
+    with pytest.raises(ConfigError) as error:
+        prepare_out_dir(changed, tmp_path)
+    message = str(error.value)
+    for part in ("cannot resume " + str(tmp_path / "checkpoints" / "step-2"), "optim.lr: 0.001 → 1e-06",
+                 "train.batch_size: 8 → 16", "train.max_steps: 8 → 9", "lora.enabled: false → true",
+                 "--train.resume latest", "--model " + str(tmp_path / "checkpoints" / "step-2")):
+        assert part in message
+    assert "train.resume" not in message.split("(")[1].split(")")[0]  # not listed as a change
+    assert (tmp_path / CONFIG_FILE).read_text() == before  # the run's record untouched
+
+
+def test_a_resume_may_change_where_it_runs_and_what_it_logs_evaluates_and_saves(tmp_path):
+    saved = tmp_path / "first"
+    _earlier_run(saved, 2, cfg=_config(saved))
+    cfg = _config(tmp_path / "copy", **{"train.resume": str(saved / "checkpoints" / "step-2"), "train.device": "cpu",
+                                        "train.log_every": 1, "train.eval_every": 3, "train.save_every": 1,
+                                        "train.keep_checkpoints": 5, "train.tensorboard": False,
+                                        "train.on_nan": "skip", "train.fsdp": "full_shard", "train.grad_accum": 2})
+    prepare_out_dir(cfg, cfg.train.out)
+    assert (tmp_path / "copy" / CONFIG_FILE).is_file()
+
+
+def test_a_checkpoint_without_its_config_is_resumed_unchecked(tmp_path):
+    _earlier_run(tmp_path, 2)
+    prepare_out_dir(_config(tmp_path, **{"optim.lr": 1e-6, "train.resume": "latest"}), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- 4. past the end
+
+
+def _loss(model):
+    return lambda idx: (model(torch.ones(len(idx), 3)).pow(2).mean(), len(idx), {})
+
+
+def _run(out: Path, **train) -> None:
+    model = Linear(3, 2)
+    logger = Logger(out, tensorboard=False)
+    try:
+        run(model=model, loss_fn=_loss(model), n_examples=8, cfg=TrainConfig(out=str(out), batch_size=4, **train),
+            optim=OptimConfig(lr=0.1), logger=logger)
+    finally:
+        logger.close()
+
+
+def test_resuming_a_checkpoint_past_the_run_s_last_step_is_an_error(tmp_path):
+    _run(tmp_path, max_steps=5, save_every=5)
+    with pytest.raises(ConfigError, match=r"step-5 is at step 5, past this run's 3 steps"):
+        _run(tmp_path, max_steps=3, resume="latest")
+    _run(tmp_path, max_steps=5, resume="latest")  # at the end: a finished run, nothing left to do
+
+
+def test_the_rollout_loop_refuses_a_checkpoint_past_its_last_step(tmp_path):
+    _run(tmp_path, max_steps=5, save_every=5)
+    model, optimizers = _trained(0)
+    cfg = TrainConfig(out=str(tmp_path), max_steps=3, resume="latest", tensorboard=False)
+    checkpoints = Checkpoints(cfg, model, optimizers)
+    start, _ = checkpoints.resume()
+    steps = []
+    with pytest.raises(ConfigError, match="past this run's 3 steps"):
+        rollout_steps(cfg, "ppo", start, steps.append, checkpoints, Logger(tmp_path, tensorboard=False))
+    assert not steps
+
+
+# ---------------------------------------------------------------------------------------------- 5. durability
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads which file a descriptor is from /proc")
+def test_a_checkpoint_s_files_and_directory_reach_the_disk_before_its_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(src, dst):
+        events.append(("replace", str(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    model, optimizers = _trained()
+    save_checkpoint(tmp_path, 2, model, optimizers)
+    tmp = str(tmp_path / "checkpoints" / ".tmp-step-2")
+    renamed = events.index(("replace", tmp))
+    synced = {path for kind, path in events[:renamed] if kind == "fsync"}
+    assert {f"{tmp}/trainer_state.pt", f"{tmp}/weights.pt", tmp} <= synced
+    assert ("fsync", str(tmp_path / "checkpoints")) in events[renamed:]  # the rename itself
