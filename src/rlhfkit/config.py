@@ -462,7 +462,8 @@ class ModelConfig:
 
     path: str = arg("", "model directory or hub name, loaded with from_pretrained")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
-        "auto", "weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it")
+        "auto", "weights dtype; auto = float32 on CPU; on a GPU with bf16, frozen weights in bfloat16 and trained "
+        "ones in float32, computing in bf16 (mixed precision)")
     trust_remote_code: bool = arg(False, "run modelling code shipped with the model (only for models you trust)")
     allow_pickle: bool = arg(False, "allow loading pickled .bin weights when no safetensors exist (unsafe)")
 
@@ -483,7 +484,7 @@ class LoraConfig:
 class OptimConfig:
     """AdamW with linear warm-up then a cosine or constant schedule."""
 
-    lr: float = arg(2e-5, "peak learning rate (tiny demo models want ~3e-3)", ge=0, lt=float("inf"))
+    lr: float = arg(2e-5, "peak learning rate", ge=0, lt=float("inf"))
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0, lt=float("inf"))
     betas: list[float] = arg([0.9, 0.999], "AdamW betas (two)", ge=0, lt=1)
     warmup_steps: int = arg(10, "linear warm-up steps", ge=0)
@@ -521,9 +522,9 @@ class TrainConfig:
         "auto", "shard weights, gradients and AdamW state over the processes (FSDP2; every trainer): "
         "full_shard ~ ZeRO-3, shard_grad_op ~ ZeRO-2; auto = as the accelerate launch config says, else off")
     deepspeed: Literal["auto", "off", "zero1", "zero2", "zero3"] = arg(
-        "auto", "DeepSpeed ZeRO over the processes (sft, rm, dpo family; ppo mode separate: zero1/zero2; pip install "
-        "deepspeed): zero1 partitions AdamW's state, zero2 the gradients too, zero3 the weights too; auto = as the "
-        "accelerate launch config says")
+        "auto", "DeepSpeed ZeRO over the processes (sft, rm, dpo family; zero1/zero2 for ppo mode separate and the "
+        "online methods with lora.enabled false; pip install deepspeed): zero1 partitions AdamW's state, zero2 the "
+        "gradients too, zero3 the weights too; auto = as the accelerate launch config says")
     tensorboard: bool = arg(True, "also write TensorBoard event files")
 
 

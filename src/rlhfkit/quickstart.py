@@ -72,7 +72,8 @@ class QuickstartConfig:
     device: str = arg("cpu", "where every stage trains and is evaluated: cpu, cuda, cuda:1, or auto (a GPU when "
                              "there is one); the figures in the README are the CPU's")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
-        "auto", "weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it")
+        "auto", "weights dtype; auto = float32 on CPU; bf16 mixed precision on a GPU that has it (frozen weights "
+        "in bfloat16, trained ones in float32)")
     all: bool = arg(False, "also ORPO, SimPO and KTO; and GRPO, RLOO, REINFORCE++ on the arithmetic task "
                            "(a second table, by held-out accuracy; about 6 minutes more)")
 

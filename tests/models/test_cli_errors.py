@@ -96,3 +96,14 @@ def test_a_device_name_torch_does_not_know_says_which_are(task_dir, tiny_model_d
     rc = main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"),
                "--train.device", "gpu", "--out", str(tmp_path / "o")])
     assert "train.device 'gpu' is not a device: use auto, cpu, cuda or cuda:N" in _one_line_error(capsys, rc)
+
+
+def test_rm_from_an_sft_adapter_says_to_merge_it(tiny_model_dir, task_dir, tmp_path, capsys):
+    adapter = tmp_path / "sft"  # what `rlhfkit sft --lora.enabled true` leaves
+    assert main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--out",
+                 str(adapter), "--lora.enabled", "true", "--lora.r", "2", "--train.max_steps", "1",
+                 "--train.batch_size", "4", "--train.tensorboard", "false"]) == 0
+    capsys.readouterr()
+    rc = main(["rm", "--model", str(adapter), "--data", str(task_dir / "preference.jsonl"),
+               "--out", str(tmp_path / "rm")])
+    assert "is a LoRA adapter directory: a reward model starts from a full model" in _one_line_error(capsys, rc)

@@ -246,3 +246,15 @@ def test_one_on_policy_update_skips_the_actor_and_reference_passes(tiny_model_di
     assert moved > 1e-4  # the update did something
     for a, b in zip(*updated):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+@pytest.mark.parametrize("setting, message", [
+    (["--train.max_steps", "0"], "train.max_steps is the number of rollout steps: set it to 1 or more"),
+    (["--train.batch_size", "7", "--train.epochs", "2"], "train.batch_size, train.epochs set, but a rollout step's"),
+])
+def test_rollout_trainers_refuse_the_supervised_batch_settings_they_do_not_read(tmp_path, capsys, command, setting,
+                                                                                message):
+    # max_steps 0 saved an untrained adapter as if done; batch_size, grad_accum and epochs were accepted and ignored
+    rc = main([command, "--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"), *setting])
+    assert rc == 2 and message in capsys.readouterr().err

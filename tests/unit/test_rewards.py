@@ -92,3 +92,12 @@ def test_untrusted_code_runs_with_time_and_memory_limits():
     assert run_untrusted("while True: pass", timeout_s=1.0) is None
     hog = run_untrusted("x = bytearray(2 * 1024**3)", memory_mb=256)
     assert hog is not None and hog.returncode != 0 and "MemoryError" in hog.stderr
+
+
+def test_a_reward_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    # the installed `rlhfkit` launcher does not put the working directory on sys.path as `python -m` does
+    (tmp_path / "my_cwd_rewards.py").write_text("def score(prompts, completions, **columns):\n    return [1.0]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert load_function("my_cwd_rewards:score")([], ["x"]) == [1.0]
+    assert str(tmp_path) not in sys.path  # put back as it was

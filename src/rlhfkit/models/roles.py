@@ -82,9 +82,9 @@ class SharedBaseRoles:
         """``critic=False`` (critic-free methods: GRPO, RLOO, REINFORCE++): no critic adapter or value
         head; ``critic_values`` returns zeros and ``critic_parameters`` is empty."""
         if is_adapter_dir(model_cfg.path):  # peft would re-initialise its adapter as the actor: the SFT lost
-            raise ConfigError(f"{model_cfg.path} is a LoRA adapter directory: the actor and critic are new adapters "
-                              "on a full model, the reference that model with them off; merge it first (rlhfkit "
-                              "export --model ADAPTER_DIR --out DIR) and pass DIR")
+            raise ConfigError(f"{model_cfg.path} is a LoRA adapter directory: the policy (and PPO's critic) are new "
+                              "adapters on a full model, the reference that model with them off; merge it first "
+                              "(rlhfkit export --model ADAPTER_DIR --out DIR) and pass DIR")
         self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
         base = _frozen(load_causal_lm(model_cfg, device))
         critic_cfg = peft_lora_config(lora, base)  # resolved before LoRA layers wrap the base's modules
@@ -109,7 +109,8 @@ class SharedBaseRoles:
         """Shard the base with its adapters over the processes (``rlhfkit.fsdp``, ``how``: full_shard or
         shard_grad_op); the value and reward heads, a few thousand weights, stay whole in each. After
         ``add_reward_adapter``, before the optimisers are built. Nothing with one process or 'off'."""
-        fsdp.shard(self.model, how, what="the shared base: actor, critic and reference")
+        roles = "actor, critic and reference" if self.value_head is not None else "policy and reference"
+        fsdp.shard(self.model, how, what=f"the shared base: {roles}")
         self._find_parameters()
         if fsdp.is_sharded(self.model) and distributed.is_main():
             print("note: the policy samples with the whole base gathered, so a process holds its shard and the whole "

@@ -103,6 +103,17 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
     return norm
 
 
+def check_rollout_train(train: TrainConfig, batches: str) -> None:
+    """A rollout trainer's ``train`` section: ``max_steps`` counts its steps (at least one), and the settings
+    of supervised batches, which it does not read, keep their defaults (``batches`` names its own)."""
+    if train.max_steps < 1:
+        raise ValueError(f"train.max_steps is the number of rollout steps: set it to 1 or more, got {train.max_steps}")
+    unread = [f"train.{k}" for k in ("batch_size", "grad_accum", "epochs")
+              if getattr(train, k) != getattr(TrainConfig(), k)]
+    if unread:
+        raise ValueError(f"{', '.join(unread)} set, but a rollout step's batches are {batches}")
+
+
 def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[int], dict[str, float]],
                   checkpoints: Checkpoints, logger: "Logger", evaluate: Callable[[], dict[str, float]] | None = None,
                   postfix: Callable[[dict[str, float]], dict[str, str]] = dict) -> dict[str, float]:

@@ -40,8 +40,8 @@ from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
-from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, evaluate_on_main, optimizer_step,
-                                  rollout_steps, start_run)
+from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, check_rollout_train, evaluate_on_main,
+                                  optimizer_step, rollout_steps, start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -82,6 +82,8 @@ class OnlineConfig:
     train: TrainConfig = arg(TrainConfig(out="runs/online", max_steps=50, log_every=1), "loop; max_steps = RL steps")
 
     def __post_init__(self) -> None:
+        check_rollout_train(self.train, "prompts_per_step x group_size samples, learned from in mini_batch_size "
+                            "updates, epochs times")
         if self.advantage == "rloo" and self.group_size < 2:
             raise ValueError("rloo needs group_size >= 2 (a leave-one-out baseline needs another sample)")
         if self.beta and self.advantage != "reinforce_pp":  # its advantages read each sample's reward alone

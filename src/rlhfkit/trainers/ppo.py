@@ -32,8 +32,8 @@ from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
-from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, evaluate_on_main, optimizer_step,
-                                  rollout_steps, start_run)
+from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, check_rollout_train, evaluate_on_main,
+                                  optimizer_step, rollout_steps, start_run)
 
 
 @dataclass
@@ -80,6 +80,8 @@ class PPOConfig:
     train: TrainConfig = arg(TrainConfig(out="runs/ppo", max_steps=50, log_every=1), "loop; max_steps = PPO steps")
 
     def __post_init__(self) -> None:
+        check_rollout_train(self.train, "rollout_batch_size x rollouts_per_step samples, learned from in "
+                            "mini_batch_size updates, ppo_epochs times")
         if self.mode == "shared" and not self.lora.enabled:  # it would train adapters all the same
             raise ValueError("mode shared trains LoRA adapters for the actor and the critic on one base: to train "
                              "every weight set --mode separate")

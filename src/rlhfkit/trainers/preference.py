@@ -53,7 +53,7 @@ class PreferenceConfig:
                                                 "start first) or leave them out; either way they are counted")
     model: ModelConfig = arg(ModelConfig, "the model to train, usually the SFT model")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
-    optim: OptimConfig = arg(OptimConfig(lr=1e-6), "optimiser (tiny demo models want ~1e-4)")
+    optim: OptimConfig = arg(OptimConfig(lr=1e-6), "optimiser (the quickstart's tiny models use 5e-4)")
     train: TrainConfig = arg(TrainConfig(out="runs/preference"), "training loop")
 
 

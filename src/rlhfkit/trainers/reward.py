@@ -17,12 +17,12 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.collate import collate, encode_reply, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import prompt_width
-from rlhfkit.models.load import add_lora, mixed_precision, save_model
+from rlhfkit.models.load import add_lora, is_adapter_dir, mixed_precision, save_model
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
@@ -55,6 +55,9 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     """Train a reward model from ``cfg.model.path`` on ``cfg.data``; saved to ``cfg.train.out``."""
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_preference, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
+    if is_adapter_dir(cfg.model.path):  # a causal LM's adapter: its head is not a score head
+        raise ConfigError(f"{cfg.model.path} is a LoRA adapter directory: a reward model starts from a full model; "
+                          f"merge it first (rlhfkit export --model {cfg.model.path} --out DIR) and pass DIR")
     out, device, tokenizer = start_run(cfg)
     model = load_reward_backbone(cfg.model, device, trainable=not cfg.lora.enabled)
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooling agrees where others load it
