@@ -245,3 +245,18 @@ def test_a_checkpoint_s_files_and_directory_reach_the_disk_before_its_rename(tmp
     synced = {path for kind, path in events[:renamed] if kind == "fsync"}
     assert {f"{tmp}/trainer_state.pt", f"{tmp}/weights.pt", tmp} <= synced
     assert ("fsync", str(tmp_path / "checkpoints")) in events[renamed:]  # the rename itself
+
+
+def test_a_second_signal_stops_at_once():
+    # the first asks for a stop after the step; a second one (an impatient Ctrl-C) is no longer swallowed
+    import signal
+
+    from rlhfkit.trainers.checkpoint import StopRequest
+
+    with StopRequest() as stop:
+        stop.handle(signal.SIGINT, None)
+        assert stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)
+        with pytest.raises(SystemExit, match="second signal"):
+            stop.handle(signal.SIGTERM, None)

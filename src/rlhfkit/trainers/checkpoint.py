@@ -21,6 +21,7 @@ import pickle
 import random
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -353,7 +354,9 @@ class Checkpoints:
 
 
 class StopRequest:
-    """SIGINT / SIGTERM ask the loop to stop after the current step (and checkpoint), not mid-step."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step (and checkpoint), not mid-step. A second
+    one while it finishes that step stops at once, as without rlhfkit (KeyboardInterrupt; SystemExit for
+    SIGTERM): the last checkpoint written stands."""
 
     def __init__(self):
         self.signal = None
@@ -365,7 +368,12 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
+        if self.signal is not None:  # asked twice: do not wait for the step
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(f"stopped by a second signal {signum} in the middle of a step")
         self.signal = signum
+        print("stopping after this step, with a checkpoint (again to stop at once)", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
