@@ -211,10 +211,12 @@ def trl112_python() -> str:
 # --------------------------------------------------------------------------- rlhfkit (child)
 
 
-def _train_section(job: dict) -> dict:
-    return {"out": job["out"], "batch_size": job["shapes"]["batch"], "max_steps": job["steps"], "log_every": 1,
-            "eval_every": 0, "save_every": 0, "tensorboard": False, "device": "cpu", "seed": 0,
-            "overwrite_output_dir": True}  # profile_steps.py reruns into the same directory
+def _train_section(job: dict, batches: bool = True) -> dict:
+    """The train section of a job; ``batches``: with its batch size (the supervised trainers'; PPO and GRPO
+    set theirs in their own sections and refuse this one)."""
+    return {"out": job["out"], **({"batch_size": job["shapes"]["batch"]} if batches else {}),
+            "max_steps": job["steps"], "log_every": 1, "eval_every": 0, "save_every": 0, "tensorboard": False,
+            "device": "cpu", "seed": 0, "overwrite_output_dir": True}  # profile_steps.py reruns into the same dir
 
 
 def _metric_times(out: str, key: str, cumulative: bool) -> list[float]:
@@ -250,7 +252,8 @@ def run_rlhfkit(job: dict) -> dict:
 
         cfg = from_dict(GRPOConfig, {
             "prompts": data["prompts"], "group_size": s.group, "prompts_per_step": s.batch,
-            "mini_batch_size": s.batch * s.group, "epochs": 1, "model": model, "train": _train_section(job),
+            "mini_batch_size": s.batch * s.group, "epochs": 1, "model": model,
+            "train": _train_section(job, batches=False),
             "lora": {"enabled": True, "target_modules": ",".join(LORA_TARGETS)},
             "generation": {"max_new_tokens": s.completion_tokens, "batch_size": s.batch * s.group}})
         train(cfg, reward=CombinedReward([Reward("length", length_reward)]))
@@ -262,7 +265,7 @@ def run_rlhfkit(job: dict) -> dict:
             "prompts": data["prompts"], "reward_model": job.get("reward_adapter", job["reward_model"]),
             "mode": "shared",
             "rollout_batch_size": s.batch, "mini_batch_size": s.batch, "ppo_epochs": 1, "model": model,
-            "train": _train_section(job),
+            "train": _train_section(job, batches=False),
             "generation": {"max_new_tokens": s.completion_tokens, "batch_size": s.batch}}))
     elif trainer == "rollout":
         return {"step_times": rollout_times(job, use_rlhfkit=True)}

@@ -91,18 +91,21 @@ def _names(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-# names a transformers / TRL user types, and ours (suggested, not accepted: one name for each setting)
-_TRL_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
-              "gradient_accumulation_steps": "grad_accum", "output_dir": "out", "logging_steps": "log_every",
-              "save_steps": "save_every", "eval_steps": "eval_every", "save_total_limit": "keep_checkpoints",
-              "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "max_completion_length":
-              "max_new_tokens", "num_generations": "group_size", "resume_from_checkpoint": "resume"}
+# names a transformers / TRL user types, and ours, the first a config has (suggested, not accepted: one name each)
+_TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_batch_size", "prompts_per_step",
+              "batch_size"], "num_train_epochs": ["epochs"], "gradient_accumulation_steps": ["grad_accum"],
+              "output_dir": ["out"], "logging_steps": ["log_every"], "save_steps": ["save_every"],
+              "eval_steps": ["eval_every"], "save_total_limit": ["keep_checkpoints"], "lora_r": ["r"],
+              "lora_alpha": ["alpha"], "lora_dropout": ["dropout"], "max_completion_length": ["max_new_tokens"],
+              "num_generations": ["group_size"], "resume_from_checkpoint": ["resume"]}
 
 
 def _suggest(key: str, names: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    leaves = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}  # the shallowest name of each leaf
-    leaf = _TRL_NAMES.get(leaf, leaf) if _TRL_NAMES.get(leaf) in leaves else leaf
+    leaves: dict[str, str] = {}  # each leaf name's shallowest full name (the first of those, in field order)
+    for name in sorted(names, key=lambda n: n.count(".")):
+        leaves.setdefault(name.rsplit(".", 1)[-1], name)
+    leaf = next((ours for ours in _TRL_NAMES.get(leaf, []) if ours in leaves), leaf)
     if leaf in leaves:  # the right name in the wrong section (or TRL's name for it)
         hit = [leaves[leaf]]
     else:
@@ -290,6 +293,8 @@ class _SafeUniqueLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping",

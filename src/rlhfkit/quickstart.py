@@ -65,7 +65,7 @@ class QuickstartConfig:
     out: str = arg("runs/quickstart", "directory for every model, log and summary.json")
     seed: int = arg(0, "seed of the task, the model and every stage")
     fast: bool = arg(False, "a shorter run (for tests): half the PPO steps")
-    ppo_steps: int = arg(40, "PPO steps (rollout batches of 64 prompts); halved by --fast")
+    ppo_steps: int = arg(40, "PPO steps (rollout batches of 64 prompts); halved by --fast", ge=1)
     beta: float = arg(0.1, "PPO's KL penalty β")
     arch: str = arg("llama", "architecture of the tiny model")
     threads: int = arg(1, "CPU threads for torch (0 = torch's default); tiny models run fastest on one")
@@ -210,7 +210,7 @@ def run(cfg: QuickstartConfig) -> dict:
         fn()
         seconds[name] = time.perf_counter() - t0
 
-    steps = cfg.ppo_steps // 2 if cfg.fast else cfg.ppo_steps
+    steps = max(1, cfg.ppo_steps // 2) if cfg.fast else cfg.ppo_steps
     timed("ppo", lambda: ppo.train(ppo_config(out, out / "ppo", data, cfg.seed, steps, cfg.beta, **place),
                                    probe=gold_probe))
     timed("dpo", lambda: preference.train(preference.DPOConfig(

@@ -47,20 +47,17 @@ def load_function(spec: str) -> RewardFn:
     if not colon or not module_name or not attr:
         raise RewardError(f"reward {spec!r} is neither a directory nor 'module:function' "
                           "(e.g. rlhfkit.data.tasks.arithmetic:exact_answer)")
-    # the working directory too, after the installed packages (which win a name they share): my_rewards.py beside
-    # the command is found from the `rlhfkit` launcher as from `python -m rlhfkit.cli`
+    # the working directory too, after the installed packages (which win a name they share), for the rest of the
+    # run (a reward module may import its neighbours when called): my_rewards.py beside the command is found from
+    # the `rlhfkit` launcher as from `python -m rlhfkit.cli`
     here = os.getcwd()
-    added = here not in sys.path
-    if added:
+    if here not in sys.path:
         sys.path.append(here)
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r} (searched the working directory "
-                          f"and the installed packages; PYTHONPATH adds folders): {e}") from e
-    finally:
-        if added:
-            sys.path.remove(here)
+        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r} (searched the installed packages "
+                          f"and the working directory; PYTHONPATH adds folders): {e}") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")

@@ -472,3 +472,13 @@ def test_the_stacked_transposed_decode_layout_is_made_for_cpu_weights_only():
     op = linear_op([meta], decode=True)
     assert isinstance(op, partial) and op.keywords["weight"] is meta.weight  # F.linear on the module's weight
     assert linear_op([meta], decode=True)(torch.zeros(2, 8, device="meta")).shape == (2, 4)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.0])
+def test_token_scores_stay_finite_where_a_token_is_ruled_out(temperature):
+    # -inf logits (a processor's) divided by a temperature below 1 overflowed back to -inf after the clamp
+    logits = torch.tensor([[2.0, 0.5, float("-inf"), -1.0]])
+    logp, entropy = engine.token_scores(logits, torch.tensor([0]), temperature)
+    expected = torch.log_softmax(torch.tensor([[2.0, 0.5, -1.0]]) / temperature, -1)
+    torch.testing.assert_close(logp, expected[:, 0])
+    torch.testing.assert_close(entropy, -(expected.exp() * expected).sum(-1))

@@ -179,6 +179,37 @@ def test_a_resume_may_change_where_it_runs_and_what_it_logs_evaluates_and_saves(
     assert (tmp_path / "copy" / CONFIG_FILE).is_file()
 
 
+def test_a_setting_added_since_the_checkpoint_changes_nothing_at_its_default(tmp_path):
+    # a checkpoint saved before rlhfkit had some setting (its copy lacks the key): the same command resumes it;
+    # the setting away from its default is a change
+    import yaml
+
+    _earlier_run(tmp_path, 2, cfg=_config(tmp_path))
+    copy = tmp_path / "checkpoints" / "step-2" / CONFIG_FILE
+    old = yaml.safe_load(copy.read_text())
+    del old["optim"]["weight_decay"]
+    copy.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"optim.weight_decay: \(not set\) → 0.1"):
+        prepare_out_dir(_config(tmp_path, **{"train.resume": "latest", "optim.weight_decay": 0.1}), tmp_path)
+    prepare_out_dir(_config(tmp_path, **{"train.resume": "latest"}), tmp_path)
+
+
+def test_a_resume_may_lower_the_generation_batch(tmp_path):
+    # memory, not the samples (each prompt has its own seed): what one lowers after running out of memory
+    from rlhfkit.config import GenerationConfig
+    from rlhfkit.trainers.online import GRPOConfig
+
+    def grpo(**train):
+        return GRPOConfig(prompts="p.jsonl", generation=GenerationConfig(batch_size=train.pop("gen", 64)),
+                          train=TrainConfig(out=str(tmp_path), max_steps=4, **train))
+
+    _earlier_run(tmp_path, 2, cfg=grpo())
+    prepare_out_dir(grpo(resume="latest", gen=8), tmp_path)
+    with pytest.raises(ConfigError, match="train.max_steps: 4 → 5"):
+        prepare_out_dir(dataclasses.replace(grpo(resume="latest"), train=TrainConfig(
+            out=str(tmp_path), max_steps=5, resume="latest")), tmp_path)
+
+
 def test_a_checkpoint_without_its_config_is_resumed_unchecked(tmp_path):
     _earlier_run(tmp_path, 2)
     prepare_out_dir(_config(tmp_path, **{"optim.lr": 1e-6, "train.resume": "latest"}), tmp_path)
@@ -260,3 +291,9 @@ def test_a_second_signal_stops_at_once():
             stop.handle(signal.SIGINT, None)
         with pytest.raises(SystemExit, match="second signal"):
             stop.handle(signal.SIGTERM, None)
+
+
+def test_a_folder_named_like_a_checkpoint_but_not_one_is_left_alone(tmp_path):
+    (tmp_path / "checkpoints" / "step-best").mkdir(parents=True)  # a user's copy: not a step number
+    prepare_out_dir(_config(tmp_path), tmp_path)
+    assert (tmp_path / "checkpoints" / "step-best").is_dir()

@@ -436,6 +436,12 @@ def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
                          ("lora_r", "lora.r"), ("output_dir", "train.out")]:
         with pytest.raises(ConfigError, match=rf"unknown key '{typed}' .*did you mean '{meant}'\?"):
             parse_args(SFTConfig, [f"--{typed}", "1"])
+    from rlhfkit.trainers.online import GRPOConfig
+    from rlhfkit.trainers.ppo import PPOConfig
+
+    for cls, meant in [(PPOConfig, "rollout_batch_size"), (GRPOConfig, "prompts_per_step")]:  # their own batches
+        with pytest.raises(ConfigError, match=rf"did you mean '{meant}'\?"):
+            parse_args(cls, ["--per_device_train_batch_size", "4"])
     with pytest.raises(ConfigError, match=r"unknown key 'generation\.top_p' in the command line$"):
         parse_args(SFTConfig, ["--generation.top_p", "0.5"])  # named as typed, no far-fetched guess
 
@@ -448,3 +454,9 @@ def test_several_config_files_merge_in_order(tmp_path):
     typo = write(tmp_path, "max_stesp: 1\n", name="c.yaml")
     with pytest.raises(ConfigError, match=rf"'max_stesp' in {first}, {typo}"):
         parse_args(Train, ["--config", first, "--config", typo])
+
+
+def test_yaml_merge_keys_load_and_may_be_overridden(tmp_path):
+    path = write(tmp_path, "base: &base\n  learning_rate: 0.1\n  schedule: linear\noptim:\n  <<: *base\n"
+                           "  schedule: constant\n", name="merge.yaml")
+    assert load_yaml(path)["optim"] == {"learning_rate": 0.1, "schedule": "constant"}

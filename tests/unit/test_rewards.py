@@ -100,4 +100,4 @@ def test_a_reward_module_in_the_working_directory_is_found(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     assert load_function("my_cwd_rewards:score")([], ["x"]) == [1.0]
-    assert str(tmp_path) not in sys.path  # put back as it was
+    assert sys.path[-1] == str(tmp_path)  # after the installed packages, which win a name they share

@@ -375,8 +375,8 @@ def token_scores(logits: torch.Tensor, token: torch.Tensor, temperature: float) 
     """(B, V) logits, (B,) sampled tokens → (B,) log-probability of each token under softmax(logits /
     temperature) and (B,) entropy of that distribution: what a scoring forward would give them."""
     # -inf logits (a token a processor ruled out) at the lowest finite value: p is 0 either way, and 0 · -inf is NaN
-    logits = logits.float().clamp(min=torch.finfo(torch.float32).min)
-    logp = torch.log_softmax(logits / temperature, -1)
+    logits = (logits.float() / temperature).clamp(min=torch.finfo(torch.float32).min)  # clamped after dividing
+    logp = torch.log_softmax(logits, -1)
     return logp.gather(-1, token[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 

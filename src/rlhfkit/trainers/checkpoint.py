@@ -21,7 +21,6 @@ import pickle
 import random
 import shutil
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -57,8 +56,9 @@ def _set_rng_state(rng: dict) -> None:
 
 
 def _step_dirs(root: Path) -> list[Path]:
-    """The complete checkpoints ``step-N`` under ``root``, oldest first (by N)."""
-    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The checkpoints ``step-N`` under ``root``, oldest first (by N); other names (a user's step-best) are not."""
+    found = [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len("step-"):]))
 
 
 def _fsync(path: str | os.PathLike) -> None:
@@ -210,7 +210,8 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
 MAY_CHANGE_ON_RESUME = frozenset({
     "train.resume", "train.out", "train.device", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_checkpoints", "train.tensorboard", "train.overwrite_output_dir", "train.on_nan", "train.fsdp",
-    "train.deepspeed", "train.grad_accum", "generation.backend", "eval_prompts", "task"})
+    "train.deepspeed", "train.grad_accum", "generation.backend", "generation.batch_size", "eval_prompts", "task",
+    "model.allow_pickle", "model.trust_remote_code"})
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -235,6 +236,13 @@ def check_resume_config(path: Path, cfg) -> None:
     # both as save_config writes them and load_yaml reads them back, so that equal settings compare equal
     old = _flat(load_yaml(path / CONFIG_FILE))
     new = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    try:
+        defaults = _flat(yaml.safe_load(yaml.safe_dump(to_dict(type(cfg)()), sort_keys=False)))
+    except (TypeError, ValueError):  # a config class with required fields: no defaults to compare with
+        defaults = {}
+    for key in new.keys() - old.keys():  # a setting added to rlhfkit since: at its default, it changes nothing
+        if key in defaults and new[key] == defaults[key]:
+            old[key] = new[key]
     changed = [f"{key}: {_show(old, key)} → {_show(new, key)}" for key in dict.fromkeys([*old, *new])
                if key not in MAY_CHANGE_ON_RESUME and (key in old, old.get(key)) != (key in new, new.get(key))]
     if changed:
@@ -373,7 +381,8 @@ class StopRequest:
                 raise KeyboardInterrupt
             raise SystemExit(f"stopped by a second signal {signum} in the middle of a step")
         self.signal = signum
-        print("stopping after this step, with a checkpoint (again to stop at once)", file=sys.stderr)
+        # os.write: a print in a handler can meet a print it interrupted (RuntimeError: reentrant call)
+        os.write(2, b"\nstopping after this step, with a checkpoint (again to stop at once)\n")
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
