@@ -212,7 +212,8 @@ def test_one_on_policy_update_skips_the_actor_and_reference_passes(tiny_model_di
     cfg = GRPOConfig(prompts="unused", group_size=3, prompts_per_step=2, mini_batch_size=6, epochs=1,
                      model=ModelConfig(path=path), lora=LoraConfig(enabled=True, r=4, target_modules="all-linear"),
                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
-                     generation=GenerationConfig(max_new_tokens=6), train=TrainConfig(out="unused", on_nan="stop"))
+                     generation=GenerationConfig(max_new_tokens=6),
+                     train=TrainConfig(out="unused", max_steps=1, on_nan="stop"))
     assert one_update(cfg)
     assert not one_update(dataclasses.replace(cfg, epochs=2))
     assert not one_update(dataclasses.replace(cfg, mini_batch_size=3))
