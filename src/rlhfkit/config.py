@@ -81,13 +81,22 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not _MISSING else f.default
 
 
+def _section_of(tp: Any) -> type | None:
+    """The section (dataclass) a field of type `tp` holds: `tp` itself, or the one in `Section | None`."""
+    if _is_section(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next(filter(_is_section, typing.get_args(tp)), None)
+    return None
+
+
 def _names(cls: type, prefix: str = "") -> list[str]:
     """Every dotted name settable in `cls`: its fields, and the fields inside its sections."""
     out = []
     for f, tp in _fields(cls):
         out.append(prefix + f.name)
-        if _is_section(tp):
-            out += _names(tp, f"{prefix}{f.name}.")
+        if _section_of(tp):
+            out += _names(_section_of(tp), f"{prefix}{f.name}.")
     return out
 
 
@@ -246,20 +255,16 @@ def _check_keys(cls: type, data: Any, where: Callable[[str], str], names: list[s
                 key, value = next(iter(value.items()))
                 full += f".{key}"
             raise ConfigError(f"unknown key '{full}' in {where(full)}" + _suggest(full, names))
-        if _is_section(sections[key]):
-            _check_keys(sections[key], value, where, names, full + ".")
+        if _section_of(sections[key]):
+            _check_keys(_section_of(sections[key]), value, where, names, full + ".")
 
 
 def _build(cls: type[C], data: Any, where: Callable[[str], str], prefix: str = "") -> C:
-    """An instance of `cls` from nested dicts; `where(dotted_key)` names the source of a key."""
+    """An instance of `cls` from nested dicts; `where(dotted_key)` names the source of a key. Its keys are
+    known ones: `_check_keys` has checked the whole config first."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"config in {where(prefix[:-1])} must be a mapping of keys to values, got {data!r}")
     fields = _fields(cls)
-    known = {f.name for f, _ in fields}
-    for key in data:
-        if key not in known:
-            full = f"{prefix}{key}"
-            raise ConfigError(f"unknown key '{full}' in {where(full)}" + _suggest(full, _names(cls, prefix)))
     kwargs = {}
     for f, tp in fields:
         key = prefix + f.name

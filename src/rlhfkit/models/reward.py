@@ -22,6 +22,13 @@ from rlhfkit.models.load import (absolute_if_local, check_model_path, check_weig
                                  load_tokenizer, resolve_device, resolve_dtype)
 
 NORMALIZATION_FILE = "score_normalization.json"
+IDENTITY = {"mean": 0.0, "std": 1.0}
+
+
+def score_normalization(path: str | Path) -> dict | None:
+    """The score mean and std a reward-model directory was saved with (``rlhfkit rm --normalize``), or None."""
+    norm = Path(path) / NORMALIZATION_FILE
+    return json.loads(norm.read_text()) if norm.is_file() else None
 
 
 def _hf_model(model):
@@ -94,8 +101,7 @@ class RewardModel:
     def from_pretrained(cls, path: str, device: torch.device | str | None = None, **model_kwargs) -> "RewardModel":
         device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
         cfg = ModelConfig(path=path, **model_kwargs)
-        norm = Path(path) / NORMALIZATION_FILE
-        stats = json.loads(norm.read_text()) if norm.is_file() else {"mean": 0.0, "std": 1.0}
+        stats = score_normalization(path) or IDENTITY
         model = load_reward_backbone(cfg, device)
         for p in model.parameters():
             p.requires_grad_(False)

@@ -29,7 +29,8 @@ from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import (add_lora, is_adapter_dir, load_causal_lm, mixed_precision, peft_lora_config,
                                  save_model)
-from rlhfkit.models.reward import NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone
+from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone,
+                                   score_normalization)
 from rlhfkit.ops import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -141,8 +142,7 @@ class SharedBaseRoles:
         weight = head["weight"].to(self.value_head.weight.device)
         self.reward_head = nn.Linear(weight.shape[1], 1, bias="bias" in head).to(weight.device)  # float32
         self.reward_head.load_state_dict(head)  # copied into float32 whatever dtype it was saved in
-        norm = Path(path) / NORMALIZATION_FILE
-        self.reward_stats = json.loads(norm.read_text()) if norm.is_file() else {"mean": 0.0, "std": 1.0}
+        self.reward_stats = score_normalization(path) or IDENTITY
         self._layers, self._active = adapter_layers(self.model), None
         self._find_parameters()
         self._use("default")
@@ -279,8 +279,7 @@ class SeparateRoles:
                                             trainable=True) if critic_path else None)
         # a reward model's score normalisation, if it has one, applies to the critic started from it: its first
         # values are on the scale of the normalised rewards they predict (OpenRLHF's critic does the same)
-        norm = Path(critic_path or "") / NORMALIZATION_FILE
-        self.critic_stats = json.loads(norm.read_text()) if critic_path and norm.is_file() else None
+        self.critic_stats = score_normalization(critic_path) if critic_path else None
 
     def _models(self) -> list[nn.Module]:
         return [m for m in (self.actor, self.ref, self.critic) if m is not None]

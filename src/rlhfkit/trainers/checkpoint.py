@@ -225,6 +225,11 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def _as_saved(cfg) -> dict:
+    """``cfg``'s settings as dotted keys, as ``save_config`` writes them and ``load_yaml`` reads them back."""
+    return _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+
+
 def check_resume_config(path: Path, cfg) -> None:
     """Refuse (ConfigError, naming each change) to resume checkpoint ``path`` with settings other than those
     in its copy of the run's config, except ``MAY_CHANGE_ON_RESUME``. A new learning rate, batch size, seed,
@@ -235,9 +240,9 @@ def check_resume_config(path: Path, cfg) -> None:
         return
     # both as save_config writes them and load_yaml reads them back, so that equal settings compare equal
     old = _flat(load_yaml(path / CONFIG_FILE))
-    new = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    new = _as_saved(cfg)
     try:
-        defaults = _flat(yaml.safe_load(yaml.safe_dump(to_dict(type(cfg)()), sort_keys=False)))
+        defaults = _as_saved(type(cfg)())
     except (TypeError, ValueError):  # a config class with required fields: no defaults to compare with
         defaults = {}
     for key in new.keys() - old.keys():  # a setting added to rlhfkit since: at its default, it changes nothing
