@@ -163,9 +163,22 @@ _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 _HINTS = {bool: " (use true/false)", str: " (quote it in YAML)"}
 
 
+class Repeated(list):
+    """The values of a flag given more than once on the command line, in order."""
+
+
+def _takes_list(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(map(_takes_list, typing.get_args(tp)))
+    return origin in (list, tuple) or tp in (list, tuple)
+
+
 def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str], split: bool = True) -> Any:
     """`value` (from YAML, or a string from the command line) as type `tp`, else ConfigError. `split`: a
     string for a list is comma-separated items (else one item)."""
+    if isinstance(value, Repeated) and not _takes_list(tp):
+        value = value[-1]  # a flag given again for one value: the last wins, as argparse has it
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def bad(hint: str = "") -> ConfigError:
@@ -240,6 +253,18 @@ def _check_bounds(value: Any, bounds: dict[str, float], key: str, where: Callabl
     for item in value if isinstance(value, (list, tuple)) else [value]:
         if item is not None and not all(_BOUNDS[name][1](item, b) for name, b in bounds.items()):
             raise ConfigError(f"bad value for '{key}' in {where(key)}: must be {_rule(bounds)}, got {item!r}")
+
+
+def check_bounds(cfg: Any, prefix: str = "", source: str = "") -> None:
+    """ConfigError for the first field of ``cfg`` (a config dataclass, its sections too) outside its bounds:
+    a config built in Python skips the check that reading one from a file or the command line makes."""
+    source = source or f"the {type(cfg).__name__} built in Python"
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, f"{prefix}{f.name}.", source)
+        else:
+            _check_bounds(value, f.metadata.get("bounds", {}), prefix + f.name, lambda key: source)
 
 
 def _check_keys(cls: type, data: Any, where: Callable[[str], str], names: list[str], prefix: str = "") -> None:
@@ -344,7 +369,8 @@ def set_dotted(d: dict, key: str, value: Any) -> dict:
 def parse_overrides(argv: list[str]) -> dict[str, str | list[str]]:
     """{"section.key": "raw string"} from `--key value`, `--section.key value`, `--key=value` and a
     bare `--flag` ("true"). Dashes in names read as underscores. A repeated flag gives the list of
-    its values, for list fields whose items may hold commas (`--prompt "Hi, you" --prompt Bye`)."""
+    its values (``Repeated``): a list field's items, which may hold commas (`--prompt "Hi, you" --prompt Bye`);
+    any other field takes the last."""
     out, i = {}, 0
     while i < len(argv):
         token = argv[i]
@@ -358,7 +384,7 @@ def parse_overrides(argv: list[str]) -> dict[str, str | list[str]]:
             i += has_value
         name = name.replace("-", "_")
         if name in out:  # a repeated flag collects its values
-            out[name] = (out[name] if isinstance(out[name], list) else [out[name]]) + [value]
+            out[name] = Repeated([*(out[name] if isinstance(out[name], Repeated) else [out[name]]), value])
         else:
             out[name] = value
         i += 1

@@ -98,12 +98,18 @@ def test_a_device_name_torch_does_not_know_says_which_are(task_dir, tiny_model_d
     assert "train.device 'gpu' is not a device: use auto, cpu, cuda or cuda:N" in _one_line_error(capsys, rc)
 
 
-def test_rm_from_an_sft_adapter_says_to_merge_it(tiny_model_dir, task_dir, tmp_path, capsys):
+def test_training_from_an_sft_adapter_says_to_merge_it(tiny_model_dir, task_dir, tmp_path, capsys):
+    # with LoRA on, sft and dpo wrapped the adapter in a second one and crashed; off, they trained nothing
     adapter = tmp_path / "sft"  # what `rlhfkit sft --lora.enabled true` leaves
     assert main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--out",
                  str(adapter), "--lora.enabled", "true", "--lora.r", "2", "--train.max_steps", "1",
                  "--train.batch_size", "4", "--train.tensorboard", "false"]) == 0
     capsys.readouterr()
-    rc = main(["rm", "--model", str(adapter), "--data", str(task_dir / "preference.jsonl"),
-               "--out", str(tmp_path / "rm")])
-    assert "is a LoRA adapter directory: a reward model starts from a full model" in _one_line_error(capsys, rc)
+    for command, data, what in [("rm", "preference.jsonl", "a reward model"), ("sft", "sft.jsonl", "SFT"),
+                                ("dpo", "preference.jsonl", "DPO"), ("kto", "unpaired.jsonl", "KTO")]:
+        for lora in ("true", "false"):
+            rc = main([command, "--model", str(adapter), "--data", str(task_dir / data), "--lora.enabled", lora,
+                       "--out", str(tmp_path / f"out-{command}")])
+            assert (f"{adapter} is a LoRA adapter directory: {what} starts from a full model; merge it first "
+                    f"(rlhfkit export --model {adapter} --out DIR)") in _one_line_error(capsys, rc)
+            assert not (tmp_path / f"out-{command}").exists()  # refused before the run makes its directory

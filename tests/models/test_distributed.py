@@ -122,6 +122,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, task
     assert moved  # training changed the weights, so the comparison means something
     logs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "train/loss" in r] == [1, 2, 3, 4]  # rank 0 alone writes
+    # every logged metric is the whole batch's, not process 0's share (DPO's reward accuracy and margins)
+    first = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(first, logs):
+        for key in a:
+            if key.startswith("train/") and "seconds" not in key and "per_s" not in key:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
 def test_kto_with_two_processes_equals_one(tiny_model_dir, task_dir, tmp_path):

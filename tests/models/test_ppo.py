@@ -299,6 +299,16 @@ def test_the_reward_adapter_scores_the_sampled_ids(tiny_model_dir, lora_rm_dir):
     split = [tok.convert_tokens_to_ids(list(tok.convert_ids_to_tokens(i)[0])) + i[1:] for i in ids]
     assert [tok.decode(s) for s in split] == [tok.decode(i) for i in ids] and split != ids
     assert not torch.allclose(scorer.score_ids(prompt_ids, split), by_text, atol=1e-4)
+    # a row that stopped at another stop id of the model (an end-of-turn token) is scored as the text path
+    # scores it: that token gives way to the EOS the reward model was trained with, not followed by it
+    end_of_turn = tok.convert_tokens_to_ids(".")
+    roles.model.get_base_model().generation_config.eos_token_id = [tok.eos_token_id, end_of_turn]
+    by_turn = RewardAdapterScores(roles, tok)
+    assert by_turn.stops == [tok.eos_token_id, end_of_turn]
+    ended = [ids[0][:-1] + [end_of_turn], ids[1][:-1] + [end_of_turn], ids[2] + [tok.eos_token_id]]
+    torch.testing.assert_close(by_turn.score_ids(prompt_ids, ended),
+                               scorer(PROMPTS, [" The cat is calm", " The lake is grim and cold", " Hello."]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_make_experience_gives_a_token_scorer_the_sampled_ids(tiny_model_dir):
@@ -403,3 +413,25 @@ def test_the_schedule_counts_the_updates_a_small_prompts_file_gives(tiny_model_d
     logs = [json.loads(line) for line in (tmp_path / command / "metrics.jsonl").read_text().splitlines()]
     assert logs[0]["train/lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 2)))  # 2 of 4 updates
     assert logs[1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_critic_started_from_a_reward_model_with_another_tokenizer_is_refused(tiny_model_dir, rm_dir, task_dir,
+                                                                               tmp_path, capsys):
+    # the critic reads the policy's sampled ids: under another vocabulary they would be other words
+    import shutil
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.models.load import check_same_tokenizer
+
+    policy = load_tokenizer(tiny_model_dir("llama"))
+    check_same_tokenizer(policy, rm_dir, "the reward model", "")  # trained on the policy's base: accepted
+    other = tmp_path / "rm"
+    shutil.copytree(rm_dir, other)
+    grown = load_tokenizer(rm_dir)
+    grown.add_tokens(["<extra>"])
+    grown.save_pretrained(other)
+    with pytest.raises(ConfigError, match=rf"the reward model {other} has another tokenizer than the policy's"):
+        check_same_tokenizer(policy, str(other), "the reward model", "")
+    rc = main(["ppo", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_train.jsonl"),
+               "--reward_model", str(other), "--mode", "separate", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--critic_init sft" in capsys.readouterr().err

@@ -235,3 +235,36 @@ def test_kto_reference_point_is_the_whole_step_s_so_micro_batches_do_not_change_
     for name, value in weights[1].items():
         diff = (weights[4][name] - value).norm() / value.norm().clamp(min=1e-12)
         assert diff <= 1e-4, (name, diff.item())  # float noise (3e-5 seen); a z per micro-batch gave 0.12
+
+
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_the_policy_trains_without_the_dropout_its_config_asks_for(tiny_model_dir, small_data, tmp_path, reference):
+    # a GPT-2 config with dropout 0.1: at lr 0 the policy is its reference, so every step's DPO loss is log 2
+    # and no pair is ranked. With dropout on in training, the policy's log-probs were noise around the reference's
+    path = tmp_path / "gpt2-dropout"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt2"))
+    model.config.update({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1})
+    model.save_pretrained(path)
+    load_tokenizer(tiny_model_dir("gpt2")).save_pretrained(path)
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--model", str(path), "--data", str(small_data["preference"]), "--out", str(out),
+                 "--reference", reference, "--train.max_steps", "3", *QUICK[:4], "--optim.lr", "0",
+                 "--train.tensorboard", "false"]) == 0
+    for record in _logs(out):
+        assert record["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert record["train/rewards/accuracy"] == 0.0
+
+
+def test_a_reference_model_with_another_tokenizer_is_refused(tiny_model_dir, small_data, tmp_path, capsys):
+    # the reference reads the policy's token ids: under another vocabulary they are other words
+    import shutil
+
+    other = tmp_path / "ref"
+    shutil.copytree(tiny_model_dir("llama"), other)
+    grown = load_tokenizer(str(other))
+    grown.add_tokens(["<extra>"])
+    grown.save_pretrained(other)
+    rc = main(["dpo", "--model", tiny_model_dir("llama"), "--data", str(small_data["preference"]),
+               "--ref_model", str(other), "--out", str(tmp_path / "dpo"), *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"the reference model {other} has another tokenizer than the policy's" in err

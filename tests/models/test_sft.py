@@ -44,6 +44,24 @@ def test_completion_nll_ignores_prompt_and_padding(tiny_model_dir, arch, side):
     assert nll2.item() == pytest.approx(nll.item(), rel=1e-5)
 
 
+def test_a_completion_that_opens_its_row_loses_only_its_first_token_under_either_padding(tiny_model_dir):
+    # an empty prompt and a tokenizer without BOS: the first completion token has no position before it.
+    # Left padding used to predict it from a pad position (a different loss than right padding's)
+    path = tiny_model_dir("llama")
+    model, tok = load_causal_lm(ModelConfig(path=path), torch.device("cpu")), load_tokenizer(path)
+    assert tok("x").input_ids == tok("x", add_special_tokens=False).input_ids  # no BOS
+    rows = [("", " The cat is calm."), *EXAMPLES[:2]]
+    (nll_right, n_right), (nll_left, n_left) = (completion_nll(model, collate(
+        [encode_example(tok, p, c, 64) for p, c in rows], tok.pad_token_id, side)) for side in ("right", "left"))
+    oracle = [_single_nll(model, tok, p, c) for p, c in rows[1:]]
+    empty = encode_example(tok, *rows[0], 64).input_ids
+    logp = torch.log_softmax(model(torch.tensor([empty])).logits[0].float(), -1)
+    first_left_out = -sum(logp[t - 1, empty[t]] for t in range(1, len(empty)))
+    assert n_right.item() == n_left.item() == sum(k for _, k in oracle) + len(empty) - 1
+    expected = sum(v.item() for v, _ in oracle) + first_left_out.item()
+    assert [nll_right.item(), nll_left.item()] == pytest.approx([expected, expected], rel=1e-5)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sft_command_trains_every_architecture(tiny_model_dir, task_dir, tmp_path, arch):
     path = tiny_model_dir(arch)

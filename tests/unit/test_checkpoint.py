@@ -13,7 +13,7 @@ import torch
 
 from rlhfkit.advantages import AdaptiveKLController
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, save_config
-from rlhfkit.trainers.checkpoint import CONFIG_FILE, Checkpoints, load_checkpoint, save_checkpoint
+from rlhfkit.trainers.checkpoint import CONFIG_FILE, Checkpoints, NonFinite, load_checkpoint, save_checkpoint
 from rlhfkit.trainers.loop import Logger, build_optimizer, prepare_out_dir, rollout_steps, run
 from rlhfkit.trainers.sft import SFTConfig
 
@@ -88,6 +88,19 @@ def test_the_state_of_every_trainer_round_trips_through_the_safe_loader(tmp_path
     again.load_state_dict(state["extra"]["kl_ctl"])
     assert again.beta == kl_ctl.beta != 0.1
     assert torch.equal(torch.Generator().set_state(state["extra"]["generator"]).get_state(), generator.get_state())
+
+
+def test_the_count_of_skipped_updates_goes_on_from_the_resumed_checkpoint(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path), max_steps=4, tensorboard=False)
+    checkpoints = Checkpoints(cfg, *_trained(0))
+    nonfinite = NonFinite("skip", checkpoints)
+    assert not nonfinite.ok("loss", float("nan"), 1) and not nonfinite.ok("gradient norm", float("inf"), 2)
+    checkpoints.save(2)
+    assert nonfinite.ok("loss", 1.0, 3) and nonfinite.skipped == 2
+    resumed = Checkpoints(dataclasses.replace(cfg, resume="latest"), *_trained(0))
+    _, extra = resumed.resume()
+    assert NonFinite("skip", resumed).skipped == 2 and "skipped_updates" not in extra  # the trainer's own extra
+    assert NonFinite("skip", Checkpoints(cfg, *_trained(0))).skipped == 0  # a fresh run counts from 0
 
 
 # ---------------------------------------------------------------------------------------------- 2. a fresh run

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhfkit.data.collate import collate, encode_example, pad_batch
+from rlhfkit.data.collate import collate, encode_example, encode_pair, pad_batch
 
 
 class CharTokenizer:
@@ -30,6 +30,29 @@ def test_truncation_cuts_prompt_start_then_completion_end():
     assert e.input_ids == [100, 101, 102, 120, 121, 122]
     assert e.completion_mask == [0, 0, 0, 1, 1, 1]
     assert e.truncated
+
+
+def test_a_pair_s_prompt_is_cut_once_for_the_longer_reply():
+    # max_length 10, prompt "abcdefgh": the chosen reply + EOS needs 6, the rejected 2. The prompt keeps
+    # max(10 - 6, 10 // 2) = 5 tokens for both; cut on its own, the rejected reply would keep all 8
+    chosen, rejected = encode_pair(CharTokenizer(), "abcdefgh", "uvwxy", "z", max_length=10)
+    assert chosen.input_ids == [100, 101, 102, 103, 104, 117, 118, 119, 120, 121]  # "defgh" + "uvwxy", EOS cut
+    assert rejected.input_ids == [100, 101, 102, 103, 104, 122, 1]  # the same "defgh", then "z" + EOS
+    assert rejected.completion_mask == [0] * 5 + [1, 1] and chosen.truncated and rejected.truncated
+    alone = encode_example(CharTokenizer(), "abcdefgh", "z", max_length=10)
+    assert alone.input_ids == [97, 98, 99, 100, 101, 102, 103, 104, 122, 1] and not alone.truncated
+    # a pair that fits is left whole
+    short = encode_pair(CharTokenizer(), "ab", "cd", "e", max_length=10)
+    assert [e.input_ids for e in short] == [[97, 98, 99, 100, 1], [97, 98, 101, 1]]
+    assert not any(e.truncated for e in short)
+    # chat replies whose earlier turns differ have prompts of their own: each is cut for its reply
+    user = [{"role": "user", "content": "x"}]
+    turns = [[{"role": "assistant", "content": "p"}, {"role": "user", "content": "q"},
+              {"role": "assistant", "content": "r"}], [{"role": "assistant", "content": "s"}]]
+    tok = CharTokenizer()
+    tok.chat_template, tok.apply_chat_template = "t", lambda m, **k: "".join(t["content"] for t in m)
+    own = encode_pair(tok, user, *turns, max_length=10)
+    assert [e.input_ids for e in own] == [[120, 112, 113, 114, 1], [120, 115, 1]]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

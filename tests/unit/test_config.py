@@ -109,8 +109,7 @@ def test_parse_overrides_forms():
 def test_repeated_flag_gives_a_list_whose_items_keep_commas():
     assert parse_overrides(["--x", "1", "--x=2", "--x", "3"]) == {"x": ["1", "2", "3"]}
     assert parse_args(Train, ["--tags", "a, b", "--tags", "c"]).tags == ["a, b", "c"]
-    with pytest.raises(ConfigError, match=r"'max_steps'.*expected int, got \['1', '2'\]"):
-        parse_args(Train, ["--max_steps", "1", "--max_steps", "2"])
+    assert parse_args(Train, ["--max_steps", "1", "--max_steps", "2"]).max_steps == 2  # one value: the last
 
 
 @pytest.mark.parametrize("argv", [["stray"], ["-x", "1"], ["--max_steps", "1", "extra"], ["--=3"]])
@@ -407,6 +406,30 @@ def test_values_at_their_bounds_and_none_are_accepted(tmp_path):
     with pytest.raises(ConfigError, match=rf"'lr' in {tmp_path / 'c.yaml'}: must be >= 0"):  # from a file too
         parse_args(Bounded, ["--config", write(tmp_path, "lr: -0.5\n", name="c.yaml")])
     assert "(default: 1.0; > 0 and <= 1)" in help_text(Bounded)
+
+
+def test_a_config_built_in_python_gets_the_same_bounds_check_before_a_run():
+    from rlhfkit.config import TrainConfig, check_bounds
+    from rlhfkit.trainers.sft import SFTConfig
+    from rlhfkit.trainers.loop import start_run
+
+    check_bounds(SFTConfig(data="d.jsonl"))  # the defaults are inside their bounds
+    bad = SFTConfig(data="d.jsonl", train=TrainConfig(keep_checkpoints=-1))
+    with pytest.raises(ConfigError, match=r"'train.keep_checkpoints' in the SFTConfig built in Python: must be >= "):
+        check_bounds(bad)
+    with pytest.raises(ConfigError, match="keep_checkpoints"):  # before the run makes its directory
+        start_run(bad)
+    with pytest.raises(ConfigError, match=r"'betas' in the Bounded built in Python: must be >= 0 and < 1, got 1\.0"):
+        check_bounds(Bounded(betas=[0.9, 1.0]))
+
+
+def test_a_flag_given_again_for_one_value_takes_the_last():
+    # as argparse has it: a script's own overrides after shared ones (they were refused as a list)
+    cfg = parse_args(Bounded, ["--lr", "0.1", "--top_p", "0.5", "--lr", "0.2", "--steps", "3", "--steps", "none"])
+    assert (cfg.lr, cfg.top_p, cfg.steps) == (0.2, 0.5, None)
+    with pytest.raises(ConfigError, match=r"'lr' in the command line: must be >= 0"):  # the last is checked
+        parse_args(Bounded, ["--lr", "0.1", "--lr", "-1"])
+    assert parse_args(Bounded, ["--prompt", "a", "--prompt", "b"]).prompt == ["a", "b"]  # a list collects them
 
 
 def test_a_list_that_does_not_split_keeps_commas(tmp_path):

@@ -1,4 +1,5 @@
-"""The supervised loop's throughput metrics: tokens per second and seconds per step per logging window."""
+"""The supervised loop's metrics: each a mean over the step's whole batch, and the throughput (tokens per
+second and seconds per step per logging window)."""
 
 import json
 import time
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from rlhfkit.config import OptimConfig, TrainConfig
-from rlhfkit.trainers.loop import Logger, batch_indices, run
+from rlhfkit.trainers.loop import Logger, add_metrics, batch_indices, build_optimizer, metric_means, run
 
 
 def test_tokens_per_second_counts_each_window_s_tokens_and_leaves_evaluation_out(tmp_path):
@@ -41,3 +42,47 @@ def test_without_a_token_count_only_step_seconds_are_logged(tmp_path):
                optim=OptimConfig(lr=0.1), logger=logger)
     logger.close()
     assert "train/tokens_per_s" not in last and last["train/step_seconds"] > 0
+
+
+def test_a_metric_is_a_mean_over_the_units_or_the_count_it_comes_with():
+    sums = {}
+    add_metrics(sums, {"accuracy": 1.0, "rewards/chosen": (2.0, 1)}, weight=4)  # 4 pairs, 1 desirable
+    add_metrics(sums, {"accuracy": 0.5, "rewards/chosen": (-1.0, 0)}, weight=2)  # a count of 0 adds nothing
+    add_metrics(sums, {"accuracy": 0.0, "rewards/chosen": (5.0, 3)}, weight=2)
+    assert metric_means(sums) == {"accuracy": pytest.approx((4 + 1) / 8), "rewards/chosen": pytest.approx(17 / 4)}
+    empty = {}
+    add_metrics(empty, {"rewards/rejected": (0.0, 0)}, weight=3)
+    assert set(empty) == {"rewards/rejected"} and metric_means(empty) == {}  # entered, but nothing to average
+
+
+def test_a_step_s_metric_weighs_each_micro_batch_by_its_units(tmp_path):
+    # micro-batches of 1 and 3 units: the step's metric is their units-weighted mean, not the plain mean of two
+    model = torch.nn.Linear(1, 1)
+    units = {0: 1.0, 1: 3.0}
+
+    def loss_fn(idx):
+        n = units[idx[0] % 2]
+        return model(torch.ones(1, 1)).sum() * 0, n, {"hit": float(idx[0] % 2)}
+
+    logger = Logger(tmp_path, tensorboard=False)
+    run(model=model, loss_fn=loss_fn, n_examples=2, cfg=TrainConfig(out=str(tmp_path), max_steps=1, batch_size=2,
+                                                                      grad_accum=2, log_every=1),
+        optim=OptimConfig(lr=0.1), logger=logger)
+    logger.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["train/hit"] == pytest.approx(3 / 4)
+
+
+def test_a_warmup_as_long_as_the_run_is_pointed_out(recwarn):
+    # 6 updates under the default 10 warm-up steps: the rate would peak at 6/11 of optim.lr and never decay
+    params = [torch.nn.Parameter(torch.ones(2))]
+    optimizer, scheduler = build_optimizer(params, OptimConfig(lr=1.0, warmup_steps=10), 11)
+    assert not recwarn.list  # a run longer than its warm-up
+    with pytest.warns(UserWarning, match=r"optim.warmup_steps 10 is not below the run's 6 updates: the learning "
+                                         r"rate stays under optim.lr 1.0"):
+        optimizer, scheduler = build_optimizer(params, OptimConfig(lr=1.0, warmup_steps=10), 6)
+    rates = []
+    for _ in range(6):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step(), scheduler.step()
+    assert max(rates) == pytest.approx(6 / 11)

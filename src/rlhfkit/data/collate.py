@@ -55,24 +55,46 @@ def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encod
     When too long, the prompt loses tokens from its start (keeping at least one
     completion slot) and then the completion loses its end (and with it the EOS).
     """
-    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return join_ids(encode_prompt(tokenizer, prompt), completion_ids, max_length)
+    return join_ids(*_ids(tokenizer, prompt, completion), max_length)
+
+
+def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids + EOS)."""
+    return encode_prompt(tokenizer, prompt), tokenizer(completion, add_special_tokens=False).input_ids + [
+        tokenizer.eos_token_id]
+
+
+def _reply_ids(tokenizer, prompt, reply) -> tuple[list[int], list[int]]:
+    """``_ids`` of a reply: a string after ``prompt``, or chat messages ending in the assistant turn that is
+    scored or learned (earlier turns join the prompt's messages)."""
+    pair = as_prompt_completion({"messages": prompt + reply}) if isinstance(reply, list) else (prompt, reply)
+    return _ids(tokenizer, *pair)
 
 
 def encode_reply(tokenizer, prompt, reply, max_length: int) -> Encoded:
-    """``encode_example`` for a preference or KTO reply: a string after ``prompt``, or chat messages ending in the
-    assistant turn that is scored or learned (earlier turns join the prompt's messages)."""
-    pair = as_prompt_completion({"messages": prompt + reply}) if isinstance(reply, list) else (prompt, reply)
-    return encode_example(tokenizer, *pair, max_length)
+    """``encode_example`` for a preference or KTO reply (a string, or chat messages: ``_reply_ids``)."""
+    return join_ids(*_reply_ids(tokenizer, prompt, reply), max_length)
 
 
-def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> Encoded:
-    """Prompt ids + completion ids (EOS included), cut to ``max_length`` as ``encode_example`` cuts."""
-    truncated = len(prompt_ids) + len(completion_ids) > max_length
-    if truncated:
-        keep_prompt = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2, 1))
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
-        completion_ids = completion_ids[: max_length - len(prompt_ids)]
+def encode_pair(tokenizer, prompt, chosen, rejected, max_length: int) -> tuple[Encoded, Encoded]:
+    """``encode_reply`` for both replies of a preference pair, their shared prompt cut once, as the longer reply
+    needs: a pairwise loss compares the two after the same context. (Replies whose earlier chat turns differ
+    have prompts of their own, each cut for its reply.)"""
+    (p_chosen, chosen_ids), (p_rejected, rejected_ids) = (_reply_ids(tokenizer, prompt, r) for r in (chosen, rejected))
+    longest = max(len(chosen_ids), len(rejected_ids)) if p_chosen == p_rejected else 0
+    return join_ids(p_chosen, chosen_ids, max_length, longest), join_ids(p_rejected, rejected_ids, max_length, longest)
+
+
+def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, longest: int = 0) -> Encoded:
+    """Prompt ids + completion ids (EOS included), cut to ``max_length`` as ``encode_example`` cuts. ``longest``:
+    the length of the longest completion that shares this prompt (``encode_pair``), for which the prompt is cut."""
+    longest = max(longest, len(completion_ids))
+    keep_prompt = len(prompt_ids)
+    if keep_prompt + longest > max_length:
+        keep_prompt = min(keep_prompt, max(max_length - longest, max_length // 2, 1))
+    truncated = keep_prompt < len(prompt_ids) or keep_prompt + len(completion_ids) > max_length
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+    completion_ids = completion_ids[: max_length - keep_prompt]
     return Encoded(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), truncated)
 
 
@@ -97,6 +119,13 @@ def collate(examples: list[Encoded], pad_token_id: int, side: str = "right") -> 
         "attention_mask": pad_batch([[1] * len(e.input_ids) for e in examples], 0, side),
         "completion_mask": pad_batch([e.completion_mask for e in examples], 0, side),
     }
+
+
+def label_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Which next-token predictions carry loss: ``completion_mask`` and ``attention_mask`` (B, T) → (B, T-1), 1
+    where token t+1 is a completion token and position t a real one. A completion that opens its row (an empty
+    prompt and no BOS) has nothing to predict its first token from: it is left out under either padding."""
+    return batch["completion_mask"][:, 1:] * batch["attention_mask"][:, :-1]
 
 
 @contextlib.contextmanager

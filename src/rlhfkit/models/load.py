@@ -91,6 +91,14 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def refuse_adapter_dir(path: str, starts_from: str) -> None:
+    """ConfigError when ``path`` is a LoRA adapter directory where a full model is wanted (``starts_from``
+    says what starts from it): peft would wrap the adapter in a second one, or train nothing."""
+    if is_adapter_dir(path):
+        raise ConfigError(f"{path} is a LoRA adapter directory: {starts_from} starts from a full model; merge it "
+                          f"first (rlhfkit export --model {path} --out DIR) and pass DIR")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when the model has none)."""
     check_model_path(path)
@@ -98,6 +106,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_same_tokenizer(tokenizer, path: str, what: str, fix: str, trust_remote_code: bool = False) -> None:
+    """Refuse ``what`` at ``path`` when its tokenizer's vocabulary is not ``tokenizer``'s: a model that reads
+    another model's token ids (PPO's critic reads the policy's samples) would read other words, or ids past its
+    embeddings. A local directory without tokenizer files is not checked."""
+    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        return
+    other = load_tokenizer(path, trust_remote_code)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{what} {path} has another tokenizer than the policy's ({len(other)} tokens against "
+                          f"{len(tokenizer)}): it would read the policy's token ids as other words. {fix}")
 
 
 def absolute_if_local(path: str) -> str:

@@ -32,6 +32,7 @@ from rlhfkit.models.load import (add_lora, is_adapter_dir, load_causal_lm, mixed
 from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone,
                                    score_normalization)
 from rlhfkit.ops import position_ids_from_mask
+from rlhfkit.rollout.engine import stop_ids
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -153,13 +154,16 @@ class SharedBaseRoles:
                                    tokenizer.pad_token_id)
 
     def reward_scores_of_ids(self, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                             max_length: int = 512) -> torch.Tensor:
+                             max_length: int = 512, stops: list[int] | None = None) -> torch.Tensor:
         """Scores of sampled token ids themselves (the adapter shares the actor's tokenizer): prompt ids +
-        completion ids + EOS where the completion has none, cut as ``encode_example`` cuts: (B,) on the CPU.
-        What ``reward_scores`` gives for the decoded texts wherever decoding and encoding again give back the
-        same ids, without that round trip (sampled ids often re-encode into other, more, tokens)."""
+        completion ids ending in the tokenizer's EOS, cut as ``encode_example`` cuts: (B,) on the CPU. A
+        completion that stopped at another of ``stops`` (an end-of-turn token) has it replaced by that EOS,
+        one that was cut off gets it added. What ``reward_scores`` gives for the decoded texts wherever
+        decoding and encoding again give back the same ids, without that round trip (sampled ids often
+        re-encode into other, more, tokens)."""
         eos = tokenizer.eos_token_id
-        rows = [join_ids(p, c if c and c[-1] == eos else [*c, eos], max_length)
+        ends = set(stops or []) | {eos}
+        rows = [join_ids(p, [*c[:-1], eos] if c and c[-1] in ends else [*c, eos], max_length)
                 for p, c in zip(prompt_ids, completion_ids)]
         return self._reward_scores(rows, tokenizer.pad_token_id)
 
@@ -252,12 +256,13 @@ class RewardAdapterScores:
 
     def __init__(self, roles: SharedBaseRoles, tokenizer):
         self.roles, self.tokenizer = roles, tokenizer
+        self.stops = stop_ids(roles.model, tokenizer)  # where the sampler stops rows
 
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
         return self.roles.reward_scores(self.tokenizer, prompts, responses)
 
     def score_ids(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
-        return self.roles.reward_scores_of_ids(self.tokenizer, prompt_ids, completion_ids)
+        return self.roles.reward_scores_of_ids(self.tokenizer, prompt_ids, completion_ids, stops=self.stops)
 
 
 class SeparateRoles:

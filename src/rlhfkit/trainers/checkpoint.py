@@ -316,6 +316,8 @@ class Checkpoints:
         self.cfg, self.model, self.optimizers = cfg, model, optimizers
         self.extra, self.save_weights, self.tokenizer = extra or dict, save_weights, tokenizer
         self.last: Path | None = None
+        self.nonfinite: NonFinite | None = None  # its count of skipped updates is saved and restored too
+        self.skipped_before = 0  # that count at the resumed checkpoint
 
     def resume(self) -> tuple[int, dict]:
         """(steps already done, the saved extra state); (0, {}) when ``train.resume`` is unset."""
@@ -323,6 +325,7 @@ class Checkpoints:
             return 0, {}
         self.last = find_checkpoint(self.cfg.out, self.cfg.resume)
         state = load_checkpoint(self.last, self.model, self.optimizers)
+        self.skipped_before = state["extra"].pop("skipped_updates", 0)  # absent from older checkpoints
         return state["step"], state["extra"]
 
     def save(self, step: int) -> Path:
@@ -332,7 +335,10 @@ class Checkpoints:
         if not distributed.is_main() and not sharded and not partitioned:
             self.last = Path(self.cfg.out) / "checkpoints" / f"step-{step}"
             return self.last
-        self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, self.extra(),
+        extra = self.extra()
+        if self.nonfinite is not None:
+            extra["skipped_updates"] = self.nonfinite.skipped
+        self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, extra,
                                     self.cfg.keep_checkpoints, self.save_weights, self.tokenizer)
         return self.last
 
@@ -396,10 +402,14 @@ class StopRequest:
 
 class NonFinite:
     """What to do with a NaN or inf loss or gradient (``train.on_nan``): stop naming the step, the
-    quantity and the last good checkpoint, or skip the update and count it."""
+    quantity and the last good checkpoint, or skip the update and count it. The count goes into the run's
+    checkpoints and goes on from the resumed one's (made after ``checkpoints.resume()``)."""
 
-    def __init__(self, policy: str, checkpoints: "Checkpoints"):
-        self.policy, self.checkpoints, self.skipped = policy, checkpoints, 0
+    def __init__(self, policy: str, checkpoints: "Checkpoints | None"):
+        self.policy, self.checkpoints = policy, checkpoints
+        self.skipped = checkpoints.skipped_before if checkpoints is not None else 0
+        if checkpoints is not None:
+            checkpoints.nonfinite = self
 
     def ok(self, what: str, value: float, step: int) -> bool:
         """True when ``value`` is finite; else raises (policy 'stop') or counts a skip and returns False."""
@@ -408,6 +418,6 @@ class NonFinite:
         if self.policy == "skip":
             self.skipped += 1
             return False
-        last = self.checkpoints.last or "none (set train.save_every)"
+        last = (self.checkpoints and self.checkpoints.last) or "none (set train.save_every)"
         raise FloatingPointError(f"the {what} is {value} at step {step}; last good checkpoint: {last}. "
                                  "Lower optim.lr, check the data, or set train.on_nan skip")

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -24,13 +25,35 @@ import numpy as np
 import torch
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.config import OptimConfig, TrainConfig, save_config
+from rlhfkit.config import OptimConfig, TrainConfig, check_bounds, save_config
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import (CONFIG_FILE, Checkpoints, NonFinite, StopRequest, check_no_earlier_run,
                                          check_resume_config, find_checkpoint)
 
 # indices → (mean loss over its units, the number of units — tokens or examples —, detached metrics)
-LossFn = Callable[[list[int]], tuple[torch.Tensor, float, dict[str, float]]]
+Metric = float | tuple[float, float]  # a mean over the micro-batch's units, or (mean, count) over some of them
+LossFn = Callable[[list[int]], tuple[torch.Tensor, float, dict[str, Metric]]]
+
+
+def add_metrics(sums: dict[str, list[float]], metrics: dict[str, Metric], weight: float) -> None:
+    """Add one batch's ``metrics`` to ``sums`` (key → [weighted sum, weight]). A plain value is a mean over
+    ``weight`` units; a pair (mean, count) a mean over ``count`` of them (KTO's reward of its desirable
+    examples), which counts for nothing at count 0. Each key is entered, so every process holds the same."""
+    for key, metric in metrics.items():
+        value, count = metric if isinstance(metric, tuple) else (metric, weight)
+        total = sums.setdefault(key, [0.0, 0.0])
+        if float(count):
+            total[0] += float(value) * float(count)
+            total[1] += float(count)
+
+
+def metric_means(sums: dict[str, list[float]], device: torch.device | None = None) -> dict[str, float]:
+    """The means ``add_metrics`` added up, over every process when a ``device`` is given (a collective: the
+    processes' keys are the same); a key with nothing in it is left out."""
+    keys = sorted(sums)
+    flat = [x for key in keys for x in sums[key]]
+    totals = distributed.all_sum(flat, device) if device is not None else flat
+    return {key: totals[2 * i] / totals[2 * i + 1] for i, key in enumerate(keys) if totals[2 * i + 1]}
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +92,9 @@ def build_optimizer(params, cfg: OptimConfig, num_steps: int):
     fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=fused, foreach=False if mixed else None)
+    if cfg.warmup_steps >= num_steps > 0:
+        warnings.warn(f"optim.warmup_steps {cfg.warmup_steps} is not below the run's {num_steps} updates: the learning "
+                      f"rate stays under optim.lr {cfg.lr} throughout (set optim.warmup_steps lower)", stacklevel=2)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -233,11 +259,12 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         tokens_of: Callable[[list[int]], int] | None = None,
         amp: Callable[[], ContextManager] = contextlib.nullcontext,
         before_step: Callable[[list[int], int], None] | None = None,
-        units_of: Callable[[list[int]], float] = len, tokenizer=None) -> dict[str, float]:
+        units_of: Callable[[list[int]], float] = len, tokenizer=None, dropout: bool = True) -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
     ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
-    examples for pairwise losses), the number of units, and detached metrics. Each step's batch
+    examples for pairwise losses), the number of units, and detached metrics (``Metric``: each logged as its
+    mean over the step's whole batch, every process's share and micro-batch counted). Each step's batch
     is split over the processes (``rlhfkit.distributed``) and, within a process, into
     ``cfg.grad_accum`` micro-batches; gradients of the unit sums are added up and divided by the
     step's total units, so the update equals one full-batch step whatever the split.
@@ -251,7 +278,9 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     first, in place (``rlhfkit.fsdp``); with ``cfg.deepspeed`` (or an accelerate DeepSpeed launch)
     DeepSpeed's ZeRO partitions it (``rlhfkit.zero``), which needs the step's units before its
     backward: ``units_of(indices)`` counts them as ``loss_fn`` will (default: one per example). ``tokenizer``
-    (optional) is saved into each checkpoint beside the weights, so that one loads as a model.
+    (optional) is saved into each checkpoint beside the weights, so that one loads as a model. ``dropout``
+    False trains ``model`` in eval mode, without the dropout its config asks for (the DPO family: the policy
+    must give its reference's log-probs while their weights agree, as TRL's ``disable_dropout``).
     Returns the last evaluation's metrics (or the last training metrics).
     """
     if cfg.batch_size % cfg.grad_accum:
@@ -273,8 +302,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = params[0].device
     checkpoints = Checkpoints(cfg, model, {"model": (optimizer, scheduler)}, tokenizer=tokenizer)
-    nonfinite = NonFinite(cfg.on_nan, checkpoints)
     start, _ = checkpoints.resume()  # into the plain model and optimiser: a DeepSpeed engine adopts them
+    nonfinite = NonFinite(cfg.on_nan, checkpoints)
     checkpoints.check_start(start, num_steps)
     engine = None
     if stage:
@@ -294,7 +323,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             evaluate = functools.partial(engine.run, evaluate)
     evaluates = distributed.is_main() or sharded or stage == 3  # a sharded model's forward needs every process
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
-    model.train()
+    model.train(dropout)
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list)
     t0, throughput = time.perf_counter(), Throughput(start)
@@ -303,7 +332,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         for step in bar:
             mine = distributed.shard(batch_indices(step, n_examples, cfg.batch_size, cfg.seed))
             micro = max(1, -(-len(mine) // cfg.grad_accum))
-            units, loss_sum, bad, miscounted = 0.0, 0.0, 0.0, 0.0
+            units, loss_sum, bad, miscounted, sums = 0.0, 0.0, 0.0, 0.0, {}
             whole_step = micro >= len(mine) and world == 1
             if engine is not None:  # DeepSpeed averages over processes: scale by processes / the step's units
                 expected = [float(units_of(mine[i: i + micro])) for i in range(0, len(mine), micro)]
@@ -322,15 +351,16 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                 elif finite or sharded:  # a sharded backward is collective: all run it; a bad step is dropped below
                     # the sum over this micro-batch's units; alone in the step, its mean needs no rescaling
                     (loss if whole_step else loss * weight).backward()
+                add_metrics(sums, metrics if finite else dict.fromkeys(metrics, (0.0, 0.0)), weight)
                 if not finite:
                     bad += 1
                     continue
                 units, loss_sum = units + weight, loss_sum + loss.item() * weight
-                for k, v in metrics.items():
-                    window[k].append(float(v))
             tokens = float(tokens_of(mine)) if tokens_of else 0.0
             units, loss_sum, bad, tokens, miscounted = distributed.all_sum([units, loss_sum, bad, tokens, miscounted],
                                                                            device)
+            for k, v in metric_means(sums, device).items():
+                window[k].append(v)
             if miscounted:  # every process stops (a one-process error would leave the others waiting)
                 raise RuntimeError("units_of counted other units than the loss has: the DeepSpeed scaling is wrong")
             throughput.tokens += tokens
@@ -353,7 +383,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                 optimizer.zero_grad(set_to_none=True)
             window["skipped_steps"] = [nonfinite.skipped]
             last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate if evaluates
-                               else None, bar, t0, last, throughput)
+                               else None, bar, t0, last, throughput, dropout)
             checkpoints.after_step(step + 1, stop)
     checkpoints.at_end(num_steps)
     if evaluate and evaluates:
@@ -369,7 +399,8 @@ def _under(context: Callable[[], ContextManager], fn: Callable) -> Callable:
     return wrapped
 
 
-def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last, throughput):
+def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate, bar, t0, last, throughput,
+                dropout):
     """Log and evaluate when due; returns the last logged metrics."""
     if (done % cfg.log_every == 0 or done == num_steps) and "loss" in window:
         last = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
@@ -381,7 +412,7 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
         window.clear()
     if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
         logger.log(done, evaluate())
-        model.train()
+        model.train(dropout)
         throughput.restart(done)
     return last
 
@@ -407,6 +438,7 @@ def start_run(cfg):
     config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer)."""
     from rlhfkit.models.load import load_tokenizer, resolve_device
 
+    check_bounds(cfg)  # a config built in Python has not been through the parser's check
     device = distributed.setup(resolve_device(cfg.train.device))
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)

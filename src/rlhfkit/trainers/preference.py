@@ -16,7 +16,6 @@ SimPO and ORPO take the length-averaged form. Shapes: B examples, T tokens.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -26,13 +25,14 @@ import torch
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import Encoded, collate, encode_reply, encoding, fit_to_length
+from rlhfkit.data.collate import Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import masked_logprobs
-from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, save_model
+from rlhfkit.models.load import (add_lora, check_same_tokenizer, load_causal_lm, mixed_precision, refuse_adapter_dir,
+                                 save_model)
 from rlhfkit.ops import sequence_logprobs
-from rlhfkit.trainers.loop import Logger, run, start_run
+from rlhfkit.trainers.loop import Logger, add_metrics, metric_means, run, start_run
 
 LENGTH_AVERAGED_DPO = ("ipo",)  # DPO variants fed mean token log-probs (TRL's choice for IPO)
 ReferenceKind = Literal["model", "adapter", "precomputed"]
@@ -134,8 +134,7 @@ class Example:
 def encode_pairs(rows: list[dict], tokenizer, max_length: int, seed: int) -> list[Example]:
     """Preference rows → Examples of (prompt + chosen, prompt + rejected); ``seed`` is unused (the
     signature is encode_unpaired's)."""
-    return [Example(encode_reply(tokenizer, r["prompt"], r["chosen"], max_length),
-                    encode_reply(tokenizer, r["prompt"], r["rejected"], max_length)) for r in rows]
+    return [Example(*encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length)) for r in rows]
 
 
 def mismatched_partners(n: int, seed: int) -> list[int]:
@@ -169,7 +168,7 @@ def completion_logps(model, batch: dict[str, torch.Tensor], average: bool) -> to
 
     batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) → (B,).
     """
-    mask = batch["completion_mask"][:, 1:]  # the label of position t is token t+1
+    mask = label_mask(batch)  # the label of position t is token t+1
     logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
     return masked_mean(logprobs, mask, dim=-1) if average else sequence_logprobs(logprobs, mask)
 
@@ -351,11 +350,14 @@ class KTOObjective:
         labels = torch.tensor([e.label for e in examples], device=logps.device)  # (B,) bool
         losses, m = kto_loss(logps, ref_logps, labels, kl, self.cfg.beta, self.cfg.desirable_weight,
                              self.cfg.undesirable_weight)
-        metrics = {"kl": kl.detach()}
-        if labels.any():
-            metrics["rewards/chosen"] = m["rewards"][labels].mean()
-        if not labels.all():
-            metrics["rewards/rejected"] = m["rewards"][~labels].mean()
+        # each reward a mean over the examples of its label, counted as many (``loop.add_metrics``); both keys
+        # always, so that every process and micro-batch reports the same ones
+        desirable = labels.sum().item()
+        rewards = m["rewards"].detach()
+        metrics = {"kl": kl.detach(),
+                   "rewards/chosen": (rewards[labels].sum().item() / max(desirable, 1), desirable),
+                   "rewards/rejected": (rewards[~labels].sum().item() / max(len(examples) - desirable, 1),
+                                        len(examples) - desirable)}
         return losses.mean(), metrics
 
 
@@ -387,7 +389,12 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     objective = OBJECTIVES[type(cfg)](cfg)
     rows = objective.read(cfg.data)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
+    refuse_adapter_dir(cfg.model.path, type(cfg).__name__.removesuffix("Config"))
     out, device, tokenizer = start_run(cfg)
+    if getattr(cfg, "ref_model", ""):  # it reads the policy's token ids
+        check_same_tokenizer(tokenizer, cfg.ref_model, "the reference model",
+                             "Give a reference that shares the policy's tokenizer, or none (the policy as it starts)",
+                             cfg.model.trust_remote_code)
     policy = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, float32=cfg.model.dtype == "auto")
@@ -424,14 +431,12 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
         if not eval_examples:
             return {}
         policy.eval()
-        totals, counts = defaultdict(float), defaultdict(int)
+        sums = {}
         for i in range(0, len(eval_examples), cfg.train.batch_size):
             chunk = eval_examples[i: i + cfg.train.batch_size]
             loss, metrics = objective.step(policy, reference, to_batch, chunk)
-            for k, v in {"loss": loss, **metrics}.items():  # batch-size-weighted means
-                totals[k] += float(v) * len(chunk)
-                counts[k] += len(chunk)
-        return {f"eval/{k}": totals[k] / counts[k] for k in totals}
+            add_metrics(sums, {"loss": loss, **metrics}, len(chunk))  # means over the whole held-out set
+        return {f"eval/{k}": v for k, v in metric_means(sums).items()}
 
     logger = Logger(out, cfg.train.tensorboard)
     try:
@@ -440,7 +445,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
                       desc=type(cfg).__name__.removesuffix("Config").lower(),
                       tokens_of=lambda idx: sum(len(examples[i].first.input_ids) + len(examples[i].second.input_ids)
                                                 for i in idx),
-                      amp=amp, before_step=before_step, tokenizer=tokenizer)
+                      amp=amp, before_step=before_step, tokenizer=tokenizer, dropout=False)
     finally:
         logger.close()
     save_model(policy, tokenizer, out)

@@ -17,12 +17,12 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import collate, encode_reply, encoding, fit_to_length
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.data.collate import collate, encode_pair, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import prompt_width
-from rlhfkit.models.load import add_lora, is_adapter_dir, mixed_precision, save_model
+from rlhfkit.models.load import add_lora, mixed_precision, refuse_adapter_dir, save_model
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
@@ -55,19 +55,18 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     """Train a reward model from ``cfg.model.path`` on ``cfg.data``; saved to ``cfg.train.out``."""
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_preference, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
-    if is_adapter_dir(cfg.model.path):  # a causal LM's adapter: its head is not a score head
-        raise ConfigError(f"{cfg.model.path} is a LoRA adapter directory: a reward model starts from a full model; "
-                          f"merge it first (rlhfkit export --model {cfg.model.path} --out DIR) and pass DIR")
+    refuse_adapter_dir(cfg.model.path, "a reward model")  # a causal LM's adapter: its head is not a score head
     out, device, tokenizer = start_run(cfg)
     model = load_reward_backbone(cfg.model, device, trainable=not cfg.lora.enabled)
-    model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooling agrees where others load it
+    # HF's own pooling reads the last token that is not the pad token, this toolkit the last attended one (the
+    # EOS): the same where the tokenizer has a pad token of its own, one token early where it pads with EOS
+    model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS", float32=cfg.model.dtype == "auto")
 
     def encode(rows, source):
         with encoding(source):
-            encoded = [(encode_reply(tokenizer, r["prompt"], r["chosen"], cfg.max_length),
-                        encode_reply(tokenizer, r["prompt"], r["rejected"], cfg.max_length),
+            encoded = [(*encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], cfg.max_length),
                         r.get("margin")) for r in rows]
         return fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
                              f"max_length {cfg.max_length}", source)
@@ -91,14 +90,14 @@ def train(cfg: RewardConfig) -> dict[str, float]:
         if not eval_pairs:
             return {}
         model.eval()
-        chosen, rejected = [], []
+        chosen, rejected, margins = [], [], []
         for i in range(0, len(eval_pairs), cfg.train.batch_size):
-            c, r, _ = scores_of(eval_pairs[i: i + cfg.train.batch_size])
-            chosen.append(c), rejected.append(r)
-        c, r = torch.cat(chosen), torch.cat(rejected)
+            c, r, m = scores_of(eval_pairs[i: i + cfg.train.batch_size])
+            chosen.append(c), rejected.append(r), margins.append(torch.zeros_like(c) if m is None else m)
+        c, r, m = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
         scores = torch.cat([c, r])
         return {"eval/accuracy": (c > r).float().mean().item(), "eval/margin": (c - r).mean().item(),
-                "eval/loss": reward_model_loss(c, r)[0].item(),
+                "eval/loss": reward_model_loss(c, r, m)[0].item(),  # with the rows' margins, as train/loss
                 "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
 
     logger = Logger(out, cfg.train.tensorboard)

@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
-from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, encoding, fit_to_length
+from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, encoding, fit_to_length, label_mask
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import masked_logprobs
-from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, save_model
+from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, refuse_adapter_dir, save_model
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
 
@@ -44,7 +44,7 @@ def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     batch: ``input_ids``, ``attention_mask``, ``completion_mask``, each (B, T).
     Returns (nll_sum, n_tokens), scalars; the label of position t is token t+1.
     """
-    mask = batch["completion_mask"][:, 1:]  # the label of position t is token t+1
+    mask = label_mask(batch)  # the label of position t is token t+1
     logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
     return -logprobs.sum(), mask.sum().to(logprobs.dtype)
 
@@ -53,6 +53,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; the model lands in ``cfg.train.out``."""
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_sft, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
+    refuse_adapter_dir(cfg.model.path, "SFT")
     out, device, tokenizer = start_run(cfg)
     model = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
@@ -72,7 +73,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     def loss_fn(indices: list[int]):
         nll, n = completion_nll(model, to_batch([examples[i] for i in indices]))
         tokens = n.item()
-        return nll / max(tokens, 1.0), tokens, {"tokens": tokens}  # a mean over completion tokens
+        return nll / max(tokens, 1.0), tokens, {}  # a mean over completion tokens
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -89,8 +90,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     try:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(examples[i].input_ids) for i in idx),
-                      units_of=lambda idx: float(collate([examples[i] for i in idx], tokenizer.pad_token_id,
-                                                         cfg.padding_side)["completion_mask"][:, 1:].sum()),
+                      units_of=lambda idx: float(label_mask(collate([examples[i] for i in idx], tokenizer.pad_token_id,
+                                                                    cfg.padding_side)).sum()),
                       logger=logger, evaluate=evaluate, desc="sft", amp=mixed_precision(cfg.model.dtype, device),
                       tokenizer=tokenizer)
     finally:
