@@ -57,9 +57,14 @@ class GenerateConfig:
 
 @dataclass
 class EvalConfig:
-    """`rlhfkit eval`: mean gold reward ± standard error on held-out prompts."""
+    """`rlhfkit eval`: mean reward ± standard error of one sample per held-out prompt: the built-in task's gold
+    reward, or yours (--rewards)."""
 
-    prompts: str = arg("runs/data/prompts_test.jsonl", "prompts file (the built-in task's test split)")
+    prompts: str = arg("runs/data/prompts_test.jsonl", "prompts file (the built-in task's test split, or yours "
+                       "with --rewards)")
+    rewards: list[str] = arg([], "score with these instead of the built-in task's gold reward: 'module:function' "
+                             "names (trusted code you chose) and/or reward-model directories, summed")
+    reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
     limit: int = arg(0, "evaluate only the first N prompts (0 = all)")
     seed: int = arg(0, "sampling seed")
     out: str = arg("", "also write the figures and every completion to this JSON file")
@@ -138,9 +143,17 @@ def cmd_generate(cfg: GenerateConfig) -> None:
 
 
 def cmd_eval(cfg: EvalConfig) -> None:
+    from rlhfkit.data.tasks.describe import prompt_topic
     from rlhfkit.evaluate import gold_eval
 
+    if cfg.rewards:
+        return _eval_rewards(cfg)
     prompts = _prompt_file(cfg.prompts, cfg.limit)
+    foreign = [p for p in prompts if not isinstance(p, str) or prompt_topic(p) is None]
+    if foreign:  # the gold reward would score them all 0 or at random
+        raise ConfigError(f"{cfg.prompts}: {len(foreign)} of {len(prompts)} prompts are not the built-in task's "
+                          f"(e.g. {foreign[0]!r}), whose gold reward `eval` measures by default: score your own "
+                          "prompts with --rewards (module:function names and/or reward-model directories)")
     model, tokenizer = _load(cfg.model)
     result = gold_eval(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=True)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
@@ -153,6 +166,28 @@ def cmd_eval(cfg: EvalConfig) -> None:
                                              "samples": [{"prompt": p, "completion": c, "gold": r} for p, c, r in
                                                          zip(result.prompts, result.completions, result.rewards)]},
                                             indent=1))
+
+
+def _eval_rewards(cfg: EvalConfig) -> None:
+    """``eval`` with the user's rewards: one sample per prompt, each reward's mean ± standard error."""
+    from rlhfkit.data.formats import load_prompts
+    from rlhfkit.rewards import build_reward
+    from rlhfkit.trainers.online import evaluate_rewards
+
+    rows = load_prompts(cfg.prompts)
+    rows = rows[:cfg.limit] if cfg.limit > 0 else rows
+    reward = build_reward(cfg.rewards, cfg.reward_weights)  # refused before the model loads
+    model, tokenizer = _load(cfg.model)
+    figures = evaluate_rewards(model, tokenizer, rows, reward, cfg.generation, cfg.seed)
+    decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
+    print(f"on {len(rows)} prompts ({decoding}):")
+    for key, value in figures.items():
+        if not key.endswith("_stderr"):
+            print(f"  {key.removeprefix('eval/')}: {value:.3f} ± {figures[key + '_stderr']:.3f}")
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps({**figures, "n": len(rows), "model": cfg.model.path,
+                                             "decoding": decoding}, indent=1))
 
 
 @dataclass

@@ -28,11 +28,14 @@ def _one_line_error(capsys, rc: int) -> str:
     ("/nonexistent/model", "model directory /nonexistent/model does not exist"),
     ("", "no model given: pass --model DIR"),
     ("EMPTY", "is not a saved model: a Hugging Face model directory holds config.json"),
+    ("runs/my-sft-mergd", "model directory runs/my-sft-mergd does not exist"),  # a typo: runs/ is a folder here
 ])
-def test_a_model_path_that_names_nothing_says_so(task_dir, tmp_path, capsys, model, message):
+def test_a_model_path_that_names_nothing_says_so(task_dir, tmp_path, capsys, monkeypatch, model, message):
     if model == "EMPTY":
         model = str(tmp_path / "empty")
         (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # so that runs/NAME is a path, not a hub organisation (which took ~50 s offline)
     rc = main(["sft", "--model", model, "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "o")])
     assert message in _one_line_error(capsys, rc)
 
@@ -96,6 +99,10 @@ def test_a_device_name_torch_does_not_know_says_which_are(task_dir, tiny_model_d
     rc = main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"),
                "--train.device", "gpu", "--out", str(tmp_path / "o")])
     assert "train.device 'gpu' is not a device: use auto, cpu, cuda or cuda:N" in _one_line_error(capsys, rc)
+    if not torch.cuda.is_available():  # a CUDA device this torch cannot reach: said, not an AssertionError
+        rc = main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"),
+                   "--train.device", "cuda", "--out", str(tmp_path / "o")])
+        assert "train.device 'cuda': this torch sees no CUDA GPU" in _one_line_error(capsys, rc)
 
 
 def test_training_from_an_sft_adapter_says_to_merge_it(tiny_model_dir, task_dir, tmp_path, capsys):
@@ -113,3 +120,25 @@ def test_training_from_an_sft_adapter_says_to_merge_it(tiny_model_dir, task_dir,
             assert (f"{adapter} is a LoRA adapter directory: {what} starts from a full model; merge it first "
                     f"(rlhfkit export --model {adapter} --out DIR)") in _one_line_error(capsys, rc)
             assert not (tmp_path / f"out-{command}").exists()  # refused before the run makes its directory
+
+
+def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_one(tiny_model_dir, task_dir,
+                                                                                   tmp_path, capsys, monkeypatch):
+    # the built-in task's gold reward scored any other prompts 0 without a word
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "Q: 2+2?\\nA:", "answer": "4"}\n{"prompt": "Q: 3+3?\\nA:", "answer": "6"}\n')
+    (tmp_path / "my_rewards.py").write_text(
+        "def answer_length(prompts, completions, answer, **_):\n"
+        "    return [float(len(c)) + len(a) for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = tiny_model_dir("llama")
+    rc = main(["eval", "--model", model, "--prompts", str(prompts)])
+    assert "2 of 2 prompts are not the built-in task's" in _one_line_error(capsys, rc) and rc == 2
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", model, "--prompts", str(prompts), "--rewards", "my_rewards:answer_length",
+                 "--generation.max_new_tokens", "5", "--out", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    assert figures["n"] == 2 and figures["eval/reward"] == figures["eval/reward/answer_length"] >= 1.0
+    assert "answer_length:" in capsys.readouterr().out
+    assert main(["eval", "--model", model, "--prompts", str(task_dir / "prompts_test.jsonl"), "--limit", "2",
+                 "--generation.max_new_tokens", "4"]) == 0  # the task's own prompts: the gold reward

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +436,34 @@ def test_a_critic_started_from_a_reward_model_with_another_tokenizer_is_refused(
     rc = main(["ppo", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_train.jsonl"),
                "--reward_model", str(other), "--mode", "separate", "--out", str(tmp_path / "x")])
     assert rc == 2 and "--critic_init sft" in capsys.readouterr().err
+
+
+def test_a_model_without_a_trained_score_head_is_refused_as_a_reward(tiny_model_dir, task_dir, tmp_path, capsys):
+    # a causal LM loads as a classifier with a random score head: PPO, GRPO and eval-rm scored noise
+    from rlhfkit.config import ConfigError
+    from rlhfkit.models.reward import RewardModel
+
+    causal = tiny_model_dir("llama")
+    with pytest.raises(ConfigError, match=rf"{causal} is not a reward model: it is a LlamaForCausalLM, without a "
+                                          "trained score head"):
+        RewardModel.from_pretrained(causal, CPU)
+    for argv in (["ppo", "--model", causal, "--reward_model", causal, "--prompts",
+                  str(task_dir / "prompts_train.jsonl"), "--out", str(tmp_path / "ppo")],
+                 ["eval-rm", "--model", causal, "--data", str(task_dir / "preference.jsonl")]):
+        assert main(argv) == 2 and "is not a reward model" in capsys.readouterr().err
+    assert not (tmp_path / "ppo").exists()  # refused before the run starts
+
+
+def test_an_exported_lora_reward_model_keeps_its_score_head(lora_rm_dir, tmp_path):
+    # export merged the adapter into a causal LM: the score head and the normalisation were lost
+    from rlhfkit.models.reward import NORMALIZATION_FILE, RewardModel
+
+    assert main(["export", "--model", lora_rm_dir, "--out", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert (tmp_path / "merged" / NORMALIZATION_FILE).is_file() == (Path(lora_rm_dir) / NORMALIZATION_FILE).is_file()
+    prompts, texts = PROMPTS, [" The cat is calm.", " The lake is grim and cold.", " Hello."]
+    adapter = RewardModel.from_pretrained(lora_rm_dir, CPU).score(prompts, texts)
+    torch.testing.assert_close(RewardModel.from_pretrained(str(tmp_path / "merged"), CPU).score(prompts, texts),
+                               adapter, rtol=1e-4, atol=1e-5)
+    assert adapter.std() > 1e-4

@@ -252,3 +252,19 @@ def test_saved_keys_are_what_the_adapter_directory_holds(tiny_model_dir, tmp_pat
     for path in ("adapter_model.safetensors", "critic/adapter_model.safetensors"):
         whole, some = load_file(str(tmp_path / "all" / path)), load_file(str(tmp_path / "some" / path))
         assert whole.keys() == some.keys() and all(torch.equal(whole[k], some[k]) for k in whole)
+
+
+def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_model_dir, task_dir, tmp_path, capsys):
+    # the earlier run's adapter_config.json made every loader take the stale adapter over the new weights
+    out, model = tmp_path / "mix", tiny_model_dir("llama")
+    common = ["--data", str(task_dir / "sft.jsonl"), "--out", str(out), "--train.batch_size", "4",
+              "--train.tensorboard", "false"]
+    assert main(["sft", "--model", model, *common, "--lora.enabled", "true", "--train.max_steps", "1"]) == 0
+    assert main(["sft", "--model", model, *common, "--train.max_steps", "2", "--optim.lr", "1e-2"]) == 0
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    loaded = load_causal_lm(ModelConfig(path=str(out)), torch.device("cpu"))
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+    capsys.readouterr()
+    assert main(["sft", "--model", str(out), *common, "--train.max_steps", "1"]) == 2  # out is the model itself
+    assert "is the model this run starts from" in capsys.readouterr().err

@@ -29,9 +29,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:  # "gpu", "cuda0", ...
         raise ConfigError(f"train.device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device {name!r}: this torch sees no CUDA GPU (torch {torch.__version__}); use "
+                          "cpu, or auto")
+    return device
 
 
 def bf16_gpu(device: torch.device) -> bool:
@@ -72,8 +76,8 @@ def check_weights_format(path: str, allow_pickle: bool) -> None:
 
 def check_model_path(path: str, what: str = "model") -> None:
     """A clear error for a model path that names nothing: empty; a local path (absolute, relative with ./ or
-    ../, or with more than one /) that does not exist; a directory that is no saved model. A hub name
-    (``org/name``) not found locally goes to ``from_pretrained`` as it is."""
+    ../, or with more than one /, or under a folder that exists here) that does not exist; a directory that is no
+    saved model. A hub name (``org/name``) not found locally goes to ``from_pretrained`` as it is."""
     if not path:
         raise ConfigError(f"no {what} given: pass --model DIR (a Hugging Face directory or hub name)")
     p = Path(path).expanduser()
@@ -83,8 +87,12 @@ def check_model_path(path: str, what: str = "model") -> None:
                               "(a LoRA adapter directory, adapter_config.json)")
     elif p.exists():
         raise ConfigError(f"{what} {path} is a file: give the directory that holds it")
-    elif path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+    elif (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+          or "/" in path and p.parent.is_dir()):  # runs/my-sfft: a folder here, not a hub organisation
         raise ConfigError(f"{what} directory {path} does not exist")
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -219,6 +227,9 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     if not distributed.is_main():
         return out
     out.mkdir(parents=True, exist_ok=True)
+    if not hasattr(model, "peft_config"):  # an earlier run's adapter there would be loaded instead of these weights
+        for name in ADAPTER_FILES:
+            (out / name).unlink(missing_ok=True)
     model.save_pretrained(out, safe_serialization=True, **full)
     tokenizer.save_pretrained(out)
     return out
@@ -228,6 +239,8 @@ def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
     """Merge a LoRA adapter directory into its base: a standalone directory without peft."""
     if not is_adapter_dir(path):
         raise ValueError(f"{path} holds no LoRA adapter (no adapter_config.json); nothing to merge")
+    if json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+        return _merge_reward_adapter(path, out, allow_pickle)
     model = load_causal_lm(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle), torch.device("cpu"))
     base = model.get_base_model()
     output, inputs = base.get_output_embeddings(), base.get_input_embeddings()
@@ -239,3 +252,18 @@ def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
         base.config.get_text_config().tie_word_embeddings = False
     merged = model.merge_and_unload()
     return save_model(merged, load_tokenizer(path), out)
+
+
+def _merge_reward_adapter(path: str, out: str, allow_pickle: bool) -> Path:
+    """``merge_adapters`` for a LoRA reward model: a sequence classifier with its trained score head, and the
+    score normalisation it was saved with."""
+    import shutil
+
+    from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone
+
+    merged = load_reward_backbone(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle),
+                                  torch.device("cpu"), trainable=True)  # trainable: the adapter merged in
+    saved = save_model(merged, load_tokenizer(path), out)
+    if (Path(path) / NORMALIZATION_FILE).is_file():
+        shutil.copyfile(Path(path) / NORMALIZATION_FILE, saved / NORMALIZATION_FILE)
+    return saved

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlhfkit.config import ModelConfig
+from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.data.collate import collate, encode_reply
 from rlhfkit.fsdp import run_as_forward
 from rlhfkit.models.forward import backbone_hidden
@@ -61,6 +61,23 @@ def _scores(backbone, score, input_ids: torch.Tensor, attention_mask: torch.Tens
     return score(last).squeeze(-1).float()
 
 
+def check_reward_dir(path: str) -> None:
+    """ConfigError unless the local directory ``path`` holds a trained reward model: a sequence classifier
+    (``architectures`` in its config), or a LoRA adapter trained as one (task type SEQ_CLS, which saves the
+    score head beside it). A causal LM loaded as a classifier gets a random score head, and scores noise."""
+    if not Path(path).is_dir():
+        return  # a hub name: what it holds is not known before it is downloaded
+    adapter = is_adapter_dir(path)
+    config = json.loads((Path(path) / ("adapter_config.json" if adapter else "config.json")).read_text())
+    kind = config.get("task_type") if adapter else config.get("architectures")
+    if (kind == "SEQ_CLS") if adapter else any(a.endswith("ForSequenceClassification") for a in kind or []):
+        return
+    what = f"a LoRA adapter of task type {kind}" if adapter else f"a {', '.join(kind or ['model'])}"
+    raise ConfigError(f"{path} is not a reward model: it is {what}, without a trained score head, so its scores "
+                      "would be a random head's. Train one with `rlhfkit rm --model MODEL --data PAIRS --out DIR` "
+                      "and pass DIR")
+
+
 def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool = False):
     """A one-label sequence classifier from a causal-LM or reward-model directory (or adapter);
     ``trainable`` as in ``load_causal_lm``."""
@@ -101,6 +118,8 @@ class RewardModel:
     def from_pretrained(cls, path: str, device: torch.device | str | None = None, **model_kwargs) -> "RewardModel":
         device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
         cfg = ModelConfig(path=path, **model_kwargs)
+        check_model_path(path, "reward model")
+        check_reward_dir(path)
         stats = score_normalization(path) or IDENTITY
         model = load_reward_backbone(cfg, device)
         for p in model.parameters():

@@ -29,8 +29,8 @@ from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import (add_lora, is_adapter_dir, load_causal_lm, mixed_precision, peft_lora_config,
                                  save_model)
-from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, last_token_index, load_reward_backbone,
-                                   score_normalization)
+from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, check_reward_dir, last_token_index,
+                                   load_reward_backbone, score_normalization)
 from rlhfkit.ops import position_ids_from_mask
 from rlhfkit.rollout.engine import stop_ids
 
@@ -129,6 +129,7 @@ class SharedBaseRoles:
         It must be a LoRA reward model trained on this very base (`rlhfkit rm --lora.enabled true
         --model BASE`); its score head is loaded beside it and its score normalisation applied.
         """
+        check_reward_dir(path)
         trained_on = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         if Path(trained_on).resolve() != Path(base_path).resolve():
             raise ValueError(f"the reward adapter {path} was trained on {trained_on}, not on PPO's base {base_path}: "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.config import OptimConfig, TrainConfig, check_bounds, save_config
+from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import (CONFIG_FILE, Checkpoints, NonFinite, StopRequest, check_no_earlier_run,
                                          check_resume_config, find_checkpoint)
@@ -423,6 +423,10 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     (``check_resume_config``), and a fresh run refuses, or with ``train.overwrite_output_dir`` deletes, an
     earlier run's checkpoints there (``check_no_earlier_run``)."""
     out = Path(out)
+    if Path(cfg.model.path).is_dir() and out.resolve() == Path(cfg.model.path).resolve():
+        raise ConfigError(f"--train.out {out} is the model this run starts from ({cfg.model.path}): the run would "
+                          "write over it (an adapter saved there would name itself as its base); write to another "
+                          "--train.out")
     if cfg.train.resume:
         check_resume_config(find_checkpoint(out, cfg.train.resume), cfg)
     else:

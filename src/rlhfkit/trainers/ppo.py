@@ -25,7 +25,7 @@ from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import policy_loss, value_loss
 from rlhfkit.models.load import check_same_tokenizer, is_adapter_dir
-from rlhfkit.models.reward import RewardModel
+from rlhfkit.models.reward import RewardModel, check_reward_dir
 from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
@@ -289,6 +289,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     rows = load_prompts(cfg.prompts)
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
+    if score_fn is None:
+        check_reward_dir(cfg.reward_model)  # before anything is loaded
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, rollout_batch_size=cfg.rollout_batch_size,
                                       mini_batch_size=cfg.mini_batch_size)
     stage = zero.rollout_stage(cfg.train.deepspeed, sharding, cfg.mode == "separate",  # ZeRO-1/2, full models
