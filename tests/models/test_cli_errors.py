@@ -142,3 +142,26 @@ def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_
     assert "answer_length:" in capsys.readouterr().out
     assert main(["eval", "--model", model, "--prompts", str(task_dir / "prompts_test.jsonl"), "--limit", "2",
                  "--generation.max_new_tokens", "4"]) == 0  # the task's own prompts: the gold reward
+
+
+def test_sequences_past_the_model_s_positions_are_refused_or_dropped_before_training(tiny_model_dir, task_dir,
+                                                                                     tmp_path, capsys):
+    # the tiny models have 256 positions: an embedding lookup past them failed mid-run with an IndexError
+    model = tiny_model_dir("gpt2")
+    rc = main(["sft", "--model", model, "--data", str(task_dir / "sft.jsonl"), "--max_length", "300",
+               "--out", str(tmp_path / "sft")])
+    assert f"max_length 300 is over the 256 positions {model} has" in _one_line_error(capsys, rc)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the cat " * 200}) + "\n" + json.dumps({"prompt": "the cat"}) + "\n")
+    rc = main(["grpo", "--model", model, "--prompts", str(prompts), "--rewards", "x:y",
+               "--generation.max_new_tokens", "256", "--out", str(tmp_path / "grpo")])
+    assert "max_new_tokens 256 leaves no room for a prompt in the 256 positions" in _one_line_error(capsys, rc)
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.data.collate import drop_long_prompts
+    from rlhfkit.models.load import load_tokenizer, prompt_room
+
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    kept = drop_long_prompts(rows, load_tokenizer(model), 0, "prompts.jsonl",
+                             room=prompt_room(ModelConfig(path=model), 56))
+    assert kept == [{"prompt": "the cat"}]
+    assert "1 of 2 examples exceed the 200 positions the model has left" in capsys.readouterr().err

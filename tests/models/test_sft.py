@@ -109,6 +109,27 @@ def test_chat_messages_data_uses_the_chat_template(tiny_model_dir, tmp_path):
     assert prompt_text == "User: Describe the cat.\nAssistant:"
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("eos", ["<|im_end|>", "</s>"])
+def test_a_chat_reply_is_learned_as_the_template_writes_it(tiny_model_dir, tmp_path, eos):
+    # the reply used to be its bare text + EOS: a model whose template ends a turn with another token than its
+    # EOS (a base checkpoint's tokenizer) never learned to end its turns
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template, tok.eos_token = CHATML, eos
+    messages = [{"role": "user", "content": "Describe the cat."}]
+    e = encode_example(tok, messages, "The cat is calm.", 64)
+    prompt = tok.decode([t for t, m in zip(e.input_ids, e.completion_mask) if not m])
+    completion = tok.decode([t for t, m in zip(e.input_ids, e.completion_mask) if m])
+    assert prompt == "<|im_start|>user\nDescribe the cat.<|im_end|>\n<|im_start|>assistant\n"
+    # an instruct tokenizer's EOS is its end of turn: the reply stops there; else the turn ends, then EOS follows
+    assert completion == ("The cat is calm.<|im_end|>" if eos == "<|im_end|>" else "The cat is calm.<|im_end|>\n</s>")
+    assert e.input_ids == tok(prompt + completion, add_special_tokens=False).input_ids  # the template's own tokens
+
+
 @pytest.mark.parametrize("row, field", [
     ({"prompt": "hi"}, "completion"),
     ({"prompt": "hi", "completion": ""}, "completion"),

@@ -9,7 +9,7 @@ from rlhfkit.data.collate import collate, encode_example, encode_pair, pad_batch
 class CharTokenizer:
     """One token per character; id = ord. eos 1, pad 0, chat template-free."""
 
-    eos_token_id, pad_token_id, chat_template = 1, 0, None
+    eos_token_id, eos_token, pad_token_id, chat_template = 1, "\x01", 0, None
 
     def __call__(self, text, add_special_tokens=True):
         class Out:

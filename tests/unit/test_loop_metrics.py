@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rlhfkit.config import OptimConfig, TrainConfig
-from rlhfkit.trainers.loop import Logger, add_metrics, batch_indices, build_optimizer, metric_means, run
+from rlhfkit.trainers.loop import (Logger, add_metrics, batch_indices, build_optimizer, metric_means, run,
+                                   split_eval)
 
 
 def test_tokens_per_second_counts_each_window_s_tokens_and_leaves_evaluation_out(tmp_path):
@@ -86,3 +87,13 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(recwarn):
         rates.append(scheduler.get_last_lr()[0])
         optimizer.step(), scheduler.step()
     assert max(rates) == pytest.approx(6 / 11)
+
+
+def test_a_file_too_small_to_hold_rows_out_says_so(capsys):
+    train, held = split_eval(lambda path: list(range(16)), "small.jsonl", "", 0.05, seed=0)
+    assert sorted(train) == list(range(16)) and held == []
+    assert "small.jsonl: 16 rows, none held out for evaluation" in capsys.readouterr().err
+    train, held = split_eval(lambda path: list(range(100)), "big.jsonl", "", 0.05, seed=0)
+    assert len(held) == 5 and not set(held) & set(train) and capsys.readouterr().err == ""
+    split_eval(lambda path: list(range(16)), "small.jsonl", "", 0.0, seed=0)  # none asked for: nothing to say
+    assert capsys.readouterr().err == ""

@@ -1,8 +1,9 @@
 """Tokenising prompt/completion records and padding them into batches with loss masks.
 
 A prompt is a string or a chat ``messages`` list (rendered with the tokenizer's chat
-template and the generation prompt); a completion is a string, and gets the EOS token
-appended so that stopping is learned. Shapes: B batch, T sequence.
+template and the generation prompt); a completion is a string, after a chat prompt as the template
+writes the reply (its end-of-turn token included), and ends in the EOS token so that stopping is
+learned. Shapes: B batch, T sequence.
 """
 
 from __future__ import annotations
@@ -59,9 +60,26 @@ def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encod
 
 
 def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids + EOS)."""
-    return encode_prompt(tokenizer, prompt), tokenizer(completion, add_special_tokens=False).input_ids + [
-        tokenizer.eos_token_id]
+    """(prompt ids, completion ids ending in EOS). After chat messages the completion is the reply as the chat
+    template writes it (``templated_reply``)."""
+    text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    return encode_prompt(tokenizer, prompt), ids if ids and ids[-1] == eos else [*ids, eos]
+
+
+def templated_reply(tokenizer, messages: list, reply: str) -> str:
+    """The assistant ``reply`` to ``messages`` as the chat template writes it after the generation prompt: with
+    the template's end of turn (``<|im_end|>``, ``<|eot_id|>``), which the model must learn to write, cut after
+    the tokenizer's EOS when the template writes one (an instruct tokenizer's EOS is its end of turn). The bare
+    reply when the template renders the conversation otherwise than prompt + reply."""
+    before = render_prompt(tokenizer, messages)
+    whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+    if not isinstance(whole, str) or not whole.startswith(before) or reply.strip() not in whole[len(before):]:
+        return reply
+    text, eos = whole[len(before):], tokenizer.eos_token
+    end = text.find(eos, text.find(reply.strip()) + len(reply.strip())) if eos else -1
+    return text[: end + len(eos)] if end >= 0 else text
 
 
 def _reply_ids(tokenizer, prompt, reply) -> tuple[list[int], list[int]]:
@@ -167,10 +185,15 @@ def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bo
     return kept
 
 
-def drop_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str) -> list[dict]:
-    """Rollout rows whose ``prompt`` has at most ``max_prompt_length`` tokens (0 = no limit); the rest
-    are dropped and counted."""
-    if max_prompt_length <= 0:
+def drop_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str,
+                      room: int | None = None) -> list[dict]:
+    """Rollout rows whose ``prompt`` has at most ``max_prompt_length`` tokens (0 = no limit) and fits in
+    ``room`` (the model's positions less the completion's tokens; None = no limit); the rest are dropped and
+    counted."""
+    limits = [(max_prompt_length, f"max_prompt_length {max_prompt_length}")] if max_prompt_length > 0 else []
+    if room is not None:
+        limits.append((room, f"the {room} positions the model has left beside max_new_tokens"))
+    if not limits:
         return rows
-    return fit_to_length(rows, "drop", lambda r: len(encode_prompt(tokenizer, r["prompt"])) > max_prompt_length,
-                         f"max_prompt_length {max_prompt_length}", source)
+    limit, name = min(limits)
+    return fit_to_length(rows, "drop", lambda r: len(encode_prompt(tokenizer, r["prompt"])) > limit, name, source)

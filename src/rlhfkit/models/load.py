@@ -99,6 +99,39 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def position_limit(cfg: ModelConfig) -> int | None:
+    """How many positions the model ``cfg.path`` (an adapter's base) has, from its config
+    (``max_position_embeddings``, GPT-2's ``n_positions``); None when it does not say."""
+    from transformers import AutoConfig
+
+    check_model_path(cfg.path)
+    path = cfg.path
+    if is_adapter_dir(path):
+        path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).get_text_config()
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    return next((n for n in limits if isinstance(n, int) and n > 0), None)
+
+
+def check_max_length(cfg: ModelConfig, max_length: int) -> None:
+    """ConfigError when ``max_length`` tokens are more than the model has positions for (an embedding lookup
+    past its table fails mid-run; rotary models drift out of what they were trained on)."""
+    limit = position_limit(cfg)
+    if limit and max_length > limit:
+        raise ConfigError(f"max_length {max_length} is over the {limit} positions {cfg.path} has (its config's "
+                          f"max_position_embeddings): set --max_length {limit} or less")
+
+
+def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
+    """The prompt tokens the model ``cfg.path`` has positions for beside ``max_new_tokens`` sampled ones
+    (None when its config does not say)."""
+    limit = position_limit(cfg)
+    if limit is not None and max_new_tokens >= limit:
+        raise ConfigError(f"generation.max_new_tokens {max_new_tokens} leaves no room for a prompt in the {limit} "
+                          f"positions {cfg.path} has: set it lower")
+    return None if limit is None else limit - max_new_tokens
+
+
 def refuse_adapter_dir(path: str, starts_from: str) -> None:
     """ConfigError when ``path`` is a LoRA adapter directory where a full model is wanted (``starts_from``
     says what starts from it): peft would wrap the adapter in a second one, or train nothing."""

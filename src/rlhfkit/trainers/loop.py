@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -458,4 +459,7 @@ def split_eval(load: Callable[[str], list], data: str, eval_data: str, fraction:
         return rows, load(eval_data)
     shuffled = random.Random(seed).sample(rows, len(rows))
     n_eval = int(len(rows) * fraction) if len(rows) > 20 else 0
+    if fraction > 0 and not n_eval and distributed.is_main():
+        print(f"{data}: {len(rows)} rows, none held out for evaluation (eval_fraction {fraction} of them is under "
+              "one row, or there are 20 or fewer): pass --eval_data FILE to evaluate", file=sys.stderr)
     return shuffled[n_eval:], shuffled[:n_eval]

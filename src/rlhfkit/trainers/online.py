@@ -32,6 +32,7 @@ from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfi
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
+from rlhfkit.models.load import prompt_room
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of, mean_stderr
 from rlhfkit.rewards import CombinedReward, build_reward
@@ -287,7 +288,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                                f"{cfg.advantage} with a LoRA policy trains a small adapter: launch it with replicas "
                                "(docs/distributed.md), or train the full model (--lora.enabled false)")
     out, device, tokenizer = start_run(cfg)
-    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
+    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts,
+                             room=prompt_room(cfg.model, cfg.generation.max_new_tokens))
     per_step = min(len(rows), cfg.prompts_per_step)  # a step's prompts: the whole file when it holds fewer
     distributed.check_shares(per_step * cfg.group_size, cfg.mini_batch_size, cfg.prompts, len(rows),
                              prompts_per_step=per_step)

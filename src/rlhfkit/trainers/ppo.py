@@ -24,7 +24,7 @@ from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfi
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import policy_loss, value_loss
-from rlhfkit.models.load import check_same_tokenizer, is_adapter_dir
+from rlhfkit.models.load import check_same_tokenizer, is_adapter_dir, prompt_room
 from rlhfkit.models.reward import RewardModel, check_reward_dir
 from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of
@@ -301,7 +301,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         check_same_tokenizer(tokenizer, cfg.reward_model, "the reward model the critic starts from",
                              "Start the critic from the policy (--critic_init sft), or train the reward model on "
                              "the policy's base", cfg.model.trust_remote_code)
-    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts)
+    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts,
+                             room=prompt_room(cfg.model, cfg.generation.max_new_tokens))
     prompts = [r["prompt"] for r in rows]
     batch = min(len(prompts), cfg.rollout_batch_size)  # a rollout batch: the whole file when it holds fewer
     distributed.check_shares(batch * cfg.rollouts_per_step, cfg.mini_batch_size, cfg.prompts, len(prompts),

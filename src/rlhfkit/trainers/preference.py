@@ -29,8 +29,8 @@ from rlhfkit.data.collate import Encoded, collate, encode_pair, encode_reply, en
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import masked_logprobs
-from rlhfkit.models.load import (add_lora, check_same_tokenizer, load_causal_lm, mixed_precision, refuse_adapter_dir,
-                                 save_model)
+from rlhfkit.models.load import (add_lora, check_max_length, check_same_tokenizer, load_causal_lm, mixed_precision,
+                                 refuse_adapter_dir, save_model)
 from rlhfkit.ops import sequence_logprobs
 from rlhfkit.trainers.loop import Logger, add_metrics, metric_means, run, start_run
 
@@ -390,6 +390,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     rows = objective.read(cfg.data)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
     refuse_adapter_dir(cfg.model.path, type(cfg).__name__.removesuffix("Config"))
+    check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)
     if getattr(cfg, "ref_model", ""):  # it reads the policy's token ids
         check_same_tokenizer(tokenizer, cfg.ref_model, "the reference model",

@@ -22,7 +22,7 @@ from rlhfkit.data.collate import collate, encode_pair, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import prompt_width
-from rlhfkit.models.load import add_lora, mixed_precision, refuse_adapter_dir, save_model
+from rlhfkit.models.load import add_lora, check_max_length, mixed_precision, refuse_adapter_dir, save_model
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
@@ -56,6 +56,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_preference, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
     refuse_adapter_dir(cfg.model.path, "a reward model")  # a causal LM's adapter: its head is not a score head
+    check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)
     model = load_reward_backbone(cfg.model, device, trainable=not cfg.lora.enabled)
     # HF's own pooling reads the last token that is not the pad token, this toolkit the last attended one (the

@@ -16,7 +16,8 @@ from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, ar
 from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, encoding, fit_to_length, label_mask
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import masked_logprobs
-from rlhfkit.models.load import add_lora, load_causal_lm, mixed_precision, refuse_adapter_dir, save_model
+from rlhfkit.models.load import (add_lora, check_max_length, load_causal_lm, mixed_precision, refuse_adapter_dir,
+                                 save_model)
 from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
 
 
@@ -54,6 +55,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     # every row is validated before anything is loaded
     records, eval_records = split_eval(load_sft, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
     refuse_adapter_dir(cfg.model.path, "SFT")
+    check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)
     model = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
