@@ -106,11 +106,17 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "output_dir": ["out"], "logging_steps": ["log_every"], "save_steps": ["save_every"],
               "eval_steps": ["eval_every"], "save_total_limit": ["keep_checkpoints"], "lora_r": ["r"],
               "lora_alpha": ["alpha"], "lora_dropout": ["dropout"], "max_completion_length": ["max_new_tokens"],
-              "num_generations": ["group_size"], "resume_from_checkpoint": ["resume"]}
+              "num_generations": ["group_size"], "resume_from_checkpoint": ["resume"], "use_peft": ["enabled"],
+              "bf16": ["dtype"], "torch_dtype": ["dtype"], "report_to": ["tensorboard"], "dataset_name": ["data"],
+              "model_name_or_path": ["path"]}
+_NOT_HERE = {"gradient_checkpointing": "there is no gradient checkpointing here: to fit memory lower train.batch_size "
+                                       "and raise train.grad_accum, or train LoRA adapters (lora.enabled true)"}
 
 
 def _suggest(key: str, names: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
+    if leaf in _NOT_HERE:
+        return f"; {_NOT_HERE[leaf]}"
     leaves: dict[str, str] = {}  # each leaf name's shallowest full name (the first of those, in field order)
     for name in sorted(names, key=lambda n: n.count(".")):
         leaves.setdefault(name.rsplit(".", 1)[-1], name)
@@ -433,7 +439,9 @@ def _show(v: Any) -> str:
 
 
 def help_text(cls: type, prog: str = "rlhfkit <cmd>") -> str:
-    """Usage and every field of `cls` (sections as dotted names) with its type, default and help."""
+    """Usage and every field of `cls` (sections as dotted names) with its type, default and help. A class
+    attribute ``HELP`` (dotted name → text) words a shared section's field for this command; None leaves out
+    one it does not read."""
     lines = [f"usage: {prog} [--config FILE.yaml] [--KEY VALUE | --SECTION.KEY=VALUE ...]", ""]
     if _doc(cls):
         lines += [_doc(cls), ""]
@@ -444,10 +452,12 @@ def help_text(cls: type, prog: str = "rlhfkit <cmd>") -> str:
               "        YAML file of options (read with the safe loader); repeated, the files merge in order",
               "  -h, --help", "        show this message and exit"]
 
+    own_help = getattr(cls, "HELP", {})  # dotted name → this command's help for a shared field; None: unread
+
     def section(c: type, prefix: str, title: str, defaults: Any) -> None:
         # `defaults` is the section's default instance: a parent may set `arg(Optim(lr=3e-5), ...)`
         fields = [(f, tp, getattr(defaults, f.name) if dataclasses.is_dataclass(defaults) else _default(f))
-                  for f, tp in _fields(c)]
+                  for f, tp in _fields(c) if own_help.get(prefix + f.name, "") is not None]
         rows = [(f, tp, v) for f, tp, v in fields if not _is_section(tp)]
         if rows:
             lines.extend(["", title])
@@ -455,7 +465,7 @@ def help_text(cls: type, prog: str = "rlhfkit <cmd>") -> str:
             bounds = f.metadata.get("bounds")
             lines.extend([f"  --{prefix}{f.name} {_type_name(tp)}  (default: {_show(v)}"
                           f"{'; ' + _rule(bounds) if bounds else ''})",
-                          f"        {f.metadata.get('help', '')}"])
+                          f"        {own_help.get(prefix + f.name) or f.metadata.get('help', '')}"])
         for f, tp, v in fields:
             if _is_section(tp):
                 name = f"{prefix}{f.name}"
@@ -512,8 +522,8 @@ class LoraConfig:
     r: int = arg(16, "adapter rank", ge=1)
     alpha: int = arg(32, "scaling numerator (scale = alpha / r)", gt=0)
     dropout: float = arg(0.0, "dropout on the adapter input", ge=0, lt=1)
-    target_modules: str = arg("all-linear", "modules to adapt: 'all-linear' (not the output head), "
-                              "'all-linear+head', or a comma-separated list of module names")
+    target_modules: str | list[str] = arg("all-linear", "modules to adapt: 'all-linear' (not the output head), "
+                                          "'all-linear+head', or module names (comma-separated, or a YAML list)")
 
 
 @dataclasses.dataclass

@@ -127,7 +127,7 @@ def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_
     # the built-in task's gold reward scored any other prompts 0 without a word
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text('{"prompt": "Q: 2+2?\\nA:", "answer": "4"}\n{"prompt": "Q: 3+3?\\nA:", "answer": "6"}\n')
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "user_eval_rewards.py").write_text(  # a name of its own: a module stays in sys.modules
         "def answer_length(prompts, completions, answer, **_):\n"
         "    return [float(len(c)) + len(a) for c, a in zip(completions, answer)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -135,7 +135,7 @@ def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_
     rc = main(["eval", "--model", model, "--prompts", str(prompts)])
     assert "2 of 2 prompts are not the built-in task's" in _one_line_error(capsys, rc) and rc == 2
     report = tmp_path / "eval.json"
-    assert main(["eval", "--model", model, "--prompts", str(prompts), "--rewards", "my_rewards:answer_length",
+    assert main(["eval", "--model", model, "--prompts", str(prompts), "--rewards", "user_eval_rewards:answer_length",
                  "--generation.max_new_tokens", "5", "--out", str(report)]) == 0
     figures = json.loads(report.read_text())
     assert figures["n"] == 2 and figures["eval/reward"] == figures["eval/reward/answer_length"] >= 1.0

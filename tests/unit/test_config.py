@@ -456,7 +456,8 @@ def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
     from rlhfkit.trainers.sft import SFTConfig
 
     for typed, meant in [("train.lr", "optim.lr"), ("learning_rate", "optim.lr"), ("num_train_epochs", "train.epochs"),
-                         ("lora_r", "lora.r"), ("output_dir", "train.out")]:
+                         ("lora_r", "lora.r"), ("output_dir", "train.out"), ("use_peft", "lora.enabled"),
+                         ("bf16", "model.dtype"), ("report_to", "train.tensorboard"), ("dataset_name", "data")]:
         with pytest.raises(ConfigError, match=rf"unknown key '{typed}' .*did you mean '{meant}'\?"):
             parse_args(SFTConfig, [f"--{typed}", "1"])
     from rlhfkit.trainers.online import GRPOConfig
@@ -467,6 +468,19 @@ def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
             parse_args(cls, ["--per_device_train_batch_size", "4"])
     with pytest.raises(ConfigError, match=r"unknown key 'generation\.top_p' in the command line$"):
         parse_args(SFTConfig, ["--generation.top_p", "0.5"])  # named as typed, no far-fetched guess
+    with pytest.raises(ConfigError, match=r"'gradient_checkpointing' .*; there is no gradient checkpointing here"):
+        parse_args(SFTConfig, ["--gradient_checkpointing"])  # not train.keep_checkpoints
+
+
+def test_lora_target_modules_may_be_a_yaml_list(tmp_path):
+    from rlhfkit.models.load import lora_targets
+    from rlhfkit.trainers.sft import SFTConfig
+
+    yaml = "data: d.jsonl\nlora:\n  target_modules: [q_proj, v_proj]\n"
+    listed = parse_args(SFTConfig, ["--config", write(tmp_path, yaml)])
+    typed = parse_args(SFTConfig, ["--data", "d.jsonl", "--lora.target_modules", "q_proj, v_proj"])
+    assert lora_targets(None, listed.lora.target_modules) == lora_targets(None, typed.lora.target_modules) == [
+        "q_proj", "v_proj"]
 
 
 def test_several_config_files_merge_in_order(tmp_path):
@@ -483,3 +497,15 @@ def test_yaml_merge_keys_load_and_may_be_overridden(tmp_path):
     path = write(tmp_path, "base: &base\n  learning_rate: 0.1\n  schedule: linear\noptim:\n  <<: *base\n"
                            "  schedule: constant\n", name="merge.yaml")
     assert load_yaml(path)["optim"] == {"learning_rate": 0.1, "schedule": "constant"}
+
+
+def test_a_rollout_command_s_help_leaves_out_the_supervised_batch_settings_it_refuses():
+    from rlhfkit.trainers.online import GRPOConfig
+    from rlhfkit.trainers.ppo import PPOConfig
+    from rlhfkit.trainers.sft import SFTConfig
+
+    for cls in (PPOConfig, GRPOConfig):
+        text = help_text(cls)
+        assert "--train.max_steps int" in text and "rollout steps (1 or more)" in text
+        assert not any(f"--train.{k} " in text for k in ("batch_size", "grad_accum", "epochs"))
+    assert all(f"--train.{k} " in help_text(SFTConfig) for k in ("batch_size", "grad_accum", "epochs"))

@@ -23,8 +23,9 @@ def render_prompt(tokenizer, prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the data has chat `messages` but the tokenizer has no chat template; "
-                         "set one (tokenizer.chat_template) or use prompt/completion columns")
+        name = getattr(tokenizer, "name_or_path", "") or "the model"  # the policy's, or a reward model's
+        raise ValueError(f"the data has chat `messages` but the tokenizer of {name} has no chat template; set one "
+                         "(tokenizer.chat_template) or use prompt/completion columns")
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 

@@ -193,9 +193,11 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainab
     return model.to(device)
 
 
-def lora_targets(model, spec: str):
+def lora_targets(model, spec: str | list[str]):
     """peft ``target_modules`` from our spelling: 'all-linear' (peft's: every linear layer but
-    the output head), 'all-linear+head' (the output head too), or 'a,b,c' (module names)."""
+    the output head), 'all-linear+head' (the output head too), or 'a,b,c' / [a, b, c] (module names)."""
+    if isinstance(spec, list):
+        return [name.strip() for name in spec]
     if spec == "all-linear":
         return spec
     if spec == "all-linear+head":
@@ -203,7 +205,7 @@ def lora_targets(model, spec: str):
 
         return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                        if isinstance(m, (torch.nn.Linear, Conv1D)) and "score" not in name})
-    return spec.split(",")
+    return [name.strip() for name in spec.split(",")]
 
 
 def peft_lora_config(cfg: LoraConfig, model, task_type: str = "CAUSAL_LM"):

@@ -51,6 +51,10 @@ Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 class OnlineConfig:
     """Critic-free online RL: G samples per prompt, advantages without a value model."""
 
+    # the training loop's section is shared with the supervised trainers: what a rollout step reads of it
+    HELP = {"train.max_steps": "rollout steps (1 or more)", "train.batch_size": None, "train.grad_accum": None,
+            "train.epochs": None}
+
     prompts: str = arg("", "prompts file: a `prompt` column, plus any columns the reward functions read")
     rewards: list[str] = arg([], "rewards: 'module:function' names (trusted code you chose) and/or reward-model "
                              "directories, summed with reward_weights")

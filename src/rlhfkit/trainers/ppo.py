@@ -40,6 +40,10 @@ from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, check
 class PPOConfig:
     """`rlhfkit ppo`: optimise the SFT model against a reward model, leashed to it by a KL penalty."""
 
+    # the training loop's section is shared with the supervised trainers: what a rollout step reads of it
+    HELP = {"train.max_steps": "rollout steps (1 or more)", "train.batch_size": None, "train.grad_accum": None,
+            "train.epochs": None}
+
     prompts: str = arg("", "prompts file (a `prompt` column)")
     reward_model: str = arg("", "reward-model directory (from `rlhfkit rm`); in shared mode a LoRA reward model "
                             "trained on the same base becomes a third adapter on it")
