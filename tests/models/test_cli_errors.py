@@ -35,7 +35,8 @@ def test_a_model_path_that_names_nothing_says_so(task_dir, tmp_path, capsys, mon
         model = str(tmp_path / "empty")
         (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()  # so that runs/NAME is a path, not a hub organisation (which took ~50 s offline)
+    (tmp_path / "runs" / "my-sft").mkdir(parents=True)  # a folder of runs: runs/NAME is a path, not a hub name
+    (tmp_path / "runs" / "my-sft" / "rlhfkit_config.yaml").write_text("{}\n")  # (trying the hub took ~50 s offline)
     rc = main(["sft", "--model", model, "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "o")])
     assert message in _one_line_error(capsys, rc)
 
@@ -164,4 +165,40 @@ def test_sequences_past_the_model_s_positions_are_refused_or_dropped_before_trai
     kept = drop_long_prompts(rows, load_tokenizer(model), 0, "prompts.jsonl",
                              room=prompt_room(ModelConfig(path=model), 56))
     assert kept == [{"prompt": "the cat"}]
-    assert "1 of 2 examples exceed the 200 positions the model has left" in capsys.readouterr().err
+    # 256 positions less 56 sampled tokens and the EOS a scorer appends to a row cut off at 56
+    assert "1 of 2 examples exceed the 199 positions the model has left" in capsys.readouterr().err
+
+
+def test_a_rope_scaling_in_the_config_stretches_the_positions(tiny_model_dir, tmp_path):
+    import shutil
+
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models.load import position_limit
+
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert position_limit(ModelConfig(path=str(tmp_path / "m"))) == 256
+    for scaling, limit in [({"rope_type": "linear", "factor": 4.0}, 1024),  # vicuna-16k style
+                           ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}, 1024),
+                           ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 256)]:
+        config.pop("rope_parameters", None)  # Llama 3.1: the config's positions are already the stretched ones
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling}))
+        assert position_limit(ModelConfig(path=str(tmp_path / "m"))) == limit, scaling
+
+
+def test_a_reward_directory_that_is_no_saved_model_says_so(tiny_model_dir, task_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", str(tmp_path / "empty"), "--prompts",
+               str(task_dir / "prompts_train.jsonl"), "--out", str(tmp_path / "ppo")])
+    assert f"{tmp_path / 'empty'} is not a saved reward model" in _one_line_error(capsys, rc)
+
+
+def test_a_hub_name_whose_organisation_is_a_folder_here_is_still_tried_on_the_hub(tmp_path, capsys, monkeypatch):
+    from rlhfkit.models.load import check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen").mkdir()  # e.g. another model downloaded with --local-dir Qwen/...
+    check_model_path("Qwen/Qwen2.5-0.5B")  # passed on to from_pretrained, with a word first
+    assert "Qwen/Qwen2.5-0.5B is not a directory here (though Qwen is): trying it as a hub name" in (
+        capsys.readouterr().err)

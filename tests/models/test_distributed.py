@@ -234,3 +234,26 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tiny_model_dir, tas
     resumed = _train(args + ["--train.max_steps", "4", "--train.resume", str(tmp_path / "whole" / "checkpoints" /
                                                                                "step-2")], tmp_path / "split", 2)
     _assert_close(whole, resumed)
+
+
+def test_a_step_batch_smaller_than_the_processes_trains_and_logs_the_whole_batch(tiny_model_dir, task_dir,
+                                                                                  tmp_path):
+    # a batch of 1 over 2 processes: one has no rows. Its metrics had no keys, so the processes' metric
+    # collectives fell out of step and the run hung
+    (tmp_path / "pairs.jsonl").write_text("".join((task_dir / "preference.jsonl").read_text().splitlines(True)[:8]))
+    args = ["dpo", "--model", tiny_model_dir("llama"), "--data", str(tmp_path / "pairs.jsonl"), "--train.batch_size",
+            "1", "--train.max_steps", "2", "--train.log_every", "1", "--train.tensorboard", "false"]
+    logs = {}
+    for processes in (1, 2):
+        launch = [sys.executable, "-m", "rlhfkit.cli"]
+        if processes > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                      "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
+        out = tmp_path / str(processes)
+        result = subprocess.run(launch + args + ["--out", str(out)], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[processes] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(logs[1], logs[2]):
+        for key in ("train/loss", "train/rewards/accuracy", "train/rewards/margin"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key

@@ -461,9 +461,30 @@ def test_an_exported_lora_reward_model_keeps_its_score_head(lora_rm_dir, tmp_pat
     assert main(["export", "--model", lora_rm_dir, "--out", str(tmp_path / "merged")]) == 0
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["pad_token_id"] == load_tokenizer(lora_rm_dir).pad_token_id is not None
     assert (tmp_path / "merged" / NORMALIZATION_FILE).is_file() == (Path(lora_rm_dir) / NORMALIZATION_FILE).is_file()
     prompts, texts = PROMPTS, [" The cat is calm.", " The lake is grim and cold.", " Hello."]
     adapter = RewardModel.from_pretrained(lora_rm_dir, CPU).score(prompts, texts)
     torch.testing.assert_close(RewardModel.from_pretrained(str(tmp_path / "merged"), CPU).score(prompts, texts),
                                adapter, rtol=1e-4, atol=1e-5)
     assert adapter.std() > 1e-4
+
+
+def test_after_chat_prompts_a_token_scorer_is_given_the_texts(tiny_model_dir):
+    # its training wrote the template's end of turn (and what follows it) after a reply: the sampled stop id
+    # alone is not that, so the texts go through the template as they did in training
+    roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("llama")), LoraConfig(enabled=True, r=4), CPU)
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    seen = {}
+
+    class Scorer:
+        def __call__(self, prompts, texts):
+            seen["texts"] = prompts, texts
+            return torch.zeros(len(texts))
+
+        def score_ids(self, prompt_ids, completion_ids):
+            raise AssertionError("ids scored after chat prompts")
+
+    chat = [[{"role": "user", "content": "Describe the cat."}], [{"role": "user", "content": "Hi."}]]
+    exp, _ = make_experience(roles, tok, chat, Scorer(), GenerationConfig(max_new_tokens=4), beta=0.0, seed=2)
+    assert seen["texts"][0] == chat and len(seen["texts"][1]) == 2

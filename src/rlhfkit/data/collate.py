@@ -52,7 +52,8 @@ class Encoded:
 
 
 def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encoded:
-    """Prompt ids + completion ids + EOS, cut to ``max_length``.
+    """Prompt ids + completion ids + EOS (after chat messages, the completion as the template writes it:
+    ``templated_reply``), cut to ``max_length``.
 
     When too long, the prompt loses tokens from its start (keeping at least one
     completion slot) and then the completion loses its end (and with it the EOS).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -76,7 +77,7 @@ def check_weights_format(path: str, allow_pickle: bool) -> None:
 
 def check_model_path(path: str, what: str = "model") -> None:
     """A clear error for a model path that names nothing: empty; a local path (absolute, relative with ./ or
-    ../, or with more than one /, or under a folder that exists here) that does not exist; a directory that is no
+    ../, or with more than one /, or in a folder holding rlhfkit runs) that does not exist; a directory that is no
     saved model. A hub name (``org/name``) not found locally goes to ``from_pretrained`` as it is."""
     if not path:
         raise ConfigError(f"no {what} given: pass --model DIR (a Hugging Face directory or hub name)")
@@ -88,8 +89,10 @@ def check_model_path(path: str, what: str = "model") -> None:
     elif p.exists():
         raise ConfigError(f"{what} {path} is a file: give the directory that holds it")
     elif (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-          or "/" in path and p.parent.is_dir()):  # runs/my-sfft: a folder here, not a hub organisation
+          or "/" in path and any(p.parent.glob("*/rlhfkit_config.yaml"))):  # runs/my-sfft: a typo in a runs folder
         raise ConfigError(f"{what} directory {path} does not exist")
+    elif "/" in path and p.parent.is_dir():  # a hub organisation, or a typo: say which before the hub is asked
+        print(f"{path} is not a directory here (though {p.parent} is): trying it as a hub name", file=sys.stderr)
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -110,7 +113,13 @@ def position_limit(cfg: ModelConfig) -> int | None:
         path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).get_text_config()
     limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
-    return next((n for n in limits if isinstance(n, int) and n > 0), None)
+    limit = next((n for n in limits if isinstance(n, int) and n > 0), None)
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    factor = scaling.get("factor") if scaling.get("rope_type", scaling.get("type")) not in (None, "default") else None
+    original = scaling.get("original_max_position_embeddings")
+    if limit and factor and factor > 1 and (not original or original >= limit):  # not already stretched (Llama 3.1)
+        limit = int(limit * factor)  # positions stretched by a RoPE scaling (linear, dynamic, YaRN) the config asks for
+    return limit
 
 
 def check_max_length(cfg: ModelConfig, max_length: int) -> None:
@@ -123,13 +132,13 @@ def check_max_length(cfg: ModelConfig, max_length: int) -> None:
 
 
 def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
-    """The prompt tokens the model ``cfg.path`` has positions for beside ``max_new_tokens`` sampled ones
-    (None when its config does not say)."""
+    """The prompt tokens the model ``cfg.path`` has positions for beside ``max_new_tokens`` sampled ones and the
+    EOS a scorer appends to a row cut off at that length (None when its config does not say)."""
     limit = position_limit(cfg)
-    if limit is not None and max_new_tokens >= limit:
+    if limit is not None and max_new_tokens + 1 >= limit:
         raise ConfigError(f"generation.max_new_tokens {max_new_tokens} leaves no room for a prompt in the {limit} "
                           f"positions {cfg.path} has: set it lower")
-    return None if limit is None else limit - max_new_tokens
+    return None if limit is None else limit - max_new_tokens - 1
 
 
 def refuse_adapter_dir(path: str, starts_from: str) -> None:
@@ -298,7 +307,9 @@ def _merge_reward_adapter(path: str, out: str, allow_pickle: bool) -> Path:
 
     merged = load_reward_backbone(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle),
                                   torch.device("cpu"), trainable=True)  # trainable: the adapter merged in
-    saved = save_model(merged, load_tokenizer(path), out)
+    tokenizer = load_tokenizer(path)
+    merged.config.pad_token_id = tokenizer.pad_token_id  # as `rm` sets it: transformers pads a batch with it
+    saved = save_model(merged, tokenizer, out)
     if (Path(path) / NORMALIZATION_FILE).is_file():
         shutil.copyfile(Path(path) / NORMALIZATION_FILE, saved / NORMALIZATION_FILE)
     return saved

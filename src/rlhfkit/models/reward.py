@@ -19,7 +19,7 @@ from rlhfkit.data.collate import collate, encode_reply
 from rlhfkit.fsdp import run_as_forward
 from rlhfkit.models.forward import backbone_hidden
 from rlhfkit.models.load import (absolute_if_local, check_model_path, check_weights_format, is_adapter_dir,
-                                 load_tokenizer, resolve_device, resolve_dtype)
+                                 load_tokenizer, position_limit, resolve_device, resolve_dtype)
 
 NORMALIZATION_FILE = "score_normalization.json"
 IDENTITY = {"mean": 0.0, "std": 1.0}
@@ -65,6 +65,7 @@ def check_reward_dir(path: str) -> None:
     """ConfigError unless the local directory ``path`` holds a trained reward model: a sequence classifier
     (``architectures`` in its config), or a LoRA adapter trained as one (task type SEQ_CLS, which saves the
     score head beside it). A causal LM loaded as a classifier gets a random score head, and scores noise."""
+    check_model_path(path, "reward model")
     if not Path(path).is_dir():
         return  # a hub name: what it holds is not known before it is downloaded
     adapter = is_adapter_dir(path)
@@ -105,7 +106,8 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool
 class RewardModel:
     """Scores (prompt, response) texts with a trained reward model, batched and padding-safe.
 
-    Responses are encoded exactly as in reward-model training (prompt + response + EOS).
+    Responses are encoded exactly as in reward-model training (prompt + response + EOS; after chat messages the
+    response as the chat template writes it).
     When the directory holds ``score_normalization.json`` (written by ``rlhfkit rm`` with
     ``normalize: true``), scores come out standardised: (s − mean) / std over the training set.
     """
@@ -124,7 +126,8 @@ class RewardModel:
         model = load_reward_backbone(cfg, device)
         for p in model.parameters():
             p.requires_grad_(False)
-        return cls(model, load_tokenizer(path, cfg.trust_remote_code), stats["mean"], stats["std"])
+        limit = position_limit(cfg) or 512  # longer texts lose the start of their prompt, as in training
+        return cls(model, load_tokenizer(path, cfg.trust_remote_code), stats["mean"], stats["std"], min(512, limit))
 
     @torch.no_grad()
     def score(self, prompts: list, responses: list[str], batch_size: int = 64) -> torch.Tensor:

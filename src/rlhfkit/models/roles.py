@@ -28,7 +28,7 @@ from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import (add_lora, is_adapter_dir, load_causal_lm, mixed_precision, peft_lora_config,
-                                 save_model)
+                                 position_limit, save_model)
 from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, check_reward_dir, last_token_index,
                                    load_reward_backbone, score_normalization)
 from rlhfkit.ops import position_ids_from_mask
@@ -145,26 +145,27 @@ class SharedBaseRoles:
         self.reward_head = nn.Linear(weight.shape[1], 1, bias="bias" in head).to(weight.device)  # float32
         self.reward_head.load_state_dict(head)  # copied into float32 whatever dtype it was saved in
         self.reward_stats = score_normalization(path) or IDENTITY
+        self.reward_max_length = min(512, position_limit(ModelConfig(path=base_path)) or 512)  # as RewardModel's
         self._layers, self._active = adapter_layers(self.model), None
         self._find_parameters()
         self._use("default")
 
-    def reward_scores(self, tokenizer, prompts: list, responses: list[str], max_length: int = 512) -> torch.Tensor:
+    def reward_scores(self, tokenizer, prompts: list, responses: list[str]) -> torch.Tensor:
         """Scores from the reward adapter, encoded exactly as ``RewardModel.score`` does: (B,) on the CPU."""
-        return self._reward_scores([encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
-                                   tokenizer.pad_token_id)
+        return self._reward_scores([encode_example(tokenizer, p, r, self.reward_max_length)
+                                    for p, r in zip(prompts, responses)], tokenizer.pad_token_id)
 
     def reward_scores_of_ids(self, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                             max_length: int = 512, stops: list[int] | None = None) -> torch.Tensor:
+                             stops: list[int] | None = None) -> torch.Tensor:
         """Scores of sampled token ids themselves (the adapter shares the actor's tokenizer): prompt ids +
         completion ids ending in the tokenizer's EOS, cut as ``encode_example`` cuts: (B,) on the CPU. A
         completion that stopped at another of ``stops`` (an end-of-turn token) has it replaced by that EOS,
-        one that was cut off gets it added. What ``reward_scores`` gives for the decoded texts wherever
-        decoding and encoding again give back the same ids, without that round trip (sampled ids often
-        re-encode into other, more, tokens)."""
+        one that was cut off gets it added. What ``reward_scores`` gives for the decoded texts after plain-string
+        prompts wherever decoding and encoding again give back the same ids, without that round trip (sampled
+        ids often re-encode into other, more, tokens); after chat prompts ``make_experience`` scores the texts."""
         eos = tokenizer.eos_token_id
         ends = set(stops or []) | {eos}
-        rows = [join_ids(p, [*c[:-1], eos] if c and c[-1] in ends else [*c, eos], max_length)
+        rows = [join_ids(p, [*c[:-1], eos] if c and c[-1] in ends else [*c, eos], self.reward_max_length)
                 for p, c in zip(prompt_ids, completion_ids)]
         return self._reward_scores(rows, tokenizer.pad_token_id)
 

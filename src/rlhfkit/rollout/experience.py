@@ -23,7 +23,7 @@ from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.sampling import prompt_seeds
 
 # (prompts, response texts) → (B,) proxy scores; one with a ``score_ids(prompt_ids, completion_ids)`` method
-# (a reward on the actor's own tokenizer) is given the sampled ids instead
+# (a reward on the actor's own tokenizer) is given the sampled ids instead, after plain-string prompts
 ScoreFn = Callable[[list, list[str]], torch.Tensor]
 
 
@@ -157,7 +157,9 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     if values:
         old_values = roles.critic_values(batch)
     t2 = time.perf_counter()
-    score_ids = getattr(score_fn, "score_ids", None)  # a scorer on the actor's tokenizer: the sampled ids
+    # a scorer on the actor's tokenizer is given the sampled ids; after chat prompts the texts, which it templates
+    # as its training did (the template's end of turn and what follows it are not the sampled stop id)
+    score_ids = getattr(score_fn, "score_ids", None) if all(isinstance(p, str) for p in prompts) else None
     scores = (score_ids(gens.prompt_ids, gens.completion_ids) if score_ids else score_fn(prompts, gens.texts))
     scores = scores.to(device).float()
     roles.release()  # sharded models: no backward follows these passes (a reward adapter's too) to reshard them

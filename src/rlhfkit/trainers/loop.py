@@ -49,10 +49,13 @@ def add_metrics(sums: dict[str, list[float]], metrics: dict[str, Metric], weight
 
 
 def metric_means(sums: dict[str, list[float]], device: torch.device | None = None) -> dict[str, float]:
-    """The means ``add_metrics`` added up, over every process when a ``device`` is given (a collective: the
-    processes' keys are the same); a key with nothing in it is left out."""
+    """The means ``add_metrics`` added up, over every process when a ``device`` is given (a collective; a process
+    whose share of the step was empty has no keys, so the processes agree on them first); a key with nothing in
+    it is left out."""
     keys = sorted(sums)
-    flat = [x for key in keys for x in sums[key]]
+    if device is not None and distributed.world_size() > 1:
+        keys = sorted(set().union(*distributed.all_gather(keys)))
+    flat = [x for key in keys for x in sums.get(key, [0.0, 0.0])]
     totals = distributed.all_sum(flat, device) if device is not None else flat
     return {key: totals[2 * i] / totals[2 * i + 1] for i, key in enumerate(keys) if totals[2 * i + 1]}
 
