@@ -192,6 +192,20 @@ def test_a_resume_may_change_where_it_runs_and_what_it_logs_evaluates_and_saves(
     assert (tmp_path / "copy" / CONFIG_FILE).is_file()
 
 
+def test_a_resume_refuses_a_data_file_whose_rows_changed_under_the_same_name(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 30)
+    cfg = dataclasses.replace(_config(tmp_path / "run"), data=str(data))
+    prepare_out_dir(cfg, tmp_path / "run")
+    save_checkpoint(tmp_path / "run", 2, *_trained())
+    resumed = _config(tmp_path / "run", **{"train.resume": "latest"})
+    resumed = dataclasses.replace(resumed, data=str(data))
+    prepare_out_dir(resumed, tmp_path / "run")  # the same rows: resumed
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 20)  # fewer rows, the same name
+    with pytest.raises(ConfigError, match=rf"cannot resume .*step-2: data {data} changed since it was saved"):
+        prepare_out_dir(resumed, tmp_path / "run")
+
+
 def test_a_setting_added_since_the_checkpoint_changes_nothing_at_its_default(tmp_path):
     # a checkpoint saved before rlhfkit had some setting (its copy lacks the key): the same command resumes it;
     # the setting away from its default is a change

@@ -15,6 +15,8 @@ checkpoints with an earlier run's in the same directory (``check_no_earlier_run`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -139,8 +141,9 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
              "optimizers": {name: {"optimizer": optimizer_states[name], "scheduler": sched.state_dict()}
                             for name, (_, sched) in optimizers.items()}}
     torch.save(state, tmp / STATE_FILE)
-    if (Path(out) / CONFIG_FILE).is_file():  # the resolved config the run was started with
-        shutil.copy2(Path(out) / CONFIG_FILE, tmp / CONFIG_FILE)
+    for name in (CONFIG_FILE, DATA_FILE):  # the resolved config the run was started with, and its data's digests
+        if (Path(out) / name).is_file():
+            shutil.copy2(Path(out) / name, tmp / name)
     _fsync_tree(tmp)  # on the disk before the rename makes it look complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -228,6 +231,42 @@ def _flat(config: dict, prefix: str = "") -> dict:
 def _as_saved(cfg) -> dict:
     """``cfg``'s settings as dotted keys, as ``save_config`` writes them and ``load_yaml`` reads them back."""
     return _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+
+
+DATA_FILE = "data_digests.json"  # the sha256 of each training data file, beside a run's config and in each checkpoint
+DATA_KEYS = ("data", "eval_data", "prompts")  # the config's data files that a resume must find unchanged
+
+
+def data_digests(cfg) -> dict[str, str]:
+    """The sha256 of each data file ``cfg`` names (``DATA_KEYS``; a ``datasets`` directory: its files, in order),
+    by config key. A path that is not on the disk (a hub data set) is left out."""
+    digests = {}
+    for key in DATA_KEYS:
+        name = getattr(cfg, key, "")
+        path = Path(name or ".")
+        files = [] if not name else [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        if files:
+            digest = hashlib.sha256()
+            for file in files:
+                digest.update(str(file.relative_to(path) if file != path else "").encode())
+                with open(file, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+            digests[key] = digest.hexdigest()
+    return digests
+
+
+def check_resume_data(path: Path, cfg) -> None:
+    """Refuse (ConfigError) to resume checkpoint ``path`` when a data file it was trained on, under the same name,
+    now holds other rows: the rest of the run would train on other data than its first part did."""
+    if not (path / DATA_FILE).is_file():
+        return  # written before the digests were kept
+    saved, now = json.loads((path / DATA_FILE).read_text()), data_digests(cfg)
+    changed = [f"{key} {getattr(cfg, key)}" for key in saved if key in now and saved[key] != now[key]]
+    if changed:
+        raise ConfigError(f"cannot resume {path}: {', '.join(changed)} changed since it was saved (its contents, "
+                          "not its name). Resume with the data it was trained on, or start afresh: "
+                          + _fresh_start_hint(path, ""))
 
 
 def check_resume_config(path: Path, cfg) -> None:

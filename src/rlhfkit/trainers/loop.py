@@ -28,8 +28,9 @@ import torch
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config
 from rlhfkit.progress import progress
-from rlhfkit.trainers.checkpoint import (CONFIG_FILE, Checkpoints, NonFinite, StopRequest, check_no_earlier_run,
-                                         check_resume_config, find_checkpoint)
+from rlhfkit.trainers.checkpoint import (CONFIG_FILE, DATA_FILE, Checkpoints, NonFinite, StopRequest,
+                                         check_no_earlier_run, check_resume_config, check_resume_data, data_digests,
+                                         find_checkpoint)
 
 # indices → (mean loss over its units, the number of units — tokens or examples —, detached metrics)
 Metric = float | tuple[float, float]  # a mean over the micro-batch's units, or (mean, count) over some of them
@@ -433,11 +434,13 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
                           "--train.out")
     if cfg.train.resume:
         check_resume_config(find_checkpoint(out, cfg.train.resume), cfg)
+        check_resume_data(find_checkpoint(out, cfg.train.resume), cfg)
     else:
         check_no_earlier_run(out, cfg.train.overwrite_output_dir, cfg.model.path)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(cfg, out / CONFIG_FILE)
+        (out / DATA_FILE).write_text(json.dumps(data_digests(cfg), indent=1))
     return out
 
 
