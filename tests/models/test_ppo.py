@@ -488,3 +488,15 @@ def test_after_chat_prompts_a_token_scorer_is_given_the_texts(tiny_model_dir):
     chat = [[{"role": "user", "content": "Describe the cat."}], [{"role": "user", "content": "Hi."}]]
     exp, _ = make_experience(roles, tok, chat, Scorer(), GenerationConfig(max_new_tokens=4), beta=0.0, seed=2)
     assert seen["texts"][0] == chat and len(seen["texts"][1]) == 2
+
+
+def test_a_reward_model_is_refused_where_a_language_model_is_wanted(rm_dir, lora_rm_dir, capsys):
+    # loaded as a causal LM, a classifier got a random output head: generate wrote noise without a word
+    from rlhfkit.config import ConfigError
+    from rlhfkit.models.load import load_causal_lm
+
+    for path in (rm_dir, lora_rm_dir):
+        with pytest.raises(ConfigError, match=rf"{path} is a reward model \(a sequence classifier\)"):
+            load_causal_lm(ModelConfig(path=path), CPU)
+    assert main(["generate", "--model", rm_dir, "--prompt", "Hi"]) == 2
+    assert "is a reward model" in capsys.readouterr().err

@@ -179,10 +179,25 @@ def absolute_if_local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).is_dir() else path
 
 
+def refuse_classifier(path: str) -> None:
+    """ConfigError when the local directory ``path`` holds a sequence classifier (a reward model, or a LoRA one):
+    loaded as a causal LM it would get a random output head and write noise."""
+    if not Path(path).is_dir():
+        return
+    adapter = is_adapter_dir(path)
+    config = json.loads((Path(path) / ("adapter_config.json" if adapter else "config.json")).read_text())
+    archs = config.get("architectures") or []
+    if (config.get("task_type") == "SEQ_CLS") if adapter else archs and all(
+            a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"{path} is a reward model (a sequence classifier): it scores text and has no language-model "
+                          "head to write with; pass a causal LM (the SFT or policy model)")
+
+
 def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainable: bool = False):
     """A causal LM from ``cfg.path``; an adapter directory gives base + adapter (peft). ``trainable``:
     its own weights will be trained (full fine-tuning), which ``dtype: auto`` keeps in float32."""
     check_model_path(cfg.path)
+    refuse_classifier(cfg.path)
     device = device or resolve_device()
     dtype = resolve_dtype(cfg.dtype, device, trainable)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=not cfg.allow_pickle or None)
