@@ -80,17 +80,19 @@ def reward_model_function(path: str, device: torch.device | str | None = None) -
 
 
 def check_values(name: str, values, n: int) -> torch.Tensor:
-    """``values`` as a (n,) float tensor, or a RewardError naming reward ``name``."""
+    """``values`` as a (n,) float tensor, or a RewardError naming reward ``name``. None, for a completion the
+    reward does not apply to (TRL's convention for rewards of several tasks), is NaN: left out of the sum."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().flatten().tolist()
     try:
-        values = [float(v) for v in values]
+        values = list(values)
+        bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(float(v))]
+        values = [math.nan if v is None else float(v) for v in values]
     except (TypeError, ValueError) as e:
         raise RewardError(f"reward {name!r} must return a list of numbers, one per completion: {e}") from e
     if len(values) != n:
         raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions; "
                           "it must return one float per completion")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise RewardError(f"reward {name!r} returned {values[bad[0]]} for completion {bad[0]} "
                           f"({len(bad)} non-finite values in all); rewards must be finite numbers")
@@ -116,7 +118,9 @@ class CombinedReward:
 
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total (N,), {name: (N,) values}) for N completions; ``columns`` are the other dataset columns."""
+        """(total (N,), {name: (N,) values}) for N completions; ``columns`` are the other dataset columns. A
+        reward's None for a completion is NaN among its values and counts for nothing in the total; a completion
+        that no reward applies to is an error."""
         columns = columns or {}
         parts = {}
         for r in self.rewards:
@@ -125,8 +129,12 @@ class CombinedReward:
             except Exception as e:
                 raise RewardError(f"reward {r.name!r} raised {type(e).__name__}: {e}") from e
             parts[r.name] = check_values(r.name, values, len(completions))
-        total = sum(r.weight * parts[r.name] for r in self.rewards)
-        return total, parts
+        stacked = torch.stack([r.weight * parts[r.name] for r in self.rewards])  # (K, N)
+        unscored = stacked.isnan().all(0)
+        if unscored.any():
+            raise RewardError(f"no reward applies to completion {int(unscored.nonzero()[0])} (every reward returned "
+                              f"None for it; {int(unscored.sum())} such in all): each completion needs a reward")
+        return stacked.nansum(0), parts
 
 
 def short_name(spec: str) -> str:

@@ -36,7 +36,13 @@ def reward_module(monkeypatch):
     def as_tensor(prompts, completions, **columns):
         return torch.ones(len(completions))
 
-    for fn in (length, uses_column, raises, nan, too_few, not_numbers, as_tensor):
+    def math_only(prompts, completions, task, **columns):  # None: not this reward's completion (TRL's way)
+        return [float(len(c)) if t == "math" else None for c, t in zip(completions, task)]
+
+    def code_only(prompts, completions, task, **columns):
+        return [10.0 if t == "code" else None for t in task]
+
+    for fn in (length, uses_column, raises, nan, too_few, not_numbers, as_tensor, math_only, code_only):
         setattr(mod, fn.__name__, fn)
     monkeypatch.setitem(sys.modules, "user_rewards", mod)
     return mod
@@ -53,6 +59,15 @@ def test_function_gets_prompts_completions_and_columns(reward_module):
 def test_tensor_return_is_accepted(reward_module):
     total, _ = build_reward(["user_rewards:as_tensor"])(["p"] * 3, ["a"] * 3)
     assert total.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_reward_that_does_not_apply_returns_none_and_counts_for_nothing(reward_module):
+    reward = build_reward(["user_rewards:math_only", "user_rewards:code_only"], [1.0, 0.5])
+    total, parts = reward(["p"] * 3, ["ab", "cde", "f"], {"task": ["math", "code", "math"]})
+    assert total.tolist() == [2.0, 5.0, 1.0]
+    assert parts["math_only"][[0, 2]].tolist() == [2.0, 1.0] and parts["math_only"][1].isnan()
+    with pytest.raises(RewardError, match=r"no reward applies to completion 1 \(every reward returned None"):
+        reward(["p"] * 2, ["ab", "c"], {"task": ["math", "poetry"]})
 
 
 @pytest.mark.parametrize("name, message", [

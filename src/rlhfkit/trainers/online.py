@@ -207,7 +207,8 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
                                      old_logprobs="none" if one_update(cfg) and not cfg.beta else "rollout",
                                      reference=bool(cfg.kl_coef or cfg.beta), values=False)  # no critic
     grouped = exp.scores.view(-1, G)  # (P, G)
-    metrics = {**stats.metrics, **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+    # a reward's mean over the completions it applies to (None elsewhere); NaN when it applied to none
+    metrics = {**stats.metrics, **{f"reward/{k}": v.nanmean().item() for k, v in parts.items()},
                "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
                "rollout/flat_groups": (grouped == grouped[:, :1]).all(-1).float().mean().item()}
     device = exp.input_ids.device
@@ -272,7 +273,9 @@ def evaluate_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward,
     total, parts = reward(prompts, gens.texts, columns)
     out = {}
     for name, values in {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}.items():
-        out[f"eval/{name}"], out[f"eval/{name}_stderr"] = mean_stderr(values.tolist())
+        applied = values[~values.isnan()].tolist()  # a reward's None: not its completion to score
+        if applied:
+            out[f"eval/{name}"], out[f"eval/{name}_stderr"] = mean_stderr(applied)
     return out
 
 
