@@ -315,6 +315,16 @@ def test_preference_prompt_split_from_whole_conversations(tmp_path):
     assert got[0]["chosen"] == chosen[2:] and got[0]["rejected"] == other[2:]
 
 
+def test_text_pairs_without_a_prompt_share_their_beginning_as_it(tmp_path):
+    # Anthropic HH's rows: two whole dialogues; the prompt is what they share (TRL's extract_prompt)
+    hh = {"chosen": "\n\nHuman: Is the sea cold?\n\nAssistant: Yes, in winter.",
+          "rejected": "\n\nHuman: Is the sea cold?\n\nAssistant: No idea."}
+    (got,) = load_preference(write_jsonl(tmp_path / "hh.jsonl", [hh]))
+    assert got["prompt"] == "\n\nHuman: Is the sea cold?\n\nAssistant:"  # the space goes with the answers
+    assert (got["chosen"], got["rejected"]) == (" Yes, in winter.", " No idea.")
+    assert got["prompt"] + got["chosen"] == hh["chosen"] and got["prompt"] + got["rejected"] == hh["rejected"]
+
+
 @pytest.mark.parametrize("row, field, match", [
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected", "identical to 'chosen'"),
     ({"prompt": CHAT[:1], "chosen": CHAT[1:], "rejected": CHAT[1:]}, "rejected", "identical"),
@@ -326,7 +336,8 @@ def test_preference_prompt_split_from_whole_conversations(tmp_path):
     ({"prompt": "q", "chosen": CHAT[1:], "rejected": "b"}, "chosen", "as 'prompt' is a string"),
     ({"prompt": CHAT[:1], "chosen": "a", "rejected": CHAT[1:]}, "chosen", "as 'prompt' is a messages list"),
     ({"prompt": CHAT[:1], "chosen": CHAT[:1], "rejected": CHAT[1:]}, "chosen[0].role", "last message"),
-    ({"chosen": "a", "rejected": "b"}, "prompt", "missing"),
+    ({"chosen": "a", "rejected": "b"}, "prompt", "missing: .*nothing in common to take as the prompt"),
+    ({"chosen": "Q: hi A: yes", "rejected": "Q: hi A: yes!"}, "prompt", "one the beginning of the other"),
     ({"chosen": CHAT[1:], "rejected": [{"role": "assistant", "content": "x"}]}, "prompt", "share no leading"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": True}, "margin", "expected a number"),

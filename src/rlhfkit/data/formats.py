@@ -485,6 +485,19 @@ def _number(row: _Row, field: str) -> float:
 _PREFERENCE = ("prompt", "chosen", "rejected", "margin")
 
 
+def _split_shared_text(row: _Row, chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Two whole texts (Anthropic HH's "Human: ... Assistant: ...") as (prompt, chosen, rejected): the prompt is
+    their common beginning, less a space it ends in (which the answers keep), as TRL's ``extract_prompt`` has it.
+    Their shared words count alike for both answers in a pairwise loss."""
+    n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    n -= n > 0 and chosen[n - 1] == " "
+    if not n or n in (len(chosen), len(rejected)):
+        raise row.error("prompt", "missing: 'chosen' and 'rejected' are texts with " + (
+            "nothing in common to take as the prompt" if not n else "one the beginning of the other") +
+            "; give the prompt in a 'prompt' column")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def _preference_row(row: _Row) -> dict:
     if row.present("prompt"):
         prompt = _prompt(row, non_empty=False)
@@ -495,8 +508,10 @@ def _preference_row(row: _Row) -> dict:
         rejected = _reply(row, "rejected", like=("chosen", chosen))
         if isinstance(chosen, list):
             prompt, chosen, rejected = _split_shared_prompt(row, chosen, rejected)
-        else:  # text answers need their prompt; an empty CSV cell is an empty prompt
-            prompt = row.require("prompt", "a string, as 'chosen' and 'rejected' are strings")
+        elif row.record.get("prompt") == "":  # an empty CSV cell: an empty prompt
+            prompt = ""
+        else:
+            prompt, chosen, rejected = _split_shared_text(row, chosen, rejected)
     if chosen == rejected:
         raise row.error("rejected", "identical to 'chosen'; a preference pair needs two different answers")
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -511,7 +526,8 @@ def load_preference(path: str | os.PathLike) -> list[dict]:
     All text, or all messages: ``prompt`` a string (may be empty) or messages list, and
     ``chosen``/``rejected`` non-empty strings or messages lists ending in an assistant
     reply. Without ``prompt``, chosen/rejected are whole conversations and their shared
-    leading messages become the prompt. ``chosen == rejected`` is an error. ``margin``, if
+    leading messages, or the shared beginning of two texts (``_split_shared_text``), become the
+    prompt. ``chosen == rejected`` is an error. ``margin``, if
     present, is a finite number (output as float); a row without one (or with an empty cell) has none,
     which the reward model's loss reads as 0.
     """
