@@ -49,6 +49,8 @@ class GenerateConfig:
 
     prompt: list[str] = arg([], "prompt text (commas and all); repeat the flag for several", split=False)
     prompts: str = arg("", "file of prompts (a `prompt` column) to answer instead")
+    chat: bool = arg(False, "send each --prompt as a user message through the model's chat template (an "
+                     "instruct model's format); a file's chat prompts always are")
     limit: int = arg(10, "answer at most this many prompts from the file")
     seed: int = arg(0, "sampling seed")
     model: ModelConfig = arg(ModelConfig, "the model to sample from")
@@ -132,14 +134,17 @@ def _load(model_cfg: ModelConfig):
 def cmd_generate(cfg: GenerateConfig) -> None:
     from rlhfkit.rollout.generate import generate
 
-    prompts = ([p.replace("\\n", "\n") for p in cfg.prompt]
-               or (_prompt_file(cfg.prompts, cfg.limit) if cfg.prompts else []))
+    from rlhfkit.data.collate import render_prompt
+
+    typed = [p.replace("\\n", "\n") for p in cfg.prompt]
+    prompts = ([[{"role": "user", "content": p}] for p in typed] if cfg.chat else typed) or (
+        _prompt_file(cfg.prompts, cfg.limit) if cfg.prompts else [])
     if not prompts:
         raise ConfigError("nothing to answer: pass --prompt TEXT or --prompts FILE")
     model, tokenizer = _load(cfg.model)
     gens = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed)
     for prompt, text in zip(prompts, gens.texts):
-        print(f"{prompt}{text}\n")
+        print(f"{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
 
 
 def cmd_eval(cfg: EvalConfig) -> None:

@@ -289,3 +289,18 @@ def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_mo
     capsys.readouterr()
     assert main(["sft", "--model", str(out), *common, "--train.max_steps", "1"]) == 2  # out is the model itself
     assert "is the model this run starts from" in capsys.readouterr().err
+
+
+def test_generate_sends_a_prompt_through_the_chat_template_when_asked(tiny_model_dir, tmp_path, capsys):
+    model = tiny_model_dir("llama")
+    common = ["generate", "--model", model, "--prompt", "Describe the cat.", "--generation.max_new_tokens", "3"]
+    assert main(common) == 0
+    out = capsys.readouterr().out  # (DeepSpeed may print a line first)
+    assert "Describe the cat." in out and "User:" not in out  # as typed
+    assert main([*common, "--chat"]) == 0
+    assert "User: Describe the cat.\nAssistant:" in capsys.readouterr().out  # the tiny model's template
+    prompts = tmp_path / "chat.jsonl"  # a file's chat prompts print as the model saw them, not as a list
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi."}]}) + "\n")
+    assert main(["generate", "--model", model, "--prompts", str(prompts), "--generation.max_new_tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "User: Hi.\nAssistant:" in out and "'role'" not in out
