@@ -184,6 +184,8 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
     ("sft", lambda text: {"prompt": "User: Hi.\nAssistant:", "completion": text}),
     ("dpo", lambda text: {"prompt": "User: Hi.\nAssistant:", "chosen": " Hello.", "rejected": text}),
     ("rm", lambda text: {"prompt": "User: Hi.\nAssistant:", "chosen": text, "rejected": " Hello."}),
+    # KTO: an example is measured by its own completion; one whose KL partner is long is kept (the partner cut)
+    ("kto", lambda text: {"prompt": "User: Hi.\nAssistant:", "completion": text, "label": len(text) % 2 == 0}),
 ])
 @pytest.mark.parametrize("too_long", ["truncate", "drop"])
 def test_examples_over_max_length_are_counted_then_cut_or_dropped(tiny_model_dir, tmp_path, capsys, command, row,

@@ -400,11 +400,15 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, float32=cfg.model.dtype == "auto")
 
-    def encode(rows, source):  # a pair (or a KTO example with its mismatched partner) goes as a whole
+    # a pair goes as a whole; a KTO example by its own completion (its mismatched partner, another example's
+    # completion, only enters the KL estimate: cut when too long, it does not take the example with it)
+    kto = isinstance(objective, KTOObjective)
+
+    def encode(rows, source):
         with encoding(source):
             encoded = objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed)
-        return fit_to_length(encoded, cfg.too_long,
-                             lambda e: e.first.truncated or e.second.truncated, f"max_length {cfg.max_length}", source)
+        return fit_to_length(encoded, cfg.too_long, lambda e: e.first.truncated or not kto and e.second.truncated,
+                             f"max_length {cfg.max_length}", source)
 
     examples, eval_examples = encode(rows, cfg.data), encode(eval_rows, cfg.eval_data)
 
