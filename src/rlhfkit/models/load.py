@@ -9,6 +9,7 @@ A directory holding a LoRA adapter (``adapter_config.json``) loads as base + ada
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -92,7 +93,12 @@ def check_model_path(path: str, what: str = "model") -> None:
           or "/" in path and any(p.parent.glob("*/rlhfkit_config.yaml"))):  # runs/my-sfft: a typo in a runs folder
         raise ConfigError(f"{what} directory {path} does not exist")
     elif "/" in path and p.parent.is_dir():  # a hub organisation, or a typo: say which before the hub is asked
-        print(f"{path} is not a directory here (though {p.parent} is): trying it as a hub name", file=sys.stderr)
+        _note_hub_name(path, str(p.parent))
+
+
+@functools.cache  # once per name: a run checks its model path at each load (config, tokenizer, weights)
+def _note_hub_name(path: str, folder: str) -> None:
+    print(f"{path} is not a directory here (though {folder} is): trying it as a hub name", file=sys.stderr)
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -102,15 +108,33 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def saved_config(path: str | os.PathLike) -> dict:
+    """A local model directory's own config: ``adapter_config.json`` for a LoRA adapter, else ``config.json``."""
+    return json.loads((Path(path) / ("adapter_config.json" if is_adapter_dir(path) else "config.json")).read_text())
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base model a LoRA adapter directory was trained on (its ``base_model_name_or_path``)."""
+    return saved_config(path)["base_model_name_or_path"]
+
+
+def is_classifier_dir(path: str | os.PathLike) -> bool:
+    """Whether the local model directory ``path`` holds a sequence classifier (a reward model): its config names
+    a ``*ForSequenceClassification`` architecture, or it is a LoRA adapter trained as one (task type SEQ_CLS,
+    which saves the score head beside it)."""
+    config = saved_config(path)
+    if is_adapter_dir(path):
+        return config.get("task_type") == "SEQ_CLS"
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
 def position_limit(cfg: ModelConfig) -> int | None:
     """How many positions the model ``cfg.path`` (an adapter's base) has, from its config
     (``max_position_embeddings``, GPT-2's ``n_positions``); None when it does not say."""
     from transformers import AutoConfig
 
     check_model_path(cfg.path)
-    path = cfg.path
-    if is_adapter_dir(path):
-        path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    path = adapter_base(cfg.path) if is_adapter_dir(cfg.path) else cfg.path
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).get_text_config()
     limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
     limit = next((n for n in limits if isinstance(n, int) and n > 0), None)
@@ -182,13 +206,7 @@ def absolute_if_local(path: str) -> str:
 def refuse_classifier(path: str) -> None:
     """ConfigError when the local directory ``path`` holds a sequence classifier (a reward model, or a LoRA one):
     loaded as a causal LM it would get a random output head and write noise."""
-    if not Path(path).is_dir():
-        return
-    adapter = is_adapter_dir(path)
-    config = json.loads((Path(path) / ("adapter_config.json" if adapter else "config.json")).read_text())
-    archs = config.get("architectures") or []
-    if (config.get("task_type") == "SEQ_CLS") if adapter else archs and all(
-            a.endswith("ForSequenceClassification") for a in archs):
+    if Path(path).is_dir() and is_classifier_dir(path):
         raise ConfigError(f"{path} is a reward model (a sequence classifier): it scores text and has no language-model "
                           "head to write with; pass a causal LM (the SFT or policy model)")
 
@@ -206,7 +224,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainab
 
         from rlhfkit.models.lora import lean_lora, peft_quietly
 
-        base_path = json.loads((Path(cfg.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_path = adapter_base(cfg.path)
         check_weights_format(base_path, cfg.allow_pickle)
         base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         with peft_quietly():
@@ -298,7 +316,7 @@ def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
     """Merge a LoRA adapter directory into its base: a standalone directory without peft."""
     if not is_adapter_dir(path):
         raise ValueError(f"{path} holds no LoRA adapter (no adapter_config.json); nothing to merge")
-    if json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+    if is_classifier_dir(path):
         return _merge_reward_adapter(path, out, allow_pickle)
     model = load_causal_lm(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle), torch.device("cpu"))
     base = model.get_base_model()

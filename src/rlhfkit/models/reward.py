@@ -18,8 +18,9 @@ from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.data.collate import collate, encode_reply
 from rlhfkit.fsdp import run_as_forward
 from rlhfkit.models.forward import backbone_hidden
-from rlhfkit.models.load import (absolute_if_local, check_model_path, check_weights_format, is_adapter_dir,
-                                 load_tokenizer, position_limit, resolve_device, resolve_dtype)
+from rlhfkit.models.load import (absolute_if_local, adapter_base, check_model_path, check_weights_format,
+                                 is_adapter_dir, is_classifier_dir, load_tokenizer, position_limit, resolve_device,
+                                 resolve_dtype, saved_config)
 
 NORMALIZATION_FILE = "score_normalization.json"
 IDENTITY = {"mean": 0.0, "std": 1.0}
@@ -66,14 +67,11 @@ def check_reward_dir(path: str) -> None:
     (``architectures`` in its config), or a LoRA adapter trained as one (task type SEQ_CLS, which saves the
     score head beside it). A causal LM loaded as a classifier gets a random score head, and scores noise."""
     check_model_path(path, "reward model")
-    if not Path(path).is_dir():
-        return  # a hub name: what it holds is not known before it is downloaded
-    adapter = is_adapter_dir(path)
-    config = json.loads((Path(path) / ("adapter_config.json" if adapter else "config.json")).read_text())
-    kind = config.get("task_type") if adapter else config.get("architectures")
-    if (kind == "SEQ_CLS") if adapter else any(a.endswith("ForSequenceClassification") for a in kind or []):
+    if not Path(path).is_dir() or is_classifier_dir(path):  # a hub name: not known before it is downloaded
         return
-    what = f"a LoRA adapter of task type {kind}" if adapter else f"a {', '.join(kind or ['model'])}"
+    config = saved_config(path)
+    what = (f"a LoRA adapter of task type {config.get('task_type')}" if is_adapter_dir(path)
+            else f"a {', '.join(config.get('architectures') or ['model'])}")
     raise ConfigError(f"{path} is not a reward model: it is {what}, without a trained score head, so its scores "
                       "would be a random head's. Train one with `rlhfkit rm --model MODEL --data PAIRS --out DIR` "
                       "and pass DIR")
@@ -90,7 +88,7 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool
 
         from rlhfkit.models.lora import lean_lora, peft_quietly
 
-        base = json.loads((Path(cfg.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = adapter_base(cfg.path)
         check_weights_format(base, cfg.allow_pickle)
         backbone = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
         with peft_quietly():
@@ -120,7 +118,6 @@ class RewardModel:
     def from_pretrained(cls, path: str, device: torch.device | str | None = None, **model_kwargs) -> "RewardModel":
         device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
         cfg = ModelConfig(path=path, **model_kwargs)
-        check_model_path(path, "reward model")
         check_reward_dir(path)
         stats = score_normalization(path) or IDENTITY
         model = load_reward_backbone(cfg, device)

@@ -27,8 +27,8 @@ from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
-from rlhfkit.models.load import (add_lora, is_adapter_dir, load_causal_lm, mixed_precision, peft_lora_config,
-                                 position_limit, save_model)
+from rlhfkit.models.load import (adapter_base, add_lora, is_adapter_dir, load_causal_lm, mixed_precision,
+                                 peft_lora_config, position_limit, save_model)
 from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, check_reward_dir, last_token_index,
                                    load_reward_backbone, score_normalization)
 from rlhfkit.ops import position_ids_from_mask
@@ -130,7 +130,7 @@ class SharedBaseRoles:
         --model BASE`); its score head is loaded beside it and its score normalisation applied.
         """
         check_reward_dir(path)
-        trained_on = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        trained_on = adapter_base(path)
         if Path(trained_on).resolve() != Path(base_path).resolve():
             raise ValueError(f"the reward adapter {path} was trained on {trained_on}, not on PPO's base {base_path}: "
                              f"train it with `rlhfkit rm --lora.enabled true --model {base_path}`, or pass a full "

@@ -242,21 +242,23 @@ def data_digests(cfg) -> dict[str, str]:
     by config key. A path that is not on the disk (a hub data set) is left out."""
     digests = {}
     for key in DATA_KEYS:
-        name = getattr(cfg, key, "")
-        path = Path(name or ".")
-        files = [] if not name else [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        if files:
-            digest = hashlib.sha256()
-            for file in files:
-                digest.update(str(file.relative_to(path) if file != path else "").encode())
-                with open(file, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-            digests[key] = digest.hexdigest()
+        if not getattr(cfg, key, ""):
+            continue
+        path = Path(getattr(cfg, key))
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        if not files:
+            continue
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(str(file.relative_to(path) if file != path else "").encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        digests[key] = digest.hexdigest()
     return digests
 
 
-def check_resume_data(path: Path, cfg) -> None:
+def _check_resume_data(path: Path, cfg) -> None:
     """Refuse (ConfigError) to resume checkpoint ``path`` when a data file it was trained on, under the same name,
     now holds other rows: the rest of the run would train on other data than its first part did."""
     if not (path / DATA_FILE).is_file():
@@ -270,11 +272,19 @@ def check_resume_data(path: Path, cfg) -> None:
 
 
 def check_resume_config(path: Path, cfg) -> None:
+    """Refuse (ConfigError) to resume checkpoint ``path`` as another run than the one it saved: with other
+    settings (``_check_resume_settings``), or on data files that now hold other rows (``_check_resume_data``).
+    Call it before the run's own config and data digests are written over. What a checkpoint holds no copy
+    of is not checked."""
+    _check_resume_settings(path, cfg)
+    _check_resume_data(path, cfg)
+
+
+def _check_resume_settings(path: Path, cfg) -> None:
     """Refuse (ConfigError, naming each change) to resume checkpoint ``path`` with settings other than those
     in its copy of the run's config, except ``MAY_CHANGE_ON_RESUME``. A new learning rate, batch size, seed,
     data file or length (``max_steps``, ``epochs``: the schedule's length too) would silently train half of
-    one run and half of another, while the run's recorded config claimed the new settings throughout.
-    Call it before the run's own config is written over. A checkpoint without a copy is not checked."""
+    one run and half of another, while the run's recorded config claimed the new settings throughout."""
     if not (path / CONFIG_FILE).is_file():
         return
     # both as save_config writes them and load_yaml reads them back, so that equal settings compare equal

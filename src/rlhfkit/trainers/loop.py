@@ -29,8 +29,7 @@ from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import (CONFIG_FILE, DATA_FILE, Checkpoints, NonFinite, StopRequest,
-                                         check_no_earlier_run, check_resume_config, check_resume_data, data_digests,
-                                         find_checkpoint)
+                                         check_no_earlier_run, check_resume_config, data_digests, find_checkpoint)
 
 # indices → (mean loss over its units, the number of units — tokens or examples —, detached metrics)
 Metric = float | tuple[float, float]  # a mean over the micro-batch's units, or (mean, count) over some of them
@@ -134,13 +133,18 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
     return norm
 
 
+UNREAD_BY_ROLLOUTS = ("batch_size", "grad_accum", "epochs")  # the supervised batches' settings in ``train``
+# a rollout command's ``--help`` for the ``train`` section it shares with the supervised ones (config ``HELP``)
+ROLLOUT_TRAIN_HELP = {"train.max_steps": "rollout steps (1 or more)",
+                      **{f"train.{k}": None for k in UNREAD_BY_ROLLOUTS}}
+
+
 def check_rollout_train(train: TrainConfig, batches: str) -> None:
     """A rollout trainer's ``train`` section: ``max_steps`` counts its steps (at least one), and the settings
     of supervised batches, which it does not read, keep their defaults (``batches`` names its own)."""
     if train.max_steps < 1:
         raise ValueError(f"train.max_steps is the number of rollout steps: set it to 1 or more, got {train.max_steps}")
-    unread = [f"train.{k}" for k in ("batch_size", "grad_accum", "epochs")
-              if getattr(train, k) != getattr(TrainConfig(), k)]
+    unread = [f"train.{k}" for k in UNREAD_BY_ROLLOUTS if getattr(train, k) != getattr(TrainConfig(), k)]
     if unread:
         raise ValueError(f"{', '.join(unread)} set, but a rollout step's batches are {batches}")
 
@@ -434,7 +438,6 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
                           "--train.out")
     if cfg.train.resume:
         check_resume_config(find_checkpoint(out, cfg.train.resume), cfg)
-        check_resume_data(find_checkpoint(out, cfg.train.resume), cfg)
     else:
         check_no_earlier_run(out, cfg.train.overwrite_output_dir, cfg.model.path)
     out.mkdir(parents=True, exist_ok=True)

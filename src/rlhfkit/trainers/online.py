@@ -41,8 +41,8 @@ from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
-from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, check_rollout_train, evaluate_on_main,
-                                  optimizer_step, rollout_steps, start_run)
+from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, batch_indices, build_optimizer, check_rollout_train,
+                                  evaluate_on_main, optimizer_step, rollout_steps, start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -51,9 +51,7 @@ Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 class OnlineConfig:
     """Critic-free online RL: G samples per prompt, advantages without a value model."""
 
-    # the training loop's section is shared with the supervised trainers: what a rollout step reads of it
-    HELP = {"train.max_steps": "rollout steps (1 or more)", "train.batch_size": None, "train.grad_accum": None,
-            "train.epochs": None}
+    HELP = ROLLOUT_TRAIN_HELP  # the training loop's section, shared with the supervised trainers: what it reads
 
     prompts: str = arg("", "prompts file: a `prompt` column, plus any columns the reward functions read")
     rewards: list[str] = arg([], "rewards: 'module:function' names (trusted code you chose) and/or reward-model "

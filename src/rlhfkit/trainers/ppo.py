@@ -32,17 +32,15 @@ from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
-from rlhfkit.trainers.loop import (Logger, batch_indices, build_optimizer, check_rollout_train, evaluate_on_main,
-                                  optimizer_step, rollout_steps, start_run)
+from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, batch_indices, build_optimizer, check_rollout_train,
+                                  evaluate_on_main, optimizer_step, rollout_steps, start_run)
 
 
 @dataclass
 class PPOConfig:
     """`rlhfkit ppo`: optimise the SFT model against a reward model, leashed to it by a KL penalty."""
 
-    # the training loop's section is shared with the supervised trainers: what a rollout step reads of it
-    HELP = {"train.max_steps": "rollout steps (1 or more)", "train.batch_size": None, "train.grad_accum": None,
-            "train.epochs": None}
+    HELP = ROLLOUT_TRAIN_HELP  # the training loop's section, shared with the supervised trainers: what it reads
 
     prompts: str = arg("", "prompts file (a `prompt` column)")
     reward_model: str = arg("", "reward-model directory (from `rlhfkit rm`); in shared mode a LoRA reward model "
