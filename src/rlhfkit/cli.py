@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhfkit import __version__
-from rlhfkit.config import ConfigError, GenerationConfig, ModelConfig, arg, parse_args
+from rlhfkit.config import ConfigError, GenerationConfig, ModelConfig, arg, columns_arg, parse_args
 
 
 @dataclass
@@ -49,6 +49,7 @@ class GenerateConfig:
 
     prompt: list[str] = arg([], "prompt text (commas and all); repeat the flag for several", split=False)
     prompts: str = arg("", "file of prompts (a `prompt` column) to answer instead")
+    columns: dict[str, str] = columns_arg()
     chat: bool = arg(False, "send each --prompt as a user message through the model's chat template (an "
                      "instruct model's format); a file's chat prompts always are")
     limit: int = arg(10, "answer at most this many prompts from the file")
@@ -64,6 +65,7 @@ class EvalConfig:
 
     prompts: str = arg("runs/data/prompts_test.jsonl", "prompts file (the built-in task's test split, or yours "
                        "with --rewards)")
+    columns: dict[str, str] = columns_arg()
     rewards: list[str] = arg([], "score with these instead of the built-in task's gold reward: 'module:function' "
                              "names (trusted code you chose) and/or reward-model directories, summed")
     reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
@@ -116,10 +118,10 @@ def cmd_sft(cfg) -> None:
     _report(metrics, f"model saved to {cfg.train.out}")
 
 
-def _prompt_file(path: str, limit: int) -> list:
+def _prompt_file(path: str, limit: int, columns: dict[str, str]) -> list:
     from rlhfkit.data.formats import load_prompts
 
-    prompts = [r["prompt"] for r in load_prompts(path)]
+    prompts = [r["prompt"] for r in load_prompts(path, columns)]
     return prompts[:limit] if limit > 0 else prompts
 
 
@@ -138,7 +140,7 @@ def cmd_generate(cfg: GenerateConfig) -> None:
 
     typed = [p.replace("\\n", "\n") for p in cfg.prompt]
     prompts = ([[{"role": "user", "content": p}] for p in typed] if cfg.chat else typed) or (
-        _prompt_file(cfg.prompts, cfg.limit) if cfg.prompts else [])
+        _prompt_file(cfg.prompts, cfg.limit, cfg.columns) if cfg.prompts else [])
     if not prompts:
         raise ConfigError("nothing to answer: pass --prompt TEXT or --prompts FILE")
     model, tokenizer = _load(cfg.model)
@@ -153,7 +155,7 @@ def cmd_eval(cfg: EvalConfig) -> None:
 
     if cfg.rewards:
         return _eval_rewards(cfg)
-    prompts = _prompt_file(cfg.prompts, cfg.limit)
+    prompts = _prompt_file(cfg.prompts, cfg.limit, cfg.columns)
     foreign = [p for p in prompts if not isinstance(p, str) or prompt_topic(p) is None]
     if foreign:  # the gold reward would score them all 0 or at random
         raise ConfigError(f"{cfg.prompts}: {len(foreign)} of {len(prompts)} prompts are not the built-in task's "
@@ -179,7 +181,7 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     from rlhfkit.rewards import build_reward
     from rlhfkit.trainers.online import evaluate_rewards
 
-    rows = load_prompts(cfg.prompts)
+    rows = load_prompts(cfg.prompts, cfg.columns)
     rows = rows[:cfg.limit] if cfg.limit > 0 else rows
     reward = build_reward(cfg.rewards, cfg.reward_weights)  # refused before the model loads
     model, tokenizer = _load(cfg.model)
@@ -201,6 +203,7 @@ class RewardEvalConfig:
 
     model: str = arg("", "reward-model directory (from `rlhfkit rm`)")
     data: str = arg("runs/data/preference_test.jsonl", "held-out preference pairs")
+    columns: dict[str, str] = columns_arg()
     meta: str = arg("", "the task's meta.json, for the accuracy ceiling the label noise allows (default: beside data)")
     out: str = arg("", "also write the figures to this JSON file")
 
@@ -219,7 +222,7 @@ def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
 
     if not cfg.model:
         raise ConfigError("no reward model given: pass --model DIR")
-    result = reward_model_eval(RewardModel.from_pretrained(cfg.model), load_preference(cfg.data))
+    result = reward_model_eval(RewardModel.from_pretrained(cfg.model), load_preference(cfg.data, cfg.columns))
     meta = Path(cfg.meta) if cfg.meta else Path(cfg.data).parent / "meta.json"
     if meta.is_file():
         split = Path(cfg.data).stem.rpartition("_")[2]  # preference_test → test
@@ -248,7 +251,7 @@ def cmd_ppo(cfg) -> None:
 
         hooks["probe"] = gold_probe
         if cfg.eval_prompts:
-            eval_prompts = _prompt_file(cfg.eval_prompts, 0)
+            eval_prompts = _prompt_file(cfg.eval_prompts, 0, cfg.columns)
 
             def evaluate(model, tokenizer):
                 result = gold_eval(model, tokenizer, eval_prompts, cfg.generation, seed=cfg.train.seed)

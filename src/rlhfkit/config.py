@@ -235,6 +235,11 @@ def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str], split: 
         items = [_convert(v, args[0] if args else Any, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return tuple(items) if tuple in (origin, tp) else items
     if origin is dict or tp is dict:
+        if isinstance(value, str):  # from the command line: --columns prompt=question,completion=answer
+            items = [item.partition("=") for item in value.split(",") if item.strip()]
+            if not all(sep and k.strip() for k, sep, _ in items):
+                raise bad("; write KEY=VALUE pairs separated by commas")
+            value = {k.strip(): v.strip() for k, _, v in items}
         if not isinstance(value, Mapping):
             raise bad()
         kt, vt = args or (Any, Any)
@@ -496,6 +501,12 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+def columns_arg() -> Any:
+    """The ``columns`` field of a command that reads data files: the file's column names for ours."""
+    return arg({}, "your file's column for each of ours, e.g. prompt=question,completion=answer (YAML: a mapping); "
+               "empty = the files use our names")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,6 +95,22 @@ def test_sft_with_lora_saves_an_adapter_that_exports(tiny_model_dir, task_dir, t
     torch.testing.assert_close(adapted(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_a_file_with_its_own_column_names_trains_as_ours_does(tiny_model_dir, task_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    rows = [json.loads(line) for line in (task_dir / "sft.jsonl").read_text().splitlines()]
+    renamed = tmp_path / "qa.jsonl"
+    renamed.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["completion"]}) + "\n" for r in rows))
+    common = ["--model", path, "--train.max_steps", "2", "--train.batch_size", "4", "--train.tensorboard", "false"]
+    assert main(["sft", *common, "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "ours")]) == 0
+    assert main(["sft", *common, "--data", str(renamed), "--columns", "prompt=question,completion=answer",
+                 "--out", str(tmp_path / "theirs")]) == 0
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "theirs").state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    before = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert any(not torch.equal(before[k], ours[k]) for k in ours)  # it trained
+
+
 def test_chat_messages_data_uses_the_chat_template(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2")
     data = tmp_path / "chat.jsonl"

@@ -365,6 +365,15 @@ def test_path_dict_and_optional_section(tmp_path):
     assert from_dict(Extras, load_yaml(path)) == cfg
 
 
+def test_a_dict_from_one_flag():
+    assert parse_args(Extras, ["--weights", "b=2, c = 0.5"]).weights == {"b": 2.0, "c": 0.5}
+    for bad in ("b", "=2", "b=2,c"):
+        with pytest.raises(ConfigError, match="expected dict.*write KEY=VALUE pairs separated by commas"):
+            parse_args(Extras, ["--weights", bad])
+    with pytest.raises(ConfigError, match=r"'weights\.b'.*expected float, got 'x'"):
+        parse_args(Extras, ["--weights", "b=x"])
+
+
 def test_only_the_writing_process_reports_the_saved_model(monkeypatch, capsys):
     from rlhfkit.cli import _report
 

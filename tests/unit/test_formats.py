@@ -523,3 +523,47 @@ def test_property_trainers_stop_on_malformed_rows_naming_file_row_field(tmp_path
     assert code == 2
     assert capsys.readouterr().err.strip() == f"rlhfkit {command}: {expected}"
     assert not (tmp_path / "out").exists()  # stopped before the run directory was made
+
+
+# --------------------------------------------------------------------------- column mapping
+
+
+def test_columns_map_the_files_names_to_ours(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4", "id": 1}])
+    assert load_sft(path, {"prompt": "question", "completion": "answer"}) == [
+        {"prompt": "2+2?", "completion": "4", "id": 1}]
+    # a prompts file keeps its other columns for reward functions, the mapped one under our name only
+    assert load_prompts(path, {"prompt": "question"}) == [{"prompt": "2+2?", "answer": "4", "id": 1}]
+    pairs = write_csv(tmp_path / "p.csv", [{"q": "hi", "good": "hello", "bad": "go away"}])
+    assert load_preference(pairs, {"prompt": "q", "chosen": "good", "rejected": "bad"}) == [
+        {"prompt": "hi", "chosen": "hello", "rejected": "go away"}]
+    unpaired = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "hi", "completion": "yo", "thumbs_up": 0}])
+    assert load_unpaired(unpaired, {"label": "thumbs_up"})[0]["label"] is False
+    # two of our names swapped is a mapping too
+    assert load_preference(pairs, {"prompt": "q", "chosen": "bad", "rejected": "good"})[0]["chosen"] == "go away"
+
+
+def test_column_errors_name_the_files_column(tmp_path):
+    columns = {"prompt": "question", "completion": "answer"}
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "b"}, {"question": "c", "answer": 5}])
+    err = raises(lambda p: load_sft(p, columns), path, row=1, field="answer", match="expected a string")
+    assert "completion" not in str(err)
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"q": [{"role": "robot", "content": "hi"}]}])
+    raises(lambda p: load_prompts(p, {"prompt": "q"}), chats, row=0, field="q[0].role")
+    missing = write_jsonl(tmp_path / "m.jsonl", [{"text": "a"}])
+    err = raises(lambda p: load_prompts(p, {"prompt": "question"}), missing, row=0, field="question")
+    assert "'text'" in str(err) and "pass --columns" not in str(err)  # the row's columns as the file names them
+    err = raises(load_prompts, missing, row=0, field="prompt")
+    assert "pass --columns prompt=THAT_COLUMN" in str(err)
+
+
+def test_bad_column_mappings_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "a", "question": "b", "completion": "c"}])
+    raises(lambda p: load_sft(p, {"chosen": "question"}), path, row=None, field=None,
+           match="no 'chosen' column to map; its columns are prompt, completion, messages")
+    raises(lambda p: load_sft(p, {"prompt": "question", "completion": "question"}), path, row=None, field=None,
+           match="two of our columns to one")
+    raises(lambda p: load_sft(p, {"prompt": ""}), path, row=None, field=None, match="expected the name of a column")
+    # the file also has a column under the name taken: one of the two would be lost
+    raises(lambda p: load_sft(p, {"prompt": "question"}), path, row=0, field="prompt",
+           match="has a column 'prompt' and columns.prompt names 'question'")

@@ -9,6 +9,8 @@ folders written by ``datasets.Dataset.save_to_disk``. Columns, as the ecosystem 
 - Unpaired (KTO): ``prompt``, ``completion``, ``label`` (bool).
 - Prompts only (PPO, GRPO, RLOO): ``prompt``, plus any columns a reward function needs.
 
+A file that names them otherwise is read with ``columns`` (ours → the file's, ``{"prompt": "question"}``).
+
 Each ``load_*`` checks every row before training starts and raises :class:`DataError`
 naming the file, the row and the field of the first problem. Data is only ever parsed
 (json, csv, pyarrow), never executed.
@@ -21,9 +23,10 @@ import io
 import json
 import math
 import os
+import re
 import reprlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
@@ -300,12 +303,22 @@ def _bad_bytes(text: str) -> str:
 
 
 class _Row:
-    """One record being validated, and where it came from, for error messages."""
+    """One record being validated, and where it came from, for error messages.
 
-    def __init__(self, path, row: int, record: dict, from_csv: bool):
-        self.path, self.row, self.record, self.from_csv = path, row, record, from_csv
+    ``columns`` maps our column names to the file's (``{"prompt": "question"}``): ``record`` holds
+    the row under our names, and errors name the file's columns.
+    """
+
+    def __init__(self, path, row: int, record: dict, from_csv: bool, columns: Mapping[str, str] | None = None):
+        self.path, self.row, self.from_csv = path, row, from_csv
+        self.columns = dict(columns or {})
+        self.file_keys = list(record)
+        self.record = _renamed(self, record) if self.columns else record
 
     def error(self, field: str | None, problem: str) -> DataError:
+        if field is not None:  # 'prompt[2].content' → 'question[2].content'
+            head = re.match(r"[^\[.]*", field).group()
+            field = self.columns.get(head, head) + field[len(head):]
         return DataError(self.path, problem, row=self.row, field=field)
 
     def present(self, key: str) -> bool:
@@ -317,13 +330,27 @@ class _Row:
     def require(self, key: str, expected: str) -> Any:
         """The value at ``key``; absent or null is an error (an empty CSV cell is the text '')."""
         if self.record.get(key) is None:
-            columns = ", ".join(f"'{_printable(k)}'" for k in self.record) or "none"
-            raise self.error(key, f"missing; expected {expected} (columns in this row: {columns})")
+            columns = ", ".join(f"'{_printable(k)}'" for k in self.file_keys) or "none"
+            hint = (f"; if one of them holds it, pass --columns {key}=THAT_COLUMN"
+                    if self.file_keys and key not in self.columns else "")
+            raise self.error(key, f"missing; expected {expected} (columns in this row: {columns}){hint}")
         return self.record[key]
 
     def extras(self, standard: tuple[str, ...]) -> dict:
         """Columns outside the schema, kept as they are (e.g. for reward functions)."""
         return {k: v for k, v in self.record.items() if k not in standard}
+
+
+def _renamed(row: _Row, record: dict) -> dict:
+    """``record`` with the file's columns under our names (``row.columns``: ours → the file's).
+    A file column already bearing one of the names taken is an error: one of the two would be lost."""
+    theirs = {file_key: ours for ours, file_key in row.columns.items()}
+    for ours, file_key in row.columns.items():
+        if ours in record and ours != file_key and ours not in theirs:
+            raise DataError(row.path, f"has a column '{_printable(ours)}' and columns.{ours} names "
+                                      f"'{_printable(file_key)}' as the '{ours}' column; rename or drop one",
+                            row=row.row, field=ours)
+    return {theirs.get(k, k): v for k, v in record.items()}
 
 
 def _string(row: _Row, value: Any, field: str, *, non_empty: bool) -> str:
@@ -395,10 +422,21 @@ def _messages(row: _Row, value: Any, field: str, *, ends_with_reply: bool) -> li
 # --------------------------------------------------------------------------- schemas
 
 
-def _validate(path, convert: Callable[[_Row], dict]) -> list[dict]:
+def _validate(path, convert: Callable[[_Row], dict], standard: tuple[str, ...],
+              columns: Mapping[str, str] | None) -> list[dict]:
+    """Every record of ``path`` through ``convert``; ``columns`` renames the file's columns to the
+    ``standard`` names of this kind of data (``{"prompt": "question"}``: the file's 'question' is our 'prompt')."""
+    for ours, file_key in (columns or {}).items():
+        if ours not in standard:
+            raise DataError(path, f"columns.{ours}: this data has no '{ours}' column to map; its columns are "
+                                  f"{', '.join(standard)}")
+        if not isinstance(file_key, str) or not file_key:
+            raise DataError(path, f"columns.{ours}: expected the name of a column in the file, got {file_key!r}")
+    if len(set((columns or {}).values())) < len(columns or {}):
+        raise DataError(path, f"columns maps two of our columns to one of the file's: {dict(columns)}")
     records = read_records(path)
     from_csv = Path(path).suffix.lower() == ".csv" and not Path(path).is_dir()
-    return [convert(_Row(path, i, record, from_csv)) for i, record in enumerate(records)]
+    return [convert(_Row(path, i, record, from_csv, columns)) for i, record in enumerate(records)]
 
 
 _SFT = ("prompt", "completion", "messages")
@@ -418,13 +456,13 @@ def _sft_row(row: _Row) -> dict:
     return {"prompt": prompt, "completion": completion, **row.extras(_SFT)}
 
 
-def load_sft(path: str | os.PathLike) -> list[dict]:
+def load_sft(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> list[dict]:
     """SFT rows: ``{"prompt": str, "completion": str}`` or ``{"messages": [...]}``, extras kept.
 
     ``prompt`` may be empty; ``completion`` may not. ``messages`` ends with a non-empty
     assistant reply after at least one other message; in CSV it is JSON-encoded text.
     """
-    return _validate(path, _sft_row)
+    return _validate(path, _sft_row, _SFT, columns)
 
 
 def _reply(row: _Row, field: str, like: tuple[str, Any] | None = None) -> str | list[dict]:
@@ -520,7 +558,7 @@ def _preference_row(row: _Row) -> dict:
     return {**out, **row.extras(_PREFERENCE)}
 
 
-def load_preference(path: str | os.PathLike) -> list[dict]:
+def load_preference(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> list[dict]:
     """Preference rows ``{"prompt", "chosen", "rejected"[, "margin"]}``, extras kept.
 
     All text, or all messages: ``prompt`` a string (may be empty) or messages list, and
@@ -531,7 +569,7 @@ def load_preference(path: str | os.PathLike) -> list[dict]:
     present, is a finite number (output as float); a row without one (or with an empty cell) has none,
     which the reward model's loss reads as 0.
     """
-    return _validate(path, _preference_row)
+    return _validate(path, _preference_row, _PREFERENCE, columns)
 
 
 def _label(row: _Row) -> bool:
@@ -552,24 +590,27 @@ def _unpaired_row(row: _Row) -> dict:
     return {"prompt": prompt, "completion": completion, "label": _label(row), **row.extras(_UNPAIRED)}
 
 
-def load_unpaired(path: str | os.PathLike) -> list[dict]:
+def load_unpaired(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> list[dict]:
     """Unpaired (KTO) rows ``{"prompt", "completion", "label": bool}``, extras kept.
 
     ``prompt`` and ``completion`` as for preference data (text, or messages with the
     completion ending in an assistant reply). ``label`` is a bool, 0/1, or the text
     true/false/yes/no/1/0 in any case.
     """
-    return _validate(path, _unpaired_row)
+    return _validate(path, _unpaired_row, _UNPAIRED, columns)
+
+
+_PROMPTS = ("prompt",)
 
 
 def _prompts_row(row: _Row) -> dict:
-    return {"prompt": _prompt(row, non_empty=True), **row.extras(("prompt",))}
+    return {"prompt": _prompt(row, non_empty=True), **row.extras(_PROMPTS)}
 
 
-def load_prompts(path: str | os.PathLike) -> list[dict]:
+def load_prompts(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> list[dict]:
     """Prompt rows ``{"prompt": str | messages, ...}`` for online RL; every other column
     is kept as it is, for reward functions. A text prompt must be non-empty."""
-    return _validate(path, _prompts_row)
+    return _validate(path, _prompts_row, _PROMPTS, columns)
 
 
 LOADERS: dict[str, Callable[[str | os.PathLike], list[dict]]] = {

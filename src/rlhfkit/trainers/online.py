@@ -28,7 +28,7 @@ import torch
 
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
-from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
@@ -76,6 +76,7 @@ class OnlineConfig:
         "token_sum_norm, rloo and reinforce_pp: token_mean)")
     eval_prompts: str = arg("", "held-out prompts: mean of each reward (one sample each) every train.eval_every "
                             "steps and at the end")
+    columns: dict[str, str] = columns_arg()
     model: ModelConfig = arg(ModelConfig, "the SFT model: the policy starts here and the reference stays here")
     lora: LoraConfig = arg(LoraConfig(enabled=True, target_modules="all-linear+head"),
                            "the policy's adapter (the reference is the base with adapters off); enabled false: "
@@ -283,8 +284,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
 
     ``reward`` replaces the rewards named in the config (any CombinedReward).
     """
-    rows = load_prompts(cfg.prompts)
-    eval_rows = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    rows = load_prompts(cfg.prompts, cfg.columns)
+    eval_rows = load_prompts(cfg.eval_prompts, cfg.columns) if cfg.eval_prompts else []
     strategy = STRATEGIES[cfg.advantage]
     reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, prompts_per_step=cfg.prompts_per_step,

@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import AdaptiveKLController, FixedKLController, gae, masked_mean, masked_var, masked_whiten
-from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
 from rlhfkit.losses import policy_loss, value_loss
@@ -71,6 +71,7 @@ class PPOConfig:
     target_kl: float | None = arg(None, "stop a step's remaining updates once a mini-batch's approx-KL to the "
                                         "rollout policy, before its update, exceeds 1.5 × this (None: never)")
     eval_prompts: str = arg("", "held-out prompts evaluated every train.eval_every steps and at the end")
+    columns: dict[str, str] = columns_arg()
     task: Literal["none", "describe"] = arg("none", "built-in task whose gold reward is reported (evaluation only; "
                                             "never a training signal)")
     model: ModelConfig = arg(ModelConfig, "the SFT model: actor and reference start here")
@@ -288,7 +289,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     ``probe(prompts, texts)`` adds metrics about each rollout (the quickstart's gold reward);
     ``evaluate(model, tokenizer)`` runs every ``train.eval_every`` steps and at the end.
     """
-    rows = load_prompts(cfg.prompts)
+    rows = load_prompts(cfg.prompts, cfg.columns)
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
     if score_fn is None:

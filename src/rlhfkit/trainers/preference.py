@@ -24,7 +24,7 @@ import torch
 
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.advantages import masked_mean
-from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
@@ -48,6 +48,7 @@ class PreferenceConfig:
 
     data: str = arg("", "training file: prompt/chosen/rejected rows (KTO: prompt/completion/label)")
     eval_data: str = arg("", "held-out file of the same kind, for eval loss and rewards (empty = none)")
+    columns: dict[str, str] = columns_arg()
     max_length: int = arg(256, "tokens per sequence at most (prompt + completion + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
@@ -387,8 +388,8 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     """Train ``cfg.model.path`` on ``cfg.data`` with the method ``cfg`` configures; the model
     (or LoRA adapter) lands in ``cfg.train.out``. Returns the last logged metrics."""
     objective = OBJECTIVES[type(cfg)](cfg)
-    rows = objective.read(cfg.data)  # validates every row before anything is loaded
-    eval_rows = objective.read(cfg.eval_data) if cfg.eval_data else []
+    rows = objective.read(cfg.data, cfg.columns)  # validates every row before anything is loaded
+    eval_rows = objective.read(cfg.eval_data, cfg.columns) if cfg.eval_data else []
     refuse_adapter_dir(cfg.model.path, type(cfg).__name__.removesuffix("Config"))
     check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)

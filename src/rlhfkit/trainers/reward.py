@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from statistics import mean, pstdev
 from typing import Literal
 
 import torch
 
-from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import collate, encode_pair, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
@@ -34,6 +35,7 @@ class RewardConfig:
     data: str = arg("", "preference file with prompt, chosen, rejected (and an optional margin) columns")
     eval_data: str = arg("", "held-out pairs; empty = hold out eval_fraction of the training rows")
     eval_fraction: float = arg(0.05, "share of training pairs held out when eval_data is empty", ge=0, lt=1)
+    columns: dict[str, str] = columns_arg()
     max_length: int = arg(256, "tokens per sequence at most (prompt + response + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
@@ -54,7 +56,8 @@ def pair_scores(model, batch: dict[str, torch.Tensor], n_pairs: int) -> tuple[to
 def train(cfg: RewardConfig) -> dict[str, float]:
     """Train a reward model from ``cfg.model.path`` on ``cfg.data``; saved to ``cfg.train.out``."""
     # every row is validated before anything is loaded
-    records, eval_records = split_eval(load_preference, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
+    load = partial(load_preference, columns=cfg.columns)
+    records, eval_records = split_eval(load, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
     refuse_adapter_dir(cfg.model.path, "a reward model")  # a causal LM's adapter: its head is not a score head
     check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)

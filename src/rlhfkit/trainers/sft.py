@@ -8,11 +8,12 @@ carry no loss, whatever the padding side.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 
-from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, encoding, fit_to_length, label_mask
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import masked_logprobs
@@ -29,6 +30,7 @@ class SFTConfig:
     eval_data: str = arg("", "evaluation file; empty = hold out eval_fraction of the training rows")
     eval_fraction: float = arg(0.05, "share of training rows held out for eval loss when eval_data is empty",
                                ge=0, lt=1)
+    columns: dict[str, str] = columns_arg()
     max_length: int = arg(256, "tokens per example at most (prompt + completion + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
@@ -53,7 +55,8 @@ def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 def train(cfg: SFTConfig) -> dict[str, float]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; the model lands in ``cfg.train.out``."""
     # every row is validated before anything is loaded
-    records, eval_records = split_eval(load_sft, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
+    load = partial(load_sft, columns=cfg.columns)
+    records, eval_records = split_eval(load, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
     refuse_adapter_dir(cfg.model.path, "SFT")
     check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)
