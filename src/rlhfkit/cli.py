@@ -179,11 +179,13 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     """``eval`` with the user's rewards: one sample per prompt, each reward's mean ± standard error."""
     from rlhfkit.data.formats import load_prompts
     from rlhfkit.rewards import build_reward
-    from rlhfkit.trainers.online import evaluate_rewards
+    from rlhfkit.trainers.online import evaluate_rewards, with_every_column
 
     rows = load_prompts(cfg.prompts, cfg.columns)
     rows = rows[:cfg.limit] if cfg.limit > 0 else rows
     reward = build_reward(cfg.rewards, cfg.reward_weights)  # refused before the model loads
+    rows = with_every_column(rows)
+    reward.check_columns(rows[0] if rows else [], cfg.prompts)
     model, tokenizer = _load(cfg.model)
     figures = evaluate_rewards(model, tokenizer, rows, reward, cfg.generation, cfg.seed)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"

@@ -467,7 +467,8 @@ def help_text(cls: type, prog: str = "rlhfkit <cmd>") -> str:
         if rows:
             lines.extend(["", title])
         for f, tp, v in rows:
-            bounds = f.metadata.get("bounds")
+            # a command wording a shared field states its own bounds (rollouts: max_steps 1 or more, not >= 0)
+            bounds = None if own_help.get(prefix + f.name) else f.metadata.get("bounds")
             lines.extend([f"  --{prefix}{f.name} {_type_name(tp)}  (default: {_show(v)}"
                           f"{'; ' + _rule(bounds) if bounds else ''})",
                           f"        {own_help.get(prefix + f.name) or f.metadata.get('help', '')}"])

@@ -19,6 +19,7 @@ wrong number of values, or a value that is not a finite number fails with a :cla
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -108,6 +109,22 @@ class Reward:
     weight: float = 1.0
 
 
+def column_fit(fn: RewardFn, columns: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(columns ``fn`` requires that are not among ``columns``, ``columns`` it cannot be given), read from its
+    signature: parameters besides prompts and completions without a default are columns it requires; without
+    a ``**kwargs`` it takes no others. Both empty when the signature cannot be read."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return [], []
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    given = {"prompts", "completions", *columns}
+    missing = [name for name, p in named.items() if p.default is p.empty and name not in given]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    unwanted = [] if takes_any else [c for c in columns if c not in named]
+    return missing, unwanted
+
+
 class CombinedReward:
     """Σ_k w_k · r_k over several rewards; also reports each reward's values."""
 
@@ -115,6 +132,21 @@ class CombinedReward:
         if not rewards:
             raise RewardError("no reward given: set rewards to 'module:function' names or reward-model directories")
         self.rewards = rewards
+
+    def check_columns(self, columns: Iterable[str], source: str) -> None:
+        """RewardError, before any sampling, for a reward function that requires a column ``source`` (a prompts
+        file) lacks, or that cannot be called with one of its ``columns`` (every column reaches every function)."""
+        columns = [c for c in columns if c != "prompt"]
+        have = ", ".join(["prompt", *columns])
+        for r in self.rewards:
+            missing, unwanted = column_fit(r.fn, columns)
+            if missing:
+                raise RewardError(f"reward {r.name!r} takes column {missing[0]!r}, which {source} does not have "
+                                  f"(its columns: {have}); add it to the file, or give the parameter a default")
+            if unwanted:
+                raise RewardError(f"reward {r.name!r} would be called with {source}'s column {unwanted[0]!r} "
+                                  "(every column reaches every reward function, as in TRL), which it does not "
+                                  "take: add **kwargs to its parameters")
 
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -164,6 +164,28 @@ def test_reward_function_errors_name_the_function(tiny_model_dir, arithmetic_dir
     assert "reward 'broken' returned nan" in capsys.readouterr().err
 
 
+def test_a_column_a_reward_function_needs_is_checked_before_sampling(tiny_model_dir, arithmetic_dir, tmp_path,
+                                                                    capsys):
+    rows = [json.loads(line) for line in (arithmetic_dir / "prompts_train.jsonl").read_text().splitlines()]
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "prompts_train.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n"
+                                                                   for r in rows))
+    rc = _run("grpo", tiny_model_dir("llama"), tmp_path / "bare", tmp_path / "x", "--eval_prompts", "",
+              "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
+    err = capsys.readouterr().err
+    assert rc == 2 and "reward 'exact_answer' takes column 'answer', which" in err and "(its columns: prompt)" in err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists() or not (tmp_path / "x" / "metrics.jsonl").read_text()
+    # the file's own names, mapped to ours: the other columns reach the reward function as they are
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "prompts_train.jsonl").write_text("".join(
+        json.dumps({"question": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows))
+    assert _run("grpo", tiny_model_dir("llama"), tmp_path / "theirs", tmp_path / "y", "--eval_prompts", "",
+                "--columns", "prompt=question", "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer",
+                "--train.max_steps", "1") == 0
+    logs = [json.loads(line) for line in (tmp_path / "y" / "metrics.jsonl").read_text().splitlines()]
+    assert "reward/exact_answer" in logs[0]
+
+
 def test_rloo_refuses_a_method_of_another_command(tiny_model_dir, arithmetic_dir, tmp_path, capsys):
     rc = _run("rloo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", "--advantage", "grpo",
               "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")

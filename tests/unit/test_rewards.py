@@ -56,6 +56,19 @@ def test_function_gets_prompts_completions_and_columns(reward_module):
     assert total.tolist() == [2.0 * 1 + 0.5 * 1, 0.5 * 3]
 
 
+def test_columns_a_function_needs_or_cannot_take_are_refused_before_sampling(reward_module):
+    reward_module.no_kwargs = lambda prompts, completions, target: [1.0] * len(completions)
+    reward_module.optional = lambda prompts, completions, target=None, **kw: [1.0] * len(completions)
+    build_reward(["user_rewards:uses_column", "user_rewards:optional"]).check_columns(["prompt", "target"], "p.jsonl")
+    build_reward(["user_rewards:optional"]).check_columns(["prompt"], "p.jsonl")  # a default: not required
+    with pytest.raises(RewardError, match=r"reward 'uses_column' takes column 'target', which p\.jsonl does not "
+                                          r"have \(its columns: prompt, id\)"):
+        build_reward(["user_rewards:length", "user_rewards:uses_column"]).check_columns(["prompt", "id"], "p.jsonl")
+    build_reward(["user_rewards:no_kwargs"]).check_columns(["prompt", "target"], "p.jsonl")
+    with pytest.raises(RewardError, match="called with p.jsonl's column 'id'.*add \\*\\*kwargs"):
+        build_reward(["user_rewards:no_kwargs"]).check_columns(["prompt", "target", "id"], "p.jsonl")
+
+
 def test_tensor_return_is_accepted(reward_module):
     total, _ = build_reward(["user_rewards:as_tensor"])(["p"] * 3, ["a"] * 3)
     assert total.tolist() == [1.0, 1.0, 1.0]

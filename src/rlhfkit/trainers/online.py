@@ -166,6 +166,13 @@ STRATEGIES: dict[str, Strategy] = {
 # --------------------------------------------------------------------------- rollout, learning, evaluation
 
 
+def with_every_column(rows: list[dict]) -> list[dict]:
+    """Rows holding each column any of them has (None where one lacks it): a reward function gets the same
+    keyword arguments at every step, whichever rows the step drew."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
 def reward_inputs(rows: list[dict], repeat: int) -> tuple[list, dict[str, list]]:
     """Each row's prompt ``repeat`` times in a row (group by group), and every other column laid out alike."""
     keys = sorted({k for r in rows for k in r if k != "prompt"})
@@ -301,6 +308,10 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                              prompts_per_step=per_step)
     cfg = dataclasses.replace(cfg, prompts_per_step=per_step)  # what a step holds: the schedule counts its updates
     reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
+    rows, eval_rows = with_every_column(rows), with_every_column(eval_rows)
+    reward.check_columns(rows[0], cfg.prompts)  # before anything is sampled
+    if eval_rows:
+        reward.check_columns(eval_rows[0], cfg.eval_prompts)
     roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False) if cfg.lora.enabled
              else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta)))
     roles.shard(sharding)  # FSDP: the policy (a base and its adapter) split over the processes, before the optimiser
