@@ -71,3 +71,42 @@ def test_pad_batch_rejects_nothing_and_keeps_order():
     assert pad_batch([[1], [2, 3]], 9, "left").tolist() == [[9, 1], [2, 3]]
     assert pad_batch([[1], [2, 3]], 9, "right").tolist() == [[1, 9], [2, 3]]
     assert pad_batch([[1], [2, 3]], 9).dtype == torch.long
+
+
+def llama2_style_tokenizer():
+    """A SentencePiece tokenizer built as Llama-2's tokenizer.json is (TinyLlama, Mistral v0.1): a '▁' prepended to
+    every text and spaces read as '▁', a decoder that strips the leading space. BPE trained here on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    lines = ["User: Describe the cat.\nAssistant: The cat is calm and lovely.", "The lake is dull. Hello there."] * 20
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=["▁"], show_progress=False))
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+def test_a_completion_is_tokenised_as_it_reads_after_its_prompt():
+    from rlhfkit.rollout.engine import completion_text
+
+    tok = llama2_style_tokenizer()
+    prompt, completion = "User: Describe the cat.\nAssistant:", " The cat is calm."
+    assert tok(completion, add_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("▁")  # alone: '▁' more
+    e = encode_example(tok, prompt, completion, 64)
+    assert e.input_ids == tok(prompt + completion).input_ids + [tok.eos_token_id]
+    assert tok.decode(e.input_ids, skip_special_tokens=True) == prompt + completion  # one space, not two
+    start = e.completion_mask.index(1)
+    assert e.input_ids[:start] == tok(prompt).input_ids
+    # sampled ids read back as the text after the prompt (its leading space kept), which encodes to them again
+    text = completion_text(tok, e.input_ids[:start], e.input_ids[start:])
+    assert text == completion and tok.decode(e.input_ids[start:], skip_special_tokens=True) == completion.lstrip()
+    # a token across the seam: the completion is tokenised alone, after the prompt's own ids
+    seam = encode_example(tok, "User: Describe the c", "at.", 64)
+    assert seam.input_ids[:seam.completion_mask.index(1)] == tok("User: Describe the c").input_ids

@@ -65,9 +65,24 @@ def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids ending in EOS). After chat messages the completion is the reply as the chat
     template writes it (``templated_reply``)."""
     text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    before = render_prompt(tokenizer, prompt)
+    prompt_ids = tokenizer(before, add_special_tokens=isinstance(prompt, str)).input_ids
+    ids = completion_ids(tokenizer, before, prompt_ids, text, special=isinstance(prompt, str))
     eos = tokenizer.eos_token_id
-    return encode_prompt(tokenizer, prompt), ids if ids and ids[-1] == eos else [*ids, eos]
+    return prompt_ids, ids if ids and ids[-1] == eos else [*ids, eos]
+
+
+def completion_ids(tokenizer, before: str, prompt_ids: list[int], text: str, special: bool) -> list[int]:
+    """The ids of completion ``text`` as the tokenizer splits it after the prompt (``before``, whose ids are
+    ``prompt_ids``; ``special``: they hold the tokenizer's own special tokens): the tail of the two texts tokenised
+    as one, when that begins with the prompt's ids, as the model reads and writes it; else (a token spanning the
+    seam) the text tokenised alone. A SentencePiece tokenizer of the Llama-2 kind (TinyLlama, Mistral v0.1)
+    reads a text alone as starting a document: ' The' alone is '▁', '▁The', a token more than after a prompt,
+    which a model trained on it would learn to write before every answer."""
+    whole = tokenizer(before + text, add_special_tokens=special).input_ids
+    if len(whole) > len(prompt_ids) and whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids):]
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def templated_reply(tokenizer, messages: list, reply: str) -> str:

@@ -83,6 +83,16 @@ def cut_at_eos(ids: list[int], eos_token_id: int | list[int] | None) -> tuple[li
     return ids, False
 
 
+def completion_text(tokenizer, prompt_ids: list[int], completion: list[int]) -> str:
+    """A completion's text as it reads after its prompt (special tokens left out): decoded with the prompt, less the
+    prompt's own text, when that is how the whole begins; else decoded alone. A SentencePiece tokenizer of the
+    Llama-2 kind drops the leading space of a text decoded alone ('▁The' reads 'The'), which the completion has
+    after the prompt; ``collate.completion_ids`` reads it back to the same ids."""
+    before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + completion, skip_special_tokens=True)
+    return whole[len(before):] if whole.startswith(before) else tokenizer.decode(completion, skip_special_tokens=True)
+
+
 class KVBuffer:
     """A KV cache of fixed width: per layer (B, H, T + A, D) keys and values, written in place."""
 
@@ -553,7 +563,7 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
                 result.prompt_ids.append(ids)
                 result.completion_ids.append(completion)
                 result.has_eos.append(has_eos)
-                result.texts.append(tokenizer.decode(completion, skip_special_tokens=True))
+                result.texts.append(completion_text(tokenizer, ids, completion))
                 if logprobs:
                     result.logprobs.append(logps[i, : len(completion)].tolist())
                     result.entropy.append(entropy[i, : len(completion)].tolist())
