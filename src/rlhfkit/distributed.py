@@ -16,7 +16,6 @@ import os
 
 import torch
 
-from rlhfkit.ops import mean_of
 
 
 def truthy(value: str | None) -> bool:
@@ -112,12 +111,6 @@ def any_process(flag: bool) -> bool:
     nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     return all_sum([float(flag)], device)[0] > 0
-
-
-def mean_over_processes(records: list[dict[str, float]], device: torch.device) -> dict[str, float]:
-    """Each metric averaged over ``records`` (those that have it), then over processes."""
-    means = mean_of(records)
-    return dict(zip(means, (v / world_size() for v in all_sum(list(means.values()), device))))
 
 
 def sum_over_processes(weighted: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -202,6 +202,20 @@ def test_ppo_with_two_processes_equals_one(tiny_model_dir, task_dir, reward_dir,
             assert logs[step][key] == pytest.approx(first[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
+def test_rollout_metrics_over_unequal_shares_are_the_whole_batch_s(tiny_model_dir, task_dir, reward_dir, tmp_path):
+    # 7 prompts over 2 processes: shares of 4 and 3 rows. The logged means were plain means of the two shares'
+    # means; each is now weighted by its rows (the entropy by its tokens), as one process computes them
+    args = ["ppo", "--model", tiny_model_dir("llama"), "--reward_model", str(reward_dir),
+            "--prompts", str(task_dir / "prompts_train.jsonl"), "--train.max_steps", "1", "--rollout_batch_size", "7",
+            "--mini_batch_size", "7", "--ppo_epochs", "1", "--beta", "0.1", "--critic_in_learn", "false",
+            "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]
+    _train(args, tmp_path / "one", 1, weights="all")
+    _train(args, tmp_path / "two", 2, weights="all")
+    one, two = (json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("one", "two"))
+    for key in ("rollout/score", "rollout/response_length", "rollout/eos_share", "rollout/entropy", "rollout/kl"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
 def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path, monkeypatch):
     from rlhfkit.data.tasks import arithmetic
 

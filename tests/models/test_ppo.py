@@ -69,6 +69,23 @@ def test_first_update_starts_at_ratio_one(tiny_model_dir, rm_dir, mode):
     torch.testing.assert_close(exp.rewards[rows, last], exp.scores.clamp(-5, 5), rtol=0, atol=1e-5)
 
 
+def test_a_response_without_eos_loses_the_missing_eos_penalty_as_in_trl(tiny_model_dir):
+    # TRL's missing_eos_penalty is positive and subtracted; it was added here (a TRL value of 1 rewarded cut-offs)
+    path = tiny_model_dir("llama")
+    roles = SharedBaseRoles(ModelConfig(path=path), LoraConfig(enabled=True, r=4), CPU)
+    tok = load_tokenizer(path)
+    lift = torch.zeros(len(tok))
+    lift[tok.eos_token_id] = 6.0  # EOS likely enough to see responses with and without it
+    roles.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + lift)
+    exp, stats = make_experience(roles, tok, PROMPTS * 4, _length_score, GenerationConfig(max_new_tokens=3),
+                                 beta=0.0, seed=1, missing_eos_penalty=2.0, reward_clip=None)
+    responses = exp.input_ids[:, -exp.action_mask.shape[1]:]
+    ended = responses[torch.arange(len(exp)), exp.action_mask.sum(-1) - 1] == tok.eos_token_id
+    assert ended.any() and not ended.all()
+    expected = _length_score(stats.prompts, stats.texts) - 2.0 * (~ended)
+    torch.testing.assert_close(exp.scores, expected)
+
+
 def test_experience_cat_repads_both_halves():
     def exp(p, a, fill):
         b = join_prompt_response([[fill] * p], [[fill] * a], 0)

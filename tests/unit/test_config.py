@@ -519,3 +519,23 @@ def test_a_rollout_command_s_help_leaves_out_the_supervised_batch_settings_it_re
         assert "rollout steps (1 or more)" in text  # the shared field's bound (>= 0) is not shown beside it
         assert not any(f"--train.{k} " in text for k in ("batch_size", "grad_accum", "epochs"))
     assert all(f"--train.{k} " in help_text(SFTConfig) for k in ("batch_size", "grad_accum", "epochs"))
+
+
+def test_settings_that_would_silently_train_nothing_or_backwards_are_refused():
+    from rlhfkit.trainers.online import GRPOConfig
+    from rlhfkit.trainers.ppo import PPOConfig
+    from rlhfkit.trainers.preference import KTOConfig, ORPOConfig, SimPOConfig
+
+    assert parse_args(PPOConfig, ["--reward_clip", "none"]).reward_clip is None  # no clipping
+    refused = [(PPOConfig, "reward_clip", "0", "> 0"),  # clamp(-0, 0) zeroed every score
+               (PPOConfig, "missing_eos_penalty", "-1", ">= 0"),  # subtracted, as TRL's: -1 would reward cut-offs
+               (GRPOConfig, "missing_eos_penalty", "-1", ">= 0"),
+               (KTOConfig, "beta", "0", "> 0"), (SimPOConfig, "beta", "-2", "> 0"), (ORPOConfig, "lam", "-0.1", ">= 0")]
+    for cls, key, value, rule in refused:
+        with pytest.raises(ConfigError, match=f"bad value for '{key}'.*must be {rule}"):
+            parse_args(cls, [f"--{key}", value])
+    for method in ("grpo", "dr_grpo"):  # one sample per prompt: every advantage 0
+        with pytest.raises(ConfigError, match=f"{method} needs group_size >= 2"):
+            parse_args(GRPOConfig, ["--advantage", method, "--group_size", "1", "--rewards", "m:f"])
+    from rlhfkit.trainers.online import ReinforcePPConfig
+    assert parse_args(ReinforcePPConfig, ["--group_size", "1"]).group_size == 1  # its baseline is the batch's

@@ -101,6 +101,12 @@ class RolloutStats:
     seconds_generate: float
     seconds_score: float  # old/ref log-probs, values, reward model and advantages
     metrics: dict[str, float]
+    tokens: float = 0.0  # response tokens, over which the entropy is a mean (the others are means over rows)
+
+    def weighted(self) -> dict[str, tuple[float, float]]:
+        """Each metric as (mean, what it is a mean over): for means over processes whose shares differ in size."""
+        rows = len(self.texts)
+        return {k: (v, self.tokens if k == "rollout/entropy" else rows) for k, v in self.metrics.items()}
 
 
 def per_token(rows: list[list[float]], width: int) -> torch.Tensor:
@@ -165,7 +171,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     roles.release()  # sharded models: no backward follows these passes (a reward adapter's too) to reshard them
     has_eos = torch.tensor(gens.has_eos, device=device)
     if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
-        scores = torch.where(has_eos, scores, scores + missing_eos_penalty)
+        scores = torch.where(has_eos, scores, scores - missing_eos_penalty)
     kl = approx_kl(old, ref, kind=kl_estimator) * mask if beta else torch.zeros_like(mask)
     rewards = per_token_rewards(scores, kl, mask, beta, clip=reward_clip)
     advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam) if values else (None, None)
@@ -178,4 +184,4 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     metrics.update({"rollout/score": scores.mean().item(), "rollout/response_length": mask.sum(-1).mean().item(),
                     "rollout/eos_share": has_eos.float().mean().item(), "rollout/beta": beta,
                     "time/generate": t1 - t0, "time/forward": t2 - t1, "time/score": t3 - t2})
-    return exp, RolloutStats(gens.texts, list(prompts), t1 - t0, t3 - t1, metrics)
+    return exp, RolloutStats(gens.texts, list(prompts), t1 - t0, t3 - t1, metrics, mask.sum().item())

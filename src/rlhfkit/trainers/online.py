@@ -41,8 +41,9 @@ from rlhfkit.rollout.experience import Experience, make_experience
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
-from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, batch_indices, build_optimizer, check_rollout_train,
-                                  evaluate_on_main, optimizer_step, rollout_steps, start_run)
+from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
+                                  check_rollout_train, evaluate_on_main, metric_means, optimizer_step, rollout_steps,
+                                  start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -70,7 +71,8 @@ class OnlineConfig:
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
                       "(+ the reward at the last token)", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
-    missing_eos_penalty: float | None = arg(None, "added to the reward of samples that never emit EOS")
+    missing_eos_penalty: float | None = arg(None, "subtracted from the reward of samples that never emit EOS "
+                                                  "(as TRL's)", ge=0, lt=float("inf"))
     loss_reduction: Literal["auto", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = arg(
         "auto", "reduction of the token losses; auto = the method's own (grpo: seq_mean_token_mean, dr_grpo: "
         "token_sum_norm, rloo and reinforce_pp: token_mean)")
@@ -88,8 +90,9 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         check_rollout_train(self.train, "prompts_per_step x group_size samples, learned from in mini_batch_size "
                             "updates, epochs times")
-        if self.advantage == "rloo" and self.group_size < 2:
-            raise ValueError("rloo needs group_size >= 2 (a leave-one-out baseline needs another sample)")
+        if self.advantage != "reinforce_pp" and self.group_size < 2:  # its baseline is the whole batch's
+            raise ValueError(f"{self.advantage} needs group_size >= 2: its baseline is the other samples of the "
+                             "prompt, and with one sample every advantage is 0 (nothing would be learned)")
         if self.beta and self.advantage != "reinforce_pp":  # its advantages read each sample's reward alone
             raise ValueError(f"beta shapes REINFORCE++'s token rewards; {self.advantage} would ignore it: for a KL "
                              "penalty set kl_coef (a k3 KL-to-reference term in the loss)")
@@ -213,12 +216,14 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
                                      old_logprobs="none" if one_update(cfg) and not cfg.beta else "rollout",
                                      reference=bool(cfg.kl_coef or cfg.beta), values=False)  # no critic
     grouped = exp.scores.view(-1, G)  # (P, G)
-    # a reward's mean over the completions it applies to (None elsewhere); NaN when it applied to none
-    metrics = {**stats.metrics, **{f"reward/{k}": v.nanmean().item() for k, v in parts.items()},
-               "rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
-               "rollout/flat_groups": (grouped == grouped[:, :1]).all(-1).float().mean().item()}
-    device = exp.input_ids.device
-    return exp.gather(tokenizer.pad_token_id), distributed.mean_over_processes([metrics], device)
+    # each a mean over this process's rows (groups: G rows each), entropy's over tokens; a reward's over the
+    # completions it applies to (None elsewhere), left out of the log when it applied to none
+    sums = {}
+    add_metrics(sums, {**stats.weighted(), **{f"reward/{k}": (v.nanmean().item(), (~v.isnan()).sum().item())
+                                              for k, v in parts.items()}}, 0)
+    add_metrics(sums, {"rollout/score_std_in_group": grouped.std(-1).mean().item() if G > 1 else 0.0,
+                       "rollout/flat_groups": (grouped == grouped[:, :1]).all(-1).float().mean().item()}, len(exp))
+    return exp.gather(tokenizer.pad_token_id), metric_means(sums, exp.input_ids.device)
 
 
 def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator,

@@ -32,8 +32,9 @@ from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
-from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, batch_indices, build_optimizer, check_rollout_train,
-                                  evaluate_on_main, optimizer_step, rollout_steps, start_run)
+from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
+                                  check_rollout_train, evaluate_on_main, metric_means, optimizer_step, rollout_steps,
+                                  start_run)
 
 
 @dataclass
@@ -58,8 +59,10 @@ class PPOConfig:
     adaptive_kl: bool = arg(False, "adapt β towards kl_target (Ziegler et al. 2019)")
     kl_target: float = arg(6.0, "adaptive KL: target per-sequence KL", gt=0)
     kl_horizon: int = arg(10000, "adaptive KL: horizon in episodes", ge=1)
-    reward_clip: float = arg(5.0, "clip the proxy score to ±this before adding it")
-    missing_eos_penalty: float | None = arg(None, "added to the score of responses that never emit EOS")
+    reward_clip: float | None = arg(5.0, "clip the proxy score to ±this before adding it (none = no clipping)",
+                                    gt=0)
+    missing_eos_penalty: float | None = arg(None, "subtracted from the score of responses that never emit EOS "
+                                            "(as TRL's)", ge=0, lt=float("inf"))
     gamma: float = arg(1.0, "GAE discount γ", ge=0, le=1)
     lam: float = arg(0.95, "GAE λ", ge=0, le=1)
     clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
@@ -239,7 +242,7 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
     """One PPO step: experience → whitened advantages → learn → adapt β. Returns its metrics."""
     t_step = time.perf_counter()
     # 1. experience: rollouts_per_step batches of prompts into the buffer
-    parts, rollout_metrics, probes = [], [], []
+    parts, sums = [], {}  # the rollout metrics: each mean weighted by its rows (tokens), over the processes
     for r in range(cfg.rollouts_per_step):
         k = step * cfg.rollouts_per_step + r
         batch_prompts = [prompts[i] for i in batch_indices(k, len(prompts), cfg.rollout_batch_size, cfg.train.seed)]
@@ -252,9 +255,10 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
                 beta=kl_ctl.beta, kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
                 missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam, seeds=seeds,
                 old_logprobs="rollout", values=not one_update(cfg))
-        parts.append(exp.gather(tokenizer.pad_token_id)), rollout_metrics.append(stats.metrics)
+        parts.append(exp.gather(tokenizer.pad_token_id))
+        add_metrics(sums, stats.weighted(), 0)
         if probe:
-            probes.append(probe(stats.prompts, stats.texts))
+            add_metrics(sums, probe(stats.prompts, stats.texts), len(stats.texts))
     buffer = Experience.cat(parts, tokenizer.pad_token_id)  # the whole buffer, in every process
     t0 = time.perf_counter()
     if buffer.advantages is None:  # 2–3. one update: values, advantages and learning in one pass
@@ -268,7 +272,7 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
         # 3. learn: ppo_epochs × shuffled mini-batches; the buffer is dropped afterwards
         learned.update(learn(roles, buffer, cfg, actor_opt, critic_opt, generator, nonfinite, step + 1))
     engine.update_weights(roles.generation_model())  # the HF engine shares the module; vLLM would reload here
-    metrics = distributed.mean_over_processes(rollout_metrics + probes, buffer.input_ids.device)
+    metrics = metric_means(sums, buffer.input_ids.device)
     metrics.update(learned)
     seconds = time.perf_counter() - t_step
     metrics.update({"time/learn": time.perf_counter() - t0, "time/step": seconds,

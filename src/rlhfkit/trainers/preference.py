@@ -86,7 +86,7 @@ class DPOConfig(PreferenceConfig):
 class ORPOConfig(PreferenceConfig):
     """`rlhfkit orpo`: odds-ratio preference optimisation (Hong et al. 2024); no reference model."""
 
-    lam: float = arg(0.1, "weight of the odds-ratio term next to the chosen answer's NLL")
+    lam: float = arg(0.1, "weight of the odds-ratio term next to the chosen answer's NLL", ge=0, lt=float("inf"))
     train: TrainConfig = arg(TrainConfig(out="runs/orpo"), "training loop")
 
 
@@ -94,8 +94,8 @@ class ORPOConfig(PreferenceConfig):
 class SimPOConfig(PreferenceConfig):
     """`rlhfkit simpo`: simple preference optimisation (Meng et al. 2024); no reference model."""
 
-    beta: float = arg(2.0, "scale of the length-averaged log-prob reward")
-    gamma: float = arg(0.5, "target reward margin between chosen and rejected")
+    beta: float = arg(2.0, "scale of the length-averaged log-prob reward", gt=0, lt=float("inf"))
+    gamma: float = arg(0.5, "target reward margin between chosen and rejected", ge=0, lt=float("inf"))
     train: TrainConfig = arg(TrainConfig(out="runs/simpo"), "training loop")
 
 
@@ -103,10 +103,10 @@ class SimPOConfig(PreferenceConfig):
 class KTOConfig(PreferenceConfig):
     """`rlhfkit kto`: Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired labelled data."""
 
-    beta: float = arg(0.1, "scale of the implicit reward beta * log(pi / pi_ref)")
+    beta: float = arg(0.1, "scale of the implicit reward beta * log(pi / pi_ref)", gt=0, lt=float("inf"))
     desirable_weight: float = arg(1.0, "lambda_D; with imbalanced data aim for lambda_D n_D / (lambda_U n_U) "
-                                  "in [1, 4/3]")
-    undesirable_weight: float = arg(1.0, "lambda_U, the weight of undesirable examples")
+                                  "in [1, 4/3]", ge=0, lt=float("inf"))
+    undesirable_weight: float = arg(1.0, "lambda_U, the weight of undesirable examples", ge=0, lt=float("inf"))
     reference: ReferenceKind = arg("model", _REFERENCE_HELP)
     ref_model: str = arg("", "reference model directory; empty = model.path")
     train: TrainConfig = arg(TrainConfig(out="runs/kto"), "training loop")
