@@ -133,6 +133,16 @@ def _load(model_cfg: ModelConfig):
     return load_causal_lm(model_cfg), load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
 
 
+def _fitting(prompts: list, tokenizer, cfg, source: str) -> list:
+    """The ``prompts`` with room beside ``cfg.generation.max_new_tokens`` in ``cfg.model``'s positions; the
+    others dropped and counted (a row past them failed with an IndexError, or ran past what the model learned)."""
+    from rlhfkit.data.collate import drop_long_prompts
+    from rlhfkit.models.load import prompt_room
+
+    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
+    return [r["prompt"] for r in drop_long_prompts([{"prompt": p} for p in prompts], tokenizer, 0, source, room)]
+
+
 def cmd_generate(cfg: GenerateConfig) -> None:
     from rlhfkit.rollout.generate import generate
 
@@ -144,24 +154,33 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     if not prompts:
         raise ConfigError("nothing to answer: pass --prompt TEXT or --prompts FILE")
     model, tokenizer = _load(cfg.model)
+    prompts = _fitting(prompts, tokenizer, cfg, cfg.prompts or "--prompt")
     gens = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed)
     for prompt, text in zip(prompts, gens.texts):
         print(f"{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
 
 
-def cmd_eval(cfg: EvalConfig) -> None:
+def _refuse_foreign(prompts: list, source: str, use: str) -> None:
+    """ConfigError when some ``prompts`` are not the built-in task's, whose gold reward would score them all 0 or
+    at random; ``use`` says what reads it and what to do instead."""
     from rlhfkit.data.tasks.describe import prompt_topic
+
+    foreign = [p for p in prompts if not isinstance(p, str) or prompt_topic(p) is None]
+    if foreign:
+        raise ConfigError(f"{source}: {len(foreign)} of {len(prompts)} prompts are not the built-in task's "
+                          f"(e.g. {foreign[0]!r}), whose gold reward {use}")
+
+
+def cmd_eval(cfg: EvalConfig) -> None:
     from rlhfkit.evaluate import gold_eval
 
     if cfg.rewards:
         return _eval_rewards(cfg)
     prompts = _prompt_file(cfg.prompts, cfg.limit, cfg.columns)
-    foreign = [p for p in prompts if not isinstance(p, str) or prompt_topic(p) is None]
-    if foreign:  # the gold reward would score them all 0 or at random
-        raise ConfigError(f"{cfg.prompts}: {len(foreign)} of {len(prompts)} prompts are not the built-in task's "
-                          f"(e.g. {foreign[0]!r}), whose gold reward `eval` measures by default: score your own "
-                          "prompts with --rewards (module:function names and/or reward-model directories)")
+    _refuse_foreign(prompts, cfg.prompts, "`eval` measures by default: score your own prompts with --rewards "
+                                          "(module:function names and/or reward-model directories)")
     model, tokenizer = _load(cfg.model)
+    prompts = _fitting(prompts, tokenizer, cfg, cfg.prompts)
     result = gold_eval(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=True)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
     print(f"gold reward on {len(prompts)} prompts ({decoding}): {result.mean:.3f} ± {result.stderr:.3f}")
@@ -177,9 +196,11 @@ def cmd_eval(cfg: EvalConfig) -> None:
 
 def _eval_rewards(cfg: EvalConfig) -> None:
     """``eval`` with the user's rewards: one sample per prompt, each reward's mean ± standard error."""
+    from rlhfkit.data.collate import drop_long_prompts
     from rlhfkit.data.formats import load_prompts
+    from rlhfkit.models.load import prompt_room
     from rlhfkit.rewards import build_reward
-    from rlhfkit.trainers.online import evaluate_rewards, with_every_column
+    from rlhfkit.trainers.online import reward_figures, sample_rewards, with_every_column
 
     rows = load_prompts(cfg.prompts, cfg.columns)
     rows = rows[:cfg.limit] if cfg.limit > 0 else rows
@@ -187,7 +208,10 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     rows = with_every_column(rows)
     reward.check_columns(rows[0] if rows else [], cfg.prompts)
     model, tokenizer = _load(cfg.model)
-    figures = evaluate_rewards(model, tokenizer, rows, reward, cfg.generation, cfg.seed)
+    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
+    rows = drop_long_prompts(rows, tokenizer, 0, cfg.prompts, room=room)  # past the positions: an IndexError
+    prompts, texts, total, parts = sample_rewards(model, tokenizer, rows, reward, cfg.generation, cfg.seed)
+    figures = reward_figures(total, parts)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
     print(f"on {len(rows)} prompts ({decoding}):")
     for key, value in figures.items():
@@ -195,8 +219,11 @@ def _eval_rewards(cfg: EvalConfig) -> None:
             print(f"  {key.removeprefix('eval/')}: {value:.3f} ± {figures[key + '_stderr']:.3f}")
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        samples = [{"prompt": p, "completion": c, "reward": total[i].item(),
+                    "rewards": {name: None if v[i].isnan() else v[i].item() for name, v in parts.items()}}
+                   for i, (p, c) in enumerate(zip(prompts, texts))]
         Path(cfg.out).write_text(json.dumps({**figures, "n": len(rows), "model": cfg.model.path,
-                                             "decoding": decoding}, indent=1))
+                                             "decoding": decoding, "samples": samples}, indent=1))
 
 
 @dataclass
@@ -251,9 +278,12 @@ def cmd_ppo(cfg) -> None:
         from rlhfkit.evaluate import gold_eval
         from rlhfkit.quickstart import gold_probe
 
+        use = "--task describe reports: leave --task out on your own prompts (--eval_prompts: the reward model scores)"
+        _refuse_foreign(_prompt_file(cfg.prompts, 0, cfg.columns), cfg.prompts, use)
         hooks["probe"] = gold_probe
         if cfg.eval_prompts:
             eval_prompts = _prompt_file(cfg.eval_prompts, 0, cfg.columns)
+            _refuse_foreign(eval_prompts, cfg.eval_prompts, use)
 
             def evaluate(model, tokenizer):
                 result = gold_eval(model, tokenizer, eval_prompts, cfg.generation, seed=cfg.train.seed)

@@ -128,6 +128,8 @@ def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_
     # the built-in task's gold reward scored any other prompts 0 without a word
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text('{"prompt": "Q: 2+2?\\nA:", "answer": "4"}\n{"prompt": "Q: 3+3?\\nA:", "answer": "6"}\n')
+    long = tmp_path / "with_a_long_one.jsonl"  # past the 256 positions: an IndexError in gpt2's lookup
+    long.write_text(prompts.read_text() + json.dumps({"prompt": "the cat " * 200, "answer": "1"}) + "\n")
     (tmp_path / "user_eval_rewards.py").write_text(  # a name of its own: a module stays in sys.modules
         "def answer_length(prompts, completions, answer, **_):\n"
         "    return [float(len(c)) + len(a) for c, a in zip(completions, answer)]\n")
@@ -136,11 +138,17 @@ def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_
     rc = main(["eval", "--model", model, "--prompts", str(prompts)])
     assert "2 of 2 prompts are not the built-in task's" in _one_line_error(capsys, rc) and rc == 2
     report = tmp_path / "eval.json"
-    assert main(["eval", "--model", model, "--prompts", str(prompts), "--rewards", "user_eval_rewards:answer_length",
-                 "--generation.max_new_tokens", "5", "--out", str(report)]) == 0
+    assert main(["eval", "--model", tiny_model_dir("gpt2"), "--prompts", str(long), "--rewards",
+                 "user_eval_rewards:answer_length", "--generation.max_new_tokens", "5", "--out", str(report)]) == 0
     figures = json.loads(report.read_text())
     assert figures["n"] == 2 and figures["eval/reward"] == figures["eval/reward/answer_length"] >= 1.0
-    assert "answer_length:" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "answer_length:" in out and "1 of 3 prompts exceed the 250 positions the model has left" in err
+    # every completion too, as --help says, with each reward's value
+    samples = figures["samples"]
+    assert [s["prompt"] for s in samples] == ["Q: 2+2?\nA:", "Q: 3+3?\nA:"]
+    assert [s["reward"] for s in samples] == [len(s["completion"]) + 1.0 for s in samples]
+    assert all(s["rewards"] == {"answer_length": s["reward"]} for s in samples)
     assert main(["eval", "--model", model, "--prompts", str(task_dir / "prompts_test.jsonl"), "--limit", "2",
                  "--generation.max_new_tokens", "4"]) == 0  # the task's own prompts: the gold reward
 
@@ -166,7 +174,7 @@ def test_sequences_past_the_model_s_positions_are_refused_or_dropped_before_trai
                              room=prompt_room(ModelConfig(path=model), 56))
     assert kept == [{"prompt": "the cat"}]
     # 256 positions less 56 sampled tokens and the EOS a scorer appends to a row cut off at 56
-    assert "1 of 2 examples exceed the 199 positions the model has left" in capsys.readouterr().err
+    assert "1 of 2 prompts exceed the 199 positions the model has left" in capsys.readouterr().err
 
 
 def test_a_rope_scaling_in_the_config_stretches_the_positions(tiny_model_dir, tmp_path):

@@ -232,6 +232,33 @@ def test_ppo_with_the_reward_as_third_adapter_trains(tiny_model_dir, task_dir, l
     assert len(logs) == 2 and all(r["rollout/score"] == r["rollout/score"] for r in logs)  # finite, not NaN
 
 
+def test_ppo_evaluates_held_out_prompts_with_its_reward_model(tiny_model_dir, task_dir, rm_dir, tmp_path, capsys):
+    # --eval_prompts was read only with --task describe (the gold reward): on one's own data it did nothing
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.trainers.ppo import score_samples
+
+    out, test = tmp_path / "ppo", task_dir / "prompts_test.jsonl"
+    assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", rm_dir,
+                 "--prompts", str(task_dir / "prompts_train.jsonl"), "--eval_prompts", str(test), "--out", str(out),
+                 "--train.max_steps", "2", "--train.eval_every", "1", "--train.log_every", "2",
+                 "--rollout_batch_size", "8", "--mini_batch_size", "4", "--optim.lr", "1e-2",
+                 "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval/score" in r, "rollout/score" in r) for r in logs] == [(1, True, False), (2, False, True),
+                                                                                   (2, True, False)]
+    prompts = [json.loads(line)["prompt"] for line in test.read_text().splitlines()]
+    again = score_samples(load_causal_lm(ModelConfig(path=str(out)), CPU), load_tokenizer(str(out)), prompts,
+                          RewardModel.from_pretrained(rm_dir).score, GenerationConfig(max_new_tokens=8), 0)
+    assert logs[-1]["eval/score"] == pytest.approx(again["eval/score"], abs=1e-4)  # the saved actor, scored again
+    # the gold reward of --task describe is the built-in task's: other prompts are refused
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "Q: 2+2?\\nA:"}\n')
+    assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", rm_dir, "--prompts", str(mine),
+                 "--task", "describe", "--out", str(tmp_path / "x")]) == 2
+    assert "1 of 1 prompts are not the built-in task's" in capsys.readouterr().err
+
+
 def test_old_logprobs_from_the_rollout_equal_the_actor_pass(tiny_model_dir):
     roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("llama")), LoraConfig(enabled=True, r=4), CPU)
     with torch.no_grad():  # a fresh adapter adds nothing: make the actor differ from the reference

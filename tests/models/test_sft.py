@@ -231,6 +231,7 @@ def test_dropping_every_example_says_what_to_change(tiny_model_dir, tmp_path, ca
 
 def test_rollout_prompts_over_max_prompt_length_are_dropped_and_counted(tiny_model_dir, capsys):
     from rlhfkit.data.collate import drop_long_prompts, encode_prompt
+    from rlhfkit.data.formats import DataError
 
     tok = load_tokenizer(tiny_model_dir("llama"))
     rows = [{"prompt": "User: Hi.\nAssistant:"}, {"prompt": "User: " + "Tell me more. " * 20 + "\nAssistant:"},
@@ -239,7 +240,10 @@ def test_rollout_prompts_over_max_prompt_length_are_dropped_and_counted(tiny_mod
     assert len(encode_prompt(tok, rows[2]["prompt"])) <= limit  # the chat prompt, rendered, fits
     kept = drop_long_prompts(rows, tok, limit, "prompts.jsonl")
     assert kept == [rows[0], rows[2]]
-    assert f"prompts.jsonl: 1 of 3 examples exceed max_prompt_length {limit}: dropped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"prompts.jsonl: 1 of 3 prompts exceed max_prompt_length {limit}: dropped\n" in err  # no too_long to set
+    with pytest.raises(DataError, match="every prompt exceeds max_prompt_length 2; raise it or shorten the prompts"):
+        drop_long_prompts(rows, tok, 2, "prompts.jsonl")
     assert drop_long_prompts(rows, tok, 0, "prompts.jsonl") == rows
 
 

@@ -3,6 +3,7 @@ an earlier run's checkpoints, a resume keeps the settings it was saved with and 
 and a checkpoint is on the disk before it is renamed into place."""
 
 import dataclasses
+import json
 import os
 import random
 from pathlib import Path
@@ -274,8 +275,31 @@ def test_the_rollout_loop_refuses_a_checkpoint_past_its_last_step(tmp_path):
     start, _ = checkpoints.resume()
     steps = []
     with pytest.raises(ConfigError, match="past this run's 3 steps"):
-        rollout_steps(cfg, "ppo", start, steps.append, checkpoints, Logger(tmp_path, tensorboard=False))
+        rollout_steps(cfg, "ppo", start, steps.append, checkpoints, Logger(tmp_path, tensorboard=False),
+                      save=lambda: steps.append("saved"))
     assert not steps
+
+
+def test_the_rollout_loop_saves_the_model_before_its_final_evaluation_and_logs_every_evaluation(tmp_path):
+    # a failing (or interrupted) final evaluation lost the trained policy: it was saved after it
+    model, optimizers = _trained(0)
+    cfg = TrainConfig(out=str(tmp_path), max_steps=4, log_every=2, eval_every=3, tensorboard=False)
+    events = []
+
+    def evaluate():
+        events.append("evaluate")
+        if len(events) > 5:  # the final evaluation
+            raise RuntimeError("a reward function failed on the held-out prompts")
+        return {"eval/reward": 1.0}
+
+    with pytest.raises(RuntimeError, match="held-out"):
+        rollout_steps(cfg, "ppo", 0, lambda step: events.append(step) or {"rollout/score": float(step)},
+                      Checkpoints(cfg, model, optimizers), Logger(tmp_path, tensorboard=False),
+                      save=lambda: events.append("saved"), evaluate=evaluate)
+    assert events == [0, 1, 2, "evaluate", 3, "saved", "evaluate"]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # step 3's evaluation, between the logged steps 2 and 4, is logged at its own step
+    assert [(r["step"], "eval/reward" in r) for r in logged] == [(2, False), (3, True), (4, False)]
 
 
 # ---------------------------------------------------------------------------------------------- 5. durability

@@ -179,9 +179,9 @@ def encoding(source: str) -> Iterator[None]:
 
 
 def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bool], limit: str,
-                  source: str) -> list[Item]:
+                  source: str, what: str = "examples") -> list[Item]:
     """Apply the ``too_long`` policy ('truncate': keep them as encoded, cut; 'drop': leave them out)
-    to the examples of ``source`` that ``is_long``, and report how many there were on stderr.
+    to the ``what`` (examples) of ``source`` that ``is_long``, and report how many there were on stderr.
 
     ``limit`` names the setting they exceed (e.g. 'max_length 256'). Dropping every example is an
     error that says what to change.
@@ -190,15 +190,16 @@ def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bo
     if not n_long:
         return items
     action = "dropped" if too_long == "drop" else "truncated"
-    print(f"{source}: {n_long} of {len(items)} examples exceed {limit}: {action} (too_long: {too_long})",
-          file=sys.stderr)
+    setting = f" (too_long: {too_long})" if what == "examples" else ""  # rollout prompts are only ever dropped
+    print(f"{source}: {n_long} of {len(items)} {what} exceed {limit}: {action}{setting}", file=sys.stderr)
     if too_long != "drop":
         return items
     kept = [item for item in items if not is_long(item)]
     if not kept:
         from rlhfkit.data.formats import DataError
 
-        raise DataError(source, f"every example exceeds {limit}; raise it or set too_long truncate")
+        fix = "raise it or set too_long truncate" if what == "examples" else f"raise it or shorten the {what}"
+        raise DataError(source, f"every {what.removesuffix('s')} exceeds {limit}; {fix}")
     return kept
 
 
@@ -213,4 +214,5 @@ def drop_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, sourc
     if not limits:
         return rows
     limit, name = min(limits)
-    return fit_to_length(rows, "drop", lambda r: len(encode_prompt(tokenizer, r["prompt"])) > limit, name, source)
+    return fit_to_length(rows, "drop", lambda r: len(encode_prompt(tokenizer, r["prompt"])) > limit, name, source,
+                         what="prompts")

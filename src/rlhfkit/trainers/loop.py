@@ -150,13 +150,16 @@ def check_rollout_train(train: TrainConfig, batches: str) -> None:
 
 
 def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[int], dict[str, float]],
-                  checkpoints: Checkpoints, logger: "Logger", evaluate: Callable[[], dict[str, float]] | None = None,
+                  checkpoints: Checkpoints, logger: "Logger", save: Callable[[], None],
+                  evaluate: Callable[[], dict[str, float]] | None = None,
                   postfix: Callable[[dict[str, float]], dict[str, str]] = dict) -> dict[str, float]:
     """The outer loop of PPO and the online methods: ``step_fn(step)`` (a step's metrics) for steps ``start`` to
     ``cfg.max_steps``, then ``evaluate()`` (every process calls it) every ``cfg.eval_every`` steps and at the
-    end, the metrics logged every ``cfg.log_every`` steps, checkpoints when due, a clean stop on SIGINT /
-    SIGTERM, a progress bar (process 0) showing ``postfix(metrics)``. Rewinds, then closes, ``logger``.
-    Returns the last step's metrics with the final evaluation's."""
+    end, the metrics logged every ``cfg.log_every`` steps (and an evaluation at the step it ran), checkpoints when
+    due, a clean stop on SIGINT / SIGTERM, a progress bar (process 0) showing ``postfix(metrics)``. ``save()``
+    writes the trained model after the last step, before the final evaluation, which may then fail or be
+    interrupted without losing it. Rewinds, then closes, ``logger``. Returns the last step's metrics with the
+    final evaluation's."""
     steps, metrics = cfg.max_steps, {}
     checkpoints.check_start(start, steps)
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
@@ -167,12 +170,17 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
                 metrics = step_fn(step)
                 bar.set_postfix(**postfix(metrics))
                 done = step + 1
+                evaluation = {}
                 if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != steps:
-                    metrics.update(evaluate())
+                    evaluation = evaluate()
+                    metrics.update(evaluation)
                 if done % cfg.log_every == 0 or done == steps:
                     logger.log(done, metrics)
+                elif evaluation:  # an evaluation between logged steps is logged at its own
+                    logger.log(done, evaluation)
                 checkpoints.after_step(done, stop)
             checkpoints.at_end(steps)
+        save()
         if evaluate:
             final = evaluate()
             logger.log(steps, final)

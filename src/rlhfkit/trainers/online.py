@@ -276,12 +276,24 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
 
 
 @torch.no_grad()
+def sample_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward, gen: GenerationConfig,
+                   seed: int) -> tuple[list, list[str], torch.Tensor, dict[str, torch.Tensor]]:
+    """One sample per prompt: (prompts, completions, summed reward (N,), {reward name: (N,) values, NaN where
+    it does not apply})."""
+    prompts, columns = reward_inputs(rows, 1)
+    gens = generate(model, tokenizer, prompts, gen, seed=seed)
+    return prompts, gens.texts, *reward(prompts, gens.texts, columns)
+
+
 def evaluate_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward, gen: GenerationConfig,
                      seed: int) -> dict[str, float]:
     """One sample per held-out prompt; mean ± stderr of the summed reward and of each reward."""
-    prompts, columns = reward_inputs(rows, 1)
-    gens = generate(model, tokenizer, prompts, gen, seed=seed)
-    total, parts = reward(prompts, gens.texts, columns)
+    return reward_figures(*sample_rewards(model, tokenizer, rows, reward, gen, seed)[2:])
+
+
+def reward_figures(total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``eval/reward`` and ``eval/reward/NAME``, each with its ``_stderr``: means over the completions each
+    applies to."""
     out = {}
     for name, values in {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}.items():
         applied = values[~values.isnan()].tolist()  # a reward's None: not its completion to score
@@ -306,8 +318,9 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
                                f"{cfg.advantage} with a LoRA policy trains a small adapter: launch it with replicas "
                                "(docs/distributed.md), or train the full model (--lora.enabled false)")
     out, device, tokenizer = start_run(cfg)
-    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts,
-                             room=prompt_room(cfg.model, cfg.generation.max_new_tokens))
+    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
+    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts, room=room)
+    eval_rows = drop_long_prompts(eval_rows, tokenizer, 0, cfg.eval_prompts, room=room) if eval_rows else []
     per_step = min(len(rows), cfg.prompts_per_step)  # a step's prompts: the whole file when it holds fewer
     distributed.check_shares(per_step * cfg.group_size, cfg.mini_batch_size, cfg.prompts, len(rows),
                              prompts_per_step=per_step)
@@ -360,9 +373,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         return evaluate_on_main(lambda model: evaluate_rewards(model, tokenizer, eval_rows, reward, cfg.generation,
                                                                cfg.train.seed), roles.generation_model(), roles.amp)
 
-    metrics = rollout_steps(cfg.train, cfg.advantage, start, step_fn, checkpoints, Logger(out, cfg.train.tensorboard),
-                            evaluate if eval_rows else None,
-                            postfix=lambda m: {"reward": f"{m['rollout/score']:.3f}",
-                                               **({"kl": f"{m['rollout/kl']:.2f}"} if "rollout/kl" in m else {})})
-    roles.save(out, tokenizer)
-    return metrics
+    return rollout_steps(cfg.train, cfg.advantage, start, step_fn, checkpoints, Logger(out, cfg.train.tensorboard),
+                         save=lambda: roles.save(out, tokenizer), evaluate=evaluate if eval_rows else None,
+                         postfix=lambda m: {"reward": f"{m['rollout/score']:.3f}",
+                                            **({"kl": f"{m['rollout/kl']:.2f}"} if "rollout/kl" in m else {})})

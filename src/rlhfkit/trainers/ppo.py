@@ -27,9 +27,10 @@ from rlhfkit.losses import policy_loss, value_loss
 from rlhfkit.models.load import check_same_tokenizer, is_adapter_dir, prompt_room
 from rlhfkit.models.reward import RewardModel, check_reward_dir
 from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
-from rlhfkit.ops import mean_of
+from rlhfkit.ops import mean_of, mean_stderr
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
+from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
 from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
@@ -73,7 +74,8 @@ class PPOConfig:
     critic_lr: float = arg(0.0, "critic learning rate; 0 = the actor's (optim.lr)", ge=0)
     target_kl: float | None = arg(None, "stop a step's remaining updates once a mini-batch's approx-KL to the "
                                         "rollout policy, before its update, exceeds 1.5 × this (None: never)")
-    eval_prompts: str = arg("", "held-out prompts evaluated every train.eval_every steps and at the end")
+    eval_prompts: str = arg("", "held-out prompts, one sample each scored by the reward model (eval/score; with "
+                            "--task describe the gold reward instead), every train.eval_every steps and at the end")
     columns: dict[str, str] = columns_arg()
     task: Literal["none", "describe"] = arg("none", "built-in task whose gold reward is reported (evaluation only; "
                                             "never a training signal)")
@@ -284,6 +286,17 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
     return metrics
 
 
+def score_samples(model, tokenizer, prompts: list, score_fn: ScoreFn, gen: GenerationConfig,
+                  seed: int) -> dict[str, float]:
+    """One sample per held-out prompt scored as rollouts are (the proxy reward, before clipping and the KL
+    penalty): ``eval/score`` and ``eval/score_stderr``."""
+    gens = generate(model, tokenizer, prompts, gen, seed=seed)
+    score_ids = getattr(score_fn, "score_ids", None) if all(isinstance(p, str) for p in prompts) else None
+    scores = score_ids(gens.prompt_ids, gens.completion_ids) if score_ids else score_fn(prompts, gens.texts)
+    mean, stderr = mean_stderr(scores.float().tolist())
+    return {"eval/score": mean, "eval/score_stderr": stderr}
+
+
 def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
           probe: Callable[[list, list[str]], dict[str, float]] | None = None,
           evaluate: Callable[[object, object], dict[str, float]] | None = None) -> dict[str, float]:
@@ -291,9 +304,11 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
 
     ``score_fn`` replaces the reward model (any (prompts, texts) → scores function);
     ``probe(prompts, texts)`` adds metrics about each rollout (the quickstart's gold reward);
-    ``evaluate(model, tokenizer)`` runs every ``train.eval_every`` steps and at the end.
+    ``evaluate(model, tokenizer)`` runs every ``train.eval_every`` steps and at the end; by default, with
+    ``cfg.eval_prompts``, ``score_samples`` on them.
     """
     rows = load_prompts(cfg.prompts, cfg.columns)
+    eval_rows = load_prompts(cfg.eval_prompts, cfg.columns) if cfg.eval_prompts and evaluate is None else []
     if score_fn is None and not cfg.reward_model:
         raise ValueError("PPO needs a reward: set reward_model (a directory from `rlhfkit rm`)")
     if score_fn is None:
@@ -308,9 +323,11 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         check_same_tokenizer(tokenizer, cfg.reward_model, "the reward model the critic starts from",
                              "Start the critic from the policy (--critic_init sft), or train the reward model on "
                              "the policy's base", cfg.model.trust_remote_code)
-    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts,
-                             room=prompt_room(cfg.model, cfg.generation.max_new_tokens))
+    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
+    rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts, room=room)
     prompts = [r["prompt"] for r in rows]
+    eval_prompts = [r["prompt"] for r in drop_long_prompts(eval_rows, tokenizer, 0, cfg.eval_prompts, room=room)
+                    ] if eval_rows else []
     batch = min(len(prompts), cfg.rollout_batch_size)  # a rollout batch: the whole file when it holds fewer
     distributed.check_shares(batch * cfg.rollouts_per_step, cfg.mini_batch_size, cfg.prompts, len(prompts),
                              rollout_batch_size=batch)
@@ -321,6 +338,9 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         score_fn = RewardAdapterScores(roles, tokenizer)  # scores the sampled ids themselves
     elif score_fn is None:
         score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score  # whole in every process
+    if evaluate is None and eval_prompts:
+        def evaluate(model, tokenizer):
+            return score_samples(model, tokenizer, eval_prompts, score_fn, cfg.generation, cfg.train.seed)
     roles.shard(sharding)  # FSDP: the roles' models split over the processes (before the optimisers see them)
     steps = cfg.train.max_steps
     buffer_size = cfg.rollout_batch_size * cfg.rollouts_per_step
@@ -343,12 +363,11 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         roles.partition(stage, actor_opt[0], critic_opt[0], cfg.mini_batch_size, cfg.optim.max_grad_norm)
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
-    metrics = rollout_steps(
+    return rollout_steps(
         cfg.train, "ppo", start, checkpoints=checkpoints, logger=Logger(out, cfg.train.tensorboard),
+        save=lambda: roles.save(out, tokenizer),
         step_fn=lambda step: ppo_step(step, roles, engine, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
                                       critic_opt, generator, nonfinite),
         evaluate=evaluate and (lambda: evaluate_on_main(lambda model: evaluate(model, tokenizer),
                                                         roles.generation_model(), roles.amp)),
         postfix=lambda m: {"score": f"{m['rollout/score']:.3f}", "kl": f"{m['rollout/kl']:.2f}"})
-    roles.save(out, tokenizer)
-    return metrics
