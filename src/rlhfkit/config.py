@@ -108,9 +108,27 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "lora_alpha": ["alpha"], "lora_dropout": ["dropout"], "max_completion_length": ["max_new_tokens"],
               "num_generations": ["group_size"], "resume_from_checkpoint": ["resume"], "use_peft": ["enabled"],
               "bf16": ["dtype"], "torch_dtype": ["dtype"], "report_to": ["tensorboard"], "dataset_name": ["data"],
-              "model_name_or_path": ["path"]}
+              "model_name_or_path": ["path"],
+              # OpenRLHF's
+              "advantage_estimator": ["advantage"], "generate_max_len": ["max_new_tokens"],
+              "prompt_max_len": ["max_prompt_length", "max_length"], "max_len": ["max_length"],
+              "train_batch_size": ["mini_batch_size", "batch_size"], "n_samples_per_prompt": ["group_size"],
+              "init_kl_coef": ["kl_coef", "beta"], "actor_learning_rate": ["lr"], "critic_learning_rate": ["critic_lr"],
+              "pretrain": ["path"], "reward_pretrain": ["reward_model"], "save_path": ["out"],
+              "max_epochs": ["ppo_epochs", "epochs"], "eps_clip": ["clip_eps"], "value_clip": ["value_clip_eps"],
+              "lambd": ["lam"], "zero_stage": ["deepspeed"], "l2": ["weight_decay"], "max_norm": ["max_grad_norm"],
+              "adam_betas": ["betas"], "lr_scheduler": ["schedule"], "use_tensorboard": ["tensorboard"],
+              "load_checkpoint": ["resume"], "lora_rank": ["r"], "prompt_data": ["prompts"],
+              "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"]}
 _NOT_HERE = {"gradient_checkpointing": "there is no gradient checkpointing here: to fit memory lower train.batch_size "
-                                       "and raise train.grad_accum, or train LoRA adapters (lora.enabled true)"}
+                                       "and raise train.grad_accum, or train LoRA adapters (lora.enabled true)",
+             "micro_train_batch_size": "a micro-batch is train.batch_size / train.grad_accum (sft, rm, the DPO family);"
+                                       " ppo and the online methods learn from each mini_batch_size in one pass",
+             "apply_chat_template": "chat messages always go through the tokenizer's chat template, plain strings "
+                                    "never",
+             **{key: f"name the file's column with --columns {ours}=COLUMN" for key, ours in
+                {"input_key": "prompt", "output_key": "completion", "chosen_key": "chosen",
+                 "rejected_key": "rejected", "label_key": "label"}.items()}}
 
 
 def _suggest(key: str, names: list[str]) -> str:

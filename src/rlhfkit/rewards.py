@@ -94,10 +94,12 @@ def check_values(name: str, values, n: int) -> torch.Tensor:
     if len(values) != n:
         raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions; "
                           "it must return one float per completion")
+    out = torch.tensor(values, dtype=torch.float32)
+    bad = bad or [i for i, v in enumerate(out.tolist()) if math.isinf(v)]  # finite, but past float32's range
     if bad:
         raise RewardError(f"reward {name!r} returned {values[bad[0]]} for completion {bad[0]} "
-                          f"({len(bad)} non-finite values in all); rewards must be finite numbers")
-    return torch.tensor(values, dtype=torch.float32)
+                          f"({len(bad)} non-finite values in all, in float32); rewards must be finite numbers")
+    return out
 
 
 @dataclass
@@ -138,6 +140,10 @@ class CombinedReward:
         file) lacks, or that cannot be called with one of its ``columns`` (every column reaches every function)."""
         columns = [c for c in columns if c != "prompt"]
         have = ", ".join(["prompt", *columns])
+        clash = [c for c in columns if c in ("prompts", "completions")]
+        if clash:
+            raise RewardError(f"{source} has a column {clash[0]!r}, the name of an argument every reward function "
+                              "is given (prompts, completions): rename the column")
         for r in self.rewards:
             missing, unwanted = column_fit(r.fn, columns)
             if missing:

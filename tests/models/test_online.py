@@ -93,6 +93,7 @@ def _run(command, model, data, out, *extra):
 
 @pytest.mark.parametrize("command, extra", [
     ("grpo", ["--kl_coef", "0.05"]),
+    ("grpo", ["--kl_coef", "0.05", "--mini_batch_size", "16"]),  # one update: the rollout's KL read in the learn pass
     ("grpo", ["--advantage", "dr_grpo"]),
     ("rloo", []),
     ("reinforce-pp", ["--beta", "0.05"]),
@@ -112,6 +113,8 @@ def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_modul
         assert key in logs[0], key
     # the reference pass (and with it the KL to the reference) runs only when a KL term needs it
     assert ("rollout/kl" in logs[0]) == (extra[:1] in (["--kl_coef"], ["--beta"]))
+    if "rollout/kl" in logs[0]:  # a fresh adapter is the reference; the updated one is not (k1: of either sign)
+        assert logs[0]["rollout/kl"] == pytest.approx(0.0, abs=1e-5) and abs(logs[1]["rollout/kl"]) > 1e-4
     assert "eval/reward/exact_answer" in logs[-1] and "eval/reward_stderr" in logs[-1]
     # LoRA B matrices start at zero: any non-zero one means the adapter was trained
     adapter = load_file(str(out / "adapter_model.safetensors"))
@@ -199,6 +202,9 @@ def test_beta_is_refused_where_the_advantage_would_ignore_it(tiny_model_dir, ari
     rc = _run(command, tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", "--beta", "0.05",
               "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
     assert rc == 2 and "for a KL penalty set kl_coef" in capsys.readouterr().err
+    rc = _run(command, tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", "--kl_estimator", "k3",
+              "--kl_coef", "0.1", "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")  # was ignored
+    assert rc == 2 and "kl_estimator picks REINFORCE++'s KL in the token rewards" in capsys.readouterr().err
 
 
 def test_reward_model_directory_and_function_combined(tiny_model_dir, task_dir, arithmetic_dir, reward_module,

@@ -479,6 +479,21 @@ def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
         parse_args(SFTConfig, ["--generation.top_p", "0.5"])  # named as typed, no far-fetched guess
     with pytest.raises(ConfigError, match=r"'gradient_checkpointing' .*; there is no gradient checkpointing here"):
         parse_args(SFTConfig, ["--gradient_checkpointing"])  # not train.keep_checkpoints
+    # OpenRLHF's names (they pointed at unrelated settings: advantage_estimator at kl_estimator)
+    for cls, typed, meant in [(GRPOConfig, "advantage_estimator", "advantage"),
+                              (GRPOConfig, "generate_max_len", "generation.max_new_tokens"),
+                              (GRPOConfig, "n_samples_per_prompt", "group_size"),
+                              (GRPOConfig, "init_kl_coef", "kl_coef"), (PPOConfig, "init_kl_coef", "beta"),
+                              (PPOConfig, "train_batch_size", "mini_batch_size"),
+                              (SFTConfig, "train_batch_size", "train.batch_size"),
+                              (PPOConfig, "pretrain", "model.path"),
+                              (PPOConfig, "reward_pretrain", "reward_model"), (SFTConfig, "max_len", "max_length")]:
+        with pytest.raises(ConfigError, match=rf"unknown key '{typed}' .*did you mean '{meant}'\?"):
+            parse_args(cls, [f"--{typed}", "1"])
+    with pytest.raises(ConfigError, match="micro-batch is train.batch_size / train.grad_accum"):
+        parse_args(GRPOConfig, ["--micro_train_batch_size", "2"])  # pointed at train.batch_size, which grpo refuses
+    with pytest.raises(ConfigError, match="name the file's column with --columns prompt=COLUMN"):
+        parse_args(PPOConfig, ["--input_key", "question"])
 
 
 def test_lora_target_modules_may_be_a_yaml_list(tmp_path):

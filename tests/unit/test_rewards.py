@@ -33,6 +33,9 @@ def reward_module(monkeypatch):
     def not_numbers(prompts, completions, **columns):
         return ["high"] * len(completions)
 
+    def huge(prompts, completions, **columns):  # a finite Python float, inf in float32
+        return [1.0, 1e39][:len(completions)]
+
     def as_tensor(prompts, completions, **columns):
         return torch.ones(len(completions))
 
@@ -42,7 +45,7 @@ def reward_module(monkeypatch):
     def code_only(prompts, completions, task, **columns):
         return [10.0 if t == "code" else None for t in task]
 
-    for fn in (length, uses_column, raises, nan, too_few, not_numbers, as_tensor, math_only, code_only):
+    for fn in (length, uses_column, raises, nan, too_few, not_numbers, huge, as_tensor, math_only, code_only):
         setattr(mod, fn.__name__, fn)
     monkeypatch.setitem(sys.modules, "user_rewards", mod)
     return mod
@@ -65,6 +68,8 @@ def test_columns_a_function_needs_or_cannot_take_are_refused_before_sampling(rew
                                           r"have \(its columns: prompt, id\)"):
         build_reward(["user_rewards:length", "user_rewards:uses_column"]).check_columns(["prompt", "id"], "p.jsonl")
     build_reward(["user_rewards:no_kwargs"]).check_columns(["prompt", "target"], "p.jsonl")
+    with pytest.raises(RewardError, match="p.jsonl has a column 'completions', the name of an argument"):
+        build_reward(["user_rewards:length"]).check_columns(["prompt", "completions"], "p.jsonl")
     with pytest.raises(RewardError, match="called with p.jsonl's column 'id'.*add \\*\\*kwargs"):
         build_reward(["user_rewards:no_kwargs"]).check_columns(["prompt", "target", "id"], "p.jsonl")
 
@@ -88,6 +93,7 @@ def test_a_reward_that_does_not_apply_returns_none_and_counts_for_nothing(reward
     ("nan", r"reward 'nan' returned nan for completion 0"),
     ("too_few", r"reward 'too_few' returned 1 values for 2 completions"),
     ("not_numbers", r"reward 'not_numbers' must return a list of numbers"),
+    ("huge", r"reward 'huge' returned 1e\+39 for completion 1 \(1 non-finite values in all, in float32\)"),
 ])
 def test_bad_functions_are_named_in_the_error(reward_module, name, message):
     reward = build_reward([f"user_rewards:{name}"])

@@ -27,7 +27,8 @@ from typing import Callable, Literal
 import torch
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
+from rlhfkit.advantages import (approx_kl, group_advantages, masked_mean, masked_whiten, reward_to_go,
+                                rloo_advantages)
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
@@ -93,6 +94,9 @@ class OnlineConfig:
         if self.advantage != "reinforce_pp" and self.group_size < 2:  # its baseline is the whole batch's
             raise ValueError(f"{self.advantage} needs group_size >= 2: its baseline is the other samples of the "
                              "prompt, and with one sample every advantage is 0 (nothing would be learned)")
+        if self.kl_estimator != "k1" and self.advantage != "reinforce_pp":
+            raise ValueError(f"kl_estimator picks REINFORCE++'s KL in the token rewards; {self.advantage}'s KL term "
+                             "(kl_coef) is GRPO's k3 estimator, in the loss")
         if self.beta and self.advantage != "reinforce_pp":  # its advantages read each sample's reward alone
             raise ValueError(f"beta shapes REINFORCE++'s token rewards; {self.advantage} would ignore it: for a KL "
                              "penalty set kl_coef (a k3 KL-to-reference term in the loss)")
@@ -250,6 +254,9 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask, **reduce)
                        if mb.ref_logprobs is not None else logprobs.new_zeros(()))
             entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item() if on_policy else None
+            # on-policy, this pass is the sampling policy: the rollout's KL to the reference (per sequence) is read here
+            rollout_kl = ((approx_kl(logprobs.detach(), mb.ref_logprobs, "k1") * mb.action_mask).sum(-1).mean().item()
+                          if on_policy and mb.ref_logprobs is not None else None)
             del logits
             if not nonfinite.ok("loss", distributed.all_sum([(pg_loss + kl_loss).item()], pg_loss.device)[0], step):
                 roles.release()  # sharded: this forward's gathered weights wait for no backward
@@ -271,6 +278,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                      **{f"policy/{k}": float(v) * token_share for k, v in pg_stats.items()}}
             if entropy is not None:
                 stats["rollout/entropy"] = entropy * token_share
+            if rollout_kl is not None:
+                stats["rollout/kl"] = rollout_kl * len(mb) / len(idx)  # a mean over sequences: this shard's share
             records.append(distributed.sum_over_processes(stats, pg_loss.device))
     return mean_of(records)
 
