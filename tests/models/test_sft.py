@@ -311,6 +311,13 @@ def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_mo
     capsys.readouterr()
     assert main(["sft", "--model", str(out), *common, "--train.max_steps", "1"]) == 2  # out is the model itself
     assert "is the model this run starts from" in capsys.readouterr().err
+    # and an adapter where a full model was: transformers loaded the old full weights under the new adapter
+    assert main(["sft", "--model", model, *common, "--lora.enabled", "true", "--train.max_steps", "1"]) == 0
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    adapted = load_causal_lm(ModelConfig(path=str(out)), torch.device("cpu"))
+    plain = AutoModelForCausalLM.from_pretrained(out)  # transformers follows the adapter to its base
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(adapted(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_generate_sends_a_prompt_through_the_chat_template_when_asked(tiny_model_dir, tmp_path, capsys):

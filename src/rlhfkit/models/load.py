@@ -102,6 +102,10 @@ def _note_hub_name(path: str, folder: str) -> None:
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# a full model's files (its weights in one file or shards): what transformers loads from a directory that has them
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "model-*-of-*.safetensors", "pytorch_model.bin", "pytorch_model.bin.index.json",
+               "pytorch_model-*-of-*.bin")
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -304,9 +308,11 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     if not distributed.is_main():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    if not hasattr(model, "peft_config"):  # an earlier run's adapter there would be loaded instead of these weights
-        for name in ADAPTER_FILES:
-            (out / name).unlink(missing_ok=True)
+    # an earlier run's adapter there would be loaded instead of these weights, and its full model would be loaded
+    # under this adapter by transformers (an adapter directory has no config.json): the other kind's files go
+    for pattern in MODEL_FILES if hasattr(model, "peft_config") else ADAPTER_FILES:
+        for stale in out.glob(pattern):
+            stale.unlink()
     model.save_pretrained(out, safe_serialization=True, **full)
     tokenizer.save_pretrained(out)
     return out
