@@ -590,7 +590,8 @@ class TrainConfig:
     keep_checkpoints: int = arg(2, "keep the newest N checkpoints", ge=1)
     on_nan: Literal["stop", "skip"] = arg("stop", "a NaN/inf loss or gradient: stop naming the step and the last "
                                           "checkpoint, or skip that update (counted in the logs)")
-    resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints) or its directory")
+    resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints), 'auto' (latest if "
+                      "there is one, else start afresh: one command for a job that may be restarted) or its directory")
     overwrite_output_dir: bool = arg(False, "a fresh run (no resume) into an out directory that holds an earlier "
                                      "run's checkpoints deletes them (true) or refuses to start (false)")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")

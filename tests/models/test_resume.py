@@ -59,7 +59,9 @@ def uninterrupted(whole_run):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_interrupted_sft_resumes_to_identical_weights(tiny_model_dir, task_dir, tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
-    cmd = _sft_cmd(tiny_model_dir("llama"), task_dir / "sft.jsonl", out)
+    # resume auto: one command for the first start (no checkpoint: afresh) and every restart
+    auto = ["--train.resume", "auto"] if sig == signal.SIGKILL else []
+    cmd = _sft_cmd(tiny_model_dir("llama"), task_dir / "sft.jsonl", out, *auto)
     code, stderr = _start_and_interrupt(cmd, out, sig, tmp_path / "stderr.txt")
     assert code != 0, "the run finished before it could be interrupted"
     if sig == signal.SIGTERM:  # a clean stop: a checkpoint at the step it finished, and how to resume
@@ -67,7 +69,7 @@ def test_interrupted_sft_resumes_to_identical_weights(tiny_model_dir, task_dir, 
     assert not (out / "model.safetensors").exists()
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     assert steps and steps[-1] < STEPS
-    subprocess.run(cmd + ["--train.resume", "latest"], check=True, capture_output=True,
+    subprocess.run(cmd + ([] if auto else ["--train.resume", "latest"]), check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     resumed = _weights(out)
     assert resumed.keys() == uninterrupted.keys()
@@ -134,8 +136,9 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     from rlhfkit.trainers.checkpoint import find_checkpoint
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.*auto starts afresh when there is none"):
         find_checkpoint(tmp_path, "latest")
+    assert find_checkpoint(tmp_path, "auto") is None and find_checkpoint(tmp_path, "") is None
 
 
 @pytest.mark.parametrize("command, data", [("rm", "preference.jsonl"), ("dpo", "preference.jsonl")])

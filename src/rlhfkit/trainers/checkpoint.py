@@ -154,14 +154,20 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     return final
 
 
-def find_checkpoint(out: str | os.PathLike, resume: str) -> Path:
-    """``resume`` = 'latest' → the newest complete checkpoint under ``out/checkpoints``; else that directory."""
-    if resume != "latest":
+def find_checkpoint(out: str | os.PathLike, resume: str) -> Path | None:
+    """The checkpoint ``train.resume`` names: 'latest' → the newest complete one under ``out/checkpoints``;
+    'auto' → that, or None when there is none (a fresh start); '' → None; else that directory."""
+    if not resume:
+        return None
+    if resume not in ("latest", "auto"):
         path = Path(resume)
     else:
         found = _step_dirs(Path(out) / "checkpoints")
+        if not found and resume == "auto":
+            return None
         if not found:
-            raise FileNotFoundError(f"no checkpoint under {Path(out) / 'checkpoints'} to resume from")
+            raise FileNotFoundError(f"no checkpoint under {Path(out) / 'checkpoints'} to resume from (--train.resume "
+                                    "auto starts afresh when there is none)")
         path = found[-1]
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
@@ -369,10 +375,10 @@ class Checkpoints:
         self.skipped_before = 0  # that count at the resumed checkpoint
 
     def resume(self) -> tuple[int, dict]:
-        """(steps already done, the saved extra state); (0, {}) when ``train.resume`` is unset."""
-        if not self.cfg.resume:
-            return 0, {}
+        """(steps already done, the saved extra state); (0, {}) when ``train.resume`` names no checkpoint."""
         self.last = find_checkpoint(self.cfg.out, self.cfg.resume)
+        if self.last is None:
+            return 0, {}
         state = load_checkpoint(self.last, self.model, self.optimizers)
         self.skipped_before = state["extra"].pop("skipped_updates", 0)  # absent from older checkpoints
         return state["step"], state["extra"]

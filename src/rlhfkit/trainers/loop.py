@@ -444,8 +444,9 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         raise ConfigError(f"--train.out {out} is the model this run starts from ({cfg.model.path}): the run would "
                           "write over it (an adapter saved there would name itself as its base); write to another "
                           "--train.out")
-    if cfg.train.resume:
-        check_resume_config(find_checkpoint(out, cfg.train.resume), cfg)
+    resumed = find_checkpoint(out, cfg.train.resume)
+    if resumed is not None:
+        check_resume_config(resumed, cfg)
     else:
         check_no_earlier_run(out, cfg.train.overwrite_output_dir, cfg.model.path)
     out.mkdir(parents=True, exist_ok=True)
