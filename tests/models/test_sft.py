@@ -269,7 +269,7 @@ def test_an_adapter_trained_from_a_relative_path_loads_from_anywhere(tiny_model_
 
 @pytest.mark.parametrize("targets, task, extra", [
     ("all-linear", "CAUSAL_LM", set()),
-    ("all-linear+head", "CAUSAL_LM", {"base_model.model.lm_head.base_layer.weight"}),  # the tied head's base
+    ("all-linear+head", "CAUSAL_LM", set()),  # not the frozen head's base (vocab x hidden), which the base has
     ("all-linear", "SEQ_CLS", {"base_model.model.score.modules_to_save.default.weight",  # a reward model's head
                                "base_model.model.score.modules_to_save.critic.weight"}),
 ])
@@ -289,12 +289,34 @@ def test_saved_keys_are_what_the_adapter_directory_holds(tiny_model_dir, tmp_pat
     assert keys and keys < set(model.state_dict())
     assert {k for k in keys if ".lora_" not in k} == extra
     assert {k for k in keys if ".critic." in k} and {k for k in keys if ".default." in k}
-    model.save_pretrained(tmp_path / "all", safe_serialization=True)
+    model.save_pretrained(tmp_path / "all", safe_serialization=True, save_embedding_layers=False)  # as save_model
     state = model.state_dict()
-    model.save_pretrained(tmp_path / "some", safe_serialization=True, state_dict={k: state[k] for k in keys})
+    model.save_pretrained(tmp_path / "some", safe_serialization=True, state_dict={k: state[k] for k in keys},
+                          save_embedding_layers=False)
     for path in ("adapter_model.safetensors", "critic/adapter_model.safetensors"):
         whole, some = load_file(str(tmp_path / "all" / path)), load_file(str(tmp_path / "some" / path))
         assert whole.keys() == some.keys() and all(torch.equal(whole[k], some[k]) for k in whole)
+
+
+def test_an_adapter_on_the_output_head_is_saved_without_the_frozen_head(tiny_model_dir, tmp_path):
+    # peft saved the base's output head (vocab x hidden) beside such an adapter: GBs per checkpoint at 128k tokens
+    from safetensors.torch import load_file
+
+    from rlhfkit.config import LoraConfig
+    from rlhfkit.models.load import add_lora, save_model
+
+    path = tiny_model_dir("llama")
+    model = add_lora(load_causal_lm(ModelConfig(path=path), torch.device("cpu")),
+                     LoraConfig(enabled=True, r=4, target_modules="all-linear+head"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    save_model(model, load_tokenizer(path), tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(".lora_" in k for k in saved) and any("lm_head.lora_B" in k for k in saved)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loaded = load_causal_lm(ModelConfig(path=str(tmp_path / "adapter")), torch.device("cpu"))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_model_dir, task_dir, tmp_path, capsys):

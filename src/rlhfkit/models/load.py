@@ -291,8 +291,8 @@ def saved_keys(model) -> set[str] | None:
 
     state = model.state_dict()
     source = {id(v): k for k, v in state.items()}
-    picked = [v for name in model.peft_config
-              for v in get_peft_model_state_dict(model, state_dict=state, adapter_name=name).values()]
+    picked = [v for name in model.peft_config for v in get_peft_model_state_dict(
+        model, state_dict=state, adapter_name=name, save_embedding_layers=False).values()]
     return {source[id(v)] for v in picked} if all(id(v) in source for v in picked) else None
 
 
@@ -313,6 +313,10 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     for pattern in MODEL_FILES if hasattr(model, "peft_config") else ADAPTER_FILES:
         for stale in out.glob(pattern):
             stale.unlink()
+    if hasattr(model, "peft_config"):
+        # an adapter on the output head (all-linear+head) made peft save the frozen head too (vocab x hidden, GBs
+        # for a large vocabulary) in every adapter and checkpoint; it is the base's, which loads it
+        full["save_embedding_layers"] = False
     model.save_pretrained(out, safe_serialization=True, **full)
     tokenizer.save_pretrained(out)
     return out
