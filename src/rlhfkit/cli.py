@@ -346,6 +346,8 @@ def cmd_export(cfg: ExportConfig) -> None:
 
     if not cfg.model or not cfg.out:
         raise ConfigError("export needs --model ADAPTER_DIR and --out DIR")
+    if Path(cfg.out).resolve() == Path(cfg.model).resolve():  # the merged model would replace the adapter
+        raise ConfigError(f"--out {cfg.out} is the adapter directory itself: write the merged model to another one")
     print(f"merged model written to {merge_adapters(cfg.model, cfg.out, cfg.allow_pickle)}")
 
 

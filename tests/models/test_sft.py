@@ -87,6 +87,8 @@ def test_sft_with_lora_saves_an_adapter_that_exports(tiny_model_dir, task_dir, t
                  "--lora.enabled", "true", "--lora.r", "4", "--train.max_steps", "2", "--train.batch_size", "4",
                  "--optim.lr", "1e-2", "--train.tensorboard", "false"]) == 0
     assert (out / "adapter_config.json").is_file()
+    assert main(["export", "--model", str(out), "--out", str(out)]) == 2  # it would replace the adapter
+    assert (out / "adapter_config.json").is_file()
     assert main(["export", "--model", str(out), "--out", str(merged)]) == 0
     assert not (merged / "adapter_config.json").exists()
     adapted = load_causal_lm(ModelConfig(path=str(out)), torch.device("cpu"))
