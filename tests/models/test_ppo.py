@@ -261,6 +261,7 @@ def test_ppo_evaluates_held_out_prompts_with_its_reward_model(tiny_model_dir, ta
 
 def test_old_logprobs_from_the_rollout_equal_the_actor_pass(tiny_model_dir):
     roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("llama")), LoraConfig(enabled=True, r=4), CPU)
+    torch.manual_seed(0)  # the adapter's draw, whatever ran before
     with torch.no_grad():  # a fresh adapter adds nothing: make the actor differ from the reference
         for p in roles.actor_parameters():
             p.normal_(0, 0.05)
@@ -274,7 +275,7 @@ def test_old_logprobs_from_the_rollout_equal_the_actor_pass(tiny_model_dir):
     torch.testing.assert_close(rollout.rewards, forward.rewards, rtol=0, atol=1e-5)  # −β·kl is built on them
     assert r_stats.metrics["rollout/entropy"] == pytest.approx(f_stats.metrics["rollout/entropy"], abs=1e-5)
     assert r_stats.metrics["rollout/kl"] == pytest.approx(f_stats.metrics["rollout/kl"], abs=1e-5)
-    assert r_stats.metrics["rollout/kl"] > 1e-3  # the actor differs from the reference: the check means something
+    assert abs(r_stats.metrics["rollout/kl"]) > 1e-3  # the actor differs from the reference (k1: either sign)
     assert forward.old_values is forward.advantages is forward.returns is None  # values=False: learn computes them
 
 
@@ -431,7 +432,7 @@ def test_shared_mode_refuses_an_adapter_directory_and_full_training(tiny_model_d
     assert rc == 2 and "to train every weight set --mode separate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["ppo", "grpo"])
+@pytest.mark.parametrize("command", ["ppo", "reinforce-pp"])
 def test_the_schedule_counts_the_updates_a_small_prompts_file_gives(tiny_model_dir, task_dir, rm_dir, tmp_path,
                                                                     command):
     # 6 prompts and a batch of 64 asked for: a step holds 6; the cosine schedule ends at 0 after the updates
@@ -445,7 +446,8 @@ def test_the_schedule_counts_the_updates_a_small_prompts_file_gives(tiny_model_d
     if command == "ppo":
         args = ["ppo", *common, "--reward_model", rm_dir, "--rollout_batch_size", "64", "--ppo_epochs", "1"]
     else:
-        args = ["grpo", *common, "--rewards", "my_length:score", "--prompts_per_step", "64", "--group_size", "1"]
+        args = ["reinforce-pp", *common, "--rewards", "my_length:score", "--prompts_per_step", "64",
+                "--group_size", "1"]  # its baseline is the batch's: one sample a prompt will do
         (tmp_path / "my_length.py").write_text("def score(prompts, completions, **columns):\n"
                                                "    return [len(c) / 10 for c in completions]\n")
     import sys
