@@ -282,8 +282,12 @@ def cmd_ppo(cfg) -> None:
         _refuse_foreign(_prompt_file(cfg.prompts, 0, cfg.columns), cfg.prompts, use)
         hooks["probe"] = gold_probe
         if cfg.eval_prompts:
+            from rlhfkit.models.load import load_tokenizer
+
             eval_prompts = _prompt_file(cfg.eval_prompts, 0, cfg.columns)
             _refuse_foreign(eval_prompts, cfg.eval_prompts, use)
+            tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            eval_prompts = _fitting(eval_prompts, tokenizer, cfg, cfg.eval_prompts)
 
             def evaluate(model, tokenizer):
                 result = gold_eval(model, tokenizer, eval_prompts, cfg.generation, seed=cfg.train.seed)

@@ -111,10 +111,10 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "model_name_or_path": ["path"],
               # OpenRLHF's
               "advantage_estimator": ["advantage"], "generate_max_len": ["max_new_tokens"],
-              "prompt_max_len": ["max_prompt_length", "max_length"], "max_len": ["max_length"],
+              "prompt_max_len": ["max_prompt_length", "max_length"], "max_len": ["max_length", "max_new_tokens"],
               "train_batch_size": ["mini_batch_size", "batch_size"], "n_samples_per_prompt": ["group_size"],
               "init_kl_coef": ["kl_coef", "beta"], "actor_learning_rate": ["lr"], "critic_learning_rate": ["critic_lr"],
-              "pretrain": ["path"], "reward_pretrain": ["reward_model"], "save_path": ["out"],
+              "pretrain": ["path"], "reward_pretrain": ["reward_model", "rewards"], "save_path": ["out"],
               "max_epochs": ["ppo_epochs", "epochs"], "eps_clip": ["clip_eps"], "value_clip": ["value_clip_eps"],
               "lambd": ["lam"], "zero_stage": ["deepspeed"], "l2": ["weight_decay"], "max_norm": ["max_grad_norm"],
               "adam_betas": ["betas"], "lr_scheduler": ["schedule"], "use_tensorboard": ["tensorboard"],
@@ -138,6 +138,9 @@ def _suggest(key: str, names: list[str]) -> str:
     leaves: dict[str, str] = {}  # each leaf name's shallowest full name (the first of those, in field order)
     for name in sorted(names, key=lambda n: n.count(".")):
         leaves.setdefault(name.rsplit(".", 1)[-1], name)
+    if leaf in _TRL_NAMES and leaf not in leaves and not any(ours in leaves for ours in _TRL_NAMES[leaf]):
+        # another library's name for a setting this command lacks: a near spelling would be a wrong guess
+        return f"; this command has no setting for it (in others: {' or '.join(_TRL_NAMES[leaf])})"
     leaf = next((ours for ours in _TRL_NAMES.get(leaf, []) if ours in leaves), leaf)
     if leaf in leaves:  # the right name in the wrong section (or TRL's name for it)
         hit = [leaves[leaf]]

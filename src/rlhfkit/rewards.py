@@ -112,18 +112,18 @@ class Reward:
 
 
 def column_fit(fn: RewardFn, columns: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(columns ``fn`` requires that are not among ``columns``, ``columns`` it cannot be given), read from its
-    signature: parameters besides prompts and completions without a default are columns it requires; without
-    a ``**kwargs`` it takes no others. Both empty when the signature cannot be read."""
+    """(parameters ``fn`` requires that it is not given, keywords it is given that it cannot take), read from its
+    signature: it is given ``prompts``, ``completions`` and each of ``columns``; a parameter without a default
+    needs one of them; without a ``**kwargs`` it takes no others. Both empty when the signature cannot be read."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return [], []
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    given = {"prompts", "completions", *columns}
+    given = ["prompts", "completions", *columns]
     missing = [name for name, p in named.items() if p.default is p.empty and name not in given]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-    unwanted = [] if takes_any else [c for c in columns if c not in named]
+    unwanted = [] if takes_any else [c for c in given if c not in named]
     return missing, unwanted
 
 
@@ -146,11 +146,18 @@ class CombinedReward:
                               "is given (prompts, completions): rename the column")
         for r in self.rewards:
             missing, unwanted = column_fit(r.fn, columns)
+            if "prompt" in missing:
+                raise RewardError(f"reward {r.name!r} takes 'prompt': every reward function is given the prompts "
+                                  "as 'prompts' (and the completions as 'completions'); rename the parameter")
             if missing:
                 raise RewardError(f"reward {r.name!r} takes column {missing[0]!r}, which {source} does not have "
                                   f"(its columns: {have}); add it to the file, or give the parameter a default")
+            if unwanted in (["prompts"], ["completions"], ["prompts", "completions"]):
+                raise RewardError(f"reward {r.name!r} does not take {unwanted[0]!r}: every reward function is called "
+                                  "as fn(prompts=..., completions=..., **columns)")
             if unwanted:
-                raise RewardError(f"reward {r.name!r} would be called with {source}'s column {unwanted[0]!r} "
+                column = next(c for c in unwanted if c not in ("prompts", "completions"))
+                raise RewardError(f"reward {r.name!r} would be called with {source}'s column {column!r} "
                                   "(every column reaches every reward function, as in TRL), which it does not "
                                   "take: add **kwargs to its parameters")
 

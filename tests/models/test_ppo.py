@@ -251,6 +251,12 @@ def test_ppo_evaluates_held_out_prompts_with_its_reward_model(tiny_model_dir, ta
     again = score_samples(load_causal_lm(ModelConfig(path=str(out)), CPU), load_tokenizer(str(out)), prompts,
                           RewardModel.from_pretrained(rm_dir).score, GenerationConfig(max_new_tokens=8), 0)
     assert logs[-1]["eval/score"] == pytest.approx(again["eval/score"], abs=1e-4)  # the saved actor, scored again
+    # a run writing into a model it reads would remove that model's weights when it saves
+    rm_files = sorted(p.name for p in Path(rm_dir).iterdir())
+    assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", rm_dir, "--prompts", str(test),
+                 "--out", rm_dir]) == 2
+    assert f"--train.out {rm_dir} is {rm_dir}, a model this run reads" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(rm_dir).iterdir()) == rm_files
     # the gold reward of --task describe is the built-in task's: other prompts are refused
     mine = tmp_path / "mine.jsonl"
     mine.write_text('{"prompt": "Q: 2+2?\\nA:"}\n')

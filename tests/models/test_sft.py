@@ -319,6 +319,13 @@ def test_an_adapter_on_the_output_head_is_saved_without_the_frozen_head(tiny_mod
     ids = torch.tensor([[5, 6, 7, 8]])
     loaded = load_causal_lm(ModelConfig(path=str(tmp_path / "adapter")), torch.device("cpu"))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    # a second adapter (PPO's critic) goes to its own folder, where a full critic of an earlier run is removed
+    old = tmp_path / "adapter" / "critic"
+    old.mkdir()
+    (old / "config.json").write_text("{}"), (old / "model.safetensors").write_text("old weights")
+    model.add_adapter("critic", model.peft_config["default"])
+    save_model(model, load_tokenizer(path), tmp_path / "adapter")
+    assert sorted(p.name for p in old.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_model_dir, task_dir, tmp_path, capsys):

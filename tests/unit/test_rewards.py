@@ -68,6 +68,12 @@ def test_columns_a_function_needs_or_cannot_take_are_refused_before_sampling(rew
                                           r"have \(its columns: prompt, id\)"):
         build_reward(["user_rewards:length", "user_rewards:uses_column"]).check_columns(["prompt", "id"], "p.jsonl")
     build_reward(["user_rewards:no_kwargs"]).check_columns(["prompt", "target"], "p.jsonl")
+    reward_module.no_prompts = lambda completions, target: [1.0] * len(completions)
+    with pytest.raises(RewardError, match="reward 'no_prompts' does not take 'prompts': every reward function is"):
+        build_reward(["user_rewards:no_prompts"]).check_columns(["prompt", "target"], "p.jsonl")
+    reward_module.singular = lambda prompt, completions, **kw: [1.0] * len(completions)
+    with pytest.raises(RewardError, match="takes 'prompt': every reward function is given the prompts as 'prompts'"):
+        build_reward(["user_rewards:singular"]).check_columns(["prompt"], "p.jsonl")
     with pytest.raises(RewardError, match="p.jsonl has a column 'completions', the name of an argument"):
         build_reward(["user_rewards:length"]).check_columns(["prompt", "completions"], "p.jsonl")
     with pytest.raises(RewardError, match="called with p.jsonl's column 'id'.*add \\*\\*kwargs"):

@@ -310,9 +310,12 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # an earlier run's adapter there would be loaded instead of these weights, and its full model would be loaded
     # under this adapter by transformers (an adapter directory has no config.json): the other kind's files go
-    for pattern in MODEL_FILES if hasattr(model, "peft_config") else ADAPTER_FILES:
-        for stale in out.glob(pattern):
-            stale.unlink()
+    # (peft writes an adapter other than the default one into its own folder: PPO's critic in OUT/critic)
+    folders = [out, *(out / name for name in getattr(model, "peft_config", {}) if name != "default")]
+    for folder in folders:
+        for pattern in MODEL_FILES if hasattr(model, "peft_config") else ADAPTER_FILES:
+            for stale in folder.glob(pattern):
+                stale.unlink()
     if hasattr(model, "peft_config"):
         # an adapter on the output head (all-linear+head) made peft save the frozen head too (vocab x hidden, GBs
         # for a large vocabulary) in every adapter and checkpoint; it is the base's, which loads it

@@ -444,6 +444,12 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         raise ConfigError(f"--train.out {out} is the model this run starts from ({cfg.model.path}): the run would "
                           "write over it (an adapter saved there would name itself as its base); write to another "
                           "--train.out")
+    # the other models a run reads (a reward model, a reference): saving there would remove their weights
+    others = [getattr(cfg, "reward_model", ""), getattr(cfg, "ref_model", ""), *getattr(cfg, "rewards", [])]
+    for other in others:
+        if other and Path(other).is_dir() and out.resolve() == Path(other).resolve():
+            raise ConfigError(f"--train.out {out} is {other}, a model this run reads: the run would write over it; "
+                              "write to another --train.out")
     resumed = find_checkpoint(out, cfg.train.resume)
     if resumed is not None:
         check_resume_config(resumed, cfg)
