@@ -85,8 +85,14 @@ def check_values(name: str, values, n: int) -> torch.Tensor:
     reward does not apply to (TRL's convention for rewards of several tasks), is NaN: left out of the sum."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().flatten().tolist()
+    if isinstance(values, (str, bytes)):
+        raise RewardError(f"reward {name!r} returned the text {values!r}; it must return a list of numbers, one per "
+                          "completion")
     try:
         values = list(values)
+        text = next((v for v in values if isinstance(v, (str, bytes))), None)
+        if text is not None:  # float("4") would pass: an extracted answer returned in place of its score
+            raise TypeError(f"got the text {text!r}")
         bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(float(v))]
         values = [math.nan if v is None else float(v) for v in values]
     except (TypeError, ValueError) as e:

@@ -33,6 +33,9 @@ def reward_module(monkeypatch):
     def not_numbers(prompts, completions, **columns):
         return ["high"] * len(completions)
 
+    def answers(prompts, completions, **columns):  # the extracted answer, not its score: float("4") would pass
+        return ["4"] * len(completions)
+
     def huge(prompts, completions, **columns):  # a finite Python float, inf in float32
         return [1.0, 1e39][:len(completions)]
 
@@ -45,7 +48,8 @@ def reward_module(monkeypatch):
     def code_only(prompts, completions, task, **columns):
         return [10.0 if t == "code" else None for t in task]
 
-    for fn in (length, uses_column, raises, nan, too_few, not_numbers, huge, as_tensor, math_only, code_only):
+    for fn in (length, uses_column, raises, nan, too_few, not_numbers, answers, huge, as_tensor, math_only,
+               code_only):
         setattr(mod, fn.__name__, fn)
     monkeypatch.setitem(sys.modules, "user_rewards", mod)
     return mod
@@ -99,6 +103,7 @@ def test_a_reward_that_does_not_apply_returns_none_and_counts_for_nothing(reward
     ("nan", r"reward 'nan' returned nan for completion 0"),
     ("too_few", r"reward 'too_few' returned 1 values for 2 completions"),
     ("not_numbers", r"reward 'not_numbers' must return a list of numbers"),
+    ("answers", r"reward 'answers' must return a list of numbers, one per completion: got the text '4'"),
     ("huge", r"reward 'huge' returned 1e\+39 for completion 1 \(1 non-finite values in all, in float32\)"),
 ])
 def test_bad_functions_are_named_in_the_error(reward_module, name, message):
