@@ -107,6 +107,28 @@ def test_a_completion_is_tokenised_as_it_reads_after_its_prompt():
     # sampled ids read back as the text after the prompt (its leading space kept), which encodes to them again
     text = completion_text(tok, e.input_ids[:start], e.input_ids[start:])
     assert text == completion and tok.decode(e.input_ids[start:], skip_special_tokens=True) == completion.lstrip()
-    # a token across the seam: the completion is tokenised alone, after the prompt's own ids
-    seam = encode_example(tok, "User: Describe the c", "at.", 64)
-    assert seam.input_ids[:seam.completion_mask.index(1)] == tok("User: Describe the c").input_ids
+    # a token across the seam (a prompt ending mid-word, or in a space): the completion is tokenised on its own,
+    # after the prompt's own ids, without the '▁' a text alone starts with ('at' was '▁a', 't': "c at")
+    for prompt, completion in [("User: Describe the c", "at is calm."), ("Describe the cat. ", "The cat is calm.")]:
+        seam = encode_example(tok, prompt, completion, 64)
+        start = seam.completion_mask.index(1)
+        assert seam.input_ids[:start] == tok(prompt).input_ids
+        assert tok.decode(seam.input_ids, skip_special_tokens=True) == prompt + completion
+        assert completion_text(tok, seam.input_ids[:start], seam.input_ids[start:]) == completion
+
+
+def test_a_prompt_templated_by_hand_keeps_its_one_bos_and_a_sample_reads_up_to_its_end_of_turn():
+    from rlhfkit.data.collate import encode_prompt
+    from rlhfkit.rollout.engine import completion_text
+
+    tok = llama2_style_tokenizer()
+    assert encode_prompt(tok, "<s>[INST] Hi [/INST]").count(tok.bos_token_id) == 1  # not <s> <s>
+    assert encode_prompt(tok, "Hi").count(tok.bos_token_id) == 1
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    e = encode_example(tok, "User: Describe the cat.\nAssistant:", " The cat is calm.", 64)
+    start = e.completion_mask.index(1)
+    prompt, reply = e.input_ids[:start], e.input_ids[start:-1]  # the reply's ids, its EOS left off
+    # a base model's chat sample runs on past the template's end of turn to the EOS: the text is the reply alone
+    newline = tok("\n", add_special_tokens=False).input_ids
+    assert completion_text(tok, prompt, [*reply, end, *newline, tok.eos_token_id]) == " The cat is calm."

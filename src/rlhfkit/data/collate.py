@@ -36,10 +36,17 @@ def as_prompt_completion(record: dict) -> tuple:
     return record["prompt"], record["completion"]
 
 
+def adds_specials(tokenizer, prompt) -> bool:
+    """Whether ``prompt`` is tokenised with the tokenizer's own special tokens (a BOS where the model expects one):
+    a plain string is, unless it already begins with the BOS (a prompt templated by hand); chat messages are not,
+    their template writes its own."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return isinstance(prompt, str) and not (isinstance(bos, str) and bos and prompt.startswith(bos))
+
+
 def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt. Plain strings get the tokenizer's own special tokens (a BOS
-    where the model expects one); chat templates already contain theirs."""
-    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str)).input_ids
+    """Token ids of a prompt, with the special tokens ``adds_specials`` gives it."""
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=adds_specials(tokenizer, prompt)).input_ids
 
 
 @dataclass
@@ -66,8 +73,8 @@ def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
     template writes it (``templated_reply``)."""
     text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
     before = render_prompt(tokenizer, prompt)
-    prompt_ids = tokenizer(before, add_special_tokens=isinstance(prompt, str)).input_ids
-    ids = completion_ids(tokenizer, before, prompt_ids, text, special=isinstance(prompt, str))
+    prompt_ids = tokenizer(before, add_special_tokens=adds_specials(tokenizer, prompt)).input_ids
+    ids = completion_ids(tokenizer, before, prompt_ids, text, special=adds_specials(tokenizer, prompt))
     eos = tokenizer.eos_token_id
     return prompt_ids, ids if ids and ids[-1] == eos else [*ids, eos]
 
@@ -75,14 +82,22 @@ def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
 def completion_ids(tokenizer, before: str, prompt_ids: list[int], text: str, special: bool) -> list[int]:
     """The ids of completion ``text`` as the tokenizer splits it after the prompt (``before``, whose ids are
     ``prompt_ids``; ``special``: they hold the tokenizer's own special tokens): the tail of the two texts tokenised
-    as one, when that begins with the prompt's ids, as the model reads and writes it; else (a token spanning the
-    seam) the text tokenised alone. A SentencePiece tokenizer of the Llama-2 kind (TinyLlama, Mistral v0.1)
-    reads a text alone as starting a document: ' The' alone is '▁', '▁The', a token more than after a prompt,
-    which a model trained on it would learn to write before every answer."""
+    as one, when that begins with the prompt's ids, as the model reads and writes it. Else (a token would span the
+    seam: a prompt ending mid-word, or in a space) the text tokenised on its own, as it reads after a newline when
+    that decodes after the prompt as the text itself, else alone. A SentencePiece tokenizer of the Llama-2 kind
+    (TinyLlama, Mistral v0.1) reads a text alone as starting a document: ' The' alone is '▁', '▁The', and 'The'
+    is '▁The', a space more than after the prompt, which a model trained on it would learn to write."""
     whole = tokenizer(before + text, add_special_tokens=special).input_ids
     if len(whole) > len(prompt_ids) and whole[: len(prompt_ids)] == prompt_ids:
         return whole[len(prompt_ids):]
-    return tokenizer(text, add_special_tokens=False).input_ids
+    alone = tokenizer(text, add_special_tokens=False).input_ids
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    after_newline = tokenizer("\n" + text, add_special_tokens=False).input_ids
+    head = tokenizer.decode(prompt_ids)
+    for ids in ([after_newline[len(newline):]] if after_newline[: len(newline)] == newline else []) + [alone]:
+        if ids and tokenizer.decode(prompt_ids + ids) == head + text:  # reads as the prompt, then the text
+            return ids
+    return alone
 
 
 def templated_reply(tokenizer, messages: list, reply: str) -> str:

@@ -84,10 +84,14 @@ def cut_at_eos(ids: list[int], eos_token_id: int | list[int] | None) -> tuple[li
 
 
 def completion_text(tokenizer, prompt_ids: list[int], completion: list[int]) -> str:
-    """A completion's text as it reads after its prompt (special tokens left out): decoded with the prompt, less the
-    prompt's own text, when that is how the whole begins; else decoded alone. A SentencePiece tokenizer of the
-    Llama-2 kind drops the leading space of a text decoded alone ('▁The' reads 'The'), which the completion has
-    after the prompt; ``collate.completion_ids`` reads it back to the same ids."""
+    """A completion's text as it reads after its prompt, up to its first special token (an EOS, or a chat
+    template's end of turn when the sampler stops elsewhere: what a template writes after it, ChatML's newline,
+    is not the reply): decoded with the prompt, less the prompt's own text, when that is how the whole begins;
+    else decoded alone. A SentencePiece tokenizer of the Llama-2 kind drops the leading space of a text decoded
+    alone ('▁The' reads 'The'), which the completion has after the prompt; ``collate.completion_ids`` reads it
+    back to the same ids."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    completion = completion[: next((i for i, t in enumerate(completion) if t in special), len(completion))]
     before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     whole = tokenizer.decode(prompt_ids + completion, skip_special_tokens=True)
     return whole[len(before):] if whole.startswith(before) else tokenizer.decode(completion, skip_special_tokens=True)
