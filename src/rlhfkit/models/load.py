@@ -296,6 +296,13 @@ def saved_keys(model) -> set[str] | None:
     return {source[id(v)] for v in picked} if all(id(v) in source for v in picked) else None
 
 
+def adapter_saving(model) -> dict:
+    """``save_pretrained``'s options for ``model``: for a peft model, not the frozen layers an adapter on the
+    output head brings (all-linear+head: peft saved the head, vocab x hidden, GBs for a large vocabulary, in every
+    adapter and checkpoint; the base holds it, unchanged, and loads it)."""
+    return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+
+
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     """Write a standard HF directory (safetensors): full weights, or the adapter for peft models.
     In a multi-process run only rank 0 writes; a sharded or ZeRO-3 model is gathered by every process first
@@ -316,11 +323,7 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
         for pattern in MODEL_FILES if hasattr(model, "peft_config") else ADAPTER_FILES:
             for stale in folder.glob(pattern):
                 stale.unlink()
-    if hasattr(model, "peft_config"):
-        # an adapter on the output head (all-linear+head) made peft save the frozen head too (vocab x hidden, GBs
-        # for a large vocabulary) in every adapter and checkpoint; it is the base's, which loads it
-        full["save_embedding_layers"] = False
-    model.save_pretrained(out, safe_serialization=True, **full)
+    model.save_pretrained(out, safe_serialization=True, **full, **adapter_saving(model))
     tokenizer.save_pretrained(out)
     return out
 

@@ -132,7 +132,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     if not distributed.is_main():
         return final
     if save_weights is None:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
+        from rlhfkit.models.load import adapter_saving
+
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}),
+                              **adapter_saving(model))
         if tokenizer is not None:  # a checkpoint of full weights then loads as a model (--model step-N)
             tokenizer.save_pretrained(tmp)
     # the trainable tensors by name as well: restoring them needs no knowledge of how the
