@@ -293,13 +293,17 @@ def test_the_rollout_loop_saves_the_model_before_its_final_evaluation_and_logs_e
         return {"eval/reward": 1.0}
 
     with pytest.raises(RuntimeError, match="held-out"):
-        rollout_steps(cfg, "ppo", 0, lambda step: events.append(step) or {"rollout/score": float(step)},
+        rollout_steps(cfg, "ppo", 0,
+                      lambda step: events.append(step) or {"rollout/score": float(step), "train/lr": step / 10},
                       Checkpoints(cfg, model, optimizers), Logger(tmp_path, tensorboard=False),
                       save=lambda: events.append("saved"), evaluate=evaluate)
     assert events == [0, 1, 2, "evaluate", 3, "saved", "evaluate"]
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # step 3's evaluation, between the logged steps 2 and 4, is logged at its own step
     assert [(r["step"], "eval/reward" in r) for r in logged] == [(2, False), (3, True), (4, False)]
+    # a logged step holds the means over the steps since the last log, as the supervised loop logs
+    assert [r.get("rollout/score") for r in logged] == [0.5, None, 2.5]
+    assert [r.get("train/lr") for r in logged] == [0.1, None, 0.3]  # a rate: the step's own, the last
 
 
 # ---------------------------------------------------------------------------------------------- 5. durability

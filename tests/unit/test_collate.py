@@ -119,16 +119,23 @@ def test_a_completion_is_tokenised_as_it_reads_after_its_prompt():
 
 def test_a_prompt_templated_by_hand_keeps_its_one_bos_and_a_sample_reads_up_to_its_end_of_turn():
     from rlhfkit.data.collate import encode_prompt
-    from rlhfkit.rollout.engine import completion_text
+    from rlhfkit.rollout.engine import completion_text, end_of_turn
 
     tok = llama2_style_tokenizer()
     assert encode_prompt(tok, "<s>[INST] Hi [/INST]").count(tok.bos_token_id) == 1  # not <s> <s>
     assert encode_prompt(tok, "Hi").count(tok.bos_token_id) == 1
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|python_tag|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn(tok) == end  # what the template writes after a reply
     e = encode_example(tok, "User: Describe the cat.\nAssistant:", " The cat is calm.", 64)
     start = e.completion_mask.index(1)
     prompt, reply = e.input_ids[:start], e.input_ids[start:-1]  # the reply's ids, its EOS left off
     # a base model's chat sample runs on past the template's end of turn to the EOS: the text is the reply alone
     newline = tok("\n", add_special_tokens=False).input_ids
-    assert completion_text(tok, prompt, [*reply, end, *newline, tok.eos_token_id]) == " The cat is calm."
+    assert completion_text(tok, prompt, [*reply, end, *newline, tok.eos_token_id], end) == " The cat is calm."
+    # another special token is content (a tool call's tag): the text runs on past it
+    tag = tok.convert_tokens_to_ids("<|python_tag|>")
+    assert completion_text(tok, prompt, [tag, *reply, end], end) == " The cat is calm."
+    assert completion_text(tok, prompt, [*reply, tag, *reply]) == " The cat is calm. The cat is calm."

@@ -83,15 +83,33 @@ def cut_at_eos(ids: list[int], eos_token_id: int | list[int] | None) -> tuple[li
     return ids, False
 
 
-def completion_text(tokenizer, prompt_ids: list[int], completion: list[int]) -> str:
-    """A completion's text as it reads after its prompt, up to its first special token (an EOS, or a chat
-    template's end of turn when the sampler stops elsewhere: what a template writes after it, ChatML's newline,
-    is not the reply): decoded with the prompt, less the prompt's own text, when that is how the whole begins;
+def end_of_turn(tokenizer) -> int | None:
+    """The added token a chat template writes right after an assistant's reply (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``; Llama-2's ``</s>``), or None: no template, or none there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "REPLY"}], tokenize=False)
+    except Exception:  # a template that wants other roles or content: no end of turn known
+        return None
+    if not isinstance(text, str) or "REPLY" not in text:
+        return None
+    added = set(tokenizer.added_tokens_decoder)
+    tail = tokenizer(text[text.rindex("REPLY") + len("REPLY"):], add_special_tokens=False).input_ids
+    return next((t for t in tail if t in added), None)
+
+
+def completion_text(tokenizer, prompt_ids: list[int], completion: list[int], end: int | None = None) -> str:
+    """A completion's text as it reads after its prompt, up to the chat template's end of turn ``end``
+    (``end_of_turn``) when the sampler ran on past it (a base model stopping at its EOS writes the template's
+    newline after ``<|im_end|>``; that is not the reply, and a reward model would template it again), special
+    tokens left out: decoded with the prompt's end, less that end's own text, when that is how the whole begins;
     else decoded alone. A SentencePiece tokenizer of the Llama-2 kind drops the leading space of a text decoded
     alone ('▁The' reads 'The'), which the completion has after the prompt; ``collate.completion_ids`` reads it
     back to the same ids."""
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    completion = completion[: next((i for i, t in enumerate(completion) if t in special), len(completion))]
+    if end is not None and end in completion:
+        completion = completion[: completion.index(end)]
     context = prompt_ids[-16:]  # the prompt's end is context enough (a whole long prompt cost 0.7 ms a row)
     before = tokenizer.decode(context, skip_special_tokens=True)
     whole = tokenizer.decode(context + completion, skip_special_tokens=True)
@@ -549,6 +567,7 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
     model.eval()
     device = next(model.parameters()).device
     eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
+    end = end_of_turn(tokenizer) if any(not isinstance(p, str) for p in prompts) else None  # chat prompts' texts
     result = Generations([], [], [], [], [] if logprobs else None, [] if logprobs else None)
     batches = range(0, len(prompts), cfg.batch_size)
     if progress:
@@ -568,7 +587,8 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
                 result.prompt_ids.append(ids)
                 result.completion_ids.append(completion)
                 result.has_eos.append(has_eos)
-                result.texts.append(completion_text(tokenizer, ids, completion))
+                chat = not isinstance(prompts[start + i], str)  # a plain prompt's text runs to its stop
+                result.texts.append(completion_text(tokenizer, ids, completion, end if chat else None))
                 if logprobs:
                     result.logprobs.append(logps[i, : len(completion)].tolist())
                     result.entropy.append(entropy[i, : len(completion)].tolist())

@@ -27,6 +27,7 @@ import torch
 
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config
+from rlhfkit.ops import mean_of
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import (CONFIG_FILE, DATA_FILE, Checkpoints, NonFinite, StopRequest,
                                          check_no_earlier_run, check_resume_config, data_digests, find_checkpoint)
@@ -155,12 +156,13 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
                   postfix: Callable[[dict[str, float]], dict[str, str]] = dict) -> dict[str, float]:
     """The outer loop of PPO and the online methods: ``step_fn(step)`` (a step's metrics) for steps ``start`` to
     ``cfg.max_steps``, then ``evaluate()`` (every process calls it) every ``cfg.eval_every`` steps and at the
-    end, the metrics logged every ``cfg.log_every`` steps (and an evaluation at the step it ran), checkpoints when
-    due, a clean stop on SIGINT / SIGTERM, a progress bar (process 0) showing ``postfix(metrics)``. ``save()``
+    end, the metrics logged every ``cfg.log_every`` steps as their means over the steps since the last log (as the
+    supervised loop logs; a rate, a count so far: the last value), an evaluation at the step it ran, checkpoints
+    when due, a clean stop on SIGINT / SIGTERM, a progress bar (process 0) showing ``postfix(metrics)``. ``save()``
     writes the trained model after the last step, before the final evaluation, which may then fail or be
     interrupted without losing it. Rewinds, then closes, ``logger``. Returns the last step's metrics with the
     final evaluation's."""
-    steps, metrics = cfg.max_steps, {}
+    steps, metrics, window = cfg.max_steps, {}, []
     checkpoints.check_start(start, steps)
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     try:
@@ -168,16 +170,18 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
             bar = progress(range(start, steps), desc, initial=start, total=steps, disable=not distributed.is_main())
             for step in bar:
                 metrics = step_fn(step)
+                window.append(metrics)
                 bar.set_postfix(**postfix(metrics))
                 done = step + 1
                 evaluation = {}
                 if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != steps:
                     evaluation = evaluate()
-                    metrics.update(evaluation)
                 if done % cfg.log_every == 0 or done == steps:
-                    logger.log(done, metrics)
+                    logger.log(done, {**window_means(window), **evaluation})
+                    window = []
                 elif evaluation:  # an evaluation between logged steps is logged at its own
                     logger.log(done, evaluation)
+                metrics = {**metrics, **evaluation}
                 checkpoints.after_step(done, stop)
             checkpoints.at_end(steps)
         save()
@@ -188,6 +192,16 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
     finally:
         logger.close()
     return metrics
+
+
+LAST_IN_WINDOW = ("train/lr", "train/critic_lr", "train/skipped_updates", "rollout/beta")  # rates, counts so far
+
+
+def window_means(records: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the steps ``records`` (those that have it); a rate or a count so far
+    (``LAST_IN_WINDOW``), its last value."""
+    means = mean_of(records)
+    return {**means, **{k: records[-1][k] for k in LAST_IN_WINDOW if k in records[-1]}}
 
 
 def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], model,
