@@ -352,6 +352,11 @@ def cmd_export(cfg: ExportConfig) -> None:
         raise ConfigError("export needs --model ADAPTER_DIR and --out DIR")
     if Path(cfg.out).resolve() == Path(cfg.model).resolve():  # the merged model would replace the adapter
         raise ConfigError(f"--out {cfg.out} is the adapter directory itself: write the merged model to another one")
+    from rlhfkit.models.load import adapter_base, is_adapter_dir
+
+    if is_adapter_dir(cfg.model) and Path(cfg.out).resolve() == Path(adapter_base(cfg.model)).resolve():
+        raise ConfigError(f"--out {cfg.out} is the adapter's base model, which the merged one would replace (and the "
+                          "adapter would then apply twice): write it to another directory")
     print(f"merged model written to {merge_adapters(cfg.model, cfg.out, cfg.allow_pickle)}")
 
 

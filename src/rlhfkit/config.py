@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import reprlib
 import sys
 import types
 import typing
@@ -201,6 +202,17 @@ def _takes_list(tp: Any) -> bool:
     return origin in (list, tuple) or tp in (list, tuple)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = 4
+_SHORT.maxlevel = 3
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short: a YAML value built of aliases (a billion laughs) is cheap to hold, not to print."""
+    return _SHORT.repr(value)
+
+
 def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str], split: bool = True) -> Any:
     """`value` (from YAML, or a string from the command line) as type `tp`, else ConfigError. `split`: a
     string for a list is comma-separated items (else one item)."""
@@ -209,7 +221,8 @@ def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str], split: 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def bad(hint: str = "") -> ConfigError:
-        return ConfigError(f"bad value for '{key}' in {where(key)}: expected {_type_name(tp)}, got {value!r}{hint}")
+        return ConfigError(f"bad value for '{key}' in {where(key)}: expected {_type_name(tp)}, "
+                           f"got {_shown(value)}{hint}")
 
     if tp is Any:
         return value
@@ -228,7 +241,7 @@ def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str], split: 
                 pass
         hit = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
         raise ConfigError(f"bad value for '{key}' in {where(key)}: expected one of {', '.join(map(repr, args))}, "
-                          f"got {value!r}" + (f"; did you mean '{hit[0]}'?" if hit else ""))
+                          f"got {_shown(value)}" + (f"; did you mean '{hit[0]}'?" if hit else ""))
     if origin in (Union, types.UnionType):
         if type(None) in args and (value is None or isinstance(value, str) and value.lower() in _NONE):
             return None

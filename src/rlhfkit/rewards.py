@@ -18,6 +18,7 @@ wrong number of values, or a value that is not a finite number fails with a :cla
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -48,17 +49,22 @@ def load_function(spec: str) -> RewardFn:
     if not colon or not module_name or not attr:
         raise RewardError(f"reward {spec!r} is neither a directory nor 'module:function' "
                           "(e.g. rlhfkit.data.tasks.arithmetic:exact_answer)")
-    # the working directory too, after the installed packages (which win a name they share), for the rest of the
-    # run (a reward module may import its neighbours when called): my_rewards.py beside the command is found from
-    # the `rlhfkit` launcher as from `python -m rlhfkit.cli`
+    # the working directory too, after the installed packages (which win a name they share), while the named module
+    # imports (and with it what it imports at its top): my_rewards.py beside the command is found from the `rlhfkit`
+    # launcher as from `python -m rlhfkit.cli`. Not for the rest of the run, where every optional module a library
+    # probes for (brotli, gmpy2, ...) would be looked for there too and a file of that name run
     here = os.getcwd()
-    if here not in sys.path:
+    added = here not in sys.path
+    if added:
         sys.path.append(here)
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise RewardError(f"reward {spec!r}: cannot import module {module_name!r} (searched the installed packages "
                           f"and the working directory; PYTHONPATH adds folders): {e}") from e
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
@@ -227,9 +233,17 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 
     with tempfile.TemporaryDirectory() as cwd:
+        # its own process group: what it forks is killed with it, after a timeout too
+        proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=limits, cwd=cwd, env={},
+                                start_new_session=True)
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", code], input=stdin, capture_output=True, text=True,
-                                  timeout=timeout_s, preexec_fn=limits, cwd=cwd, env={})
+            out, err = proc.communicate(stdin, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return None if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL) else done  # killed by the CPU limit

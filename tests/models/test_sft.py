@@ -88,6 +88,7 @@ def test_sft_with_lora_saves_an_adapter_that_exports(tiny_model_dir, task_dir, t
                  "--optim.lr", "1e-2", "--train.tensorboard", "false"]) == 0
     assert (out / "adapter_config.json").is_file()
     assert main(["export", "--model", str(out), "--out", str(out)]) == 2  # it would replace the adapter
+    assert main(["export", "--model", str(out), "--out", path]) == 2  # or its base, the adapter applied twice
     assert (out / "adapter_config.json").is_file()
     assert main(["export", "--model", str(out), "--out", str(merged)]) == 0
     assert not (merged / "adapter_config.json").exists()
@@ -342,6 +343,14 @@ def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_mo
     capsys.readouterr()
     assert main(["sft", "--model", str(out), *common, "--train.max_steps", "1"]) == 2  # out is the model itself
     assert "is the model this run starts from" in capsys.readouterr().err
+    # a model no rlhfkit run wrote (a user's own folder) is not written over unless asked
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    assert main(["sft", "--model", model, *common[:2], "--out", str(theirs), *common[4:], "--lora.enabled", "true",
+                 "--train.max_steps", "1"]) == 2
+    assert "holds a model no rlhfkit run wrote there (config.json)" in capsys.readouterr().err
+    assert (theirs / "config.json").read_text() == "{}"
     # and an adapter where a full model was: transformers loaded the old full weights under the new adapter
     assert main(["sft", "--model", model, *common, "--lora.enabled", "true", "--train.max_steps", "1"]) == 0
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()

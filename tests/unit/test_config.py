@@ -559,3 +559,16 @@ def test_settings_that_would_silently_train_nothing_or_backwards_are_refused():
             parse_args(GRPOConfig, ["--advantage", method, "--group_size", "1", "--rewards", "m:f"])
     from rlhfkit.trainers.online import ReinforcePPConfig
     assert parse_args(ReinforcePPConfig, ["--group_size", "1"]).group_size == 1  # its baseline is the batch's
+
+
+def test_a_value_built_of_yaml_aliases_is_refused_without_printing_it_whole(tmp_path):
+    from rlhfkit.trainers.sft import SFTConfig
+
+    # a billion laughs: cheap to hold (shared references), 10^9 items to print; the error printed all of them
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = write(tmp_path, "\n".join(lines) + "\n", name="anchors.yaml")
+    data = load_yaml(path)
+    with pytest.raises(ConfigError, match="expected str | list") as info:
+        from_dict(SFTConfig, {"lora": {"target_modules": data["l8"]}})
+    assert len(str(info.value)) < 1000

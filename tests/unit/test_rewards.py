@@ -1,5 +1,6 @@
 """Reward loading and combination: named functions, weights, and clear errors naming the culprit."""
 
+import importlib
 import math
 import sys
 import types
@@ -139,10 +140,28 @@ def test_untrusted_code_runs_with_time_and_memory_limits():
     assert hog is not None and hog.returncode != 0 and "MemoryError" in hog.stderr
 
 
+def test_what_untrusted_code_forks_does_not_outlive_it(tmp_path):
+    import time
+
+    marker = tmp_path / "grandchild"  # a forked process that went on after the run wrote this
+    code = (f"import os, time\nif os.fork() == 0:\n    [os.close(fd) for fd in (0, 1, 2)]\n    time.sleep(0.5)\n"
+            f"    open({str(marker)!r}, 'w').write('x')\n    os._exit(0)\nprint('parent done')")
+    done = run_untrusted(code)
+    assert done is not None and done.stdout == "parent done\n"
+    assert run_untrusted(code.replace("print('parent done')", "time.sleep(10)"), timeout_s=0.2) is None
+    time.sleep(1.0)
+    assert not marker.exists()
+
+
 def test_a_reward_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
     # the installed `rlhfkit` launcher does not put the working directory on sys.path as `python -m` does
     (tmp_path / "my_cwd_rewards.py").write_text("def score(prompts, completions, **columns):\n    return [1.0]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     assert load_function("my_cwd_rewards:score")([], ["x"]) == [1.0]
-    assert sys.path[-1] == str(tmp_path)  # after the installed packages, which win a name they share
+    # only while the named module imports: a module of another name there is not found later (a library probing
+    # for an optional one, brotli say, ran the working directory's brotli.py)
+    assert str(tmp_path) not in sys.path
+    (tmp_path / "optional_probe_xyz.py").write_text("raise SystemExit('ran')\n")
+    with pytest.raises(ImportError):
+        importlib.import_module("optional_probe_xyz")

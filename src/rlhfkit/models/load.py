@@ -229,6 +229,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainab
         from rlhfkit.models.lora import lean_lora, peft_quietly
 
         base_path = adapter_base(cfg.path)
+        check_weights_format(cfg.path, cfg.allow_pickle)  # the adapter's own weights, then its base's
         check_weights_format(base_path, cfg.allow_pickle)
         base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         with peft_quietly():

@@ -89,6 +89,7 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool
         from rlhfkit.models.lora import lean_lora, peft_quietly
 
         base = adapter_base(cfg.path)
+        check_weights_format(cfg.path, cfg.allow_pickle)  # the adapter's own weights, then its base's
         check_weights_format(base, cfg.allow_pickle)
         backbone = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
         with peft_quietly():

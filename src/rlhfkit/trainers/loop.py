@@ -458,6 +458,13 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         raise ConfigError(f"--train.out {out} is the model this run starts from ({cfg.model.path}): the run would "
                           "write over it (an adapter saved there would name itself as its base); write to another "
                           "--train.out")
+    # a model this run did not write (no rlhfkit config beside it): saving there would remove its files
+    from rlhfkit.models.load import ADAPTER_FILES, MODEL_FILES
+
+    foreign = [f.name for pattern in (*MODEL_FILES, *ADAPTER_FILES) for f in out.glob(pattern)]
+    if foreign and not (out / CONFIG_FILE).is_file() and not cfg.train.overwrite_output_dir:
+        raise ConfigError(f"--train.out {out} holds a model no rlhfkit run wrote there ({foreign[0]}), which saving "
+                          "would replace: write to another --train.out, or pass --train.overwrite_output_dir true")
     # the other models a run reads (a reward model, a reference): saving there would remove their weights
     others = [getattr(cfg, "reward_model", ""), getattr(cfg, "ref_model", ""), *getattr(cfg, "rewards", [])]
     for other in others:
