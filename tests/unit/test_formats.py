@@ -115,6 +115,19 @@ def test_read_saved_dataset_and_dataset_dict(tmp_path):
     raises(read_records, tmp_path / "two", row=None, field=None, match="no 'train'")
 
 
+def test_a_saved_dataset_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    import json as json_
+
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "secret")
+    datasets.Dataset.from_list(ROWS[:1]).save_to_disk(tmp_path / "ds")
+    state = tmp_path / "ds" / "state.json"
+    meta = json_.loads(state.read_text())
+    meta["_data_files"] = [{"filename": f"../secret/{f['filename']}"} for f in meta["_data_files"]]
+    state.write_text(json_.dumps(meta))  # load_from_disk read the other folder's rows
+    raises(read_records, tmp_path / "ds", row=None, field=None, match="names a data file outside the folder")
+
+
 def test_directory_that_is_not_a_saved_dataset(tmp_path):
     pytest.importorskip("datasets")  # a dependency; absent only in environments like the GPU machine's image
     (tmp_path / "plain").mkdir()

@@ -241,6 +241,7 @@ def _read_saved_dataset(path) -> list[dict]:
         import datasets
     except ImportError as exc:
         raise ImportError("reading a saved dataset folder needs datasets: pip install datasets") from exc
+    _check_inside(path)
     try:
         loaded = datasets.load_from_disk(os.fspath(path))
     except Exception as exc:  # FileNotFoundError, ArrowInvalid, JSON errors in state files, ...
@@ -256,6 +257,22 @@ def _read_saved_dataset(path) -> list[dict]:
             raise DataError(path, f"a DatasetDict with splits {splits} and no 'train'; "
                                   f"point to one split's folder, e.g. {os.path.join(path, splits[0])}")
     return loaded.to_list()
+
+
+def _check_inside(path) -> None:
+    """DataError when a saved dataset's ``state.json`` names a data file outside its folder (``../``, an absolute
+    path, a link out): ``load_from_disk`` would read it, and a resume's digest of the folder would not see it."""
+    root = Path(path).resolve()
+    for state in Path(path).rglob("state.json"):
+        try:
+            files = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue  # not datasets' state file: load_from_disk says what is wrong
+        for name in files:
+            target = (state.parent / str(name)).resolve()
+            if root != target and root not in target.parents:
+                raise DataError(path, f"{state} names a data file outside the folder ({name}); a saved dataset "
+                                      "reads only files inside it")
 
 
 def _is_utf8(text: str) -> bool:
