@@ -72,9 +72,9 @@ def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids ending in EOS). After chat messages the completion is the reply as the chat
     template writes it (``templated_reply``)."""
     text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
-    before = render_prompt(tokenizer, prompt)
-    prompt_ids = tokenizer(before, add_special_tokens=adds_specials(tokenizer, prompt)).input_ids
-    ids = completion_ids(tokenizer, before, prompt_ids, text, special=adds_specials(tokenizer, prompt))
+    before, special = render_prompt(tokenizer, prompt), adds_specials(tokenizer, prompt)
+    prompt_ids = tokenizer(before, add_special_tokens=special).input_ids  # encode_prompt's, ``before`` kept
+    ids = completion_ids(tokenizer, before, prompt_ids, text, special)
     eos = tokenizer.eos_token_id
     return prompt_ids, ids if ids and ids[-1] == eos else [*ids, eos]
 

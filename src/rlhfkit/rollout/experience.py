@@ -117,6 +117,20 @@ def per_token(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+def score_generations(score_fn: ScoreFn, prompts: list, gens) -> torch.Tensor:
+    """(B,) scores of sampled ``gens`` (``Generations``) for ``prompts``: a scorer on the actor's tokenizer
+    (``score_ids``) is given the sampled ids; after chat prompts the texts, which it templates as its training did
+    (the template's end of turn and what follows it are not the sampled stop id)."""
+    score_ids = getattr(score_fn, "score_ids", None) if all(isinstance(p, str) for p in prompts) else None
+    return score_ids(gens.prompt_ids, gens.completion_ids) if score_ids else score_fn(prompts, gens.texts)
+
+
+def rollout_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """``rollout/kl``: the sampling policy's k1 KL to the reference summed over each response, averaged over the
+    rows. logprobs, ref_logprobs, mask: (B, A)."""
+    return (approx_kl(logprobs, ref_logprobs, "k1") * mask).sum(-1).mean().item()
+
+
 @torch.no_grad()
 def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: GenerationConfig, *, beta: float,
                     kl_estimator: str = "k1", reward_clip: float | None = 5.0,
@@ -163,11 +177,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     if values:
         old_values = roles.critic_values(batch)
     t2 = time.perf_counter()
-    # a scorer on the actor's tokenizer is given the sampled ids; after chat prompts the texts, which it templates
-    # as its training did (the template's end of turn and what follows it are not the sampled stop id)
-    score_ids = getattr(score_fn, "score_ids", None) if all(isinstance(p, str) for p in prompts) else None
-    scores = (score_ids(gens.prompt_ids, gens.completion_ids) if score_ids else score_fn(prompts, gens.texts))
-    scores = scores.to(device).float()
+    scores = score_generations(score_fn, prompts, gens).to(device).float()
     roles.release()  # sharded models: no backward follows these passes (a reward adapter's too) to reshard them
     has_eos = torch.tensor(gens.has_eos, device=device)
     if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
@@ -180,7 +190,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
                      None if old is None else old * mask, None if ref is None else ref * mask,
                      None if old_values is None else old_values * mask, rewards, advantages, returns, scores)
     if old is not None and ref is not None:
-        metrics["rollout/kl"] = (approx_kl(old, ref, "k1") * mask).sum(-1).mean().item()
+        metrics["rollout/kl"] = rollout_kl(old, ref, mask)
     metrics.update({"rollout/score": scores.mean().item(), "rollout/response_length": mask.sum(-1).mean().item(),
                     "rollout/eos_share": has_eos.float().mean().item(), "rollout/beta": beta,
                     "time/generate": t1 - t0, "time/forward": t2 - t1, "time/score": t3 - t2})

@@ -27,8 +27,7 @@ from typing import Callable, Literal
 import torch
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.advantages import (approx_kl, group_advantages, masked_mean, masked_whiten, reward_to_go,
-                                rloo_advantages)
+from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, reward_to_go, rloo_advantages
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
@@ -38,7 +37,7 @@ from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of, mean_stderr
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
-from rlhfkit.rollout.experience import Experience, make_experience
+from rlhfkit.rollout.experience import Experience, make_experience, rollout_kl
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
@@ -255,8 +254,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                        if mb.ref_logprobs is not None else logprobs.new_zeros(()))
             entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item() if on_policy else None
             # on-policy, this pass is the sampling policy: the rollout's KL to the reference (per sequence) is read here
-            rollout_kl = ((approx_kl(logprobs.detach(), mb.ref_logprobs, "k1") * mb.action_mask).sum(-1).mean().item()
-                          if on_policy and mb.ref_logprobs is not None else None)
+            kl = (rollout_kl(logprobs.detach(), mb.ref_logprobs, mb.action_mask)
+                  if on_policy and mb.ref_logprobs is not None else None)
             del logits
             if not nonfinite.ok("loss", distributed.all_sum([(pg_loss + kl_loss).item()], pg_loss.device)[0], step):
                 roles.release()  # sharded: this forward's gathered weights wait for no backward
@@ -278,8 +277,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                      **{f"policy/{k}": float(v) * token_share for k, v in pg_stats.items()}}
             if entropy is not None:
                 stats["rollout/entropy"] = entropy * token_share
-            if rollout_kl is not None:
-                stats["rollout/kl"] = rollout_kl * len(mb) / len(idx)  # a mean over sequences: this shard's share
+            if kl is not None:
+                stats["rollout/kl"] = kl * len(mb) / len(idx)  # a mean over sequences: this shard's share
             records.append(distributed.sum_over_processes(stats, pg_loss.device))
     return mean_of(records)
 

@@ -29,7 +29,7 @@ from rlhfkit.models.reward import RewardModel, check_reward_dir
 from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of, mean_stderr
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
-from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience
+from rlhfkit.rollout.experience import Experience, ScoreFn, make_experience, score_generations
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
@@ -290,9 +290,7 @@ def score_samples(model, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gener
                   seed: int) -> dict[str, float]:
     """One sample per held-out prompt scored as rollouts are (the proxy reward, before clipping and the KL
     penalty): ``eval/score`` and ``eval/score_stderr``."""
-    gens = generate(model, tokenizer, prompts, gen, seed=seed)
-    score_ids = getattr(score_fn, "score_ids", None) if all(isinstance(p, str) for p in prompts) else None
-    scores = score_ids(gens.prompt_ids, gens.completion_ids) if score_ids else score_fn(prompts, gens.texts)
+    scores = score_generations(score_fn, prompts, generate(model, tokenizer, prompts, gen, seed=seed))
     mean, stderr = mean_stderr(scores.float().tolist())
     return {"eval/score": mean, "eval/score_stderr": stderr}
 
