@@ -121,6 +121,27 @@ def test_completions_are_cut_after_the_first_eos_and_the_loop_stops(tiny_model_d
     assert new.shape == (1, first + 1)
 
 
+def test_after_chat_prompts_a_row_stops_at_the_templates_end_of_turn(tiny_model_dir, monkeypatch):
+    model, tok = load(tiny_model_dir, "llama")
+    chats = [[{"role": "user", "content": p}] for p in ("Describe the cat.", "What is the park like?")]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    monkeypatch.setattr(engine, "end_of_turn", lambda tokenizer: None)
+    free = generate(model, tok, chats, cfg)
+    assert [len(c) for c in free.completion_ids] == [12, 12]
+    # Declare row 0's fourth greedy token the template's end of turn (a base model's EOS is another token).
+    end = free.completion_ids[0][3]
+    monkeypatch.setattr(engine, "end_of_turn", lambda tokenizer: end)
+    cut = generate(model, tok, chats, cfg)
+    first = free.completion_ids[0].index(end)
+    assert cut.completion_ids[0] == free.completion_ids[0][: first + 1] and cut.has_eos[0]
+    assert cut.texts[0] == engine.completion_text(tok, cut.prompt_ids[0], free.completion_ids[0][:first])
+    row1 = free.completion_ids[1]
+    assert cut.completion_ids[1] == (row1[: row1.index(end) + 1] if end in row1 else row1)
+    # A plain prompt's row runs on to its EOS: its text is not a chat reply.
+    plain = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    assert generate(model, tok, plain, cfg).completion_ids[0] == free.completion_ids[0]
+
+
 def test_max_new_tokens_bounds_every_completion(tiny_model_dir):
     model, tok = load(tiny_model_dir, "gpt_neox")
     for n in (0, 1, 7):

@@ -102,8 +102,8 @@ def end_of_turn(tokenizer) -> int | None:
 
 def completion_text(tokenizer, prompt_ids: list[int], completion: list[int], end: int | None = None) -> str:
     """A completion's text as it reads after its prompt, up to the chat template's end of turn ``end``
-    (``end_of_turn``) when the sampler ran on past it (a base model stopping at its EOS writes the template's
-    newline after ``<|im_end|>``; that is not the reply, and a reward model would template it again), special
+    (``end_of_turn``; ``sample_prompts`` stops there, and ids sampled past it, the template's newline after
+    ``<|im_end|>``, are not the reply: a reward model would template them again), special
     tokens left out: decoded with the prompt's end, less that end's own text, when that is how the whole begins;
     else decoded alone. A SentencePiece tokenizer of the Llama-2 kind drops the leading space of a text decoded
     alone ('▁The' reads 'The'), which the completion has after the prompt; ``collate.completion_ids`` reads it
@@ -558,6 +558,9 @@ def resolve_backend(model, backend: str) -> str:
 def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: GenerationConfig, backend: str = "auto",
                    progress: bool = False, logprobs: bool = False) -> Generations:
     """One completion per prompt, prompt i sampled with ``seeds[i]``, ``cfg.batch_size`` prompts at a time.
+    A row stops at a stop id (``stop_ids``) and, when the prompts hold chat messages, at the chat template's end
+    of turn (``end_of_turn``): a base model whose EOS is not the template's (Qwen2's <|endoftext|> after
+    <|im_end|>) would run on past the reply, sampling tokens that are not scored and cost only KL.
 
     ``logprobs``: also each completion token's log-prob and entropy under the sampling model."""
     if len(seeds) != len(prompts):
@@ -568,6 +571,8 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
     device = next(model.parameters()).device
     eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
     end = end_of_turn(tokenizer) if any(not isinstance(p, str) for p in prompts) else None  # chat prompts' texts
+    if end is not None:  # after chat prompts a reply ends at the template's end of turn, whatever the EOS
+        eos = list(dict.fromkeys([*eos, end]))
     result = Generations([], [], [], [], [] if logprobs else None, [] if logprobs else None)
     batches = range(0, len(prompts), cfg.batch_size)
     if progress:
