@@ -306,6 +306,29 @@ def test_the_rollout_loop_saves_the_model_before_its_final_evaluation_and_logs_e
     assert [r.get("train/lr") for r in logged] == [0.1, None, 0.3]  # a rate: the step's own, the last
 
 
+def test_the_supervised_loop_saves_the_model_before_its_final_evaluation(tmp_path):
+    # SFT, the reward model and the DPO family saved after run returned: a failing (or interrupted) final
+    # evaluation lost a run without checkpoints
+    torch.manual_seed(0)
+    model, events = Linear(3, 2), []
+
+    def evaluate():
+        events.append("evaluate")
+        if events.count("evaluate") > 1:  # the final evaluation
+            raise KeyboardInterrupt
+        return {"eval/loss": 1.0}
+
+    def loss_fn(indices):
+        events.append("step")
+        return model(torch.ones(len(indices), 3)).pow(2).mean(), len(indices), {}
+
+    cfg = TrainConfig(out=str(tmp_path), max_steps=3, batch_size=2, eval_every=2, tensorboard=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(model=model, loss_fn=loss_fn, n_examples=4, cfg=cfg, optim=OptimConfig(lr=0.1),
+            logger=Logger(tmp_path, tensorboard=False), evaluate=evaluate, save=lambda: events.append("saved"))
+    assert events == ["step", "step", "evaluate", "step", "saved", "evaluate"]
+
+
 # ---------------------------------------------------------------------------------------------- 5. durability
 
 

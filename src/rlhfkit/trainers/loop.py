@@ -290,7 +290,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         tokens_of: Callable[[list[int]], int] | None = None,
         amp: Callable[[], ContextManager] = contextlib.nullcontext,
         before_step: Callable[[list[int], int], None] | None = None,
-        units_of: Callable[[list[int]], float] = len, tokenizer=None, dropout: bool = True) -> dict[str, float]:
+        units_of: Callable[[list[int]], float] = len, tokenizer=None, dropout: bool = True,
+        save: Callable[[], None] | None = None) -> dict[str, float]:
     """Train ``model`` for ``total_steps`` optimiser steps of ``loss_fn`` over shuffled batches.
 
     ``loss_fn(indices)`` returns the mean loss over those examples' units (tokens for SFT,
@@ -311,7 +312,9 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     backward: ``units_of(indices)`` counts them as ``loss_fn`` will (default: one per example). ``tokenizer``
     (optional) is saved into each checkpoint beside the weights, so that one loads as a model. ``dropout``
     False trains ``model`` in eval mode, without the dropout its config asks for (the DPO family: the policy
-    must give its reference's log-probs while their weights agree, as TRL's ``disable_dropout``).
+    must give its reference's log-probs while their weights agree, as TRL's ``disable_dropout``). ``save()``
+    (every process calls it) writes the trained model after the last step, before the final evaluation, which
+    may then fail or be interrupted without losing it.
     Returns the last evaluation's metrics (or the last training metrics).
     """
     if cfg.batch_size % cfg.grad_accum:
@@ -417,6 +420,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                                else None, bar, t0, last, throughput, dropout)
             checkpoints.after_step(step + 1, stop)
     checkpoints.at_end(num_steps)
+    if save is not None:
+        save()
     if evaluate and evaluates:
         last = evaluate()
         logger.log(num_steps, last)  # process 0 alone writes

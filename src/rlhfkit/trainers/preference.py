@@ -451,8 +451,8 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
                       desc=type(cfg).__name__.removesuffix("Config").lower(),
                       tokens_of=lambda idx: sum(len(examples[i].first.input_ids) + len(examples[i].second.input_ids)
                                                 for i in idx),
-                      amp=amp, before_step=before_step, tokenizer=tokenizer, dropout=False)
+                      amp=amp, before_step=before_step, tokenizer=tokenizer,
+                      save=lambda: save_model(policy, tokenizer, out), dropout=False)
     finally:
         logger.close()
-    save_model(policy, tokenizer, out)
     return metrics

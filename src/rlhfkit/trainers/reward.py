@@ -109,10 +109,10 @@ def train(cfg: RewardConfig) -> dict[str, float]:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(pairs), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in idx),
                       logger=logger, evaluate=evaluate, desc="reward model",
-                      amp=mixed_precision(cfg.model.dtype, device), tokenizer=tokenizer)
+                      amp=mixed_precision(cfg.model.dtype, device), tokenizer=tokenizer,
+                      save=lambda: save_model(model, tokenizer, out))
     finally:
         logger.close()
-    save_model(model, tokenizer, out)
     if cfg.normalize:
         model.eval()
         with torch.no_grad():

@@ -98,8 +98,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
                       units_of=lambda idx: float(label_mask(collate([examples[i] for i in idx], tokenizer.pad_token_id,
                                                                     cfg.padding_side)).sum()),
                       logger=logger, evaluate=evaluate, desc="sft", amp=mixed_precision(cfg.model.dtype, device),
-                      tokenizer=tokenizer)
+                      tokenizer=tokenizer,
+                      save=lambda: save_model(model, tokenizer, out))
     finally:
         logger.close()
-    save_model(model, tokenizer, out)
     return metrics
