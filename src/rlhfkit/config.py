@@ -120,11 +120,12 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "lambd": ["lam"], "zero_stage": ["deepspeed"], "l2": ["weight_decay"], "max_norm": ["max_grad_norm"],
               "adam_betas": ["betas"], "lr_scheduler": ["schedule"], "use_tensorboard": ["tensorboard"],
               "load_checkpoint": ["resume"], "lora_rank": ["r"], "prompt_data": ["prompts"],
-              "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"]}
+              "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"],
+              "micro_train_batch_size": ["micro_batch_size"]}
 _NOT_HERE = {"gradient_checkpointing": "there is no gradient checkpointing here: to fit memory lower train.batch_size "
                                        "and raise train.grad_accum, or train LoRA adapters (lora.enabled true)",
-             "micro_train_batch_size": "a micro-batch is train.batch_size / train.grad_accum (sft, rm, the DPO family);"
-                                       " ppo and the online methods learn from each mini_batch_size in one pass",
+             "micro_train_batch_size": "a micro-batch is train.batch_size / train.grad_accum here (sft, rm, the DPO "
+                                       "family); ppo and the online methods have micro_batch_size",
              "apply_chat_template": "chat messages always go through the tokenizer's chat template, plain strings "
                                     "never",
              **{key: f"name the file's column with --columns {ours}=COLUMN" for key, ours in
@@ -134,11 +135,11 @@ _NOT_HERE = {"gradient_checkpointing": "there is no gradient checkpointing here:
 
 def _suggest(key: str, names: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in _NOT_HERE:
-        return f"; {_NOT_HERE[leaf]}"
     leaves: dict[str, str] = {}  # each leaf name's shallowest full name (the first of those, in field order)
     for name in sorted(names, key=lambda n: n.count(".")):
         leaves.setdefault(name.rsplit(".", 1)[-1], name)
+    if leaf in _NOT_HERE and not any(ours in leaves for ours in _TRL_NAMES.get(leaf, [])):
+        return f"; {_NOT_HERE[leaf]}"
     if leaf in _TRL_NAMES and leaf not in leaves and not any(ours in leaves for ours in _TRL_NAMES[leaf]):
         # another library's name for a setting this command lacks: a near spelling would be a wrong guess
         return f"; this command has no setting for it (in others: {' or '.join(_TRL_NAMES[leaf])})"

@@ -65,6 +65,22 @@ def shard(items, n_ranks: int | None = None, index: int | None = None):
     return items[span.start: span.stop]
 
 
+def micro_splits(n: int, whole: int, micro: int) -> list[tuple[slice, bool]]:
+    """This process's ``n`` rows of a mini-batch of ``whole`` rows (over every process) cut into micro-batches of
+    at most ``micro`` rows (0: one micro-batch), near-equal and contiguous, as many in every process: ceil(largest
+    share / ``micro``), since a sharded model's forwards and backwards are collective. Each is (rows, real); where
+    a process has fewer rows than micro-batches, the spare ones are its first row again, marked not real (weigh
+    it 0)."""
+    count = -(-(-(-whole // world_size())) // micro) if micro else 1
+    size, extra = divmod(n, count)
+    splits, start = [], 0
+    for j in range(count):
+        stop = start + size + (j < extra)
+        splits.append((slice(start, stop), True) if stop > start else (slice(0, 1), False))
+        start = stop
+    return splits
+
+
 def check_shares(buffer: int, mini_batch: int, source: str = "", rows: int = 0, **batches: int) -> None:
     """Refuse a split that leaves a process without rows, naming the setting: each of ``batches`` (setting →
     rows, split over the processes) and each mini-batch a ``buffer`` of rows is cut into (``mini_batch``

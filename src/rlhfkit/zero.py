@@ -142,11 +142,11 @@ def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:
     return stage_
 
 
-def backward(optimizer, loss: torch.Tensor) -> None:
+def backward(optimizer, loss: torch.Tensor, last: bool = True) -> None:
     """Back-propagate ``loss``, this process's part of a sum over processes, for the parameters ``optimizer``
     updates: ``loss.backward()``, or, where an ``Engine`` steps ``optimizer``, DeepSpeed's backward of
-    ``loss × processes`` (DeepSpeed averages the gradients) with the reduction completed (one micro-batch
-    a step). A non-finite loss there poisons its gradients, so every process's engine skips the update
+    ``loss × processes`` (DeepSpeed averages the gradients), the reduction completed after the step's ``last``
+    micro-batch. A non-finite loss there poisons its gradients, so every process's engine skips the update
     (and the caller, who sees the loss, skips the other engines' with ``Engine.skip``)."""
     engine = engine_of(optimizer)
     if engine is None:
@@ -154,7 +154,17 @@ def backward(optimizer, loss: torch.Tensor) -> None:
         return
     if not torch.isfinite(loss.detach()):
         loss = loss * float("nan")  # a NaN gradient everywhere this loss reaches: the norm, summed, is NaN
-    engine.backward(loss * distributed.world_size(), last=True)
+    engine.backward(loss * distributed.world_size(), last=last)
+
+
+def drop_gradients(optimizer) -> None:
+    """Clear the step's gradients without an update: ``Engine.skip`` where an engine steps ``optimizer`` (every
+    process calls it), else ``zero_grad``."""
+    engine = engine_of(optimizer)
+    if engine is not None:
+        engine.skip()
+    else:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def run_as_forward(model, fn: Callable, *args, **kwargs):

@@ -21,6 +21,19 @@ def test_shards_cover_the_batch_in_order_once():
     assert distributed.shard(items, 1, 0) == items
 
 
+def test_micro_batches_are_as_many_in_every_process_and_spare_ones_are_marked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.micro_splits(8, 8, 3) == [(slice(0, 3), True), (slice(3, 6), True), (slice(6, 8), True)]
+    assert distributed.micro_splits(8, 8, 0) == [(slice(0, 8), True)]  # 0: the whole share
+    assert distributed.micro_splits(8, 8, 8) == distributed.micro_splits(8, 8, 100) == [(slice(0, 8), True)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # 5 rows over 2 processes: shares 3 and 2, micro-batches of at most 1 row: three in each process, the
+    # smaller share's third a spare (its first row again, to be weighed 0)
+    assert distributed.micro_splits(3, 5, 1) == [(slice(0, 1), True), (slice(1, 2), True), (slice(2, 3), True)]
+    assert distributed.micro_splits(2, 5, 1) == [(slice(0, 1), True), (slice(1, 2), True), (slice(0, 1), False)]
+    assert distributed.micro_splits(2, 5, 2) == [(slice(0, 1), True), (slice(1, 2), True)]  # at most 2: 2 of 1
+
+
 def test_splits_that_leave_a_process_without_rows_are_refused_naming_the_setting(monkeypatch):
     from rlhfkit.config import ConfigError
 
@@ -230,6 +243,8 @@ def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path, monkeypatc
             "--train.tensorboard", "false"]
     weights = _train(args, tmp_path / "one", 1, weights="all")
     _assert_close(weights, _train(args, tmp_path / "two", 2, weights="all"))
+    # micro-batches of 3 rows: each process's 4 rows of a mini-batch in two forwards and backwards
+    _assert_close(weights, _train([*args, "--micro_batch_size", "3"], tmp_path / "micro", 2, weights="all"))
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # the policy really trained
     one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                 for run in ("one", "two"))

@@ -270,11 +270,13 @@ def test_shared_ppo_sharded_equals_one_process_and_its_checkpoints_cross(tiny_mo
 def test_shared_ppo_sharded_grad_op_with_a_reward_adapter_and_early_stops_equals_one_process(tiny_model_dir,
                                                                                             ppo_setup, tmp_path):
     # the reward as a third adapter on the sharded base; under shard_grad_op the experience passes leave the units
-    # gathered (released before learning), and target_kl stops a step after a forward no backward follows
+    # gathered (released before learning), and target_kl stops a step, the actor's gradients dropped; each
+    # process's 2 rollouts of a mini-batch in micro-batches of one (as many backwards in each process)
     args = _ppo_args(tiny_model_dir, ppo_setup, "1e-2", "--mini_batch_size", "4", "--ppo_epochs", "2",
                      "--target_kl", "0.002", reward="rm-lora")
     _one_process(args, tmp_path / "one")
-    assert "fsdp shard_grad_op" in _launch("torchrun", [*args, "--train.fsdp", "shard_grad_op"], tmp_path / "two")
+    assert "fsdp shard_grad_op" in _launch("torchrun", [*args, "--train.fsdp", "shard_grad_op",
+                                                        "--micro_batch_size", "1"], tmp_path / "two")
     _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
     one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                 for run in ("one", "two"))

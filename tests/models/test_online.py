@@ -122,6 +122,55 @@ def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_modul
     assert not (out / "critic").exists()  # critic-free
 
 
+@pytest.mark.parametrize("extra", [
+    ["--kl_coef", "0.05", "--mini_batch_size", "16"],  # one on-policy update: entropy and KL read in the learn pass
+    ["--advantage", "dr_grpo"],  # two updates a step, a token sum over a constant
+])
+def test_micro_batches_add_up_to_the_mini_batch_s_update(tiny_model_dir, arithmetic_dir, reward_module, tmp_path,
+                                                         extra):
+    # OpenRLHF's micro_train_batch_size: a mini-batch of 8 or 16 samples in forwards and backwards of at most 3
+    runs = {}
+    for name, micro in (("whole", []), ("micro", ["--micro_batch_size", "3"])):
+        assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / name, "--rewards",
+                    "my_rewards:length", "--eval_prompts", "", *extra, *micro) == 0
+        logs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = load_file(str(tmp_path / name / "adapter_model.safetensors")), logs
+    (whole, whole_logs), (micro, micro_logs) = runs["whole"], runs["micro"]
+    assert any(v.abs().max() > 0 for k, v in whole.items() if "lora_B" in k)  # the adapter trained
+    for name, value in whole.items():
+        assert (micro[name] - value).norm() <= 1e-5 * value.norm().clamp(min=1e-12), name
+    keys = ["loss/policy", "grad_norm", "policy/approx_kl", "policy/clip_frac", "rollout/entropy"]
+    for key in keys + (["rollout/kl", "loss/kl"] if "--kl_coef" in extra else []):
+        assert [r[key] for r in micro_logs] == pytest.approx([r[key] for r in whole_logs], rel=1e-4, abs=1e-6), key
+
+
+def test_a_nan_loss_in_a_later_micro_batch_drops_the_earlier_ones_gradients(tiny_model_dir, arithmetic_dir,
+                                                                              reward_module, tmp_path, monkeypatch):
+    # train.on_nan skip: the first mini-batch's loss is NaN, in its second micro-batch (micro 3 of 4+4 rows)
+    # or in its only one (whole): both skip that update, and the first micro-batch's gradients do not leak
+    # into the next mini-batch's update
+    from rlhfkit.trainers import online
+
+    real, runs = online.policy_loss, {}
+    for name, micro, bad_call in (("whole", [], 0), ("micro", ["--micro_batch_size", "3"], 1)):
+        calls = []
+
+        def policy_loss(*args, **kwargs):
+            loss, stats = real(*args, **kwargs)
+            calls.append(1)
+            return (loss * float("nan"), stats) if len(calls) - 1 == bad_call else (loss, stats)
+
+        monkeypatch.setattr(online, "policy_loss", policy_loss)
+        assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / name, "--rewards",
+                    "my_rewards:length", "--eval_prompts", "", "--train.on_nan", "skip", *micro) == 0
+        logs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert logs[-1]["train/skipped_updates"] == 1
+        runs[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in runs["whole"].items() if "lora_B" in k)  # the other updates ran
+    for name, value in runs["whole"].items():
+        assert (runs["micro"][name] - value).norm() <= 1e-5 * value.norm().clamp(min=1e-12), name
+
+
 def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(tiny_model_dir, arithmetic_dir,
                                                                               reward_module, tmp_path, monkeypatch):
     # lora.enabled false: the whole model is trained and saved as a model directory; the reference is a frozen

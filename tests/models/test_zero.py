@@ -413,6 +413,9 @@ def test_separate_ppo_under_zero2_equals_one_process_and_its_checkpoints_cross(t
         assert f"deepspeed ZeRO-2 over 2 processes ({role}): AdamW state and gradients partitioned" in printed
     weights = _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
     assert any(k.startswith("critic/") for k in weights)
+    # micro-batches of one rollout: each engine's reduction completed after a process's second backward
+    _launch("zero2.yaml", [*args, "--micro_batch_size", "1"], tmp_path / "micro")
+    _assert_same_weights(tmp_path / "one", tmp_path / "micro", pattern="**/*.safetensors")
     one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                 for run in ("one", "two"))
     assert all(min(r["grad_norm/actor"], r["grad_norm/critic"]) > 0.05 for r in one)  # clipped every update
@@ -453,7 +456,8 @@ def test_separate_ppo_with_one_update_a_step_under_zero1_equals_one_process(tiny
 @pytest.mark.parametrize("launch", ["zero2.yaml", "fsdp"])
 def test_full_parameter_grpo_under_zero2_or_fsdp_equals_one_process(tiny_model_dir, ppo_setup, tmp_path, launch):
     # lora.enabled false: the whole policy trained (an engine over it, or sharded), a frozen copy as the KL
-    # term's reference, whole (DeepSpeed) or fully sharded (FSDP); two updates a step, clipping active
+    # term's reference, whole (DeepSpeed) or fully sharded (FSDP); two updates a step, clipping active, each
+    # from two micro-batches a process (their backwards collective)
     args = ["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(ppo_setup / "prompts.jsonl"),
             "--rewards", str(ppo_setup / "rm"), "--lora.enabled", "false", "--kl_coef", "0.05",
             "--train.max_steps", "3", "--prompts_per_step", "4", "--group_size", "4", "--mini_batch_size", "8",
@@ -462,6 +466,7 @@ def test_full_parameter_grpo_under_zero2_or_fsdp_equals_one_process(tiny_model_d
     # (seed 0 draws one uniform within float rounding of a token boundary: batches of 16 and of 8 rows round the
     # random tiny model's near-uniform softmax differently, and that one token differs)
     _one_process(args, tmp_path / "one")
+    args += ["--micro_batch_size", "3"]  # each process's 4 rows of a mini-batch in two forwards and backwards
     if launch == "fsdp":
         printed = _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
         assert "fsdp full_shard over 2 processes (the actor)" in printed

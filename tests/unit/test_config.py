@@ -489,14 +489,16 @@ def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
                               (PPOConfig, "pretrain", "model.path"),
                               (PPOConfig, "reward_pretrain", "reward_model"), (SFTConfig, "max_len", "max_length"),
                               (GRPOConfig, "reward_pretrain", "rewards"),
-                              (PPOConfig, "max_len", "generation.max_new_tokens")]:
+                              (PPOConfig, "max_len", "generation.max_new_tokens"),
+                              (GRPOConfig, "micro_train_batch_size", "micro_batch_size"),
+                              (PPOConfig, "micro_train_batch_size", "micro_batch_size")]:
         with pytest.raises(ConfigError, match=rf"unknown key '{typed}' .*did you mean '{meant}'\?"):
             parse_args(cls, [f"--{typed}", "1"])
     for cls, typed in [(PPOConfig, "advantage_estimator"), (SFTConfig, "num_generations")]:  # not a near spelling
         with pytest.raises(ConfigError, match=f"unknown key '{typed}' .*; this command has no setting for it"):
             parse_args(cls, [f"--{typed}", "1"])
-    with pytest.raises(ConfigError, match="micro-batch is train.batch_size / train.grad_accum"):
-        parse_args(GRPOConfig, ["--micro_train_batch_size", "2"])  # pointed at train.batch_size, which grpo refuses
+    with pytest.raises(ConfigError, match="micro-batch is train.batch_size / train.grad_accum here"):
+        parse_args(SFTConfig, ["--micro_train_batch_size", "2"])  # a size, where grad_accum counts micro-batches
     with pytest.raises(ConfigError, match="name the file's column with --columns prompt=COLUMN"):
         parse_args(PPOConfig, ["--input_key", "question"])
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -63,6 +64,8 @@ class OnlineConfig:
     prompts_per_step: int = arg(16, "prompts per step; the step's batch is prompts_per_step x group_size samples",
                                 ge=1)
     mini_batch_size: int = arg(64, "samples per optimiser step", ge=1)
+    micro_batch_size: int = arg(0, "samples per forward and backward in each process, gradients added up over a "
+                                "mini-batch (OpenRLHF's micro_train_batch_size; 0 = a process's whole share)", ge=0)
     epochs: int = arg(1, "passes over each step's samples (1 = on-policy: the ratio stays 1 on the first pass)",
                        ge=1)
     clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
@@ -231,7 +234,9 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
 
 def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator,
           nonfinite: NonFinite, step: int) -> dict[str, float]:
-    """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics.
+    """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics. Each
+    process's share of a mini-batch is learned from in micro-batches of ``micro_batch_size`` samples, their
+    gradients added up before the one update.
 
     A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``).
     """
@@ -240,46 +245,53 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
             idx = idx.to(exp.input_ids.device)
-            mb = exp[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
-            on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
-            with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
-                logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
-            old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
-            # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
-            reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
-            pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
-                                            **reduce)
-            # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
-            kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask, **reduce)
-                       if mb.ref_logprobs is not None else logprobs.new_zeros(()))
-            entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item() if on_policy else None
-            # on-policy, this pass is the sampling policy: the rollout's KL to the reference (per sequence) is read here
-            kl = (rollout_kl(logprobs.detach(), mb.ref_logprobs, mb.action_mask)
-                  if on_policy and mb.ref_logprobs is not None else None)
-            del logits
-            if not nonfinite.ok("loss", distributed.all_sum([(pg_loss + kl_loss).item()], pg_loss.device)[0], step):
-                roles.release()  # sharded: this forward's gathered weights wait for no backward
-                continue
-            # each term weighted by this shard's share of its units: summed over processes, the mini-batch's loss
+            share = exp[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
             whole = exp.action_mask[idx]
-            pg_share = reduction_units(reduction, mb.action_mask) / max(reduction_units(reduction, whole), 1.0)
-            token_share = float(mb.action_mask.sum()) / max(float(whole.sum()), 1.0)
-            # DeepSpeed's backward where an engine steps the optimiser (which then reduces the gradients)
-            zero.backward(optimizer[0], (pg_loss + cfg.kl_coef * kl_loss) * pg_share)
+            units, tokens = max(reduction_units(reduction, whole), 1.0), max(float(whole.sum()), 1.0)
+            splits = distributed.micro_splits(len(share), len(idx), cfg.micro_batch_size)
+            loss_sum, stats = 0.0, defaultdict(float)
+            for j, (rows, real) in enumerate(splits):
+                mb = share[rows]
+                on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
+                with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
+                    logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
+                old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
+                # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
+                reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
+                                                **reduce)
+                # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
+                kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask, **reduce)
+                           if mb.ref_logprobs is not None else logprobs.new_zeros(()))
+                # each term weighted by this micro-batch's share of the mini-batch's units (a spare one: 0):
+                # summed over micro-batches and processes, the mini-batch's loss
+                pg_share = reduction_units(reduction, mb.action_mask) / units if real else 0.0
+                token_share = float(mb.action_mask.sum()) / tokens if real else 0.0
+                if on_policy:
+                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item()
+                    stats["rollout/entropy"] += entropy * token_share
+                    if mb.ref_logprobs is not None:  # on-policy this pass is the sampling policy: its KL to the
+                        kl = rollout_kl(logprobs.detach(), mb.ref_logprobs, mb.action_mask)  # reference, per sequence
+                        stats["rollout/kl"] += kl * len(mb) / len(idx) if real else 0.0
+                del logits
+                # DeepSpeed's backward where an engine steps the optimiser (which then reduces the gradients); a
+                # non-finite loss is back-propagated too (its gradients are dropped below): collective when sharded
+                zero.backward(optimizer[0], (pg_loss + cfg.kl_coef * kl_loss) * pg_share, last=j == len(splits) - 1)
+                loss_sum += (pg_loss + kl_loss).item() * pg_share  # a spare micro-batch's NaN stays NaN (0 · NaN)
+                for k, v in {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * pg_share,
+                             **{f"policy/{k}": float(v) * token_share for k, v in pg_stats.items()}}.items():
+                    stats[k] += v
+            if not nonfinite.ok("loss", distributed.all_sum([loss_sum], whole.device)[0], step):
+                zero.drop_gradients(optimizer[0])
+                continue
             if not zero.engine_of(optimizer[0]):
                 distributed.average_gradients(roles.actor_parameters(), 1.0)  # the sum over processes
             grad_norm = optimizer_step(*optimizer, cfg.optim.max_grad_norm)  # applies nothing when non-finite
             if not nonfinite.ok("gradient norm", grad_norm, step):
                 continue
-            # over the whole mini-batch: each shard's figure weighted by its share (the norm is global already)
-            stats = {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * pg_share,
-                     "grad_norm": grad_norm * token_share,
-                     **{f"policy/{k}": float(v) * token_share for k, v in pg_stats.items()}}
-            if entropy is not None:
-                stats["rollout/entropy"] = entropy * token_share
-            if kl is not None:
-                stats["rollout/kl"] = kl * len(mb) / len(idx)  # a mean over sequences: this shard's share
-            records.append(distributed.sum_over_processes(stats, pg_loss.device))
+            # over the whole mini-batch: each shard's figures weighted by its share (the norm is global already)
+            stats["grad_norm"] = grad_norm * float(share.action_mask.sum()) / tokens
+            records.append(distributed.sum_over_processes(dict(stats), whole.device))
     return mean_of(records)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -54,6 +55,8 @@ class PPOConfig:
     rollout_batch_size: int = arg(64, "prompts sampled per rollout batch", ge=1)
     rollouts_per_step: int = arg(1, "rollout batches collected into the buffer before learning", ge=1)
     mini_batch_size: int = arg(16, "rollouts per optimiser step", ge=1)
+    micro_batch_size: int = arg(0, "rollouts per forward and backward in each process, gradients added up over a "
+                                "mini-batch (OpenRLHF's micro_train_batch_size; 0 = a process's whole share)", ge=0)
     ppo_epochs: int = arg(2, "passes over the buffer per step", ge=1)
     beta: float = arg(0.1, "KL penalty coefficient β in r_t = −β·kl_t", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "per-token KL estimator in the reward")
@@ -98,18 +101,21 @@ class PPOConfig:
 def one_update(cfg: PPOConfig) -> bool:
     """Whether each step makes a single update from critic values its learn forward gives (``learn_once``)."""
     buffer = cfg.rollout_batch_size * cfg.rollouts_per_step
-    return cfg.critic_in_learn and cfg.ppo_epochs == 1 and cfg.mini_batch_size >= buffer
+    return (cfg.critic_in_learn and cfg.ppo_epochs == 1 and cfg.mini_batch_size >= buffer
+            and not 0 < cfg.micro_batch_size < buffer)  # its advantages are whitened over the whole share at once
 
 
 def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator,
           nonfinite: NonFinite, step: int) -> dict:
-    """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics.
+    """``ppo_epochs`` passes of shuffled mini-batches over ``buffer``; returns mean metrics. Each process's share
+    of a mini-batch is learned from in micro-batches of ``micro_batch_size`` rollouts, the actor's first, then
+    the critic's (one graph alive at a time), gradients added up before the update.
 
     A non-finite loss or gradient stops the run or skips that mini-batch (``train.on_nan``). With
     ``target_kl``, a mini-batch whose approx-KL to the rollout policy exceeds 1.5 × ``target_kl``
-    before its update ends the step's learning there (Stable-Baselines3's rule); the metrics then
-    say so (``policy/early_stop``, ``policy/updates``). ``learn_once`` has one update, from the
-    rollout policy itself: nothing to stop.
+    before its update ends the step's learning there, its gradients dropped (Stable-Baselines3's rule);
+    the metrics then say so (``policy/early_stop``, ``policy/updates``). ``learn_once`` has one update, from
+    the rollout policy itself: nothing to stop.
     """
     records: list[dict[str, float]] = []
     stopped = False
@@ -118,27 +124,28 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
                for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size))
     for idx in batches:
         idx = idx.to(buffer.input_ids.device)
-        mb = buffer[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
-        # both losses are token means: weighted by this shard's share of the mini-batch's tokens, they sum
-        # over processes to the loss of the whole mini-batch
-        share = float(mb.action_mask.sum()) / max(float(buffer.action_mask[idx].sum()), 1.0)
+        mine = buffer[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
+        tokens = max(float(buffer.action_mask[idx].sum()), 1.0)
+        # both losses are token means: each micro-batch's weighted by its share of the mini-batch's tokens (a
+        # spare one: 0), they sum over micro-batches and processes to the loss of the whole mini-batch
+        parts = [(mine[rows], float(mine[rows].action_mask.sum()) / tokens if real else 0.0)
+                 for rows, real in distributed.micro_splits(len(mine), len(idx), cfg.micro_batch_size)]
         # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
-        # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graph (one forward's
-        # activations) is freed before the critic's forward, not held beside it
-        with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
-            logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
-        pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
+        # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graphs (one forward's
+        # activations at a time) are freed before the critic's forwards, not held beside them
+        pg_loss, pg_stats = _backward_each(parts, actor_opt[0], lambda mb: policy_loss(
+            roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature), mb.old_logprobs,
+            mb.advantages, mb.action_mask, cfg.clip_eps), roles.amp)
+        share = sum(s for _, s in parts)  # this process's share of the mini-batch's tokens
         if cfg.target_kl is not None:  # the policy has moved far enough this step (over every process's share)
-            moved = distributed.all_sum([float(pg_stats["approx_kl"]) * share], pg_loss.device)[0]
+            moved = distributed.all_sum([pg_stats["approx_kl"] * share], pg_loss.device)[0]
             if moved > 1.5 * cfg.target_kl:
                 stopped = True
-                roles.release()  # sharded: this forward's gathered weights wait for no backward
+                zero.drop_gradients(actor_opt[0])
                 break
-        zero.backward(actor_opt[0], pg_loss * share)  # DeepSpeed's backward where an engine steps the optimiser
-        with roles.amp():
-            values = roles.critic_values(mb.batch())
-        vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps)
-        zero.backward(critic_opt[0], cfg.vf_coef * vf_loss * share)
+        vf_loss, vf_stats = _backward_each(parts, critic_opt[0], lambda mb: value_loss(
+            roles.critic_values(mb.batch()), mb.old_values, mb.returns, mb.action_mask, cfg.value_clip_eps),
+            roles.amp, scale=cfg.vf_coef)
         stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite,
                              step, share)
         if stats is not None:
@@ -147,6 +154,24 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
     if cfg.target_kl is not None:
         learned.update({"policy/early_stop": float(stopped), "policy/updates": float(len(records))})
     return learned
+
+
+def _backward_each(parts: list[tuple[Experience, float]], optimizer, loss_of, amp, scale: float = 1.0
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """For each (micro-batch, share) of ``parts``: ``loss_of(mb)`` (its forwards under ``amp``) → (loss, stats),
+    and the backward of ``scale`` · loss · share (DeepSpeed's where an engine steps ``optimizer``: the reduction
+    completed after the last). Returns the loss (detached) and the stats over this process's share: the
+    micro-batches' means weighted by their shares."""
+    total, stats = None, defaultdict(float)
+    for j, (mb, share) in enumerate(parts):
+        with amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
+            loss, figures = loss_of(mb)
+        zero.backward(optimizer, scale * loss * share, last=j == len(parts) - 1)
+        total = loss.detach() * share if total is None else total + loss.detach() * share
+        for k, v in figures.items():
+            stats[k] += float(v) * share
+    weight = sum(s for _, s in parts) or 1.0  # this process's share (none: the sums, zeros)
+    return total / weight, {k: v / weight for k, v in stats.items()}
 
 
 def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator,
