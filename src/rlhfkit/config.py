@@ -122,9 +122,7 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "load_checkpoint": ["resume"], "lora_rank": ["r"], "prompt_data": ["prompts"],
               "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"],
               "micro_train_batch_size": ["micro_batch_size"]}
-_NOT_HERE = {"gradient_checkpointing": "there is no gradient checkpointing here: to fit memory lower train.batch_size "
-                                       "and raise train.grad_accum, or train LoRA adapters (lora.enabled true)",
-             "micro_train_batch_size": "a micro-batch is train.batch_size / train.grad_accum here (sft, rm, the DPO "
+_NOT_HERE = {"micro_train_batch_size": "a micro-batch is train.batch_size / train.grad_accum here (sft, rm, the DPO "
                                        "family); ppo and the online methods have micro_batch_size",
              "apply_chat_template": "chat messages always go through the tokenizer's chat template, plain strings "
                                     "never",
@@ -598,6 +596,8 @@ class TrainConfig:
     seed: int = arg(0, "random seed for initialisation, data order and sampling")
     batch_size: int = arg(32, "examples per optimiser step", ge=1)
     grad_accum: int = arg(1, "micro-batches per step (batch_size must divide by it)", ge=1)
+    gradient_checkpointing: bool = arg(False, "recompute each layer's activations in the backward instead of "
+                                       "keeping them from the forward: less memory, about a third more compute")
     epochs: float = arg(1.0, "passes over the training data (ignored when max_steps > 0)", gt=0,
                         lt=float("inf"))
     max_steps: int = arg(0, "optimiser steps; 0 = derive from epochs", ge=0)

@@ -56,11 +56,12 @@ def _launcher_mode() -> str:
     """The sharding an ``accelerate launch`` FSDP config asks for, read from the environment it sets."""
     if not distributed.truthy(os.environ.get("ACCELERATE_USE_FSDP")):
         return "off"
-    for key, config_key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
-                            ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+    for key, config_key, instead in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params", ""),
+                                     ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing",
+                                      " and pass --train.gradient_checkpointing true, which checkpoints every layer")):
         if distributed.truthy(os.environ.get(key)):
-            raise ConfigError(f"the accelerate FSDP config sets {config_key}: true, which rlhfkit does not support; "
-                              f"set it to false (see examples/accelerate/fsdp.yaml)")
+            raise ConfigError(f"the accelerate FSDP config sets {config_key}: true, which rlhfkit does not read; "
+                              f"set it to false{instead} (see examples/accelerate/fsdp.yaml)")
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip()
     if os.environ.get("FSDP_VERSION", "1").strip() == "2":  # fsdp_reshard_after_forward: true | false
         return "full_shard" if distributed.truthy(reshard) else "shard_grad_op"

@@ -63,7 +63,8 @@ def test_the_accelerate_fsdp_config_chooses_the_mode(launcher_env, env, expected
     ({"FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "HYBRID_SHARD .* is not supported; use FULL_SHARD"),
     ({"FSDP_SHARDING_STRATEGY": "FULL_SHARDING"}, "unknown FSDP sharding strategy 'FULL_SHARDING'"),
     ({"FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true"),
-    ({"FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing: true"),
+    ({"FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+     "fsdp_activation_checkpointing: true.* --train.gradient_checkpointing true"),
 ])
 def test_unsupported_fsdp_options_are_refused_naming_the_fix(launcher_env, env, message):
     launcher_env(ACCELERATE_USE_FSDP="true", **env)
@@ -215,12 +216,14 @@ def test_dpo_with_the_fsdp_grad_op_config_equals_one_process(tiny_model_dir, tas
 
 def test_lora_dpo_sharded_by_train_fsdp_equals_one_process(tiny_model_dir, task_dir, tmp_path):
     # frozen base and trainable adapters in the same units; the head (tied to the embeddings) adapted too;
-    # the reference is the sharded policy with its adapters switched off
+    # the reference is the sharded policy with its adapters switched off; the layers checkpointed (their recompute
+    # gathers the units again)
     args = ["dpo", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--beta", "0.5",
             "--lora.enabled", "true", "--lora.target_modules", "all-linear+head", "--reference", "adapter",
             *TRAIN, "--train.max_steps", "4", "--train.save_every", "3"]
     _one_process(args, tmp_path / "one")
-    assert "fsdp full_shard" in _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
+    assert "fsdp full_shard" in _launch("torchrun", [*args, "--train.fsdp", "full_shard",
+                                                     "--train.gradient_checkpointing", "true"], tmp_path / "two")
     one = _assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # the adapters really trained
     # a checkpoint's adapter too (gathered alone, without the frozen base)

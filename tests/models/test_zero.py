@@ -122,6 +122,18 @@ def test_sft_with_the_zero2_config_equals_one_process(tiny_model_dir, task_dir, 
     printed = _launch("zero2.yaml", args, tmp_path / "two")
     assert "deepspeed ZeRO-2 over 2 processes (the trained model): AdamW state and gradients partitioned" in printed
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    # the layers checkpointed: their recompute in the backward feeds DeepSpeed's gradient buckets alike
+    _launch("zero2.yaml", [*args, "--train.gradient_checkpointing", "true"], tmp_path / "checkpointed")
+    _assert_same_weights(tmp_path / "one", tmp_path / "checkpointed")
+
+
+def test_gradient_checkpointing_under_zero3_is_refused_naming_what_works(monkeypatch):
+    # DeepSpeed 0.19's ZeRO-3 backward fails on checkpointed layers ('NoneType' object has no attribute
+    # 'next_functions', in count_used_parameters_in_backward)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainConfig(batch_size=4, deepspeed="zero3", gradient_checkpointing=True, max_steps=1)
+    with pytest.raises(ConfigError, match="gradient_checkpointing with DeepSpeed ZeRO-3 .* train.fsdp full_shard"):
+        run(model=torch.nn.Linear(2, 2), loss_fn=None, n_examples=100, cfg=cfg, optim=OptimConfig(), logger=None)
 
 
 @needs_deepspeed

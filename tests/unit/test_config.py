@@ -477,7 +477,7 @@ def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
             parse_args(cls, ["--per_device_train_batch_size", "4"])
     with pytest.raises(ConfigError, match=r"unknown key 'generation\.top_p' in the command line$"):
         parse_args(SFTConfig, ["--generation.top_p", "0.5"])  # named as typed, no far-fetched guess
-    with pytest.raises(ConfigError, match=r"'gradient_checkpointing' .*; there is no gradient checkpointing here"):
+    with pytest.raises(ConfigError, match=r"'gradient_checkpointing' .*did you mean 'train.gradient_checkpointing'"):
         parse_args(SFTConfig, ["--gradient_checkpointing"])  # not train.keep_checkpoints
     # OpenRLHF's names (they pointed at unrelated settings: advantage_estimator at kl_estimator)
     for cls, typed, meant in [(GRPOConfig, "advantage_estimator", "advantage"),

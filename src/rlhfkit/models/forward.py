@@ -32,8 +32,8 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     logits = _shared_prefix_logits(model, input_ids, attention_mask, keep) if keep else None
     if logits is None:
         kwargs = {"logits_to_keep": keep + 1} if keep else {}
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), **kwargs).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,  # no KV cache kept: one pass
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
     if temperature != 1.0:
         logits = logits.float() / temperature  # one rounding fewer for bf16 logits
     ids = input_ids[:, -(keep + 1):] if keep else input_ids
@@ -130,7 +130,7 @@ def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Ten
     shared = shared_prefix_forward(backbone, input_ids, attention_mask, width)
     if shared is None:
         return backbone(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     head, tail, inverse = shared
     return torch.cat([head.last_hidden_state[inverse], tail.last_hidden_state], 1)
 

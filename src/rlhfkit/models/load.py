@@ -240,6 +240,36 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainab
     return model.to(device)
 
 
+def checkpoint_activations(model) -> None:
+    """Gradient checkpointing (``train.gradient_checkpointing``): each of ``model``'s layers (a peft model's base's)
+    keeps its input only and runs its forward again in the backward (transformers' checkpointing, non-reentrant:
+    frozen inputs need no gradient, so LoRA works as it is). Active where a layer is in training mode with
+    gradients on: see ``learn_mode``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing in transformers: set "
+                          "train.gradient_checkpointing false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.2x's name; 5.17 has only the old one
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def learn_mode(model, dropout: bool) -> None:
+    """``model.train(dropout)``, its checkpointed layers (``checkpoint_activations``) in training mode either way:
+    transformers checkpoints a layer only then, and the DPO family and the rollout trainers learn in eval mode
+    (no dropout), which the layers' own dropout modules keep. A later ``eval()`` (an evaluation, sampling) turns
+    checkpointing off with the rest."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.train(dropout)
+    if not dropout:
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                module.training = True
+
+
 def lora_targets(model, spec: str | list[str]):
     """peft ``target_modules`` from our spelling: 'all-linear' (peft's: every linear layer but
     the output head), 'all-linear+head' (the output head too), or 'a,b,c' / [a, b, c] (module names)."""

@@ -27,7 +27,8 @@ from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
-from rlhfkit.models.load import (adapter_base, add_lora, is_adapter_dir, load_causal_lm, mixed_precision,
+from rlhfkit.models.load import (adapter_base, add_lora, checkpoint_activations, is_adapter_dir, learn_mode,
+                                 load_causal_lm, mixed_precision,
                                  peft_lora_config, position_limit, save_model)
 from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, check_reward_dir, last_token_index,
                                    load_reward_backbone, score_normalization)
@@ -54,7 +55,7 @@ def _backbone_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
     return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=position_ids_from_mask(batch["attention_mask"])).last_hidden_state
+                    position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).last_hidden_state
 
 
 def values_at_actions(hidden: torch.Tensor, head: nn.Module, width: int) -> torch.Tensor:
@@ -122,6 +123,14 @@ class SharedBaseRoles:
     def release(self) -> None:
         """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""
         fsdp.release(self.model)
+
+    def checkpoint_activations(self) -> None:
+        """Gradient checkpointing in the base the adapters share (``load.checkpoint_activations``)."""
+        checkpoint_activations(self.model)
+
+    def learn_mode(self) -> None:
+        """Eval mode (no dropout), checkpointed layers recomputing their activations (``load.learn_mode``)."""
+        learn_mode(self.model, False)
 
     def add_reward_adapter(self, path: str, base_path: str) -> None:
         """The reward model as a third adapter on the shared base (DESIGN.md §2, seed 000).
@@ -331,6 +340,18 @@ class SeparateRoles:
         """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""
         for model in self._models():
             fsdp.release(model)
+
+    def checkpoint_activations(self) -> None:
+        """Gradient checkpointing in the actor and the critic (``load.checkpoint_activations``)."""
+        for model in (self.actor, self.critic):
+            if model is not None:
+                checkpoint_activations(model)
+
+    def learn_mode(self) -> None:
+        """Eval mode (no dropout), checkpointed layers recomputing their activations (``load.learn_mode``)."""
+        for model in (self.actor, self.critic):
+            if model is not None:
+                learn_mode(model, False)
 
     def partition(self, stage: int, actor_opt, critic_opt, mini_batch_size: int, max_grad_norm: float) -> None:
         """DeepSpeed ZeRO-``stage`` (1 or 2) for the actor and the critic (``critic_opt`` None: none): an engine

@@ -27,6 +27,7 @@ import torch
 
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config
+from rlhfkit.models.load import checkpoint_activations, learn_mode
 from rlhfkit.ops import mean_of
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import (CONFIG_FILE, DATA_FILE, Checkpoints, NonFinite, StopRequest,
@@ -312,9 +313,10 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     backward: ``units_of(indices)`` counts them as ``loss_fn`` will (default: one per example). ``tokenizer``
     (optional) is saved into each checkpoint beside the weights, so that one loads as a model. ``dropout``
     False trains ``model`` in eval mode, without the dropout its config asks for (the DPO family: the policy
-    must give its reference's log-probs while their weights agree, as TRL's ``disable_dropout``). ``save()``
-    (every process calls it) writes the trained model after the last step, before the final evaluation, which
-    may then fail or be interrupted without losing it.
+    must give its reference's log-probs while their weights agree, as TRL's ``disable_dropout``). With
+    ``cfg.gradient_checkpointing`` its layers recompute their activations in the backward (``load.learn_mode``).
+    ``save()`` (every process calls it) writes the trained model after the last step, before the final
+    evaluation, which may then fail or be interrupted without losing it.
     Returns the last evaluation's metrics (or the last training metrics).
     """
     if cfg.batch_size % cfg.grad_accum:
@@ -323,12 +325,18 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     sharding = fsdp.mode(cfg.fsdp) if world > 1 else "off"
     stage = zero.stage(cfg.deepspeed) if world > 1 else 0
     zero.refuse_with_fsdp(stage, sharding)
+    if stage == 3 and cfg.gradient_checkpointing:  # DeepSpeed 0.19's ZeRO-3 backward fails on the recompute
+        raise ConfigError("train.gradient_checkpointing with DeepSpeed ZeRO-3 is not supported (its backward fails on "
+                          "the recomputed layers): shard with train.fsdp full_shard instead, or use ZeRO-2, or turn "
+                          "gradient checkpointing off")
     per_step = min(cfg.batch_size, n_examples)  # a batch is the whole data when there is less than one batch
     if (sharding != "off" or stage) and per_step % (world * cfg.grad_accum):
         what = f"FSDP ({sharding})" if stage == 0 else f"DeepSpeed ZeRO-{stage}"
         raise ValueError(f"with {what} every process runs the same forwards and backwards (they gather "
                          f"and reduce together): train.batch_size {per_step} must be divisible by processes "
                          f"({world}) x train.grad_accum ({cfg.grad_accum})")
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
     fsdp.shard(model, sharding, what="the trained model")
     sharded = fsdp.is_sharded(model)
     num_steps = total_steps(cfg, n_examples)
@@ -357,7 +365,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             evaluate = functools.partial(engine.run, evaluate)
     evaluates = distributed.is_main() or sharded or stage == 3  # a sharded model's forward needs every process
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
-    model.train(dropout)
+    learn_mode(model, dropout)
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list)
     t0, throughput = time.perf_counter(), Throughput(start)
@@ -448,7 +456,7 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
         window.clear()
     if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
         logger.log(done, evaluate())
-        model.train(dropout)
+        learn_mode(model, dropout)
         throughput.restart(done)
     return last
 

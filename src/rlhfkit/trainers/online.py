@@ -242,6 +242,7 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
     """
     records: list[dict[str, float]] = []
     temperature = cfg.generation.logprob_temperature
+    roles.learn_mode()
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
             idx = idx.to(exp.input_ids.device)
@@ -352,6 +353,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         reward.check_columns(eval_rows[0], cfg.eval_prompts)
     roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False) if cfg.lora.enabled
              else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta)))
+    if cfg.train.gradient_checkpointing:
+        roles.checkpoint_activations()
     roles.shard(sharding)  # FSDP: the policy (a base and its adapter) split over the processes, before the optimiser
     steps = cfg.train.max_steps
     samples = cfg.prompts_per_step * cfg.group_size

@@ -119,6 +119,7 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
     """
     records: list[dict[str, float]] = []
     stopped = False
+    roles.learn_mode()
     # each epoch's shuffle drawn when the epoch starts, as nested loops would draw it
     batches = (idx for _ in range(cfg.ppo_epochs)
                for idx in torch.randperm(len(buffer), generator=generator).split(cfg.mini_batch_size))
@@ -184,6 +185,7 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
     back-propagates before the actor's forward: one graph alive at a time, as in ``learn``.
     Returns the metrics, explained variance and advantage mean included.
     """
+    roles.learn_mode()
     idx = torch.randperm(len(buffer), generator=generator).to(buffer.input_ids.device)  # as ``learn`` draws it
     mb = buffer[distributed.shard(idx)]
     share = float(mb.action_mask.sum()) / max(float(buffer.action_mask.sum()), 1.0)
@@ -364,6 +366,8 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     if evaluate is None and eval_prompts:
         def evaluate(model, tokenizer):
             return score_samples(model, tokenizer, eval_prompts, score_fn, cfg.generation, cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
+        roles.checkpoint_activations()
     roles.shard(sharding)  # FSDP: the roles' models split over the processes (before the optimisers see them)
     steps = cfg.train.max_steps
     buffer_size = cfg.rollout_batch_size * cfg.rollouts_per_step
