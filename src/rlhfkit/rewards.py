@@ -215,14 +215,16 @@ def build_reward(specs: list[str], weights: list[float] | None = None,
     return CombinedReward(rewards)
 
 
-def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: str = ""
-                  ) -> subprocess.CompletedProcess | None:
+def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: str = "",
+                  output_mb: int = 16) -> subprocess.CompletedProcess | None:
     """Run Python ``code`` (model output, e.g. a program plus its unit tests) in a fresh isolated interpreter.
 
     Limits (DESIGN.md §3): wall time ``timeout_s`` (CPU time a second more), address space ``memory_mb``, an empty
-    temporary working directory and an empty environment. Returns the finished process (``returncode`` 0 when
-    the code ran through; stdout and stderr as text), or None when it ran out of (wall or CPU) time.
-    POSIX only.
+    temporary working directory and an empty environment, and ``output_mb`` of stdout and of stderr each (and of
+    any file it writes): a write past it fails (Python: OSError "File too large", so a non-zero ``returncode``),
+    the output kept up to there. Returns the
+    finished process (``returncode`` 0 when the code ran through; stdout and stderr as text), or None when it ran
+    out of (wall or CPU) time. POSIX only.
     """
 
     def limits() -> None:  # runs in the child, before Python starts
@@ -231,19 +233,24 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
         cpu = math.ceil(timeout_s) + 1  # a backstop: the wall-clock timeout normally fires first
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (output_mb << 20, output_mb << 20))  # its stdout/stderr files too
 
-    with tempfile.TemporaryDirectory() as cwd:
+    # output into files, not pipes: the file-size limit bounds it (a pipe read whole held 400 MB in 1.4 s)
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         # its own process group: what it forks is killed with it, after a timeout too
-        proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=limits, cwd=cwd, env={},
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                text=True, preexec_fn=limits, cwd=cwd, env={}, start_new_session=True)
         try:
-            out, err = proc.communicate(stdin, timeout=timeout_s)
+            proc.communicate(stdin, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return None
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read(output_mb << 20).decode("utf-8", errors="replace"))
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, *texts)
     return None if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL) else done  # killed by the CPU limit

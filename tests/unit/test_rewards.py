@@ -140,6 +140,14 @@ def test_untrusted_code_runs_with_time_and_memory_limits():
     assert hog is not None and hog.returncode != 0 and "MemoryError" in hog.stderr
 
 
+def test_untrusted_output_is_bounded():
+    # printed without end, it filled the trainer's memory through the pipe (400 MB in 1.4 s)
+    flood = run_untrusted("import sys\nwhile True: sys.stdout.write('x' * 65536)", output_mb=1)
+    assert flood.returncode != 0 and len(flood.stdout) == 1 << 20 and "File too large" in flood.stderr
+    quiet = run_untrusted("print('é' * 3)", output_mb=1)
+    assert quiet.returncode == 0 and quiet.stdout == "ééé\n"
+
+
 def test_what_untrusted_code_forks_does_not_outlive_it(tmp_path):
     import time
 
