@@ -121,7 +121,10 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "adam_betas": ["betas"], "lr_scheduler": ["schedule"], "use_tensorboard": ["tensorboard"],
               "load_checkpoint": ["resume"], "lora_rank": ["r"], "prompt_data": ["prompts"],
               "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"],
-              "micro_train_batch_size": ["micro_batch_size"]}
+              "micro_train_batch_size": ["micro_batch_size"],
+              # TRL's GRPO
+              "epsilon": ["clip_eps"], "epsilon_high": ["clip_eps_high"],
+              "mask_truncated_completions": ["mask_truncated"]}
 _NOT_HERE = {"micro_train_batch_size": "a micro-batch is train.batch_size / train.grad_accum here (sft, rm, the DPO "
                                        "family); ppo and the online methods have micro_batch_size",
              "apply_chat_template": "chat messages always go through the tokenizer's chat template, plain strings "

@@ -85,11 +85,14 @@ def policy_loss(
     clip_eps: float = 0.2,
     reduction: str = "token_mean",
     norm_constant: float | None = None,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7; DESIGN.md section 3), negated for descent.
 
-    ratio = exp(logprobs - old_logprobs); per token -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A),
-    reduced by POLICY_LOSS_REDUCTIONS[reduction]; `norm_constant` is used by "token_sum_norm" only.
+    ratio = exp(logprobs - old_logprobs); per token -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A),
+    eps_high = `clip_eps_high` (DAPO's clip-higher, Yu et al. 2025: a larger upper bound lets unlikely tokens with
+    A > 0 gain more) or `clip_eps`; reduced by POLICY_LOSS_REDUCTIONS[reduction]; `norm_constant` is used by
+    "token_sum_norm" only.
     logprobs, old_logprobs, advantages, action_mask: (B, A). Returns (scalar, metrics):
       clip_frac   masked fraction of tokens where the clipped term was the one taken (gradient 0 there);
       approx_kl   masked mean k3 estimate of KL(old || new), (ratio - 1) - log ratio (CleanRL's choice:
@@ -105,7 +108,7 @@ def policy_loss(
     advantages = torch.where(mask, advantages, 0.0)
     ratio = torch.exp(logprobs - old_logprobs)  # (B, A)
     unclipped = -ratio * advantages
-    clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)) * advantages
     loss = POLICY_LOSS_REDUCTIONS[reduction](torch.maximum(unclipped, clipped), mask, norm_constant)
     with torch.no_grad():
         metrics = {

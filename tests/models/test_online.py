@@ -171,6 +171,36 @@ def test_a_nan_loss_in_a_later_micro_batch_drops_the_earlier_ones_gradients(tiny
         assert (runs["micro"][name] - value).norm() <= 1e-5 * value.norm().clamp(min=1e-12), name
 
 
+def test_dapo_s_clip_higher_reaches_the_loss_and_truncated_samples_can_be_left_out(tiny_model_dir, arithmetic_dir,
+                                                                                   reward_module, tmp_path,
+                                                                                   monkeypatch):
+    from rlhfkit.trainers import online
+
+    real, seen = online.policy_loss, []
+
+    def policy_loss(*args, **kwargs):
+        seen.append(kwargs["clip_eps_high"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(online, "policy_loss", policy_loss)
+    # 3 new tokens: a random tiny model never ends a sample that early, so every sample is cut off
+    args = ["--rewards", "my_rewards:length", "--eval_prompts", "", "--generation.max_new_tokens", "3",
+            "--clip_eps_high", "0.28"]
+    assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "all", *args) == 0
+    assert seen and set(seen) == {0.28}
+    logs = [json.loads(line) for line in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rollout/eos_share"] == 0.0 for r in logs)
+    trained = load_file(str(tmp_path / "all" / "adapter_model.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
+    # left out of the loss, they teach nothing: the adapter stays where it started
+    assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "masked", *args, "--mask_truncated",
+                "true") == 0
+    masked = load_file(str(tmp_path / "masked" / "adapter_model.safetensors"))
+    assert all(v.abs().max() == 0 for k, v in masked.items() if "lora_B" in k)
+    logs = [json.loads(line) for line in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/policy"] == 0.0 and r["grad_norm"] == 0.0 for r in logs if "loss/policy" in r)
+
+
 def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(tiny_model_dir, arithmetic_dir,
                                                                               reward_module, tmp_path, monkeypatch):
     # lora.enabled false: the whole model is trained and saved as a model directory; the reference is a frozen

@@ -101,6 +101,15 @@ def test_policy_loss_clip_frac():
     close(metrics["clip_frac"], 2.0 / 3.0)  # tokens (0,0) and (0,1) of 3
 
 
+def test_policy_loss_clip_higher_raises_only_the_upper_bound():
+    # clip_eps_high 0.6: (0,0) r=1.5 ≤ 1.6, A=1: unclipped -1.5 now; (0,1) r=0.5 < 0.8 stays clipped at 0.8
+    loss, metrics = policy_loss(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, clip_eps_high=0.6)
+    close(loss, (-1.5 + 0.8 - 2.2) / 3.0)
+    close(metrics["clip_frac"], 1.0 / 3.0)
+    # 0.3: r=1.5 is clipped at 1.3 instead of 1.2
+    close(policy_loss(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, clip_eps_high=0.3)[0], (-1.3 + 0.8 - 2.2) / 3.0)
+
+
 def test_policy_loss_ratio_mean_and_approx_kl():
     _, metrics = policy_loss(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK)
     close(metrics["ratio_mean"], 3.1 / 3.0)  # (1.5 + 0.5 + 1.1) / 3

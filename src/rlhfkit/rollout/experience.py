@@ -41,6 +41,7 @@ class Experience:
     advantages: torch.Tensor | None  # (B, A) GAE (None with old_values)
     returns: torch.Tensor | None     # (B, A) advantages + old_values (None with old_values)
     scores: torch.Tensor          # (B,) proxy score (after any missing-EOS penalty, before clipping)
+    ended: torch.Tensor | None = None  # (B,) bool: the response reached a stop id (not cut by max_new_tokens)
 
     def _map(self, fn) -> "Experience":
         return Experience(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -188,7 +189,8 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     t3 = time.perf_counter()
     exp = Experience(batch["input_ids"], batch["attention_mask"], batch["action_mask"],
                      None if old is None else old * mask, None if ref is None else ref * mask,
-                     None if old_values is None else old_values * mask, rewards, advantages, returns, scores)
+                     None if old_values is None else old_values * mask, rewards, advantages, returns, scores,
+                     has_eos)
     if old is not None and ref is not None:
         metrics["rollout/kl"] = rollout_kl(old, ref, mask)
     metrics.update({"rollout/score": scores.mean().item(), "rollout/response_length": mask.sum(-1).mean().item(),

@@ -69,6 +69,11 @@ class OnlineConfig:
     epochs: int = arg(1, "passes over each step's samples (1 = on-policy: the ratio stays 1 on the first pass)",
                        ge=1)
     clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
+    clip_eps_high: float | None = arg(None, "upper ratio clip 1 + ε_high (DAPO's clip-higher, e.g. 0.28 beside ε "
+                                      "0.2; none = clip_eps)", gt=0)
+    mask_truncated: bool = arg(False, "leave samples cut off by max_new_tokens (no EOS) out of the loss, as "
+                               "DAPO's overlong filtering (TRL's mask_truncated_completions); they still count in "
+                               "their group's baseline")
     kl_coef: float = arg(0.0, "weight of the k3 KL-to-reference term in the loss (GRPO eq. 4; 0 = none)",
                           ge=0)
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
@@ -260,7 +265,7 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
                 reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
-                                                **reduce)
+                                                clip_eps_high=cfg.clip_eps_high, **reduce)
                 # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
                 kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask, **reduce)
                            if mb.ref_logprobs is not None else logprobs.new_zeros(()))
@@ -381,6 +386,9 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         exp, metrics = rollout(roles, engine, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step)
         # 2. advantages: the method's strategy, over the whole step's batch
         exp.advantages = strategy.advantages(exp, cfg.group_size)
+        if cfg.mask_truncated:  # after the advantages: a cut-off sample is still in its group's baseline
+            exp.action_mask = exp.action_mask * exp.ended[:, None]
+            exp.advantages = exp.advantages * exp.action_mask
         metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
         # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
         t1 = time.perf_counter()

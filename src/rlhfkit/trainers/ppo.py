@@ -70,6 +70,8 @@ class PPOConfig:
     gamma: float = arg(1.0, "GAE discount γ", ge=0, le=1)
     lam: float = arg(0.95, "GAE λ", ge=0, le=1)
     clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
+    clip_eps_high: float | None = arg(None, "upper ratio clip 1 + ε_high (DAPO's clip-higher, e.g. 0.28 beside ε "
+                                      "0.2; none = clip_eps)", gt=0)
     value_clip_eps: float = arg(0.2, "value clip ε_v", gt=0)
     vf_coef: float = arg(0.5, "weight of the value loss", ge=0)
     critic_in_learn: bool = arg(True, "one epoch of one mini-batch: GAE's values from the critic's learn forward, "
@@ -136,7 +138,7 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
         # activations at a time) are freed before the critic's forwards, not held beside them
         pg_loss, pg_stats = _backward_each(parts, actor_opt[0], lambda mb: policy_loss(
             roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature), mb.old_logprobs,
-            mb.advantages, mb.action_mask, cfg.clip_eps), roles.amp)
+            mb.advantages, mb.action_mask, cfg.clip_eps, clip_eps_high=cfg.clip_eps_high), roles.amp)
         share = sum(s for _, s in parts)  # this process's share of the mini-batch's tokens
         if cfg.target_kl is not None:  # the policy has moved far enough this step (over every process's share)
             moved = distributed.all_sum([pg_stats["approx_kl"] * share], pg_loss.device)[0]
@@ -201,7 +203,8 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
     zero.backward(critic_opt[0], cfg.vf_coef * vf_loss * share)
     with roles.amp():
         logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
-    pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, advantages, mask, cfg.clip_eps)
+    pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, advantages, mask, cfg.clip_eps,
+                                    clip_eps_high=cfg.clip_eps_high)
     zero.backward(actor_opt[0], pg_loss * share)
     stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite, step,
                          share)
