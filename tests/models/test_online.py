@@ -116,6 +116,12 @@ def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_modul
     if "rollout/kl" in logs[0]:  # a fresh adapter is the reference; the updated one is not (k1: of either sign)
         assert logs[0]["rollout/kl"] == pytest.approx(0.0, abs=1e-5) and abs(logs[1]["rollout/kl"]) > 1e-4
     assert "eval/reward/exact_answer" in logs[-1] and "eval/reward_stderr" in logs[-1]
+    # a few samples a step with their rewards (TRL's log_completions): the first group's, as sampled
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1] * 4 + [2] * 4
+    assert {"prompt", "completion", "reward", "reward/length", "reward/exact_answer", "ended"} <= samples[0].keys()
+    assert len({r["prompt"] for r in samples[:4]}) == 1  # group_size 4: one prompt's group
+    assert samples[0]["reward/length"] == pytest.approx(len(samples[0]["completion"]) / 10)
     # LoRA B matrices start at zero: any non-zero one means the adapter was trained
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
@@ -229,6 +235,18 @@ def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(ti
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-6)
     assert _run("rloo", model, arithmetic_dir, tmp_path / "three", *args) == 0  # no KL term: no reference
     assert [k["reference"] for k in built] == [True, True, False]
+
+
+def test_a_resumed_run_rewrites_the_samples_of_the_steps_it_takes_again(tiny_model_dir, arithmetic_dir,
+                                                                         reward_module, tmp_path):
+    out = tmp_path / "run"
+    args = ["--rewards", "my_rewards:length", "--eval_prompts", "", "--log_samples", "2"]
+    assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, out, *args, "--train.save_every", "1") == 0
+    first = (out / "samples.jsonl").read_text().splitlines()
+    assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, out, *args, "--train.resume",
+                str(out / "checkpoints" / "step-1")) == 0
+    again = (out / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in again] == [1, 1, 2, 2] and again == first  # the same samples
 
 
 def test_a_lora_adapter_cannot_be_trained_in_full_and_says_how_to(tmp_path):

@@ -118,6 +118,9 @@ def test_ppo_command_trains_in_both_modes(tiny_model_dir, task_dir, rm_dir, tmp_
                 "rollout/response_length", "rollout/eos_share", "time/generate", "time/score", "time/learn"):
         assert key in logs[-1], key
     assert logs[-1]["rollout/kl"] != 0.0  # the actor moved away from the reference
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1] * 4 + [2] * 4
+    assert {"prompt", "completion", "score", "ended"} <= samples[0].keys()
     if mode == "shared":
         assert (out / "adapter_config.json").is_file() and (out / "critic" / "value_head.safetensors").is_file()
         # the actor adapts the (tied) output head too; the merged export must give the same logits

@@ -217,7 +217,8 @@ def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], mo
 
 
 class Logger:
-    """Metrics to ``metrics.jsonl`` (one JSON object per line, easy to plot) and TensorBoard."""
+    """Metrics to ``metrics.jsonl`` (one JSON object per line, easy to plot) and TensorBoard; a rollout trainer's
+    sampled completions to ``samples.jsonl`` (``samples``)."""
 
     def __init__(self, out: str | os.PathLike, tensorboard: bool = True):
         self.out = Path(out)
@@ -244,11 +245,13 @@ class Logger:
             self.writer = self._tensorboard(purge_step=step + 1)
         path = self.out / "metrics.jsonl"
         self.file.close()
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        for records in (path, self.out / "samples.jsonl"):
+            if records.exists():
+                kept = [line for line in records.read_text(encoding="utf-8").splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= step]
+                tmp = records.with_suffix(".tmp")
+                tmp.write_text("".join(kept), encoding="utf-8")
+                os.replace(tmp, records)
         self.file = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -261,11 +264,29 @@ class Logger:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, float(v), step)
 
+    def samples(self, step: int, records: list[dict]) -> None:
+        """Append sampled completions (``sample_records``) of ``step`` to ``samples.jsonl``, one JSON object each
+        (process 0's, which are its first rows: TRL's ``log_completions``)."""
+        if self.file is None or not records:
+            return
+        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n" for r in records)
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def sample_records(prompts: list, completions: list[str], n: int, **values: list) -> list[dict]:
+    """The first ``n`` samples as {prompt, completion, and each of ``values`` (name → one value per sample; NaN,
+    a reward that does not apply, as null)}."""
+    def plain(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    return [{"prompt": p, "completion": c, **{k: plain(v[i]) for k, v in values.items()}}
+            for i, (p, c) in enumerate(zip(prompts[:n], completions[:n]))]
 
 
 class Throughput:

@@ -44,7 +44,7 @@ from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
 from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
                                   check_rollout_train, evaluate_on_main, metric_means, optimizer_step, rollout_steps,
-                                  start_run)
+                                  sample_records, start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -68,6 +68,8 @@ class OnlineConfig:
                                 "mini-batch (OpenRLHF's micro_train_batch_size; 0 = a process's whole share)", ge=0)
     epochs: int = arg(1, "passes over each step's samples (1 = on-policy: the ratio stays 1 on the first pass)",
                        ge=1)
+    log_samples: int = arg(4, "sampled completions written to OUT/samples.jsonl each step with their rewards "
+                           "(process 0's first ones; 0 = none)", ge=0)
     clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
     clip_eps_high: float | None = arg(None, "upper ratio clip 1 + ε_high (DAPO's clip-higher, e.g. 0.28 beside ε "
                                       "0.2; none = clip_eps)", gt=0)
@@ -205,8 +207,9 @@ def one_update(cfg: OnlineConfig) -> bool:
 
 
 def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: CombinedReward, cfg: OnlineConfig,
-            seed: int) -> tuple[Experience, dict[str, float]]:
-    """G samples of each row's prompt, group by group, through PPO's experience maker."""
+            seed: int, log_samples: Callable[[list[dict]], None] | None = None) -> tuple[Experience, dict[str, float]]:
+    """G samples of each row's prompt, group by group, through PPO's experience maker. ``log_samples`` is handed
+    the first ``cfg.log_samples`` with their rewards (``loop.sample_records``)."""
     G = cfg.group_size
     # each process samples its share of the rows (whole groups), every sample with its own seed
     span = distributed.shard_range(len(rows))
@@ -226,6 +229,9 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
                                      missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds,
                                      old_logprobs="none" if one_update(cfg) and not cfg.beta else "rollout",
                                      reference=bool(cfg.kl_coef or cfg.beta), values=False)  # no critic
+    if log_samples:
+        log_samples(sample_records(stats.prompts, stats.texts, cfg.log_samples, reward=exp.scores.tolist(),
+                                   **{f"reward/{k}": v.tolist() for k, v in parts.items()}, ended=exp.ended.tolist()))
     grouped = exp.scores.view(-1, G)  # (P, G)
     # each a mean over this process's rows (groups: G rows each), entropy's over tokens; a reward's over the
     # completions it applies to (None elsewhere), left out of the log when it applied to none
@@ -379,11 +385,14 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
 
+    logger = Logger(out, cfg.train.tensorboard)
+
     def step_fn(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         # 1. experience: G samples per prompt, laid out group by group
         batch_rows = [rows[i] for i in batch_indices(step, len(rows), cfg.prompts_per_step, cfg.train.seed)]
-        exp, metrics = rollout(roles, engine, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step)
+        exp, metrics = rollout(roles, engine, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step,
+                               log_samples=lambda records: logger.samples(step + 1, records))
         # 2. advantages: the method's strategy, over the whole step's batch
         exp.advantages = strategy.advantages(exp, cfg.group_size)
         if cfg.mask_truncated:  # after the advantages: a cut-off sample is still in its group's baseline
@@ -404,7 +413,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         return evaluate_on_main(lambda model: evaluate_rewards(model, tokenizer, eval_rows, reward, cfg.generation,
                                                                cfg.train.seed), roles.generation_model(), roles.amp)
 
-    return rollout_steps(cfg.train, cfg.advantage, start, step_fn, checkpoints, Logger(out, cfg.train.tensorboard),
+    return rollout_steps(cfg.train, cfg.advantage, start, step_fn, checkpoints, logger,
                          save=lambda: roles.save(out, tokenizer), evaluate=evaluate if eval_rows else None,
                          postfix=lambda m: {"reward": f"{m['rollout/score']:.3f}",
                                             **({"kl": f"{m['rollout/kl']:.2f}"} if "rollout/kl" in m else {})})

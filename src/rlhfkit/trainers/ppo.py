@@ -36,7 +36,7 @@ from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
 from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
                                   check_rollout_train, evaluate_on_main, metric_means, optimizer_step, rollout_steps,
-                                  start_run)
+                                  sample_records, start_run)
 
 
 @dataclass
@@ -69,6 +69,8 @@ class PPOConfig:
                                             "(as TRL's)", ge=0, lt=float("inf"))
     gamma: float = arg(1.0, "GAE discount γ", ge=0, le=1)
     lam: float = arg(0.95, "GAE λ", ge=0, le=1)
+    log_samples: int = arg(4, "sampled completions written to OUT/samples.jsonl each step with their rewards "
+                           "(process 0's first ones; 0 = none)", ge=0)
     clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
     clip_eps_high: float | None = arg(None, "upper ratio clip 1 + ε_high (DAPO's clip-higher, e.g. 0.28 beside ε "
                                       "0.2; none = clip_eps)", gt=0)
@@ -269,9 +271,10 @@ def build_roles(cfg: PPOConfig, device: torch.device):
 
 
 def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, score_fn: ScoreFn, probe, kl_ctl,
-             cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator, nonfinite: NonFinite
-             ) -> dict[str, float]:
-    """One PPO step: experience → whitened advantages → learn → adapt β. Returns its metrics."""
+             cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator, nonfinite: NonFinite,
+             log_samples: Callable[[list[dict]], None] | None = None) -> dict[str, float]:
+    """One PPO step: experience → whitened advantages → learn → adapt β. Returns its metrics. ``log_samples``
+    is handed the first rollout batch's first ``cfg.log_samples`` samples (``loop.sample_records``)."""
     t_step = time.perf_counter()
     # 1. experience: rollouts_per_step batches of prompts into the buffer
     parts, sums = [], {}  # the rollout metrics: each mean weighted by its rows (tokens), over the processes
@@ -287,6 +290,9 @@ def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, 
                 beta=kl_ctl.beta, kl_estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip,
                 missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam, seeds=seeds,
                 old_logprobs="rollout", values=not one_update(cfg))
+        if log_samples and r == 0:
+            log_samples(sample_records(stats.prompts, stats.texts, cfg.log_samples, score=exp.scores.tolist(),
+                                       ended=exp.ended.tolist()))
         parts.append(exp.gather(tokenizer.pad_token_id))
         add_metrics(sums, stats.weighted(), 0)
         if probe:
@@ -393,11 +399,12 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         roles.partition(stage, actor_opt[0], critic_opt[0], cfg.mini_batch_size, cfg.optim.max_grad_norm)
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
+    logger = Logger(out, cfg.train.tensorboard)
     return rollout_steps(
-        cfg.train, "ppo", start, checkpoints=checkpoints, logger=Logger(out, cfg.train.tensorboard),
-        save=lambda: roles.save(out, tokenizer),
+        cfg.train, "ppo", start, checkpoints=checkpoints, logger=logger, save=lambda: roles.save(out, tokenizer),
         step_fn=lambda step: ppo_step(step, roles, engine, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
-                                      critic_opt, generator, nonfinite),
+                                      critic_opt, generator, nonfinite,
+                                      log_samples=lambda records: logger.samples(step + 1, records)),
         evaluate=evaluate and (lambda: evaluate_on_main(lambda model: evaluate(model, tokenizer),
                                                         roles.generation_model(), roles.amp)),
         postfix=lambda m: {"score": f"{m['rollout/score']:.3f}", "kl": f"{m['rollout/kl']:.2f}"})
