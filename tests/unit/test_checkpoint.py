@@ -188,9 +188,21 @@ def test_a_resume_may_change_where_it_runs_and_what_it_logs_evaluates_and_saves(
     cfg = _config(tmp_path / "copy", **{"train.resume": str(saved / "checkpoints" / "step-2"), "train.device": "cpu",
                                         "train.log_every": 1, "train.eval_every": 3, "train.save_every": 1,
                                         "train.keep_checkpoints": 5, "train.tensorboard": False,
-                                        "train.on_nan": "skip", "train.fsdp": "full_shard", "train.grad_accum": 2})
+                                        "train.on_nan": "skip", "train.fsdp": "full_shard", "train.grad_accum": 2,
+                                        "train.gradient_checkpointing": True})
     prepare_out_dir(cfg, cfg.train.out)
     assert (tmp_path / "copy" / CONFIG_FILE).is_file()
+    # a rollout run may fit its memory anew: micro-batches change the memory, not the update
+    from rlhfkit.trainers.online import OnlineConfig
+
+    first = OnlineConfig(prompts="p.jsonl", rewards=["m:f"], train=TrainConfig(out=str(tmp_path / "grpo"),
+                                                                                max_steps=4))
+    _earlier_run(tmp_path / "grpo", 2, cfg=first)
+    prepare_out_dir(dataclasses.replace(first, micro_batch_size=2, log_samples=0, train=dataclasses.replace(
+        first.train, resume="latest", gradient_checkpointing=True)), tmp_path / "grpo")
+    with pytest.raises(ConfigError, match=r"mini_batch_size: 64 → 8"):  # the update's size is the run's
+        prepare_out_dir(dataclasses.replace(first, mini_batch_size=8, train=dataclasses.replace(
+            first.train, resume="latest")), tmp_path / "grpo")
 
 
 def test_a_resume_refuses_a_data_file_whose_rows_changed_under_the_same_name(tmp_path):
