@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +162,25 @@ def test_the_quickstart_s_stages_may_rerun_into_their_own_directories(tmp_path):
     assert ppo.train.overwrite_output_dir
     assert all(cfg.train.overwrite_output_dir for cfg in quickstart.extra_methods(tmp_path, {
         "preference": "p.jsonl", "unpaired": "u.jsonl"}, 0).values())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_second_run_into_the_same_directory_stops_at_once(tmp_path):
+    # another process holds the run directory (a run started twice by mistake, or by a scheduler)
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nf.write('4242')\nf.flush()\nprint('held', flush=True)\n"
+                               "time.sleep(60)", str(out / ".rlhfkit.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=r"another run is writing to .*run \(process 4242\): wait for it"):
+            prepare_out_dir(_config(out), out)
+    finally:
+        holder.kill(), holder.wait()
+    prepare_out_dir(_config(out), out)  # the lock went with its process
+    assert (out / ".rlhfkit.lock").read_text() == str(os.getpid())
+    prepare_out_dir(_config(out), out)  # this process holds it: a second run in one Python goes on
 
 
 # ---------------------------------------------------------------------------------------------- 3. resumed settings

@@ -482,6 +482,39 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
     return last
 
 
+_LOCKS: dict[Path, object] = {}  # the run directories this process holds (open lock files), until it exits
+LOCK_FILE = ".rlhfkit.lock"
+
+
+def lock_out_dir(out: Path) -> None:
+    """Hold an exclusive lock on ``out`` (``flock`` on OUT/.rlhfkit.lock) while this process lives, so that a second
+    run into the same directory stops at once instead of interleaving checkpoints and logs with the first. The
+    system drops it when the process ends, a crash too. Where locks are not supported (no ``fcntl``, some network
+    file systems) there is none."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = out.resolve()
+    if key in _LOCKS:  # this process holds it already (runs called one after another in one Python)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"another run is writing to {out} (process {holder}): wait for it to end, or write to "
+                          "another --train.out") from None
+    except OSError:  # no locks on this file system
+        handle.close()
+        return
+    handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
+    _LOCKS[key] = handle
+
+
 def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     """Create the run directory and save the resolved config beside the outputs. First, while the directory
     is as the earlier run left it: a resumed run's checkpoint must have been saved with these settings
@@ -505,6 +538,8 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         if other and Path(other).is_dir() and out.resolve() == Path(other).resolve():
             raise ConfigError(f"--train.out {out} is {other}, a model this run reads: the run would write over it; "
                               "write to another --train.out")
+    if distributed.is_main():
+        lock_out_dir(out)
     resumed = find_checkpoint(out, cfg.train.resume)
     if resumed is not None:
         check_resume_config(resumed, cfg)
