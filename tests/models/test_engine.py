@@ -137,9 +137,12 @@ def test_after_chat_prompts_a_row_stops_at_the_templates_end_of_turn(tiny_model_
     assert cut.texts[0] == engine.completion_text(tok, cut.prompt_ids[0], free.completion_ids[0][:first])
     row1 = free.completion_ids[1]
     assert cut.completion_ids[1] == (row1[: row1.index(end) + 1] if end in row1 else row1)
-    # A plain prompt's row runs on to its EOS: its text is not a chat reply.
+    # A plain prompt's row runs on to its EOS: its text is not a chat reply, beside chat prompts too.
     plain = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     assert generate(model, tok, plain, cfg).completion_ids[0] == free.completion_ids[0]
+    mixed = generate(model, tok, [plain[0], chats[0], plain[1]], cfg)
+    assert mixed.completion_ids == [free.completion_ids[0], cut.completion_ids[0], free.completion_ids[1]]
+    assert mixed.has_eos == [False, True, False] and mixed.texts[1] == cut.texts[0]
 
 
 def test_max_new_tokens_bounds_every_completion(tiny_model_dir):

@@ -95,6 +95,29 @@ def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_pa
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_failed_final_evaluation_leaves_the_model_with_its_score_statistics(tiny_model_dir, task_dir, tmp_path,
+                                                                               monkeypatch):
+    # saved before the final evaluation, the model had no score_normalization.json beside it when that failed,
+    # and PPO would have read its raw scores
+    from rlhfkit.trainers import reward
+
+    real = reward.run
+
+    def run(**kwargs):
+        def evaluate():
+            raise KeyboardInterrupt  # Ctrl-C during the final evaluation
+
+        return real(**{**kwargs, "evaluate": evaluate})
+
+    monkeypatch.setattr(reward, "run", run)
+    out = tmp_path / "rm"
+    with pytest.raises(KeyboardInterrupt):
+        main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--out",
+              str(out), "--train.max_steps", "2", "--train.batch_size", "8", "--train.tensorboard", "false"])
+    assert (out / "model.safetensors").is_file()
+    assert json.loads((out / "score_normalization.json").read_text())["std"] > 0
+
+
 def test_rm_with_lora_trains_the_score_head_too(tiny_model_dir, task_dir, tmp_path):
     out = tmp_path / "rm"
     assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),

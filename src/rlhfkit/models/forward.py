@@ -42,12 +42,13 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
 
 
 def _checkpointing(module) -> bool:
-    """Whether activation (gradient) checkpointing is on: the model then runs without a cache."""
-    hf = module.get_base_model() if hasattr(module, "get_base_model") else module
-    # transformers 5.2x renamed the property; 5.17 has only the old name
-    name = "is_activation_checkpointing" if hasattr(type(hf), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return bool(getattr(hf, name, False))
+    """Whether a layer of ``module`` would recompute its activations now (gradient checkpointing on, the layer in
+    training mode: ``load.learn_mode``): transformers then turns its KV cache off. In eval mode (sampling, the
+    rollout's no-grad passes) the cache works, checkpointing or not."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layer = next((m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)), None)
+    return layer is not None and layer.gradient_checkpointing and layer.training
 
 
 def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,

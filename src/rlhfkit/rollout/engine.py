@@ -23,7 +23,7 @@ Shapes: B rows, T prompt width, A new tokens, V vocabulary, H heads, D head size
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Callable, Iterator, Protocol
 
@@ -558,13 +558,23 @@ def resolve_backend(model, backend: str) -> str:
 def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: GenerationConfig, backend: str = "auto",
                    progress: bool = False, logprobs: bool = False) -> Generations:
     """One completion per prompt, prompt i sampled with ``seeds[i]``, ``cfg.batch_size`` prompts at a time.
-    A row stops at a stop id (``stop_ids``) and, when the prompts hold chat messages, at the chat template's end
-    of turn (``end_of_turn``): a base model whose EOS is not the template's (Qwen2's <|endoftext|> after
-    <|im_end|>) would run on past the reply, sampling tokens that are not scored and cost only KL.
+    A row stops at a stop id (``stop_ids``) and, after chat messages, at the chat template's end of turn
+    (``end_of_turn``): a base model whose EOS is not the template's (Qwen2's <|endoftext|> after <|im_end|>)
+    would run on past the reply, sampling tokens that are not scored and cost only KL. Chat and plain prompts
+    in one call are sampled apart (a plain row does not stop there, whatever its batch).
 
     ``logprobs``: also each completion token's log-prob and entropy under the sampling model."""
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt")
+    chat = [not isinstance(p, str) for p in prompts]
+    if any(chat) and not all(chat):  # each kind apart: only a chat row stops at the end of turn, whatever its batch
+        kinds = [[i for i, c in enumerate(chat) if c is kind] for kind in (True, False)]
+        parts = [sample_prompts(model, tokenizer, [prompts[i] for i in rows], [seeds[i] for i in rows], cfg, backend,
+                                progress, logprobs) for rows in kinds]
+        order = {i: (k, j) for k, rows in enumerate(kinds) for j, i in enumerate(rows)}
+        return Generations(**{f.name: None if getattr(parts[0], f.name) is None else
+                              [getattr(parts[order[i][0]], f.name)[order[i][1]] for i in range(len(prompts))]
+                              for f in fields(Generations)})
     run = decode if resolve_backend(model, backend) == "loop" else decode_hf
     was_training = model.training
     model.eval()

@@ -105,8 +105,9 @@ class PPOConfig:
 def one_update(cfg: PPOConfig) -> bool:
     """Whether each step makes a single update from critic values its learn forward gives (``learn_once``)."""
     buffer = cfg.rollout_batch_size * cfg.rollouts_per_step
+    share = -(-buffer // distributed.world_size())  # a process's rows, at most
     return (cfg.critic_in_learn and cfg.ppo_epochs == 1 and cfg.mini_batch_size >= buffer
-            and not 0 < cfg.micro_batch_size < buffer)  # its advantages are whitened over the whole share at once
+            and not 0 < cfg.micro_batch_size < share)  # its advantages are whitened over the whole share at once
 
 
 def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, generator: torch.Generator,

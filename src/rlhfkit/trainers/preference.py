@@ -182,13 +182,15 @@ Batcher = Callable[[list[Encoded]], dict[str, torch.Tensor]]
 
 @contextmanager
 def _eval_mode(model):
-    """The reference is deterministic: no dropout while it scores."""
-    was_training = model.training
+    """The reference is deterministic: no dropout while it scores. Each module's mode is restored as it was
+    (``load.learn_mode`` leaves checkpointed layers in training mode under an eval-mode model)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 class LiveReference:

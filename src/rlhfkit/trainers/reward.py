@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from rlhfkit import distributed
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import collate, encode_pair, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference
@@ -104,23 +105,32 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                 "eval/loss": reward_model_loss(c, r, m)[0].item(),  # with the rows' margins, as train/loss
                 "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
 
+    stats: dict[str, float] = {}
+
+    def save() -> None:
+        """The model and, with ``normalize``, its score statistics over the training pairs beside it: both
+        before the final evaluation, which may fail or be interrupted (PPO reads raw scores without them)."""
+        if cfg.normalize:
+            model.eval()
+            with torch.no_grad():
+                train_scores = []
+                for i in range(0, len(pairs), cfg.train.batch_size):
+                    c, r, _ = scores_of(pairs[i: i + cfg.train.batch_size])
+                    train_scores += c.tolist() + r.tolist()
+            stats.update(mean=mean(train_scores), std=max(pstdev(train_scores), 1e-6))
+            if distributed.is_main():
+                out.mkdir(parents=True, exist_ok=True)
+                (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
+        save_model(model, tokenizer, out)
+
     logger = Logger(out, cfg.train.tensorboard)
     try:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(pairs), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in idx),
                       logger=logger, evaluate=evaluate, desc="reward model",
-                      amp=mixed_precision(cfg.model.dtype, device), tokenizer=tokenizer,
-                      save=lambda: save_model(model, tokenizer, out))
+                      amp=mixed_precision(cfg.model.dtype, device), tokenizer=tokenizer, save=save)
     finally:
         logger.close()
-    if cfg.normalize:
-        model.eval()
-        with torch.no_grad():
-            train_scores = []
-            for i in range(0, len(pairs), cfg.train.batch_size):
-                c, r, _ = scores_of(pairs[i: i + cfg.train.batch_size])
-                train_scores += c.tolist() + r.tolist()
-        stats = {"mean": mean(train_scores), "std": max(pstdev(train_scores), 1e-6)}
-        (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
+    if stats:
         metrics = {**metrics, "train/score_mean": stats["mean"], "train/score_std": stats["std"]}
     return metrics
