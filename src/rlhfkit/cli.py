@@ -503,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if isinstance(e, DataError) else " (RLHFKIT_TRACEBACK=1 shows where it came from)"
         print(f"rlhfkit {name}: {e}{hint}", file=sys.stderr)
         return 2
+    finally:  # the command is over, however it ended: the run directories it locked are free
+        loop = sys.modules.get("rlhfkit.trainers.loop")
+        if loop is not None:
+            loop.release_out_dir()
     return 0
 
 

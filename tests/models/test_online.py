@@ -189,9 +189,10 @@ def test_dapo_s_clip_higher_reaches_the_loss_and_truncated_samples_can_be_left_o
         return real(*args, **kwargs)
 
     monkeypatch.setattr(online, "policy_loss", policy_loss)
-    # 3 new tokens: a random tiny model never ends a sample that early, so every sample is cut off
+    # 3 new tokens: a random tiny model never ends a sample that early, so every sample is cut off; one on-policy
+    # update a step, so the rollout's entropy is read in the learn pass
     args = ["--rewards", "my_rewards:length", "--eval_prompts", "", "--generation.max_new_tokens", "3",
-            "--clip_eps_high", "0.28"]
+            "--clip_eps_high", "0.28", "--mini_batch_size", "16"]
     assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "all", *args) == 0
     assert seen and set(seen) == {0.28}
     logs = [json.loads(line) for line in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
@@ -205,6 +206,10 @@ def test_dapo_s_clip_higher_reaches_the_loss_and_truncated_samples_can_be_left_o
     assert all(v.abs().max() == 0 for k, v in masked.items() if "lora_B" in k)
     logs = [json.loads(line) for line in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss/policy"] == 0.0 and r["grad_norm"] == 0.0 for r in logs if "loss/policy" in r)
+    # the rollout's metrics still read every sampled token: step 1 (the same weights, the same samples) agrees
+    unmasked = json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[0])
+    assert logs[0]["rollout/entropy"] == pytest.approx(unmasked["rollout/entropy"], rel=1e-6)
+    assert logs[0]["rollout/entropy"] > 0
 
 
 def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(tiny_model_dir, arithmetic_dir,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from rlhfkit.advantages import AdaptiveKLController
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, save_config
 from rlhfkit.trainers.checkpoint import CONFIG_FILE, Checkpoints, NonFinite, load_checkpoint, save_checkpoint
-from rlhfkit.trainers.loop import Logger, build_optimizer, prepare_out_dir, rollout_steps, run
+from rlhfkit.trainers.loop import Logger, build_optimizer, prepare_out_dir, release_out_dir, rollout_steps, run
 from rlhfkit.trainers.sft import SFTConfig
 
 
@@ -181,6 +182,17 @@ def test_a_second_run_into_the_same_directory_stops_at_once(tmp_path):
     prepare_out_dir(_config(out), out)  # the lock went with its process
     assert (out / ".rlhfkit.lock").read_text() == str(os.getpid())
     prepare_out_dir(_config(out), out)  # this process holds it: a second run in one Python goes on
+    try_lock = [sys.executable, "-c", "import fcntl, sys\nfcntl.flock(open(sys.argv[1], 'a+'), "
+                "fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ".rlhfkit.lock")]
+    assert subprocess.run(try_lock, capture_output=True).returncode != 0  # held while the run is on
+    Logger(out, tensorboard=False).close()  # the run's end lets it go: a command run next in a new process
+    assert subprocess.run(try_lock, capture_output=True).returncode == 0
+    # a directory removed and made again is locked anew, not taken for the one held before
+    prepare_out_dir(_config(out), out)
+    shutil.rmtree(out)
+    prepare_out_dir(_config(out), out)
+    assert subprocess.run(try_lock, capture_output=True).returncode != 0
+    release_out_dir()
 
 
 # ---------------------------------------------------------------------------------------------- 3. resumed settings

@@ -97,3 +97,22 @@ def test_a_file_too_small_to_hold_rows_out_says_so(capsys):
     assert len(held) == 5 and not set(held) & set(train) and capsys.readouterr().err == ""
     split_eval(lambda path: list(range(16)), "small.jsonl", "", 0.0, seed=0)  # none asked for: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_samples_are_written_whatever_their_columns_hold_and_a_cut_off_line_is_dropped_on_rewind(tmp_path):
+    import datetime
+    import json
+
+    from rlhfkit.trainers.loop import Logger, sample_records
+
+    logger = Logger(tmp_path, tensorboard=False)
+    prompts = [[{"role": "user", "content": "Hi", "sent": datetime.date(2026, 12, 6)}], "plain"]
+    logger.samples(1, sample_records(prompts, ["a", "b"], 4, reward=[float("inf"), float("nan")], ended=[True, False]))
+    logger.log(1, {"loss": 1.0})
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows[0]["prompt"][0]["sent"] == "2026-12-06" and rows[0]["reward"] is None and rows[1]["reward"] is None
+    with open(tmp_path / "samples.jsonl", "a") as f:  # a run killed in the middle of a line
+        f.write('{"step": 2, "prompt": "pl')
+    logger.rewind(1)
+    assert [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 1]
+    logger.close()

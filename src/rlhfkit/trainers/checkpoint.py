@@ -422,18 +422,19 @@ class Checkpoints:
 
     def after_step(self, step: int, stop: "StopRequest") -> None:
         """Save when due; after SIGINT/SIGTERM, save and exit saying how to resume, with the shell's status for
-        that signal (128 + its number: 130, 143), so that a job scheduler sees the run did not finish. Processes
-        that saw the signal at different steps stop together, after the same one (saving a sharded model is
-        collective)."""
+        that signal (128 + its number: 130, 143; every process the same: a launcher such as torchrun reports 1
+        for any failed worker), so that a job scheduler sees the run did not finish. Processes that saw the
+        signal at different steps stop together, after the same one (saving a sharded model is collective)."""
         stopping = distributed.any_process(stop.signal is not None)
         if self.cfg.save_every and step % self.cfg.save_every == 0:
             self.save(step)
         if stopping:
             path = self.finish(step)
             distributed.barrier()  # process 0 writes it: the others, exiting first, would have the launcher kill it
+            caught = next((s for s in distributed.all_gather(stop.signal) if s), signal.SIGTERM)  # the same everywhere
             print(f"stopped by signal {stop.signal or 'in another process'} after step {step}; checkpoint {path}. "
                   "Resume with the same command and --train.resume latest", file=sys.stderr, flush=True)
-            raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+            raise SystemExit(128 + caught)
 
 
 class StopRequest:

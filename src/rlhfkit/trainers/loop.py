@@ -246,9 +246,9 @@ class Logger:
         path = self.out / "metrics.jsonl"
         self.file.close()
         for records in (path, self.out / "samples.jsonl"):
-            if records.exists():
+            if records.exists():  # a line a killed run left half-written is dropped
                 kept = [line for line in records.read_text(encoding="utf-8").splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= step]
+                        if (logged := _step_of(line)) is not None and logged <= step]
                 tmp = records.with_suffix(".tmp")
                 tmp.write_text("".join(kept), encoding="utf-8")
                 os.replace(tmp, records)
@@ -269,23 +269,41 @@ class Logger:
         (process 0's, which are its first rows: TRL's ``log_completions``)."""
         if self.file is None or not records:
             return
-        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n" for r in records)
+        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:  # anything JSON lacks as text
+            f.writelines(json.dumps(_finite({"step": step, **r}), ensure_ascii=False, default=str) + "\n"
+                         for r in records)
 
     def close(self) -> None:
+        """Close the files; the run is over, so its directory's lock goes too (``lock_out_dir``)."""
+        release_out_dir(self.out)
         if self.file is not None:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
 
 
-def sample_records(prompts: list, completions: list[str], n: int, **values: list) -> list[dict]:
-    """The first ``n`` samples as {prompt, completion, and each of ``values`` (name → one value per sample; NaN,
-    a reward that does not apply, as null)}."""
-    def plain(v):
-        return None if isinstance(v, float) and math.isnan(v) else v
+def _step_of(line: str) -> int | None:
+    """The step of a JSON-lines record, or None for a line that is not one (blank, or cut off)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
-    return [{"prompt": p, "completion": c, **{k: plain(v[i]) for k, v in values.items()}}
+
+def _finite(value):
+    """``value`` with every non-finite float (NaN: a reward that does not apply; ±inf) as None, which JSON has."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def sample_records(prompts: list, completions: list[str], n: int, **values: list) -> list[dict]:
+    """The first ``n`` samples as {prompt, completion, and each of ``values`` (name → one value per sample)}."""
+    return [{"prompt": p, "completion": c, **{k: v[i] for k, v in values.items()}}
             for i, (p, c) in enumerate(zip(prompts[:n], completions[:n]))]
 
 
@@ -482,22 +500,26 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
     return last
 
 
-_LOCKS: dict[Path, object] = {}  # the run directories this process holds (open lock files), until it exits
+_LOCKS: dict[Path, object] = {}  # the run directories this process holds now (their open lock files)
 LOCK_FILE = ".rlhfkit.lock"
 
 
-def lock_out_dir(out: Path) -> None:
-    """Hold an exclusive lock on ``out`` (``flock`` on OUT/.rlhfkit.lock) while this process lives, so that a second
-    run into the same directory stops at once instead of interleaving checkpoints and logs with the first. The
-    system drops it when the process ends, a crash too. Where locks are not supported (no ``fcntl``, some network
-    file systems) there is none."""
+def lock_out_dir(out: Path) -> str | None:
+    """Hold an exclusive lock on ``out`` (``flock`` on OUT/.rlhfkit.lock) until the run ends (``release_out_dir``)
+    or the process does (a crash too), so that a second run into the same directory stops at once instead of
+    interleaving checkpoints and logs with the first. Returns why it cannot (another process holds it), else None.
+    Where locks are not supported (no ``fcntl``, some network file systems) there is none."""
     try:
         import fcntl
     except ImportError:
-        return
+        return None
     key = out.resolve()
-    if key in _LOCKS:  # this process holds it already (runs called one after another in one Python)
-        return
+    held = _LOCKS.get(key)
+    if held is not None:  # this process holds it already (a run in one Python after another), if it is the same file
+        with contextlib.suppress(OSError):
+            if os.fstat(held.fileno()).st_ino == os.stat(out / LOCK_FILE).st_ino:
+                return None
+        release_out_dir(out)  # the directory was removed and made again: lock the new one
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
     try:
@@ -506,13 +528,23 @@ def lock_out_dir(out: Path) -> None:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise ConfigError(f"another run is writing to {out} (process {holder}): wait for it to end, or write to "
-                          "another --train.out") from None
+        return (f"another run is writing to {out} (process {holder}): wait for it to end, or write to another "
+                "--train.out")
     except OSError:  # no locks on this file system
         handle.close()
-        return
+        return None
     handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
     _LOCKS[key] = handle
+    return None
+
+
+def release_out_dir(out: str | os.PathLike | None = None) -> None:
+    """Let go of the lock on ``out`` (every run directory this process holds, with None)."""
+    keys = list(_LOCKS) if out is None else [Path(out).resolve()]
+    for key in keys:
+        handle = _LOCKS.pop(key, None)
+        if handle is not None:
+            handle.close()  # closing the file drops its flock
 
 
 def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
@@ -538,8 +570,9 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         if other and Path(other).is_dir() and out.resolve() == Path(other).resolve():
             raise ConfigError(f"--train.out {out} is {other}, a model this run reads: the run would write over it; "
                               "write to another --train.out")
-    if distributed.is_main():
-        lock_out_dir(out)
+    held = lock_out_dir(out) if distributed.is_main() else None
+    if distributed.any_process(held is not None):  # every process stops, not process 0 alone
+        raise ConfigError(held or f"another run is writing to {out} (process 0 names it)")
     resumed = find_checkpoint(out, cfg.train.resume)
     if resumed is not None:
         check_resume_config(resumed, cfg)

@@ -75,7 +75,7 @@ class OnlineConfig:
                                       "0.2; none = clip_eps)", gt=0)
     mask_truncated: bool = arg(False, "leave samples cut off by max_new_tokens (no EOS) out of the loss, as "
                                "DAPO's overlong filtering (TRL's mask_truncated_completions); they still count in "
-                               "their group's baseline")
+                               "their group's baseline (not in REINFORCE++'s batch whitening)")
     kl_coef: float = arg(0.0, "weight of the k3 KL-to-reference term in the loss (GRPO eq. 4; 0 = none)",
                           ge=0)
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
@@ -243,6 +243,12 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
     return exp.gather(tokenizer.pad_token_id), metric_means(sums, exp.input_ids.device)
 
 
+def learned_mask(exp: Experience, mask_truncated: bool) -> torch.Tensor:
+    """(B, A) the response tokens the loss reads: all of them, or with ``mask_truncated`` those of the samples
+    that ended (DAPO's overlong filtering)."""
+    return exp.action_mask * exp.ended[:, None] if mask_truncated else exp.action_mask
+
+
 def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator,
           nonfinite: NonFinite, step: int) -> dict[str, float]:
     """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics. Each
@@ -253,35 +259,38 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
     """
     records: list[dict[str, float]] = []
     temperature = cfg.generation.logprob_temperature
+    learned = learned_mask(exp, cfg.mask_truncated)  # (B, A) the tokens the loss reads
     roles.learn_mode()
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
             idx = idx.to(exp.input_ids.device)
-            share = exp[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
-            whole = exp.action_mask[idx]
+            mine = distributed.shard(idx)
+            share, share_mask = exp[mine], learned[mine]  # this process's share of the mini-batch (all with one)
+            whole = learned[idx]
             units, tokens = max(reduction_units(reduction, whole), 1.0), max(float(whole.sum()), 1.0)
+            sampled = max(float(exp.action_mask[idx].sum()), 1.0)  # every response token: the rollout's metrics
             splits = distributed.micro_splits(len(share), len(idx), cfg.micro_batch_size)
             loss_sum, stats = 0.0, defaultdict(float)
             for j, (rows, real) in enumerate(splits):
-                mb = share[rows]
+                mb, mask = share[rows], share_mask[rows]
                 on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
                 with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
                     logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
                 old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
                 # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
                 reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
-                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps,
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, cfg.clip_eps,
                                                 clip_eps_high=cfg.clip_eps_high, **reduce)
                 # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
-                kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mb.action_mask, **reduce)
+                kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mask, **reduce)
                            if mb.ref_logprobs is not None else logprobs.new_zeros(()))
                 # each term weighted by this micro-batch's share of the mini-batch's units (a spare one: 0):
                 # summed over micro-batches and processes, the mini-batch's loss
-                pg_share = reduction_units(reduction, mb.action_mask) / units if real else 0.0
-                token_share = float(mb.action_mask.sum()) / tokens if real else 0.0
-                if on_policy:
+                pg_share = reduction_units(reduction, mask) / units if real else 0.0
+                token_share = float(mask.sum()) / tokens if real else 0.0
+                if on_policy:  # the rollout's entropy, over every sampled token (truncated samples' too)
                     entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item()
-                    stats["rollout/entropy"] += entropy * token_share
+                    stats["rollout/entropy"] += entropy * float(mb.action_mask.sum()) / sampled if real else 0.0
                     if mb.ref_logprobs is not None:  # on-policy this pass is the sampling policy: its KL to the
                         kl = rollout_kl(logprobs.detach(), mb.ref_logprobs, mb.action_mask)  # reference, per sequence
                         stats["rollout/kl"] += kl * len(mb) / len(idx) if real else 0.0
@@ -302,7 +311,7 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             if not nonfinite.ok("gradient norm", grad_norm, step):
                 continue
             # over the whole mini-batch: each shard's figures weighted by its share (the norm is global already)
-            stats["grad_norm"] = grad_norm * float(share.action_mask.sum()) / tokens
+            stats["grad_norm"] = grad_norm * float(share_mask.sum()) / tokens
             records.append(distributed.sum_over_processes(dict(stats), whole.device))
     return mean_of(records)
 
@@ -394,10 +403,11 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         exp, metrics = rollout(roles, engine, tokenizer, batch_rows, reward, cfg, seed=cfg.train.seed * 7919 + step,
                                log_samples=lambda records: logger.samples(step + 1, records))
         # 2. advantages: the method's strategy, over the whole step's batch
-        exp.advantages = strategy.advantages(exp, cfg.group_size)
-        if cfg.mask_truncated:  # after the advantages: a cut-off sample is still in its group's baseline
-            exp.action_mask = exp.action_mask * exp.ended[:, None]
-            exp.advantages = exp.advantages * exp.action_mask
+        # (mask_truncated: a cut-off sample stays in its group's baseline, as in TRL, but not in REINFORCE++'s
+        # batch whitening, whose statistics its tokens would swamp; either way the loss leaves it out)
+        kept = cfg.mask_truncated and cfg.advantage == "reinforce_pp"
+        exp.advantages = strategy.advantages(dataclasses.replace(exp, action_mask=learned_mask(exp, True))
+                                             if kept else exp, cfg.group_size)
         metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
         # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
         t1 = time.perf_counter()
