@@ -205,7 +205,7 @@ def test_dapo_s_clip_higher_reaches_the_loss_and_truncated_samples_can_be_left_o
     masked = load_file(str(tmp_path / "masked" / "adapter_model.safetensors"))
     assert all(v.abs().max() == 0 for k, v in masked.items() if "lora_B" in k)
     logs = [json.loads(line) for line in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["loss/policy"] == 0.0 and r["grad_norm"] == 0.0 for r in logs if "loss/policy" in r)
+    assert not any("loss/policy" in r or "grad_norm" in r for r in logs)  # no update: nothing learned to log
     # the rollout's metrics still read every sampled token: step 1 (the same weights, the same samples) agrees
     unmasked = json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[0])
     assert logs[0]["rollout/entropy"] == pytest.approx(unmasked["rollout/entropy"], rel=1e-6)

@@ -18,7 +18,8 @@ import torch
 from rlhfkit.advantages import AdaptiveKLController
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, save_config
 from rlhfkit.trainers.checkpoint import CONFIG_FILE, Checkpoints, NonFinite, load_checkpoint, save_checkpoint
-from rlhfkit.trainers.loop import Logger, build_optimizer, prepare_out_dir, release_out_dir, rollout_steps, run
+from rlhfkit.trainers.loop import (Logger, build_optimizer, prepare_out_dir, release_out_dir, releases_out_dir,
+                                  rollout_steps, run)
 from rlhfkit.trainers.sft import SFTConfig
 
 
@@ -185,8 +186,25 @@ def test_a_second_run_into_the_same_directory_stops_at_once(tmp_path):
     try_lock = [sys.executable, "-c", "import fcntl, sys\nfcntl.flock(open(sys.argv[1], 'a+'), "
                 "fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ".rlhfkit.lock")]
     assert subprocess.run(try_lock, capture_output=True).returncode != 0  # held while the run is on
-    Logger(out, tensorboard=False).close()  # the run's end lets it go: a command run next in a new process
-    assert subprocess.run(try_lock, capture_output=True).returncode == 0
+
+    @releases_out_dir
+    def train(cfg):  # a trainer whose run fails after taking the directory (a notebook's cell)
+        prepare_out_dir(cfg, cfg.train.out)
+        assert subprocess.run(try_lock, capture_output=True).returncode != 0
+        raise ValueError("the model would not load")
+
+    with pytest.raises(ValueError, match="would not load"):
+        train(_config(out))
+    assert subprocess.run(try_lock, capture_output=True).returncode == 0  # a command run next may write there
+    # unlocked before it is closed: a process forked during the run (a reward's worker pool) keeps no lock
+    prepare_out_dir(_config(out), out)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], pass_fds=[
+        __import__("rlhfkit.trainers.loop", fromlist=["_LOCKS"])._LOCKS[out.resolve()].fileno()])
+    try:
+        release_out_dir(out)
+        assert subprocess.run(try_lock, capture_output=True).returncode == 0
+    finally:
+        child.kill(), child.wait()
     # a directory removed and made again is locked anew, not taken for the one held before
     prepare_out_dir(_config(out), out)
     shutil.rmtree(out)

@@ -111,8 +111,8 @@ def test_samples_are_written_whatever_their_columns_hold_and_a_cut_off_line_is_d
     logger.log(1, {"loss": 1.0})
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert rows[0]["prompt"][0]["sent"] == "2026-12-06" and rows[0]["reward"] is None and rows[1]["reward"] is None
-    with open(tmp_path / "samples.jsonl", "a") as f:  # a run killed in the middle of a line
-        f.write('{"step": 2, "prompt": "pl')
+    with open(tmp_path / "samples.jsonl", "ab") as f:  # a run killed in the middle of a line, and of a character
+        f.write('{"step": 2, "prompt": "答'.encode()[:-1])
     logger.rewind(1)
     assert [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 1]
     logger.close()

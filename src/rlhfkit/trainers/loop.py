@@ -247,7 +247,7 @@ class Logger:
         self.file.close()
         for records in (path, self.out / "samples.jsonl"):
             if records.exists():  # a line a killed run left half-written is dropped
-                kept = [line for line in records.read_text(encoding="utf-8").splitlines(keepends=True)
+                kept = [line for line in records.read_text(encoding="utf-8", errors="replace").splitlines(True)
                         if (logged := _step_of(line)) is not None and logged <= step]
                 tmp = records.with_suffix(".tmp")
                 tmp.write_text("".join(kept), encoding="utf-8")
@@ -274,8 +274,6 @@ class Logger:
                          for r in records)
 
     def close(self) -> None:
-        """Close the files; the run is over, so its directory's lock goes too (``lock_out_dir``)."""
-        release_out_dir(self.out)
         if self.file is not None:
             self.file.close()
         if self.writer is not None:
@@ -540,11 +538,27 @@ def lock_out_dir(out: Path) -> str | None:
 
 def release_out_dir(out: str | os.PathLike | None = None) -> None:
     """Let go of the lock on ``out`` (every run directory this process holds, with None)."""
+    import fcntl
+
     keys = list(_LOCKS) if out is None else [Path(out).resolve()]
     for key in keys:
         handle = _LOCKS.pop(key, None)
-        if handle is not None:
-            handle.close()  # closing the file drops its flock
+        if handle is not None:  # unlocked first: a process forked meanwhile (a reward's worker pool) holds a copy
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def releases_out_dir(train: Callable) -> Callable:
+    """A trainer's ``train(cfg, ...)`` that lets go of its run directory's lock when it returns or raises (a
+    notebook's next command, in another process, may write there)."""
+    @functools.wraps(train)
+    def wrapped(cfg, *args, **kwargs):
+        try:
+            return train(cfg, *args, **kwargs)
+        finally:
+            release_out_dir(cfg.train.out)
+    return wrapped
 
 
 def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
@@ -570,7 +584,10 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         if other and Path(other).is_dir() and out.resolve() == Path(other).resolve():
             raise ConfigError(f"--train.out {out} is {other}, a model this run reads: the run would write over it; "
                               "write to another --train.out")
-    held = lock_out_dir(out) if distributed.is_main() else None
+    try:
+        held = lock_out_dir(out) if distributed.is_main() else None
+    except OSError as e:  # a directory it cannot make or write: every process stops on it, not process 0 alone
+        held = f"cannot write to --train.out {out}: {e}"
     if distributed.any_process(held is not None):  # every process stops, not process 0 alone
         raise ConfigError(held or f"another run is writing to {out} (process 0 names it)")
     resumed = find_checkpoint(out, cfg.train.resume)

@@ -43,8 +43,8 @@ from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
 from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
-                                  check_rollout_train, evaluate_on_main, metric_means, optimizer_step, rollout_steps,
-                                  sample_records, start_run)
+                                   check_rollout_train, evaluate_on_main, metric_means, optimizer_step,
+                                   releases_out_dir, rollout_steps, sample_records, start_run)
 
 Method = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 
@@ -302,6 +302,12 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 for k, v in {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * pg_share,
                              **{f"policy/{k}": float(v) * token_share for k, v in pg_stats.items()}}.items():
                     stats[k] += v
+            if not whole.any():  # every sample cut off (mask_truncated): no update (AdamW's moments would still
+                zero.drop_gradients(optimizer[0])  # move the weights), only the rollout's metrics; the same in
+                rollout = {k: v for k, v in stats.items() if k.startswith("rollout/")}  # every process
+                if rollout:
+                    records.append(distributed.sum_over_processes(rollout, whole.device))
+                continue
             if not nonfinite.ok("loss", distributed.all_sum([loss_sum], whole.device)[0], step):
                 zero.drop_gradients(optimizer[0])
                 continue
@@ -343,6 +349,7 @@ def reward_figures(total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[
     return out
 
 
+@releases_out_dir
 def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, float]:
     """Run the method ``cfg.advantage``; the policy (an adapter, or the full model with lora.enabled false)
     lands in ``cfg.train.out``.
@@ -408,7 +415,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         kept = cfg.mask_truncated and cfg.advantage == "reinforce_pp"
         exp.advantages = strategy.advantages(dataclasses.replace(exp, action_mask=learned_mask(exp, True))
                                              if kept else exp, cfg.group_size)
-        metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(), exp.action_mask).item()
+        metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(),
+                                                            learned_mask(exp, cfg.mask_truncated)).item()
         # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
         t1 = time.perf_counter()
         metrics.update(learn(roles, exp, cfg, reduction, optimizer, generator, nonfinite, step + 1))

@@ -35,8 +35,8 @@ from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
 from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
-                                  check_rollout_train, evaluate_on_main, metric_means, optimizer_step, rollout_steps,
-                                  sample_records, start_run)
+                                   check_rollout_train, evaluate_on_main, metric_means, optimizer_step,
+                                   releases_out_dir, rollout_steps, sample_records, start_run)
 
 
 @dataclass
@@ -332,6 +332,7 @@ def score_samples(model, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gener
     return {"eval/score": mean, "eval/score_stderr": stderr}
 
 
+@releases_out_dir
 def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
           probe: Callable[[list, list[str]], dict[str, float]] | None = None,
           evaluate: Callable[[object, object], dict[str, float]] | None = None) -> dict[str, float]:

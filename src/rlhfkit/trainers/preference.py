@@ -32,7 +32,7 @@ from rlhfkit.models.forward import masked_logprobs
 from rlhfkit.models.load import (add_lora, check_max_length, check_same_tokenizer, load_causal_lm, mixed_precision,
                                  refuse_adapter_dir, save_model)
 from rlhfkit.ops import sequence_logprobs
-from rlhfkit.trainers.loop import Logger, add_metrics, metric_means, run, start_run
+from rlhfkit.trainers.loop import Logger, add_metrics, metric_means, releases_out_dir, run, start_run
 
 LENGTH_AVERAGED_DPO = ("ipo",)  # DPO variants fed mean token log-probs (TRL's choice for IPO)
 ReferenceKind = Literal["model", "adapter", "precomputed"]
@@ -386,6 +386,7 @@ OBJECTIVES: dict[type, Callable] = {DPOConfig: dpo_objective, ORPOConfig: orpo_o
 # --------------------------------------------------------------------------- training
 
 
+@releases_out_dir
 def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, float]:
     """Train ``cfg.model.path`` on ``cfg.data`` with the method ``cfg`` configures; the model
     (or LoRA adapter) lands in ``cfg.train.out``. Returns the last logged metrics."""

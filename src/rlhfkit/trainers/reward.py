@@ -26,7 +26,7 @@ from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import prompt_width
 from rlhfkit.models.load import add_lora, check_max_length, mixed_precision, refuse_adapter_dir, save_model
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
-from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
+from rlhfkit.trainers.loop import Logger, releases_out_dir, run, split_eval, start_run
 
 
 @dataclass
@@ -54,6 +54,7 @@ def pair_scores(model, batch: dict[str, torch.Tensor], n_pairs: int) -> tuple[to
     return scores[:n_pairs], scores[n_pairs:]
 
 
+@releases_out_dir
 def train(cfg: RewardConfig) -> dict[str, float]:
     """Train a reward model from ``cfg.model.path`` on ``cfg.data``; saved to ``cfg.train.out``."""
     # every row is validated before anything is loaded

@@ -19,7 +19,7 @@ from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import masked_logprobs
 from rlhfkit.models.load import (add_lora, check_max_length, load_causal_lm, mixed_precision, refuse_adapter_dir,
                                  save_model)
-from rlhfkit.trainers.loop import Logger, run, split_eval, start_run
+from rlhfkit.trainers.loop import Logger, releases_out_dir, run, split_eval, start_run
 
 
 @dataclass
@@ -52,6 +52,7 @@ def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return -logprobs.sum(), mask.sum().to(logprobs.dtype)
 
 
+@releases_out_dir
 def train(cfg: SFTConfig) -> dict[str, float]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; the model lands in ``cfg.train.out``."""
     # every row is validated before anything is loaded
