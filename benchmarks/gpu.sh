@@ -10,6 +10,8 @@
 #   quickstart_cpu.txt    the same on that machine's CPU, run at the same time (one thread)
 #   compare.txt           the two side by side: gold reward, tokens/s, ms/step per stage; the ordering checked
 #   tests.txt             the non-slow tests with the GPU visible (trainers default to device auto = cuda)
+#   learn_memory.txt      only with MEMORY_SECONDS=N (about 150): PPO's learn pass on a 1024 x 12 tiny Llama, peak GPU
+#                         memory with micro_batch_size and gradient checkpointing against neither (learn_memory.py)
 set -uo pipefail
 out=${1:-${OUT:-runs/gpu}}
 mkdir -p "$out"
@@ -37,3 +39,9 @@ workers=$("$py" -c 'import xdist' 2>/dev/null && echo "-n 8")
 OMP_NUM_THREADS=2 timeout "${TEST_SECONDS:-200}" "$py" -m pytest -v --tb=short -m "not slow" -p no:cacheprovider \
     --maxfail 20 $workers tests > "$out/tests.txt" 2>&1
 echo "tests: exit $?"; grep -E "FAILED|ERROR" "$out/tests.txt" | head -n 30; tail -n 3 "$out/tests.txt"
+
+if [ "${MEMORY_SECONDS:-0}" -gt 0 ]; then
+    timeout "$MEMORY_SECONDS" "$py" benchmarks/learn_memory.py --hidden 1024 --layers 12 --mini 64 --new_tokens 256 \
+        --micro 16,4 > "$out/learn_memory.txt" 2>&1
+    echo "learn memory: exit $?"; tail -n 9 "$out/learn_memory.txt"
+fi

@@ -8,7 +8,8 @@ same `rlhfkit ppo` (mode shared: one base with LoRA actor and critic; one step o
 ``--mini`` prompts learned from as one mini-batch, two epochs) once per setting, each in a fresh process:
 the whole mini-batch in one forward and backward (the baseline, measured in the same run), each
 ``--micro`` size, gradient checkpointing, and checkpointing with the first micro size. Prints peak RSS
-(ru_maxrss), the learn phase's seconds (``time/learn``) and their ratios to the baseline; memory is compared
+(ru_maxrss), the learn phase's seconds (``time/learn``), on a GPU its peak allocated memory
+(``torch.cuda.max_memory_allocated``), and their ratios to the baseline; memory is compared
 above a process that imports rlhfkit, torch and transformers and loads the model once ("load only"). Every
 setting gives the same update (tests/models/test_ppo.py, test_checkpointing.py); only memory and time differ.
 """
@@ -42,16 +43,19 @@ else:
     assert rc == 0
     logged = [json.loads(line) for line in open(args["out"] + "/metrics.jsonl")]
     learn = logged[-1]["time/learn"]
-print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, learn)
+import torch
+gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0  # the run's device: auto
+print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, learn, gpu)
 """
 
 
-def run(args: dict) -> tuple[float, float]:
+def run(args: dict) -> tuple[float, float, float]:
+    """(peak RSS MB, learn seconds, peak GPU memory allocated MB: 0 without a GPU) of one fresh process."""
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
-    _, kb, learn = next(x for x in out.stdout.splitlines() if x.startswith("RESULT")).split()
-    return int(kb) / 1024, float(learn)
+    _, kb, learn, gpu = next(x for x in out.stdout.splitlines() if x.startswith("RESULT")).split()
+    return int(kb) / 1024, float(learn), float(gpu)
 
 
 def main() -> None:
@@ -87,18 +91,21 @@ def main() -> None:
         rows = {"load only": run({**common, "micro": None, "checkpointing": False, "out": str(tmp / "load")})}
         for i, (row, (micro, checkpointing)) in enumerate(settings.items()):
             rows[row] = run({**common, "micro": micro, "checkpointing": checkpointing, "out": str(tmp / f"run{i}")})
-    base_mb, base_learn = rows["whole mini-batch"]
+    base_mb, base_learn, base_gpu = rows["whole mini-batch"]
     load = rows["load only"][0]
     print(f"\nPPO (shared) learn pass, tiny Llama of {n_params / 1e6:.1f}M parameters, a mini-batch of {a.mini} "
           f"rollouts of up to {a.new_tokens} new tokens, 2 epochs (fp32, CPU, torch {torch.__version__})\n")
-    print("| run | peak RSS (MB) | above load only (MB) | ratio (above load) | learn (s) | learn ratio |")
-    print("|---|---|---|---|---|---|")
-    for row, (mb, learn) in rows.items():
+    gpu = base_gpu > 0  # on a GPU the run's activations are GPU memory: its peak allocation, and the ratio
+    print("| run | peak RSS (MB) | above load only (MB) | ratio (above load) | learn (s) | learn ratio |"
+          + (" GPU peak (MB) | GPU ratio |" if gpu else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if gpu else ""))
+    for row, (mb, learn, peak) in rows.items():
         if row == "load only":
-            print(f"| {row} | {mb:.0f} | 0 | | | |")
+            print(f"| {row} | {mb:.0f} | 0 | | | |" + (" | |" if gpu else ""))
             continue
-        print(f"| {row} | {mb:.0f} | {mb - load:.0f} | {(mb - load) / (base_mb - load):.2f} | {learn:.1f} | "
-              f"{learn / base_learn:.2f} |")
+        above = f"{(mb - load) / (base_mb - load):.2f}" if base_mb > load else "-"  # a model too small to show
+        print(f"| {row} | {mb:.0f} | {mb - load:.0f} | {above} | {learn:.1f} | "
+              f"{learn / base_learn:.2f} |" + (f" {peak:.0f} | {peak / base_gpu:.2f} |" if gpu else ""))
 
 
 if __name__ == "__main__":
