@@ -71,7 +71,8 @@ def micro_splits(n: int, whole: int, micro: int) -> list[tuple[slice, bool]]:
     share / ``micro``), since a sharded model's forwards and backwards are collective. Each is (rows, real); where
     a process has fewer rows than micro-batches, the spare ones are its first row again, marked not real (weigh
     it 0)."""
-    count = -(-(-(-whole // world_size())) // micro) if micro else 1
+    largest = len(shard_range(whole, index=0))  # process 0's share, the largest
+    count = -(-largest // micro) if micro else 1
     size, extra = divmod(n, count)
     splits, start = [], 0
     for j in range(count):

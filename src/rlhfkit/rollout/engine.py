@@ -580,7 +580,7 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
     model.eval()
     device = next(model.parameters()).device
     eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
-    end = end_of_turn(tokenizer) if any(not isinstance(p, str) for p in prompts) else None  # chat prompts' texts
+    end = end_of_turn(tokenizer) if any(chat) else None  # chat prompts (all of them, here): their texts end there
     if end is not None:  # after chat prompts a reply ends at the template's end of turn, whatever the EOS
         eos = list(dict.fromkeys([*eos, end]))
     result = Generations([], [], [], [], [] if logprobs else None, [] if logprobs else None)
@@ -602,8 +602,7 @@ def sample_prompts(model, tokenizer, prompts: list, seeds: list[int], cfg: Gener
                 result.prompt_ids.append(ids)
                 result.completion_ids.append(completion)
                 result.has_eos.append(has_eos)
-                chat = not isinstance(prompts[start + i], str)  # a plain prompt's text runs to its stop
-                result.texts.append(completion_text(tokenizer, ids, completion, end if chat else None))
+                result.texts.append(completion_text(tokenizer, ids, completion, end))
                 if logprobs:
                     result.logprobs.append(logps[i, : len(completion)].tolist())
                     result.entropy.append(entropy[i, : len(completion)].tolist())

@@ -538,6 +538,8 @@ def lock_out_dir(out: Path) -> str | None:
 
 def release_out_dir(out: str | os.PathLike | None = None) -> None:
     """Let go of the lock on ``out`` (every run directory this process holds, with None)."""
+    if not _LOCKS:  # none held (nor, without fcntl, ever taken)
+        return
     import fcntl
 
     keys = list(_LOCKS) if out is None else [Path(out).resolve()]

@@ -105,7 +105,7 @@ class PPOConfig:
 def one_update(cfg: PPOConfig) -> bool:
     """Whether each step makes a single update from critic values its learn forward gives (``learn_once``)."""
     buffer = cfg.rollout_batch_size * cfg.rollouts_per_step
-    share = -(-buffer // distributed.world_size())  # a process's rows, at most
+    share = len(distributed.shard_range(buffer, index=0))  # a process's rows, at most (process 0 has the most)
     return (cfg.critic_in_learn and cfg.ppo_epochs == 1 and cfg.mini_batch_size >= buffer
             and not 0 < cfg.micro_batch_size < share)  # its advantages are whitened over the whole share at once
 
@@ -228,10 +228,8 @@ def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, ac
     loss = pg_loss.detach() + cfg.vf_coef * vf_loss.detach()
     partitioned = zero.updates_partitions((actor_opt[0], critic_opt[0]))
     if not nonfinite.ok("loss", distributed.all_sum([loss.item()], loss.device)[0], step):
-        if partitioned:  # both engines drop the step (collective); one role's NaN leaves the other's gradients finite
-            zero.engine_of(actor_opt[0]).skip(), zero.engine_of(critic_opt[0]).skip()
-        else:
-            actor_opt[0].zero_grad(set_to_none=True), critic_opt[0].zero_grad(set_to_none=True)
+        # both roles drop the step (engines: collective; one role's NaN leaves the other's gradients finite)
+        zero.drop_gradients(actor_opt[0]), zero.drop_gradients(critic_opt[0])
         return None
     if not partitioned:
         distributed.average_gradients(roles.actor_parameters() + roles.critic_parameters(), 1.0)  # the sum

@@ -119,8 +119,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                     c, r, _ = scores_of(pairs[i: i + cfg.train.batch_size])
                     train_scores += c.tolist() + r.tolist()
             stats.update(mean=mean(train_scores), std=max(pstdev(train_scores), 1e-6))
-            if distributed.is_main():
-                out.mkdir(parents=True, exist_ok=True)
+            if distributed.is_main():  # (prepare_out_dir made ``out``)
                 (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
         save_model(model, tokenizer, out)
 
