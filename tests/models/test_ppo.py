@@ -102,6 +102,59 @@ def test_experience_cat_repads_both_halves():
     assert cat.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
 
 
+def _rows(prompts, responses):
+    """An experience of the given prompt / response ids, every per-token field its column index + 1 on the
+    response tokens, the rows numbered in ``scores``."""
+    b = join_prompt_response(prompts, responses, 0)
+    t = (torch.arange(b["action_mask"].shape[1]) + 1.0) * b["action_mask"]
+    return Experience(b["input_ids"], b["attention_mask"], b["action_mask"], t, t, t, t, t, t,
+                      torch.arange(len(prompts)).float(), torch.tensor([True] * len(prompts)))
+
+
+def test_trimmed_drops_the_columns_that_are_padding_in_every_row():
+    buffer = _rows([[5, 6, 7], [8], [9, 9]], [[1, 2, 3, 4], [1], [2, 2]])
+    mb = buffer[1:]  # a micro-batch of the two shorter rows, still at the buffer's width (3 + 4)
+    assert mb.input_ids.shape == (2, 7)
+    cut = mb.trimmed()
+    assert cut.input_ids.tolist() == [[0, 8, 1, 0], [9, 9, 2, 2]]
+    assert cut.attention_mask.tolist() == [[0, 1, 1, 0], [1, 1, 1, 1]]
+    assert cut.action_mask.tolist() == [[1, 0], [1, 1]]
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "rewards", "advantages", "returns"):
+        assert getattr(cut, name).tolist() == [[1.0, 0.0], [1.0, 2.0]], name
+    assert cut.scores.tolist() == [1.0, 2.0] and cut.ended.tolist() == [True, True]
+    assert buffer.trimmed() is buffer  # nothing to drop: the same object
+
+
+def test_trimmed_keeps_a_column_of_each_half_and_missing_fields():
+    mb = _rows([[5], [6, 6]], [[], [3, 3]])[:1]  # a row with an empty response: no response token at all
+    mb.ref_logprobs = None
+    cut = mb.trimmed()
+    assert cut.input_ids.tolist() == [[5, 0]] and cut.action_mask.tolist() == [[0]]
+    assert cut.ref_logprobs is None and cut.old_logprobs.tolist() == [[0.0]]
+    empty = mb[0:0].trimmed()  # no rows (a spare micro-batch is a real row, but an empty slice must not fail)
+    assert empty.input_ids.shape == (0, 2) and empty.action_mask.shape == (0, 1)
+
+
+def test_trimmed_rows_give_the_same_response_logprobs(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = load_tokenizer(path)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    responses = [tok(" a small cat sat on the warm mat and slept")["input_ids"], tok(" yes")["input_ids"],
+                 tok(" it is green")["input_ids"]]
+    buffer = _rows(prompts, responses)
+    mb = buffer[torch.tensor([0, 2])]  # the two shorter prompts, a long and a short response
+    cut = buffer[torch.tensor([2])].trimmed()  # a short prompt and response: both halves narrower
+    assert cut.input_ids.shape[1] < buffer.input_ids.shape[1] and cut.action_mask.shape[1] == len(responses[2])
+    with torch.no_grad():
+        for part in (mb, buffer[torch.tensor([2])]):
+            whole = response_logprobs(model, part.batch())
+            short = response_logprobs(model, part.trimmed().batch())
+            torch.testing.assert_close(short, whole[:, : short.shape[1]], rtol=1e-5, atol=1e-6)
+            assert not whole[:, short.shape[1]:].any()  # nothing cut but padding
+    assert cut.action_mask.sum() == buffer[torch.tensor([2])].action_mask.sum()
+
+
 @pytest.mark.parametrize("mode", ["shared", "separate"])
 def test_ppo_command_trains_in_both_modes(tiny_model_dir, task_dir, rm_dir, tmp_path, mode):
     path = tiny_model_dir("llama")

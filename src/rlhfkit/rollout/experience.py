@@ -56,6 +56,27 @@ class Experience:
     def to(self, device) -> "Experience":
         return self._map(lambda t: t.to(device))
 
+    def trimmed(self) -> "Experience":
+        """The same rollouts without the columns that are padding in every row: the prompt's leading columns no
+        row attends to and the response's trailing columns no row has a token in (a mini- or micro-batch of short
+        rows, picked from a buffer padded to its longest, runs at its own longest). At least one column of each
+        half stays. Positions come from the attention mask, so the forwards give the same log-probs and values."""
+        width, total = self.action_mask.shape[1], self.input_ids.shape[1]
+        attended = self.attention_mask[:, : total - width].bool().any(0)  # (P,)
+        lead = min(int(attended.long().argmax()) if attended.any() else total - width, max(total - width - 1, 0))
+        used = self.action_mask.bool().any(0).nonzero()
+        keep = int(used[-1]) + 1 if len(used) else 1
+        if lead == 0 and keep == width:
+            return self
+        end = total - width + keep
+
+        def narrow(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.dim() == 1:  # per row
+                return t
+            return t[:, lead:end] if name in ("input_ids", "attention_mask") else t[:, :keep]
+
+        return Experience(**{f.name: narrow(f.name, getattr(self, f.name)) for f in fields(self)})
+
     def gather(self, pad_token_id: int) -> "Experience":
         """Every process's experience joined in process order (itself with one process)."""
         if distributed.world_size() == 1:

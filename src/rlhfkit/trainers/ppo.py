@@ -133,8 +133,9 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
         mine = buffer[distributed.shard(idx)]  # this process's share of the mini-batch (all of it with one)
         tokens = max(float(buffer.action_mask[idx].sum()), 1.0)
         # both losses are token means: each micro-batch's weighted by its share of the mini-batch's tokens (a
-        # spare one: 0), they sum over micro-batches and processes to the loss of the whole mini-batch
-        parts = [(mine[rows], float(mine[rows].action_mask.sum()) / tokens if real else 0.0)
+        # spare one: 0), they sum over micro-batches and processes to the loss of the whole mini-batch; each runs
+        # at its own longest row (``trimmed``), not the buffer's
+        parts = [(mine[rows].trimmed(), float(mine[rows].action_mask.sum()) / tokens if real else 0.0)
                  for rows, real in distributed.micro_splits(len(mine), len(idx), cfg.micro_batch_size)]
         # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
         # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graphs (one forward's
@@ -192,7 +193,7 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
     """
     roles.learn_mode()
     idx = torch.randperm(len(buffer), generator=generator).to(buffer.input_ids.device)  # as ``learn`` draws it
-    mb = buffer[distributed.shard(idx)]
+    mb = buffer[distributed.shard(idx)].trimmed()
     share = float(mb.action_mask.sum()) / max(float(buffer.action_mask.sum()), 1.0)
     mask = mb.action_mask.float()
     with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
@@ -399,7 +400,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         roles.partition(stage, actor_opt[0], critic_opt[0], cfg.mini_batch_size, cfg.optim.max_grad_norm)
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
-    logger = Logger(out, cfg.train.tensorboard)
+    logger = Logger.of_run(out, cfg)
     return rollout_steps(
         cfg.train, "ppo", start, checkpoints=checkpoints, logger=logger, save=lambda: roles.save(out, tokenizer),
         step_fn=lambda step: ppo_step(step, roles, engine, tokenizer, prompts, score_fn, probe, kl_ctl, cfg, actor_opt,
