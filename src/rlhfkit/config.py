@@ -51,14 +51,16 @@ _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
 
 
 def arg(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-        lt: float | None = None, split: bool = True, **kw: Any) -> Any:
+        lt: float | None = None, split: bool = True, elsewhere: dict[str, str] | None = None, **kw: Any) -> Any:
     """A dataclass field with a one-line `help`. A list, dict or dataclass default (type or
     instance) becomes a default_factory, so instances never share it; `dataclasses.MISSING` makes
     the field required. `ge`, `gt`, `le`, `lt`: bounds a value read from a file or the command line
     must keep (each item of a list; NaN keeps none). `split=False`: a list field takes a lone string
-    as one item, not as comma-separated items (prompts, which hold commas)."""
+    as one item, not as comma-separated items (prompts, which hold commas). `elsewhere`: values this field
+    refuses that another command takes → what to do instead, added to the error."""
     bounds = {name: b for name, b in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if b is not None}
-    kw["metadata"] = {**kw.get("metadata", {}), "help": help, "bounds": bounds, "split": split}
+    kw["metadata"] = {**kw.get("metadata", {}), "help": help, "bounds": bounds, "split": split,
+                      "elsewhere": elsewhere or {}}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=default, **kw)
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
@@ -108,8 +110,8 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "eval_steps": ["eval_every"], "save_total_limit": ["keep_checkpoints"], "lora_r": ["r"],
               "lora_alpha": ["alpha"], "lora_dropout": ["dropout"], "max_completion_length": ["max_new_tokens"],
               "num_generations": ["group_size"], "resume_from_checkpoint": ["resume"], "use_peft": ["enabled"],
-              "bf16": ["dtype"], "torch_dtype": ["dtype"], "report_to": ["tensorboard"], "dataset_name": ["data"],
-              "model_name_or_path": ["path"],
+              "bf16": ["dtype"], "torch_dtype": ["dtype"], "report_to": ["tensorboard", "wandb_project"],
+              "dataset_name": ["data"], "model_name_or_path": ["path"],
               # OpenRLHF's
               "advantage_estimator": ["advantage"], "generate_max_len": ["max_new_tokens"],
               "prompt_max_len": ["max_prompt_length", "max_length"], "max_len": ["max_length", "max_new_tokens"],
@@ -119,8 +121,8 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "max_epochs": ["ppo_epochs", "epochs"], "eps_clip": ["clip_eps"], "value_clip": ["value_clip_eps"],
               "lambd": ["lam"], "zero_stage": ["deepspeed"], "l2": ["weight_decay"], "max_norm": ["max_grad_norm"],
               "adam_betas": ["betas"], "lr_scheduler": ["schedule"], "use_tensorboard": ["tensorboard"],
-              "load_checkpoint": ["resume"], "lora_rank": ["r"], "prompt_data": ["prompts"],
-              "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"],
+              "use_wandb": ["wandb_project"], "load_checkpoint": ["resume"], "lora_rank": ["r"],
+              "prompt_data": ["prompts"], "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"],
               "micro_train_batch_size": ["micro_batch_size"],
               # TRL's GRPO
               "epsilon": ["clip_eps"], "epsilon_high": ["clip_eps_high"],
@@ -344,7 +346,14 @@ def _build(cls: type[C], data: Any, where: Callable[[str], str], prefix: str = "
             value, default = data[f.name], _default(f)
             if _is_section(tp) and isinstance(value, Mapping) and isinstance(default, tp):
                 value = _merge(to_dict(default), value)  # keys not given keep the parent's default section
-            kwargs[f.name] = _convert(value, tp, key, where, f.metadata.get("split", True))
+            try:
+                kwargs[f.name] = _convert(value, tp, key, where, f.metadata.get("split", True))
+            except ConfigError as e:
+                instead = f.metadata.get("elsewhere", {}).get(str(value[-1] if isinstance(value, Repeated)
+                                                                  else value))
+                if instead is None:
+                    raise
+                raise ConfigError(f"{e}; {instead}") from None
             _check_bounds(kwargs[f.name], f.metadata.get("bounds", {}), key, where)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             raise ConfigError(f"missing required key '{key}' ({f.metadata.get('help', _type_name(tp))}) in "
@@ -624,6 +633,8 @@ class TrainConfig:
         "online methods with lora.enabled false; pip install deepspeed): zero1 partitions AdamW's state, zero2 the "
         "gradients too, zero3 the weights too; auto = as the accelerate launch config says")
     tensorboard: bool = arg(True, "also write TensorBoard event files")
+    wandb_project: str = arg("", "also log to Weights & Biases in this project ('' = off; pip install wandb; "
+                             "WANDB_MODE=offline writes OUT/wandb without an account)")
 
 
 @dataclasses.dataclass

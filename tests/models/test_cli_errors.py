@@ -210,3 +210,16 @@ def test_a_hub_name_whose_organisation_is_a_folder_here_is_still_tried_on_the_hu
     check_model_path("Qwen/Qwen2.5-0.5B")  # passed on to from_pretrained, with a word first
     assert "Qwen/Qwen2.5-0.5B is not a directory here (though Qwen is): trying it as a hub name" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command, advantage, instead", [
+    ("grpo", "rloo", "rloo runs as `rlhfkit rloo`"),
+    ("rloo", "dr_grpo", "dr_grpo runs as `rlhfkit grpo --advantage dr_grpo`"),
+    ("grpo", "reinforce_pp", "reinforce_pp runs as `rlhfkit reinforce-pp`"),
+])
+def test_another_command_s_advantage_names_that_command(command, advantage, instead, capsys):
+    assert main([command, "--advantage", advantage]) == 2
+    err = capsys.readouterr().err
+    assert "expected one of" in err and err.rstrip().endswith(instead)
+    assert main(["rloo", "--advantage", "rlo"]) == 2  # no other command's: the error alone
+    assert "runs as" not in capsys.readouterr().err

@@ -344,3 +344,30 @@ def test_a_full_sft_checkpoint_loads_as_a_model(tiny_model_dir, task_dir, tmp_pa
     assert main(["sft", "--model", str(step), "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "next"),
                  "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false",
                  "--eval_fraction", "0"]) == 0
+
+
+def test_a_constant_schedule_run_resumed_for_more_steps_is_the_longer_run(tiny_model_dir, task_dir, reward_dir,
+                                                                          tmp_path, capsys):
+    # PPO's default schedule is constant: the run's length sets no update, so "train 4 more steps" resumes
+    from rlhfkit.cli import main
+
+    model = tiny_model_dir("llama")
+    whole, short = tmp_path / "whole", tmp_path / "short"
+    assert main(_ppo_cmd(model, reward_dir, task_dir, whole)[3:]) == 0
+    assert main(_with(_ppo_cmd(model, reward_dir, task_dir, short)[3:], **{"train.max_steps": "4"})) == 0
+    assert main(_ppo_cmd(model, reward_dir, task_dir, short, "--train.resume", "latest")[3:]) == 0
+    expected, resumed = _all_weights(whole), _all_weights(short)
+    assert expected and resumed.keys() == expected.keys()
+    for file, tensors in expected.items():
+        for name, value in tensors.items():
+            assert torch.equal(resumed[file][name], value), (file, name)
+    logged = [json.loads(line)["step"] for line in (short / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))
+    # under a cosine schedule the length is part of every step's learning rate: refused, saying why
+    capsys.readouterr()
+    cosine = _with(_ppo_cmd(model, reward_dir, task_dir, tmp_path / "cosine")[3:], **{"train.max_steps": "2"})
+    assert main([*cosine, "--optim.schedule", "cosine"]) == 0
+    assert main([*_with(cosine, **{"train.max_steps": "4"}), "--optim.schedule", "cosine",
+                 "--train.resume", "latest"]) == 2
+    error = capsys.readouterr().err
+    assert "train.max_steps: 2 → 4" in error and "--optim.schedule constant may be resumed for more steps" in error

@@ -1,6 +1,7 @@
 """SFT on tiny models of every supported architecture, and its loss masking."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,6 +328,38 @@ def test_an_adapter_on_the_output_head_is_saved_without_the_frozen_head(tiny_mod
     model.add_adapter("critic", model.peft_config["default"])
     save_model(model, load_tokenizer(path), tmp_path / "adapter")
     assert sorted(p.name for p in old.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_save_cut_short_leaves_the_earlier_model_whole(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+
+    from rlhfkit.models.load import save_model
+
+    path = tiny_model_dir("llama")
+    model, tok = load_causal_lm(ModelConfig(path=path), torch.device("cpu")), load_tokenizer(path)
+    out = tmp_path / "out"
+    save_model(model, tok, out)
+    before = (out / "model.safetensors").read_bytes()
+    (out / "model-00002-of-00002.safetensors").write_text("a shard of an earlier, larger model")
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+
+    def fails(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", fails)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tok, out)
+    assert (out / "model.safetensors").read_bytes() == before  # not a half-written file: the earlier one
+    monkeypatch.undo()
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(b).name), replace(a, b)))
+    save_model(model, tok, out)
+    assert not (out / ".tmp-model").exists() and not (out / "model-00002-of-00002.safetensors").exists()
+    assert renamed.index("model.safetensors") < renamed.index("config.json")  # a new config: new weights beside it
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(next(loaded.parameters()), next(model.parameters()))
 
 
 def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_model_dir, task_dir, tmp_path, capsys):

@@ -296,9 +296,28 @@ def test_a_resume_may_lower_the_generation_batch(tmp_path):
 
     _earlier_run(tmp_path, 2, cfg=grpo())
     prepare_out_dir(grpo(resume="latest", gen=8), tmp_path)
-    with pytest.raises(ConfigError, match="train.max_steps: 4 → 5"):
+    with pytest.raises(ConfigError, match="train.seed: 0 → 1"):
         prepare_out_dir(dataclasses.replace(grpo(resume="latest"), train=TrainConfig(
-            out=str(tmp_path), max_steps=5, resume="latest")), tmp_path)
+            out=str(tmp_path), max_steps=4, seed=1, resume="latest")), tmp_path)
+
+
+def test_a_resume_may_lengthen_a_constant_schedule_run_only(tmp_path):
+    # GRPO's default schedule is constant: 4 steps resumed as 6 are the 6-step run (tests/models/test_resume.py)
+    from rlhfkit.config import OptimConfig
+    from rlhfkit.trainers.online import GRPOConfig
+
+    def grpo(out, steps, schedule="constant"):
+        return GRPOConfig(prompts="p.jsonl", optim=OptimConfig(schedule=schedule),
+                          train=TrainConfig(out=str(out), max_steps=steps, resume="latest"))
+
+    _earlier_run(tmp_path / "constant", 2, cfg=grpo(tmp_path / "constant", 4))
+    prepare_out_dir(grpo(tmp_path / "constant", 6), tmp_path / "constant")
+    cosine = tmp_path / "cosine"
+    _earlier_run(cosine, 2, cfg=grpo(cosine, 4, "cosine"))
+    with pytest.raises(ConfigError, match=r"train.max_steps: 4 → 6; a cosine schedule's length is the run's"):
+        prepare_out_dir(grpo(cosine, 6, "cosine"), cosine)
+    with pytest.raises(ConfigError, match=r"optim.schedule: cosine → constant; train.max_steps: 4 → 6; a cosine"):
+        prepare_out_dir(grpo(cosine, 6), cosine)  # a schedule changed on the way is no constant one
 
 
 def test_a_checkpoint_without_its_config_is_resumed_unchecked(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhfkit.data.collate import collate, encode_example, encode_pair, pad_batch
+from rlhfkit.data.collate import collate, encode_example, encode_pair, join_ids, pad_batch
 
 
 class CharTokenizer:
@@ -30,6 +30,32 @@ def test_truncation_cuts_prompt_start_then_completion_end():
     assert e.input_ids == [100, 101, 102, 120, 121, 122]
     assert e.completion_mask == [0, 0, 0, 1, 1, 1]
     assert e.truncated
+
+
+class BosTokenizer(CharTokenizer):
+    """CharTokenizer that begins every text with BOS (id 2) when it adds special tokens, as Llama's does."""
+
+    bos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        out = super().__call__(text)
+        out.input_ids = [2] * add_special_tokens + out.input_ids
+        return out
+
+
+def test_a_cut_prompt_keeps_its_bos():
+    e = encode_example(BosTokenizer(), "abcdef", "xyz", max_length=6)
+    # BOS + "abcdef", 7 ids, keeps 3 (as without BOS): the BOS and the last two
+    assert e.input_ids == [2, 101, 102, 120, 121, 122] and e.completion_mask == [0, 0, 0, 1, 1, 1]
+    assert e.truncated
+    whole = encode_example(BosTokenizer(), "ab", "cd", max_length=10)
+    assert whole.input_ids == [2, 97, 98, 99, 100, 1] and not whole.truncated
+    # a prompt cut to one id keeps the BOS alone; a prompt that does not begin with BOS is cut as before
+    assert join_ids([2, 97, 98], [99, 99, 1], 2, bos=2).input_ids == [2, 99]
+    assert join_ids([2, 97, 98], [99, 99, 1], 2).input_ids == [98, 99]  # no bos given: the id is cut as any
+    assert join_ids([97, 98, 99], [100] * 4, 4, bos=2).input_ids == [98, 99, 100, 100]
+    chosen, rejected = encode_pair(BosTokenizer(), "abcdefgh", "uvwxy", "z", max_length=10)
+    assert chosen.input_ids[:5] == rejected.input_ids[:5] == [2, 101, 102, 103, 104]
 
 
 def test_a_pair_s_prompt_is_cut_once_for_the_longer_reply():

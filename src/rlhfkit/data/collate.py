@@ -62,10 +62,10 @@ def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encod
     """Prompt ids + completion ids + EOS (after chat messages, the completion as the template writes it:
     ``templated_reply``), cut to ``max_length``.
 
-    When too long, the prompt loses tokens from its start (keeping at least one
+    When too long, the prompt loses tokens from its start (after its BOS, which stays; keeping at least one
     completion slot) and then the completion loses its end (and with it the EOS).
     """
-    return join_ids(*_ids(tokenizer, prompt, completion), max_length)
+    return join_ids(*_ids(tokenizer, prompt, completion), max_length, bos=getattr(tokenizer, "bos_token_id", None))
 
 
 def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
@@ -123,7 +123,7 @@ def _reply_ids(tokenizer, prompt, reply) -> tuple[list[int], list[int]]:
 
 def encode_reply(tokenizer, prompt, reply, max_length: int) -> Encoded:
     """``encode_example`` for a preference or KTO reply (a string, or chat messages: ``_reply_ids``)."""
-    return join_ids(*_reply_ids(tokenizer, prompt, reply), max_length)
+    return join_ids(*_reply_ids(tokenizer, prompt, reply), max_length, bos=getattr(tokenizer, "bos_token_id", None))
 
 
 def encode_pair(tokenizer, prompt, chosen, rejected, max_length: int) -> tuple[Encoded, Encoded]:
@@ -132,18 +132,26 @@ def encode_pair(tokenizer, prompt, chosen, rejected, max_length: int) -> tuple[E
     have prompts of their own, each cut for its reply.)"""
     (p_chosen, chosen_ids), (p_rejected, rejected_ids) = (_reply_ids(tokenizer, prompt, r) for r in (chosen, rejected))
     longest = max(len(chosen_ids), len(rejected_ids)) if p_chosen == p_rejected else 0
-    return join_ids(p_chosen, chosen_ids, max_length, longest), join_ids(p_rejected, rejected_ids, max_length, longest)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return (join_ids(p_chosen, chosen_ids, max_length, longest, bos),
+            join_ids(p_rejected, rejected_ids, max_length, longest, bos))
 
 
-def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, longest: int = 0) -> Encoded:
+def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, longest: int = 0,
+             bos: int | None = None) -> Encoded:
     """Prompt ids + completion ids (EOS included), cut to ``max_length`` as ``encode_example`` cuts. ``longest``:
-    the length of the longest completion that shares this prompt (``encode_pair``), for which the prompt is cut."""
+    the length of the longest completion that shares this prompt (``encode_pair``), for which the prompt is cut.
+    A prompt that begins with ``bos`` (the tokenizer's BOS) keeps it when its start is cut: a model reads every
+    text after it (Llama's attention sinks on it), and a pair's prompts stay equal."""
     longest = max(longest, len(completion_ids))
     keep_prompt = len(prompt_ids)
     if keep_prompt + longest > max_length:
         keep_prompt = min(keep_prompt, max(max_length - longest, max_length // 2, 1))
     truncated = keep_prompt < len(prompt_ids) or keep_prompt + len(completion_ids) > max_length
-    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+    if keep_prompt < len(prompt_ids) and bos is not None and prompt_ids[0] == bos:
+        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep_prompt + 1:]
+    else:
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
     completion_ids = completion_ids[: max_length - keep_prompt]
     return Encoded(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), truncated)
 

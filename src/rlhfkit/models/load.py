@@ -337,7 +337,17 @@ def adapter_saving(model) -> dict:
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     """Write a standard HF directory (safetensors): full weights, or the adapter for peft models.
     In a multi-process run only rank 0 writes; a sharded or ZeRO-3 model is gathered by every process first
-    (of a sharded peft model, what its adapter directory holds: not the frozen base)."""
+    (of a sharded peft model, what its adapter directory holds: not the frozen base).
+
+    Every file is written whole before it takes its name: the save goes to ``out/.tmp-model``, flushed to the
+    disk, then each file is renamed into place (configs last), so a run stopped while saving never leaves a
+    truncated weights file where an earlier one was (its checkpoints resume it). Model and adapter files of an
+    earlier save that this one does not write go: an earlier run's adapter there would be loaded instead of
+    these weights, its full model loaded under this adapter, a shard of a larger model left beside these."""
+    import shutil
+
+    from rlhfkit.trainers.checkpoint import fsync, fsync_tree
+
     out = Path(out)
     if fsdp.is_sharded(model):  # collectives: every process gathers
         full = {"state_dict": fsdp.full_state_dict(model, saved_keys(model))}
@@ -346,16 +356,25 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     if not distributed.is_main():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    # an earlier run's adapter there would be loaded instead of these weights, and its full model would be loaded
-    # under this adapter by transformers (an adapter directory has no config.json): the other kind's files go
-    # (peft writes an adapter other than the default one into its own folder: PPO's critic in OUT/critic)
+    tmp = out / ".tmp-model"
+    shutil.rmtree(tmp, ignore_errors=True)  # a save cut short
+    model.save_pretrained(tmp, safe_serialization=True, **full, **adapter_saving(model))
+    tokenizer.save_pretrained(tmp)
+    fsync_tree(tmp)
+    written = {p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()}
+    # peft writes an adapter other than the default one into its own folder (PPO's critic in OUT/critic)
     folders = [out, *(out / name for name in getattr(model, "peft_config", {}) if name != "default")]
     for folder in folders:
-        for pattern in MODEL_FILES if hasattr(model, "peft_config") else ADAPTER_FILES:
+        for pattern in MODEL_FILES + ADAPTER_FILES:
             for stale in folder.glob(pattern):
-                stale.unlink()
-    model.save_pretrained(out, safe_serialization=True, **full, **adapter_saving(model))
-    tokenizer.save_pretrained(out)
+                if stale.relative_to(out) not in written:
+                    stale.unlink()
+    for name in sorted(written, key=lambda p: (p.name.endswith("config.json"), str(p))):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, out / name)
+    for folder in {out / name.parent for name in written}:
+        fsync(folder)  # the renames
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -174,8 +174,8 @@ class SharedBaseRoles:
         ids often re-encode into other, more, tokens); after chat prompts ``make_experience`` scores the texts."""
         eos = tokenizer.eos_token_id
         ends = set(stops or []) | {eos}
-        rows = [join_ids(p, [*c[:-1], eos] if c and c[-1] in ends else [*c, eos], self.reward_max_length)
-                for p, c in zip(prompt_ids, completion_ids)]
+        rows = [join_ids(p, [*c[:-1], eos] if c and c[-1] in ends else [*c, eos], self.reward_max_length,
+                         bos=tokenizer.bos_token_id) for p, c in zip(prompt_ids, completion_ids)]
         return self._reward_scores(rows, tokenizer.pad_token_id)
 
     @torch.no_grad()

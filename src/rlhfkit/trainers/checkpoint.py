@@ -64,7 +64,7 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len("step-"):]))
 
 
-def _fsync(path: str | os.PathLike) -> None:
+def fsync(path: str | os.PathLike) -> None:
     """Flush a file's data, or a directory's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -73,13 +73,13 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     """Flush every file under ``path``, then each directory's entries: after a power loss, a checkpoint
     renamed into place is complete, never a name pointing at a truncated file."""
     for folder, _, files in os.walk(path, topdown=False):
         for name in files:
-            _fsync(os.path.join(folder, name))
-        _fsync(folder)
+            fsync(os.path.join(folder, name))
+        fsync(folder)
 
 
 Optimizers = dict[str, tuple]  # name → (optimizer, scheduler)
@@ -148,10 +148,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
     for name in (CONFIG_FILE, DATA_FILE):  # the resolved config the run was started with, and its data's digests
         if (Path(out) / name).is_file():
             shutil.copy2(Path(out) / name, tmp / name)
-    _fsync_tree(tmp)  # on the disk before the rename makes it look complete
+    fsync_tree(tmp)  # on the disk before the rename makes it look complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync(root)  # the rename too
+    fsync(root)  # the rename too
     done = _step_dirs(root)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -222,11 +222,13 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
 # alone (PPO's and the online methods' held-out prompts, PPO's gold-reward task).
 MAY_CHANGE_ON_RESUME = frozenset({
     "train.resume", "train.out", "train.device", "train.log_every", "train.eval_every", "train.save_every",
-    "train.keep_checkpoints", "train.tensorboard", "train.overwrite_output_dir", "train.on_nan", "train.fsdp",
-    "train.deepspeed", "train.grad_accum", "generation.backend", "generation.batch_size", "eval_prompts", "task",
-    "model.allow_pickle", "model.trust_remote_code",
+    "train.keep_checkpoints", "train.tensorboard", "train.wandb_project", "train.overwrite_output_dir",
+    "train.on_nan", "train.fsdp", "train.deepspeed", "train.grad_accum", "generation.backend",
+    "generation.batch_size", "eval_prompts", "task", "model.allow_pickle", "model.trust_remote_code",
     # memory and logging, not the update: a run resumed to fit memory (rlhfkit ppo / grpo / rloo / reinforce-pp)
     "train.gradient_checkpointing", "micro_batch_size", "log_samples"})
+# the run's length: under a constant schedule (PPO's and the online methods' default) it may change on a resume
+LENGTH = frozenset({"train.max_steps", "train.epochs"})
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -294,9 +296,10 @@ def check_resume_config(path: Path, cfg) -> None:
 
 def _check_resume_settings(path: Path, cfg) -> None:
     """Refuse (ConfigError, naming each change) to resume checkpoint ``path`` with settings other than those
-    in its copy of the run's config, except ``MAY_CHANGE_ON_RESUME``. A new learning rate, batch size, seed,
-    data file or length (``max_steps``, ``epochs``: the schedule's length too) would silently train half of
-    one run and half of another, while the run's recorded config claimed the new settings throughout."""
+    in its copy of the run's config, except ``MAY_CHANGE_ON_RESUME``, and the run's length (``LENGTH``) under a
+    constant schedule. A new learning rate, batch size, seed, data file or length (``max_steps``, ``epochs``: a
+    cosine schedule's length too) would silently train half of one run and half of another, while the run's
+    recorded config claimed the new settings throughout."""
     if not (path / CONFIG_FILE).is_file():
         return
     # both as save_config writes them and load_yaml reads them back, so that equal settings compare equal
@@ -309,10 +312,16 @@ def _check_resume_settings(path: Path, cfg) -> None:
     for key in new.keys() - old.keys():  # a setting added to rlhfkit since: at its default, it changes nothing
         if key in defaults and new[key] == defaults[key]:
             old[key] = new[key]
+    # under a constant schedule the run's length sets no update (data order and sampling seeds are functions of
+    # the step): a longer run resumed is the longer run uninterrupted, so it may be extended
+    constant = old.get("optim.schedule") == new.get("optim.schedule") == "constant"
+    free = MAY_CHANGE_ON_RESUME | (LENGTH if constant else set())
     changed = [f"{key}: {_show(old, key)} → {_show(new, key)}" for key in dict.fromkeys([*old, *new])
-               if key not in MAY_CHANGE_ON_RESUME and (key in old, old.get(key)) != (key in new, new.get(key))]
+               if key not in free and (key in old, old.get(key)) != (key in new, new.get(key))]
     if changed:
-        raise ConfigError(f"cannot resume {path}: it was saved with other settings ({'; '.join(changed)}). "
+        longer = ("; a cosine schedule's length is the run's: a run trained with --optim.schedule constant may be "
+                  "resumed for more steps" if any(c.split(":")[0] in LENGTH for c in changed) else "")
+        raise ConfigError(f"cannot resume {path}: it was saved with other settings ({'; '.join(changed)}{longer}). "
                           "To continue it, run the first run's command plus --train.resume "
                           f"{cfg.train.resume}. To train on with new settings, "
                           + _fresh_start_hint(path, old.get("model.path", "")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from rlhfkit import distributed, fsdp, zero
-from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config
+from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config, to_dict
 from rlhfkit.models.load import checkpoint_activations, learn_mode
 from rlhfkit.ops import mean_of
 from rlhfkit.progress import progress
@@ -217,29 +218,51 @@ def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], mo
 
 
 class Logger:
-    """Metrics to ``metrics.jsonl`` (one JSON object per line, easy to plot) and TensorBoard; a rollout trainer's
-    sampled completions to ``samples.jsonl`` (``samples``)."""
+    """Metrics to ``metrics.jsonl`` (one JSON object per line, easy to plot), TensorBoard and, with a
+    ``wandb_project``, Weights & Biases (``config``: the run's settings it records); a rollout trainer's sampled
+    completions to ``samples.jsonl`` (``samples``; a table in W&B)."""
 
-    def __init__(self, out: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, out: str | os.PathLike, tensorboard: bool = True, wandb_project: str = "",
+                 config: dict | None = None):
         self.out = Path(out)
-        self.file = self.writer = None
+        self.file = self.writer = self.wandb = None
+        self.wandb_project, self.config = wandb_project, config
         if not distributed.is_main():  # one process writes; the others log nothing
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
         self.writer = self._tensorboard() if tensorboard else None
 
+    @classmethod
+    def of_run(cls, out: str | os.PathLike, cfg) -> "Logger":
+        """The logger a trainer's config ``cfg`` asks for (``train.tensorboard``, ``train.wandb_project``)."""
+        return cls(out, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg))
+
     def _tensorboard(self, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(str(self.out / "tensorboard"), purge_step=purge_step)
 
+    def _start_wandb(self, step: int) -> None:
+        """A W&B run for the steps after ``step``, in the group named after OUT: a resumed run is a run of its
+        own there (W&B's steps only grow: the steps a killed run logged past its checkpoint are not rewound)."""
+        import wandb
+
+        if self.wandb is not None:
+            self.wandb.finish()
+        name = self.out.resolve().name
+        self.wandb = wandb.init(project=self.wandb_project, dir=str(self.out), group=name, config=self.config,
+                                name=name if step == 0 else f"{name}-resumed-{step}", job_type="train")
+
     def rewind(self, step: int) -> None:
         """Forget the records after ``step``: a resumed run logs those steps again, and a fresh run
         (step 0) into an old run's directory starts a fresh file. One record per step, always.
-        TensorBoard's events after ``step`` are purged too (``purge_step``: TensorBoard hides them)."""
+        TensorBoard's events after ``step`` are purged too (``purge_step``: TensorBoard hides them); W&B
+        starts a run for the steps to come (``_start_wandb``)."""
         if self.file is None:
             return
+        if self.wandb_project:
+            self._start_wandb(step)
         if self.writer is not None:
             self.writer.close()
             self.writer = self._tensorboard(purge_step=step + 1)
@@ -263,6 +286,10 @@ class Logger:
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, float(v), step)
+        if self.wandb_project:
+            if self.wandb is None:  # a loop that never rewound: a fresh run
+                self._start_wandb(0)
+            self.wandb.log({k: float(v) for k, v in metrics.items()}, step=step)
 
     def samples(self, step: int, records: list[dict]) -> None:
         """Append sampled completions (``sample_records``) of ``step`` to ``samples.jsonl``, one JSON object each
@@ -272,12 +299,22 @@ class Logger:
         with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:  # anything JSON lacks as text
             f.writelines(json.dumps(_finite({"step": step, **r}), ensure_ascii=False, default=str) + "\n"
                          for r in records)
+        if self.wandb is not None:  # one table a step, its columns those of the records (prompt, completion, ...)
+            import wandb
+
+            columns = list(dict.fromkeys(k for r in records for k in r))
+            rows = [[v if isinstance(v := r.get(k), (int, float, bool)) or v is None else str(v) for k in columns]
+                    for r in records]
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def _step_of(line: str) -> int | None:
@@ -586,6 +623,9 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         if other and Path(other).is_dir() and out.resolve() == Path(other).resolve():
             raise ConfigError(f"--train.out {out} is {other}, a model this run reads: the run would write over it; "
                               "write to another --train.out")
+    if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"--train.wandb_project {cfg.train.wandb_project} logs to Weights & Biases, which is not "
+                          "installed: pip install wandb (or leave train.wandb_project empty)")
     try:
         held = lock_out_dir(out) if distributed.is_main() else None
     except OSError as e:  # a directory it cannot make or write: every process stops on it, not process 0 alone

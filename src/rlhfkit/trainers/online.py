@@ -111,19 +111,31 @@ class OnlineConfig:
                              "penalty set kl_coef (a k3 KL-to-reference term in the loss)")
 
 
+# each advantage estimator's command: one given to another command's --advantage points there
+_COMMANDS = {"grpo": "rlhfkit grpo", "dr_grpo": "rlhfkit grpo --advantage dr_grpo", "rloo": "rlhfkit rloo",
+             "reinforce_pp": "rlhfkit reinforce-pp"}
+
+
+def _elsewhere(*own: str) -> dict[str, str]:
+    return {name: f"{name} runs as `{command}`" for name, command in _COMMANDS.items()
+            if name not in own}
+
+
 @dataclass
 class GRPOConfig(OnlineConfig):
     """`rlhfkit grpo`: GRPO (group-normalised advantages) or Dr. GRPO (advantage dr_grpo)."""
 
     advantage: Literal["grpo", "dr_grpo"] = arg("grpo", "grpo: (r − mean)/std in the group; dr_grpo: r − mean, "
-                                                "token losses summed / (max_new_tokens × samples)")
+                                                "token losses summed / (max_new_tokens × samples)",
+                                                elsewhere=_elsewhere("grpo", "dr_grpo"))
 
 
 @dataclass
 class RLOOConfig(OnlineConfig):
     """`rlhfkit rloo`: REINFORCE leave-one-out, clipped like PPO."""
 
-    advantage: Literal["rloo"] = arg("rloo", "rloo: r − mean of the other samples of the prompt")
+    advantage: Literal["rloo"] = arg("rloo", "rloo: r − mean of the other samples of the prompt",
+                                     elsewhere=_elsewhere("rloo"))
 
 
 @dataclass
@@ -131,7 +143,7 @@ class ReinforcePPConfig(OnlineConfig):
     """`rlhfkit reinforce-pp`: REINFORCE++, KL-shaped token rewards and batch-whitened returns."""
 
     advantage: Literal["reinforce_pp"] = arg("reinforce_pp", "reinforce_pp: whitened reward-to-go of KL-shaped "
-                                             "token rewards")
+                                             "token rewards", elsewhere=_elsewhere("reinforce_pp"))
     beta: float = arg(0.01, "KL coefficient β in the token rewards r_t = −β·kl_t (+ reward at the last token)",
                       ge=0)
 
@@ -272,7 +284,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
             splits = distributed.micro_splits(len(share), len(idx), cfg.micro_batch_size)
             loss_sum, stats = 0.0, defaultdict(float)
             for j, (rows, real) in enumerate(splits):
-                mb, mask = share[rows], share_mask[rows]
+                mb = share[rows].trimmed()  # at its own longest row, not the buffer's
+                mask = share_mask[rows][:, : mb.action_mask.shape[1]]
                 on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
                 with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
                     logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
@@ -401,7 +414,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     nonfinite = NonFinite(cfg.train.on_nan, checkpoints)
     engine = HFRolloutEngine(roles.generation_model(), tokenizer, cfg.generation, cfg.generation.backend)
 
-    logger = Logger(out, cfg.train.tensorboard)
+    logger = Logger.of_run(out, cfg)
 
     def step_fn(step: int) -> dict[str, float]:
         t0 = time.perf_counter()

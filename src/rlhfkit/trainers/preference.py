@@ -447,7 +447,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
             add_metrics(sums, {"loss": loss, **metrics}, len(chunk))  # means over the whole held-out set
         return {f"eval/{k}": v for k, v in metric_means(sums).items()}
 
-    logger = Logger(out, cfg.train.tensorboard)
+    logger = Logger.of_run(out, cfg)
     try:
         metrics = run(model=policy, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
                       logger=logger, evaluate=evaluate if eval_examples else None,

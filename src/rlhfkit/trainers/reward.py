@@ -123,7 +123,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                 (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
         save_model(model, tokenizer, out)
 
-    logger = Logger(out, cfg.train.tensorboard)
+    logger = Logger.of_run(out, cfg)
     try:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(pairs), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in idx),

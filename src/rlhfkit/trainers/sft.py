@@ -92,7 +92,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
             total, count = total + nll.item(), count + n.item()
         return {"eval/loss": total / max(count, 1)}
 
-    logger = Logger(out, cfg.train.tensorboard)
+    logger = Logger.of_run(out, cfg)
     try:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(examples[i].input_ids) for i in idx),
