@@ -351,6 +351,7 @@ def test_a_save_cut_short_leaves_the_earlier_model_whole(tiny_model_dir, tmp_pat
     with pytest.raises(OSError, match="disk full"):
         save_model(model, tok, out)
     assert (out / "model.safetensors").read_bytes() == before  # not a half-written file: the earlier one
+    assert not (out / ".tmp-model").exists()  # nor the failed save's files
     monkeypatch.undo()
     renamed = []
     replace = os.replace
@@ -360,6 +361,21 @@ def test_a_save_cut_short_leaves_the_earlier_model_whole(tiny_model_dir, tmp_pat
     assert renamed.index("model.safetensors") < renamed.index("config.json")  # a new config: new weights beside it
     loaded = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(next(loaded.parameters()), next(model.parameters()))
+
+
+def test_write_atomically_leaves_the_earlier_file_when_the_write_fails(tmp_path):
+    from rlhfkit.models.load import write_atomically
+
+    path = tmp_path / "score_normalization.json"
+    write_atomically(path, lambda p: p.write_text('{"mean": 1.0}'))
+
+    def half(p):
+        p.write_text('{"me')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, half)
+    assert path.read_text() == '{"mean": 1.0}' and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_model_dir, task_dir, tmp_path, capsys):

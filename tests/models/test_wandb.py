@@ -15,14 +15,14 @@ from rlhfkit.data.tasks import arithmetic
 
 class Run:
     def __init__(self, settings: dict):
-        self.settings, self.logged, self.finished = settings, [], False
+        self.settings, self.logged, self.finished, self.exit_code = settings, [], False, None
 
     def log(self, data: dict, step: int) -> None:
         assert not self.finished
         self.logged.append((step, data))
 
-    def finish(self) -> None:
-        self.finished = True
+    def finish(self, exit_code: int | None = None) -> None:
+        self.finished, self.exit_code = True, exit_code
 
 
 class Table:
@@ -55,7 +55,8 @@ def test_sft_logs_to_wandb_what_metrics_jsonl_holds_and_a_resume_is_a_run_of_its
     first = wandb.runs[0]
     assert first.settings["project"] == "demo" and first.settings["group"] == first.settings["name"] == "sft-run"
     assert first.settings["config"]["train"]["max_steps"] == 2 and first.settings["dir"] == str(out)
-    assert first.finished
+    assert first.settings["reinit"] == "create_new"  # never the user's own open run
+    assert first.finished and first.exit_code == 0
     assert [(step, {k: v for k, v in data.items()}) for step, data in first.logged] == [
         (r.pop("step"), r) for r in _logged(out)]
     assert main([*cmd, "--train.max_steps", "3", "--train.resume", "latest"]) == 0  # constant: it may go on
@@ -93,3 +94,35 @@ def test_without_wandb_installed_the_run_stops_before_training_saying_what_to_in
                  str(out), "--train.max_steps", "1", "--train.wandb_project", "demo"]) == 2
     assert "pip install wandb" in capsys.readouterr().err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_run_leaving_on_an_error_or_a_stop_is_marked_so(tmp_path, wandb):
+    from rlhfkit.trainers.loop import Logger
+
+    for leaving, code in ((None, 0), (RuntimeError("boom"), 1), (SystemExit(143), 143)):
+        logger = Logger(tmp_path, tensorboard=False, wandb_project="demo", config={})
+        logger.rewind(0)
+        try:
+            try:
+                if leaving is not None:
+                    raise leaving
+            finally:
+                logger.close()
+        except (RuntimeError, SystemExit):
+            pass
+        assert wandb.runs[-1].exit_code == code
+
+
+def test_wandb_that_cannot_start_stops_the_run_saying_what_to_do(tiny_model_dir, task_dir, tmp_path, capsys,
+                                                                 wandb):
+    def refuse(**settings):
+        raise RuntimeError("No API key configured")
+
+    wandb.init = refuse
+    out = tmp_path / "run"
+    assert main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--out",
+                 str(out), "--train.max_steps", "1", "--train.wandb_project", "demo",
+                 "--train.tensorboard", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "No API key configured" in err and "WANDB_MODE=offline" in err
+    assert (out / "metrics.jsonl").read_text() == ""  # nothing trained

@@ -341,9 +341,10 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
 
     Every file is written whole before it takes its name: the save goes to ``out/.tmp-model``, flushed to the
     disk, then each file is renamed into place (configs last), so a run stopped while saving never leaves a
-    truncated weights file where an earlier one was (its checkpoints resume it). Model and adapter files of an
-    earlier save that this one does not write go: an earlier run's adapter there would be loaded instead of
-    these weights, its full model loaded under this adapter, a shard of a larger model left beside these."""
+    truncated file (its checkpoints resume it; the disk holds the earlier files and the new ones until the
+    renames). Then the model and adapter files of an earlier save that this one did not write go: an earlier
+    run's adapter there would be loaded instead of these weights, its full model loaded under this adapter, a
+    shard of a larger model left beside these."""
     import shutil
 
     from rlhfkit.trainers.checkpoint import fsync, fsync_tree
@@ -358,10 +359,17 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)  # a save cut short
-    model.save_pretrained(tmp, safe_serialization=True, **full, **adapter_saving(model))
-    tokenizer.save_pretrained(tmp)
-    fsync_tree(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, **full, **adapter_saving(model))
+        tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # not GBs of a failed save left in OUT
+        raise
     written = {p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()}
+    for name in sorted(written, key=lambda p: (p.name.endswith("config.json"), str(p))):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, out / name)
     # peft writes an adapter other than the default one into its own folder (PPO's critic in OUT/critic)
     folders = [out, *(out / name for name in getattr(model, "peft_config", {}) if name != "default")]
     for folder in folders:
@@ -369,13 +377,26 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
             for stale in folder.glob(pattern):
                 if stale.relative_to(out) not in written:
                     stale.unlink()
-    for name in sorted(written, key=lambda p: (p.name.endswith("config.json"), str(p))):
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp / name, out / name)
     for folder in {out / name.parent for name in written}:
-        fsync(folder)  # the renames
+        fsync(folder)  # the renames and removals
     shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, flushed to the disk, then renamed to ``path``: a
+    stop while writing never leaves a truncated file under that name."""
+    from rlhfkit.trainers.checkpoint import fsync
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:

@@ -29,7 +29,7 @@ from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import logprobs_of
 from rlhfkit.models.load import (adapter_base, add_lora, checkpoint_activations, is_adapter_dir, learn_mode,
                                  load_causal_lm, mixed_precision,
-                                 peft_lora_config, position_limit, save_model)
+                                 peft_lora_config, position_limit, save_model, write_atomically)
 from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, check_reward_dir, last_token_index,
                                    load_reward_backbone, score_normalization)
 from rlhfkit.ops import position_ids_from_mask
@@ -257,7 +257,8 @@ class SharedBaseRoles:
         """``out``: the actor adapter (loads as base + adapter); ``out/critic``: critic adapter + value head."""
         save_model(self.model, tokenizer, out)
         if self.value_head is not None and distributed.is_main():
-            save_file(self.value_head.state_dict(), str(Path(out) / "critic" / VALUE_HEAD_FILE))
+            head = self.value_head.state_dict()
+            write_atomically(Path(out) / "critic" / VALUE_HEAD_FILE, lambda path: save_file(head, str(path)))
 
 
 class RewardAdapterScores:
@@ -386,7 +387,8 @@ class SeparateRoles:
         if self.critic is not None:
             save_model(self.critic, tokenizer, Path(out) / "critic")
             if self.critic_stats is not None and distributed.is_main():  # its values are normalised scores
-                (Path(out) / "critic" / NORMALIZATION_FILE).write_text(json.dumps(self.critic_stats, indent=2))
+                write_atomically(Path(out) / "critic" / NORMALIZATION_FILE,
+                                 lambda path: path.write_text(json.dumps(self.critic_stats, indent=2)))
 
 
 def load_value_head(path: str | Path, head: nn.Linear) -> nn.Linear:

@@ -251,18 +251,32 @@ class Logger:
         if self.wandb is not None:
             self.wandb.finish()
         name = self.out.resolve().name
+        # create_new: a run of its own beside any the user has open (the default would log into theirs and
+        # finish it, or finish it first in a notebook)
         self.wandb = wandb.init(project=self.wandb_project, dir=str(self.out), group=name, config=self.config,
-                                name=name if step == 0 else f"{name}-resumed-{step}", job_type="train")
+                                name=name if step == 0 else f"{name}-resumed-{step}", job_type="train",
+                                reinit="create_new")
 
     def rewind(self, step: int) -> None:
         """Forget the records after ``step``: a resumed run logs those steps again, and a fresh run
         (step 0) into an old run's directory starts a fresh file. One record per step, always.
         TensorBoard's events after ``step`` are purged too (``purge_step``: TensorBoard hides them); W&B
-        starts a run for the steps to come (``_start_wandb``)."""
+        starts a run for the steps to come (``_start_wandb``). Every process calls it: one W&B cannot start
+        (no API key, say) stops them all."""
+        failed = None
+        if self.file is not None and self.wandb_project:
+            try:
+                self._start_wandb(step)
+            except Exception as e:  # wandb's own errors (UsageError, CommError) derive from Exception alone
+                failed = e
+        if self.wandb_project and distributed.any_process(failed is not None):
+            self.close()
+            raise ConfigError(f"Weights & Biases could not start a run in project {self.wandb_project}"
+                              + (f" ({type(failed).__name__}: {failed})" if failed else " (process 0 says why)")
+                              + ": log in (`wandb login`, or WANDB_API_KEY), set WANDB_MODE=offline, or leave "
+                              "train.wandb_project empty")
         if self.file is None:
             return
-        if self.wandb_project:
-            self._start_wandb(step)
         if self.writer is not None:
             self.writer.close()
             self.writer = self._tensorboard(purge_step=step + 1)
@@ -303,8 +317,8 @@ class Logger:
             import wandb
 
             columns = list(dict.fromkeys(k for r in records for k in r))
-            rows = [[v if isinstance(v := r.get(k), (int, float, bool)) or v is None else str(v) for k in columns]
-                    for r in records]
+            rows = [[v if isinstance(v := _finite(r.get(k)), (str, int, float, bool)) or v is None
+                     else json.dumps(v, ensure_ascii=False, default=str) for k in columns] for r in records]
             self.wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
 
     def close(self) -> None:
@@ -312,9 +326,17 @@ class Logger:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+        self.file = self.writer = None  # closed once, however often called
         if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+            # closed in a `finally`: a run leaving on an exception is marked failed, a clean stop with its status
+            leaving = sys.exc_info()[1]
+            code = (0 if leaving is None else leaving.code if isinstance(leaving, SystemExit)
+                    and isinstance(leaving.code, int) else 1)
+            run, self.wandb = self.wandb, None
+            try:
+                run.finish(exit_code=code)
+            except Exception as e:  # not over the error the run is leaving on
+                warnings.warn(f"Weights & Biases did not finish its run cleanly: {e}", stacklevel=2)
 
 
 def _step_of(line: str) -> int | None:

@@ -24,7 +24,8 @@ from rlhfkit.data.collate import collate, encode_pair, encoding, fit_to_length
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import prompt_width
-from rlhfkit.models.load import add_lora, check_max_length, mixed_precision, refuse_adapter_dir, save_model
+from rlhfkit.models.load import (add_lora, check_max_length, mixed_precision, refuse_adapter_dir, save_model,
+                                 write_atomically)
 from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
 from rlhfkit.trainers.loop import Logger, releases_out_dir, run, split_eval, start_run
 
@@ -120,7 +121,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                     train_scores += c.tolist() + r.tolist()
             stats.update(mean=mean(train_scores), std=max(pstdev(train_scores), 1e-6))
             if distributed.is_main():  # (prepare_out_dir made ``out``)
-                (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
+                write_atomically(out / NORMALIZATION_FILE, lambda path: path.write_text(json.dumps(stats, indent=2)))
         save_model(model, tokenizer, out)
 
     logger = Logger.of_run(out, cfg)
