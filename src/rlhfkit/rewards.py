@@ -226,6 +226,9 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin
     finished process (``returncode`` 0 when the code ran through; stdout and stderr as text), or None when it ran
     out of (wall or CPU) time. POSIX only.
     """
+    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("output_mb", output_mb)):
+        if not value > 0:  # 0 would not mean "no limit": no time, no memory, no output at all
+            raise ValueError(f"run_untrusted: {name} must be positive (a limit), got {value}")
 
     def limits() -> None:  # runs in the child, before Python starts
         import resource

@@ -136,6 +136,9 @@ def test_untrusted_code_runs_with_time_and_memory_limits():
     failing = run_untrusted("assert 1 + 1 == 3")
     assert failing is not None and failing.returncode != 0 and "AssertionError" in failing.stderr
     assert run_untrusted("while True: pass", timeout_s=1.0) is None
+    for limit in ({"output_mb": 0}, {"memory_mb": -1}, {"timeout_s": 0}):  # 0 is no "unlimited": refused
+        with pytest.raises(ValueError, match=f"{next(iter(limit))} must be positive"):
+            run_untrusted("print('ok')", **limit)
     hog = run_untrusted("x = bytearray(2 * 1024**3)", memory_mb=256)
     assert hog is not None and hog.returncode != 0 and "MemoryError" in hog.stderr
 
