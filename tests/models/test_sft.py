@@ -363,6 +363,30 @@ def test_a_save_cut_short_leaves_the_earlier_model_whole(tiny_model_dir, tmp_pat
     torch.testing.assert_close(next(loaded.parameters()), next(model.parameters()))
 
 
+def test_a_save_stopped_before_its_configs_never_loads_the_earlier_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+
+    from rlhfkit.config import LoraConfig
+    from rlhfkit.models.load import add_lora, is_adapter_dir, save_model
+
+    path = tiny_model_dir("llama")
+    tok, out = load_tokenizer(path), tmp_path / "out"
+    save_model(add_lora(load_causal_lm(ModelConfig(path=path), torch.device("cpu")), LoraConfig(enabled=True, r=2)),
+               tok, out)
+    assert is_adapter_dir(out)
+    replace = os.replace
+
+    def stop_at_configs(a, b):
+        if Path(b).name == "config.json":
+            raise KeyboardInterrupt
+        replace(a, b)
+
+    monkeypatch.setattr(os, "replace", stop_at_configs)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(load_causal_lm(ModelConfig(path=path), torch.device("cpu")), tok, out)  # now a full model
+    assert not is_adapter_dir(out)  # the earlier adapter is gone before any new config names the new layout
+
+
 def test_write_atomically_leaves_the_earlier_file_when_the_write_fails(tmp_path):
     from rlhfkit.models.load import write_atomically
 

@@ -99,18 +99,21 @@ def test_without_wandb_installed_the_run_stops_before_training_saying_what_to_in
 def test_a_run_leaving_on_an_error_or_a_stop_is_marked_so(tmp_path, wandb):
     from rlhfkit.trainers.loop import Logger
 
-    for leaving, code in ((None, 0), (RuntimeError("boom"), 1), (SystemExit(143), 143)):
-        logger = Logger(tmp_path, tensorboard=False, wandb_project="demo", config={})
-        logger.rewind(0)
+    def run(leaving):
         try:
-            try:
+            with Logger(tmp_path, tensorboard=False, wandb_project="demo", config={}) as logger:
+                logger.rewind(0)
                 if leaving is not None:
                     raise leaving
-            finally:
-                logger.close()
         except (RuntimeError, SystemExit):
             pass
-        assert wandb.runs[-1].exit_code == code
+        return wandb.runs[-1].exit_code
+
+    assert [run(e) for e in (None, RuntimeError("boom"), SystemExit(143), SystemExit(None))] == [0, 1, 143, 0]
+    try:
+        raise KeyError("a caller's handled error")  # a run started inside an except block (a retry) ends well
+    except KeyError:
+        assert run(None) == 0
 
 
 def test_wandb_that_cannot_start_stops_the_run_saying_what_to_do(tiny_model_dir, task_dir, tmp_path, capsys,

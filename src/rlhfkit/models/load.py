@@ -340,9 +340,9 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     (of a sharded peft model, what its adapter directory holds: not the frozen base).
 
     Every file is written whole before it takes its name: the save goes to ``out/.tmp-model``, flushed to the
-    disk, then each file is renamed into place (configs last), so a run stopped while saving never leaves a
-    truncated file (its checkpoints resume it; the disk holds the earlier files and the new ones until the
-    renames). Then the model and adapter files of an earlier save that this one did not write go: an earlier
+    disk, then each file is renamed into place, so a run stopped while saving never leaves a truncated file (its
+    checkpoints resume it; the disk holds the earlier files and the new ones until then). Before the configs,
+    renamed last, the model and adapter files of an earlier save that this one did not write go: an earlier
     run's adapter there would be loaded instead of these weights, its full model loaded under this adapter, a
     shard of a larger model left beside these."""
     import shutil
@@ -367,9 +367,14 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # not GBs of a failed save left in OUT
         raise
     written = {p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()}
-    for name in sorted(written, key=lambda p: (p.name.endswith("config.json"), str(p))):
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp / name, out / name)
+
+    def move(names) -> None:
+        for name in sorted(names, key=str):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, out / name)
+
+    configs = {name for name in written if name.name.endswith("config.json")}
+    move(written - configs)  # the weights and the tokenizer: the earlier configs still name the earlier layout
     # peft writes an adapter other than the default one into its own folder (PPO's critic in OUT/critic)
     folders = [out, *(out / name for name in getattr(model, "peft_config", {}) if name != "default")]
     for folder in folders:
@@ -377,6 +382,7 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
             for stale in folder.glob(pattern):
                 if stale.relative_to(out) not in written:
                     stale.unlink()
+    move(configs)  # last: a directory whose configs are new holds every new file and none of the earlier ones
     for folder in {out / name.parent for name in written}:
         fsync(folder)  # the renames and removals
     shutil.rmtree(tmp, ignore_errors=True)
@@ -394,6 +400,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
         write(tmp)
         fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)  # the rename too
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -431,5 +438,5 @@ def _merge_reward_adapter(path: str, out: str, allow_pickle: bool) -> Path:
     merged.config.pad_token_id = tokenizer.pad_token_id  # as `rm` sets it: transformers pads a batch with it
     saved = save_model(merged, tokenizer, out)
     if (Path(path) / NORMALIZATION_FILE).is_file():
-        shutil.copyfile(Path(path) / NORMALIZATION_FILE, saved / NORMALIZATION_FILE)
+        write_atomically(saved / NORMALIZATION_FILE, lambda tmp: shutil.copyfile(Path(path) / NORMALIZATION_FILE, tmp))
     return saved

@@ -165,9 +165,9 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
     interrupted without losing it. Rewinds, then closes, ``logger``. Returns the last step's metrics with the
     final evaluation's."""
     steps, metrics, window = cfg.max_steps, {}, []
-    checkpoints.check_start(start, steps)
-    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
-    try:
+    with logger:  # closed however the run ends (W&B told how)
+        checkpoints.check_start(start, steps)
+        logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
         with StopRequest() as stop:
             bar = progress(range(start, steps), desc, initial=start, total=steps, disable=not distributed.is_main())
             for step in bar:
@@ -191,8 +191,6 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
             final = evaluate()
             logger.log(steps, final)
             metrics.update(final)
-    finally:
-        logger.close()
     return metrics
 
 
@@ -321,17 +319,23 @@ class Logger:
                      else json.dumps(v, ensure_ascii=False, default=str) for k in columns] for r in records]
             self.wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def close(self) -> None:
+    def __enter__(self) -> "Logger":
+        return self
+
+    def __exit__(self, kind, leaving, traceback) -> None:
+        self.close(leaving)
+
+    def close(self, leaving: BaseException | None = None) -> None:
+        """Close every sink; ``leaving``: the exception the run ends on, if any (``with logger:`` passes it), for
+        W&B's exit code: 1, or a stop's status (130, 143). Closing again does nothing."""
         if self.file is not None:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
-        self.file = self.writer = None  # closed once, however often called
+        self.file = self.writer = None
         if self.wandb is not None:
-            # closed in a `finally`: a run leaving on an exception is marked failed, a clean stop with its status
-            leaving = sys.exc_info()[1]
-            code = (0 if leaving is None else leaving.code if isinstance(leaving, SystemExit)
-                    and isinstance(leaving.code, int) else 1)
+            status = leaving.code if isinstance(leaving, SystemExit) else 0 if leaving is None else 1
+            code = status if isinstance(status, int) else 0 if status is None else 1  # sys.exit(), sys.exit("why")
             run, self.wandb = self.wandb, None
             try:
                 run.finish(exit_code=code)

@@ -447,8 +447,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
             add_metrics(sums, {"loss": loss, **metrics}, len(chunk))  # means over the whole held-out set
         return {f"eval/{k}": v for k, v in metric_means(sums).items()}
 
-    logger = Logger.of_run(out, cfg)
-    try:
+    with Logger.of_run(out, cfg) as logger:  # closed however the run ends (W&B told how)
         metrics = run(model=policy, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
                       logger=logger, evaluate=evaluate if eval_examples else None,
                       desc=type(cfg).__name__.removesuffix("Config").lower(),
@@ -456,6 +455,4 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
                                                 for i in idx),
                       amp=amp, before_step=before_step, tokenizer=tokenizer,
                       save=lambda: save_model(policy, tokenizer, out), dropout=False)
-    finally:
-        logger.close()
     return metrics

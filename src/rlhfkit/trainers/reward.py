@@ -124,14 +124,11 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                 write_atomically(out / NORMALIZATION_FILE, lambda path: path.write_text(json.dumps(stats, indent=2)))
         save_model(model, tokenizer, out)
 
-    logger = Logger.of_run(out, cfg)
-    try:
+    with Logger.of_run(out, cfg) as logger:  # closed however the run ends (W&B told how)
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(pairs), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in idx),
                       logger=logger, evaluate=evaluate, desc="reward model",
                       amp=mixed_precision(cfg.model.dtype, device), tokenizer=tokenizer, save=save)
-    finally:
-        logger.close()
     if stats:
         metrics = {**metrics, "train/score_mean": stats["mean"], "train/score_std": stats["std"]}
     return metrics

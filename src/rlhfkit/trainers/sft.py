@@ -92,8 +92,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
             total, count = total + nll.item(), count + n.item()
         return {"eval/loss": total / max(count, 1)}
 
-    logger = Logger.of_run(out, cfg)
-    try:
+    with Logger.of_run(out, cfg) as logger:  # closed however the run ends (W&B told how)
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(examples), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(examples[i].input_ids) for i in idx),
                       units_of=lambda idx: float(label_mask(collate([examples[i] for i in idx], tokenizer.pad_token_id,
@@ -101,6 +100,4 @@ def train(cfg: SFTConfig) -> dict[str, float]:
                       logger=logger, evaluate=evaluate, desc="sft", amp=mixed_precision(cfg.model.dtype, device),
                       tokenizer=tokenizer,
                       save=lambda: save_model(model, tokenizer, out))
-    finally:
-        logger.close()
     return metrics
