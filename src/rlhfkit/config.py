@@ -349,8 +349,9 @@ def _build(cls: type[C], data: Any, where: Callable[[str], str], prefix: str = "
             try:
                 kwargs[f.name] = _convert(value, tp, key, where, f.metadata.get("split", True))
             except ConfigError as e:
-                instead = f.metadata.get("elsewhere", {}).get(str(value[-1] if isinstance(value, Repeated)
-                                                                  else value))
+                given = value[-1] if isinstance(value, Repeated) else value
+                # a string alone: str() of a value built of YAML aliases would expand it whole (a billion laughs)
+                instead = f.metadata.get("elsewhere", {}).get(given) if isinstance(given, str) else None
                 if instead is None:
                     raise
                 raise ConfigError(f"{e}; {instead}") from None
