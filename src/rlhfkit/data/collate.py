@@ -148,10 +148,8 @@ def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, 
     if keep_prompt + longest > max_length:
         keep_prompt = min(keep_prompt, max(max_length - longest, max_length // 2, 1))
     truncated = keep_prompt < len(prompt_ids) or keep_prompt + len(completion_ids) > max_length
-    if keep_prompt < len(prompt_ids) and bos is not None and prompt_ids[0] == bos:
-        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep_prompt + 1:]
-    else:
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+    head = prompt_ids[:1] if keep_prompt < len(prompt_ids) and bos is not None and prompt_ids[:1] == [bos] else []
+    prompt_ids = head + prompt_ids[len(prompt_ids) - keep_prompt + len(head):]
     completion_ids = completion_ids[: max_length - keep_prompt]
     return Encoded(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), truncated)
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -345,8 +346,6 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     renamed last, the model and adapter files of an earlier save that this one did not write go: an earlier
     run's adapter there would be loaded instead of these weights, its full model loaded under this adapter, a
     shard of a larger model left beside these."""
-    import shutil
-
     from rlhfkit.trainers.checkpoint import fsync, fsync_tree
 
     out = Path(out)
@@ -428,8 +427,6 @@ def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
 def _merge_reward_adapter(path: str, out: str, allow_pickle: bool) -> Path:
     """``merge_adapters`` for a LoRA reward model: a sequence classifier with its trained score head, and the
     score normalisation it was saved with."""
-    import shutil
-
     from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone
 
     merged = load_reward_backbone(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle),

@@ -28,7 +28,7 @@ import torch
 
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, OptimConfig, TrainConfig, check_bounds, save_config, to_dict
-from rlhfkit.models.load import checkpoint_activations, learn_mode
+from rlhfkit.models.load import checkpoint_activations, learn_mode, write_atomically
 from rlhfkit.ops import mean_of
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import (CONFIG_FILE, DATA_FILE, Checkpoints, NonFinite, StopRequest,
@@ -284,9 +284,7 @@ class Logger:
             if records.exists():  # a line a killed run left half-written is dropped
                 kept = [line for line in records.read_text(encoding="utf-8", errors="replace").splitlines(True)
                         if (logged := _step_of(line)) is not None and logged <= step]
-                tmp = records.with_suffix(".tmp")
-                tmp.write_text("".join(kept), encoding="utf-8")
-                os.replace(tmp, records)
+                write_atomically(records, lambda path: path.write_text("".join(kept), encoding="utf-8"))
         self.file = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -298,9 +296,7 @@ class Logger:
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, float(v), step)
-        if self.wandb_project:
-            if self.wandb is None:  # a loop that never rewound: a fresh run
-                self._start_wandb(0)
+        if self.wandb is not None:  # started by ``rewind``, which every loop calls first
             self.wandb.log({k: float(v) for k, v in metrics.items()}, step=step)
 
     def samples(self, step: int, records: list[dict]) -> None:
