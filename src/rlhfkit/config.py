@@ -611,7 +611,7 @@ class TrainConfig:
     grad_accum: int = arg(1, "micro-batches per step (batch_size must divide by it)", ge=1)
     gradient_checkpointing: bool = arg(False, "recompute each layer's activations in the backward instead of "
                                        "keeping them from the forward: less memory for one more forward of the "
-                                       "layers (transformers' checkpointing; not with DeepSpeed ZeRO-3)")
+                                       "layers (transformers' checkpointing)")
     epochs: float = arg(1.0, "passes over the training data (ignored when max_steps > 0)", gt=0,
                         lt=float("inf"))
     max_steps: int = arg(0, "optimiser steps; 0 = derive from epochs", ge=0)

@@ -119,9 +119,9 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _launch(launcher: str, args: list[str], out: Path) -> str:
+def _launch(launcher: str, args: list[str], out: Path, module: str = "rlhfkit.cli") -> str:
     """Run the rlhfkit command ``args`` in 2 processes: ``launcher`` is 'torchrun' or an accelerate
-    config in examples/accelerate. Returns its stdout."""
+    config in examples/accelerate; ``module`` runs them (a test's own wrapper of rlhfkit.cli). Returns its stdout."""
     from test_distributed import port_taken
 
     env = {k: v for k, v in os.environ.items() if k not in FSDP_ENV}
@@ -132,7 +132,7 @@ def _launch(launcher: str, args: list[str], out: Path) -> str:
         else:
             start = ["accelerate.commands.launch", "--config_file", str(ACCELERATE / launcher), "--num_processes",
                      "2", "--main_process_port", _free_port()]
-        result = subprocess.run([sys.executable, "-m", *start, "-m", "rlhfkit.cli", *args, "--out", str(out)],
+        result = subprocess.run([sys.executable, "-m", *start, "-m", module, *args, "--out", str(out)],
                                 capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
                                 timeout=300)  # a collective one process skips hangs the other: fail instead
         # once in a clean-clone CI run a DeepSpeed GRPO process aborted in the interpreter's exit, after its run

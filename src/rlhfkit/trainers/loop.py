@@ -421,10 +421,6 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     sharding = fsdp.mode(cfg.fsdp) if world > 1 else "off"
     stage = zero.stage(cfg.deepspeed) if world > 1 else 0
     zero.refuse_with_fsdp(stage, sharding)
-    if stage == 3 and cfg.gradient_checkpointing:  # DeepSpeed 0.19's ZeRO-3 backward fails on the recompute
-        raise ConfigError("train.gradient_checkpointing with DeepSpeed ZeRO-3 is not supported (its backward fails on "
-                          "the recomputed layers): shard with train.fsdp full_shard instead, or use ZeRO-2, or turn "
-                          "gradient checkpointing off")
     per_step = min(cfg.batch_size, n_examples)  # a batch is the whole data when there is less than one batch
     if (sharding != "off" or stage) and per_step % (world * cfg.grad_accum):
         what = f"FSDP ({sharding})" if stage == 0 else f"DeepSpeed ZeRO-{stage}"

@@ -22,9 +22,9 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhfkit import distributed, fsdp, zero
+from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import masked_mean
-from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
@@ -206,9 +206,10 @@ class LiveReference:
     def logps(self, examples: list[Example], parts: tuple[int, ...] = (0, 1)) -> tuple[torch.Tensor, ...]:
         """Reference log-probs of each example's ``parts`` (0 = first, 1 = second): one (B,) tensor each."""
         seqs = [(e.first, e.second)[k] for k in parts for e in examples]
-        with torch.inference_mode(), self.context() as model:
-            logps = completion_logps(model, self.to_batch(seqs), self.average)  # (len(parts) B,)
-        return logps.clone().chunk(len(parts))  # clone: a normal tensor again, which autograd may use freely
+        # no_grad, not inference_mode: under DeepSpeed ZeRO-3 the weights this pass gathers are partitioned
+        # again at its end, and storage made in inference mode leaves them unreadable to the backward
+        with torch.no_grad(), self.context() as model:
+            return completion_logps(model, self.to_batch(seqs), self.average).chunk(len(parts))  # (len(parts) B,)
 
 
 class PrecomputedReference(LiveReference):
@@ -241,18 +242,7 @@ def _frozen_model(cfg, policy) -> Callable:
 
 
 def _adapter_off(cfg, policy) -> Callable:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     from rlhfkit.models.lora import adapters_off
-
-    if (zero.mode(cfg.train.deepspeed) == "zero3" and distributed.world_size() > 1
-            and isinstance(policy.get_output_embeddings(), BaseTunerLayer)):
-        # DeepSpeed 0.19's ZeRO-3 backward fails (count_used_parameters_in_backward) after a forward with the
-        # adapters off when the output head carries one; the reference never changes, so precompute it
-        raise ConfigError("reference: adapter with a LoRA adapter on the output head (lora.target_modules "
-                          f"{cfg.lora.target_modules}) does not run under DeepSpeed ZeRO-3: use reference: precomputed "
-                          "(the same reference, computed once before training), adapters without the head "
-                          "(all-linear), or ZeRO-2")
 
     @contextmanager
     def context():
@@ -337,7 +327,7 @@ class KTOObjective:
     @staticmethod
     def _kl_sum(policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]) -> float:
         """Σ over examples of log π(y'|x) − log π_ref(y'|x) on their mismatched pairs, without gradient."""
-        with torch.inference_mode():  # z has no gradient (KTO paper, section 4.1)
+        with torch.no_grad():  # z has no gradient (KTO paper, section 4.1); no_grad: see LiveReference.logps
             kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), average=False)  # (B,)
         (ref_kl_logps,) = reference.logps(examples, parts=(1,))
         return (kl_logps - ref_kl_logps).sum().item()
