@@ -106,7 +106,7 @@ def _names(cls: type, prefix: str = "") -> list[str]:
 # names a transformers / TRL user types, and ours, the first a config has (suggested, not accepted: one name each)
 _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_batch_size", "prompts_per_step",
               "batch_size"], "num_train_epochs": ["epochs"], "gradient_accumulation_steps": ["grad_accum"],
-              "output_dir": ["out"], "logging_steps": ["log_every"], "save_steps": ["save_every"],
+              "output_dir": ["out"], "lr_scheduler_type": ["schedule"], "logging_steps": ["log_every"], "save_steps": ["save_every"],
               "eval_steps": ["eval_every"], "save_total_limit": ["keep_checkpoints"], "lora_r": ["r"],
               "lora_alpha": ["alpha"], "lora_dropout": ["dropout"], "max_completion_length": ["max_new_tokens"],
               "num_generations": ["group_size"], "resume_from_checkpoint": ["resume"], "use_peft": ["enabled"],
@@ -120,7 +120,7 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               "pretrain": ["path"], "reward_pretrain": ["reward_model", "rewards"], "save_path": ["out"],
               "max_epochs": ["ppo_epochs", "epochs"], "eps_clip": ["clip_eps"], "value_clip": ["value_clip_eps"],
               "lambd": ["lam"], "zero_stage": ["deepspeed"], "l2": ["weight_decay"], "max_norm": ["max_grad_norm"],
-              "adam_betas": ["betas"], "lr_scheduler": ["schedule"], "use_tensorboard": ["tensorboard"],
+              "adam_betas": ["betas"], "lr_scheduler": ["schedule"], "lr_warmup_ratio": ["warmup_ratio"], "use_tensorboard": ["tensorboard"],
               "use_wandb": ["wandb_project"], "load_checkpoint": ["resume"], "lora_rank": ["r"],
               "prompt_data": ["prompts"], "dataset": ["data", "prompts"], "eval_dataset": ["eval_data", "eval_prompts"],
               "micro_train_batch_size": ["micro_batch_size"],
@@ -586,13 +586,17 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then a cosine or constant schedule."""
+    """AdamW with linear warm-up then a cosine, linear or constant schedule."""
 
     lr: float = arg(2e-5, "peak learning rate", ge=0, lt=float("inf"))
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0, lt=float("inf"))
     betas: list[float] = arg([0.9, 0.999], "AdamW betas (two)", ge=0, lt=1)
     warmup_steps: int = arg(10, "linear warm-up steps", ge=0)
-    schedule: Literal["cosine", "constant"] = arg("cosine", "learning-rate schedule after warm-up")
+    warmup_ratio: float = arg(0.0, "warm-up as a fraction of the run's updates (rounded up); > 0 replaces "
+                              "warmup_steps", ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = arg("cosine", "learning-rate schedule after warm-up: "
+                                                            "cosine or linear decay, or constant")
+    min_lr_ratio: float = arg(0.0, "where cosine and linear decay end, as a fraction of lr", ge=0, le=1)
     max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0,
                               lt=float("inf"))
 

@@ -306,18 +306,23 @@ def test_a_resume_may_lengthen_a_constant_schedule_run_only(tmp_path):
     from rlhfkit.config import OptimConfig
     from rlhfkit.trainers.online import GRPOConfig
 
-    def grpo(out, steps, schedule="constant"):
-        return GRPOConfig(prompts="p.jsonl", optim=OptimConfig(schedule=schedule),
+    def grpo(out, steps, schedule="constant", warmup_ratio=0.0):
+        return GRPOConfig(prompts="p.jsonl", optim=OptimConfig(schedule=schedule, warmup_ratio=warmup_ratio),
                           train=TrainConfig(out=str(out), max_steps=steps, resume="latest"))
 
     _earlier_run(tmp_path / "constant", 2, cfg=grpo(tmp_path / "constant", 4))
     prepare_out_dir(grpo(tmp_path / "constant", 6), tmp_path / "constant")
     cosine = tmp_path / "cosine"
     _earlier_run(cosine, 2, cfg=grpo(cosine, 4, "cosine"))
-    with pytest.raises(ConfigError, match=r"train.max_steps: 4 → 6; a cosine schedule's length is the run's"):
+    with pytest.raises(ConfigError, match=r"train.max_steps: 4 → 6; a decaying schedule's length .* is the run's"):
         prepare_out_dir(grpo(cosine, 6, "cosine"), cosine)
-    with pytest.raises(ConfigError, match=r"optim.schedule: cosine → constant; train.max_steps: 4 → 6; a cosine"):
+    with pytest.raises(ConfigError, match=r"optim.schedule: cosine → constant; train.max_steps: 4 → 6; a decaying"):
         prepare_out_dir(grpo(cosine, 6), cosine)  # a schedule changed on the way is no constant one
+    # a constant schedule whose warm-up is a fraction of the run: a longer run warms up for longer
+    ratio = tmp_path / "ratio"
+    _earlier_run(ratio, 2, cfg=grpo(ratio, 4, warmup_ratio=0.5))
+    with pytest.raises(ConfigError, match=r"train.max_steps: 4 → 6; a decaying schedule's length \(or a warmup_ratio"):
+        prepare_out_dir(grpo(ratio, 6, warmup_ratio=0.5), ratio)
 
 
 def test_a_checkpoint_without_its_config_is_resumed_unchecked(tmp_path):

@@ -2,6 +2,7 @@
 second and seconds per step per logging window)."""
 
 import json
+import math
 import time
 
 import pytest
@@ -87,6 +88,27 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(recwarn):
         rates.append(scheduler.get_last_lr()[0])
         optimizer.step(), scheduler.step()
     assert max(rates) == pytest.approx(6 / 11)
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    # 10 updates, 2 of warm-up at 1/3, 2/3; then 8 of decay from 1 towards min_lr_ratio 0.1 (progress k/8)
+    ("constant", dict(warmup_steps=2), [1 / 3, 2 / 3] + [1.0] * 8),
+    ("linear", dict(warmup_steps=2), [1 / 3, 2 / 3] + [0.1 + 0.9 * (1 - k / 8) for k in range(8)]),
+    ("cosine", dict(warmup_steps=2), [1 / 3, 2 / 3] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8))
+                                                       for k in range(8)]),
+    # warmup_ratio 0.15 of 10 updates: 1.5, rounded up to 2 (replacing warmup_steps)
+    ("linear", dict(warmup_steps=5, warmup_ratio=0.15), [1 / 3, 2 / 3] + [0.1 + 0.9 * (1 - k / 8) for k in range(8)]),
+])
+def test_the_learning_rate_schedules_step_by_step(schedule, warmup, expected):
+    params = [torch.nn.Parameter(torch.ones(2))]
+    optimizer, scheduler = build_optimizer(params, OptimConfig(lr=2.0, schedule=schedule, min_lr_ratio=0.1, **warmup),
+                                           10)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step(), scheduler.step()
+    assert rates == pytest.approx([2.0 * f for f in expected])
+    assert scheduler.get_last_lr()[0] == pytest.approx(2.0 * (1.0 if schedule == "constant" else 0.1))  # past the end
 
 
 def test_a_file_too_small_to_hold_rows_out_says_so(capsys):

@@ -314,14 +314,16 @@ def _check_resume_settings(path: Path, cfg) -> None:
             old[key] = new[key]
     # under a constant schedule the run's length sets no update (data order and sampling seeds are functions of
     # the step): a longer run resumed is the longer run uninterrupted, so it may be extended
-    constant = old.get("optim.schedule") == new.get("optim.schedule") == "constant"
+    constant = (old.get("optim.schedule") == new.get("optim.schedule") == "constant"
+                and not old.get("optim.warmup_ratio") and not new.get("optim.warmup_ratio"))  # nor a warm-up of it
     free = MAY_CHANGE_ON_RESUME | (LENGTH if constant else set())
     keys = [key for key in dict.fromkeys([*old, *new])
             if key not in free and (key in old, old.get(key)) != (key in new, new.get(key))]
     changed = [f"{key}: {_show(old, key)} → {_show(new, key)}" for key in keys]
     if changed:
-        longer = ("; a cosine schedule's length is the run's: a run trained with --optim.schedule constant may be "
-                  "resumed for more steps" if LENGTH & set(keys) else "")
+        longer = ("; a decaying schedule's length (or a warmup_ratio's) is the run's: a run trained with "
+                  "--optim.schedule constant and its warm-up in warmup_steps may be resumed for more steps"
+                  if LENGTH & set(keys) else "")
         raise ConfigError(f"cannot resume {path}: it was saved with other settings ({'; '.join(changed)}{longer}). "
                           "To continue it, run the first run's command plus --train.resume "
                           f"{cfg.train.resume}. To train on with new settings, "

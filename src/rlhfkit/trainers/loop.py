@@ -87,8 +87,28 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
     return max(1, math.ceil(cfg.epochs * max(n_examples // cfg.batch_size, 1)))
 
 
+def warmup_updates(cfg: OptimConfig, num_steps: int) -> int:
+    """The warm-up's length in updates: ``warmup_ratio`` of ``num_steps`` rounded up where it is set (as transformers
+    rounds it), else ``warmup_steps``."""
+    return math.ceil(cfg.warmup_ratio * num_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
+
+
+def lr_factor(cfg: OptimConfig, num_steps: int, step: int) -> float:
+    """The learning rate of update ``step`` (0-based) of ``num_steps`` as a fraction of ``cfg.lr``: a linear warm-up
+    over W = ``warmup_updates`` updates, (step + 1) / (W + 1), then ``cfg.schedule``: constant 1, or a cosine or
+    linear decay from 1 at update W to ``min_lr_ratio`` at update ``num_steps``, held there after."""
+    warmup = warmup_updates(cfg, num_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(1, num_steps - warmup), 1.0)
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
 def build_optimizer(params, cfg: OptimConfig, num_steps: int):
-    """AdamW over the trainable ``params`` and a warm-up + cosine/constant schedule."""
+    """AdamW over the trainable ``params`` and the schedule ``lr_factor`` describes."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: is everything frozen?")
@@ -99,19 +119,10 @@ def build_optimizer(params, cfg: OptimConfig, num_steps: int):
     fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=fused, foreach=False if mixed else None)
-    if cfg.warmup_steps >= num_steps > 0:
+    if cfg.warmup_ratio == 0 and cfg.warmup_steps >= num_steps > 0:
         warnings.warn(f"optim.warmup_steps {cfg.warmup_steps} is not below the run's {num_steps} updates: the learning "
                       f"rate stays under optim.lr {cfg.lr} throughout (set optim.warmup_steps lower)", stacklevel=2)
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, num_steps - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, num_steps, step))
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
