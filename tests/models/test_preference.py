@@ -15,8 +15,8 @@ from rlhfkit.data.collate import collate
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import DPO_LOSSES
 from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer
-from rlhfkit.trainers.preference import (DPOConfig, KTOConfig, completion_logps, encode_pairs, make_reference,
-                                         mismatched_partners)
+from rlhfkit.trainers.preference import (OBJECTIVES, DPOConfig, KTOConfig, SimPOConfig, completion_logps,
+                                         encode_pairs, make_reference, mismatched_partners)
 from rlhfkit.trainers.sft import completion_nll
 
 CPU = torch.device("cpu")
@@ -174,6 +174,33 @@ def test_concatenated_forward_equals_separate_forwards(tiny_model_dir, small_dat
     assert together.shape == (10,)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together, torch.stack(oracle), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["dpo", "simpo"])
+def test_the_nll_term_adds_each_chosen_answer_s_token_mean_nll_averaged_over_pairs(tiny_model_dir, small_data,
+                                                                                   command):
+    # RPO (TRL's rpo_alpha) and CPO-SimPO (cpo_alpha): loss + w * mean_i(NLL(chosen_i) / tokens_i); DPO's
+    # log-probs are sums, SimPO's means: the term is the same either way. Oracle: SFT's completion NLL, row by row
+    path = tiny_model_dir("llama")
+    model, tok = load_causal_lm(ModelConfig(path=path), CPU), load_tokenizer(path)
+    examples = encode_pairs(load_preference(small_data["preference"])[:5], tok, 64, seed=0)
+
+    def to_batch(seqs):
+        return collate(seqs, tok.pad_token_id)
+
+    losses, metrics = [], []
+    for weight in (0.0, 0.7):
+        cfg = (DPOConfig if command == "dpo" else SimPOConfig)(model=ModelConfig(path=path), nll_weight=weight)
+        objective = OBJECTIVES[type(cfg)](cfg)
+        reference = make_reference(cfg, model, objective.average, to_batch) if objective.needs_reference else None
+        with torch.no_grad():
+            loss, m = objective.step(model, reference, to_batch, examples)
+        losses.append(loss.item()), metrics.append(m)
+    with torch.no_grad():
+        nlls = [completion_nll(model, collate([e.first], tok.pad_token_id)) for e in examples]
+    nll = sum(total.item() / n for total, n in nlls) / len(nlls)
+    assert losses[1] - losses[0] == pytest.approx(0.7 * nll, rel=1e-5)
+    assert metrics[1]["nll"].item() == pytest.approx(nll, rel=1e-5) and "nll" not in metrics[0]
 
 
 def test_kto_trains_on_one_desirable_to_four_undesirable_when_weighted(tiny_model_dir, task_dir, tmp_path):

@@ -58,6 +58,10 @@ class PreferenceConfig:
     train: TrainConfig = arg(TrainConfig(out="runs/preference"), "training loop")
 
 
+_NLL_HELP = ("weight of the chosen answer's NLL (each pair's mean over its tokens, averaged over pairs) added to "
+             "the loss; 0 = off")
+
+
 def _check_reference(cfg) -> None:
     if cfg.reference == "adapter" and not cfg.lora.enabled:
         raise ValueError("reference 'adapter' is the policy with its LoRA adapter switched off; "
@@ -72,6 +76,8 @@ class DPOConfig(PreferenceConfig):
     loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = arg(
         "sigmoid", "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo = IPO, hinge = SLiC")
     label_smoothing: float = arg(0.0, "assumed label-noise rate, read by sigmoid (cDPO) and robust (rDPO)")
+    nll_weight: float = arg(0.0, _NLL_HELP + " (RPO; TRL's rpo_alpha, OpenRLHF's nll_loss_coef)", ge=0,
+                            lt=float("inf"))
     reference: ReferenceKind = arg("model", _REFERENCE_HELP)
     ref_model: str = arg("", "reference model directory; empty = model.path")
     train: TrainConfig = arg(TrainConfig(out="runs/dpo"), "training loop")
@@ -96,6 +102,7 @@ class SimPOConfig(PreferenceConfig):
 
     beta: float = arg(2.0, "scale of the length-averaged log-prob reward", gt=0, lt=float("inf"))
     gamma: float = arg(0.5, "target reward margin between chosen and rejected", ge=0, lt=float("inf"))
+    nll_weight: float = arg(0.0, _NLL_HELP + " (CPO-SimPO; TRL's cpo_alpha)", ge=0, lt=float("inf"))
     train: TrainConfig = arg(TrainConfig(out="runs/simpo"), "training loop")
 
 
@@ -288,6 +295,7 @@ class PairedObjective:
     loss: Callable  # (chosen, rejected, ref_chosen, ref_rejected) (B,) each → (losses (B,), metrics)
     average: bool  # length-averaged log-probs instead of sums
     needs_reference: bool
+    nll_weight: float = 0.0  # the chosen answer's NLL, a mean over its tokens, added with this weight
     read = staticmethod(load_preference)  # rows, validated
     encode = staticmethod(encode_pairs)  # rows → Examples
 
@@ -296,11 +304,18 @@ class PairedObjective:
         return {}
 
     def step(self, policy, reference: LiveReference | None, to_batch: Batcher, examples: list[Example]):
-        logps = completion_logps(policy, to_batch(both(examples)), self.average)  # (2B,)
+        batch = to_batch(both(examples))
+        logps = completion_logps(policy, batch, self.average)  # (2B,)
         chosen, rejected = logps.chunk(2)  # (B,), (B,)
         ref_chosen, ref_rejected = reference.logps(examples) if self.needs_reference else (None, None)
         losses, m = self.loss(chosen, rejected, ref_chosen, ref_rejected)
-        return losses.mean(), reward_metrics(m["chosen_rewards"], m["rejected_rewards"])
+        metrics = reward_metrics(m["chosen_rewards"], m["rejected_rewards"])
+        if self.nll_weight:
+            tokens = label_mask(batch).sum(-1).chunk(2)[0]  # (B,) the chosen answers' lengths
+            nll = -(chosen if self.average else chosen / tokens.clamp(min=1))  # (B,)
+            losses = losses + self.nll_weight * nll
+            metrics["nll"] = nll.detach().mean()
+        return losses.mean(), metrics
 
 
 @dataclass(frozen=True)
@@ -357,7 +372,7 @@ class KTOObjective:
 def dpo_objective(cfg: DPOConfig) -> PairedObjective:
     return PairedObjective(
         lambda c, r, rc, rr: dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing),
-        average=cfg.loss_type in LENGTH_AVERAGED_DPO, needs_reference=True)
+        average=cfg.loss_type in LENGTH_AVERAGED_DPO, needs_reference=True, nll_weight=cfg.nll_weight)
 
 
 def orpo_objective(cfg: ORPOConfig) -> PairedObjective:
@@ -366,7 +381,7 @@ def orpo_objective(cfg: ORPOConfig) -> PairedObjective:
 
 def simpo_objective(cfg: SimPOConfig) -> PairedObjective:
     return PairedObjective(lambda c, r, rc, rr: simpo_loss(c, r, cfg.beta, cfg.gamma), average=True,
-                           needs_reference=False)
+                           needs_reference=False, nll_weight=cfg.nll_weight)
 
 
 OBJECTIVES: dict[type, Callable] = {DPOConfig: dpo_objective, ORPOConfig: orpo_objective,
