@@ -192,23 +192,44 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.view(-1, group_size)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+GROUP_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
     """GRPO advantages (Shao et al. 2024, DeepSeekMath eq. 3 / outcome supervision).
 
     rewards: (N,) one scalar per response, the G responses of each prompt next to each other.
-    Returns (N,): (r - group mean) / (group sample std + 1e-4) when `scale`, else r - group mean
-    (Dr. GRPO, Liu et al. 2025, which drops the std). A group whose rewards are all equal carries no
-    signal and gets exactly 0 (a float mean of equal values can round off them). G = 1 is such a
-    group: every advantage is 0.
+    Returns (N,): r - group mean, divided by ``scale``'s sample std + 1e-4: "group" its group's (GRPO),
+    "batch" all N rewards' (TRL's scale_rewards="batch"; Liu et al. 2025's "Lite PPO": group mean, batch
+    std), "none" nothing (Dr. GRPO, Liu et al. 2025, which drops the std). A group whose rewards are all
+    equal carries no signal and gets exactly 0 (a float mean of equal values can round off them). G = 1 is
+    such a group: every advantage is 0.
     """
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid names: {list(GROUP_SCALES)}")
     grouped = _grouped(rewards, group_size)  # (prompts, G)
     if group_size == 1:
         return torch.zeros_like(rewards)
     advantages = grouped - grouped.mean(-1, keepdim=True)
-    if scale:
+    if scale == "group":
         advantages = advantages / (grouped.std(-1, correction=1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        advantages = advantages / (grouped.std(correction=1) + 1e-4)
     all_equal = (grouped == grouped[:, :1]).all(-1, keepdim=True)  # (prompts, 1)
     return torch.where(all_equal, 0.0, advantages).view(-1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), times ``factor``: 0 up to L_max - L_buffer tokens,
+    then falling linearly to -factor at L_max = ``max_length`` (-factor past it).
+
+    lengths: (B,) response lengths in tokens. Returns (B,) float, added to each response's reward;
+    ``buffer`` = 0 gives zeros.
+    """
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_length - buffer)).clamp(min=0.0) / buffer  # (B,) 0 .. 1 within the buffer
+    return -factor * over.clamp(max=1.0)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -86,13 +86,16 @@ def policy_loss(
     reduction: str = "token_mean",
     norm_constant: float | None = None,
     clip_eps_high: float | None = None,
+    level: str = "token",
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7; DESIGN.md section 3), negated for descent.
 
     ratio = exp(logprobs - old_logprobs); per token -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A),
     eps_high = `clip_eps_high` (DAPO's clip-higher, Yu et al. 2025: a larger upper bound lets unlikely tokens with
     A > 0 gain more) or `clip_eps`; reduced by POLICY_LOSS_REDUCTIONS[reduction]; `norm_constant` is used by
-    "token_sum_norm" only.
+    "token_sum_norm" only. `level` "sequence" takes one ratio per row, exp of the masked mean of
+    logprobs - old_logprobs over its tokens, for every token of it (GSPO, Zheng et al. 2025, eq. 7; its gradient
+    reaches each token through the mean); "token" is PPO's.
     logprobs, old_logprobs, advantages, action_mask: (B, A). Returns (scalar, metrics):
       clip_frac   masked fraction of tokens where the clipped term was the one taken (gradient 0 there);
       approx_kl   masked mean k3 estimate of KL(old || new), (ratio - 1) - log ratio (CleanRL's choice:
@@ -101,12 +104,17 @@ def policy_loss(
     """
     if reduction not in POLICY_LOSS_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid names: {sorted(POLICY_LOSS_REDUCTIONS)}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"unknown importance-sampling level {level!r}; valid names: ['token', 'sequence']")
     mask = action_mask.bool()
     # Padded log-probs may be garbage; exp of it could be inf and turn the (masked) gradient into NaN.
     logprobs = torch.where(mask, logprobs, 0.0)
     old_logprobs = torch.where(mask, old_logprobs, 0.0)
     advantages = torch.where(mask, advantages, 0.0)
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, A)
+    log_ratio = logprobs - old_logprobs  # (B, A), 0 off the mask
+    if level == "sequence":  # a row without tokens: mean 0, ratio 1, and no token to carry it
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
+    ratio = torch.exp(log_ratio)  # (B, A)
     unclipped = -ratio * advantages
     clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)) * advantages
     loss = POLICY_LOSS_REDUCTIONS[reduction](torch.maximum(unclipped, clipped), mask, norm_constant)

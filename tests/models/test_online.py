@@ -212,6 +212,42 @@ def test_dapo_s_clip_higher_reaches_the_loss_and_truncated_samples_can_be_left_o
     assert logs[0]["rollout/entropy"] > 0
 
 
+def test_the_batch_scale_gspo_and_the_overlong_penalty_reach_the_run(tiny_model_dir, arithmetic_dir, reward_module,
+                                                                      tmp_path, monkeypatch):
+    # each is tested by hand where it is computed (test_advantages, test_losses): here, that the options get there
+    from rlhfkit.trainers import online
+
+    real_loss, real_advantages, seen = online.policy_loss, online.group_advantages, []
+    monkeypatch.setattr(online, "policy_loss", lambda *a, **k: seen.append(k["level"]) or real_loss(*a, **k))
+    monkeypatch.setattr(online, "group_advantages", lambda *a, **k: seen.append(k["scale"]) or real_advantages(*a, **k))
+    # 3 new tokens: every sample of a random tiny model is cut off at 3 tokens, so with a buffer of 2 each loses
+    # 0.5 x (3 - (3 - 2)) / 2 = 0.5 of its reward
+    args = ["--rewards", "my_rewards:length", "--eval_prompts", "", "--generation.max_new_tokens", "3",
+            "--train.max_steps", "1"]
+    assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "plain", *args) == 0
+    assert set(seen) == {"token", "group"}
+    seen.clear()
+    assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "options", *args, "--scale_rewards",
+                "batch", "--importance_sampling", "sequence", "--overlong_buffer", "2", "--overlong_penalty",
+                "0.5") == 0
+    assert set(seen) == {"sequence", "batch"}
+    plain, options = (json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])
+                      for run in ("plain", "options"))
+    assert plain["rollout/eos_share"] == options["rollout/eos_share"] == 0.0
+    assert options["rollout/score"] == pytest.approx(plain["rollout/score"] - 0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--advantage", "dr_grpo", "--scale_rewards", "batch"], "dr_grpo's advantage is never scaled"),
+    (["--overlong_buffer", "9"], "overlong_buffer 9 is longer than generation.max_new_tokens 8"),
+])
+def test_online_options_that_cannot_apply_are_refused(tiny_model_dir, arithmetic_dir, tmp_path, capsys, extra,
+                                                      message):
+    rc = _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", *extra,
+              "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
+    assert rc == 2 and message in capsys.readouterr().err
+
+
 def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(tiny_model_dir, arithmetic_dir,
                                                                               reward_module, tmp_path, monkeypatch):
     # lora.enabled false: the whole model is trained and saved as a model directory; the reference is a frozen

@@ -10,6 +10,7 @@ from rlhfkit.advantages import (
     approx_kl,
     gae,
     group_advantages,
+    overlong_penalty,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -241,13 +242,31 @@ def test_group_advantages_identical_rewards_exactly_zero():
     # 7e-5 once divided by std + 1e-4. The advantage must be exactly 0 anyway.
     rewards = torch.tensor([0.1233, 0.1233, 0.1233, 0.7, 0.7, 0.7])
     assert torch.equal(group_advantages(rewards, 3), torch.zeros(6))
-    assert torch.equal(group_advantages(rewards, 3, scale=False), torch.zeros(6))
+    assert torch.equal(group_advantages(rewards, 3, scale="none"), torch.zeros(6))
+    assert torch.equal(group_advantages(rewards, 3, scale="batch"), torch.zeros(6))
 
 
 def test_group_advantages_unscaled_is_dr_grpo():
     # r - group mean: [1, 2, 3] - 2; [0, 4] - 2.
     rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0, 2.0])
-    close(group_advantages(rewards, 3, scale=False), [-1.0, 0.0, 1.0, -2.0, 2.0, 0.0])
+    close(group_advantages(rewards, 3, scale="none"), [-1.0, 0.0, 1.0, -2.0, 2.0, 0.0])
+
+
+def test_group_advantages_scaled_by_the_batch_std():
+    # TRL's scale_rewards="batch": r - group mean as above, over the std of all six rewards: mean 2, squared
+    # deviations 1 + 0 + 1 + 4 + 4 + 0 = 10, sample variance 10 / 5 = 2
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0, 2.0])
+    expected = [a / (2 ** 0.5 + 1e-4) for a in [-1.0, 0.0, 1.0, -2.0, 2.0, 0.0]]
+    close(group_advantages(rewards, 3, scale="batch"), expected)
+    with pytest.raises(ValueError, match="unknown scale 'global'; valid names: \\['group', 'batch', 'none'\\]"):
+        group_advantages(rewards, 3, scale="global")
+
+
+def test_overlong_penalty_by_hand():
+    # DAPO eq. 13: L_max 10, buffer 4: free up to 6 tokens, then -(L - 6) / 4, at most -1; times factor 0.5
+    lengths = torch.tensor([3, 6, 7, 8, 10, 12])
+    close(overlong_penalty(lengths, max_length=10, buffer=4, factor=0.5), [0.0, 0.0, -0.125, -0.25, -0.5, -0.5])
+    assert torch.equal(overlong_penalty(lengths, 10, buffer=0), torch.zeros(6))
 
 
 def test_group_advantages_group_size_one_is_zero():

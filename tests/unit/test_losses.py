@@ -127,6 +127,30 @@ def test_policy_loss_no_clipping_when_ratio_is_one():
     close(metrics["ratio_mean"], 1.0)
 
 
+def test_policy_loss_sequence_level_ratio_by_hand():
+    # GSPO: row 0 log-ratios 0.2, 0.1 (third token masked) -> mean 0.15, ratio e^0.15 = 1.1618 > 1.1 with A = +1:
+    # clipped, -1.1 per token, no gradient; row 1: -0.1, -0.2, 0.0 -> mean -0.1, ratio r = e^-0.1 = 0.9048 with
+    # A = -1: inside the clip, +r per token. token_mean over 5 tokens: (2 x -1.1 + 3 r) / 5; each of row 1's
+    # tokens gets d/dlp (3 r) / 5 = 3 r (1/3) / 5 = r / 5 (the mean passes 1/3 to each)
+    logprobs = torch.tensor([[-1.0, -2.0, 5.0], [-0.6, -0.7, -0.3]], requires_grad=True)
+    old = torch.tensor([[-1.2, -2.1, 0.0], [-0.5, -0.5, -0.3]])
+    advantages = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    r = math.exp(-0.1)
+    loss, m = policy_loss(logprobs, old, advantages, mask, clip_eps=0.1, level="sequence")
+    assert loss.item() == pytest.approx((2 * -1.1 + 3 * r) / 5, rel=1e-5)
+    assert m["clip_frac"].item() == pytest.approx(2 / 5) and m["ratio_mean"].item() == pytest.approx(
+        (2 * math.exp(0.15) + 3 * r) / 5, rel=1e-5)
+    loss.backward()
+    close(logprobs.grad, [[0.0, 0.0, 0.0], [r / 5, r / 5, r / 5]])
+    # the token level on the same numbers: row 1's ratios differ by token, so do their gradients
+    logprobs.grad = None
+    policy_loss(logprobs, old, advantages, mask, clip_eps=0.1)[0].backward()
+    assert logprobs.grad[1, 0] != pytest.approx(logprobs.grad[1, 1].item())
+    with pytest.raises(ValueError, match="unknown importance-sampling level 'seq'"):
+        policy_loss(logprobs, old, advantages, mask, level="seq")
+
+
 def test_policy_loss_gradient_zero_on_clipped_tokens():
     # ratios [[1.5, 1.5], [1.1, pad]], A [[1, -1], [2, pad]]:
     #   (0,0) r=1.5, A=1 is clipped: gradient 0

@@ -16,6 +16,7 @@ import torch
 
 from rlhfkit import distributed
 from rlhfkit.advantages import approx_kl, gae, masked_mean, per_token_rewards
+from rlhfkit.advantages import overlong_penalty as overlong_penalty_of
 from rlhfkit.config import GenerationConfig
 from rlhfkit.losses import entropy_from_logits
 from rlhfkit.models.forward import join_prompt_response
@@ -156,7 +157,8 @@ def rollout_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
 @torch.no_grad()
 def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: GenerationConfig, *, beta: float,
                     kl_estimator: str = "k1", reward_clip: float | None = 5.0,
-                    missing_eos_penalty: float | None = None, gamma: float = 1.0, lam: float = 0.95,
+                    missing_eos_penalty: float | None = None, overlong_buffer: int = 0, overlong_penalty: float = 1.0,
+                    gamma: float = 1.0, lam: float = 0.95,
                     seed: int = 0, seeds: list[int] | None = None, engine: RolloutEngine | None = None,
                     old_logprobs: Literal["forward", "rollout", "none"] = "forward", reference: bool = True,
                     values: bool = True) -> tuple[Experience, RolloutStats]:
@@ -168,6 +170,8 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     engine's sampling logits when it gives them (no pass; equal to the forward's up to float
     rounding, so only for an engine in the trainer's precision), else runs the forward; ``none``
     skips them (one on-policy update, whose learn pass computes the same log-probs: ratio 1).
+    ``overlong_buffer`` > 0 adds DAPO's soft overlong penalty to each score (``advantages.overlong_penalty``:
+    the last ``overlong_buffer`` tokens before ``gen.max_new_tokens`` cost up to ``overlong_penalty``).
     ``reference=False`` skips the reference pass (no KL term: β = 0). Either leaves its field None
     and ``rollout/kl`` unlogged. ``values=False`` skips the critic pass and GAE (old values,
     advantages and returns None): one update computes them from the learn pass's values.
@@ -204,6 +208,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     has_eos = torch.tensor(gens.has_eos, device=device)
     if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
         scores = torch.where(has_eos, scores, scores - missing_eos_penalty)
+    scores = scores + overlong_penalty_of(mask.sum(-1), gen.max_new_tokens, overlong_buffer, overlong_penalty)
     kl = approx_kl(old, ref, kind=kl_estimator) * mask if beta else torch.zeros_like(mask)
     rewards = per_token_rewards(scores, kl, mask, beta, clip=reward_clip)
     advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam) if values else (None, None)

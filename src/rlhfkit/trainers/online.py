@@ -9,7 +9,8 @@ the method's strategy → ``epochs`` passes over shuffled mini-batches: PPO's cl
 (+ an optional k3 KL term, GRPO eq. 4) → step → log. Methods differ only in their advantage and
 the reduction of the token losses:
 
-    grpo          (r - group mean) / (group std + 1e-4), each sequence's tokens averaged (Shao et al. 2024)
+    grpo          (r - group mean) / (group std + 1e-4), each sequence's tokens averaged (Shao et al. 2024);
+                  scale_rewards batch: the step's std, none: no std
     dr_grpo       r - group mean, token losses summed / (max_new_tokens x sequences) (Liu et al. 2025)
     rloo          r - mean of the other G - 1 rewards in the group (Ahmadian et al. 2024)
     reinforce_pp  k1-KL-shaped token rewards, reward-to-go (gamma 1), whitened over the batch (Hu 2025)
@@ -83,6 +84,15 @@ class OnlineConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
     missing_eos_penalty: float | None = arg(None, "subtracted from the reward of samples that never emit EOS "
                                                   "(as TRL's)", ge=0, lt=float("inf"))
+    overlong_buffer: int = arg(0, "DAPO's soft overlong punishment: a sample's last N tokens before "
+                               "generation.max_new_tokens cost its reward up to overlong_penalty, linearly (0 = off; "
+                               "OpenRLHF's overlong_buffer_len)", ge=0)
+    overlong_penalty: float = arg(1.0, "what a sample of max_new_tokens tokens loses with overlong_buffer "
+                                  "(OpenRLHF's overlong_penalty_factor)", ge=0, lt=float("inf"))
+    importance_sampling: Literal["token", "sequence"] = arg(
+        "token", "the policy ratio: each token's (PPO, GRPO), or one per sample, exp of the mean over its tokens "
+        "of log(pi / pi_old), clipped and given to all of them (GSPO, Zheng et al. 2025; TRL's "
+        "importance_sampling_level; its paper clips at ε 3e-4 / 4e-4)")
     loss_reduction: Literal["auto", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = arg(
         "auto", "reduction of the token losses; auto = the method's own (grpo: seq_mean_token_mean, dr_grpo: "
         "token_sum_norm, rloo and reinforce_pp: token_mean)")
@@ -106,6 +116,9 @@ class OnlineConfig:
         if self.kl_estimator != "k1" and self.advantage != "reinforce_pp":
             raise ValueError(f"kl_estimator picks REINFORCE++'s KL in the token rewards; {self.advantage}'s KL term "
                              "(kl_coef) is GRPO's k3 estimator, in the loss")
+        if self.overlong_buffer > self.generation.max_new_tokens:
+            raise ValueError(f"overlong_buffer {self.overlong_buffer} is longer than generation.max_new_tokens "
+                             f"{self.generation.max_new_tokens}: the penalty would start before the first token")
         if self.beta and self.advantage != "reinforce_pp":  # its advantages read each sample's reward alone
             raise ValueError(f"beta shapes REINFORCE++'s token rewards; {self.advantage} would ignore it: for a KL "
                              "penalty set kl_coef (a k3 KL-to-reference term in the loss)")
@@ -128,6 +141,15 @@ class GRPOConfig(OnlineConfig):
     advantage: Literal["grpo", "dr_grpo"] = arg("grpo", "grpo: (r − mean)/std in the group; dr_grpo: r − mean, "
                                                 "token losses summed / (max_new_tokens × samples)",
                                                 elsewhere=_elsewhere("grpo", "dr_grpo"))
+    scale_rewards: Literal["group", "batch", "none"] = arg(
+        "group", "grpo: the std dividing r − group mean: the group's, the whole step's (TRL's scale_rewards batch), "
+        "or none (Dr. GRPO's advantage with grpo's reduction)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.advantage == "dr_grpo" and self.scale_rewards != "group":
+            raise ValueError("scale_rewards is read by advantage grpo; dr_grpo's advantage is never scaled (it is "
+                             "grpo with scale_rewards none and its own reduction)")
 
 
 @dataclass
@@ -149,7 +171,8 @@ class ReinforcePPConfig(OnlineConfig):
 
 
 # --------------------------------------------------------------------------- strategies
-# Each maps a step's experience to token advantages (B, A), 0 outside the mask. exp.scores (B,) is the
+# Each maps a step's experience and group size to token advantages (B, A), 0 outside the mask; GRPO's reads the
+# scale of its rewards (``group_advantages``), the others leave it. exp.scores (B,) is the
 # summed reward per sample; exp.rewards (B, A) PPO's shaped token rewards −β·kl_t + score at the last token.
 
 
@@ -158,19 +181,19 @@ def _per_sequence(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.
     return advantages[:, None] * action_mask
 
 
-def grpo_advantages(exp: Experience, group_size: int) -> torch.Tensor:
-    return _per_sequence(group_advantages(exp.scores, group_size, scale=True), exp.action_mask)
+def grpo_advantages(exp: Experience, group_size: int, scale: str = "group") -> torch.Tensor:
+    return _per_sequence(group_advantages(exp.scores, group_size, scale=scale), exp.action_mask)
 
 
-def dr_grpo_advantages(exp: Experience, group_size: int) -> torch.Tensor:
-    return _per_sequence(group_advantages(exp.scores, group_size, scale=False), exp.action_mask)
+def dr_grpo_advantages(exp: Experience, group_size: int, scale: str = "none") -> torch.Tensor:
+    return _per_sequence(group_advantages(exp.scores, group_size, scale="none"), exp.action_mask)
 
 
-def rloo_token_advantages(exp: Experience, group_size: int) -> torch.Tensor:
+def rloo_token_advantages(exp: Experience, group_size: int, scale: str = "") -> torch.Tensor:
     return _per_sequence(rloo_advantages(exp.scores, group_size), exp.action_mask)
 
 
-def reinforce_pp_advantages(exp: Experience, group_size: int) -> torch.Tensor:
+def reinforce_pp_advantages(exp: Experience, group_size: int, scale: str = "") -> torch.Tensor:
     # G_t = Σ_{s≥t} r_s over the KL-shaped token rewards, whitened over the whole batch (mean not added back)
     return masked_whiten(reward_to_go(exp.rewards, exp.action_mask, gamma=1.0), exp.action_mask)
 
@@ -239,6 +262,7 @@ def rollout(roles, engine: RolloutEngine, tokenizer, rows: list[dict], reward: C
         exp, stats = make_experience(roles, tokenizer, prompts, score_fn, cfg.generation, engine=engine,
                                      beta=cfg.beta, kl_estimator=cfg.kl_estimator, reward_clip=None,
                                      missing_eos_penalty=cfg.missing_eos_penalty, seeds=seeds,
+                                     overlong_buffer=cfg.overlong_buffer, overlong_penalty=cfg.overlong_penalty,
                                      old_logprobs="none" if one_update(cfg) and not cfg.beta else "rollout",
                                      reference=bool(cfg.kl_coef or cfg.beta), values=False)  # no critic
     if log_samples:
@@ -293,7 +317,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
                 reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, cfg.clip_eps,
-                                                clip_eps_high=cfg.clip_eps_high, **reduce)
+                                                clip_eps_high=cfg.clip_eps_high, level=cfg.importance_sampling,
+                                                **reduce)
                 # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
                 kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mask, **reduce)
                            if mb.ref_logprobs is not None else logprobs.new_zeros(()))
@@ -427,7 +452,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         # batch whitening, whose statistics its tokens would swamp; either way the loss leaves it out)
         kept = cfg.mask_truncated and cfg.advantage == "reinforce_pp"
         exp.advantages = strategy.advantages(dataclasses.replace(exp, action_mask=learned_mask(exp, True))
-                                             if kept else exp, cfg.group_size)
+                                             if kept else exp, cfg.group_size, getattr(cfg, "scale_rewards", "group"))
         metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(),
                                                             learned_mask(exp, cfg.mask_truncated)).item()
         # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)
