@@ -34,9 +34,12 @@ Metrics = dict[str, torch.Tensor]
 
 
 def reward_model_loss(
-    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None
+    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None,
+    center: float = 0.0,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Bradley-Terry pairwise loss, L = -log sigmoid(s_w - s_l - m) (DESIGN.md section 3; Llama 2 adds m).
+    """Bradley-Terry pairwise loss, L = -log sigmoid(s_w - s_l - m) (DESIGN.md section 3; Llama 2 adds m), plus
+    ``center`` * (s_w + s_l)^2, which draws the scores towards mean 0 (Eisenstein et al. 2023; TRL's
+    center_rewards_coefficient), each averaged over the pairs.
 
     chosen_scores, rejected_scores, margin: (B,). Returns (scalar mean loss, {accuracy, margin}):
     accuracy is the fraction of pairs with s_w > s_l, margin the mean of s_w - s_l.
@@ -44,6 +47,8 @@ def reward_model_loss(
     diff = chosen_scores - rejected_scores  # (B,)
     logits = diff if margin is None else diff - margin
     loss = -F.logsigmoid(logits).mean()
+    if center:
+        loss = loss + center * ((chosen_scores + rejected_scores) ** 2).mean()
     metrics = {"accuracy": (diff > 0).float().mean().detach(), "margin": diff.mean().detach()}
     return loss, metrics
 

@@ -95,6 +95,19 @@ def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_pa
                                rtol=1e-5, atol=1e-5)
 
 
+def test_the_centring_weight_reaches_the_training_and_evaluation_losses(tiny_model_dir, task_dir, tmp_path,
+                                                                        monkeypatch):
+    # the term is tested by hand in test_losses
+    from rlhfkit.trainers import reward
+
+    real, seen = reward.reward_model_loss, []
+    monkeypatch.setattr(reward, "reward_model_loss", lambda *a, **k: seen.append(k["center"]) or real(*a, **k))
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference_valid.jsonl"),
+                 "--out", str(tmp_path / "rm"), "--train.max_steps", "1", "--train.batch_size", "8",
+                 "--center_rewards", "0.01", "--train.tensorboard", "false"]) == 0
+    assert len(seen) >= 2 and set(seen) == {0.01}  # a training step and the evaluation
+
+
 def test_a_failed_final_evaluation_leaves_the_model_with_its_score_statistics(tiny_model_dir, task_dir, tmp_path,
                                                                                monkeypatch):
     # saved before the final evaluation, the model had no score_normalization.json beside it when that failed,

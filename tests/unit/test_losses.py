@@ -42,6 +42,12 @@ def test_reward_model_loss_by_hand():
     close(metrics["margin"], 0.0)  # (1 - 1) / 2
 
 
+def test_reward_model_loss_centring_term_by_hand():
+    # the pairs above, + 0.1 x mean((2 + 1)^2, (0 + 1)^2) = 0.1 x 5 = 0.5
+    loss, _ = reward_model_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), center=0.1)
+    close(loss, 0.81326169 + 0.5)
+
+
 def test_reward_model_loss_margin_is_subtracted():
     # logits [1 - 1, -1 - 0] = [0, -1]: (log 2 + 1.31326169) / 2 = (0.69314718 + 1.31326169) / 2
     loss, _ = reward_model_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), margin=torch.tensor([1.0, 0.0]))

@@ -42,6 +42,9 @@ class RewardConfig:
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
     normalize: bool = arg(True, "record score mean/std over the training set so scores come out standardised")
+    center_rewards: float = arg(0.0, "weight of the mean of (s_chosen + s_rejected)^2 added to the loss: draws "
+                                "the scores towards mean 0 (TRL's center_rewards_coefficient; 0.01 in Eisenstein "
+                                "et al. 2023)", ge=0, lt=float("inf"))
     model: ModelConfig = arg(ModelConfig, "the model to start from (usually the SFT model)")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (the score head is trained alongside)")
     optim: OptimConfig = arg(OptimConfig, "optimiser")
@@ -89,7 +92,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
         return chosen, rejected, margin
 
     def loss_fn(indices):
-        loss, stats = reward_model_loss(*scores_of([pairs[i] for i in indices]))
+        loss, stats = reward_model_loss(*scores_of([pairs[i] for i in indices]), center=cfg.center_rewards)
         return loss, len(indices), {k: float(v) for k, v in stats.items()}  # a mean over pairs
 
     @torch.no_grad()
@@ -104,7 +107,8 @@ def train(cfg: RewardConfig) -> dict[str, float]:
         c, r, m = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
         scores = torch.cat([c, r])
         return {"eval/accuracy": (c > r).float().mean().item(), "eval/margin": (c - r).mean().item(),
-                "eval/loss": reward_model_loss(c, r, m)[0].item(),  # with the rows' margins, as train/loss
+                # with the rows' margins and the centring term, as train/loss
+                "eval/loss": reward_model_loss(c, r, m, center=cfg.center_rewards)[0].item(),
                 "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
 
     stats: dict[str, float] = {}
