@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhfkit.cli import main
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.data.collate import collate, encode_conversation, encode_example
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.trainers.sft import completion_nll
 
@@ -127,6 +127,29 @@ def test_chat_messages_data_uses_the_chat_template(tiny_model_dir, tmp_path):
     e = encode_example(tok, rows[0]["messages"][:-1], "The cat is calm.", 64)
     prompt_text = tok.decode([t for t, m in zip(e.input_ids, e.completion_mask) if not m])
     assert prompt_text == "User: Describe the cat.\nAssistant:"
+
+
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_every_assistant_turn_is_learned_unless_the_last_alone_is_asked_for(tiny_model_dir, tmp_path, turns):
+    # the first step's loss is the mean NLL over the learned tokens at the starting weights: both replies', or the
+    # last one's (tokenisation tested in test_collate)
+    path = tiny_model_dir("llama")
+    messages = [{"role": "user", "content": "Describe the cat."}, {"role": "assistant", "content": "The cat is calm."},
+                {"role": "user", "content": "And the lake?"}, {"role": "assistant", "content": "The lake is dull."}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    assert main(["sft", "--model", path, "--data", str(data), "--out", str(tmp_path / "o"), "--eval_fraction", "0",
+                 "--assistant_turns", turns, "--train.max_steps", "1", "--train.batch_size", "1", "--train.log_every",
+                 "1", "--train.tensorboard", "false"]) == 0
+    logged = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])["train/loss"]
+    tok, model = load_tokenizer(path), load_causal_lm(ModelConfig(path=path), torch.device("cpu"))
+    e = (encode_conversation(tok, messages, 256) if turns == "all"
+         else encode_example(tok, messages[:-1], messages[-1]["content"], 256))
+    with torch.no_grad():
+        nll, n = completion_nll(model, collate([e], tok.pad_token_id))
+    assert logged == pytest.approx((nll / n).item(), rel=1e-5)
+    assert sum(e.completion_mask) > 0 and (turns == "last") == (tok.decode(
+        [t for t, m in zip(e.input_ids, e.completion_mask) if m]).count("The cat is calm.") == 0)
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rlhfkit.data.collate import collate, encode_example, encode_pair, join_ids, pad_batch
+from rlhfkit.data.collate import (collate, encode_conversation, encode_example, encode_pair, join_ids,
+                                  pad_batch)
 
 
 class CharTokenizer:
@@ -165,3 +166,53 @@ def test_a_prompt_templated_by_hand_keeps_its_one_bos_and_a_sample_reads_up_to_i
     tag = tok.convert_tokens_to_ids("<|python_tag|>")
     assert completion_text(tok, prompt, [tag, *reply, end], end) == " The cat is calm."
     assert completion_text(tok, prompt, [*reply, tag, *reply]) == " The cat is calm. The cat is calm."
+
+
+CONVERSATION = [{"role": "user", "content": "Describe the cat."}, {"role": "assistant", "content": "The cat is calm."},
+                {"role": "user", "content": "And the lake?"}, {"role": "assistant", "content": "The lake is dull."}]
+
+
+def chatml_tokenizer(eos: str):
+    tok = llama2_style_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.eos_token = eos  # a base model's </s>, or an instruct model's end of turn
+    return tok
+
+
+@pytest.mark.parametrize("eos", ["</s>", "<|im_end|>"])
+def test_every_assistant_turn_of_a_conversation_is_learned(eos):
+    tok = chatml_tokenizer(eos)
+    e = encode_conversation(tok, CONVERSATION, 256)
+    # the ids are the conversation as the template writes it, to the last reply's end of turn, then the EOS (a
+    # base tokenizer's, which the template does not write; an instruct one's is the end of turn)
+    whole = tok(tok.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False).input_ids
+    if eos == "</s>":
+        assert e.input_ids == [*whole, tok.eos_token_id]
+    else:
+        assert e.input_ids == whole[: len(e.input_ids)] and tok.decode(whole[len(e.input_ids):]) == "\n"
+    # the last reply alone (assistant_turns last) has the same ids, its mask the last turn's span alone
+    last = encode_example(tok, CONVERSATION[:3], CONVERSATION[3]["content"], 256)
+    assert last.input_ids == e.input_ids
+    first = [i for i, (a, b) in enumerate(zip(e.completion_mask, last.completion_mask)) if a != b]
+    assert tok.decode([e.input_ids[i] for i in first]).startswith("The cat is calm.<|im_end|>")
+    later = [m for i, m in enumerate(e.completion_mask) if i > first[-1]]
+    assert sum(last.completion_mask) == sum(later)
+    # a single turn: the single-turn path's encoding
+    single = encode_conversation(tok, CONVERSATION[:2], 256)
+    assert single == encode_example(tok, CONVERSATION[:1], CONVERSATION[1]["content"], 256)
+    # too long: the conversation loses its start, its mask cut with it; the last reply stays whole
+    cut = encode_conversation(tok, CONVERSATION, len(e.input_ids) - 5)
+    assert cut.truncated and cut.input_ids == e.input_ids[5:] and cut.completion_mask == e.completion_mask[5:]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_fallback():
+    # as a reasoning model's template drops an earlier reply's thinking: earlier replies rendered otherwise
+    tok = chatml_tokenizer("</s>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' and not loop.last %}"
+                         "(earlier){% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ValueError, match="renders the turns before assistant message 3 otherwise .* set "
+                                         "assistant_turns last"):
+        encode_conversation(tok, CONVERSATION, 256)

@@ -100,6 +100,34 @@ def completion_ids(tokenizer, before: str, prompt_ids: list[int], text: str, spe
     return alone
 
 
+def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> Encoded:
+    """``encode_example`` of chat ``messages`` with every assistant turn a completion (TRL's assistant_only_loss),
+    the other turns and the template's text between them prompt. Each turn is tokenised as the single-turn path
+    tokenises the last (``templated_reply``, ``completion_ids``) after the conversation rendered up to it, which
+    must begin with the tokens of the turns before (a template that renders earlier turns otherwise once later
+    ones follow, as one dropping earlier reasoning does, is refused: ValueError). The last reply ends in the EOS;
+    too long, the conversation loses its start first (after its BOS), then the last reply its end."""
+    ids: list[int] = []
+    mask: list[int] = []
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    for k in turns:
+        before = render_prompt(tokenizer, messages[:k])
+        prompt_ids = tokenizer(before, add_special_tokens=False).input_ids
+        if prompt_ids[: len(ids)] != ids:
+            raise ValueError(f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the model'} renders "
+                             f"the turns before assistant message {k} otherwise once later ones follow (it rewrites "
+                             "earlier turns), so they cannot all be learned in one sequence: set assistant_turns "
+                             "last (the earlier turns as context)")
+        text = templated_reply(tokenizer, messages[:k], messages[k]["content"])
+        reply = completion_ids(tokenizer, before, prompt_ids, text, False)
+        ids, mask = ids + prompt_ids[len(ids):], mask + [0] * (len(prompt_ids) - len(ids))
+        if k == turns[-1]:
+            reply = reply if reply and reply[-1] == tokenizer.eos_token_id else [*reply, tokenizer.eos_token_id]
+            return join_ids(ids, reply, max_length, bos=getattr(tokenizer, "bos_token_id", None), prompt_mask=mask)
+        ids, mask = ids + reply, mask + [1] * len(reply)
+    raise ValueError("a conversation to learn from ends in an assistant message")
+
+
 def templated_reply(tokenizer, messages: list, reply: str) -> str:
     """The assistant ``reply`` to ``messages`` as the chat template writes it after the generation prompt: with
     the template's end of turn (``<|im_end|>``, ``<|eot_id|>``), which the model must learn to write, cut after
@@ -138,20 +166,24 @@ def encode_pair(tokenizer, prompt, chosen, rejected, max_length: int) -> tuple[E
 
 
 def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, longest: int = 0,
-             bos: int | None = None) -> Encoded:
+             bos: int | None = None, prompt_mask: list[int] | None = None) -> Encoded:
     """Prompt ids + completion ids (EOS included), cut to ``max_length`` as ``encode_example`` cuts. ``longest``:
     the length of the longest completion that shares this prompt (``encode_pair``), for which the prompt is cut.
     A prompt that begins with ``bos`` (the tokenizer's BOS) keeps it when its start is cut: a model reads every
-    text after it (Llama's attention sinks on it), and a pair's prompts stay equal."""
+    text after it (Llama's attention sinks on it), and a pair's prompts stay equal. ``prompt_mask`` marks the
+    prompt's own completion tokens (a conversation's earlier replies: ``encode_conversation``; default none),
+    cut with it."""
+    prompt_mask = [0] * len(prompt_ids) if prompt_mask is None else prompt_mask
     longest = max(longest, len(completion_ids))
     keep_prompt = len(prompt_ids)
     if keep_prompt + longest > max_length:
         keep_prompt = min(keep_prompt, max(max_length - longest, max_length // 2, 1))
     truncated = keep_prompt < len(prompt_ids) or keep_prompt + len(completion_ids) > max_length
     head = prompt_ids[:1] if keep_prompt < len(prompt_ids) and bos is not None and prompt_ids[:1] == [bos] else []
-    prompt_ids = head + prompt_ids[len(prompt_ids) - keep_prompt + len(head):]
+    start = len(prompt_ids) - keep_prompt + len(head)
+    prompt_ids, prompt_mask = head + prompt_ids[start:], prompt_mask[:len(head)] + prompt_mask[start:]
     completion_ids = completion_ids[: max_length - keep_prompt]
-    return Encoded(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), truncated)
+    return Encoded(prompt_ids + completion_ids, prompt_mask + [1] * len(completion_ids), truncated)
 
 
 def pad_batch(rows: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Supervised fine-tuning: cross-entropy on completion tokens only (DESIGN.md §1).
 
 Data: ``prompt`` + ``completion`` rows, or chat ``messages`` whose last turn is the
-assistant's (rendered with the tokenizer's chat template). Prompt and padding tokens
-carry no loss, whatever the padding side.
+assistant's (rendered with the tokenizer's chat template; every assistant turn is learned, or with
+``assistant_turns: last`` the last alone). Prompt, other turns and padding tokens carry no loss,
+whatever the padding side.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
-from rlhfkit.data.collate import as_prompt_completion, collate, encode_example, encoding, fit_to_length, label_mask
+from rlhfkit.data.collate import (as_prompt_completion, collate, encode_conversation, encode_example, encoding,
+                                  fit_to_length, label_mask)
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import masked_logprobs
 from rlhfkit.models.load import (add_lora, check_max_length, load_causal_lm, mixed_precision, refuse_adapter_dir,
@@ -35,6 +37,8 @@ class SFTConfig:
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
     padding_side: Literal["left", "right"] = arg("right", "pad batches on the 'right' or 'left' (the loss is the same)")
+    assistant_turns: Literal["all", "last"] = arg("all", "chat messages: learn every assistant turn (TRL's "
+                                                  "assistant_only_loss) or the last alone (the earlier as context)")
     model: ModelConfig = arg(ModelConfig, "the model to fine-tune")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
     optim: OptimConfig = arg(OptimConfig, "optimiser")
@@ -65,9 +69,14 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, float32=cfg.model.dtype == "auto")
 
+    def encode_row(row):
+        if cfg.assistant_turns == "all" and "messages" in row:  # one turn: the same as the last alone
+            return encode_conversation(tokenizer, row["messages"], cfg.max_length)
+        return encode_example(tokenizer, *as_prompt_completion(row), cfg.max_length)
+
     def encode(rows, source):
         with encoding(source):
-            encoded = [encode_example(tokenizer, *as_prompt_completion(r), cfg.max_length) for r in rows]
+            encoded = [encode_row(r) for r in rows]
         return fit_to_length(encoded, cfg.too_long, lambda e: e.truncated, f"max_length {cfg.max_length}", source)
 
     examples, eval_examples = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
