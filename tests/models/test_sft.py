@@ -81,6 +81,38 @@ def test_sft_command_trains_every_architecture(tiny_model_dir, task_dir, tmp_pat
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_batches_train_to_the_weights_of_padded_ones(tiny_model_dir, task_dir, tmp_path, arch):
+    # the same examples a step and the same loss: only the layout differs (llama: rotary positions; gpt2: learned);
+    # the held-out loss (evaluated packed too) agrees
+    from safetensors.torch import load_file
+
+    args = ["sft", "--model", tiny_model_dir(arch), "--data", str(task_dir / "sft.jsonl"), "--train.max_steps", "3",
+            "--train.batch_size", "8", "--train.grad_accum", "2", "--train.log_every", "1", "--optim.lr", "3e-3",
+            "--max_length", "48", "--train.tensorboard", "false"]
+    for name, extra in (("padded", []), ("packed", ["--packing", "true"])):
+        assert main([*args, *extra, "--out", str(tmp_path / name)]) == 0
+    padded, packed = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("padded", "packed"))
+    for key, value in padded.items():
+        # GPT-2's attention key bias gets gradients of float noise alone (softmax ignores a shift per query), which
+        # Adam scales into steps: 7e-5 apart there (as between replicas: test_zero)
+        tol = 1e-3 if key.endswith("c_attn.bias") else 1e-5
+        assert ((packed[key] - value).norm() / value.norm().clamp(min=1e-12)).item() <= tol, key
+    losses = [[r["eval/loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+               if "eval/loss" in r] for name in ("padded", "packed")]
+    assert losses[0] and losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_packing_is_refused_for_a_model_that_would_let_examples_read_each_other(tiny_model_dir, task_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)  # plain causal
+    assert main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--packing", "true",
+                 "--out", str(tmp_path / "o"), "--train.max_steps", "1"]) == 2
+    assert "lets a packed example attend to the one before it: set packing false" in capsys.readouterr().err
+
+
 def test_sft_with_lora_saves_an_adapter_that_exports(tiny_model_dir, task_dir, tmp_path):
     path = tiny_model_dir("llama")
     out, merged = tmp_path / "sft", tmp_path / "merged"

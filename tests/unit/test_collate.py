@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rlhfkit.data.collate import (collate, encode_conversation, encode_example, encode_pair, join_ids,
-                                  pad_batch)
+from rlhfkit.data.collate import (Encoded, collate, encode_conversation, encode_example, encode_pair, join_ids,
+                                  label_mask, pack, pad_batch)
 
 
 class CharTokenizer:
@@ -216,3 +216,21 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_fallback()
     with pytest.raises(ValueError, match="renders the turns before assistant message 3 otherwise .* set "
                                          "assistant_turns last"):
         encode_conversation(tok, CONVERSATION, 256)
+
+
+def test_pack_lays_examples_end_to_end_longest_first_and_labels_stay_within_each():
+    # lengths 5, 3, 4, 2 in rows of 8: 5 opens row A (3 left), 4 opens row B (4 left), 3 fills A, 2 goes to B;
+    # each row holds its examples in their given order, B padded by 2 (numbered as an example of its own)
+    examples = [Encoded(list(range(10 * k + 1, 10 * k + 1 + n)), [0] * (n - 2) + [1, 1]) for k, n in
+                enumerate([5, 3, 4, 2])]
+    examples[3] = Encoded([41, 42], [1, 1])  # a completion that opens its example: its first token has no label
+    batch = pack(examples, capacity=8, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 11, 12, 13], [21, 22, 23, 24, 41, 42, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 1]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0]]
+    # the label of position t is token t+1, never the next example's first token, never padding
+    assert label_mask(batch).tolist() == [[0, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 0, 0]]
+    # the same labels as the padded batch, counted
+    assert label_mask(batch).sum() == label_mask(collate(examples, 0)).sum()
+    # an example longer than the capacity takes a row alone
+    assert pack([Encoded([1] * 9, [1] * 9), Encoded([2], [1])], 8, 0)["input_ids"].shape == (2, 9)

@@ -209,10 +209,44 @@ def collate(examples: list[Encoded], pad_token_id: int, side: str = "right") -> 
     }
 
 
+def pack(examples: list[Encoded], capacity: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Examples laid end to end in rows of at most ``capacity`` tokens (first fit, longest first; one longer than
+    ``capacity`` takes a row alone; a row's examples in their given order) instead of a padded row each.
+
+    Returns ``input_ids``, ``position_ids`` (restarting at 0 with each example) and ``completion_mask`` (R, L),
+    the rows padded at their end to the longest (the padding numbered as an example of its own, without loss).
+    A model given ``position_ids`` and no attention mask keeps each example's attention within it (transformers'
+    packed-sequence masks; ``forward.packing_works`` checks a model does).
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids)):
+        n = len(examples[i].input_ids)
+        row = next((r for r, left in enumerate(room) if left >= n), None)
+        if row is None:
+            rows.append([i])
+            room.append(capacity - n)
+        else:
+            rows[row].append(i)
+            room[row] -= n
+    rows = sorted(sorted(row) for row in rows)
+    ids = [[t for i in row for t in examples[i].input_ids] for row in rows]
+    width = max(len(r) for r in ids)
+    positions = [[p for i in row for p in range(len(examples[i].input_ids))] + list(range(width - len(r)))
+                 for row, r in zip(rows, ids)]
+    return {"input_ids": pad_batch(ids, pad_token_id),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "completion_mask": pad_batch([[m for i in row for m in examples[i].completion_mask] for row in rows], 0)}
+
+
 def label_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Which next-token predictions carry loss: ``completion_mask`` and ``attention_mask`` (B, T) → (B, T-1), 1
     where token t+1 is a completion token and position t a real one. A completion that opens its row (an empty
-    prompt and no BOS) has nothing to predict its first token from: it is left out under either padding."""
+    prompt and no BOS) has nothing to predict its first token from: it is left out under either padding. In a
+    packed batch (``pack``: ``position_ids``, no ``attention_mask``) no label crosses into the next example: the
+    first token of each is left out as a row's first is."""
+    if "attention_mask" not in batch:
+        return batch["completion_mask"][:, 1:] * (batch["position_ids"][:, 1:] > 0)
     return batch["completion_mask"][:, 1:] * batch["attention_mask"][:, :-1]
 
 

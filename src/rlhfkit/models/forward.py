@@ -156,6 +156,65 @@ def _head_on_mask(backbone, head, input_ids: torch.Tensor, attention_mask: torch
     """``masked_logprobs`` from the body and the head: (B, T), (B, T), mask (B, T-1) bool → (B, T-1)."""
     # columns up to every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
     hidden = backbone_hidden(backbone, input_ids, attention_mask, prompt_width(mask) + 1)  # (B, T, H)
+    return _masked_head_logprobs(head, hidden, input_ids, mask)
+
+
+def packed_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_logprobs`` of a packed batch (``collate.pack``): examples laid end to end in each row, told apart
+    by ``position_ids`` restarting at 0, with no attention mask (``packing_works``). input_ids, position_ids
+    (B, T), mask (B, T-1) → (B, T-1), 0 off the mask; the head runs on the mask's positions alone."""
+    _quiet_about_the_missing_attention_mask()
+    parts = backbone_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return shifted_logprobs(logits, input_ids).masked_fill(~mask.bool(), 0.0)
+
+    def body_and_head(backbone, head):
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return _masked_head_logprobs(head, hidden, input_ids, mask.bool())
+
+    return run_as_forward(model, body_and_head, *parts)
+
+
+def _quiet_about_the_missing_attention_mask() -> None:
+    """transformers warns when ids that end in the pad token come without an attention mask, as a packed row's
+    padding (or its last example's EOS, where that is the pad token) does: its packed-sequence masks need none.
+    That one message is dropped from its log, no other."""
+    import logging
+
+    log = logging.getLogger("transformers.modeling_utils")
+    if not any(getattr(f, "rlhfkit_packing", False) for f in log.filters):
+        drop = logging.Filter()
+        drop.filter = lambda record: not record.getMessage().startswith("We strongly recommend passing in an "
+                                                                        "`attention_mask`")
+        drop.rlhfkit_packing = True
+        log.addFilter(drop)
+
+
+@torch.no_grad()
+def packing_works(model) -> bool:
+    """Whether ``model`` keeps examples packed in one row apart (``packed_logprobs``): the logits of 4 tokens alone
+    and after 5 others in a row, positions restarting, agree (transformers builds block-diagonal masks from such
+    positions for its attention implementations; a model that does not would let an example read the one before).
+    One tiny forward of each, in eval mode, the mode restored."""
+    _quiet_about_the_missing_attention_mask()
+    device = next(model.parameters()).device
+    ids = torch.randint(0, min(model.get_input_embeddings().num_embeddings, 1000), (1, 9),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=ids[:, 5:], use_cache=False).logits.float()
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 5:].float()
+    finally:
+        model.train(training)
+    return bool(((packed - alone).abs().max() <= 1e-3 + 0.02 * alone.abs().max()).item())
+
+
+def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p of each next token where ``mask`` is set, the head run there alone: hidden (B, T, H), input_ids (B, T),
+    mask (B, T-1) bool → (B, T-1), 0 elsewhere."""
     logits = head(hidden[:, :-1][mask]).float()  # (N, V)
     lp = token_logprobs(logits, input_ids[:, 1:][mask])  # (N,)
     return lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # (B, T-1)

@@ -14,11 +14,11 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
+from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import (as_prompt_completion, collate, encode_conversation, encode_example, encoding,
-                                  fit_to_length, label_mask)
+                                  fit_to_length, label_mask, pack)
 from rlhfkit.data.formats import load_sft
-from rlhfkit.models.forward import masked_logprobs
+from rlhfkit.models.forward import masked_logprobs, packed_logprobs, packing_works
 from rlhfkit.models.load import (add_lora, check_max_length, load_causal_lm, mixed_precision, refuse_adapter_dir,
                                  save_model)
 from rlhfkit.trainers.loop import Logger, releases_out_dir, run, split_eval, start_run
@@ -37,6 +37,9 @@ class SFTConfig:
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
     padding_side: Literal["left", "right"] = arg("right", "pad batches on the 'right' or 'left' (the loss is the same)")
+    packing: bool = arg(False, "lay each micro-batch's examples end to end in rows of up to max_length tokens instead "
+                        "of padding each (attention kept within each example; the same loss and update, fewer "
+                        "padding tokens computed; TRL's padding_free)")
     assistant_turns: Literal["all", "last"] = arg("all", "chat messages: learn every assistant turn (TRL's "
                                                   "assistant_only_loss) or the last alone (the earlier as context)")
     model: ModelConfig = arg(ModelConfig, "the model to fine-tune")
@@ -48,11 +51,15 @@ class SFTConfig:
 def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of completion tokens and their count.
 
-    batch: ``input_ids``, ``attention_mask``, ``completion_mask``, each (B, T).
-    Returns (nll_sum, n_tokens), scalars; the label of position t is token t+1.
+    batch: ``input_ids``, ``attention_mask``, ``completion_mask``, each (B, T), or a packed batch (``collate.pack``:
+    ``position_ids`` instead of ``attention_mask``). Returns (nll_sum, n_tokens), scalars; the label of position t
+    is token t+1.
     """
     mask = label_mask(batch)  # the label of position t is token t+1
-    logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
+    if "attention_mask" in batch:
+        logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
+    else:
+        logprobs = packed_logprobs(model, batch["input_ids"], batch["position_ids"], mask)
     return -logprobs.sum(), mask.sum().to(logprobs.dtype)
 
 
@@ -81,8 +88,14 @@ def train(cfg: SFTConfig) -> dict[str, float]:
 
     examples, eval_examples = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
 
+    if cfg.packing and not packing_works(model):
+        raise ConfigError(f"{type(model).__name__} ({model.config.model_type}, attention "
+                          f"{model.config._attn_implementation}) lets a packed example attend to the one before it: "
+                          "set packing false")
+
     def to_batch(items):
-        batch = collate(items, tokenizer.pad_token_id, cfg.padding_side)
+        batch = (pack(items, cfg.max_length, tokenizer.pad_token_id) if cfg.packing
+                 else collate(items, tokenizer.pad_token_id, cfg.padding_side))
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss_fn(indices: list[int]):
