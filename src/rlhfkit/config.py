@@ -132,7 +132,8 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               # the NLL of the chosen answer beside a preference loss: TRL's DPO and CPO, OpenRLHF's DPO
               "rpo_alpha": ["nll_weight"], "cpo_alpha": ["nll_weight"], "nll_loss_coef": ["nll_weight"],
               "importance_sampling_level": ["importance_sampling"], "overlong_buffer_len": ["overlong_buffer"],
-              "overlong_penalty_factor": ["overlong_penalty"], "center_rewards_coefficient": ["center_rewards"]}
+              "overlong_penalty_factor": ["overlong_penalty"], "center_rewards_coefficient": ["center_rewards"],
+              "entropy_loss_coef": ["entropy_coef"], "entropy_coeff": ["entropy_coef"]}
 _NOT_HERE = {"micro_train_batch_size": "a micro-batch is train.batch_size / train.grad_accum here (sft, rm, the DPO "
                                        "family); ppo and the online methods have micro_batch_size",
              "apply_chat_template": "chat messages always go through the tokenizer's chat template, plain strings "

@@ -237,6 +237,17 @@ def test_the_batch_scale_gspo_and_the_overlong_penalty_reach_the_run(tiny_model_
     assert options["rollout/score"] == pytest.approx(plain["rollout/score"] - 0.5, abs=1e-6)
 
 
+def test_the_entropy_bonus_is_minus_the_rollout_s_entropy_on_one_on_policy_update(tiny_model_dir, arithmetic_dir,
+                                                                                    reward_module, tmp_path):
+    # rloo reduces over tokens: with one on-policy update its entropy term is minus the mean entropy over every
+    # sampled token, which the rollout logs (the pure function: test_losses)
+    args = ["--rewards", "my_rewards:length", "--eval_prompts", "", "--train.max_steps", "1",
+            "--mini_batch_size", "16", "--entropy_coef", "0.01"]
+    assert _run("rloo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "rloo", *args) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "rloo" / "metrics.jsonl").read_text().splitlines()]
+    assert row["loss/entropy"] == pytest.approx(-row["rollout/entropy"], rel=1e-5) and row["rollout/entropy"] > 0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--advantage", "dr_grpo", "--scale_rewards", "batch"], "dr_grpo's advantage is never scaled"),
     (["--overlong_buffer", "9"], "overlong_buffer 9 is longer than generation.max_new_tokens 8"),

@@ -13,6 +13,7 @@ from rlhfkit.losses import (
     DPO_LOSSES,
     POLICY_LOSS_REDUCTIONS,
     dpo_loss,
+    entropy_bonus_loss,
     entropy_from_logits,
     kl_penalty_loss,
     kto_loss,
@@ -155,6 +156,20 @@ def test_policy_loss_sequence_level_ratio_by_hand():
     assert logprobs.grad[1, 0] != pytest.approx(logprobs.grad[1, 1].item())
     with pytest.raises(ValueError, match="unknown importance-sampling level 'seq'"):
         policy_loss(logprobs, old, advantages, mask, level="seq")
+
+
+def test_entropy_bonus_by_hand():
+    # row 0: two tokens uniform over 4 -> ln 4 each; row 1: one token uniform over 2 (two logits at -1e9: p = 0)
+    # and a masked one. token_mean: -(2 ln 4 + ln 2) / 3 = -5 ln 2 / 3; seq_mean_token_mean: -(ln 4 + ln 2) / 2
+    logits = torch.zeros(2, 2, 4)
+    logits[1, :, 2:] = -1e9
+    logits[1, 1] = torch.tensor([9.0, -3.0, 2.0, 0.0])  # masked: any value
+    mask = torch.tensor([[1, 1], [1, 0]])
+    close(entropy_bonus_loss(logits, mask), -5 * math.log(2) / 3)
+    close(entropy_bonus_loss(logits, mask, "seq_mean_token_mean"), -1.5 * math.log(2))
+    peaked = torch.tensor([[[2.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    entropy_bonus_loss(peaked, torch.ones(1, 1)).backward()
+    assert peaked.grad[0, 0, 0] > 0 > peaked.grad[0, 0, 1]  # descending it lowers the peak: entropy rises
 
 
 def test_policy_loss_gradient_zero_on_clipped_tokens():

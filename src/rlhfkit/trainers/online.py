@@ -33,7 +33,7 @@ from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, rew
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
-from rlhfkit.losses import entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
+from rlhfkit.losses import entropy_bonus_loss, entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
 from rlhfkit.models.load import prompt_room
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of, mean_stderr
@@ -79,6 +79,9 @@ class OnlineConfig:
                                "their group's baseline (not in REINFORCE++'s batch whitening)")
     kl_coef: float = arg(0.0, "weight of the k3 KL-to-reference term in the loss (GRPO eq. 4; 0 = none)",
                           ge=0)
+    entropy_coef: float = arg(0.0, "weight of an entropy bonus: minus the policy's entropy at each response token, "
+                              "reduced as the policy term, added to the loss (OpenRLHF's entropy_loss_coef; 0 = none)",
+                              ge=0, lt=float("inf"))
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
                       "(+ the reward at the last token)", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
@@ -322,6 +325,8 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
                 kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mask, **reduce)
                            if mb.ref_logprobs is not None else logprobs.new_zeros(()))
+                entropy_loss = (entropy_bonus_loss(logits, mask, **reduce) if cfg.entropy_coef
+                                else logprobs.new_zeros(()))
                 # each term weighted by this micro-batch's share of the mini-batch's units (a spare one: 0):
                 # summed over micro-batches and processes, the mini-batch's loss
                 pg_share = reduction_units(reduction, mask) / units if real else 0.0
@@ -335,9 +340,11 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 del logits
                 # DeepSpeed's backward where an engine steps the optimiser (which then reduces the gradients); a
                 # non-finite loss is back-propagated too (its gradients are dropped below): collective when sharded
-                zero.backward(optimizer[0], (pg_loss + cfg.kl_coef * kl_loss) * pg_share, last=j == len(splits) - 1)
-                loss_sum += (pg_loss + kl_loss).item() * pg_share  # a spare micro-batch's NaN stays NaN (0 · NaN)
+                loss = pg_loss + cfg.kl_coef * kl_loss + cfg.entropy_coef * entropy_loss
+                zero.backward(optimizer[0], loss * pg_share, last=j == len(splits) - 1)
+                loss_sum += (pg_loss + kl_loss + entropy_loss).item() * pg_share  # a spare micro-batch's NaN: NaN
                 for k, v in {"loss/policy": pg_loss.item() * pg_share, "loss/kl": kl_loss.item() * pg_share,
+                             **({"loss/entropy": entropy_loss.item() * pg_share} if cfg.entropy_coef else {}),
                              **{f"policy/{k}": float(v) * token_share for k, v in pg_stats.items()}}.items():
                     stats[k] += v
             if not whole.any():  # every sample cut off (mask_truncated): no update (AdamW's moments would still
