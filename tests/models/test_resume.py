@@ -370,4 +370,5 @@ def test_a_constant_schedule_run_resumed_for_more_steps_is_the_longer_run(tiny_m
     assert main([*_with(cosine, **{"train.max_steps": "4"}), "--optim.schedule", "cosine",
                  "--train.resume", "latest"]) == 2
     error = capsys.readouterr().err
-    assert "train.max_steps: 2 → 4" in error and "--optim.schedule constant may be resumed for more steps" in error
+    assert "train.max_steps: 2 → 4" in error
+    assert "--optim.schedule constant and its warm-up in warmup_steps may be resumed for more steps" in error
