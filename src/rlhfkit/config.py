@@ -610,6 +610,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if len(self.betas) != 2:
             raise ValueError(f"betas takes two values (beta1, beta2), got {list(self.betas)}")
+        if self.min_lr_ratio and self.schedule == "constant":
+            raise ValueError(f"min_lr_ratio {self.min_lr_ratio} is where a decay ends; the constant schedule has "
+                             "none: choose schedule cosine or linear, or min_lr_ratio 0")
 
 
 @dataclasses.dataclass

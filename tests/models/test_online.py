@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+import types
 import typing
 
 import pytest
@@ -24,6 +25,11 @@ def _experience(scores, lengths, width=3, rewards=None):
     return Experience(ids, ids, mask, zeros, zeros, zeros, rewards, zeros, zeros, torch.tensor(scores))
 
 
+def _cfg(group_size: int, scale_rewards: str = "group"):
+    """What the strategies read of a run's config."""
+    return types.SimpleNamespace(group_size=group_size, scale_rewards=scale_rewards)
+
+
 def test_every_method_has_a_strategy():
     assert set(STRATEGIES) == set(typing.get_args(Method))
 
@@ -31,7 +37,7 @@ def test_every_method_has_a_strategy():
 def test_grpo_normalises_in_the_group_and_broadcasts_over_tokens():
     # group 1: rewards 1, 0 → mean 0.5, sample std √0.5; group 2: equal rewards → 0
     exp = _experience([1.0, 0.0, 2.0, 2.0], [2, 3, 1, 3])
-    adv = STRATEGIES["grpo"].advantages(exp, 2)
+    adv = STRATEGIES["grpo"].advantages(exp, _cfg(2))
     a = 0.5 / (0.5**0.5 + 1e-4)
     torch.testing.assert_close(adv, torch.tensor([[a, a, 0], [-a, -a, -a], [0, 0, 0], [0, 0, 0]]), rtol=0, atol=1e-6)
     assert STRATEGIES["grpo"].reduction == "seq_mean_token_mean"
@@ -39,7 +45,7 @@ def test_grpo_normalises_in_the_group_and_broadcasts_over_tokens():
 
 def test_dr_grpo_only_centres_and_sums_tokens_over_a_constant():
     exp = _experience([1.0, 0.0, 3.0, 5.0], [1, 2, 2, 1])
-    adv = STRATEGIES["dr_grpo"].advantages(exp, 2)
+    adv = STRATEGIES["dr_grpo"].advantages(exp, _cfg(2))
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0, 0], [-0.5, -0.5, 0], [-1, -1, 0], [1, 0, 0]]),
                                rtol=0, atol=1e-6)
     assert STRATEGIES["dr_grpo"].reduction == "token_sum_norm"
@@ -48,14 +54,14 @@ def test_dr_grpo_only_centres_and_sums_tokens_over_a_constant():
 def test_rloo_leaves_one_out():
     # group of 3: 3 - (0 + 6)/2 = 0, 0 - (3 + 6)/2 = -4.5, 6 - (3 + 0)/2 = 4.5
     exp = _experience([3.0, 0.0, 6.0], [1, 1, 2], width=2)
-    adv = STRATEGIES["rloo"].advantages(exp, 3)
+    adv = STRATEGIES["rloo"].advantages(exp, _cfg(3))
     torch.testing.assert_close(adv, torch.tensor([[0.0, 0], [-4.5, 0], [4.5, 4.5]]), rtol=0, atol=1e-6)
 
 
 def test_reinforce_pp_whitens_reward_to_go_over_the_batch():
     # token rewards (already KL-shaped): row 0 [1, 2], row 1 [3, -] → returns [3, 2], [3]
     exp = _experience([0.0, 0.0], [2, 1], width=2, rewards=[[1.0, 2.0], [3.0, 0.0]])
-    adv = STRATEGIES["reinforce_pp"].advantages(exp, 1)
+    adv = STRATEGIES["reinforce_pp"].advantages(exp, _cfg(1))
     returns = torch.tensor([3.0, 2.0, 3.0])
     white = (returns - returns.mean()) / (returns.var(correction=1) + 1e-8).sqrt()
     torch.testing.assert_close(adv, torch.tensor([[white[0], white[1]], [white[2], 0.0]]), rtol=0, atol=1e-6)
@@ -412,7 +418,7 @@ def test_one_on_policy_update_skips_the_actor_and_reference_passes(tiny_model_di
     assert torch.equal(skip.input_ids, full.input_ids)  # the same samples
     updated = []
     for exp in (full, skip):
-        exp.advantages = STRATEGIES["grpo"].advantages(exp, cfg.group_size)
+        exp.advantages = STRATEGIES["grpo"].advantages(exp, cfg)
         copy_roles = copy.deepcopy(roles)
         optimizer = build_optimizer(copy_roles.actor_parameters(), cfg.optim, 1)
         metrics = learn(copy_roles, exp, cfg, "seq_mean_token_mean", optimizer, torch.Generator().manual_seed(0),

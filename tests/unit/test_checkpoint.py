@@ -285,6 +285,22 @@ def test_a_setting_added_since_the_checkpoint_changes_nothing_at_its_default(tmp
     prepare_out_dir(_config(tmp_path, **{"train.resume": "latest"}), tmp_path)
 
 
+def test_an_sft_run_from_before_every_turn_was_learned_resumes_only_as_it_ran(tmp_path):
+    # its copy lacks assistant_turns, and it learned a conversation's last turn alone: the new default ("all")
+    # would change what it learns half-way, so it resumes with "last" only; packing, a layout, may change
+    import yaml
+
+    _earlier_run(tmp_path, 2, cfg=_config(tmp_path))
+    copy = tmp_path / "checkpoints" / "step-2" / CONFIG_FILE
+    old = yaml.safe_load(copy.read_text())
+    del old["assistant_turns"]
+    copy.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"assistant_turns: last → all"):
+        prepare_out_dir(_config(tmp_path, **{"train.resume": "latest"}), tmp_path)
+    prepare_out_dir(_config(tmp_path, **{"train.resume": "latest", "assistant_turns": "last", "packing": True}),
+                    tmp_path)
+
+
 def test_a_resume_may_lower_the_generation_batch(tmp_path):
     # memory, not the samples (each prompt has its own seed): what one lowers after running out of memory
     from rlhfkit.config import GenerationConfig

@@ -205,6 +205,11 @@ def test_every_assistant_turn_of_a_conversation_is_learned(eos):
     # too long: the conversation loses its start, its mask cut with it; the last reply stays whole
     cut = encode_conversation(tok, CONVERSATION, len(e.input_ids) - 5)
     assert cut.truncated and cut.input_ids == e.input_ids[5:] and cut.completion_mask == e.completion_mask[5:]
+    # cut inside the first reply: what is left of it (its start and its question gone) is not learned
+    inside = first[0] + 2
+    cut = encode_conversation(tok, CONVERSATION, len(e.input_ids) - inside)
+    assert cut.input_ids == e.input_ids[inside:]
+    assert cut.completion_mask == [0] * (first[-1] + 1 - inside) + e.completion_mask[first[-1] + 1:]
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_fallback():
@@ -213,8 +218,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_fallback()
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' and not loop.last %}"
                          "(earlier){% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant: {% endif %}")
-    with pytest.raises(ValueError, match="renders the turns before assistant message 3 otherwise .* set "
-                                         "assistant_turns last"):
+    with pytest.raises(ValueError, match="the conversation up to assistant message 3 does not begin with the tokens "
+                                         "of the turns before it .* set assistant_turns last"):
         encode_conversation(tok, CONVERSATION, 256)
 
 
@@ -234,3 +239,19 @@ def test_pack_lays_examples_end_to_end_longest_first_and_labels_stay_within_each
     assert label_mask(batch).sum() == label_mask(collate(examples, 0)).sum()
     # an example longer than the capacity takes a row alone
     assert pack([Encoded([1] * 9, [1] * 9), Encoded([2], [1])], 8, 0)["input_ids"].shape == (2, 9)
+
+
+def test_a_conversation_s_tool_calls_are_learned_and_an_opening_assistant_turn_is_context():
+    tok = chatml_tokenizer("<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% if m.tool_calls %}"
+                         "call {{ m.tool_calls[0]['function']['name'] }}{% endif %}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "lake", "arguments": {}}}]}
+    messages = [CONVERSATION[0], call, {"role": "tool", "content": "calm"}, CONVERSATION[1]]
+    e = encode_conversation(tok, messages, 256)  # the call written as the template writes the whole message
+    learned = tok.decode([t for t, m in zip(e.input_ids, e.completion_mask) if m])
+    assert learned == "call lake<|im_end|>The cat is calm.<|im_end|>"
+    # an assistant turn with nothing before it answers nothing: context, as with assistant_turns last
+    opening = [{"role": "assistant", "content": "Hello."}, *CONVERSATION[:2]]
+    assert encode_conversation(tok, opening, 256) == encode_example(tok, opening[:-1], opening[-1]["content"], 256)

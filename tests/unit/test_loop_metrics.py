@@ -88,6 +88,15 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(recwarn):
         rates.append(scheduler.get_last_lr()[0])
         optimizer.step(), scheduler.step()
     assert max(rates) == pytest.approx(6 / 11)
+    # a ratio that rounds up to the whole run: ceil(0.7 x 3) = 3 warm-up updates of 3
+    with pytest.warns(UserWarning, match=r"optim.warmup_ratio 0.7 \(3 updates\) is not below the run's 3 updates.*"
+                                         r"set optim.warmup_ratio lower"):
+        build_optimizer(params, OptimConfig(lr=1.0, warmup_ratio=0.7), 3)
+
+
+def test_a_floor_for_a_schedule_without_decay_is_refused():
+    with pytest.raises(ValueError, match="min_lr_ratio 0.1 is where a decay ends; the constant schedule has none"):
+        OptimConfig(schedule="constant", min_lr_ratio=0.1)
 
 
 @pytest.mark.parametrize("schedule, warmup, expected", [
@@ -101,7 +110,8 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(recwarn):
 ])
 def test_the_learning_rate_schedules_step_by_step(schedule, warmup, expected):
     params = [torch.nn.Parameter(torch.ones(2))]
-    optimizer, scheduler = build_optimizer(params, OptimConfig(lr=2.0, schedule=schedule, min_lr_ratio=0.1, **warmup),
+    floor = 0.0 if schedule == "constant" else 0.1  # a floor is where a decay ends: constant has none
+    optimizer, scheduler = build_optimizer(params, OptimConfig(lr=2.0, schedule=schedule, min_lr_ratio=floor, **warmup),
                                            10)
     rates = []
     for _ in range(10):

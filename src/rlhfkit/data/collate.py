@@ -102,23 +102,26 @@ def completion_ids(tokenizer, before: str, prompt_ids: list[int], text: str, spe
 
 def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> Encoded:
     """``encode_example`` of chat ``messages`` with every assistant turn a completion (TRL's assistant_only_loss),
-    the other turns and the template's text between them prompt. Each turn is tokenised as the single-turn path
-    tokenises the last (``templated_reply``, ``completion_ids``) after the conversation rendered up to it, which
-    must begin with the tokens of the turns before (a template that renders earlier turns otherwise once later
-    ones follow, as one dropping earlier reasoning does, is refused: ValueError). The last reply ends in the EOS;
-    too long, the conversation loses its start first (after its BOS), then the last reply its end."""
+    the other turns and the template's text between them prompt; an assistant turn that opens the conversation
+    (nothing to answer) is context. Each turn is tokenised as the single-turn path tokenises the last
+    (``templated_reply``, ``completion_ids``) after the conversation rendered up to it, whose tokens must begin
+    with those of the turns before as learned (else ValueError: a template that renders earlier turns otherwise
+    once later ones follow, as one dropping earlier reasoning does, or a token across a reply's end). The last
+    reply ends in the EOS; too long, the conversation loses its start first (after its BOS; a reply cut there,
+    or left without its turn before, is not learned), then the last reply its end."""
     ids: list[int] = []
     mask: list[int] = []
-    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k > 0]
     for k in turns:
         before = render_prompt(tokenizer, messages[:k])
         prompt_ids = tokenizer(before, add_special_tokens=False).input_ids
         if prompt_ids[: len(ids)] != ids:
-            raise ValueError(f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the model'} renders "
-                             f"the turns before assistant message {k} otherwise once later ones follow (it rewrites "
-                             "earlier turns), so they cannot all be learned in one sequence: set assistant_turns "
-                             "last (the earlier turns as context)")
-        text = templated_reply(tokenizer, messages[:k], messages[k]["content"])
+            raise ValueError(f"with the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the model'}, "
+                             f"the conversation up to assistant message {k} does not begin with the tokens of the "
+                             "turns before it as they were learned (the template rewrites earlier turns once later "
+                             "ones follow, or a token spans the end of a reply), so they cannot all be learned in one "
+                             "sequence: set assistant_turns last (the earlier turns as context)")
+        text = templated_reply(tokenizer, messages[:k], messages[k])
         reply = completion_ids(tokenizer, before, prompt_ids, text, False)
         ids, mask = ids + prompt_ids[len(ids):], mask + [0] * (len(prompt_ids) - len(ids))
         if k == turns[-1]:
@@ -128,13 +131,16 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> Enc
     raise ValueError("a conversation to learn from ends in an assistant message")
 
 
-def templated_reply(tokenizer, messages: list, reply: str) -> str:
-    """The assistant ``reply`` to ``messages`` as the chat template writes it after the generation prompt: with
-    the template's end of turn (``<|im_end|>``, ``<|eot_id|>``), which the model must learn to write, cut after
-    the tokenizer's EOS when the template writes one (an instruct tokenizer's EOS is its end of turn). The bare
-    reply when the template renders the conversation otherwise than prompt + reply."""
+def templated_reply(tokenizer, messages: list, reply: str | dict) -> str:
+    """The assistant ``reply`` (its text, or its whole message: tool calls and all) to ``messages`` as the chat
+    template writes it after the generation prompt: with the template's end of turn (``<|im_end|>``,
+    ``<|eot_id|>``), which the model must learn to write, cut after the tokenizer's EOS when the template writes
+    one (an instruct tokenizer's EOS is its end of turn). The bare reply when the template renders the
+    conversation otherwise than prompt + reply."""
+    message = reply if isinstance(reply, dict) else {"role": "assistant", "content": reply}
+    reply = message.get("content") or ""
     before = render_prompt(tokenizer, messages)
-    whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+    whole = tokenizer.apply_chat_template([*messages, message], tokenize=False)
     if not isinstance(whole, str) or not whole.startswith(before) or reply.strip() not in whole[len(before):]:
         return reply
     text, eos = whole[len(before):], tokenizer.eos_token
@@ -180,8 +186,13 @@ def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, 
         keep_prompt = min(keep_prompt, max(max_length - longest, max_length // 2, 1))
     truncated = keep_prompt < len(prompt_ids) or keep_prompt + len(completion_ids) > max_length
     head = prompt_ids[:1] if keep_prompt < len(prompt_ids) and bos is not None and prompt_ids[:1] == [bos] else []
-    start = len(prompt_ids) - keep_prompt + len(head)
+    start, cut = len(prompt_ids) - keep_prompt + len(head), keep_prompt < len(prompt_ids)
     prompt_ids, prompt_mask = head + prompt_ids[start:], prompt_mask[:len(head)] + prompt_mask[start:]
+    if cut:  # a reply the cut prompt opens on has lost its start, or the turn it answers: not learned
+        for i in range(len(head), len(prompt_mask)):
+            if not prompt_mask[i]:
+                break
+            prompt_mask[i] = 0
     completion_ids = completion_ids[: max_length - keep_prompt]
     return Encoded(prompt_ids + completion_ids, prompt_mask + [1] * len(completion_ids), truncated)
 

@@ -193,20 +193,21 @@ def _quiet_about_the_missing_attention_mask() -> None:
 
 @torch.no_grad()
 def packing_works(model) -> bool:
-    """Whether ``model`` keeps examples packed in one row apart (``packed_logprobs``): the logits of 4 tokens alone
-    and after 5 others in a row, positions restarting, agree (transformers builds block-diagonal masks from such
-    positions for its attention implementations; a model that does not would let an example read the one before).
-    One tiny forward of each, in eval mode, the mode restored."""
+    """Whether ``model`` keeps examples packed in rows apart (``packed_logprobs``): the logits of 4 tokens alone and
+    after 5 others in the first of two packed rows, positions restarting, agree (transformers builds block-diagonal
+    masks from such positions for sdpa and eager attention; its flash attention reads them from one row only, and
+    a model that ignores them would let an example read the one before). One tiny forward of each, in eval mode,
+    the mode restored."""
     _quiet_about_the_missing_attention_mask()
     device = next(model.parameters()).device
-    ids = torch.randint(0, min(model.get_input_embeddings().num_embeddings, 1000), (1, 9),
+    ids = torch.randint(0, min(model.get_input_embeddings().num_embeddings, 1000), (2, 9),
                         generator=torch.Generator().manual_seed(0)).to(device)
     training = model.training
     model.eval()
     try:
-        alone = model(input_ids=ids[:, 5:], use_cache=False).logits.float()
-        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
-        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 5:].float()
+        alone = model(input_ids=ids[:1, 5:], use_cache=False).logits.float()
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5]], device=device)
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:1, 5:].float()
     finally:
         model.train(training)
     return bool(((packed - alone).abs().max() <= 1e-3 + 0.02 * alone.abs().max()).item())

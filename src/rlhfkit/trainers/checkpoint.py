@@ -226,7 +226,12 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "train.on_nan", "train.fsdp", "train.deepspeed", "train.grad_accum", "generation.backend",
     "generation.batch_size", "eval_prompts", "task", "model.allow_pickle", "model.trust_remote_code",
     # memory and logging, not the update: a run resumed to fit memory (rlhfkit ppo / grpo / rloo / reinforce-pp)
-    "train.gradient_checkpointing", "micro_batch_size", "log_samples"})
+    "train.gradient_checkpointing", "micro_batch_size", "log_samples",
+    "packing"})  # sft: how a batch is laid out, not what it learns
+
+# settings added since some checkpoints were written whose default is not what those runs did: such a run
+# resumes with the value it ran with (compared as any other setting) rather than the new default
+EARLIER_BEHAVIOUR = {"assistant_turns": "last"}  # sft learned a conversation's last turn alone before fc0605a
 # the run's length: under a constant schedule (PPO's and the online methods' default) it may change on a resume
 LENGTH = frozenset({"train.max_steps", "train.epochs"})
 
@@ -310,7 +315,9 @@ def _check_resume_settings(path: Path, cfg) -> None:
     except (TypeError, ValueError):  # a config class with required fields: no defaults to compare with
         defaults = {}
     for key in new.keys() - old.keys():  # a setting added to rlhfkit since: at its default, it changes nothing
-        if key in defaults and new[key] == defaults[key]:
+        if key in EARLIER_BEHAVIOUR:
+            old[key] = EARLIER_BEHAVIOUR[key]
+        elif key in defaults and new[key] == defaults[key]:
             old[key] = new[key]
     # under a constant schedule the run's length sets no update (data order and sampling seeds are functions of
     # the step): a longer run resumed is the longer run uninterrupted, so it may be extended

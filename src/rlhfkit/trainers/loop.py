@@ -119,9 +119,11 @@ def build_optimizer(params, cfg: OptimConfig, num_steps: int):
     fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=fused, foreach=False if mixed else None)
-    if cfg.warmup_ratio == 0 and cfg.warmup_steps >= num_steps > 0:
-        warnings.warn(f"optim.warmup_steps {cfg.warmup_steps} is not below the run's {num_steps} updates: the learning "
-                      f"rate stays under optim.lr {cfg.lr} throughout (set optim.warmup_steps lower)", stacklevel=2)
+    if warmup_updates(cfg, num_steps) >= num_steps > 0:
+        setting = (f"optim.warmup_ratio {cfg.warmup_ratio} ({warmup_updates(cfg, num_steps)} updates)"
+                   if cfg.warmup_ratio else f"optim.warmup_steps {cfg.warmup_steps}")
+        warnings.warn(f"{setting} is not below the run's {num_steps} updates: the learning rate stays under optim.lr "
+                      f"{cfg.lr} throughout (set {setting.split()[0]} lower)", stacklevel=2)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, num_steps, step))
 
 

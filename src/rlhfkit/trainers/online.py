@@ -61,6 +61,9 @@ class OnlineConfig:
                              "directories, summed with reward_weights")
     reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
     advantage: Method = arg("grpo", "advantage estimator: grpo, dr_grpo, rloo or reinforce_pp")
+    scale_rewards: Literal["group", "batch", "none"] = arg(
+        "group", "grpo: the std dividing r − group mean: the group's, the whole step's (TRL's scale_rewards batch), "
+        "or none (Dr. GRPO's advantage with grpo's reduction)")
     group_size: int = arg(8, "G: samples per prompt", ge=1)
     prompts_per_step: int = arg(16, "prompts per step; the step's batch is prompts_per_step x group_size samples",
                                 ge=1)
@@ -89,7 +92,7 @@ class OnlineConfig:
                                                   "(as TRL's)", ge=0, lt=float("inf"))
     overlong_buffer: int = arg(0, "DAPO's soft overlong punishment: a sample's last N tokens before "
                                "generation.max_new_tokens cost its reward up to overlong_penalty, linearly (0 = off; "
-                               "OpenRLHF's overlong_buffer_len)", ge=0)
+                               "OpenRLHF's overlong_buffer_len; rollout/score includes it)", ge=0)
     overlong_penalty: float = arg(1.0, "what a sample of max_new_tokens tokens loses with overlong_buffer "
                                   "(OpenRLHF's overlong_penalty_factor)", ge=0, lt=float("inf"))
     importance_sampling: Literal["token", "sequence"] = arg(
@@ -119,6 +122,10 @@ class OnlineConfig:
         if self.kl_estimator != "k1" and self.advantage != "reinforce_pp":
             raise ValueError(f"kl_estimator picks REINFORCE++'s KL in the token rewards; {self.advantage}'s KL term "
                              "(kl_coef) is GRPO's k3 estimator, in the loss")
+        if self.scale_rewards != "group" and self.advantage != "grpo":
+            raise ValueError(f"scale_rewards is read by advantage grpo; {self.advantage}'s advantage "
+                             + ("is never scaled (it is grpo with scale_rewards none and its own reduction)"
+                                if self.advantage == "dr_grpo" else "has a scale of its own"))
         if self.overlong_buffer > self.generation.max_new_tokens:
             raise ValueError(f"overlong_buffer {self.overlong_buffer} is longer than generation.max_new_tokens "
                              f"{self.generation.max_new_tokens}: the penalty would start before the first token")
@@ -144,15 +151,6 @@ class GRPOConfig(OnlineConfig):
     advantage: Literal["grpo", "dr_grpo"] = arg("grpo", "grpo: (r − mean)/std in the group; dr_grpo: r − mean, "
                                                 "token losses summed / (max_new_tokens × samples)",
                                                 elsewhere=_elsewhere("grpo", "dr_grpo"))
-    scale_rewards: Literal["group", "batch", "none"] = arg(
-        "group", "grpo: the std dividing r − group mean: the group's, the whole step's (TRL's scale_rewards batch), "
-        "or none (Dr. GRPO's advantage with grpo's reduction)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.advantage == "dr_grpo" and self.scale_rewards != "group":
-            raise ValueError("scale_rewards is read by advantage grpo; dr_grpo's advantage is never scaled (it is "
-                             "grpo with scale_rewards none and its own reduction)")
 
 
 @dataclass
@@ -174,8 +172,8 @@ class ReinforcePPConfig(OnlineConfig):
 
 
 # --------------------------------------------------------------------------- strategies
-# Each maps a step's experience and group size to token advantages (B, A), 0 outside the mask; GRPO's reads the
-# scale of its rewards (``group_advantages``), the others leave it. exp.scores (B,) is the
+# Each maps a step's experience and the run's config (its group size; GRPO's scale_rewards) to token advantages
+# (B, A), 0 outside the mask. exp.scores (B,) is the
 # summed reward per sample; exp.rewards (B, A) PPO's shaped token rewards −β·kl_t + score at the last token.
 
 
@@ -184,19 +182,19 @@ def _per_sequence(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.
     return advantages[:, None] * action_mask
 
 
-def grpo_advantages(exp: Experience, group_size: int, scale: str = "group") -> torch.Tensor:
-    return _per_sequence(group_advantages(exp.scores, group_size, scale=scale), exp.action_mask)
+def grpo_advantages(exp: Experience, cfg: OnlineConfig) -> torch.Tensor:
+    return _per_sequence(group_advantages(exp.scores, cfg.group_size, scale=cfg.scale_rewards), exp.action_mask)
 
 
-def dr_grpo_advantages(exp: Experience, group_size: int, scale: str = "none") -> torch.Tensor:
-    return _per_sequence(group_advantages(exp.scores, group_size, scale="none"), exp.action_mask)
+def dr_grpo_advantages(exp: Experience, cfg: OnlineConfig) -> torch.Tensor:
+    return _per_sequence(group_advantages(exp.scores, cfg.group_size, scale="none"), exp.action_mask)
 
 
-def rloo_token_advantages(exp: Experience, group_size: int, scale: str = "") -> torch.Tensor:
-    return _per_sequence(rloo_advantages(exp.scores, group_size), exp.action_mask)
+def rloo_token_advantages(exp: Experience, cfg: OnlineConfig) -> torch.Tensor:
+    return _per_sequence(rloo_advantages(exp.scores, cfg.group_size), exp.action_mask)
 
 
-def reinforce_pp_advantages(exp: Experience, group_size: int, scale: str = "") -> torch.Tensor:
+def reinforce_pp_advantages(exp: Experience, cfg: OnlineConfig) -> torch.Tensor:
     # G_t = Σ_{s≥t} r_s over the KL-shaped token rewards, whitened over the whole batch (mean not added back)
     return masked_whiten(reward_to_go(exp.rewards, exp.action_mask, gamma=1.0), exp.action_mask)
 
@@ -205,7 +203,7 @@ def reinforce_pp_advantages(exp: Experience, group_size: int, scale: str = "") -
 class Strategy:
     """A method: its token advantages and how its token losses are reduced to one number."""
 
-    advantages: Callable[[Experience, int], torch.Tensor]
+    advantages: Callable[[Experience, OnlineConfig], torch.Tensor]
     reduction: str
 
 
@@ -459,7 +457,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
         # batch whitening, whose statistics its tokens would swamp; either way the loss leaves it out)
         kept = cfg.mask_truncated and cfg.advantage == "reinforce_pp"
         exp.advantages = strategy.advantages(dataclasses.replace(exp, action_mask=learned_mask(exp, True))
-                                             if kept else exp, cfg.group_size, getattr(cfg, "scale_rewards", "group"))
+                                             if kept else exp, cfg)
         metrics["rollout/advantage_abs_mean"] = masked_mean(exp.advantages.abs(),
                                                             learned_mask(exp, cfg.mask_truncated)).item()
         # 3. learn: epochs × shuffled mini-batches, clipped policy loss (+ k3 KL)

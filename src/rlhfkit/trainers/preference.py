@@ -76,8 +76,8 @@ class DPOConfig(PreferenceConfig):
     loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = arg(
         "sigmoid", "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo = IPO, hinge = SLiC")
     label_smoothing: float = arg(0.0, "assumed label-noise rate, read by sigmoid (cDPO) and robust (rDPO)")
-    nll_weight: float = arg(0.0, _NLL_HELP + " (RPO; TRL's rpo_alpha, OpenRLHF's nll_loss_coef)", ge=0,
-                            lt=float("inf"))
+    nll_weight: float = arg(0.0, _NLL_HELP + " (RPO, as OpenRLHF's nll_loss_coef; TRL's rpo_alpha weighs every "
+                            "chosen token of the batch alike)", ge=0, lt=float("inf"))
     reference: ReferenceKind = arg("model", _REFERENCE_HELP)
     ref_model: str = arg("", "reference model directory; empty = model.path")
     train: TrainConfig = arg(TrainConfig(out="runs/dpo"), "training loop")
@@ -102,7 +102,8 @@ class SimPOConfig(PreferenceConfig):
 
     beta: float = arg(2.0, "scale of the length-averaged log-prob reward", gt=0, lt=float("inf"))
     gamma: float = arg(0.5, "target reward margin between chosen and rejected", ge=0, lt=float("inf"))
-    nll_weight: float = arg(0.0, _NLL_HELP + " (CPO-SimPO; TRL's cpo_alpha)", ge=0, lt=float("inf"))
+    nll_weight: float = arg(0.0, _NLL_HELP + " (CPO-SimPO; TRL's cpo_alpha weighs every chosen token of the batch "
+                            "alike)", ge=0, lt=float("inf"))
     train: TrainConfig = arg(TrainConfig(out="runs/simpo"), "training loop")
 
 
