@@ -660,6 +660,8 @@ class GenerationConfig:
     temperature: float = arg(1.0, "softmax temperature; 0 = greedy", ge=0, lt=float("inf"))
     top_k: int = arg(0, "sample from the k most likely tokens (0 = all)", ge=0)
     top_p: float = arg(1.0, "nucleus sampling mass (1 = all)", gt=0, le=1)
+    min_p: float = arg(0.0, "sample only tokens at least min_p times as likely as the most likely one (0 = all)",
+                       ge=0, le=1)
     max_prompt_length: int = arg(0, "training prompts longer than this many tokens are dropped, and counted, "
                                  "before a rollout trainer starts (0 = keep all)", ge=0)
     batch_size: int = arg(64, "prompts per generation batch", ge=1)

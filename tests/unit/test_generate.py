@@ -70,6 +70,17 @@ def test_top_p_keeps_the_token_that_crosses_the_mass():
     assert [draw(probs, u, top_p=0.6) for u in (0.0, 0.37, 0.38, 0.99)] == [0, 0, 1, 1]
 
 
+def test_min_p_keeps_the_tokens_at_least_that_share_of_the_most_likely():
+    probs = [0.1, 0.5, 0.15, 0.25]  # min_p 0.3: at least 0.15 -> keeps 1, 2, 3; renormalised 0.5/0.9, 0.15/0.9, ...
+    assert torch.isinf(filter_logits(logits_of(probs), 1.0, min_p=0.3)).tolist() == [[True, False, False, False]]
+    assert [draw(probs, u, min_p=0.3) for u in (0.0, 0.55, 0.56, 0.72, 0.73)] == [1, 1, 2, 2, 3]
+    # after the temperature: at T = 2, p ∝ sqrt(p): 0.1 -> sqrt(0.1 / 0.5) = 0.447 of the top, kept at min_p 0.4
+    assert not torch.isinf(filter_logits(logits_of(probs), 2.0, min_p=0.4)).any()
+    torch.manual_seed(0)
+    logits = torch.randn(8, 20)
+    assert torch.equal(sample_next(logits, torch.rand(8), 1.0, min_p=1.0), logits.argmax(-1))  # only the top
+
+
 def test_temperature_scales_logits_before_softmax():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # p = 1/4, 3/4 at T=1; at T=2: 1/(1+√3), √3/(1+√3)
     boundary = 1 / (1 + math.sqrt(3))

@@ -471,7 +471,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniform
     tokens, scores = [], []
     check_every = 1 if device.type == "cpu" else 8  # a GPU would stall on a host sync every token
     for t in range(steps):
-        token = sample_next(logits, uniforms[:, t], cfg.temperature, cfg.top_k, cfg.top_p)  # (B,)
+        token = sample_next(logits, uniforms[:, t], cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)  # (B,)
         token = token.masked_fill_(done, pad_token_id)
         tokens.append(token)
         if with_logprobs:
@@ -495,7 +495,8 @@ class _InverseCDF:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1] - self.prompt_width
-        token = sample_next(scores, self.uniforms[:, t], self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        token = sample_next(scores, self.uniforms[:, t], self.cfg.temperature, self.cfg.top_k, self.cfg.top_p,
+                            self.cfg.min_p)
         if self.scores is not None:
             self.scores.append(token_scores(scores, token, self.cfg.logprob_temperature))
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)

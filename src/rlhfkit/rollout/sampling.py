@@ -13,6 +13,7 @@ Shapes: B rows, A new tokens, V vocabulary.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -41,13 +42,19 @@ def row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, steps)
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(B, V) logits → (B, V) float32 logits / temperature, −inf outside the top-k and the top-p nucleus.
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """(B, V) logits → (B, V) float32 logits / temperature, −inf outside the top-k, the top-p nucleus and the
+    tokens at least ``min_p`` times as likely as the most likely one (min-p sampling, Nguyen et al. 2024).
 
     The nucleus keeps the most likely tokens until their mass reaches ``top_p``, the token that
-    crosses it included, so at least one token always stays. Each row is filtered on its own.
+    crosses it included, so at least one token always stays (min-p keeps the most likely one too). Each row is
+    filtered on its own.
     """
     logits = logits.float() / temperature
+    if min_p > 0.0:  # p_v >= min_p * p_max  <=>  logit_v >= logit_max + log(min_p), after the temperature
+        floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)  # (B, 1)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -62,7 +69,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
 
 
 def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0,
-                top_p: float = 1.0) -> torch.Tensor:
+                top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """Next tokens (B,) from (B, V) logits and (B,) uniforms in [0, 1), by inverse CDF.
 
     Token v is chosen when cdf[v − 1] ≤ u · cdf[V − 1] < cdf[v], the cdf summed in vocabulary
@@ -71,6 +78,6 @@ def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
     """
     if temperature <= 0:
         return logits.argmax(-1)
-    cdf = filter_logits(logits, temperature, top_k, top_p).softmax(-1).cumsum(-1)  # (B, V)
+    cdf = filter_logits(logits, temperature, top_k, top_p, min_p).softmax(-1).cumsum(-1)  # (B, V)
     target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
