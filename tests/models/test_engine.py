@@ -98,6 +98,10 @@ def test_top_k_one_and_tiny_top_p_sample_the_greedy_completion(tiny_model_dir):
     assert generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=16, top_k=1), seed=5).completion_ids == greedy
     nucleus = GenerationConfig(max_new_tokens=16, top_p=1e-6)
     assert generate(model, tok, PROMPTS, nucleus, seed=6).completion_ids == greedy
+    for backend in ("loop", "hf"):  # min_p 1 keeps the most likely token alone, in either sampler
+        top = GenerationConfig(max_new_tokens=16, min_p=1.0, backend=backend)
+        assert generate(model, tok, PROMPTS, top, seed=7).completion_ids == greedy, backend
+    assert generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=16), seed=7).completion_ids != greedy
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -252,6 +252,10 @@ def test_the_entropy_bonus_is_minus_the_rollout_s_entropy_on_one_on_policy_updat
     assert _run("rloo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "rloo", *args) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "rloo" / "metrics.jsonl").read_text().splitlines()]
     assert row["loss/entropy"] == pytest.approx(-row["rollout/entropy"], rel=1e-5) and row["rollout/entropy"] > 0
+    # and it is in the loss: the update differs from the one without it
+    assert _run("rloo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "plain", *args[:-2]) == 0
+    bonus, plain = (load_file(str(tmp_path / run / "adapter_model.safetensors")) for run in ("rloo", "plain"))
+    assert any(not torch.equal(bonus[k], plain[k]) for k in plain)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -113,6 +113,21 @@ def test_packing_is_refused_for_a_model_that_would_let_examples_read_each_other(
     assert "lets a packed example attend to the one before it: set packing false" in capsys.readouterr().err
 
 
+def test_packing_works_asks_for_packed_positions_read_in_more_than_one_row(tiny_model_dir, monkeypatch):
+    # transformers' flash attention reads packed positions from a batch of one row only: such a model passed a
+    # one-row check, then let examples read each other in batches of several rows
+    from transformers import masking_utils
+
+    from rlhfkit.models.forward import packing_works
+
+    model = load_causal_lm(ModelConfig(path=tiny_model_dir("llama")), torch.device("cpu")).train()
+    assert packing_works(model)
+    real = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda position_ids: real(position_ids) if position_ids.shape[0] == 1 else None)
+    assert not packing_works(model) and model.training  # its mode restored
+
+
 def test_sft_with_lora_saves_an_adapter_that_exports(tiny_model_dir, task_dir, tmp_path):
     path = tiny_model_dir("llama")
     out, merged = tmp_path / "sft", tmp_path / "merged"

@@ -295,7 +295,8 @@ def test_an_sft_run_from_before_every_turn_was_learned_resumes_only_as_it_ran(tm
     old = yaml.safe_load(copy.read_text())
     del old["assistant_turns"]
     copy.write_text(yaml.safe_dump(old))
-    with pytest.raises(ConfigError, match=r"assistant_turns: last → all"):
+    with pytest.raises(ConfigError, match=r"assistant_turns: last → all.*--train.resume latest \(--assistant_turns "
+                                          r"last: what runs saved before rlhfkit had assistant_turns did\)"):
         prepare_out_dir(_config(tmp_path, **{"train.resume": "latest"}), tmp_path)
     prepare_out_dir(_config(tmp_path, **{"train.resume": "latest", "assistant_turns": "last", "packing": True}),
                     tmp_path)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rlhfkit.data.collate import (Encoded, collate, encode_conversation, encode_example, encode_pair, join_ids,
-                                  label_mask, pack, pad_batch)
+from rlhfkit.data.collate import (Encoded, as_prompt_completion, collate, encode_conversation, encode_example,
+                                  encode_pair, join_ids, label_mask, pack, pad_batch)
 
 
 class CharTokenizer:
@@ -203,13 +203,13 @@ def test_every_assistant_turn_of_a_conversation_is_learned(eos):
     single = encode_conversation(tok, CONVERSATION[:2], 256)
     assert single == encode_example(tok, CONVERSATION[:1], CONVERSATION[1]["content"], 256)
     # too long: the conversation loses its start, its mask cut with it; the last reply stays whole
-    cut = encode_conversation(tok, CONVERSATION, len(e.input_ids) - 5)
-    assert cut.truncated and cut.input_ids == e.input_ids[5:] and cut.completion_mask == e.completion_mask[5:]
-    # cut inside the first reply: what is left of it (its start and its question gone) is not learned
-    inside = first[0] + 2
-    cut = encode_conversation(tok, CONVERSATION, len(e.input_ids) - inside)
-    assert cut.input_ids == e.input_ids[inside:]
-    assert cut.completion_mask == [0] * (first[-1] + 1 - inside) + e.completion_mask[first[-1] + 1:]
+    # too long: the conversation loses its start, its mask cut with it, and the first reply kept (its question or
+    # its own start gone: cut in the question, in the reply's header, at its first token, inside it) is not
+    # learned; the last reply stays whole
+    for drop in (5, first[0] - 1, first[0], first[0] + 2):
+        cut = encode_conversation(tok, CONVERSATION, len(e.input_ids) - drop)
+        assert cut.truncated and cut.input_ids == e.input_ids[drop:]
+        assert cut.completion_mask == [0] * (first[-1] + 1 - drop) + e.completion_mask[first[-1] + 1:], drop
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_fallback():
@@ -252,6 +252,9 @@ def test_a_conversation_s_tool_calls_are_learned_and_an_opening_assistant_turn_i
     e = encode_conversation(tok, messages, 256)  # the call written as the template writes the whole message
     learned = tok.decode([t for t, m in zip(e.input_ids, e.completion_mask) if m])
     assert learned == "call lake<|im_end|>The cat is calm.<|im_end|>"
+    # the last reply alone (assistant_turns last, preference replies) keeps its tool call too
+    alone = encode_example(tok, *as_prompt_completion({"messages": messages[:2]}), 256)
+    assert tok.decode([t for t, m in zip(alone.input_ids, alone.completion_mask) if m]) == "call lake<|im_end|>"
     # an assistant turn with nothing before it answers nothing: context, as with assistant_turns last
     opening = [{"role": "assistant", "content": "Hello."}, *CONVERSATION[:2]]
     assert encode_conversation(tok, opening, 256) == encode_example(tok, opening[:-1], opening[-1]["content"], 256)

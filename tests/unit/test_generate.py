@@ -79,6 +79,10 @@ def test_min_p_keeps_the_tokens_at_least_that_share_of_the_most_likely():
     torch.manual_seed(0)
     logits = torch.randn(8, 20)
     assert torch.equal(sample_next(logits, torch.rand(8), 1.0, min_p=1.0), logits.argmax(-1))  # only the top
+    # after the nucleus, as transformers orders them: top_p 0.5 keeps 0.4 and 0.3 (it crosses 0.5), then min_p 0.1
+    # keeps both (>= 0.04); min-p first would thin the 0.01s away and the renormalised 0.57 alone would fill 0.5
+    probs = [0.4, 0.3] + [0.01] * 30
+    assert (~torch.isinf(filter_logits(logits_of(probs), 1.0, top_p=0.5, min_p=0.1))).sum() == 2
 
 
 def test_temperature_scales_logits_before_softmax():

@@ -30,9 +30,10 @@ def render_prompt(tokenizer, prompt) -> str:
 
 
 def as_prompt_completion(record: dict) -> tuple:
-    """(prompt, completion) from a ``prompt``/``completion`` or a ``messages`` record."""
+    """(prompt, completion) from a ``prompt``/``completion`` record, or from a ``messages`` record (the earlier
+    messages, the last one whole: its tool calls are the reply too)."""
     if "messages" in record:
-        return record["messages"][:-1], record["messages"][-1]["content"]
+        return record["messages"][:-1], record["messages"][-1]
     return record["prompt"], record["completion"]
 
 
@@ -58,9 +59,9 @@ class Encoded:
     truncated: bool = False
 
 
-def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encoded:
-    """Prompt ids + completion ids + EOS (after chat messages, the completion as the template writes it:
-    ``templated_reply``), cut to ``max_length``.
+def encode_example(tokenizer, prompt, completion: str | dict, max_length: int) -> Encoded:
+    """Prompt ids + completion ids + EOS (after chat messages, the completion, its text or its whole assistant
+    message, as the template writes it: ``templated_reply``), cut to ``max_length``.
 
     When too long, the prompt loses tokens from its start (after its BOS, which stays; keeping at least one
     completion slot) and then the completion loses its end (and with it the EOS).
@@ -68,7 +69,7 @@ def encode_example(tokenizer, prompt, completion: str, max_length: int) -> Encod
     return join_ids(*_ids(tokenizer, prompt, completion), max_length, bos=getattr(tokenizer, "bos_token_id", None))
 
 
-def _ids(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
+def _ids(tokenizer, prompt, completion: str | dict) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids ending in EOS). After chat messages the completion is the reply as the chat
     template writes it (``templated_reply``)."""
     text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
@@ -107,8 +108,8 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> Enc
     (``templated_reply``, ``completion_ids``) after the conversation rendered up to it, whose tokens must begin
     with those of the turns before as learned (else ValueError: a template that renders earlier turns otherwise
     once later ones follow, as one dropping earlier reasoning does, or a token across a reply's end). The last
-    reply ends in the EOS; too long, the conversation loses its start first (after its BOS; a reply cut there,
-    or left without its turn before, is not learned), then the last reply its end."""
+    reply ends in the EOS; too long, the conversation loses its start first (after its BOS; the first earlier
+    reply kept is not learned: its start, or part of the turn it answers, is gone), then the last reply its end."""
     ids: list[int] = []
     mask: list[int] = []
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k > 0]
@@ -188,11 +189,12 @@ def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, 
     head = prompt_ids[:1] if keep_prompt < len(prompt_ids) and bos is not None and prompt_ids[:1] == [bos] else []
     start, cut = len(prompt_ids) - keep_prompt + len(head), keep_prompt < len(prompt_ids)
     prompt_ids, prompt_mask = head + prompt_ids[start:], prompt_mask[:len(head)] + prompt_mask[start:]
-    if cut:  # a reply the cut prompt opens on has lost its start, or the turn it answers: not learned
-        for i in range(len(head), len(prompt_mask)):
-            if not prompt_mask[i]:
-                break
-            prompt_mask[i] = 0
+    # after a cut, the first reply kept has lost its start, or part of the turn it answers: not learned
+    first = next((i for i in range(len(head), len(prompt_mask)) if prompt_mask[i]), len(prompt_mask)) if cut else 0
+    for i in range(first, len(prompt_mask)):
+        if not prompt_mask[i]:
+            break
+        prompt_mask[i] = 0
     completion_ids = completion_ids[: max_length - keep_prompt]
     return Encoded(prompt_ids + completion_ids, prompt_mask + [1] * len(completion_ids), truncated)
 

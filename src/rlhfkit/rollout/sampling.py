@@ -45,16 +45,14 @@ def row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0) -> torch.Tensor:
     """(B, V) logits → (B, V) float32 logits / temperature, −inf outside the top-k, the top-p nucleus and the
-    tokens at least ``min_p`` times as likely as the most likely one (min-p sampling, Nguyen et al. 2024).
+    tokens at least ``min_p`` times as likely as the most likely one (min-p sampling, Nguyen et al. 2024), in that
+    order (transformers' warpers' order: the nucleus is measured before min-p thins it).
 
     The nucleus keeps the most likely tokens until their mass reaches ``top_p``, the token that
     crosses it included, so at least one token always stays (min-p keeps the most likely one too). Each row is
     filtered on its own.
     """
     logits = logits.float() / temperature
-    if min_p > 0.0:  # p_v >= min_p * p_max  <=>  logit_v >= logit_max + log(min_p), after the temperature
-        floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)  # (B, 1)
-        logits = logits.masked_fill(logits < floor, float("-inf"))
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,6 +63,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
         drop = mass_before >= top_p
         drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p > 0.0:  # last, as transformers orders its warpers: p_v >= min_p * p_max <=> logit_v >= max + log(min_p)
+        floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)  # (B, 1)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
 
 

@@ -331,9 +331,11 @@ def _check_resume_settings(path: Path, cfg) -> None:
         longer = ("; a decaying schedule's length (or a warmup_ratio's) is the run's: a run trained with "
                   "--optim.schedule constant and its warm-up in warmup_steps may be resumed for more steps"
                   if LENGTH & set(keys) else "")
+        earlier = "".join(f" (--{key} {value}: what runs saved before rlhfkit had {key} did)"
+                          for key, value in EARLIER_BEHAVIOUR.items() if key in keys)
         raise ConfigError(f"cannot resume {path}: it was saved with other settings ({'; '.join(changed)}{longer}). "
-                          "To continue it, run the first run's command plus --train.resume "
-                          f"{cfg.train.resume}. To train on with new settings, "
+                          f"To continue it, run the first run's command plus --train.resume {cfg.train.resume}"
+                          f"{earlier}. To train on with new settings, "
                           + _fresh_start_hint(path, old.get("model.path", "")))
 
 

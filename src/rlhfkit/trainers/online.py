@@ -83,8 +83,9 @@ class OnlineConfig:
     kl_coef: float = arg(0.0, "weight of the k3 KL-to-reference term in the loss (GRPO eq. 4; 0 = none)",
                           ge=0)
     entropy_coef: float = arg(0.0, "weight of an entropy bonus: minus the policy's entropy at each response token, "
-                              "reduced as the policy term, added to the loss (OpenRLHF's entropy_loss_coef; 0 = none)",
-                              ge=0, lt=float("inf"))
+                              "reduced as the policy term, added to the loss (OpenRLHF's entropy_loss_coef; 0 = none; "
+                              "its backward keeps softmax-sized tensors over the whole vocabulary: micro_batch_size "
+                              "bounds them)", ge=0, lt=float("inf"))
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
                       "(+ the reward at the last token)", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
@@ -123,9 +124,9 @@ class OnlineConfig:
             raise ValueError(f"kl_estimator picks REINFORCE++'s KL in the token rewards; {self.advantage}'s KL term "
                              "(kl_coef) is GRPO's k3 estimator, in the loss")
         if self.scale_rewards != "group" and self.advantage != "grpo":
-            raise ValueError(f"scale_rewards is read by advantage grpo; {self.advantage}'s advantage "
-                             + ("is never scaled (it is grpo with scale_rewards none and its own reduction)"
-                                if self.advantage == "dr_grpo" else "has a scale of its own"))
+            raise ValueError(f"scale_rewards is read by advantage grpo; {self.advantage}'s advantage " + {
+                "dr_grpo": "is never scaled (it is grpo with scale_rewards none and its own reduction)",
+                "rloo": "is not scaled", "reinforce_pp": "is whitened over the whole batch"}[self.advantage])
         if self.overlong_buffer > self.generation.max_new_tokens:
             raise ValueError(f"overlong_buffer {self.overlong_buffer} is longer than generation.max_new_tokens "
                              f"{self.generation.max_new_tokens}: the penalty would start before the first token")

@@ -77,7 +77,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
         model = add_lora(model, cfg.lora, float32=cfg.model.dtype == "auto")
 
     def encode_row(row):
-        if cfg.assistant_turns == "all" and "messages" in row:  # one turn: the same as the last alone
+        if cfg.assistant_turns == "all" and "messages" in row:  # one turn: encoded as the last alone
             return encode_conversation(tokenizer, row["messages"], cfg.max_length)
         return encode_example(tokenizer, *as_prompt_completion(row), cfg.max_length)
 
