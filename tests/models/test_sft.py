@@ -199,6 +199,21 @@ def test_every_assistant_turn_is_learned_unless_the_last_alone_is_asked_for(tiny
         [t for t, m in zip(e.input_ids, e.completion_mask) if m]).count("The cat is calm.") == 0)
 
 
+def test_a_text_row_is_learned_whole(tiny_model_dir, tmp_path):
+    # TRL's language-modelling rows: after what the tokenizer puts first (the empty prompt's ids: a BOS, or
+    # nothing), every token and the EOS carry loss
+    from rlhfkit.data.collate import as_prompt_completion
+    from rlhfkit.data.formats import load_sft
+
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"text": "The cat is calm."}) + "\n")
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    e = encode_example(tok, *as_prompt_completion(load_sft(data)[0]), 64)
+    assert e.input_ids == tok("The cat is calm.").input_ids + [tok.eos_token_id]
+    head = len(tok("").input_ids)  # what the tokenizer puts before any text (a BOS, or nothing)
+    assert e.completion_mask == [0] * head + [1] * (len(e.input_ids) - head) and len(e.input_ids) - head > 2
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

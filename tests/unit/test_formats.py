@@ -238,6 +238,15 @@ def test_sft_prompt_completion_keeps_extras(tmp_path, fmt):
                    {"prompt": "", "completion": "hello", "id": ids[1]}]
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_sft_text_rows_are_learned_whole(tmp_path, fmt):
+    # TRL's language-modelling rows: an empty prompt, the text the completion (every token learned)
+    path = (write_jsonl if fmt == "jsonl" else write_csv)(tmp_path / f"d.{fmt}", [{"text": "The cat is calm."}])
+    assert load_sft(path) == [{"prompt": "", "completion": "The cat is calm."}]
+    path = write_jsonl(tmp_path / "mapped.jsonl", [{"content": "Hello."}])
+    assert load_sft(path, {"text": "content"}) == [{"prompt": "", "completion": "Hello."}]
+
+
 def test_sft_messages_from_json_and_csv(tmp_path):
     js = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT, "source": "x"}])
     assert load_sft(js) == [{"messages": CHAT, "source": "x"}]
@@ -261,7 +270,9 @@ def test_sft_parquet_mixed_rows_have_arrow_nulls_dropped(tmp_path):
 
 @pytest.mark.parametrize("row, field, match", [
     ({"prompt": "a"}, "completion", "missing; expected 'prompt' and 'completion'.*columns in this row: 'prompt'"),
-    ({"text": "a"}, "prompt", "missing.*'text'"),
+    ({"response": "a"}, "prompt", "missing.*'response'"),
+    ({"text": "a", "prompt": "b"}, "text", "both 'text' and 'prompt'/'completion'"),
+    ({"text": " "}, "text", "non-empty"),
     ({"prompt": "a", "completion": 3}, "completion", "expected a string, got int 3"),
     ({"prompt": ["a"], "completion": "b"}, "prompt", "expected a string, got list"),
     ({"prompt": "a", "completion": ""}, "completion", "expected a non-empty string, got ''"),

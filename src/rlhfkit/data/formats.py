@@ -456,27 +456,33 @@ def _validate(path, convert: Callable[[_Row], dict], standard: tuple[str, ...],
     return [convert(_Row(path, i, record, from_csv, columns)) for i, record in enumerate(records)]
 
 
-_SFT = ("prompt", "completion", "messages")
+_SFT = ("prompt", "completion", "messages", "text")
 
 
 def _sft_row(row: _Row) -> dict:
     if row.present("messages"):
-        if row.present("prompt") or row.present("completion"):
-            raise row.error("messages", "the row has both 'messages' and 'prompt'/'completion'; keep one")
+        if row.present("prompt") or row.present("completion") or row.present("text"):
+            raise row.error("messages", "the row has both 'messages' and 'prompt'/'completion'/'text'; keep one")
         messages = _messages(row, row.record["messages"], "messages", ends_with_reply=True)
         if len(messages) < 2:
             raise row.error("messages", "expected at least one message before the assistant reply")
         return {"messages": messages, **row.extras(_SFT)}
-    expected = "'prompt' and 'completion' strings, or a 'messages' list"
+    if row.present("text"):  # language modelling (TRL's "text" rows): every token learned, after an empty prompt
+        if row.present("prompt") or row.present("completion"):
+            raise row.error("text", "the row has both 'text' and 'prompt'/'completion'; keep one")
+        return {"prompt": "", "completion": _string(row, row.record["text"], "text", non_empty=True),
+                **row.extras(_SFT)}
+    expected = "'prompt' and 'completion' strings, a 'messages' list, or a 'text' string"
     prompt = _string(row, row.require("prompt", expected), "prompt", non_empty=False)
     completion = _string(row, row.require("completion", expected), "completion", non_empty=True)
     return {"prompt": prompt, "completion": completion, **row.extras(_SFT)}
 
 
 def load_sft(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> list[dict]:
-    """SFT rows: ``{"prompt": str, "completion": str}`` or ``{"messages": [...]}``, extras kept.
+    """SFT rows: ``{"prompt": str, "completion": str}`` or ``{"messages": [...]}``, extras kept; a ``{"text": str}``
+    row (language modelling: every token learned) becomes ``{"prompt": "", "completion": text}``.
 
-    ``prompt`` may be empty; ``completion`` may not. ``messages`` ends with a non-empty
+    ``prompt`` may be empty; ``completion`` and ``text`` may not. ``messages`` ends with a non-empty
     assistant reply after at least one other message; in CSV it is JSON-encoded text.
     """
     return _validate(path, _sft_row, _SFT, columns)
