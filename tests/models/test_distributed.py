@@ -116,6 +116,9 @@ def _train(args, out, processes, weights="model.safetensors"):
 
 @pytest.mark.parametrize("command, data, extra", [
     ("sft", "sft.jsonl", ["--eval_fraction", "0"]),  # a mean over completion tokens: the split must not reweight it
+    # each process packs its share of each micro-batch into rows of its own
+    ("sft", "sft.jsonl", ["--eval_fraction", "0", "--packing", "true", "--train.grad_accum", "2",
+                          "--max_length", "64"]),
     ("dpo", "preference.jsonl", ["--beta", "0.5"]),  # the reference: a second copy of the model, in each process
 ])
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, task_dir, tmp_path, command, data,
