@@ -58,6 +58,30 @@ def test_masked_logprobs_equal_full_logits(tiny_model_dir, arch, lora):
             assert not torch.allclose(off, fast.detach(), atol=1e-4)  # the adapter did matter
 
 
+@pytest.mark.parametrize("lora", [None, "all-linear+head"])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_the_head_run_in_chunks_gives_the_same_logprobs_and_gradients(tiny_model_dir, lora, chunk):
+    # chunk 1 and 4 of the batch's ~20 completion positions (the last chunk shorter), 1000 = one chunk; with and
+    # without gradients (each chunk checkpointed, or freed); the LoRA head's gradients too
+    model, batch = _model_and_batch(tiny_model_dir, "llama", lora, "right")
+    mask = batch["completion_mask"][:, 1:]
+    assert 4 < int(mask.sum()) < 1000
+    grads = []
+    for size in (0, chunk):
+        model.zero_grad()
+        lp = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk=size)
+        lp.logsumexp(0).sum().backward()  # a loss that weighs positions unevenly
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        with torch.no_grad():
+            torch.testing.assert_close(masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
+                                                       chunk=size), lp.detach(), atol=1e-6, rtol=0)
+        if size == 0:
+            whole = lp.detach()
+    torch.testing.assert_close(lp.detach(), whole, atol=1e-6, rtol=0)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6 * g.abs().max().item(), rtol=1e-5, msg=n)
+
+
 def test_models_that_transform_logits_take_the_full_forward(tiny_model_dir):
     model, batch = _model_and_batch(tiny_model_dir, "llama", None, "right")
     model.config.final_logit_softcapping = 30.0  # e.g. Gemma 2: the head alone would not give the logits

@@ -81,16 +81,19 @@ def test_sft_command_trains_every_architecture(tiny_model_dir, task_dir, tmp_pat
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_batches_train_to_the_weights_of_padded_ones(tiny_model_dir, task_dir, tmp_path, arch):
-    # the same examples a step and the same loss: only the layout differs (llama: rotary positions; gpt2: learned);
-    # the held-out loss (evaluated packed too) agrees
+@pytest.mark.parametrize("arch, layout", [
+    ("llama", ["--packing", "true"]), ("gpt2", ["--packing", "true"]),
+    ("llama", ["--logits_chunk", "7"]), ("llama", ["--packing", "true", "--logits_chunk", "5"])])
+def test_packed_batches_and_a_chunked_head_train_to_the_weights_of_padded_ones(tiny_model_dir, task_dir, tmp_path,
+                                                                               arch, layout):
+    # the same examples a step and the same loss: only the layout differs (llama: rotary positions; gpt2: learned),
+    # or how many positions the head and log-softmax take at a time; the held-out loss (evaluated so too) agrees
     from safetensors.torch import load_file
 
     args = ["sft", "--model", tiny_model_dir(arch), "--data", str(task_dir / "sft.jsonl"), "--train.max_steps", "3",
             "--train.batch_size", "8", "--train.grad_accum", "2", "--train.log_every", "1", "--optim.lr", "3e-3",
             "--max_length", "48", "--train.tensorboard", "false"]
-    for name, extra in (("padded", []), ("packed", ["--packing", "true"])):
+    for name, extra in (("padded", []), ("packed", layout)):
         assert main([*args, *extra, "--out", str(tmp_path / name)]) == 0
     padded, packed = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("padded", "packed"))
     for key, value in padded.items():

@@ -15,6 +15,11 @@ from rlhfkit.data.collate import pad_batch
 from rlhfkit.fsdp import collective, run_as_forward
 from rlhfkit.ops import cache_keyword, cache_of, distinct_rows, position_ids_from_mask, shifted_logprobs, token_logprobs
 
+LOGITS_CHUNK_HELP = ("output-head positions computed at a time (0 = all at once): the (positions, vocabulary) "
+                     "logits, their softmax and gradients held for this many, not for every completion token of the "
+                     "batch; each chunk's logits made again in the backward (one more head product; what Liger's "
+                     "fused cross-entropy saves on GPUs)")
+
 # config fields under which a model changes its logits after the output head (softcapping, scaling):
 # such models keep the full forward, whose code applies them
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -136,33 +141,38 @@ def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Ten
     return torch.cat([head.last_hidden_state[inverse], tail.last_hidden_state], 1)
 
 
-def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                    chunk: int = 0) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) where ``mask`` is set, 0 elsewhere.
 
     input_ids, attention_mask (B, T), mask (B, T-1) → (B, T-1). The body runs over every
     position, the output head and the log-softmax only over the N positions of ``mask`` (a loss
     on completion tokens pays nothing for prompt and padding positions: with vocabulary V that
-    is the (N, H) x (H, V) product instead of (B T, H) x (H, V), and a (N, V) softmax).
+    is the (N, H) x (H, V) product instead of (B T, H) x (H, V), and a (N, V) softmax). ``chunk`` > 0 runs the
+    head ``chunk`` positions at a time (``_masked_head_logprobs``): (chunk, V) logits alive at once, not (N, V).
+    A model whose logits are transformed after its head (softcapping) runs whole, unchunked.
     """
     parts = backbone_and_head(model)
     if parts is None:
         return logprobs_of(model, input_ids, attention_mask).masked_fill(~mask.bool(), 0.0)
     # the parts are called, not the model: under FSDP the call still counts as the model's forward
-    return run_as_forward(model, _head_on_mask, *parts, input_ids, attention_mask, mask.bool())
+    return run_as_forward(model, _head_on_mask, *parts, input_ids, attention_mask, mask.bool(), chunk)
 
 
-def _head_on_mask(backbone, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
-                  ) -> torch.Tensor:
+def _head_on_mask(backbone, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                  chunk: int = 0) -> torch.Tensor:
     """``masked_logprobs`` from the body and the head: (B, T), (B, T), mask (B, T-1) bool → (B, T-1)."""
     # columns up to every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
     hidden = backbone_hidden(backbone, input_ids, attention_mask, prompt_width(mask) + 1)  # (B, T, H)
-    return _masked_head_logprobs(head, hidden, input_ids, mask)
+    return _masked_head_logprobs(head, hidden, input_ids, mask, chunk)
 
 
-def packed_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def packed_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                    chunk: int = 0) -> torch.Tensor:
     """``masked_logprobs`` of a packed batch (``collate.pack``): examples laid end to end in each row, told apart
     by ``position_ids`` restarting at 0, with no attention mask (``packing_works``). input_ids, position_ids
-    (B, T), mask (B, T-1) → (B, T-1), 0 off the mask; the head runs on the mask's positions alone."""
+    (B, T), mask (B, T-1) → (B, T-1), 0 off the mask; the head runs on the mask's positions alone, ``chunk`` of
+    them at a time when > 0."""
     _quiet_about_the_missing_attention_mask()
     parts = backbone_and_head(model)
     if parts is None:
@@ -171,7 +181,7 @@ def packed_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, 
 
     def body_and_head(backbone, head):
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return _masked_head_logprobs(head, hidden, input_ids, mask.bool())
+        return _masked_head_logprobs(head, hidden, input_ids, mask.bool(), chunk)
 
     return run_as_forward(model, body_and_head, *parts)
 
@@ -213,11 +223,31 @@ def packing_works(model) -> bool:
     return bool(((packed - alone).abs().max() <= 1e-3 + 0.02 * alone.abs().max()).item())
 
 
-def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                          chunk: int = 0) -> torch.Tensor:
     """log p of each next token where ``mask`` is set, the head run there alone: hidden (B, T, H), input_ids (B, T),
-    mask (B, T-1) bool → (B, T-1), 0 elsewhere."""
-    logits = head(hidden[:, :-1][mask]).float()  # (N, V)
-    lp = token_logprobs(logits, input_ids[:, 1:][mask])  # (N,)
+    mask (B, T-1) bool → (B, T-1), 0 elsewhere.
+
+    With ``chunk`` > 0 the N positions go through the head and the log-softmax ``chunk`` at a time: without
+    gradients each chunk's (chunk, V) logits are freed before the next; with them each chunk is checkpointed
+    (its logits made again in the backward, one chunk at a time: one more head product), so neither pass holds
+    the (N, V) logits and their softmax at once. The same log-probs and gradients up to float rounding."""
+    picked, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (N, H), (N,)
+
+    def head_logprobs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(head(h).float(), y)  # (n,)
+
+    if 0 < chunk < len(labels):
+        if torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            pieces = [checkpoint(head_logprobs, h, y, use_reentrant=False)
+                      for h, y in zip(picked.split(chunk), labels.split(chunk))]
+        else:
+            pieces = [head_logprobs(h, y) for h, y in zip(picked.split(chunk), labels.split(chunk))]
+        lp = torch.cat(pieces)
+    else:
+        lp = head_logprobs(picked, labels)  # (N,)
     return lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # (B, T-1)
 
 

@@ -28,7 +28,7 @@ from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, ar
 from rlhfkit.data.collate import Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
-from rlhfkit.models.forward import masked_logprobs
+from rlhfkit.models.forward import LOGITS_CHUNK_HELP, masked_logprobs
 from rlhfkit.models.load import (add_lora, check_max_length, check_same_tokenizer, load_causal_lm, mixed_precision,
                                  refuse_adapter_dir, save_model)
 from rlhfkit.ops import sequence_logprobs
@@ -52,6 +52,7 @@ class PreferenceConfig:
     max_length: int = arg(256, "tokens per sequence at most (prompt + completion + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
+    logits_chunk: int = arg(0, LOGITS_CHUNK_HELP, ge=0)
     model: ModelConfig = arg(ModelConfig, "the model to train, usually the SFT model")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
     optim: OptimConfig = arg(OptimConfig(lr=1e-6), "optimiser (the quickstart's tiny models use 5e-4)")
@@ -172,13 +173,14 @@ def both(examples: list[Example]) -> list[Encoded]:
     return [e.first for e in examples] + [e.second for e in examples]
 
 
-def completion_logps(model, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
+def completion_logps(model, batch: dict[str, torch.Tensor], average: bool, chunk: int = 0) -> torch.Tensor:
     """Log-probability of each row's completion: the sum over its tokens, or their mean.
 
-    batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) → (B,).
+    batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) → (B,). ``chunk``: output-head positions
+    at a time (``forward.masked_logprobs``; 0 = all).
     """
     mask = label_mask(batch)  # the label of position t is token t+1
-    logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
+    logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk)  # (B, T-1)
     return masked_mean(logprobs, mask, dim=-1) if average else sequence_logprobs(logprobs, mask)
 
 
@@ -205,8 +207,8 @@ class LiveReference:
     """pi_ref's log-probs computed when asked, inside ``context()``, which yields the model to call
     (STYLE.md habit 11: the reference is a context, whether a frozen model or the adapter switched off)."""
 
-    def __init__(self, context: Callable, average: bool, to_batch: Batcher):
-        self.context, self.average, self.to_batch = context, average, to_batch
+    def __init__(self, context: Callable, average: bool, to_batch: Batcher, chunk: int = 0):
+        self.context, self.average, self.to_batch, self.chunk = context, average, to_batch, chunk
 
     def prepare(self, examples: list[Example], batch_size: int) -> None:
         """Nothing to do before training."""
@@ -217,7 +219,7 @@ class LiveReference:
         # no_grad, not inference_mode: under DeepSpeed ZeRO-3 the weights this pass gathers are partitioned
         # again at its end, and storage made in inference mode leaves them unreadable to the backward
         with torch.no_grad(), self.context() as model:
-            return completion_logps(model, self.to_batch(seqs), self.average).chunk(len(parts))  # (len(parts) B,)
+            return completion_logps(model, self.to_batch(seqs), self.average, self.chunk).chunk(len(parts))
 
 
 class PrecomputedReference(LiveReference):
@@ -276,7 +278,7 @@ REFERENCES: dict[str, tuple[type[LiveReference], Callable]] = {
 def make_reference(cfg, policy, average: bool, to_batch: Batcher) -> LiveReference:
     """The reference named by ``cfg.reference`` ("model", "adapter" or "precomputed")."""
     kind, context = REFERENCES[cfg.reference]
-    return kind(context(cfg, policy), average, to_batch)
+    return kind(context(cfg, policy), average, to_batch, cfg.logits_chunk)
 
 
 # --------------------------------------------------------------------------- objectives
@@ -297,6 +299,7 @@ class PairedObjective:
     average: bool  # length-averaged log-probs instead of sums
     needs_reference: bool
     nll_weight: float = 0.0  # the chosen answer's NLL, a mean over its tokens, added with this weight
+    chunk: int = 0  # output-head positions at a time (forward.masked_logprobs; 0 = all)
     read = staticmethod(load_preference)  # rows, validated
     encode = staticmethod(encode_pairs)  # rows → Examples
 
@@ -306,7 +309,7 @@ class PairedObjective:
 
     def step(self, policy, reference: LiveReference | None, to_batch: Batcher, examples: list[Example]):
         batch = to_batch(both(examples))
-        logps = completion_logps(policy, batch, self.average)  # (2B,)
+        logps = completion_logps(policy, batch, self.average, self.chunk)  # (2B,)
         chosen, rejected = logps.chunk(2)  # (B,), (B,)
         ref_chosen, ref_rejected = reference.logps(examples) if self.needs_reference else (None, None)
         losses, m = self.loss(chosen, rejected, ref_chosen, ref_rejected)
@@ -344,14 +347,14 @@ class KTOObjective:
     def _kl_sum(policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]) -> float:
         """Σ over examples of log π(y'|x) − log π_ref(y'|x) on their mismatched pairs, without gradient."""
         with torch.no_grad():  # z has no gradient (KTO paper, section 4.1); no_grad: see LiveReference.logps
-            kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), average=False)  # (B,)
+            kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), False, reference.chunk)  # (B,)
         (ref_kl_logps,) = reference.logps(examples, parts=(1,))
         return (kl_logps - ref_kl_logps).sum().item()
 
     def step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example],
              kl: float | None = None):
         """``kl``: the step's estimate (``before_step``); None (evaluation) takes this batch's own."""
-        logps = completion_logps(policy, to_batch([e.first for e in examples]), average=False)  # (B,)
+        logps = completion_logps(policy, to_batch([e.first for e in examples]), False, self.cfg.logits_chunk)  # (B,)
         (ref_logps,) = reference.logps(examples, parts=(0,))
         if kl is None:
             kl = self._kl_sum(policy, reference, to_batch, examples) / len(examples)
@@ -373,16 +376,18 @@ class KTOObjective:
 def dpo_objective(cfg: DPOConfig) -> PairedObjective:
     return PairedObjective(
         lambda c, r, rc, rr: dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing),
-        average=cfg.loss_type in LENGTH_AVERAGED_DPO, needs_reference=True, nll_weight=cfg.nll_weight)
+        average=cfg.loss_type in LENGTH_AVERAGED_DPO, needs_reference=True, nll_weight=cfg.nll_weight,
+        chunk=cfg.logits_chunk)
 
 
 def orpo_objective(cfg: ORPOConfig) -> PairedObjective:
-    return PairedObjective(lambda c, r, rc, rr: orpo_loss(c, r, cfg.lam), average=True, needs_reference=False)
+    return PairedObjective(lambda c, r, rc, rr: orpo_loss(c, r, cfg.lam), average=True, needs_reference=False,
+                           chunk=cfg.logits_chunk)
 
 
 def simpo_objective(cfg: SimPOConfig) -> PairedObjective:
     return PairedObjective(lambda c, r, rc, rr: simpo_loss(c, r, cfg.beta, cfg.gamma), average=True,
-                           needs_reference=False, nll_weight=cfg.nll_weight)
+                           needs_reference=False, nll_weight=cfg.nll_weight, chunk=cfg.logits_chunk)
 
 
 OBJECTIVES: dict[type, Callable] = {DPOConfig: dpo_objective, ORPOConfig: orpo_objective,

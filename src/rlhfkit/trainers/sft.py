@@ -18,7 +18,7 @@ from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, Tr
 from rlhfkit.data.collate import (as_prompt_completion, collate, encode_conversation, encode_example, encoding,
                                   fit_to_length, label_mask, pack)
 from rlhfkit.data.formats import load_sft
-from rlhfkit.models.forward import masked_logprobs, packed_logprobs, packing_works
+from rlhfkit.models.forward import LOGITS_CHUNK_HELP, masked_logprobs, packed_logprobs, packing_works
 from rlhfkit.models.load import (add_lora, check_max_length, load_causal_lm, mixed_precision, refuse_adapter_dir,
                                  save_model)
 from rlhfkit.trainers.loop import Logger, releases_out_dir, run, split_eval, start_run
@@ -40,6 +40,7 @@ class SFTConfig:
     packing: bool = arg(False, "lay each micro-batch's examples end to end in rows of up to max_length tokens instead "
                         "of padding each (attention kept within each example; the same loss and update, fewer "
                         "padding tokens computed; TRL's padding_free)")
+    logits_chunk: int = arg(0, LOGITS_CHUNK_HELP, ge=0)
     assistant_turns: Literal["all", "last"] = arg("all", "chat messages: learn every assistant turn (TRL's "
                                                   "assistant_only_loss) or the last alone (the earlier as context)")
     model: ModelConfig = arg(ModelConfig, "the model to fine-tune")
@@ -48,18 +49,18 @@ class SFTConfig:
     train: TrainConfig = arg(TrainConfig(out="runs/sft", epochs=3.0), "training loop")
 
 
-def completion_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_nll(model, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of completion tokens and their count.
 
     batch: ``input_ids``, ``attention_mask``, ``completion_mask``, each (B, T), or a packed batch (``collate.pack``:
     ``position_ids`` instead of ``attention_mask``). Returns (nll_sum, n_tokens), scalars; the label of position t
-    is token t+1.
+    is token t+1. ``chunk``: output-head positions at a time (``forward.masked_logprobs``; 0 = all).
     """
     mask = label_mask(batch)  # the label of position t is token t+1
     if "attention_mask" in batch:
-        logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)  # (B, T-1), 0 off mask
+        logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk)  # (B, T-1)
     else:
-        logprobs = packed_logprobs(model, batch["input_ids"], batch["position_ids"], mask)
+        logprobs = packed_logprobs(model, batch["input_ids"], batch["position_ids"], mask, chunk)
     return -logprobs.sum(), mask.sum().to(logprobs.dtype)
 
 
@@ -99,7 +100,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss_fn(indices: list[int]):
-        nll, n = completion_nll(model, to_batch([examples[i] for i in indices]))
+        nll, n = completion_nll(model, to_batch([examples[i] for i in indices]), cfg.logits_chunk)
         tokens = n.item()
         return nll / max(tokens, 1.0), tokens, {}  # a mean over completion tokens
 
@@ -110,7 +111,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
         model.eval()
         total, count = 0.0, 0.0
         for i in range(0, len(eval_examples), cfg.train.batch_size):
-            nll, n = completion_nll(model, to_batch(eval_examples[i: i + cfg.train.batch_size]))
+            nll, n = completion_nll(model, to_batch(eval_examples[i: i + cfg.train.batch_size]), cfg.logits_chunk)
             total, count = total + nll.item(), count + n.item()
         return {"eval/loss": total / max(count, 1)}
 
