@@ -123,6 +123,17 @@ def refuse_with_fsdp(stage_: int, sharding: str) -> None:
                           "(train.fsdp off or train.deepspeed off, or one accelerate config)")
 
 
+def refuse_chunked_head(deepspeed: str, chunk: int) -> None:
+    """``logits_chunk`` under ZeRO-3 (more than one process) is refused: each process runs the output head once a
+    chunk of its own completion positions, so the processes would gather the head's partitioned weights a
+    different number of times and wait on each other for ever (FSDP gathers the head once a forward; ZeRO-1/2
+    hold it whole)."""
+    if chunk and distributed.world_size() > 1 and stage(deepspeed) == 3:
+        raise ConfigError(f"logits_chunk {chunk} does not run under DeepSpeed ZeRO-3 (each process would gather the "
+                          "output head's weights once a chunk of its own positions, a different number of times): "
+                          "shard with train.fsdp full_shard, use ZeRO-2, or set logits_chunk 0")
+
+
 def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:
     """The ZeRO stage of a PPO or online-method run (``train.deepspeed`` ``setting``, the FSDP mode chosen), 0 for
     none: always 0 with one process. Stages 1-2 partition the AdamW state (and gradients) of full trained models

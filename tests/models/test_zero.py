@@ -100,6 +100,18 @@ def test_separate_roles_hand_their_autocast_to_each_engine(monkeypatch):
         (roles.critic, ("critic AdamW", 2, 1, 4, 0.5), {"amp": roles.amp, "what": "the critic"})]
 
 
+def test_a_chunked_head_under_zero3_is_refused_naming_what_works(monkeypatch):
+    # each process would run the head once a chunk of its own positions: a different number of weight gathers
+    # (a hang, found by hand)
+    zero.refuse_chunked_head("zero3", 8)  # one process: nothing is partitioned
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    zero.refuse_chunked_head("zero2", 8)
+    zero.refuse_chunked_head("zero3", 0)
+    with pytest.raises(ConfigError, match="logits_chunk 8 does not run under DeepSpeed ZeRO-3 .* train.fsdp "
+                                          "full_shard, use ZeRO-2, or set logits_chunk 0"):
+        zero.refuse_chunked_head("zero3", 8)
+
+
 # --------------------------------------------------------------------------- two processes
 
 
