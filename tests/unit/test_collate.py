@@ -258,3 +258,16 @@ def test_a_conversation_s_tool_calls_are_learned_and_an_opening_assistant_turn_i
     # an assistant turn with nothing before it answers nothing: context, as with assistant_turns last
     opening = [{"role": "assistant", "content": "Hello."}, *CONVERSATION[:2]]
     assert encode_conversation(tok, opening, 256) == encode_example(tok, opening[:-1], opening[-1]["content"], 256)
+
+
+def test_a_text_row_gets_one_bos_learned_by_nothing():
+    # a text row (SFT's language modelling): an empty prompt, so the text gets the tokenizer's BOS, which nothing
+    # predicts; a text that already begins with the BOS (one templated by hand) gets no second one
+    tok = llama2_style_tokenizer()
+    bos = tok.bos_token_id
+    e = encode_example(tok, "", "The cat is calm.", 64)
+    assert e.input_ids == tok("The cat is calm.").input_ids + [tok.eos_token_id] and e.input_ids[0] == bos
+    assert e.completion_mask == [0] + [1] * (len(e.input_ids) - 1)
+    templated = encode_example(tok, "", "<s>The cat is calm.", 64)
+    assert templated.input_ids == e.input_ids  # one BOS, not two
+    assert label_mask(collate([templated], 0))[0, 0] == 1 and templated.input_ids.count(bos) == 1

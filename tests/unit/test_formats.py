@@ -245,6 +245,10 @@ def test_sft_text_rows_are_learned_whole(tmp_path, fmt):
     assert load_sft(path) == [{"prompt": "", "completion": "The cat is calm."}]
     path = write_jsonl(tmp_path / "mapped.jsonl", [{"content": "Hello."}])
     assert load_sft(path, {"text": "content"}) == [{"prompt": "", "completion": "Hello."}]
+    # beside prompt/completion or messages, a 'text' column is one more column, kept (as TRL ignores it then)
+    path = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "a", "completion": "b", "text": "a b"},
+                                                 {"messages": CHAT, "text": "c"}])
+    assert load_sft(path) == [{"prompt": "a", "completion": "b", "text": "a b"}, {"messages": CHAT, "text": "c"}]
 
 
 def test_sft_messages_from_json_and_csv(tmp_path):
@@ -271,7 +275,6 @@ def test_sft_parquet_mixed_rows_have_arrow_nulls_dropped(tmp_path):
 @pytest.mark.parametrize("row, field, match", [
     ({"prompt": "a"}, "completion", "missing; expected 'prompt' and 'completion'.*columns in this row: 'prompt'"),
     ({"response": "a"}, "prompt", "missing.*'response'"),
-    ({"text": "a", "prompt": "b"}, "text", "both 'text' and 'prompt'/'completion'"),
     ({"text": " "}, "text", "non-empty"),
     ({"prompt": "a", "completion": 3}, "completion", "expected a string, got int 3"),
     ({"prompt": ["a"], "completion": "b"}, "prompt", "expected a string, got list"),

@@ -73,7 +73,8 @@ def _ids(tokenizer, prompt, completion: str | dict) -> tuple[list[int], list[int
     """(prompt ids, completion ids ending in EOS). After chat messages the completion is the reply as the chat
     template writes it (``templated_reply``)."""
     text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
-    before, special = render_prompt(tokenizer, prompt), adds_specials(tokenizer, prompt)
+    # an empty prompt (a text row) gives the text its special tokens, unless it already begins with the BOS
+    before, special = render_prompt(tokenizer, prompt), adds_specials(tokenizer, prompt or text)
     prompt_ids = tokenizer(before, add_special_tokens=special).input_ids  # encode_prompt's, ``before`` kept
     ids = completion_ids(tokenizer, before, prompt_ids, text, special)
     eos = tokenizer.eos_token_id

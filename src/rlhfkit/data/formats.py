@@ -460,22 +460,23 @@ _SFT = ("prompt", "completion", "messages", "text")
 
 
 def _sft_row(row: _Row) -> dict:
+    # a 'text' column beside the others is an extra column, kept as such (as TRL ignores it then)
+    standard = _SFT[:3]
     if row.present("messages"):
-        if row.present("prompt") or row.present("completion") or row.present("text"):
-            raise row.error("messages", "the row has both 'messages' and 'prompt'/'completion'/'text'; keep one")
+        if row.present("prompt") or row.present("completion"):
+            raise row.error("messages", "the row has both 'messages' and 'prompt'/'completion'; keep one")
         messages = _messages(row, row.record["messages"], "messages", ends_with_reply=True)
         if len(messages) < 2:
             raise row.error("messages", "expected at least one message before the assistant reply")
-        return {"messages": messages, **row.extras(_SFT)}
-    if row.present("text"):  # language modelling (TRL's "text" rows): every token learned, after an empty prompt
-        if row.present("prompt") or row.present("completion"):
-            raise row.error("text", "the row has both 'text' and 'prompt'/'completion'; keep one")
+        return {"messages": messages, **row.extras(standard)}
+    if row.present("text") and not (row.present("prompt") or row.present("completion")):
+        # language modelling (TRL's "text" rows): every token learned, after an empty prompt
         return {"prompt": "", "completion": _string(row, row.record["text"], "text", non_empty=True),
                 **row.extras(_SFT)}
     expected = "'prompt' and 'completion' strings, a 'messages' list, or a 'text' string"
     prompt = _string(row, row.require("prompt", expected), "prompt", non_empty=False)
     completion = _string(row, row.require("completion", expected), "completion", non_empty=True)
-    return {"prompt": prompt, "completion": completion, **row.extras(_SFT)}
+    return {"prompt": prompt, "completion": completion, **row.extras(standard)}
 
 
 def load_sft(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> list[dict]:

@@ -8,6 +8,8 @@ repeated: GRPO's groups, preference pairs) run those columns once (``shared_pref
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rlhfkit import distributed
@@ -231,11 +233,17 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
     With ``chunk`` > 0 the N positions go through the head and the log-softmax ``chunk`` at a time: without
     gradients each chunk's (chunk, V) logits are freed before the next; with them each chunk is checkpointed
     (its logits made again in the backward, one chunk at a time: one more head product), so neither pass holds
-    the (N, V) logits and their softmax at once. The same log-probs and gradients up to float rounding."""
+    the (N, V) logits and their softmax at once. The same log-probs and gradients up to float rounding: under an
+    autocast each chunk casts the head's weights itself (no cast shared by the chunks), so their gradients are
+    summed in the weights' own precision, not in bf16."""
     picked, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (N, H), (N,)
+    device = hidden.device.type
+    uncached = (torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
+                if 0 < chunk < len(labels) and torch.is_autocast_enabled(device) else contextlib.nullcontext())
 
     def head_logprobs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(head(h).float(), y)  # (n,)
+        with uncached:
+            return token_logprobs(head(h).float(), y)  # (n,)
 
     if 0 < chunk < len(labels):
         if torch.is_grad_enabled():
