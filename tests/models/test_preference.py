@@ -229,7 +229,7 @@ def test_the_nll_term_adds_each_chosen_answer_s_token_mean_nll_averaged_over_pai
         losses.append(loss.item()), metrics.append(m)
     with torch.no_grad():
         nlls = [completion_nll(model, collate([e.first], tok.pad_token_id)) for e in examples]
-    nll = sum(total.item() / n for total, n in nlls) / len(nlls)
+    nll = sum(total.item() / n.item() for total, n in nlls) / len(nlls)
     assert losses[1] - losses[0] == pytest.approx(0.7 * nll, rel=1e-5)
     assert metrics[1]["nll"].item() == pytest.approx(nll, rel=1e-5) and "nll" not in metrics[0]
 
