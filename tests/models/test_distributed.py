@@ -243,7 +243,7 @@ def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path, monkeypatc
     args = ["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"),
             "--rewards", "length_reward:length", "--train.max_steps", "3", "--prompts_per_step", "4",
             "--group_size", "4", "--mini_batch_size", "8", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
-            "--train.tensorboard", "false"]
+            "--train.tensorboard", "false", "--log_samples", "12"]
     weights = _train(args, tmp_path / "one", 1, weights="all")
     _assert_close(weights, _train(args, tmp_path / "two", 2, weights="all"))
     # micro-batches of 3 rows: each process's 4 rows of a mini-batch in two forwards and backwards
@@ -256,6 +256,12 @@ def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path, monkeypatc
     for key in ("loss/policy", "grad_norm", "policy/approx_kl", "rollout/entropy"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
     assert two[0]["policy/clip_frac"] == pytest.approx(one[0]["policy/clip_frac"], abs=1e-6)
+    # the logged samples: the step's first 12, 8 from process 0 and 4 from process 1, as one process logs them
+    one, two = ([json.loads(line) for line in (tmp_path / run / "samples.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert len(one) == 3 * 12 and [r["prompt"] for r in two] == [r["prompt"] for r in one]
+    assert [r["completion"] for r in two] == [r["completion"] for r in one]
+    assert [r["reward"] for r in two] == pytest.approx([r["reward"] for r in one], abs=1e-6)
 
 
 def test_a_checkpoint_resumes_on_another_number_of_processes(tiny_model_dir, task_dir, tmp_path):

@@ -313,8 +313,8 @@ class Logger:
             self.wandb.log({k: float(v) for k, v in metrics.items()}, step=step)
 
     def samples(self, step: int, records: list[dict]) -> None:
-        """Append sampled completions (``sample_records``) of ``step`` to ``samples.jsonl``, one JSON object each
-        (process 0's, which are its first rows: TRL's ``log_completions``)."""
+        """Append sampled completions (``sample_records``: the step's first rows, over every process) of ``step`` to
+        ``samples.jsonl``, one JSON object each (TRL's ``log_completions``); process 0 writes."""
         if self.file is None or not records:
             return
         with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:  # anything JSON lacks as text
@@ -372,9 +372,14 @@ def _finite(value):
 
 
 def sample_records(prompts: list, completions: list[str], n: int, **values: list) -> list[dict]:
-    """The first ``n`` samples as {prompt, completion, and each of ``values`` (name → one value per sample)}."""
-    return [{"prompt": p, "completion": c, **{k: v[i] for k, v in values.items()}}
+    """The step's first ``n`` samples as {prompt, completion, and each of ``values`` (name → one value per sample)},
+    from this process's samples and, with several processes, theirs after: each samples a contiguous share of the
+    step's rows in order, so they are the rows one process would log. Collective then: every process calls it."""
+    mine = [{"prompt": p, "completion": c, **{k: v[i] for k, v in values.items()}}
             for i, (p, c) in enumerate(zip(prompts[:n], completions[:n]))]
+    if distributed.world_size() == 1 or n == 0:
+        return mine
+    return [record for records in distributed.all_gather(mine) for record in records][:n]
 
 
 class Throughput:

@@ -73,7 +73,7 @@ class OnlineConfig:
     epochs: int = arg(1, "passes over each step's samples (1 = on-policy: the ratio stays 1 on the first pass)",
                        ge=1)
     log_samples: int = arg(4, "sampled completions written to OUT/samples.jsonl each step with their rewards "
-                           "(process 0's first ones; 0 = none)", ge=0)
+                           "(the step's first ones, over every process; 0 = none)", ge=0)
     clip_eps: float = arg(0.2, "policy ratio clip ε", gt=0)
     clip_eps_high: float | None = arg(None, "upper ratio clip 1 + ε_high (DAPO's clip-higher, e.g. 0.28 beside ε "
                                       "0.2; none = clip_eps)", gt=0)
