@@ -169,17 +169,16 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
-def entropy_bonus_loss(logits: torch.Tensor, action_mask: torch.Tensor, reduction: str = "token_mean",
+def entropy_bonus_loss(entropy: torch.Tensor, action_mask: torch.Tensor, reduction: str = "token_mean",
                        norm_constant: float | None = None) -> torch.Tensor:
-    """Minus the entropy of the policy at each response token (``entropy_from_logits``), reduced as the policy loss
-    is (POLICY_LOSS_REDUCTIONS[reduction]): added with a weight c, the loss rewards spreading probability
-    (OpenRLHF's entropy_loss_coef, verl's entropy_coeff). logits (B, A, V), action_mask (B, A) → a scalar, with
-    gradient into logits."""
+    """Minus the policy's entropy at each response token (``entropy_from_logits`` of its logits), reduced as the
+    policy loss is (POLICY_LOSS_REDUCTIONS[reduction]): added with a weight c, the loss rewards spreading
+    probability (OpenRLHF's entropy_loss_coef, verl's entropy_coeff). entropy, action_mask (B, A) → a scalar,
+    with gradient into the entropies."""
     if reduction not in POLICY_LOSS_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid names: {sorted(POLICY_LOSS_REDUCTIONS)}")
     mask = action_mask.bool()
-    return -POLICY_LOSS_REDUCTIONS[reduction](torch.where(mask, entropy_from_logits(logits), 0.0), mask,
-                                              norm_constant)
+    return -POLICY_LOSS_REDUCTIONS[reduction](torch.where(mask, entropy, 0.0), mask, norm_constant)
 
 
 def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, action_mask: torch.Tensor,

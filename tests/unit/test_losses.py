@@ -165,10 +165,10 @@ def test_entropy_bonus_by_hand():
     logits[1, :, 2:] = -1e9
     logits[1, 1] = torch.tensor([9.0, -3.0, 2.0, 0.0])  # masked: any value
     mask = torch.tensor([[1, 1], [1, 0]])
-    close(entropy_bonus_loss(logits, mask), -5 * math.log(2) / 3)
-    close(entropy_bonus_loss(logits, mask, "seq_mean_token_mean"), -1.5 * math.log(2))
+    close(entropy_bonus_loss(entropy_from_logits(logits), mask), -5 * math.log(2) / 3)
+    close(entropy_bonus_loss(entropy_from_logits(logits), mask, "seq_mean_token_mean"), -1.5 * math.log(2))
     peaked = torch.tensor([[[2.0, 0.0, 0.0, 0.0]]], requires_grad=True)
-    entropy_bonus_loss(peaked, torch.ones(1, 1)).backward()
+    entropy_bonus_loss(entropy_from_logits(peaked), torch.ones(1, 1)).backward()
     assert peaked.grad[0, 0, 0] > 0 > peaked.grad[0, 0, 1]  # descending it lowers the peak: entropy rises
 
 

@@ -72,13 +72,23 @@ def encode_example(tokenizer, prompt, completion: str | dict, max_length: int) -
 def _ids(tokenizer, prompt, completion: str | dict) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids ending in EOS). After chat messages the completion is the reply as the chat
     template writes it (``templated_reply``)."""
+    prompt_ids, ids = _turn_ids(tokenizer, prompt, completion)
+    return prompt_ids, _ended(ids, tokenizer.eos_token_id)
+
+
+def _turn_ids(tokenizer, prompt, completion: str | dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids as the tokenizer splits them after the prompt), no EOS added: ``_ids`` without
+    its end, for a conversation's earlier replies too (``encode_conversation``)."""
     text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
     # an empty prompt (a text row) gives the text its special tokens, unless it already begins with the BOS
     before, special = render_prompt(tokenizer, prompt), adds_specials(tokenizer, prompt or text)
     prompt_ids = tokenizer(before, add_special_tokens=special).input_ids  # encode_prompt's, ``before`` kept
-    ids = completion_ids(tokenizer, before, prompt_ids, text, special)
-    eos = tokenizer.eos_token_id
-    return prompt_ids, ids if ids and ids[-1] == eos else [*ids, eos]
+    return prompt_ids, completion_ids(tokenizer, before, prompt_ids, text, special)
+
+
+def _ended(ids: list[int], eos: int) -> list[int]:
+    """``ids`` ending in ``eos``: as they are when they do, else with it appended."""
+    return ids if ids and ids[-1] == eos else [*ids, eos]
 
 
 def completion_ids(tokenizer, before: str, prompt_ids: list[int], text: str, special: bool) -> list[int]:
@@ -115,20 +125,17 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> Enc
     mask: list[int] = []
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k > 0]
     for k in turns:
-        before = render_prompt(tokenizer, messages[:k])
-        prompt_ids = tokenizer(before, add_special_tokens=False).input_ids
+        prompt_ids, reply = _turn_ids(tokenizer, messages[:k], messages[k])
         if prompt_ids[: len(ids)] != ids:
             raise ValueError(f"with the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the model'}, "
                              f"the conversation up to assistant message {k} does not begin with the tokens of the "
                              "turns before it as they were learned (the template rewrites earlier turns once later "
                              "ones follow, or a token spans the end of a reply), so they cannot all be learned in one "
                              "sequence: set assistant_turns last (the earlier turns as context)")
-        text = templated_reply(tokenizer, messages[:k], messages[k])
-        reply = completion_ids(tokenizer, before, prompt_ids, text, False)
         ids, mask = ids + prompt_ids[len(ids):], mask + [0] * (len(prompt_ids) - len(ids))
         if k == turns[-1]:
-            reply = reply if reply and reply[-1] == tokenizer.eos_token_id else [*reply, tokenizer.eos_token_id]
-            return join_ids(ids, reply, max_length, bos=getattr(tokenizer, "bos_token_id", None), prompt_mask=mask)
+            return join_ids(ids, _ended(reply, tokenizer.eos_token_id), max_length,
+                            bos=getattr(tokenizer, "bos_token_id", None), prompt_mask=mask)
         ids, mask = ids + reply, mask + [1] * len(reply)
     raise ValueError("a conversation to learn from ends in an assistant message")
 
@@ -186,16 +193,17 @@ def join_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int, 
     keep_prompt = len(prompt_ids)
     if keep_prompt + longest > max_length:
         keep_prompt = min(keep_prompt, max(max_length - longest, max_length // 2, 1))
-    truncated = keep_prompt < len(prompt_ids) or keep_prompt + len(completion_ids) > max_length
-    head = prompt_ids[:1] if keep_prompt < len(prompt_ids) and bos is not None and prompt_ids[:1] == [bos] else []
-    start, cut = len(prompt_ids) - keep_prompt + len(head), keep_prompt < len(prompt_ids)
+    cut = keep_prompt < len(prompt_ids)
+    truncated = cut or keep_prompt + len(completion_ids) > max_length
+    head = prompt_ids[:1] if cut and bos is not None and prompt_ids[:1] == [bos] else []
+    start = len(prompt_ids) - keep_prompt + len(head)
     prompt_ids, prompt_mask = head + prompt_ids[start:], prompt_mask[:len(head)] + prompt_mask[start:]
-    # after a cut, the first reply kept has lost its start, or part of the turn it answers: not learned
-    first = next((i for i in range(len(head), len(prompt_mask)) if prompt_mask[i]), len(prompt_mask)) if cut else 0
-    for i in range(first, len(prompt_mask)):
-        if not prompt_mask[i]:
-            break
-        prompt_mask[i] = 0
+    if cut:  # the first reply kept has lost its start, or part of the turn it answers: not learned
+        first = next((i for i in range(len(head), len(prompt_mask)) if prompt_mask[i]), len(prompt_mask))
+        for i in range(first, len(prompt_mask)):
+            if not prompt_mask[i]:
+                break
+            prompt_mask[i] = 0
     completion_ids = completion_ids[: max_length - keep_prompt]
     return Encoded(prompt_ids + completion_ids, prompt_mask + [1] * len(completion_ids), truncated)
 

@@ -456,27 +456,26 @@ def _validate(path, convert: Callable[[_Row], dict], standard: tuple[str, ...],
     return [convert(_Row(path, i, record, from_csv, columns)) for i, record in enumerate(records)]
 
 
-_SFT = ("prompt", "completion", "messages", "text")
+_SFT = ("prompt", "completion", "messages")
+_SFT_TEXT = (*_SFT, "text")  # a language-modelling row's: a 'text' column beside the others is an extra (TRL too)
 
 
 def _sft_row(row: _Row) -> dict:
-    # a 'text' column beside the others is an extra column, kept as such (as TRL ignores it then)
-    standard = _SFT[:3]
     if row.present("messages"):
         if row.present("prompt") or row.present("completion"):
             raise row.error("messages", "the row has both 'messages' and 'prompt'/'completion'; keep one")
         messages = _messages(row, row.record["messages"], "messages", ends_with_reply=True)
         if len(messages) < 2:
             raise row.error("messages", "expected at least one message before the assistant reply")
-        return {"messages": messages, **row.extras(standard)}
+        return {"messages": messages, **row.extras(_SFT)}
     if row.present("text") and not (row.present("prompt") or row.present("completion")):
         # language modelling (TRL's "text" rows): every token learned, after an empty prompt
         return {"prompt": "", "completion": _string(row, row.record["text"], "text", non_empty=True),
-                **row.extras(_SFT)}
+                **row.extras(_SFT_TEXT)}
     expected = "'prompt' and 'completion' strings, a 'messages' list, or a 'text' string"
     prompt = _string(row, row.require("prompt", expected), "prompt", non_empty=False)
     completion = _string(row, row.require("completion", expected), "completion", non_empty=True)
-    return {"prompt": prompt, "completion": completion, **row.extras(standard)}
+    return {"prompt": prompt, "completion": completion, **row.extras(_SFT)}
 
 
 def load_sft(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> list[dict]:
@@ -486,7 +485,7 @@ def load_sft(path: str | os.PathLike, columns: Mapping[str, str] | None = None) 
     ``prompt`` may be empty; ``completion`` and ``text`` may not. ``messages`` ends with a non-empty
     assistant reply after at least one other message; in CSV it is JSON-encoded text.
     """
-    return _validate(path, _sft_row, _SFT, columns)
+    return _validate(path, _sft_row, _SFT_TEXT, columns)
 
 
 def _reply(row: _Row, field: str, like: tuple[str, Any] | None = None) -> str | list[dict]:

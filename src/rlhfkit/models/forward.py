@@ -237,15 +237,15 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
     autocast each chunk casts the head's weights itself (no cast shared by the chunks), so their gradients are
     summed in the weights' own precision, not in bf16."""
     picked, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (N, H), (N,)
-    device = hidden.device.type
+    chunked, device = 0 < chunk < len(labels), hidden.device.type
     uncached = (torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
-                if 0 < chunk < len(labels) and torch.is_autocast_enabled(device) else contextlib.nullcontext())
+                if chunked and torch.is_autocast_enabled(device) else contextlib.nullcontext())
 
     def head_logprobs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with uncached:
             return token_logprobs(head(h).float(), y)  # (n,)
 
-    if 0 < chunk < len(labels):
+    if chunked:
         if torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 

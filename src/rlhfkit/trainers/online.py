@@ -324,14 +324,17 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
                 kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mask, **reduce)
                            if mb.ref_logprobs is not None else logprobs.new_zeros(()))
-                entropy_loss = (entropy_bonus_loss(logits, mask, **reduce) if cfg.entropy_coef
+                token_entropy = entropy_from_logits(logits) if cfg.entropy_coef else None  # (B, A), with gradient
+                entropy_loss = (entropy_bonus_loss(token_entropy, mask, **reduce) if token_entropy is not None
                                 else logprobs.new_zeros(()))
                 # each term weighted by this micro-batch's share of the mini-batch's units (a spare one: 0):
                 # summed over micro-batches and processes, the mini-batch's loss
                 pg_share = reduction_units(reduction, mask) / units if real else 0.0
                 token_share = float(mask.sum()) / tokens if real else 0.0
                 if on_policy:  # the rollout's entropy, over every sampled token (truncated samples' too)
-                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask).item()
+                    seen = (token_entropy.detach() if token_entropy is not None  # computed once for both
+                            else entropy_from_logits(logits.detach()))
+                    entropy = masked_mean(seen, mb.action_mask).item()
                     stats["rollout/entropy"] += entropy * float(mb.action_mask.sum()) / sampled if real else 0.0
                     if mb.ref_logprobs is not None:  # on-policy this pass is the sampling policy: its KL to the
                         kl = rollout_kl(logprobs.detach(), mb.ref_logprobs, mb.action_mask)  # reference, per sequence

@@ -343,11 +343,11 @@ class KTOObjective:
         total, count = distributed.all_sum([total, float(len(examples))], next(policy.parameters()).device)
         return {"kl": total / max(count, 1.0)}
 
-    @staticmethod
-    def _kl_sum(policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]) -> float:
+    def _kl_sum(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example]) -> float:
         """Σ over examples of log π(y'|x) − log π_ref(y'|x) on their mismatched pairs, without gradient."""
         with torch.no_grad():  # z has no gradient (KTO paper, section 4.1); no_grad: see LiveReference.logps
-            kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), False, reference.chunk)  # (B,)
+            kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), False,
+                                        self.cfg.logits_chunk)  # (B,)
         (ref_kl_logps,) = reference.logps(examples, parts=(1,))
         return (kl_logps - ref_kl_logps).sum().item()
 
