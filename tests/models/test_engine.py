@@ -387,7 +387,6 @@ def test_rows_with_the_same_ids_but_other_padding_are_not_one_prompt():
                                                  ("llama", "hf", True), ("mistral-gqa", "loop", True),
                                                  ("gpt2", "loop", False), ("gpt2", "hf", False)])
 def test_rollout_logprobs_equal_a_scoring_forward(tiny_model_dir, arch, backend, lora):
-    from rlhfkit.losses import entropy_from_logits
     from rlhfkit.models.forward import join_prompt_response, logprobs_of
 
     model, tok = load(tiny_model_dir, arch)
@@ -411,9 +410,8 @@ def test_rollout_logprobs_equal_a_scoring_forward(tiny_model_dir, arch, backend,
     assert [len(r) for r in gens.logprobs] == [len(r) for r in gens.entropy] == lengths
     batch = join_prompt_response(gens.prompt_ids, gens.completion_ids, tok.pad_token_id)
     with torch.no_grad():
-        expected, logits = logprobs_of(model, batch["input_ids"], batch["attention_mask"],
-                                       keep=batch["action_mask"].shape[1], temperature=0.7, with_logits=True)
-        entropy = entropy_from_logits(logits)
+        expected, entropy = logprobs_of(model, batch["input_ids"], batch["attention_mask"],
+                                        keep=batch["action_mask"].shape[1], temperature=0.7, with_entropy=True)
     for i, n in enumerate(lengths):
         torch.testing.assert_close(torch.tensor(gens.logprobs[i]), expected[i, :n], rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.tensor(gens.entropy[i]), entropy[i, :n], rtol=0, atol=1e-5)

@@ -113,6 +113,52 @@ def test_models_that_transform_logits_take_the_full_forward(tiny_model_dir):
                                logprobs_of(model, batch["input_ids"], batch["attention_mask"]) * mask)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("lora", [None, "all-linear+head"])
+def test_response_logprobs_and_entropies_in_chunks_equal_the_whole_window(tiny_model_dir, arch, lora):
+    """The rollout trainers' layout (left-padded prompts, right-padded responses of 1 to 5 tokens, and an empty
+    one) at temperature 0.7: the head run on response tokens alone, 3 at a time, gives the log-probs and entropies
+    of the whole response window (and an oracle from the full forward's logits), 0 off the responses, and the
+    gradients of a loss reading both."""
+    from rlhfkit.models.forward import join_prompt_response, response_logprobs
+
+    model, _ = _model_and_batch(tiny_model_dir, arch, lora, "left")
+    tok = load_tokenizer(tiny_model_dir(arch))
+    grouped = _grouped_batch(tok)
+    cut = -grouped["action_mask"].shape[1]
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(grouped["input_ids"][:, :cut],
+                                                           grouped["attention_mask"][:, :cut])]
+    responses = [row[m.bool()].tolist() for row, m in zip(grouped["input_ids"][:, cut:], grouped["action_mask"])]
+    batch = join_prompt_response(prompt_ids + prompt_ids[:1], responses + [[]], tok.pad_token_id)
+    mask, width = batch["action_mask"], batch["action_mask"].shape[1]
+    assert mask.sum(-1).tolist() == [1, 2, 3, 3, 5, 3, 0]  # tokens as the tokenizer splits them
+    with torch.no_grad():  # the oracle: the full forward's logits at the positions that predict response tokens
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits
+        logp = torch.log_softmax(logits[:, -width - 1:-1].float() / 0.7, -1)  # (B, A, V)
+        oracle_lp = logp.gather(-1, batch["input_ids"][:, -width:, None]).squeeze(-1) * mask
+        oracle_entropy = -(logp.exp() * logp).sum(-1) * mask
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(0))  # positions weighed unevenly
+    grads = {}
+    for chunk in (0, 3):
+        model.zero_grad()
+        lp, entropy = response_logprobs(model, batch, 0.7, with_entropy=True, chunk=chunk)
+        torch.testing.assert_close(lp, oracle_lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(entropy, oracle_entropy, atol=1e-5, rtol=0)
+        assert (lp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all()
+        (weights * (lp - 0.3 * entropy)).sum().backward()
+        grads[chunk] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            torch.testing.assert_close(response_logprobs(model, batch, 0.7, chunk=chunk), lp.detach(), atol=1e-6,
+                                       rtol=0)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[3][n], g, atol=1e-5 * g.abs().max().item(), rtol=1e-4, msg=n)
+    # a batch whose every response is empty: zeros, nothing run through the head
+    empty = join_prompt_response(prompt_ids[:2], [[], []], tok.pad_token_id)
+    lp, entropy = response_logprobs(model, empty, with_entropy=True, chunk=3)
+    assert lp.shape == entropy.shape == (2, 1) and not lp.any() and not entropy.any()
+
+
 def _grouped_batch(tok, group: int = 3):
     """Two prompts of different lengths, each ``group`` times, with responses of different lengths."""
     from rlhfkit.data.collate import encode_prompt
@@ -141,9 +187,9 @@ def test_shared_prefix_logprobs_equal_the_full_forward(tiny_model_dir, arch, lor
     full.sum().backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    shared, logits = logprobs_of(model, ids, attn, keep=width, with_logits=True)
+    shared, entropy = logprobs_of(model, ids, attn, keep=width, with_entropy=True)
     (shared * batch["action_mask"]).sum().backward()
-    assert shared.shape == full.shape and logits.shape[:2] == full.shape
+    assert shared.shape == full.shape and entropy.shape == full.shape
     torch.testing.assert_close(shared * batch["action_mask"], full, atol=1e-5, rtol=0)
     for n, p in model.named_parameters():
         if p.requires_grad:

@@ -258,6 +258,41 @@ def test_the_entropy_bonus_is_minus_the_rollout_s_entropy_on_one_on_policy_updat
     assert any(not torch.equal(bonus[k], plain[k]) for k in plain)
 
 
+@pytest.mark.parametrize("extra", [
+    ["--kl_coef", "0.05", "--entropy_coef", "0.01"],  # two updates a step, the reference's pass
+    ["--mini_batch_size", "16"],  # one on-policy update: the rollout's entropy from the learn pass
+])
+def test_a_chunked_head_trains_to_the_same_weights(tiny_model_dir, arithmetic_dir, reward_module, tmp_path, extra):
+    # the policy's and the reference's log-probs (and entropies) with the head run on 3 response tokens at a time
+    from rlhfkit.models import forward
+
+    real, seen = forward._masked_head_logprobs, set()
+
+    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, with_entropy=False):
+        seen.add((chunk, torch.is_grad_enabled(), with_entropy))
+        return real(head, hidden, input_ids, mask, chunk, temperature, with_entropy)
+
+    runs = {}
+    for name, chunk in (("whole", []), ("chunked", ["--logits_chunk", "3"])):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(forward, "_masked_head_logprobs", recorded)
+            assert _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / name, "--rewards",
+                        "my_rewards:length", "--eval_prompts", "", *extra, *chunk) == 0
+        logs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = load_file(str(tmp_path / name / "adapter_model.safetensors")), logs
+    # the reference's pass: log-probs, no gradients; the learn pass: log-probs and entropies (the old log-probs come
+    # from the sampler)
+    assert seen == ({(3, False, False), (3, True, True)} if "--kl_coef" in extra else {(3, True, True)})
+    (whole, whole_logs), (chunked, chunked_logs) = runs["whole"], runs["chunked"]
+    assert any(v.abs().max() > 0 for k, v in whole.items() if "lora_B" in k)  # the adapter trained
+    for name, value in whole.items():  # float rounding, through Adam (test_forward: the passes agree within 1e-5)
+        assert (chunked[name] - value).norm() <= 1e-4 * value.norm().clamp(min=1e-12), name
+    keys = ["loss/policy", "policy/approx_kl", "rollout/entropy"] + (["loss/entropy", "loss/kl", "rollout/kl"]
+                                                                     if "--kl_coef" in extra else [])
+    for key in keys:
+        assert [r[key] for r in chunked_logs] == pytest.approx([r[key] for r in whole_logs], rel=1e-4, abs=1e-6), key
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--advantage", "dr_grpo", "--scale_rewards", "batch"], "dr_grpo's advantage is never scaled"),
     (["--overlong_buffer", "9"], "overlong_buffer 9 is longer than generation.max_new_tokens 8"),

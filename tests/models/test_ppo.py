@@ -640,3 +640,52 @@ def test_a_reward_model_is_refused_where_a_language_model_is_wanted(rm_dir, lora
             load_causal_lm(ModelConfig(path=path), CPU)
     assert main(["generate", "--model", rm_dir, "--prompt", "Hi"]) == 2
     assert "is a reward model" in capsys.readouterr().err
+
+
+def _ppo(tiny_model_dir, task_dir, rm_dir, out, *extra):
+    assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", rm_dir,
+                 "--prompts", str(task_dir / "prompts_train.jsonl"), "--out", str(out), "--rollout_batch_size", "8",
+                 "--optim.lr", "1e-3", "--generation.max_new_tokens", "8", "--train.tensorboard", "false",
+                 *extra]) == 0
+    weights = {f"{p.relative_to(out)}:{k}": v for p in sorted(out.rglob("*.safetensors"))
+               for k, v in load_file(str(p)).items()}
+    return weights, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_a_chunked_head_trains_ppo_to_the_same_weights(tiny_model_dir, task_dir, rm_dir, tmp_path, mode):
+    # the reference's pass (no gradients) and the actor's learn passes with the entropy bonus (with gradients), the
+    # head run on 3 response tokens at a time; two updates a step (the old log-probs come from the sampler)
+    from rlhfkit.models import forward
+
+    real, seen = forward._masked_head_logprobs, set()
+
+    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, with_entropy=False):
+        seen.add((chunk, torch.is_grad_enabled(), with_entropy))
+        return real(head, hidden, input_ids, mask, chunk, temperature, with_entropy)
+
+    args = ["--mode", mode, "--train.max_steps", "2", "--mini_batch_size", "4", "--entropy_coef", "0.1"]
+    whole, whole_logs = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "whole", *args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(forward, "_masked_head_logprobs", recorded)
+        chunked, chunked_logs = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "chunked", *args,
+                                     "--logits_chunk", "3")
+    assert seen == {(3, False, False), (3, True, True)}
+    assert whole.keys() == chunked.keys()
+    for name, value in whole.items():  # float rounding, through Adam (test_forward: the passes agree within 1e-5)
+        assert (chunked[name] - value).norm() <= 1e-4 * value.norm().clamp(min=1e-12), name
+    for key in ("loss/policy", "policy/entropy", "policy/approx_kl", "rollout/entropy", "rollout/kl"):
+        assert [r[key] for r in chunked_logs] == pytest.approx([r[key] for r in whole_logs], rel=1e-4, abs=1e-6), key
+
+
+def test_the_entropy_bonus_is_the_rollout_s_entropy_in_one_update(tiny_model_dir, task_dir, rm_dir, tmp_path):
+    # one update from the rollout policy (learn_once): the learn pass's token-mean entropy is the rollout's, and
+    # the actor's loss is the clipped surrogate's minus entropy_coef times it; the update differs from the plain one
+    args = ["--train.max_steps", "1", "--ppo_epochs", "1", "--mini_batch_size", "8"]
+    plain, (plain_row,) = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "plain", *args)
+    bonus, (row,) = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "bonus", *args, "--entropy_coef", "0.1")
+    assert "policy/entropy" not in plain_row and row["rollout/entropy"] > 0.1
+    assert row["policy/entropy"] == pytest.approx(row["rollout/entropy"], rel=1e-5)
+    assert row["loss/policy"] == pytest.approx(plain_row["loss/policy"] - 0.1 * row["policy/entropy"], abs=1e-6)
+    assert row["loss/value"] == pytest.approx(plain_row["loss/value"], rel=1e-6)
+    assert any(not torch.equal(bonus[k], v) for k, v in plain.items() if "critic" not in k)

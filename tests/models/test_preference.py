@@ -187,9 +187,9 @@ def test_a_chunked_head_trains_to_the_same_weights(tiny_model_dir, small_data, t
     args = [command, "--model", tiny_model_dir("llama"), "--data", str(data), "--train.max_steps", "2", *QUICK]
     real, seen = forward._masked_head_logprobs, set()
 
-    def recorded(head, hidden, input_ids, mask, chunk=0):
+    def recorded(head, hidden, input_ids, mask, chunk=0, *rest):
         seen.add((chunk, torch.is_grad_enabled()))
-        return real(head, hidden, input_ids, mask, chunk)
+        return real(head, hidden, input_ids, mask, chunk, *rest)
 
     for name, extra in (("whole", []), ("chunked", ["--logits_chunk", "3"])):
         seen.clear()

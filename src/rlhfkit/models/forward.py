@@ -15,6 +15,7 @@ import torch
 from rlhfkit import distributed
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.fsdp import collective, run_as_forward
+from rlhfkit.losses import entropy_from_logits
 from rlhfkit.ops import cache_keyword, cache_of, distinct_rows, position_ids_from_mask, shifted_logprobs, token_logprobs
 
 LOGITS_CHUNK_HELP = ("output-head positions computed at a time (0 = all at once): the (positions, vocabulary) "
@@ -22,19 +23,26 @@ LOGITS_CHUNK_HELP = ("output-head positions computed at a time (0 = all at once)
                      "batch; each chunk's logits made again in the backward (one more head product; what Liger's "
                      "fused cross-entropy saves on GPUs)")
 
+ROLLOUT_LOGITS_CHUNK_HELP = ("response tokens the output head runs on at a time in the actor's and the "
+                             "reference's forwards (0 = the whole response window at once, padding included): "
+                             "(positions, vocabulary) logits, softmax and gradients held for this many, not for "
+                             "every response column of the micro-batch; each chunk's logits made again in the "
+                             "backward (one more head product)")
+
 # config fields under which a model changes its logits after the output head (softcapping, scaling):
 # such models keep the full forward, whose code applies them
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | None = None,
-                temperature: float = 1.0, with_logits: bool = False):
+                temperature: float = 1.0, with_entropy: bool = False):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) under ``model``.
 
     input_ids, attention_mask (B, T) → (B, T-1); with ``keep`` = k only the last k
     predictions are returned, (B, k), and the LM head runs on those positions alone.
     ``temperature`` divides the logits, matching the distribution that was sampled.
-    ``with_logits`` also returns the (temperature-scaled) logits behind them, (B, k, V).
+    ``with_entropy`` also returns the entropy of each of those (temperature-scaled) distributions, same shape,
+    with gradient.
     """
     logits = _shared_prefix_logits(model, input_ids, attention_mask, keep) if keep else None
     if logits is None:
@@ -45,7 +53,7 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
         logits = logits.float() / temperature  # one rounding fewer for bf16 logits
     ids = input_ids[:, -(keep + 1):] if keep else input_ids
     lp = shifted_logprobs(logits, ids)
-    return (lp, logits[:, :-1]) if with_logits else lp
+    return (lp, entropy_from_logits(logits[:, :-1])) if with_entropy else lp
 
 
 def _checkpointing(module) -> bool:
@@ -162,11 +170,12 @@ def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def _head_on_mask(backbone, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                  chunk: int = 0) -> torch.Tensor:
-    """``masked_logprobs`` from the body and the head: (B, T), (B, T), mask (B, T-1) bool → (B, T-1)."""
+                  chunk: int = 0, temperature: float = 1.0, with_entropy: bool = False):
+    """``masked_logprobs`` from the body and the head: (B, T), (B, T), mask (B, T-1) bool → (B, T-1)
+    (``_masked_head_logprobs``: with ``with_entropy`` a pair)."""
     # columns up to every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
     hidden = backbone_hidden(backbone, input_ids, attention_mask, prompt_width(mask) + 1)  # (B, T, H)
-    return _masked_head_logprobs(head, hidden, input_ids, mask, chunk)
+    return _masked_head_logprobs(head, hidden, input_ids, mask, chunk, temperature, with_entropy)
 
 
 def packed_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
@@ -226,9 +235,10 @@ def packing_works(model) -> bool:
 
 
 def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                          chunk: int = 0) -> torch.Tensor:
+                          chunk: int = 0, temperature: float = 1.0, with_entropy: bool = False):
     """log p of each next token where ``mask`` is set, the head run there alone: hidden (B, T, H), input_ids (B, T),
-    mask (B, T-1) bool → (B, T-1), 0 elsewhere.
+    mask (B, T-1) bool → (B, T-1), 0 elsewhere. ``temperature`` divides the logits; ``with_entropy`` also returns
+    the entropy of each of those distributions, (B, T-1), 0 elsewhere.
 
     With ``chunk`` > 0 the N positions go through the head and the log-softmax ``chunk`` at a time: without
     gradients each chunk's (chunk, V) logits are freed before the next; with them each chunk is checkpointed
@@ -241,9 +251,13 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
     uncached = (torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
                 if chunked and torch.is_autocast_enabled(device) else contextlib.nullcontext())
 
-    def head_logprobs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def head_logprobs(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with uncached:
-            return token_logprobs(head(h).float(), y)  # (n,)
+            logits = head(h).float()  # (n, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lp = token_logprobs(logits, y)
+        return (lp, entropy_from_logits(logits)) if with_entropy else (lp,)
 
     if chunked:
         if torch.is_grad_enabled():
@@ -253,10 +267,11 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
                       for h, y in zip(picked.split(chunk), labels.split(chunk))]
         else:
             pieces = [head_logprobs(h, y) for h, y in zip(picked.split(chunk), labels.split(chunk))]
-        lp = torch.cat(pieces)
+        columns = [torch.cat(c) for c in zip(*pieces)]
     else:
-        lp = head_logprobs(picked, labels)  # (N,)
-    return lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # (B, T-1)
+        columns = head_logprobs(picked, labels)  # (N,) each
+    out = [c.new_zeros(mask.shape).masked_scatter(mask, c) for c in columns]  # (B, T-1) each
+    return tuple(out) if with_entropy else out[0]
 
 
 def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int
@@ -278,8 +293,23 @@ def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[in
             "action_mask": action_mask}
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of the response tokens of a ``join_prompt_response`` batch: (B, A), 0 where masked."""
-    width = batch["action_mask"].shape[1]
-    lp = logprobs_of(model, batch["input_ids"], batch["attention_mask"], keep=width, temperature=temperature)
-    return lp * batch["action_mask"]
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False,
+                      chunk: int = 0):
+    """Log-probs of the response tokens of a ``join_prompt_response`` batch: (B, A), 0 where masked; with
+    ``with_entropy`` also each one's entropy, (B, A), 0 where masked (both with gradient).
+
+    ``chunk`` > 0 runs the output head on the response tokens alone, ``chunk`` of them at a time
+    (``_masked_head_logprobs``: (chunk, V) logits alive at once, not (B, A, V)); a model whose logits are
+    transformed after its head (softcapping) runs whole."""
+    action_mask = batch["action_mask"]
+    parts = backbone_and_head(model) if chunk else None
+    if parts is None:
+        out = logprobs_of(model, batch["input_ids"], batch["attention_mask"], keep=action_mask.shape[1],
+                          temperature=temperature, with_entropy=with_entropy)
+        return tuple(o * action_mask for o in out) if with_entropy else out * action_mask
+    # response token j (column T - A + j) is predicted at column T - A - 1 + j of the (B, T-1) shifted positions
+    before = batch["input_ids"].shape[1] - 1 - action_mask.shape[1]
+    mask = torch.cat([action_mask.new_zeros(action_mask.shape[0], before), action_mask], 1).bool()
+    out = run_as_forward(model, _head_on_mask, *parts, batch["input_ids"], batch["attention_mask"], mask, chunk,
+                         temperature, with_entropy)
+    return tuple(o[:, before:] for o in out) if with_entropy else out[:, before:]

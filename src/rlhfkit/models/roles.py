@@ -26,7 +26,7 @@ from torch import nn
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
-from rlhfkit.models.forward import logprobs_of
+from rlhfkit.models.forward import response_logprobs
 from rlhfkit.models.load import (adapter_base, add_lora, checkpoint_activations, is_adapter_dir, learn_mode,
                                  load_causal_lm, mixed_precision,
                                  peft_lora_config, position_limit, save_model, write_atomically)
@@ -81,9 +81,13 @@ def adapter_layers(model) -> list[nn.Module]:
 class SharedBaseRoles:
     """Actor and critic as two LoRA adapters on one base; reference = adapters off."""
 
-    def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device, critic: bool = True):
+    def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device, critic: bool = True,
+                 logits_chunk: int = 0):
         """``critic=False`` (critic-free methods: GRPO, RLOO, REINFORCE++): no critic adapter or value
-        head; ``critic_values`` returns zeros and ``critic_parameters`` is empty."""
+        head; ``critic_values`` returns zeros and ``critic_parameters`` is empty. ``logits_chunk`` > 0: the
+        actor's and the reference's output head runs on response tokens that many at a time
+        (``forward.response_logprobs``)."""
+        self.logits_chunk = logits_chunk
         if is_adapter_dir(model_cfg.path):  # peft would re-initialise its adapter as the actor: the SFT lost
             raise ConfigError(f"{model_cfg.path} is a LoRA adapter directory: the policy (and PPO's critic) are new "
                               "adapters on a full model, the reference that model with them off; merge it first "
@@ -208,10 +212,10 @@ class SharedBaseRoles:
         for p in self._reward + [p for n, p in current if ".reward." in n]:
             p.requires_grad_(False)
 
-    def actor_logprobs(self, batch, temperature: float = 1.0, with_logits: bool = False):
+    def actor_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False):
+        """(B, A) log-probs of the response tokens, 0 where masked; ``with_entropy``: and their entropies."""
         self._use("default")
-        return logprobs_of(self.model, batch["input_ids"], batch["attention_mask"],
-                           keep=batch["action_mask"].shape[1], temperature=temperature, with_logits=with_logits)
+        return response_logprobs(self.model, batch, temperature, with_entropy, self.logits_chunk)
 
     def critic_values(self, batch) -> torch.Tensor:
         if self.value_head is None:  # critic-free: a zero baseline
@@ -229,8 +233,7 @@ class SharedBaseRoles:
 
     def reference_logprobs(self, batch, temperature: float = 1.0) -> torch.Tensor:
         with self.reference() as ref:
-            return logprobs_of(ref, batch["input_ids"], batch["attention_mask"],
-                               keep=batch["action_mask"].shape[1], temperature=temperature)
+            return response_logprobs(ref, batch, temperature, chunk=self.logits_chunk)
 
     def generation_model(self):
         self._use("default")
@@ -283,11 +286,12 @@ class SeparateRoles:
     when a KL term needs it (``reference``)."""
 
     def __init__(self, model_cfg: ModelConfig, critic_path: str | None, device: torch.device,
-                 reference: bool = True):
+                 reference: bool = True, logits_chunk: int = 0):
         if is_adapter_dir(model_cfg.path):  # loaded, it would be a frozen base under a frozen adapter
             raise ConfigError(f"{model_cfg.path} is a LoRA adapter directory: merge it into a full model to train "
                               "every weight (rlhfkit export --model ADAPTER_DIR --out DIR), or train LoRA adapters "
                               "(PPO's mode shared; lora.enabled true for GRPO, RLOO and REINFORCE++)")
+        self.logits_chunk = logits_chunk  # as SharedBaseRoles' (``forward.response_logprobs``)
         self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
         self.actor = load_causal_lm(model_cfg, device, trainable=True)
         self.ref = _frozen(load_causal_lm(model_cfg, device)) if reference else None
@@ -301,11 +305,10 @@ class SeparateRoles:
     def _models(self) -> list[nn.Module]:
         return [m for m in (self.actor, self.ref, self.critic) if m is not None]
 
-    def actor_logprobs(self, batch, temperature: float = 1.0, with_logits: bool = False):
+    def actor_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False):
         # with gradients under DeepSpeed: one forward of the actor's engine (``rlhfkit.zero``)
-        return zero.run_as_forward(self.actor, logprobs_of, self.actor, batch["input_ids"], batch["attention_mask"],
-                                   keep=batch["action_mask"].shape[1], temperature=temperature,
-                                   with_logits=with_logits)
+        return zero.run_as_forward(self.actor, response_logprobs, self.actor, batch, temperature, with_entropy,
+                                   self.logits_chunk)
 
     def critic_values(self, batch) -> torch.Tensor:
         values = zero.run_as_forward(self.critic, critic_values_of, self.critic, _hf_model(self.critic).score, batch)
@@ -321,8 +324,7 @@ class SeparateRoles:
 
     def reference_logprobs(self, batch, temperature: float = 1.0) -> torch.Tensor:
         with self.reference() as ref:
-            return logprobs_of(ref, batch["input_ids"], batch["attention_mask"],
-                               keep=batch["action_mask"].shape[1], temperature=temperature)
+            return response_logprobs(ref, batch, temperature, chunk=self.logits_chunk)
 
     def generation_model(self):
         return self.actor

@@ -18,7 +18,6 @@ from rlhfkit import distributed
 from rlhfkit.advantages import approx_kl, gae, masked_mean, per_token_rewards
 from rlhfkit.advantages import overlong_penalty as overlong_penalty_of
 from rlhfkit.config import GenerationConfig
-from rlhfkit.losses import entropy_from_logits
 from rlhfkit.models.forward import join_prompt_response
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.sampling import prompt_seeds
@@ -195,9 +194,8 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
         old = per_token(gens.logprobs, mask.shape[1]).to(device)
         metrics["rollout/entropy"] = masked_mean(per_token(gens.entropy, mask.shape[1]).to(device), mask).item()
     elif old_logprobs != "none":
-        old, logits = roles.actor_logprobs(batch, temperature=temperature, with_logits=True)
-        metrics["rollout/entropy"] = masked_mean(entropy_from_logits(logits), mask).item()
-        del logits
+        old, entropy = roles.actor_logprobs(batch, temperature=temperature, with_entropy=True)
+        metrics["rollout/entropy"] = masked_mean(entropy, mask).item()
     if reference:
         ref = roles.reference_logprobs(batch, temperature=temperature)
     if values:

@@ -33,7 +33,8 @@ from rlhfkit.advantages import group_advantages, masked_mean, masked_whiten, rew
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
-from rlhfkit.losses import entropy_bonus_loss, entropy_from_logits, kl_penalty_loss, policy_loss, reduction_units
+from rlhfkit.losses import entropy_bonus_loss, kl_penalty_loss, policy_loss, reduction_units
+from rlhfkit.models.forward import ROLLOUT_LOGITS_CHUNK_HELP
 from rlhfkit.models.load import prompt_room
 from rlhfkit.models.roles import SeparateRoles, SharedBaseRoles
 from rlhfkit.ops import mean_of, mean_stderr
@@ -86,6 +87,7 @@ class OnlineConfig:
                               "reduced as the policy term, added to the loss (OpenRLHF's entropy_loss_coef; 0 = none; "
                               "its backward keeps softmax-sized tensors over the whole vocabulary: micro_batch_size "
                               "bounds them)", ge=0, lt=float("inf"))
+    logits_chunk: int = arg(0, ROLLOUT_LOGITS_CHUNK_HELP, ge=0)
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
                       "(+ the reward at the last token)", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
@@ -313,8 +315,10 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 mb = share[rows].trimmed()  # at its own longest row, not the buffer's
                 mask = share_mask[rows][:, : mb.action_mask.shape[1]]
                 on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
+                wants_entropy = bool(cfg.entropy_coef) or on_policy  # for the bonus, or the rollout's metric
                 with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
-                    logprobs, logits = roles.actor_logprobs(mb.batch(), temperature=temperature, with_logits=True)
+                    out = roles.actor_logprobs(mb.batch(), temperature=temperature, with_entropy=wants_entropy)
+                logprobs, token_entropy = out if wants_entropy else (out, None)  # (B, A) each, with gradient
                 old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
                 # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
                 reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
@@ -324,22 +328,19 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 # the KL term reduced as the policy term is (GRPO's β·KL sits inside the same average)
                 kl_loss = (kl_penalty_loss(logprobs, mb.ref_logprobs, mask, **reduce)
                            if mb.ref_logprobs is not None else logprobs.new_zeros(()))
-                token_entropy = entropy_from_logits(logits) if cfg.entropy_coef else None  # (B, A), with gradient
-                entropy_loss = (entropy_bonus_loss(token_entropy, mask, **reduce) if token_entropy is not None
+                entropy_loss = (entropy_bonus_loss(token_entropy, mask, **reduce) if cfg.entropy_coef
                                 else logprobs.new_zeros(()))
                 # each term weighted by this micro-batch's share of the mini-batch's units (a spare one: 0):
                 # summed over micro-batches and processes, the mini-batch's loss
                 pg_share = reduction_units(reduction, mask) / units if real else 0.0
                 token_share = float(mask.sum()) / tokens if real else 0.0
                 if on_policy:  # the rollout's entropy, over every sampled token (truncated samples' too)
-                    seen = (token_entropy.detach() if token_entropy is not None  # computed once for both
-                            else entropy_from_logits(logits.detach()))
-                    entropy = masked_mean(seen, mb.action_mask).item()
+                    entropy = masked_mean(token_entropy.detach(), mb.action_mask).item()
                     stats["rollout/entropy"] += entropy * float(mb.action_mask.sum()) / sampled if real else 0.0
                     if mb.ref_logprobs is not None:  # on-policy this pass is the sampling policy: its KL to the
                         kl = rollout_kl(logprobs.detach(), mb.ref_logprobs, mb.action_mask)  # reference, per sequence
                         stats["rollout/kl"] += kl * len(mb) / len(idx) if real else 0.0
-                del logits
+                del token_entropy  # without the bonus its graph (softmax-sized) is not kept to the backward
                 # DeepSpeed's backward where an engine steps the optimiser (which then reduces the gradients); a
                 # non-finite loss is back-propagated too (its gradients are dropped below): collective when sharded
                 loss = pg_loss + cfg.kl_coef * kl_loss + cfg.entropy_coef * entropy_loss
@@ -425,8 +426,9 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     reward.check_columns(rows[0], cfg.prompts)  # before anything is sampled
     if eval_rows:
         reward.check_columns(eval_rows[0], cfg.eval_prompts)
-    roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False) if cfg.lora.enabled
-             else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta)))
+    roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False, logits_chunk=cfg.logits_chunk)
+             if cfg.lora.enabled else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta),
+                                                    logits_chunk=cfg.logits_chunk))
     if cfg.train.gradient_checkpointing:
         roles.checkpoint_activations()
     roles.shard(sharding)  # FSDP: the policy (a base and its adapter) split over the processes, before the optimiser

@@ -24,7 +24,8 @@ from rlhfkit.advantages import AdaptiveKLController, FixedKLController, gae, mas
 from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import drop_long_prompts
 from rlhfkit.data.formats import load_prompts
-from rlhfkit.losses import policy_loss, value_loss
+from rlhfkit.losses import entropy_bonus_loss, policy_loss, value_loss
+from rlhfkit.models.forward import ROLLOUT_LOGITS_CHUNK_HELP
 from rlhfkit.models.load import check_same_tokenizer, is_adapter_dir, prompt_room
 from rlhfkit.models.reward import RewardModel, check_reward_dir
 from rlhfkit.models.roles import RewardAdapterScores, SeparateRoles, SharedBaseRoles
@@ -76,6 +77,12 @@ class PPOConfig:
                                       "0.2; none = clip_eps)", gt=0)
     value_clip_eps: float = arg(0.2, "value clip ε_v", gt=0)
     vf_coef: float = arg(0.5, "weight of the value loss", ge=0)
+    entropy_coef: float = arg(0.0, "weight of an entropy bonus: minus the actor's entropy at each response token, "
+                              "a token mean as the policy loss, added to it (OpenRLHF's entropy_loss_coef; 0 = none; "
+                              "loss/policy includes it, policy/entropy logs the entropy; its backward keeps "
+                              "softmax-sized tensors over the whole vocabulary unless logits_chunk is set)",
+                              ge=0, lt=float("inf"))
+    logits_chunk: int = arg(0, ROLLOUT_LOGITS_CHUNK_HELP, ge=0)
     critic_in_learn: bool = arg(True, "one epoch of one mini-batch: GAE's values from the critic's learn forward, "
                                 "not a separate no-grad pass (the same numbers, one pass fewer)")
     critic_lr: float = arg(0.0, "critic learning rate; 0 = the actor's (optim.lr)", ge=0)
@@ -140,9 +147,8 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
         # actor and critic share no trainable parameter, so each loss back-propagates on its own, the
         # gradients those of (pg_loss + vf_coef · vf_loss) · share: the actor's graphs (one forward's
         # activations at a time) are freed before the critic's forwards, not held beside them
-        pg_loss, pg_stats = _backward_each(parts, actor_opt[0], lambda mb: policy_loss(
-            roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature), mb.old_logprobs,
-            mb.advantages, mb.action_mask, cfg.clip_eps, clip_eps_high=cfg.clip_eps_high), roles.amp)
+        pg_loss, pg_stats = _backward_each(parts, actor_opt[0], lambda mb: actor_loss(
+            roles, mb.batch(), mb.old_logprobs, mb.advantages, cfg), roles.amp)
         share = sum(s for _, s in parts)  # this process's share of the mini-batch's tokens
         if cfg.target_kl is not None:  # the policy has moved far enough this step (over every process's share)
             moved = distributed.all_sum([pg_stats["approx_kl"] * share], pg_loss.device)[0]
@@ -161,6 +167,22 @@ def learn(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt, gene
     if cfg.target_kl is not None:
         learned.update({"policy/early_stop": float(stopped), "policy/updates": float(len(records))})
     return learned
+
+
+def actor_loss(roles, batch: dict[str, torch.Tensor], old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The actor's loss on ``batch`` (B, A response tokens): the clipped policy loss, plus ``entropy_coef`` x the
+    entropy bonus (``losses.entropy_bonus_loss``, a token mean) when set, the token-mean entropy then among the
+    stats (``policy/entropy``)."""
+    mask = batch["action_mask"]
+    out = roles.actor_logprobs(batch, temperature=cfg.generation.logprob_temperature,
+                               with_entropy=bool(cfg.entropy_coef))
+    logprobs, entropy = out if cfg.entropy_coef else (out, None)
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
+    if entropy is None:
+        return loss, stats
+    bonus = entropy_bonus_loss(entropy, mask)
+    return loss + cfg.entropy_coef * bonus, {**stats, "entropy": -bonus.detach()}
 
 
 def _backward_each(parts: list[tuple[Experience, float]], optimizer, loss_of, amp, scale: float = 1.0
@@ -206,9 +228,7 @@ def learn_once(roles, buffer: Experience, cfg: PPOConfig, actor_opt, critic_opt,
     vf_loss, vf_stats = value_loss(values, old_values, returns, mask, cfg.value_clip_eps)
     zero.backward(critic_opt[0], cfg.vf_coef * vf_loss * share)
     with roles.amp():
-        logprobs = roles.actor_logprobs(mb.batch(), temperature=cfg.generation.logprob_temperature)
-    pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, advantages, mask, cfg.clip_eps,
-                                    clip_eps_high=cfg.clip_eps_high)
+        pg_loss, pg_stats = actor_loss(roles, mb.batch(), mb.old_logprobs, advantages, cfg)
     zero.backward(actor_opt[0], pg_loss * share)
     stats = apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg, actor_opt, critic_opt, nonfinite, step,
                          share)
@@ -266,8 +286,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 def build_roles(cfg: PPOConfig, device: torch.device):
     if cfg.mode == "shared":
-        return SharedBaseRoles(cfg.model, cfg.lora, device)
-    return SeparateRoles(cfg.model, cfg.reward_model if cfg.critic_init == "reward" else cfg.model.path, device)
+        return SharedBaseRoles(cfg.model, cfg.lora, device, logits_chunk=cfg.logits_chunk)
+    return SeparateRoles(cfg.model, cfg.reward_model if cfg.critic_init == "reward" else cfg.model.path, device,
+                         logits_chunk=cfg.logits_chunk)
 
 
 def ppo_step(step: int, roles, engine: RolloutEngine, tokenizer, prompts: list, score_fn: ScoreFn, probe, kl_ctl,
