@@ -227,7 +227,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "generation.batch_size", "eval_prompts", "task", "model.allow_pickle", "model.trust_remote_code",
     # memory and logging, not the update: a run resumed to fit memory (rlhfkit ppo / grpo / rloo / reinforce-pp)
     "train.gradient_checkpointing", "micro_batch_size", "log_samples",
-    "packing", "logits_chunk"})  # sft and the DPO family: how a batch is laid out and computed, not what it learns
+    "packing", "logits_chunk"})  # how a batch is laid out and computed (packing: sft), not what it learns
 
 # settings added since some checkpoints were written whose default is not what those runs did: such a run
 # resumes with the value it ran with (compared as any other setting) rather than the new default
