@@ -121,6 +121,15 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over ranks (every process calls it; the identity with one)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_process(flag: bool) -> bool:
     """Whether ``flag`` holds in any process (every process calls it; the identity with one)."""
     if world_size() == 1:

@@ -123,15 +123,10 @@ def refuse_with_fsdp(stage_: int, sharding: str) -> None:
                           "(train.fsdp off or train.deepspeed off, or one accelerate config)")
 
 
-def refuse_chunked_head(deepspeed: str, chunk: int) -> None:
-    """``logits_chunk`` under ZeRO-3 (more than one process) is refused: each process runs the output head once a
-    chunk of its own completion positions, so the processes would gather the head's partitioned weights a
-    different number of times and wait on each other for ever (FSDP gathers the head once a forward; ZeRO-1/2
-    hold it whole)."""
-    if chunk and distributed.world_size() > 1 and stage(deepspeed) == 3:
-        raise ConfigError(f"logits_chunk {chunk} does not run under DeepSpeed ZeRO-3 (each process would gather the "
-                          "output head's weights once a chunk of its own positions, a different number of times): "
-                          "shard with train.fsdp full_shard, use ZeRO-2, or set logits_chunk 0")
+def gathers_collectively(module) -> bool:
+    """Whether ``module`` holds weights ZeRO-3 partitioned over the processes: each call gathers them from every
+    process, so every process must call it as often (``forward._masked_head_logprobs`` pads its chunks)."""
+    return distributed.world_size() > 1 and any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:

@@ -100,18 +100,6 @@ def test_separate_roles_hand_their_autocast_to_each_engine(monkeypatch):
         (roles.critic, ("critic AdamW", 2, 1, 4, 0.5), {"amp": roles.amp, "what": "the critic"})]
 
 
-def test_a_chunked_head_under_zero3_is_refused_naming_what_works(monkeypatch):
-    # each process would run the head once a chunk of its own positions: a different number of weight gathers
-    # (a hang, found by hand)
-    zero.refuse_chunked_head("zero3", 8)  # one process: nothing is partitioned
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    zero.refuse_chunked_head("zero2", 8)
-    zero.refuse_chunked_head("zero3", 0)
-    with pytest.raises(ConfigError, match="logits_chunk 8 does not run under DeepSpeed ZeRO-3 .* train.fsdp "
-                                          "full_shard, use ZeRO-2, or set logits_chunk 0"):
-        zero.refuse_chunked_head("zero3", 8)
-
-
 # --------------------------------------------------------------------------- two processes
 
 
@@ -240,6 +228,23 @@ def test_lora_dpo_under_zero3_with_checkpointed_layers_equals_one_process(tiny_m
     one = _assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # the adapters really trained
     assert any("lm_head" in k and "lora_B" in k for k in one)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_a_chunked_head_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path, command):
+    # each call of the head gathers its partitioned weights from both processes: each process pads its chunks
+    # (its own completion positions) to the most any has, with empty ones, in the forward and the backward's
+    # recompute (unpadded, the processes gathered a different number of times and hung). DPO: a LoRA head, the
+    # reference the adapters off (a pass without gradients)
+    data = {"sft": ["--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0"],
+            "dpo": ["--data", str(task_dir / "preference.jsonl"), "--beta", "0.5", "--lora.enabled", "true",
+                    "--lora.target_modules", "all-linear+head", "--reference", "adapter"]}[command]
+    args = [command, "--model", tiny_model_dir("llama"), *data, *TRAIN, "--train.grad_accum", "2",
+            "--train.max_steps", "4", "--logits_chunk", "5"]
+    _one_process(args, tmp_path / "one")
+    assert "deepspeed ZeRO-3" in _launch(_zero3_config(tmp_path), args, tmp_path / "two")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
 @needs_deepspeed

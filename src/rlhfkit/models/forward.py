@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from rlhfkit import distributed
+from rlhfkit import distributed, zero
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.fsdp import collective, run_as_forward
 from rlhfkit.losses import entropy_from_logits
@@ -245,9 +245,11 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
     (its logits made again in the backward, one chunk at a time: one more head product), so neither pass holds
     the (N, V) logits and their softmax at once. The same log-probs and gradients up to float rounding: under an
     autocast each chunk casts the head's weights itself (no cast shared by the chunks), so their gradients are
-    summed in the weights' own precision, not in bf16."""
+    summed in the weights' own precision, not in bf16. Where each call of the head gathers its weights from every
+    process (ZeRO-3), every process makes as many calls: the most any process needs, spare ones on no positions."""
     picked, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (N, H), (N,)
-    chunked, device = 0 < chunk < len(labels), hidden.device.type
+    collective = chunk > 0 and zero.gathers_collectively(head)  # ZeRO-3: every process calls the head as often
+    chunked, device = collective or 0 < chunk < len(labels), hidden.device.type
     uncached = (torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
                 if chunked and torch.is_autocast_enabled(device) else contextlib.nullcontext())
 
@@ -260,13 +262,16 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
         return (lp, entropy_from_logits(logits)) if with_entropy else (lp,)
 
     if chunked:
+        inputs = list(zip(picked.split(chunk), labels.split(chunk)))
+        if collective:  # each call gathers the head's partitioned weights: as many calls (empty ones) everywhere
+            inputs += [(picked[:0], labels[:0])] * (max(distributed.all_max(len(inputs), hidden.device), 1)
+                                                    - len(inputs))
         if torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            pieces = [checkpoint(head_logprobs, h, y, use_reentrant=False)
-                      for h, y in zip(picked.split(chunk), labels.split(chunk))]
+            pieces = [checkpoint(head_logprobs, h, y, use_reentrant=False) for h, y in inputs]
         else:
-            pieces = [head_logprobs(h, y) for h, y in zip(picked.split(chunk), labels.split(chunk))]
+            pieces = [head_logprobs(h, y) for h, y in inputs]
         columns = [torch.cat(c) for c in zip(*pieces)]
     else:
         columns = head_logprobs(picked, labels)  # (N,) each

@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhfkit import distributed, fsdp, zero
+from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask
@@ -405,7 +405,6 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     rows = objective.read(cfg.data, cfg.columns)  # validates every row before anything is loaded
     eval_rows = objective.read(cfg.eval_data, cfg.columns) if cfg.eval_data else []
     refuse_adapter_dir(cfg.model.path, type(cfg).__name__.removesuffix("Config"))
-    zero.refuse_chunked_head(cfg.train.deepspeed, cfg.logits_chunk)
     check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)
     if getattr(cfg, "ref_model", ""):  # it reads the policy's token ids

@@ -14,7 +14,6 @@ from typing import Literal
 
 import torch
 
-from rlhfkit import zero
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import (as_prompt_completion, collate, encode_conversation, encode_example, encoding,
                                   fit_to_length, label_mask, pack)
@@ -72,7 +71,6 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     load = partial(load_sft, columns=cfg.columns)
     records, eval_records = split_eval(load, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.train.seed)
     refuse_adapter_dir(cfg.model.path, "SFT")
-    zero.refuse_chunked_head(cfg.train.deepspeed, cfg.logits_chunk)
     check_max_length(cfg.model, cfg.max_length)
     out, device, tokenizer = start_run(cfg)
     model = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
