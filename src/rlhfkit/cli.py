@@ -52,10 +52,29 @@ class GenerateConfig:
     columns: dict[str, str] = columns_arg()
     chat: bool = arg(False, "send each --prompt as a user message through the model's chat template (an "
                      "instruct model's format); a file's chat prompts always are")
-    limit: int = arg(10, "answer at most this many prompts from the file")
+    limit: int | None = arg(None, "answer at most this many prompts from the file (none: 10 printed, all with "
+                            "--out; 0 = all)", ge=0)
+    n: int = arg(1, "samples per prompt, each with its own seed (OpenRLHF's best_of_n)", ge=1)
+    rewards: list[str] = arg([], "score each sample with these: 'module:function' names (trusted code you chose) "
+                             "and/or reward-model directories, summed with reward_weights")
+    reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
+    select: Literal["all", "best", "pairs"] = arg(
+        "all", "what --out holds: every sample (with its rewards); the best-scored one per prompt (rejection "
+        "sampling: an `sft` data file); or the best and the worst as chosen and rejected (a `dpo` / `rm` data "
+        "file, as OpenRLHF's iterative DPO makes them; prompts whose samples all score alike are left out)")
+    out: str = arg("", "write the samples to this JSONL file (the prompt file's other columns kept) instead of "
+                   "printing them")
     seed: int = arg(0, "sampling seed")
     model: ModelConfig = arg(ModelConfig, "the model to sample from")
     generation: GenerationConfig = arg(GenerationConfig, "decoding")
+
+    def __post_init__(self) -> None:
+        if self.select != "all" and not (self.rewards and self.out):
+            raise ConfigError(f"--select {self.select} picks samples by their reward into a data file: pass "
+                              "--rewards (reward-model directories or module:function names) and --out FILE.jsonl")
+        if self.select == "pairs" and self.n < 2:
+            raise ConfigError("--select pairs takes the best and the worst of each prompt's samples: pass --n 2 or "
+                              "more")
 
 
 @dataclass
@@ -144,20 +163,82 @@ def _fitting(prompts: list, tokenizer, cfg, source: str) -> list:
 
 
 def cmd_generate(cfg: GenerateConfig) -> None:
+    from rlhfkit.data.collate import drop_long_prompts, render_prompt
+    from rlhfkit.data.formats import load_prompts
+    from rlhfkit.models.load import prompt_room, write_atomically
+    from rlhfkit.rewards import build_reward
     from rlhfkit.rollout.generate import generate
-
-    from rlhfkit.data.collate import render_prompt
+    from rlhfkit.trainers.online import reward_inputs, with_every_column
 
     typed = [p.replace("\\n", "\n") for p in cfg.prompt]
-    prompts = ([[{"role": "user", "content": p}] for p in typed] if cfg.chat else typed) or (
-        _prompt_file(cfg.prompts, cfg.limit, cfg.columns) if cfg.prompts else [])
-    if not prompts:
+    rows = [{"prompt": [{"role": "user", "content": p}] if cfg.chat else p} for p in typed]
+    if not rows and cfg.prompts:
+        limit = (0 if cfg.out else 10) if cfg.limit is None else cfg.limit
+        rows = load_prompts(cfg.prompts, cfg.columns)
+        rows = rows[:limit] if limit else rows
+    if not rows:
         raise ConfigError("nothing to answer: pass --prompt TEXT or --prompts FILE")
+    source = cfg.prompts or "--prompt"
+    reward = build_reward(cfg.rewards, cfg.reward_weights) if cfg.rewards else None  # refused before the model loads
+    rows = with_every_column(rows)
+    if reward:
+        reward.check_columns(rows[0], source)
     model, tokenizer = _load(cfg.model)
-    prompts = _fitting(prompts, tokenizer, cfg, cfg.prompts or "--prompt")
-    gens = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed)
-    for prompt, text in zip(prompts, gens.texts):
-        print(f"{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
+    rows = drop_long_prompts(rows, tokenizer, 0, source, prompt_room(cfg.model, cfg.generation.max_new_tokens))
+    prompts, columns = reward_inputs(rows, cfg.n)  # each prompt n times in a row, each sample its own seed
+    texts = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=bool(cfg.out)).texts
+    total, parts = reward(prompts, texts, columns) if reward else (None, {})
+    if not cfg.out:
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+            scored = f"[reward {total[i].item():.4f}] " if reward else ""
+            print(f"{scored}{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
+        return
+    written, left_out = select_samples(rows, texts, total, parts, cfg.n, cfg.select)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(cfg.out, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in written)))
+    print(f"wrote {len(written)} rows to {cfg.out} ({cfg.select}: {len(texts)} samples of {len(rows)} prompts"
+          + (f"; {left_out} prompts left out, their samples empty or all scored alike)" if left_out else ")"))
+
+
+def select_samples(rows: list[dict], texts: list[str], total, parts: dict, n: int, select: str
+                   ) -> tuple[list[dict], int]:
+    """The rows ``generate --out`` writes, and how many prompts were left out. ``rows``: P prompt rows; ``texts``:
+    their P·n samples, prompt by prompt; ``total`` (P·n,) summed rewards (None: unscored) and ``parts`` each
+    reward's (NaN where it does not apply). ``all``: a row per sample, its rewards beside it; ``best``: the
+    highest-scored non-empty sample of each prompt, as SFT data; ``pairs``: that one as ``chosen`` and the
+    lowest-scored as ``rejected``, as preference data, a prompt left out where they score alike (or differ in
+    nothing). A chat prompt (messages) gets its answers as messages, which those loaders require."""
+    def answer(prompt, text):
+        return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+    def scores(i: int) -> dict:
+        return {} if total is None else {"reward": total[i].item(), **{f"reward/{k}": None if v[i].isnan() else
+                                                                        v[i].item() for k, v in parts.items()}}
+
+    out, left_out = [], 0
+    for p, row in enumerate(rows):
+        ids = range(p * n, (p + 1) * n)
+        if select == "all":
+            out += [{**row, "completion": answer(row["prompt"], texts[i]), "sample": i - p * n, **scores(i)}
+                    for i in ids]
+            continue
+        ranked = sorted((i for i in ids if texts[i]), key=lambda i: -total[i].item())  # stable: first sample first
+        if not ranked or (select == "pairs" and (total[ranked[0]] == total[ranked[-1]]
+                                                 or texts[ranked[0]] == texts[ranked[-1]])):
+            left_out += 1
+            continue
+        best, worst = ranked[0], ranked[-1]
+        if select == "best":
+            if isinstance(row["prompt"], list):  # SFT reads a conversation as one messages list
+                rest = {k: v for k, v in row.items() if k != "prompt"}
+                out.append({**rest, "messages": row["prompt"] + answer(row["prompt"], texts[best]), **scores(best)})
+            else:
+                out.append({**row, "completion": texts[best], **scores(best)})
+        else:
+            out.append({**row, "chosen": answer(row["prompt"], texts[best]),
+                        "rejected": answer(row["prompt"], texts[worst]),
+                        "chosen_reward": total[best].item(), "rejected_reward": total[worst].item()})
+    return out, left_out
 
 
 def _refuse_foreign(prompts: list, source: str, use: str) -> None:

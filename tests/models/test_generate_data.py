@@ -1,0 +1,108 @@
+"""`rlhfkit generate`: several samples a prompt, scored, written as data the trainers read (best-of-n, pairs)."""
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+
+from rlhfkit.cli import main, select_samples
+from rlhfkit.data.formats import load_preference, load_sft
+from rlhfkit.data.tasks import arithmetic
+
+CHAT = [{"role": "user", "content": "Hi."}]
+
+
+def _selected(select):
+    # 3 prompts x 3 samples: a text prompt with a column of its own, a chat prompt (one empty sample), a prompt whose
+    # samples all score alike; the second reward applies to the first prompt's samples alone
+    rows = [{"prompt": "Q1", "answer": "7"}, {"prompt": CHAT, "answer": None}, {"prompt": "Q3", "answer": None}]
+    texts = ["a", "bb", "c", "", "yes", "no", "x", "y", "z"]
+    total = torch.tensor([1.0, 3.0, 2.0, 9.0, 0.5, -1.0, 4.0, 4.0, 4.0])
+    parts = {"len": total.clone(), "exact": torch.tensor([0.0, 1.0, 0.0] + [math.nan] * 6)}
+    return select_samples(rows, texts, total, parts, 3, select)
+
+
+def test_every_sample_is_written_with_its_rewards():
+    out, left_out = _selected("all")
+    assert left_out == 0 and len(out) == 9
+    assert out[1] == {"prompt": "Q1", "answer": "7", "completion": "bb", "sample": 1, "reward": 3.0,
+                      "reward/len": 3.0, "reward/exact": 1.0}
+    assert out[4] == {"prompt": CHAT, "answer": None, "completion": [{"role": "assistant", "content": "yes"}],
+                      "sample": 1, "reward": 0.5, "reward/len": 0.5, "reward/exact": None}
+
+
+def test_the_best_sample_of_each_prompt_is_sft_data(tmp_path):
+    # the empty sample scored 9 is passed over (SFT refuses an empty completion); ties keep the first sample
+    out, left_out = _selected("best")
+    assert left_out == 0
+    assert [r.get("completion") for r in out] == ["bb", None, "x"]
+    assert out[1]["messages"] == CHAT + [{"role": "assistant", "content": "yes"}] and "prompt" not in out[1]
+    path = tmp_path / "best.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    assert [r.get("completion") or r["messages"][-1]["content"] for r in load_sft(path)] == ["bb", "yes", "x"]
+
+
+def test_the_best_and_the_worst_sample_are_a_preference_pair(tmp_path):
+    out, left_out = _selected("pairs")
+    assert left_out == 1  # the third prompt's samples all score 4
+    assert [(r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]) for r in out] == [
+        ("bb", "a", 3.0, 1.0),
+        ([{"role": "assistant", "content": "yes"}], [{"role": "assistant", "content": "no"}], 0.5, -1.0)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    loaded = load_preference(path)
+    assert [(r["chosen"], r["rejected"]) for r in loaded] == [(r["chosen"], r["rejected"]) for r in out]
+    assert loaded[0]["answer"] == "7"  # the prompt file's columns ride along
+
+
+@pytest.fixture
+def length_reward(tmp_path, monkeypatch):
+    (tmp_path / "gen_rewards.py").write_text(textwrap.dedent("""
+        def length(prompts, completions, answer, **columns):
+            return [len(c) / 10 for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "gen_rewards:length"
+
+
+def test_samples_scored_and_selected_train_dpo(tiny_model_dir, tmp_path, length_reward, capsys):
+    # 4 samples of each of 6 prompts, each with its own seed: the pairs are the longest and shortest of the very
+    # samples --select all writes, and DPO trains on them
+    arithmetic.write(tmp_path / "data")
+    model = tiny_model_dir("llama")
+    common = ["generate", "--model", model, "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"),
+              "--limit", "6", "--n", "4", "--rewards", length_reward, "--generation.max_new_tokens", "6"]
+    assert main([*common, "--out", str(tmp_path / "all.jsonl")]) == 0
+    assert "wrote 24 rows" in capsys.readouterr().out
+    every = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in every] == [0, 1, 2, 3] * 6 and all("answer" in r for r in every)
+    assert all(r["reward"] == pytest.approx(len(r["completion"]) / 10) for r in every)
+    assert len({r["completion"] for r in every[:4]}) > 1  # each sample its own seed
+    assert main([*common, "--select", "pairs", "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    by_prompt = {}
+    for r in every:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    tied = [p for p, samples in by_prompt.items() if len({s["reward"] for s in samples if s["completion"]}) < 2]
+    assert pairs and len(pairs) + len(tied) == 6 and f"wrote {len(pairs)} rows" in printed
+    assert (f"; {len(tied)} prompts left out" in printed) == bool(tied)
+    for pair in pairs:
+        samples = [s for s in by_prompt[pair["prompt"]] if s["completion"]]
+        assert pair["chosen_reward"] == max(s["reward"] for s in samples) > pair["rejected_reward"]
+        assert pair["rejected_reward"] == min(s["reward"] for s in samples)
+        assert pair["chosen"] in {s["completion"] for s in samples}
+    assert main(["dpo", "--model", model, "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "dpo"),
+                 "--train.max_steps", "1", "--train.batch_size", "2", "--train.tensorboard", "false"]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--select", "best", "--out", "x.jsonl"], "--select best picks samples by their reward into a data file: pass "
+                                               "--rewards"),
+    (["--select", "pairs", "--rewards", "a:b", "--out", "x.jsonl"], "--select pairs takes the best and the worst"),
+])
+def test_selecting_without_what_it_needs_says_what_to_pass(tiny_model_dir, capsys, extra, message):
+    assert main(["generate", "--model", tiny_model_dir("llama"), "--prompt", "Hi", *extra]) == 2
+    assert message in capsys.readouterr().err
