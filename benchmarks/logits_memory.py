@@ -56,7 +56,7 @@ def loss_of(batch):
     if a["pass"] == "sft":
         nll, n = completion_nll(model, batch, a["chunk"])
         return nll / n
-    lp, entropy = response_logprobs(model, batch, 0.7, with_entropy=True, chunk=a["chunk"])
+    lp, entropy = response_logprobs(model, batch, 0.7, entropy="grad", chunk=a["chunk"])
     mask = batch["action_mask"]
     return -((lp * advantages + 0.01 * entropy) * mask).sum() / mask.sum()
 

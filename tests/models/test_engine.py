@@ -411,7 +411,7 @@ def test_rollout_logprobs_equal_a_scoring_forward(tiny_model_dir, arch, backend,
     batch = join_prompt_response(gens.prompt_ids, gens.completion_ids, tok.pad_token_id)
     with torch.no_grad():
         expected, entropy = logprobs_of(model, batch["input_ids"], batch["attention_mask"],
-                                        keep=batch["action_mask"].shape[1], temperature=0.7, with_entropy=True)
+                                        keep=batch["action_mask"].shape[1], temperature=0.7, entropy="grad")
     for i, n in enumerate(lengths):
         torch.testing.assert_close(torch.tensor(gens.logprobs[i]), expected[i, :n], rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.tensor(gens.entropy[i]), entropy[i, :n], rtol=0, atol=1e-5)

@@ -142,7 +142,7 @@ def test_response_logprobs_and_entropies_in_chunks_equal_the_whole_window(tiny_m
     grads = {}
     for chunk in (0, 3):
         model.zero_grad()
-        lp, entropy = response_logprobs(model, batch, 0.7, with_entropy=True, chunk=chunk)
+        lp, entropy = response_logprobs(model, batch, 0.7, entropy="grad", chunk=chunk)
         torch.testing.assert_close(lp, oracle_lp, atol=1e-5, rtol=0)
         torch.testing.assert_close(entropy, oracle_entropy, atol=1e-5, rtol=0)
         assert (lp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all()
@@ -151,12 +151,17 @@ def test_response_logprobs_and_entropies_in_chunks_equal_the_whole_window(tiny_m
         with torch.no_grad():
             torch.testing.assert_close(response_logprobs(model, batch, 0.7, chunk=chunk), lp.detach(), atol=1e-6,
                                        rtol=0)
+        # the rollout's metric: the same entropies, without a graph (nothing softmax-sized kept for them)
+        metric = response_logprobs(model, batch, 0.7, entropy="detached", chunk=chunk)
+        assert metric[0].requires_grad and not metric[1].requires_grad
+        torch.testing.assert_close(metric[1], entropy.detach(), atol=1e-6, rtol=0)
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[3][n], g, atol=1e-5 * g.abs().max().item(), rtol=1e-4, msg=n)
-    # a batch whose every response is empty: zeros, nothing run through the head
+    # a batch whose every response is empty: zeros (the head run on no position)
     empty = join_prompt_response(prompt_ids[:2], [[], []], tok.pad_token_id)
-    lp, entropy = response_logprobs(model, empty, with_entropy=True, chunk=3)
-    assert lp.shape == entropy.shape == (2, 1) and not lp.any() and not entropy.any()
+    for chunk in (0, 3):
+        lp, entropy = response_logprobs(model, empty, entropy="grad", chunk=chunk)
+        assert torch.equal(lp, torch.zeros(2, 1)) and torch.equal(entropy, torch.zeros(2, 1))
 
 
 def _grouped_batch(tok, group: int = 3):
@@ -187,7 +192,7 @@ def test_shared_prefix_logprobs_equal_the_full_forward(tiny_model_dir, arch, lor
     full.sum().backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    shared, entropy = logprobs_of(model, ids, attn, keep=width, with_entropy=True)
+    shared, entropy = logprobs_of(model, ids, attn, keep=width, entropy="grad")
     (shared * batch["action_mask"]).sum().backward()
     assert shared.shape == full.shape and entropy.shape == full.shape
     torch.testing.assert_close(shared * batch["action_mask"], full, atol=1e-5, rtol=0)

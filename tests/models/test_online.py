@@ -268,9 +268,9 @@ def test_a_chunked_head_trains_to_the_same_weights(tiny_model_dir, arithmetic_di
 
     real, seen = forward._masked_head_logprobs, set()
 
-    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, with_entropy=False):
-        seen.add((chunk, torch.is_grad_enabled(), with_entropy))
-        return real(head, hidden, input_ids, mask, chunk, temperature, with_entropy)
+    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, entropy="none"):
+        seen.add((chunk, torch.is_grad_enabled(), entropy))
+        return real(head, hidden, input_ids, mask, chunk, temperature, entropy)
 
     runs = {}
     for name, chunk in (("whole", []), ("chunked", ["--logits_chunk", "3"])):
@@ -280,9 +280,9 @@ def test_a_chunked_head_trains_to_the_same_weights(tiny_model_dir, arithmetic_di
                         "my_rewards:length", "--eval_prompts", "", *extra, *chunk) == 0
         logs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[name] = load_file(str(tmp_path / name / "adapter_model.safetensors")), logs
-    # the reference's pass: log-probs, no gradients; the learn pass: log-probs and entropies (the old log-probs come
-    # from the sampler)
-    assert seen == ({(3, False, False), (3, True, True)} if "--kl_coef" in extra else {(3, True, True)})
+    # the reference's pass: log-probs, no gradients; the learn pass: log-probs and the entropies, with gradient for
+    # the bonus, or without for the on-policy rollout's metric (the old log-probs come from the sampler)
+    assert seen == ({(3, False, "none"), (3, True, "grad")} if "--kl_coef" in extra else {(3, True, "detached")})
     (whole, whole_logs), (chunked, chunked_logs) = runs["whole"], runs["chunked"]
     assert any(v.abs().max() > 0 for k, v in whole.items() if "lora_B" in k)  # the adapter trained
     for name, value in whole.items():  # float rounding, through Adam (test_forward: the passes agree within 1e-5)

@@ -660,9 +660,9 @@ def test_a_chunked_head_trains_ppo_to_the_same_weights(tiny_model_dir, task_dir,
 
     real, seen = forward._masked_head_logprobs, set()
 
-    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, with_entropy=False):
-        seen.add((chunk, torch.is_grad_enabled(), with_entropy))
-        return real(head, hidden, input_ids, mask, chunk, temperature, with_entropy)
+    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, entropy="none"):
+        seen.add((chunk, torch.is_grad_enabled(), entropy))
+        return real(head, hidden, input_ids, mask, chunk, temperature, entropy)
 
     args = ["--mode", mode, "--train.max_steps", "2", "--mini_batch_size", "4", "--entropy_coef", "0.1"]
     whole, whole_logs = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "whole", *args)
@@ -670,7 +670,7 @@ def test_a_chunked_head_trains_ppo_to_the_same_weights(tiny_model_dir, task_dir,
         patch.setattr(forward, "_masked_head_logprobs", recorded)
         chunked, chunked_logs = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "chunked", *args,
                                      "--logits_chunk", "3")
-    assert seen == {(3, False, False), (3, True, True)}
+    assert seen == {(3, False, "none"), (3, True, "grad")}
     assert whole.keys() == chunked.keys()
     for name, value in whole.items():  # float rounding, through Adam (test_forward: the passes agree within 1e-5)
         assert (chunked[name] - value).norm() <= 1e-4 * value.norm().clamp(min=1e-12), name

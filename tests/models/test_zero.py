@@ -230,9 +230,31 @@ def test_lora_dpo_under_zero3_with_checkpointed_layers_equals_one_process(tiny_m
     assert any("lm_head" in k and "lora_B" in k for k in one)
 
 
+PADDING_CLI = """
+import os, sys
+from rlhfkit import distributed
+from rlhfkit.cli import main
+
+padded = []  # the spare chunks each call of the head's chunking added in this process
+real = distributed.all_max
+
+
+def counted(value, device):
+    most = real(value, device)
+    padded.append(max(most, 1) - value)
+    return most
+
+
+distributed.all_max = counted
+code = main(sys.argv[1:])
+print(f"rank {os.environ['RANK']} chunked {len(padded)} padded {sum(p > 0 for p in padded)}")
+sys.exit(code)
+"""
+
+
 @needs_deepspeed
 @pytest.mark.parametrize("command", ["sft", "dpo"])
-def test_a_chunked_head_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path, command):
+def test_a_chunked_head_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path, monkeypatch, command):
     # each call of the head gathers its partitioned weights from both processes: each process pads its chunks
     # (its own completion positions) to the most any has, with empty ones, in the forward and the backward's
     # recompute (unpadded, the processes gathered a different number of times and hung). DPO: a LoRA head, the
@@ -243,8 +265,14 @@ def test_a_chunked_head_under_zero3_equals_one_process(tiny_model_dir, task_dir,
     args = [command, "--model", tiny_model_dir("llama"), *data, *TRAIN, "--train.grad_accum", "2",
             "--train.max_steps", "4", "--logits_chunk", "5"]
     _one_process(args, tmp_path / "one")
-    assert "deepspeed ZeRO-3" in _launch(_zero3_config(tmp_path), args, tmp_path / "two")
+    (tmp_path / "zero3_padding_cli.py").write_text(PADDING_CLI)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    printed = _launch(_zero3_config(tmp_path), args, tmp_path / "two", module="zero3_padding_cli")
+    assert "deepspeed ZeRO-3" in printed
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    # the processes' chunk counts differed: some call padded (so the padding, not luck, kept them in step)
+    counts = [tuple(map(int, found)) for found in re.findall(r"rank \d chunked (\d+) padded (\d+)", printed)]
+    assert len(counts) == 2 and counts[0][0] == counts[1][0] > 0 and sum(p for _, p in counts) > 0, counts
 
 
 @needs_deepspeed

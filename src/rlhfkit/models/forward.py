@@ -9,6 +9,7 @@ repeated: GRPO's groups, preference pairs) run those columns once (``shared_pref
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import torch
 
@@ -17,6 +18,9 @@ from rlhfkit.data.collate import pad_batch
 from rlhfkit.fsdp import collective, run_as_forward
 from rlhfkit.losses import entropy_from_logits
 from rlhfkit.ops import cache_keyword, cache_of, distinct_rows, position_ids_from_mask, shifted_logprobs, token_logprobs
+
+Entropy = Literal["none", "detached", "grad"]  # the entropies a log-prob pass also returns: none, or without or with
+# their gradient
 
 LOGITS_CHUNK_HELP = ("output-head positions computed at a time (0 = all at once): the (positions, vocabulary) "
                      "logits, their softmax and gradients held for this many, not for every completion token of the "
@@ -35,14 +39,14 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | None = None,
-                temperature: float = 1.0, with_entropy: bool = False):
+                temperature: float = 1.0, entropy: Entropy = "none"):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) under ``model``.
 
     input_ids, attention_mask (B, T) → (B, T-1); with ``keep`` = k only the last k
     predictions are returned, (B, k), and the LM head runs on those positions alone.
     ``temperature`` divides the logits, matching the distribution that was sampled.
-    ``with_entropy`` also returns the entropy of each of those (temperature-scaled) distributions, same shape,
-    with gradient.
+    ``entropy`` ``grad`` / ``detached`` also returns the entropy of each of those (temperature-scaled)
+    distributions, same shape, with gradient or without (a metric: no softmax-sized graph kept for it).
     """
     logits = _shared_prefix_logits(model, input_ids, attention_mask, keep) if keep else None
     if logits is None:
@@ -53,7 +57,12 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
         logits = logits.float() / temperature  # one rounding fewer for bf16 logits
     ids = input_ids[:, -(keep + 1):] if keep else input_ids
     lp = shifted_logprobs(logits, ids)
-    return (lp, entropy_from_logits(logits[:, :-1])) if with_entropy else lp
+    return lp if entropy == "none" else (lp, _entropy(logits[:, :-1], entropy))
+
+
+def _entropy(logits: torch.Tensor, entropy: Entropy) -> torch.Tensor:
+    """``entropy_from_logits``, with gradient (``grad``) or as a metric (``detached``)."""
+    return entropy_from_logits(logits if entropy == "grad" else logits.detach())
 
 
 def _checkpointing(module) -> bool:
@@ -170,12 +179,12 @@ def masked_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def _head_on_mask(backbone, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                  chunk: int = 0, temperature: float = 1.0, with_entropy: bool = False):
+                  chunk: int = 0, temperature: float = 1.0, entropy: Entropy = "none"):
     """``masked_logprobs`` from the body and the head: (B, T), (B, T), mask (B, T-1) bool → (B, T-1)
-    (``_masked_head_logprobs``: with ``with_entropy`` a pair)."""
+    (``_masked_head_logprobs``: with an ``entropy`` a pair)."""
     # columns up to every row's first target (the shortest prompt) may be shared by rows (DPO's pairs)
     hidden = backbone_hidden(backbone, input_ids, attention_mask, prompt_width(mask) + 1)  # (B, T, H)
-    return _masked_head_logprobs(head, hidden, input_ids, mask, chunk, temperature, with_entropy)
+    return _masked_head_logprobs(head, hidden, input_ids, mask, chunk, temperature, entropy)
 
 
 def packed_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
@@ -235,10 +244,11 @@ def packing_works(model) -> bool:
 
 
 def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                          chunk: int = 0, temperature: float = 1.0, with_entropy: bool = False):
+                          chunk: int = 0, temperature: float = 1.0, entropy: Entropy = "none"):
     """log p of each next token where ``mask`` is set, the head run there alone: hidden (B, T, H), input_ids (B, T),
-    mask (B, T-1) bool → (B, T-1), 0 elsewhere. ``temperature`` divides the logits; ``with_entropy`` also returns
-    the entropy of each of those distributions, (B, T-1), 0 elsewhere.
+    mask (B, T-1) bool → (B, T-1), 0 elsewhere. ``temperature`` divides the logits; ``entropy`` ``grad`` /
+    ``detached`` also returns the entropy of each of those distributions, (B, T-1), 0 elsewhere (a detached one is
+    computed after the log-probs: a checkpointed chunk's recompute stops before it).
 
     With ``chunk`` > 0 the N positions go through the head and the log-softmax ``chunk`` at a time: without
     gradients each chunk's (chunk, V) logits are freed before the next; with them each chunk is checkpointed
@@ -259,7 +269,7 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
         if temperature != 1.0:
             logits = logits / temperature
         lp = token_logprobs(logits, y)
-        return (lp, entropy_from_logits(logits)) if with_entropy else (lp,)
+        return (lp,) if entropy == "none" else (lp, _entropy(logits, entropy))
 
     if chunked:
         inputs = list(zip(picked.split(chunk), labels.split(chunk)))
@@ -276,7 +286,7 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
     else:
         columns = head_logprobs(picked, labels)  # (N,) each
     out = [c.new_zeros(mask.shape).masked_scatter(mask, c) for c in columns]  # (B, T-1) each
-    return tuple(out) if with_entropy else out[0]
+    return out[0] if entropy == "none" else tuple(out)
 
 
 def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int
@@ -298,10 +308,10 @@ def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[in
             "action_mask": action_mask}
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False,
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, entropy: Entropy = "none",
                       chunk: int = 0):
-    """Log-probs of the response tokens of a ``join_prompt_response`` batch: (B, A), 0 where masked; with
-    ``with_entropy`` also each one's entropy, (B, A), 0 where masked (both with gradient).
+    """Log-probs of the response tokens of a ``join_prompt_response`` batch: (B, A), 0 where masked; with an
+    ``entropy`` (``grad``: with gradient, ``detached``: without) also each one's entropy, (B, A), 0 where masked.
 
     ``chunk`` > 0 runs the output head on the response tokens alone, ``chunk`` of them at a time
     (``_masked_head_logprobs``: (chunk, V) logits alive at once, not (B, A, V)); a model whose logits are
@@ -310,11 +320,11 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float 
     parts = backbone_and_head(model) if chunk else None
     if parts is None:
         out = logprobs_of(model, batch["input_ids"], batch["attention_mask"], keep=action_mask.shape[1],
-                          temperature=temperature, with_entropy=with_entropy)
-        return tuple(o * action_mask for o in out) if with_entropy else out * action_mask
+                          temperature=temperature, entropy=entropy)
+        return out * action_mask if entropy == "none" else tuple(o * action_mask for o in out)
     # response token j (column T - A + j) is predicted at column T - A - 1 + j of the (B, T-1) shifted positions
     before = batch["input_ids"].shape[1] - 1 - action_mask.shape[1]
     mask = torch.cat([action_mask.new_zeros(action_mask.shape[0], before), action_mask], 1).bool()
     out = run_as_forward(model, _head_on_mask, *parts, batch["input_ids"], batch["attention_mask"], mask, chunk,
-                         temperature, with_entropy)
-    return tuple(o[:, before:] for o in out) if with_entropy else out[:, before:]
+                         temperature, entropy)
+    return out[:, before:] if entropy == "none" else tuple(o[:, before:] for o in out)

@@ -26,7 +26,7 @@ from torch import nn
 from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
-from rlhfkit.models.forward import response_logprobs
+from rlhfkit.models.forward import Entropy, response_logprobs
 from rlhfkit.models.load import (adapter_base, add_lora, checkpoint_activations, is_adapter_dir, learn_mode,
                                  load_causal_lm, mixed_precision,
                                  peft_lora_config, position_limit, save_model, write_atomically)
@@ -212,10 +212,11 @@ class SharedBaseRoles:
         for p in self._reward + [p for n, p in current if ".reward." in n]:
             p.requires_grad_(False)
 
-    def actor_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False):
-        """(B, A) log-probs of the response tokens, 0 where masked; ``with_entropy``: and their entropies."""
+    def actor_logprobs(self, batch, temperature: float = 1.0, entropy: Entropy = "none"):
+        """(B, A) log-probs of the response tokens, 0 where masked; with an ``entropy``, their entropies too
+        (``forward.response_logprobs``)."""
         self._use("default")
-        return response_logprobs(self.model, batch, temperature, with_entropy, self.logits_chunk)
+        return response_logprobs(self.model, batch, temperature, entropy, self.logits_chunk)
 
     def critic_values(self, batch) -> torch.Tensor:
         if self.value_head is None:  # critic-free: a zero baseline
@@ -305,9 +306,9 @@ class SeparateRoles:
     def _models(self) -> list[nn.Module]:
         return [m for m in (self.actor, self.ref, self.critic) if m is not None]
 
-    def actor_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False):
+    def actor_logprobs(self, batch, temperature: float = 1.0, entropy: Entropy = "none"):
         # with gradients under DeepSpeed: one forward of the actor's engine (``rlhfkit.zero``)
-        return zero.run_as_forward(self.actor, response_logprobs, self.actor, batch, temperature, with_entropy,
+        return zero.run_as_forward(self.actor, response_logprobs, self.actor, batch, temperature, entropy,
                                    self.logits_chunk)
 
     def critic_values(self, batch) -> torch.Tensor:

@@ -194,7 +194,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
         old = per_token(gens.logprobs, mask.shape[1]).to(device)
         metrics["rollout/entropy"] = masked_mean(per_token(gens.entropy, mask.shape[1]).to(device), mask).item()
     elif old_logprobs != "none":
-        old, entropy = roles.actor_logprobs(batch, temperature=temperature, with_entropy=True)
+        old, entropy = roles.actor_logprobs(batch, temperature=temperature, entropy="detached")
         metrics["rollout/entropy"] = masked_mean(entropy, mask).item()
     if reference:
         ref = roles.reference_logprobs(batch, temperature=temperature)

@@ -85,8 +85,8 @@ class OnlineConfig:
                           ge=0)
     entropy_coef: float = arg(0.0, "weight of an entropy bonus: minus the policy's entropy at each response token, "
                               "reduced as the policy term, added to the loss (OpenRLHF's entropy_loss_coef; 0 = none; "
-                              "its backward keeps softmax-sized tensors over the whole vocabulary: micro_batch_size "
-                              "bounds them)", ge=0, lt=float("inf"))
+                              "logged as loss/entropy; its backward keeps softmax-sized tensors over the whole "
+                              "vocabulary unless logits_chunk is set)", ge=0, lt=float("inf"))
     logits_chunk: int = arg(0, ROLLOUT_LOGITS_CHUNK_HELP, ge=0)
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
                       "(+ the reward at the last token)", ge=0)
@@ -315,10 +315,12 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                 mb = share[rows].trimmed()  # at its own longest row, not the buffer's
                 mask = share_mask[rows][:, : mb.action_mask.shape[1]]
                 on_policy = mb.old_logprobs is None  # the experience maker left the old log-probs to this pass
-                wants_entropy = bool(cfg.entropy_coef) or on_policy  # for the bonus, or the rollout's metric
+                # the entropy with gradient for the bonus, or without for the rollout's metric (no graph kept)
+                entropy_kind = "grad" if cfg.entropy_coef else "detached" if on_policy else "none"
                 with roles.amp():  # forwards only (bf16 mixed precision on GPUs); the backward runs outside
-                    out = roles.actor_logprobs(mb.batch(), temperature=temperature, with_entropy=wants_entropy)
-                logprobs, token_entropy = out if wants_entropy else (out, None)  # (B, A) each, with gradient
+                    out = roles.actor_logprobs(mb.batch(), temperature=temperature, entropy=entropy_kind)
+                logprobs, token_entropy = (out, None) if entropy_kind == "none" else out  # (B, A) each
+                del out
                 old_logprobs = logprobs.detach() if on_policy else mb.old_logprobs
                 # Dr. GRPO divides the token sum by a constant: max_new_tokens × samples in the mini-batch
                 reduce = dict(reduction=reduction, norm_constant=cfg.generation.max_new_tokens * len(mb))
@@ -340,7 +342,6 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
                     if mb.ref_logprobs is not None:  # on-policy this pass is the sampling policy: its KL to the
                         kl = rollout_kl(logprobs.detach(), mb.ref_logprobs, mb.action_mask)  # reference, per sequence
                         stats["rollout/kl"] += kl * len(mb) / len(idx) if real else 0.0
-                del token_entropy  # without the bonus its graph (softmax-sized) is not kept to the backward
                 # DeepSpeed's backward where an engine steps the optimiser (which then reduces the gradients); a
                 # non-finite loss is back-propagated too (its gradients are dropped below): collective when sharded
                 loss = pg_loss + cfg.kl_coef * kl_loss + cfg.entropy_coef * entropy_loss

@@ -176,7 +176,7 @@ def actor_loss(roles, batch: dict[str, torch.Tensor], old_logprobs: torch.Tensor
     stats (``policy/entropy``)."""
     mask = batch["action_mask"]
     out = roles.actor_logprobs(batch, temperature=cfg.generation.logprob_temperature,
-                               with_entropy=bool(cfg.entropy_coef))
+                               entropy="grad" if cfg.entropy_coef else "none")
     logprobs, entropy = out if cfg.entropy_coef else (out, None)
     loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
     if entropy is None:
