@@ -7,6 +7,7 @@ field with its doc line and default. Shorthands: `--model PATH` sets `model.path
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -91,6 +92,8 @@ class EvalConfig:
     limit: int = arg(0, "evaluate only the first N prompts (0 = all)")
     seed: int = arg(0, "sampling seed")
     out: str = arg("", "also write the figures and every completion to this JSON file")
+    reference: str = arg("", "also the KL to this model (the one trained from, e.g. the SFT model): the mean over "
+                         "prompts of sum_t log pi(y_t) - log pi_ref(y_t) on the model's own samples, nats per answer")
     model: ModelConfig = arg(ModelConfig, "the model to evaluate")
     generation: GenerationConfig = arg(GenerationConfig, "decoding (default: sampling at temperature 1)")
 
@@ -265,11 +268,12 @@ def cmd_eval(cfg: EvalConfig) -> None:
     result = gold_eval(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=True)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
     print(f"gold reward on {len(prompts)} prompts ({decoding}): {result.mean:.3f} ± {result.stderr:.3f}")
+    kl = _kl_to_reference(cfg, model, tokenizer, result.generations)
     for p, c, r in list(zip(result.prompts, result.completions, result.rewards))[:3]:
         print(f"  [{r:.2f}] {p!r} → {c!r}")
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps({**result.summary(), "model": cfg.model.path, "decoding": decoding,
+        Path(cfg.out).write_text(json.dumps({**result.summary(), **kl, "model": cfg.model.path, "decoding": decoding,
                                              "samples": [{"prompt": p, "completion": c, "gold": r} for p, c, r in
                                                          zip(result.prompts, result.completions, result.rewards)]},
                                             indent=1))
@@ -281,7 +285,8 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     from rlhfkit.data.formats import load_prompts
     from rlhfkit.models.load import prompt_room
     from rlhfkit.rewards import build_reward
-    from rlhfkit.trainers.online import reward_figures, sample_rewards, with_every_column
+    from rlhfkit.rollout.generate import generate
+    from rlhfkit.trainers.online import reward_figures, reward_inputs, with_every_column
 
     rows = load_prompts(cfg.prompts, cfg.columns)
     rows = rows[:cfg.limit] if cfg.limit > 0 else rows
@@ -291,13 +296,17 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     model, tokenizer = _load(cfg.model)
     room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
     rows = drop_long_prompts(rows, tokenizer, 0, cfg.prompts, room=room)  # past the positions: an IndexError
-    prompts, texts, total, parts = sample_rewards(model, tokenizer, rows, reward, cfg.generation, cfg.seed)
+    prompts, columns = reward_inputs(rows, 1)  # the samples online.sample_rewards draws
+    gens = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=True)
+    texts = gens.texts
+    total, parts = reward(prompts, texts, columns)
     figures = reward_figures(total, parts)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
     print(f"on {len(rows)} prompts ({decoding}):")
     for key, value in figures.items():
         if not key.endswith("_stderr"):
             print(f"  {key.removeprefix('eval/')}: {value:.3f} ± {figures[key + '_stderr']:.3f}")
+    figures.update(_kl_to_reference(cfg, model, tokenizer, gens))
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         samples = [{"prompt": p, "completion": c, "reward": total[i].item(),
@@ -305,6 +314,22 @@ def _eval_rewards(cfg: EvalConfig) -> None:
                    for i, (p, c) in enumerate(zip(prompts, texts))]
         Path(cfg.out).write_text(json.dumps({**figures, "n": len(rows), "model": cfg.model.path,
                                              "decoding": decoding, "samples": samples}, indent=1))
+
+
+def _kl_to_reference(cfg: EvalConfig, model, tokenizer, gens) -> dict:
+    """With ``--reference``: the model's KL to it on its own samples ``gens`` (``evaluate.kl_to_reference``,
+    printed), as {"kl", "kl_stderr", "reference"}; else {}."""
+    if not cfg.reference:
+        return {}
+    from rlhfkit.evaluate import kl_to_reference
+    from rlhfkit.models.load import check_same_tokenizer, load_causal_lm
+
+    check_same_tokenizer(tokenizer, cfg.reference, "--reference", "Pass the model this one was trained from.",
+                         cfg.model.trust_remote_code)
+    reference = load_causal_lm(dataclasses.replace(cfg.model, path=cfg.reference))
+    kl, stderr = kl_to_reference(model, reference, gens, tokenizer.pad_token_id)
+    print(f"KL to {cfg.reference}: {kl:.3f} ± {stderr:.3f} nats per answer (on the model's own samples)")
+    return {"kl": kl, "kl_stderr": stderr, "reference": cfg.reference}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`rlhfkit generate`: several samples a prompt, scored, written as data the trainers read (best-of-n, pairs)."""
+"""`rlhfkit generate`: several samples a prompt, scored, written as data the trainers read (best-of-n, pairs);
+`rlhfkit eval --reference`: the KL of a model's samples to the model it was trained from."""
 
 import json
 import math
@@ -106,3 +107,75 @@ def test_samples_scored_and_selected_train_dpo(tiny_model_dir, tmp_path, length_
 def test_selecting_without_what_it_needs_says_what_to_pass(tiny_model_dir, capsys, extra, message):
     assert main(["generate", "--model", tiny_model_dir("llama"), "--prompt", "Hi", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def _perturbed(path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "moved")
+    from rlhfkit.models.load import load_tokenizer
+
+    load_tokenizer(path).save_pretrained(tmp_path / "moved")
+    return str(tmp_path / "moved")
+
+
+def test_kl_to_reference_sums_each_answer_s_log_ratio(tiny_model_dir, tmp_path):
+    # oracle: each sample alone (no padding), log-softmax of both models' full forwards at its answer's tokens
+    from rlhfkit.config import GenerationConfig, ModelConfig
+    from rlhfkit.evaluate import kl_to_reference
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.ops import mean_stderr
+    from rlhfkit.rollout.generate import generate
+
+    path = tiny_model_dir("llama")
+    policy = load_causal_lm(ModelConfig(path=_perturbed(path, tmp_path)))
+    reference, tok = load_causal_lm(ModelConfig(path=path)), load_tokenizer(path)
+    prompts = ["User: Describe the cat.\nAssistant:", "User: Hi.\nAssistant:", "User: What is the lake like?"]
+    gens = generate(policy, tok, prompts, GenerationConfig(max_new_tokens=6), seed=0)
+    gens.completion_ids = [c[:n] for c, n in zip(gens.completion_ids, (6, 1, 3))]  # padded in a batch; length 1
+    per_answer = []
+    with torch.no_grad():
+        for prompt_ids, answer in zip(gens.prompt_ids, gens.completion_ids):
+            ids = torch.tensor([prompt_ids + answer])
+            logp, logq = (torch.log_softmax(m(ids).logits[0, len(prompt_ids) - 1:-1], -1) for m in (policy, reference))
+            picked = torch.tensor(answer)[:, None]
+            per_answer.append((logp.gather(-1, picked) - logq.gather(-1, picked)).sum().item())
+    kl, stderr = kl_to_reference(policy, reference, gens, tok.pad_token_id, batch_size=2)
+    expected = mean_stderr(per_answer)
+    assert kl == pytest.approx(expected[0], abs=1e-4) and stderr == pytest.approx(expected[1], abs=1e-4)
+    assert abs(kl) > 1e-2  # the models differ
+
+
+def test_eval_reports_the_kl_to_a_reference(tiny_model_dir, tmp_path, length_reward, capsys):
+    from rlhfkit.config import GenerationConfig, ModelConfig
+    from rlhfkit.evaluate import kl_to_reference
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.rollout.generate import generate
+
+    arithmetic.write(tmp_path / "data")
+    path = tiny_model_dir("llama")
+    moved = _perturbed(path, tmp_path)
+    prompts = str(tmp_path / "data" / "prompts_test.jsonl")
+    common = ["eval", "--prompts", prompts, "--rewards", length_reward, "--limit", "8",
+              "--generation.max_new_tokens", "6"]
+    assert main([*common, "--model", path, "--reference", path]) == 0
+    assert f"KL to {path}: 0.000 ± 0.000 nats per answer" in capsys.readouterr().out
+    assert main([*common, "--model", moved, "--reference", path, "--out", str(tmp_path / "eval.json")]) == 0
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    # the very samples it scored: one per prompt, sampling seed 0
+    rows = [json.loads(line)["prompt"] for line in open(prompts)][:8]
+    policy, tok = load_causal_lm(ModelConfig(path=moved)), load_tokenizer(moved)
+    gens = generate(policy, tok, rows, GenerationConfig(max_new_tokens=6), seed=0)
+    assert [s["completion"] for s in figures["samples"]] == gens.texts
+    kl, stderr = kl_to_reference(policy, load_causal_lm(ModelConfig(path=path)), gens, tok.pad_token_id)
+    assert figures["kl"] == pytest.approx(kl, abs=1e-6) and figures["kl_stderr"] == pytest.approx(stderr, abs=1e-6)
+    # a reference with another vocabulary is refused, naming the flag
+    assert main(["tiny-model", "--out", str(tmp_path / "other"), "--vocab_size", "512"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--model", path, "--reference", str(tmp_path / "other")]) == 2
+    assert "--reference " + str(tmp_path / "other") + " has another tokenizer" in capsys.readouterr().err
