@@ -125,7 +125,8 @@ def refuse_with_fsdp(stage_: int, sharding: str) -> None:
 
 def gathers_collectively(module) -> bool:
     """Whether ``module`` holds weights ZeRO-3 partitioned over the processes: each call gathers them from every
-    process, so every process must call it as often (``forward._masked_head_logprobs`` pads its chunks)."""
+    process, so every process must call it as often (``forward._masked_head_logprobs`` pads its chunks, and
+    ``forward.shared_prefix_forward`` shares prompts in every process or in none)."""
     return distributed.world_size() > 1 and any(hasattr(p, "ds_id") for p in module.parameters())
 
 

@@ -276,6 +276,24 @@ def test_a_chunked_head_under_zero3_equals_one_process(tiny_model_dir, task_dir,
 
 
 @needs_deepspeed
+def test_rows_sharing_a_prompt_in_one_process_only_run_under_zero3(tiny_model_dir, tmp_path):
+    # four rows of one prompt and four of distinct ones, a step's 8 split over two processes: where one process's
+    # rows share their prompt and the other's do not, the first ran the prompt once (two forwards of the model) and
+    # the second whole (one): under ZeRO-3 each forward gathers weights from both, and they hung (found by hand);
+    # all share or none does, as under FSDP
+    rows = [{"prompt": "User: Describe the cat.\nAssistant:", "completion": f" The cat is calm, number {i}."}
+            for i in range(4)] + [{"prompt": f"User: Tell me about thing {i}.\nAssistant:", "completion": " Fine."}
+                                  for i in range(4)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["sft", "--model", tiny_model_dir("llama"), "--data", str(data), "--eval_fraction", "0", *TRAIN,
+            "--train.max_steps", "6"]
+    _one_process(args, tmp_path / "one")
+    _launch(_zero3_config(tmp_path), args, tmp_path / "two")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@needs_deepspeed
 def test_kto_with_a_reference_model_under_the_zero3_config_equals_one_process(tiny_model_dir, task_dir, tmp_path):
     # KTO's reference point z: one pass over the step's batch before its micro-batches, summed over processes;
     # the reference is a second, frozen model, whole in each process

@@ -93,7 +93,9 @@ def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch
     if shares:
         first, inverse = distinct_rows(input_ids[:, :width], attention_mask[:, :width])
         shares = len(first) < input_ids.shape[0]
-    if collective(module):  # a sharded forward: every process makes the same forwards, so all share or none does
+    # a sharded forward (FSDP, ZeRO-3) gathers weights from every process: all make the same forwards, so all share
+    # or none does
+    if collective(module) or zero.gathers_collectively(module):
         shares = distributed.all_sum([float(not shares)], input_ids.device)[0] == 0
     if not shares:
         return None
