@@ -165,12 +165,18 @@ def _fitting(prompts: list, tokenizer, cfg, source: str) -> list:
     return [r["prompt"] for r in drop_long_prompts([{"prompt": p} for p in prompts], tokenizer, 0, source, room)]
 
 
+# the columns ``generate --out`` writes: a prompt file's own column of one of these names would be written over
+_WRITTEN = ("completion", "messages", "chosen", "rejected", "margin", "label", "text", "sample", "ended", "reward",
+            "chosen_reward", "rejected_reward")
+
+
 def cmd_generate(cfg: GenerateConfig) -> None:
     from rlhfkit.data.collate import drop_long_prompts, render_prompt
     from rlhfkit.data.formats import load_prompts
     from rlhfkit.models.load import prompt_room, write_atomically
     from rlhfkit.rewards import build_reward
     from rlhfkit.rollout.generate import generate
+    from rlhfkit.rollout.sampling import sample_seeds
     from rlhfkit.trainers.online import reward_inputs, with_every_column
 
     typed = [p.replace("\\n", "\n") for p in cfg.prompt]
@@ -182,35 +188,59 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     if not rows:
         raise ConfigError("nothing to answer: pass --prompt TEXT or --prompts FILE")
     source = cfg.prompts or "--prompt"
+    if cfg.out:  # before hours of sampling
+        _check_generate_out(cfg, rows, source)
     reward = build_reward(cfg.rewards, cfg.reward_weights) if cfg.rewards else None  # refused before the model loads
     rows = with_every_column(rows)
     if reward:
         reward.check_columns(rows[0], source)
     model, tokenizer = _load(cfg.model)
+    place = {id(r): i for i, r in enumerate(rows)}  # each prompt's place in the file: its samples' seeds
     rows = drop_long_prompts(rows, tokenizer, 0, source, prompt_room(cfg.model, cfg.generation.max_new_tokens))
-    prompts, columns = reward_inputs(rows, cfg.n)  # each prompt n times in a row, each sample its own seed
-    texts = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=bool(cfg.out)).texts
-    total, parts = reward(prompts, texts, columns) if reward else (None, {})
+    prompts, columns = reward_inputs(rows, cfg.n)  # each prompt n times in a row
+    seeds = sample_seeds(cfg.seed, [place[id(r)] for r in rows], cfg.n)
+    gens = generate(model, tokenizer, prompts, cfg.generation, seeds=seeds, progress=bool(cfg.out))
+    total, parts = reward(prompts, gens.texts, columns) if reward else (None, {})
     if not cfg.out:
-        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        for i, (prompt, text) in enumerate(zip(prompts, gens.texts)):
             scored = f"[reward {total[i].item():.4f}] " if reward else ""
             print(f"{scored}{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
         return
-    written, left_out = select_samples(rows, texts, total, parts, cfg.n, cfg.select)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(cfg.out, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in written)))
-    print(f"wrote {len(written)} rows to {cfg.out} ({cfg.select}: {len(texts)} samples of {len(rows)} prompts"
-          + (f"; {left_out} prompts left out, their samples empty or all scored alike)" if left_out else ")"))
+    written, left_out = select_samples(rows, gens.texts, gens.has_eos, total, parts, cfg.n, cfg.select)
+    write_atomically(cfg.out, lambda tmp: tmp.write_text("".join(json.dumps(r, default=str) + "\n"
+                                                                 for r in written)))
+    print(f"wrote {len(written)} rows to {cfg.out} ({cfg.select}: {len(gens.texts)} samples of {len(rows)} prompts"
+          + (f"; {left_out} prompts left out: no ended, non-blank sample" + (", or all scored alike"
+             if cfg.select == "pairs" else "") + ")" if left_out else ")"))
 
 
-def select_samples(rows: list[dict], texts: list[str], total, parts: dict, n: int, select: str
+def _check_generate_out(cfg: GenerateConfig, rows: list[dict], source: str) -> None:
+    """ConfigError, before anything is sampled, for an --out the trainers could not read back (not .jsonl, a
+    directory, the prompts file itself) or a prompt file column it would write over; its directory made."""
+    out = Path(cfg.out)
+    if out.suffix != ".jsonl":
+        raise ConfigError(f"--out {cfg.out}: generate writes JSON lines; name the file *.jsonl")
+    if out.is_dir() or (cfg.prompts and out.resolve() == Path(cfg.prompts).resolve()):
+        raise ConfigError(f"--out {cfg.out} is {'a directory' if out.is_dir() else 'the prompts file itself'}: "
+                          "name a new .jsonl file")
+    clash = next((c for c in dict.fromkeys(k for r in rows for k in r) if c in _WRITTEN or c.startswith("reward/")),
+                 None)
+    if clash:
+        raise ConfigError(f"{source} has a column {clash!r}, which generate --out writes (the samples, their rewards "
+                          "and the pairs): drop or rename it in the file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def select_samples(rows: list[dict], texts: list[str], ended: list[bool], total, parts: dict, n: int, select: str
                    ) -> tuple[list[dict], int]:
-    """The rows ``generate --out`` writes, and how many prompts were left out. ``rows``: P prompt rows; ``texts``:
-    their P·n samples, prompt by prompt; ``total`` (P·n,) summed rewards (None: unscored) and ``parts`` each
-    reward's (NaN where it does not apply). ``all``: a row per sample, its rewards beside it; ``best``: the
-    highest-scored non-empty sample of each prompt, as SFT data; ``pairs``: that one as ``chosen`` and the
-    lowest-scored as ``rejected``, as preference data, a prompt left out where they score alike (or differ in
-    nothing). A chat prompt (messages) gets its answers as messages, which those loaders require."""
+    """The rows ``generate --out`` writes, and how many prompts were left out. ``rows``: P prompt rows; ``texts``
+    and ``ended`` (whether it stopped at EOS): their P·n samples, prompt by prompt; ``total`` (P·n,) summed rewards
+    (None: unscored) and ``parts`` each reward's (NaN where it does not apply: written as null). ``all``: a row per
+    sample, its rewards beside it; ``best``: the highest-scored of each prompt's samples that ended and are not
+    blank (SFT and DPO learn an answer as ended; they refuse a blank one), as SFT data; ``pairs``: that one as
+    ``chosen`` and the lowest-scored as ``rejected``, as preference data, a prompt left out where they score
+    alike. Among equal scores the best is the first sample, the worst the last. A chat prompt (messages) gets its
+    answers as messages, which those loaders require."""
     def answer(prompt, text):
         return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
@@ -222,12 +252,11 @@ def select_samples(rows: list[dict], texts: list[str], total, parts: dict, n: in
     for p, row in enumerate(rows):
         ids = range(p * n, (p + 1) * n)
         if select == "all":
-            out += [{**row, "completion": answer(row["prompt"], texts[i]), "sample": i - p * n, **scores(i)}
-                    for i in ids]
+            out += [{**row, "completion": answer(row["prompt"], texts[i]), "sample": i - p * n, "ended": ended[i],
+                     **scores(i)} for i in ids]
             continue
-        ranked = sorted((i for i in ids if texts[i]), key=lambda i: -total[i].item())  # stable: first sample first
-        if not ranked or (select == "pairs" and (total[ranked[0]] == total[ranked[-1]]
-                                                 or texts[ranked[0]] == texts[ranked[-1]])):
+        ranked = sorted((i for i in ids if ended[i] and texts[i].strip()), key=lambda i: -total[i].item())
+        if not ranked or (select == "pairs" and total[ranked[0]] == total[ranked[-1]]):
             left_out += 1
             continue
         best, worst = ranked[0], ranked[-1]

@@ -116,7 +116,8 @@ _TRL_NAMES = {"learning_rate": ["lr"], "per_device_train_batch_size": ["rollout_
               # OpenRLHF's
               "advantage_estimator": ["advantage"], "generate_max_len": ["max_new_tokens"],
               "prompt_max_len": ["max_prompt_length", "max_length"], "max_len": ["max_length", "max_new_tokens"],
-              "train_batch_size": ["mini_batch_size", "batch_size"], "n_samples_per_prompt": ["group_size"],
+              "train_batch_size": ["mini_batch_size", "batch_size"], "n_samples_per_prompt": ["group_size", "n"],
+              "best_of_n": ["n"], "num_return_sequences": ["n"],
               "init_kl_coef": ["kl_coef", "beta"], "actor_learning_rate": ["lr"], "critic_learning_rate": ["critic_lr"],
               "pretrain": ["path"], "reward_pretrain": ["reward_model", "rewards"], "save_path": ["out"],
               "max_epochs": ["ppo_epochs", "epochs"], "eps_clip": ["clip_eps"], "value_clip": ["value_clip_eps"],

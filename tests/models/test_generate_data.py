@@ -4,6 +4,7 @@
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,41 +17,46 @@ CHAT = [{"role": "user", "content": "Hi."}]
 
 
 def _selected(select):
-    # 3 prompts x 3 samples: a text prompt with a column of its own, a chat prompt (one empty sample), a prompt whose
-    # samples all score alike; the second reward applies to the first prompt's samples alone
-    rows = [{"prompt": "Q1", "answer": "7"}, {"prompt": CHAT, "answer": None}, {"prompt": "Q3", "answer": None}]
-    texts = ["a", "bb", "c", "", "yes", "no", "x", "y", "z"]
-    total = torch.tensor([1.0, 3.0, 2.0, 9.0, 0.5, -1.0, 4.0, 4.0, 4.0])
-    parts = {"len": total.clone(), "exact": torch.tensor([0.0, 1.0, 0.0] + [math.nan] * 6)}
-    return select_samples(rows, texts, total, parts, 3, select)
+    # 4 prompts x 3 samples: a text prompt with a column of its own, a chat prompt (one empty sample, one blank), a
+    # prompt whose samples all score alike, one whose best sample was cut off by max_new_tokens (no EOS); the second
+    # reward applies to the first prompt's samples alone
+    rows = [{"prompt": "Q1", "answer": "7"}, {"prompt": CHAT, "answer": None}, {"prompt": "Q3", "answer": None},
+            {"prompt": "Q4", "answer": None}]
+    texts = ["a", "bb", "c", "", "yes", " \n", "x", "y", "z", "long", "mid", "low"]
+    ended = [True] * 9 + [False, True, True]
+    total = torch.tensor([1.0, 3.0, 2.0, 9.0, 0.5, 8.0, 4.0, 4.0, 4.0, 5.0, 2.0, 1.0])
+    parts = {"len": total.clone(), "exact": torch.tensor([0.0, 1.0, 0.0] + [math.nan] * 9)}
+    return select_samples(rows, texts, ended, total, parts, 3, select)
 
 
 def test_every_sample_is_written_with_its_rewards():
     out, left_out = _selected("all")
-    assert left_out == 0 and len(out) == 9
-    assert out[1] == {"prompt": "Q1", "answer": "7", "completion": "bb", "sample": 1, "reward": 3.0,
+    assert left_out == 0 and len(out) == 12
+    assert out[1] == {"prompt": "Q1", "answer": "7", "completion": "bb", "sample": 1, "ended": True, "reward": 3.0,
                       "reward/len": 3.0, "reward/exact": 1.0}
     assert out[4] == {"prompt": CHAT, "answer": None, "completion": [{"role": "assistant", "content": "yes"}],
-                      "sample": 1, "reward": 0.5, "reward/len": 0.5, "reward/exact": None}
+                      "sample": 1, "ended": True, "reward": 0.5, "reward/len": 0.5, "reward/exact": None}
+    assert out[9]["ended"] is False
 
 
 def test_the_best_sample_of_each_prompt_is_sft_data(tmp_path):
-    # the empty sample scored 9 is passed over (SFT refuses an empty completion); ties keep the first sample
+    # the empty and the blank samples scored 9 and 8 are passed over (SFT refuses them), and so is one cut off
+    # (SFT would learn it as ended); ties keep the first sample
     out, left_out = _selected("best")
     assert left_out == 0
-    assert [r.get("completion") for r in out] == ["bb", None, "x"]
+    assert [r.get("completion") for r in out] == ["bb", None, "x", "mid"]
     assert out[1]["messages"] == CHAT + [{"role": "assistant", "content": "yes"}] and "prompt" not in out[1]
     path = tmp_path / "best.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in out))
-    assert [r.get("completion") or r["messages"][-1]["content"] for r in load_sft(path)] == ["bb", "yes", "x"]
+    assert [r.get("completion") or r["messages"][-1]["content"] for r in load_sft(path)] == ["bb", "yes", "x", "mid"]
 
 
 def test_the_best_and_the_worst_sample_are_a_preference_pair(tmp_path):
+    # the chat prompt keeps one sample that ended and is not blank: no pair; the third prompt's samples all score 4
     out, left_out = _selected("pairs")
-    assert left_out == 1  # the third prompt's samples all score 4
+    assert left_out == 2
     assert [(r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]) for r in out] == [
-        ("bb", "a", 3.0, 1.0),
-        ([{"role": "assistant", "content": "yes"}], [{"role": "assistant", "content": "no"}], 0.5, -1.0)]
+        ("bb", "a", 3.0, 1.0), ("mid", "low", 2.0, 1.0)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in out))
     loaded = load_preference(path)
@@ -68,13 +74,28 @@ def length_reward(tmp_path, monkeypatch):
     return "gen_rewards:length"
 
 
+def _stopping(path, tmp_path):
+    """The tiny model with a generation config listing many stop ids (as an instruct model lists its end of turn):
+    a random model then ends most samples within a few tokens."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(path, tmp_path / "stopping")
+    config = GenerationConfig.from_pretrained(path) if (Path(path) / "generation_config.json").exists() else (
+        GenerationConfig())
+    config.eos_token_id = list(range(3, 120))
+    config.save_pretrained(tmp_path / "stopping")
+    return str(tmp_path / "stopping")
+
+
 def test_samples_scored_and_selected_train_dpo(tiny_model_dir, tmp_path, length_reward, capsys):
     # 4 samples of each of 6 prompts, each with its own seed: the pairs are the longest and shortest of the very
-    # samples --select all writes, and DPO trains on them
+    # samples --select all writes that ended, and DPO trains on them
     arithmetic.write(tmp_path / "data")
-    model = tiny_model_dir("llama")
+    model = _stopping(tiny_model_dir("llama"), tmp_path)
     common = ["generate", "--model", model, "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"),
-              "--limit", "6", "--n", "4", "--rewards", length_reward, "--generation.max_new_tokens", "6"]
+              "--limit", "6", "--n", "4", "--rewards", length_reward, "--generation.max_new_tokens", "8"]
     assert main([*common, "--out", str(tmp_path / "all.jsonl")]) == 0
     assert "wrote 24 rows" in capsys.readouterr().out
     every = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
@@ -87,16 +108,53 @@ def test_samples_scored_and_selected_train_dpo(tiny_model_dir, tmp_path, length_
     by_prompt = {}
     for r in every:
         by_prompt.setdefault(r["prompt"], []).append(r)
-    tied = [p for p, samples in by_prompt.items() if len({s["reward"] for s in samples if s["completion"]}) < 2]
+    assert 0 < sum(r["ended"] for r in every) < len(every)
+    tied = [p for p, samples in by_prompt.items()
+            if len({s["reward"] for s in samples if s["ended"] and s["completion"].strip()}) < 2]
     assert pairs and len(pairs) + len(tied) == 6 and f"wrote {len(pairs)} rows" in printed
     assert (f"; {len(tied)} prompts left out" in printed) == bool(tied)
     for pair in pairs:
-        samples = [s for s in by_prompt[pair["prompt"]] if s["completion"]]
+        samples = [s for s in by_prompt[pair["prompt"]] if s["ended"] and s["completion"].strip()]
         assert pair["chosen_reward"] == max(s["reward"] for s in samples) > pair["rejected_reward"]
         assert pair["rejected_reward"] == min(s["reward"] for s in samples)
         assert pair["chosen"] in {s["completion"] for s in samples}
     assert main(["dpo", "--model", model, "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "dpo"),
                  "--train.max_steps", "1", "--train.batch_size", "2", "--train.tensorboard", "false"]) == 0
+
+
+def test_a_prompt_s_samples_do_not_depend_on_n(tiny_model_dir, tmp_path):
+    # sample j of prompt i is seeded by (seed, i, j): --n 4 begins with --n 2's samples, and sample 0 is what one
+    # sample a prompt gives
+    arithmetic.write(tmp_path / "data")
+    prompts = str(tmp_path / "data" / "prompts_test.jsonl")
+    common = ["generate", "--model", tiny_model_dir("llama"), "--prompts", prompts, "--limit", "3",
+              "--generation.max_new_tokens", "6"]
+    runs = {}
+    for n in (1, 2, 4):
+        assert main([*common, "--n", str(n), "--out", str(tmp_path / f"n{n}.jsonl")]) == 0
+        runs[n] = [json.loads(line)["completion"] for line in (tmp_path / f"n{n}.jsonl").read_text().splitlines()]
+    assert runs[2] == [c for i, c in enumerate(runs[4]) if i % 4 < 2] and runs[1] == runs[4][::4]
+    assert len(set(runs[4][:4])) > 1
+
+
+@pytest.mark.parametrize("out, column, message", [
+    ("x.csv", None, "--out x.csv: generate writes JSON lines; name the file *.jsonl"),
+    ("sub", None, "is a directory: name a new .jsonl file"),
+    ("prompts.jsonl", None, "is the prompts file itself"),
+    ("x.jsonl", "completion", "has a column 'completion', which generate --out writes"),
+    ("x.jsonl", "reward/length", "has a column 'reward/length', which generate --out writes"),
+])
+def test_an_output_the_trainers_could_not_read_is_refused_before_sampling(tmp_path, monkeypatch, capsys, out, column,
+                                                                           message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub.jsonl").mkdir() if out == "sub" else None
+    row = {"prompt": "Hi", **({column: "x"} if column else {})}
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(row) + "\n")
+    target = "sub.jsonl" if out == "sub" else out
+    # no model named: it would be loaded after these checks
+    assert main(["generate", "--prompts", "prompts.jsonl", "--out", target]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
