@@ -252,44 +252,46 @@ sys.exit(code)
 """
 
 
-@needs_deepspeed
-@pytest.mark.parametrize("command", ["sft", "dpo"])
-def test_a_chunked_head_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path, monkeypatch, command):
-    # each call of the head gathers its partitioned weights from both processes: each process pads its chunks
-    # (its own completion positions) to the most any has, with empty ones, in the forward and the backward's
-    # recompute (unpadded, the processes gathered a different number of times and hung). DPO: a LoRA head, the
-    # reference the adapters off (a pass without gradients)
-    data = {"sft": ["--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0"],
-            "dpo": ["--data", str(task_dir / "preference.jsonl"), "--beta", "0.5", "--lora.enabled", "true",
-                    "--lora.target_modules", "all-linear+head", "--reference", "adapter"]}[command]
-    args = [command, "--model", tiny_model_dir("llama"), *data, *TRAIN, "--train.grad_accum", "2",
-            "--train.max_steps", "4", "--logits_chunk", "5"]
-    _one_process(args, tmp_path / "one")
+def _launch_counting_padding(tmp_path, monkeypatch, args) -> str:
+    """``args`` under ZeRO-3 (every weight partitioned) in 2 processes; asserts some call of the chunked head padded
+    its chunks (so the padding, not equal counts by luck, kept the processes in step). Returns the output."""
     (tmp_path / "zero3_padding_cli.py").write_text(PADDING_CLI)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     printed = _launch(_zero3_config(tmp_path), args, tmp_path / "two", module="zero3_padding_cli")
-    assert "deepspeed ZeRO-3" in printed
-    _assert_same_weights(tmp_path / "one", tmp_path / "two")
-    # the processes' chunk counts differed: some call padded (so the padding, not luck, kept them in step)
     counts = [tuple(map(int, found)) for found in re.findall(r"rank \d chunked (\d+) padded (\d+)", printed)]
     assert len(counts) == 2 and counts[0][0] == counts[1][0] > 0 and sum(p for _, p in counts) > 0, counts
+    return printed
 
 
 @needs_deepspeed
-def test_rows_sharing_a_prompt_in_one_process_only_run_under_zero3(tiny_model_dir, tmp_path):
+def test_a_chunked_lora_head_under_zero3_equals_one_process(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    # each call of the head gathers its partitioned weights from both processes: each process pads its chunks
+    # (its own completion positions) to the most any has, with empty ones, in the forward and the backward's
+    # recompute (unpadded, the processes gathered a different number of times and hung); a LoRA head, the
+    # reference the adapters off (a pass without gradients)
+    args = ["dpo", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--beta", "0.5",
+            "--lora.enabled", "true", "--lora.target_modules", "all-linear+head", "--reference", "adapter", *TRAIN,
+            "--train.grad_accum", "2", "--train.max_steps", "4", "--logits_chunk", "5"]
+    _one_process(args, tmp_path / "one")
+    assert "deepspeed ZeRO-3" in _launch_counting_padding(tmp_path, monkeypatch, args)
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@needs_deepspeed
+def test_rows_sharing_a_prompt_in_one_process_only_run_under_zero3(tiny_model_dir, tmp_path, monkeypatch):
     # four rows of one prompt and four of distinct ones, a step's 8 split over two processes: where one process's
     # rows share their prompt and the other's do not, the first ran the prompt once (two forwards of the model) and
     # the second whole (one): under ZeRO-3 each forward gathers weights from both, and they hung (found by hand);
-    # all share or none does, as under FSDP
+    # all share or none does, as under FSDP. The head chunked too: the processes' completion positions differ
     rows = [{"prompt": "User: Describe the cat.\nAssistant:", "completion": f" The cat is calm, number {i}."}
             for i in range(4)] + [{"prompt": f"User: Tell me about thing {i}.\nAssistant:", "completion": " Fine."}
                                   for i in range(4)]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["sft", "--model", tiny_model_dir("llama"), "--data", str(data), "--eval_fraction", "0", *TRAIN,
-            "--train.max_steps", "6"]
+            "--train.max_steps", "6", "--logits_chunk", "5"]
     _one_process(args, tmp_path / "one")
-    _launch(_zero3_config(tmp_path), args, tmp_path / "two")
+    _launch_counting_padding(tmp_path, monkeypatch, args)
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
