@@ -32,6 +32,7 @@ Those trainers reach an engine through its optimiser: ``backward(optimizer, loss
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from pathlib import Path
@@ -141,11 +142,6 @@ def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:
     refuse_with_fsdp(stage_, sharding)
     if not full:
         raise ConfigError(f"DeepSpeed ZeRO-{stage_} partitions full trained models only. {instead}")
-    if stage_ == 3:
-        raise ConfigError("DeepSpeed ZeRO-3 is not supported for PPO and the online methods: use ZeRO-2 "
-                          "(examples/accelerate/zero2.yaml), which partitions the trained models' AdamW state and "
-                          "gradients, or FSDP to split the weights too (train.fsdp full_shard, or "
-                          "examples/accelerate/fsdp.yaml)")
     return stage_
 
 
@@ -391,6 +387,41 @@ def full_state_dict(model) -> dict[str, torch.Tensor] | None:
             key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.numel() else (k,)
             full[k] = copies.setdefault(key, v.detach().cpu().clone())
         return full
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """A ZeRO-3 ``model`` whole, for forwards outside its engine that not every process makes alike: the rollout
+    engine's decode loop (each process stops at its own samples' end) and process 0's evaluation. Yields a plain
+    copy of it (the same class and config, built on the meta device, no DeepSpeed hooks: its forwards gather
+    nothing) holding the gathered weights and the buffers, freed at the end: what ``fsdp.gathered`` costs, a whole
+    model in each process while inside. Entering is collective: every process enters. Any other model: itself.
+    Forwards inside must not build a graph to back-propagate."""
+    if not partitioned(model):
+        yield model
+        return
+    import deepspeed
+
+    with torch.device("meta"):
+        replica = type(model)(model.config)
+    replica.generation_config = copy.deepcopy(model.generation_config)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        copies: dict[int, torch.Tensor] = {}  # a tied head and its embeddings: one tensor, assigned to both
+        state = {k: copies.setdefault(id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+        replica.load_state_dict(state, assign=True)
+    for name, b in model.named_buffers():  # never partitioned; rotary frequencies are not in the state dict
+        owner, _, leaf = name.rpartition(".")
+        replica.get_submodule(owner)._buffers[leaf] = b.detach().clone()
+    if replica.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False):
+        replica.tie_weights()
+    left = [n for n, t in [*replica.named_parameters(), *replica.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the whole copy of a ZeRO-3 model lacks {left[:3]}: it has tensors its class does not "
+                           "make from its config")
+    try:
+        yield replica.eval()
+    finally:
+        del replica, state, copies
 
 
 def full_params(model, names: list[str]) -> dict[str, torch.Tensor] | None:

@@ -72,7 +72,7 @@ def test_fsdp_and_deepspeed_together_are_refused(launcher_env, monkeypatch):
         run(model=torch.nn.Linear(2, 2), loss_fn=None, n_examples=100, cfg=cfg, optim=OptimConfig(), logger=None)
 
 
-def test_ppo_and_the_online_methods_under_deepspeed_are_full_models_at_stages_1_and_2(launcher_env, monkeypatch):
+def test_ppo_and_the_online_methods_under_deepspeed_are_full_models(launcher_env, monkeypatch):
     assert zero.rollout_stage("zero3", "off", False, "") == 0  # one process: nothing to partition
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert zero.rollout_stage("zero2", "off", True, "") == 2 and zero.rollout_stage("off", "off", False, "") == 0
@@ -80,8 +80,9 @@ def test_ppo_and_the_online_methods_under_deepspeed_are_full_models_at_stages_1_
     assert zero.rollout_stage("auto", "off", True, "") == 1
     with pytest.raises(ConfigError, match="ZeRO-1 partitions full trained models only. Use replicas"):
         zero.rollout_stage("auto", "off", False, "Use replicas")
-    with pytest.raises(ConfigError, match=r"ZeRO-3 is not supported for PPO and the online methods: use ZeRO-2"):
-        zero.rollout_stage("zero3", "off", True, "")
+    assert zero.rollout_stage("zero3", "off", True, "") == 3
+    with pytest.raises(ConfigError, match="ZeRO-3 partitions full trained models only. Use replicas"):
+        zero.rollout_stage("zero3", "off", False, "Use replicas")
     with pytest.raises(ConfigError, match=r"both FSDP \(full_shard\) and DeepSpeed \(ZeRO-2\)"):
         zero.rollout_stage("zero2", "full_shard", True, "")
 
@@ -517,6 +518,23 @@ def test_separate_ppo_under_zero2_equals_one_process_and_its_checkpoints_cross(t
 
 
 @needs_deepspeed
+def test_separate_ppo_under_zero3_equals_one_process_and_its_checkpoint_resumes_in_one(tiny_model_dir, ppo_setup,
+                                                                                       tmp_path):
+    # actor and critic engines with every weight partitioned; each rollout samples with a whole copy of the actor
+    # (zero.gathered), the critic's values a forward gathering from both processes; a checkpoint gathers both
+    # models in every process (process 0 alone had gathered, and waited for ever)
+    args = _ppo_args(tiny_model_dir, ppo_setup, "1e-3", "--mode", "separate", "--mini_batch_size", "4",
+                     "--ppo_epochs", "2", "--train.save_every", "2")
+    _one_process(args, tmp_path / "one")
+    printed = _launch(_zero3_config(tmp_path), args, tmp_path / "two")
+    for role in ("the actor", "the critic"):
+        assert f"deepspeed ZeRO-3 over 2 processes ({role}): weights, gradients and AdamW state" in printed
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
+    _one_process([*args, "--train.resume", str(tmp_path / "two" / "checkpoints" / "step-2")], tmp_path / "back")
+    _assert_same_weights(tmp_path / "one", tmp_path / "back", pattern="**/*.safetensors")
+
+
+@needs_deepspeed
 def test_separate_ppo_with_one_update_a_step_under_zero1_equals_one_process(tiny_model_dir, task_dir, ppo_setup,
                                                                            tmp_path):
     # one update a step: the critic's learn forward (through its engine) gives GAE's values, the critic
@@ -540,16 +558,19 @@ def test_separate_ppo_with_one_update_a_step_under_zero1_equals_one_process(tiny
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("launch", ["zero2.yaml", "fsdp"])
-def test_full_parameter_grpo_under_zero2_or_fsdp_equals_one_process(tiny_model_dir, ppo_setup, tmp_path, launch):
+@pytest.mark.parametrize("launch", ["zero2.yaml", "zero3", "fsdp"])
+def test_full_parameter_grpo_under_zero_or_fsdp_equals_one_process(tiny_model_dir, ppo_setup, tmp_path, launch):
     # lora.enabled false: the whole policy trained (an engine over it, or sharded), a frozen copy as the KL
     # term's reference, whole (DeepSpeed) or fully sharded (FSDP); two updates a step, clipping active, each
-    # from two micro-batches a process (their backwards collective)
+    # from two micro-batches a process (their backwards collective). Under ZeRO-3 (every weight partitioned) the
+    # rollouts sample with a whole copy of the policy (zero.gathered), and so does process 0's evaluation
     args = ["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(ppo_setup / "prompts.jsonl"),
             "--rewards", str(ppo_setup / "rm"), "--lora.enabled", "false", "--kl_coef", "0.05",
             "--train.max_steps", "3", "--prompts_per_step", "4", "--group_size", "4", "--mini_batch_size", "8",
             "--optim.lr", "1e-3", "--optim.max_grad_norm", "0.05", "--generation.max_new_tokens", "8",
             "--train.tensorboard", "false", "--train.seed", "1"]
+    if launch == "zero3":
+        args += ["--eval_prompts", str(ppo_setup / "prompts.jsonl"), "--train.eval_every", "2"]
     # (seed 0 draws one uniform within float rounding of a token boundary: batches of 16 and of 8 rows round the
     # random tiny model's near-uniform softmax differently, and that one token differs)
     _one_process(args, tmp_path / "one")
@@ -558,12 +579,18 @@ def test_full_parameter_grpo_under_zero2_or_fsdp_equals_one_process(tiny_model_d
         printed = _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two")
         assert "fsdp full_shard over 2 processes (the actor)" in printed
         assert "fsdp full_shard over 2 processes (the frozen reference)" in printed
+    elif launch == "zero3":
+        printed = _launch(_zero3_config(tmp_path), args, tmp_path / "two")
+        assert "deepspeed ZeRO-3 over 2 processes (the actor): weights, gradients and AdamW state" in printed
     else:
         printed = _launch(launch, args, tmp_path / "two")
         assert "deepspeed ZeRO-2 over 2 processes (the actor): AdamW state and gradients partitioned" in printed
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
     one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                 for run in ("one", "two"))
-    assert all(r["grad_norm"] > 0.05 for r in one)  # clipped every update
-    for key in ("loss/policy", "loss/kl", "grad_norm", "rollout/kl"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    assert all(r["grad_norm"] > 0.05 for r in one if "grad_norm" in r)  # clipped every update
+    for key in ("loss/policy", "loss/kl", "grad_norm", "rollout/kl", "eval/reward"):
+        expected = [r[key] for r in one if key in r]
+        assert [r[key] for r in two if key in r] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+    if launch == "zero3":
+        assert [r["step"] for r in two if "eval/reward" in r] == [2, 3]

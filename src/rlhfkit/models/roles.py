@@ -358,15 +358,19 @@ class SeparateRoles:
                 learn_mode(model, False)
 
     def partition(self, stage: int, actor_opt, critic_opt, mini_batch_size: int, max_grad_norm: float) -> None:
-        """DeepSpeed ZeRO-``stage`` (1 or 2) for the actor and the critic (``critic_opt`` None: none): an engine
-        each, over its optimiser (``rlhfkit.zero``, which the model and the optimiser point at), which then
-        back-propagates, reduces, clips and steps through it; one backward of each process's share of a
-        mini-batch a step. The frozen reference stays whole. After a checkpoint was loaded into the plain
-        models and optimisers."""
+        """DeepSpeed ZeRO-``stage`` for the actor and the critic (``critic_opt`` None: none): an engine each, over
+        its optimiser (``rlhfkit.zero``, which the model and the optimiser point at), which then back-propagates,
+        reduces, clips and steps through it; one backward of each process's share of a mini-batch a step. The
+        frozen reference stays whole. At stage 3 each rollout samples with a whole copy of the actor
+        (``zero.gathered``). After a checkpoint was loaded into the plain models and optimisers."""
         micro = max(1, mini_batch_size // distributed.world_size())  # DeepSpeed's bookkeeping only
         for model, opt, what in ((self.actor, actor_opt, "the actor"), (self.critic, critic_opt, "the critic")):
             if opt is not None:
                 zero.Engine(model, opt, stage, 1, micro, max_grad_norm, amp=self.amp, what=what)
+        if stage == 3 and distributed.is_main():
+            print("note: each rollout samples with a whole copy of the actor, so a process holds its partition and "
+                  "the whole actor while sampling (and the frozen reference whole throughout): ZeRO-3 saves memory "
+                  "in the learn passes (docs/distributed.md)")
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from rlhfkit import fsdp
+from rlhfkit import fsdp, zero
 from rlhfkit.config import GenerationConfig
 from rlhfkit.data.collate import encode_prompt, pad_batch
 from rlhfkit.ops import cache_keyword, distinct_rows, has_hooks
@@ -640,8 +640,9 @@ class HFRolloutEngine:
         device = next(self.model.parameters()).device
         exact = (all(p.dtype == torch.float32 for p in self.model.parameters())  # adapters: fp32 on a bf16 base
                  and not torch.is_autocast_enabled(device.type))
-        with fsdp.gathered(self.model):  # a sharded policy samples with its full weights (every process enters)
-            return sample_prompts(self.model, self.tokenizer, prompts, seeds, self.cfg, self.backend,
+        # a sharded or partitioned policy samples with its full weights (every process enters)
+        with fsdp.gathered(self.model), zero.gathered(self.model) as model:
+            return sample_prompts(model, self.tokenizer, prompts, seeds, self.cfg, self.backend,
                                   logprobs=logprobs and exact)
 
     def update_weights(self, model_or_state) -> None:

@@ -117,7 +117,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
             weights, trained = None, fsdp.gather({n: params[n].detach() for n in trainable})
         optimizer_states = fsdp.gather({name: opt.state_dict() for name, (opt, _) in optimizers.items()})
     elif any(engines.values()):  # collectives too: DeepSpeed's partitions, as full tensors
-        # stages 1-2 hold whole weights; PPO's engines (its save_weights) are never ZeRO-3
+        # stages 1-2 hold whole weights; the rollout trainers' ZeRO-3 engines are gathered by their save_weights
         weights = zero.full_state_dict(model) if zero.partitioned(model) else None
         optimizer_states = {name: engine.optimizer_state() for name, engine in engines.items()}
         trained = zero.full_params(model, trainable)
@@ -128,8 +128,9 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    if save_weights is not None and (sharded or distributed.is_main()):
-        save_weights(tmp)  # sharded: every process gathers, process 0 writes
+    partitioned = any(engine is not None and engine.stage == 3 for engine in engines.values())
+    if save_weights is not None and (sharded or partitioned or distributed.is_main()):
+        save_weights(tmp)  # sharded or partitioned: every process gathers, process 0 writes
     if not distributed.is_main():
         return final
     if save_weights is None:

@@ -220,12 +220,13 @@ def window_means(records: list[dict[str, float]]) -> dict[str, float]:
 def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], model,
                      amp: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
     """``evaluate(model)`` on process 0 under the run's autocast ``amp``, {} on the others. Every process
-    calls it: a sharded ``model`` is gathered by all of them around process 0's evaluation (``fsdp.gathered``)."""
-    with fsdp.gathered(model):
+    calls it: a sharded or partitioned ``model`` is gathered by all of them around process 0's evaluation
+    (``fsdp.gathered``, ``zero.gathered``: the latter hands ``evaluate`` a whole copy)."""
+    with fsdp.gathered(model), zero.gathered(model) as whole:
         if not distributed.is_main():
             return {}
         with amp():
-            return evaluate(model)
+            return evaluate(whole)
 
 
 class Logger:
