@@ -488,50 +488,40 @@ def test_the_reward_model_under_zero3_equals_one_process(tiny_model_dir, task_di
 
 
 @needs_deepspeed
-def test_separate_ppo_under_zero2_equals_one_process_and_its_checkpoints_cross(tiny_model_dir, ppo_setup,
-                                                                                tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_separate_ppo_under_zero_equals_one_process_and_its_checkpoints_cross(tiny_model_dir, ppo_setup, tmp_path,
+                                                                              stage):
     # an engine for the full actor and one for the critic (from the reward model), AdamW state and gradients
-    # partitioned; the reference whole. Two epochs of two mini-batches, clipping active on both (0.05), a
-    # held-out evaluation by process 0, and a checkpoint that crosses 1 ↔ 2 processes both ways
+    # partitioned (ZeRO-3: every weight too, each rollout sampling with a whole copy of the actor, zero.gathered);
+    # the reference whole. Two epochs of two mini-batches, clipping active on both (0.05), and a checkpoint that
+    # crosses 2 → 1 processes (ZeRO-2: micro-batches of one, and 1 → 2 too). ZeRO-3's checkpoint is gathered by
+    # every process (process 0 alone had gathered, and waited for ever)
     args = _ppo_args(tiny_model_dir, ppo_setup, "1e-3", "--mode", "separate", "--mini_batch_size", "4",
                      "--ppo_epochs", "2", "--train.save_every", "2")
+    launcher = "zero2.yaml" if stage == 2 else _zero3_config(tmp_path)
+    split = "AdamW state and gradients" if stage == 2 else "weights, gradients and AdamW state"
     _one_process(args, tmp_path / "one")
-    printed = _launch("zero2.yaml", args, tmp_path / "two")
+    printed = _launch(launcher, args, tmp_path / "two")
     for role in ("the actor", "the critic"):
-        assert f"deepspeed ZeRO-2 over 2 processes ({role}): AdamW state and gradients partitioned" in printed
+        assert f"deepspeed ZeRO-{stage} over 2 processes ({role}): {split} partitioned" in printed
     weights = _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
     assert any(k.startswith("critic/") for k in weights)
-    # micro-batches of one rollout: each engine's reduction completed after a process's second backward
-    _launch("zero2.yaml", [*args, "--micro_batch_size", "1"], tmp_path / "micro")
-    _assert_same_weights(tmp_path / "one", tmp_path / "micro", pattern="**/*.safetensors")
     one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                 for run in ("one", "two"))
     assert all(min(r["grad_norm/actor"], r["grad_norm/critic"]) > 0.05 for r in one)  # clipped every update
     for key in ("grad_norm/actor", "grad_norm/critic", "loss/policy", "loss/value", "rollout/score"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4), key
-    # its checkpoint resumes in one process, and a 1-process one under ZeRO-2, to the same weights
+    # its checkpoint resumes in one process to the same weights
     _one_process([*args, "--train.resume", str(tmp_path / "two" / "checkpoints" / "step-2")], tmp_path / "back")
     _assert_same_weights(tmp_path / "one", tmp_path / "back", pattern="**/*.safetensors")
-    _launch("zero2.yaml", [*args, "--train.resume", str(tmp_path / "one" / "checkpoints" / "step-2")],
-            tmp_path / "forth")
+    if stage == 3:
+        return
+    # micro-batches of one rollout: each engine's reduction completed after a process's second backward
+    _launch(launcher, [*args, "--micro_batch_size", "1"], tmp_path / "micro")
+    _assert_same_weights(tmp_path / "one", tmp_path / "micro", pattern="**/*.safetensors")
+    # a 1-process checkpoint resumes under ZeRO-2
+    _launch(launcher, [*args, "--train.resume", str(tmp_path / "one" / "checkpoints" / "step-2")], tmp_path / "forth")
     _assert_same_weights(tmp_path / "one", tmp_path / "forth", pattern="**/*.safetensors")
-
-
-@needs_deepspeed
-def test_separate_ppo_under_zero3_equals_one_process_and_its_checkpoint_resumes_in_one(tiny_model_dir, ppo_setup,
-                                                                                       tmp_path):
-    # actor and critic engines with every weight partitioned; each rollout samples with a whole copy of the actor
-    # (zero.gathered), the critic's values a forward gathering from both processes; a checkpoint gathers both
-    # models in every process (process 0 alone had gathered, and waited for ever)
-    args = _ppo_args(tiny_model_dir, ppo_setup, "1e-3", "--mode", "separate", "--mini_batch_size", "4",
-                     "--ppo_epochs", "2", "--train.save_every", "2")
-    _one_process(args, tmp_path / "one")
-    printed = _launch(_zero3_config(tmp_path), args, tmp_path / "two")
-    for role in ("the actor", "the critic"):
-        assert f"deepspeed ZeRO-3 over 2 processes ({role}): weights, gradients and AdamW state" in printed
-    _assert_same_weights(tmp_path / "one", tmp_path / "two", pattern="**/*.safetensors")
-    _one_process([*args, "--train.resume", str(tmp_path / "two" / "checkpoints" / "step-2")], tmp_path / "back")
-    _assert_same_weights(tmp_path / "one", tmp_path / "back", pattern="**/*.safetensors")
 
 
 @needs_deepspeed
