@@ -405,23 +405,24 @@ def gathered(model):
     with torch.device("meta"):
         replica = type(model)(model.config)
     replica.generation_config = copy.deepcopy(model.generation_config)
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        copies: dict[int, torch.Tensor] = {}  # a tied head and its embeddings: one tensor, assigned to both
-        state = {k: copies.setdefault(id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
-        replica.load_state_dict(state, assign=True)
+    state = {}
+    for name, p in model.named_parameters():  # one weight gathered at a time: one whole model at the peak, not two
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            state[name] = p.detach().clone()
+    replica.load_state_dict(state, strict=False, assign=True)  # a tied head is listed once, under its embeddings
     for name, b in model.named_buffers():  # never partitioned; rotary frequencies are not in the state dict
         owner, _, leaf = name.rpartition(".")
         replica.get_submodule(owner)._buffers[leaf] = b.detach().clone()
-    if replica.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False):
-        replica.tie_weights()
+    replica.tie_weights()  # as the model's config says
     left = [n for n, t in [*replica.named_parameters(), *replica.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"the whole copy of a ZeRO-3 model lacks {left[:3]}: it has tensors its class does not "
                            "make from its config")
+    del state
     try:
         yield replica.eval()
     finally:
-        del replica, state, copies
+        del replica
 
 
 def full_params(model, names: list[str]) -> dict[str, torch.Tensor] | None:

@@ -260,8 +260,8 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
     summed in the weights' own precision, not in bf16. Where each call of the head gathers its weights from every
     process (ZeRO-3), every process makes as many calls: the most any process needs, spare ones on no positions."""
     picked, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (N, H), (N,)
-    collective = chunk > 0 and zero.gathers_collectively(head)  # ZeRO-3: every process calls the head as often
-    chunked, device = collective or 0 < chunk < len(labels), hidden.device.type
+    padded = chunk > 0 and zero.gathers_collectively(head)  # ZeRO-3: every process calls the head as often
+    chunked, device = padded or 0 < chunk < len(labels), hidden.device.type
     uncached = (torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
                 if chunked and torch.is_autocast_enabled(device) else contextlib.nullcontext())
 
@@ -275,7 +275,7 @@ def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, m
 
     if chunked:
         inputs = list(zip(picked.split(chunk), labels.split(chunk)))
-        if collective:  # each call gathers the head's partitioned weights: as many calls (empty ones) everywhere
+        if padded:  # each call gathers the head's partitioned weights: as many calls (empty ones) everywhere
             inputs += [(picked[:0], labels[:0])] * (max(distributed.all_max(len(inputs), hidden.device), 1)
                                                     - len(inputs))
         if torch.is_grad_enabled():
