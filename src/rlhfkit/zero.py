@@ -22,9 +22,10 @@ data-parallel arithmetic around it (``rlhfkit.distributed``):
 
 Chosen by ``train.deepspeed`` or, with ``auto``, by the DeepSpeed config of ``accelerate launch``
 (``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_*`` in the environment). For SFT, the reward
-model, DPO and its family (one engine over the trained model, in ``trainers.loop.run``), and at stages 1-2
-for PPO's ``mode: separate`` (one engine for the actor, one for the critic, as OpenRLHF runs them) and the
-online methods training the full policy (``lora.enabled: false``).
+model, DPO and its family (one engine over the trained model, in ``trainers.loop.run``), and for PPO's
+``mode: separate`` (one engine for the actor, one for the critic, as OpenRLHF runs them) and the online
+methods training the full policy (``lora.enabled: false``), whose rollouts under ZeRO-3 sample with a whole
+copy of the actor (``gathered``).
 Those trainers reach an engine through its optimiser: ``backward(optimizer, loss)`` and
 ``loop.optimizer_step`` take DeepSpeed's way when the optimiser has one, the plain one otherwise.
 """
@@ -133,9 +134,9 @@ def gathers_collectively(module) -> bool:
 
 def rollout_stage(setting: str, sharding: str, full: bool, instead: str) -> int:
     """The ZeRO stage of a PPO or online-method run (``train.deepspeed`` ``setting``, the FSDP mode chosen), 0 for
-    none: always 0 with one process. Stages 1-2 partition the AdamW state (and gradients) of full trained models
-    (``full``: PPO's mode separate, the online methods with lora.enabled false); a run training LoRA adapters is
-    refused with ``instead`` (what to do), ZeRO-3 too (the weights would be gathered whole to sample)."""
+    none: always 0 with one process. It partitions the AdamW state (and gradients, and weights) of full trained
+    models (``full``: PPO's mode separate, the online methods with lora.enabled false); a run training LoRA
+    adapters is refused with ``instead`` (what to do)."""
     stage_ = stage(setting) if distributed.world_size() > 1 else 0
     if not stage_:
         return 0
@@ -274,14 +275,18 @@ class Engine:
         loss that was not finite in some process). The gradients DeepSpeed holds are made NaN, so its step
         takes its own overflow path: gradients cleared, AdamW and its step count untouched. Another
         model's NaN loss (PPO: the critic's) leaves this one's gradients finite, so skipping it needs this."""
-        held = getattr(self.engine.optimizer, "averaged_gradients", None)  # stages 1-2: this process's partitions
+        held = getattr(self.engine.optimizer, "averaged_gradients", None)  # this process's partitions
         if held is None:
             raise RuntimeError(f"DeepSpeed {_version()}'s ZeRO-{self.stage} optimiser keeps no averaged_gradients "
                                "to drop: skipping a step is not supported with this DeepSpeed (set train.on_nan stop)")
-        for grads in held.values():
-            for grad in grads or []:
-                grad.fill_(float("nan"))
+        filled = [grad for grads in held.values() for grad in grads or []]
+        for grad in filled:
+            grad.fill_(float("nan"))
         self.engine.step()
+        # ZeRO-3 keeps these buffers, and a backward writes a tensor's elements alone, never the padding after the
+        # last one (a partition of a size the processes do not divide): NaN left there would end every later step
+        for grad in filled:
+            grad.zero_()
 
     def step(self) -> float:
         """Clip, step AdamW and clear the gradients; returns the gradient norm before clipping. A non-finite
@@ -390,37 +395,46 @@ def full_state_dict(model) -> dict[str, torch.Tensor] | None:
 
 
 @contextlib.contextmanager
-def gathered(model):
+def gathered(model, here: bool = True):
     """A ZeRO-3 ``model`` whole, for forwards outside its engine that not every process makes alike: the rollout
     engine's decode loop (each process stops at its own samples' end) and process 0's evaluation. Yields a plain
-    copy of it (the same class and config, built on the meta device, no DeepSpeed hooks: its forwards gather
-    nothing) holding the gathered weights and the buffers, freed at the end: what ``fsdp.gathered`` costs, a whole
-    model in each process while inside. Entering is collective: every process enters. Any other model: itself.
+    copy of it (the same class and a copy of its config, built on the meta device, no DeepSpeed hooks: its forwards
+    gather nothing; no gradients) holding the gathered weights and the buffers, freed at the end: what
+    ``fsdp.gathered`` costs, a whole model in each process while inside. Entering is collective: every process
+    enters; one not ``here`` joins the gathers alone and yields None. Any other model: itself.
     Forwards inside must not build a graph to back-propagate."""
     if not partitioned(model):
         yield model
         return
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    with torch.device("meta"):
-        replica = type(model)(model.config)
-    replica.generation_config = copy.deepcopy(model.generation_config)
     state = {}
     for name, p in model.named_parameters():  # one weight gathered at a time: one whole model at the peak, not two
+        if getattr(p, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:  # whole already (under the persistence
+            state[name] = p.detach().clone() if here else None  # threshold): gathering would partition it after
+            continue
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            state[name] = p.detach().clone()
+            state[name] = p.detach().clone() if here else None
+    if not here:
+        yield None
+        return
+    with torch.device("meta"):
+        replica = type(model)(copy.deepcopy(model.config))
+    replica.generation_config = copy.deepcopy(model.generation_config)
     replica.load_state_dict(state, strict=False, assign=True)  # a tied head is listed once, under its embeddings
     for name, b in model.named_buffers():  # never partitioned; rotary frequencies are not in the state dict
         owner, _, leaf = name.rpartition(".")
         replica.get_submodule(owner)._buffers[leaf] = b.detach().clone()
     replica.tie_weights()  # as the model's config says
     left = [n for n, t in [*replica.named_parameters(), *replica.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"the whole copy of a ZeRO-3 model lacks {left[:3]}: it has tensors its class does not "
-                           "make from its config")
+    if left or sum(p.numel() for p in replica.parameters()) != sum(p.ds_numel for p in model.parameters()):
+        what = left[:3] or "its weights tied otherwise"
+        raise RuntimeError(f"the whole copy of a ZeRO-3 {type(model).__name__} differs from it ({what}): it has "
+                           "tensors its class does not make from its config")
     del state
     try:
-        yield replica.eval()
+        yield replica.eval().requires_grad_(False)
     finally:
         del replica
 

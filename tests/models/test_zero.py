@@ -442,12 +442,18 @@ distributed.teardown()
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", ["1", "2"])
-def test_a_nan_loss_of_one_role_in_one_process_skips_both_ppo_updates_everywhere(tmp_path, stage):
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_a_nan_loss_of_one_role_in_one_process_skips_both_ppo_updates_everywhere(tmp_path, monkeypatch, stage):
     # ppo.apply_update with an engine each for actor and critic: the actor's loss NaN in process 0 (its
     # gradients finite: only the value is NaN) skips the update of both roles in both processes, the critic's
     # too, whose gradients are finite everywhere (Engine.skip), and both schedules stay put, as one process
-    # skipping it: the weights agree with one process's, and so do the logged norms and learning rates
+    # skipping it: the weights agree with one process's, and so do the logged norms and learning rates. ZeRO-3
+    # partitions every weight, the 1-element biases too (their partitions padded): the NaN a skip writes into
+    # the padding was never written over again, and every later update was skipped
+    if stage == "3":
+        ds = tmp_path / "ds.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
     script = tmp_path / "engine_steps.py"
     script.write_text(ENGINE_STEPS)
     _script_runs(script, [str(tmp_path / "one.pt"), "0"], [str(tmp_path / "two.pt"), stage])

@@ -369,8 +369,8 @@ class SeparateRoles:
                 zero.Engine(model, opt, stage, 1, micro, max_grad_norm, amp=self.amp, what=what)
         if stage == 3 and distributed.is_main():
             print("note: each rollout samples with a whole copy of the actor, so a process holds its partition and "
-                  "the whole actor while sampling (and the frozen reference whole throughout): ZeRO-3 saves memory "
-                  "in the learn passes (docs/distributed.md)")
+                  "the whole actor while sampling (and a frozen reference, if any, whole throughout): ZeRO-3 saves "
+                  "memory in the learn passes (docs/distributed.md)")
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())

@@ -222,7 +222,7 @@ def evaluate_on_main(evaluate: Callable[[torch.nn.Module], dict[str, float]], mo
     """``evaluate(model)`` on process 0 under the run's autocast ``amp``, {} on the others. Every process
     calls it: a sharded or partitioned ``model`` is gathered by all of them around process 0's evaluation
     (``fsdp.gathered``, ``zero.gathered``: the latter hands ``evaluate`` a whole copy)."""
-    with fsdp.gathered(model), zero.gathered(model) as whole:
+    with fsdp.gathered(model), zero.gathered(model, here=distributed.is_main()) as whole:
         if not distributed.is_main():
             return {}
         with amp():

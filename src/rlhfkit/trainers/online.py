@@ -411,7 +411,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, prompts_per_step=cfg.prompts_per_step,
                                       mini_batch_size=cfg.mini_batch_size)
-    stage = zero.rollout_stage(cfg.train.deepspeed, sharding, not cfg.lora.enabled,  # ZeRO-1/2, the full policy
+    stage = zero.rollout_stage(cfg.train.deepspeed, sharding, not cfg.lora.enabled,  # ZeRO, the full policy only
                                f"{cfg.advantage} with a LoRA policy trains a small adapter: launch it with replicas "
                                "(docs/distributed.md), or train the full model (--lora.enabled false)")
     out, device, tokenizer = start_run(cfg)

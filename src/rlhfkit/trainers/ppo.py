@@ -371,7 +371,7 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         check_reward_dir(cfg.reward_model)  # before anything is loaded
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, rollout_batch_size=cfg.rollout_batch_size,
                                       mini_batch_size=cfg.mini_batch_size)
-    stage = zero.rollout_stage(cfg.train.deepspeed, sharding, cfg.mode == "separate",  # ZeRO-1/2, full models
+    stage = zero.rollout_stage(cfg.train.deepspeed, sharding, cfg.mode == "separate",  # ZeRO, full models only
                                "PPO's mode: shared trains two small LoRA adapters on one base: launch it with "
                                "replicas (docs/distributed.md), or set --mode separate")
     out, device, tokenizer = start_run(cfg)
