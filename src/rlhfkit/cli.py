@@ -314,8 +314,7 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     from rlhfkit.data.formats import load_prompts
     from rlhfkit.models.load import prompt_room
     from rlhfkit.rewards import build_reward
-    from rlhfkit.rollout.generate import generate
-    from rlhfkit.trainers.online import reward_figures, reward_inputs, with_every_column
+    from rlhfkit.trainers.online import reward_figures, sample_rewards, with_every_column
 
     rows = load_prompts(cfg.prompts, cfg.columns)
     rows = rows[:cfg.limit] if cfg.limit > 0 else rows
@@ -325,10 +324,9 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     model, tokenizer = _load(cfg.model)
     room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
     rows = drop_long_prompts(rows, tokenizer, 0, cfg.prompts, room=room)  # past the positions: an IndexError
-    prompts, columns = reward_inputs(rows, 1)  # the samples online.sample_rewards draws
-    gens = generate(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=True)
+    prompts, gens, total, parts = sample_rewards(model, tokenizer, rows, reward, cfg.generation, cfg.seed,
+                                                 progress=True)
     texts = gens.texts
-    total, parts = reward(prompts, texts, columns)
     figures = reward_figures(total, parts)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
     print(f"on {len(rows)} prompts ({decoding}):")

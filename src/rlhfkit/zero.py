@@ -411,11 +411,11 @@ def gathered(model, here: bool = True):
 
     state = {}
     for name, p in model.named_parameters():  # one weight gathered at a time: one whole model at the peak, not two
-        if getattr(p, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:  # whole already (under the persistence
-            state[name] = p.detach().clone() if here else None  # threshold): gathering would partition it after
-            continue
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            state[name] = p.detach().clone() if here else None
+        # one held whole (under the persistence threshold) is not gathered: that would partition it after
+        split = getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if split else contextlib.nullcontext():
+            if here:
+                state[name] = p.detach().clone()
     if not here:
         yield None
         return

@@ -24,17 +24,19 @@ def prompt_seeds(seed: int, n: int, start: int = 0) -> list[int]:
     A hash of (seed, global index), so a process that holds prompts 8..15 of a batch passes
     ``start=8`` and gets the seeds one process gives them.
     """
-    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 1
-            for i in range(start, start + n)]
+    return [_hashed(f"{seed}:{i}") for i in range(start, start + n)]
+
+
+def _hashed(key: str) -> int:
+    """A 63-bit seed from ``key`` (blake2b): the same on every machine and process."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def sample_seeds(seed: int, prompts: list[int], n: int) -> list[int]:
     """Seeds of samples 0 .. n-1 of each of ``prompts`` (their places in a file), prompt by prompt: sample 0's is
     the prompt's own (``prompt_seeds``: one sample a prompt samples as before), sample j's a hash of (seed, place,
     j). None depends on n or on which other prompts are sampled beside it."""
-    return [prompt_seeds(seed, 1, i)[0] if j == 0 else
-            int.from_bytes(hashlib.blake2b(f"{seed}:{i}:{j}".encode(), digest_size=8).digest(), "little") >> 1
-            for i in prompts for j in range(n)]
+    return [_hashed(f"{seed}:{i}" if j == 0 else f"{seed}:{i}:{j}") for i in prompts for j in range(n)]
 
 
 def row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:

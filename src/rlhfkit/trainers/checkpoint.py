@@ -128,7 +128,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    partitioned = any(engine is not None and engine.stage == 3 for engine in engines.values())
+    partitioned = any(zero.partitioned(opt) for opt, _ in optimizers.values())  # ZeRO-3: its weights split
     if save_weights is not None and (sharded or partitioned or distributed.is_main()):
         save_weights(tmp)  # sharded or partitioned: every process gathers, process 0 writes
     if not distributed.is_main():

@@ -41,7 +41,7 @@ from rlhfkit.ops import mean_of, mean_stderr
 from rlhfkit.rewards import CombinedReward, build_reward
 from rlhfkit.rollout.engine import HFRolloutEngine, RolloutEngine
 from rlhfkit.rollout.experience import Experience, make_experience, rollout_kl
-from rlhfkit.rollout.generate import generate
+from rlhfkit.rollout.generate import Generations, generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
 from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
@@ -372,13 +372,13 @@ def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, 
 
 
 @torch.no_grad()
-def sample_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward, gen: GenerationConfig,
-                   seed: int) -> tuple[list, list[str], torch.Tensor, dict[str, torch.Tensor]]:
-    """One sample per prompt: (prompts, completions, summed reward (N,), {reward name: (N,) values, NaN where
-    it does not apply})."""
+def sample_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward, gen: GenerationConfig, seed: int,
+                   progress: bool = False) -> tuple[list, Generations, torch.Tensor, dict[str, torch.Tensor]]:
+    """One sample per prompt: (prompts, the samples (``Generations``), summed reward (N,), {reward name: (N,)
+    values, NaN where it does not apply})."""
     prompts, columns = reward_inputs(rows, 1)
-    gens = generate(model, tokenizer, prompts, gen, seed=seed)
-    return prompts, gens.texts, *reward(prompts, gens.texts, columns)
+    gens = generate(model, tokenizer, prompts, gen, seed=seed, progress=progress)
+    return prompts, gens, *reward(prompts, gens.texts, columns)
 
 
 def evaluate_rewards(model, tokenizer, rows: list[dict], reward: CombinedReward, gen: GenerationConfig,
