@@ -3,7 +3,8 @@
 import os
 
 # Tiny models run about twice as fast on one thread on these 2-core machines, and a test that starts a
-# subprocess (the demo) must not fight the test process for cores (OpenMP oversubscription crawls).
+# subprocess (the demo), or runs beside a second test process (pytest -n 2), must not fight the others for
+# cores (OpenMP oversubscription crawls).
 if not os.environ.get("OMP_NUM_THREADS", "").isdigit():
     os.environ["OMP_NUM_THREADS"] = "1"
 

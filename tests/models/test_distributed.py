@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit import distributed
+from rlhfkit.cli import main
 
 
 def test_shards_cover_the_batch_in_order_once():
@@ -98,20 +99,29 @@ def _free_port() -> int:
 
 
 def _train(args, out, processes, weights="model.safetensors"):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for _ in range(3):  # the free port may be taken between finding it and the launcher binding it: try another
-        launch = [sys.executable, "-m", "rlhfkit.cli"]
-        if processes > 1:
-            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                      "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
-        result = subprocess.run(launch + args + ["--out", str(out)], capture_output=True, text=True, env=env)
-        if not port_taken(result.stderr):
-            break
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Train in this process (``processes`` 1: no interpreter to start) or in ``processes`` launched by torchrun."""
+    if processes == 1:
+        assert main([*args, "--out", str(out)]) == 0
+    else:
+        _launch(args, out, processes)
+    if weights is None:
+        return None
     if weights == "all":  # every safetensors file of the run (adapters, critic, value head), checkpoints aside
         return {f"{p.relative_to(out)}:{k}": v for p in sorted(out.rglob("*.safetensors"))
                 if "checkpoints" not in p.parts for k, v in load_file(str(p)).items()}
     return load_file(str(out / weights))
+
+
+def _launch(args, out, processes):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(3):  # the free port may be taken between finding it and the launcher binding it: try another
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                  "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
+        result = subprocess.run(launch + args + ["--out", str(out)], capture_output=True, text=True, env=env,
+                                timeout=300)
+        if not port_taken(result.stderr):
+            break
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("command, data, extra", [
@@ -240,6 +250,7 @@ def test_grpo_with_two_processes_equals_one(tiny_model_dir, tmp_path, monkeypatc
     (tmp_path / "length_reward.py").write_text(
         "def length(prompts, completions, **columns):\n    return [len(c) / 20 for c in completions]\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the 1-process run's, in this process
     args = ["grpo", "--model", tiny_model_dir("llama"), "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"),
             "--rewards", "length_reward:length", "--train.max_steps", "3", "--prompts_per_step", "4",
             "--group_size", "4", "--mini_batch_size", "8", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
@@ -283,15 +294,9 @@ def test_a_step_batch_smaller_than_the_processes_trains_and_logs_the_whole_batch
             "1", "--train.max_steps", "2", "--train.log_every", "1", "--train.tensorboard", "false"]
     logs = {}
     for processes in (1, 2):
-        launch = [sys.executable, "-m", "rlhfkit.cli"]
-        if processes > 1:
-            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                      "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
-        out = tmp_path / str(processes)
-        result = subprocess.run(launch + args + ["--out", str(out)], capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[-3000:]
-        logs[processes] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        _train(args, tmp_path / str(processes), processes, weights=None)
+        logs[processes] = [json.loads(line) for line in (tmp_path / str(processes) / "metrics.jsonl").read_text()
+                           .splitlines()]
     for a, b in zip(logs[1], logs[2]):
         for key in ("train/loss", "train/rewards/accuracy", "train/rewards/margin"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
