@@ -64,7 +64,8 @@ class GenerateConfig:
         "sampling: an `sft` data file); or the best and the worst as chosen and rejected (a `dpo` / `rm` data "
         "file, as OpenRLHF's iterative DPO makes them; prompts whose samples all score alike are left out)")
     out: str = arg("", "write the samples to this JSONL file (the prompt file's other columns kept) instead of "
-                   "printing them")
+                   "printing them; written to OUT.partial as they are made, a stopped run run again with the same "
+                   "settings goes on where it stopped")
     seed: int = arg(0, "sampling seed")
     model: ModelConfig = arg(ModelConfig, "the model to sample from")
     generation: GenerationConfig = arg(GenerationConfig, "decoding")
@@ -173,7 +174,9 @@ _WRITTEN = ("completion", "messages", "chosen", "rejected", "margin", "label", "
 def cmd_generate(cfg: GenerateConfig) -> None:
     from rlhfkit.data.collate import drop_long_prompts, render_prompt
     from rlhfkit.data.formats import load_prompts
-    from rlhfkit.models.load import prompt_room, write_atomically
+    from rlhfkit.data.resumable import ResumableJsonl
+    from rlhfkit.models.load import prompt_room
+    from rlhfkit.progress import progress
     from rlhfkit.rewards import build_reward
     from rlhfkit.rollout.generate import generate
     from rlhfkit.rollout.sampling import sample_seeds
@@ -194,24 +197,51 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     rows = with_every_column(rows)
     if reward:
         reward.check_columns(rows[0], source)
+    file = None
+    if cfg.out:  # a block of generation.batch_size prompts at a time, each written as it is made
+        file = ResumableJsonl(cfg.out, {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
+                                        "prompt_rows": _fingerprint(rows)})
     model, tokenizer = _load(cfg.model)
     place = {id(r): i for i, r in enumerate(rows)}  # each prompt's place in the file: its samples' seeds
     rows = drop_long_prompts(rows, tokenizer, 0, source, prompt_room(cfg.model, cfg.generation.max_new_tokens))
-    prompts, columns = reward_inputs(rows, cfg.n)  # each prompt n times in a row
-    seeds = sample_seeds(cfg.seed, [place[id(r)] for r in rows], cfg.n)
-    gens = generate(model, tokenizer, prompts, cfg.generation, seeds=seeds, progress=bool(cfg.out))
-    total, parts = reward(prompts, gens.texts, columns) if reward else (None, {})
-    if not cfg.out:
+
+    def sample(block: list[dict]):
+        prompts, columns = reward_inputs(block, cfg.n)  # each prompt n times in a row
+        seeds = sample_seeds(cfg.seed, [place[id(r)] for r in block], cfg.n)
+        gens = generate(model, tokenizer, prompts, cfg.generation, seeds=seeds)
+        return prompts, gens, *(reward(prompts, gens.texts, columns) if reward else (None, {}))
+
+    if file is None:
+        prompts, gens, total, _ = sample(rows)
         for i, (prompt, text) in enumerate(zip(prompts, gens.texts)):
             scored = f"[reward {total[i].item():.4f}] " if reward else ""
             print(f"{scored}{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
         return
-    written, left_out = select_samples(rows, gens.texts, gens.has_eos, total, parts, cfg.n, cfg.select)
-    write_atomically(cfg.out, lambda tmp: tmp.write_text("".join(json.dumps(r, default=str) + "\n"
-                                                                 for r in written)))
-    print(f"wrote {len(written)} rows to {cfg.out} ({cfg.select}: {len(gens.texts)} samples of {len(rows)} prompts"
-          + (f"; {left_out} prompts left out: no ended, non-blank sample" + (", or all scored alike"
-             if cfg.select == "pairs" else "") + ")" if left_out else ")"))
+    # a stopped run run again goes on where it stopped; its samples are the ones an unstopped run makes (each
+    # batch of the same rows)
+    if file.done:
+        print(f"going on from {file.partial}: {file.done} of {len(rows)} prompts done")
+    bar = progress(None, "generate", total=len(rows), initial=file.done, unit="prompt")
+    for start in range(file.done, len(rows), cfg.generation.batch_size):
+        block = rows[start: start + cfg.generation.batch_size]
+        _, gens, total, parts = sample(block)
+        written, left_out = select_samples(block, gens.texts, gens.has_eos, total, parts, cfg.n, cfg.select)
+        file.append(written, start + len(block), written=len(written), samples=len(gens.texts), left_out=left_out)
+        bar.update(len(block))
+    bar.close()
+    counts = file.counts
+    file.finish()
+    left_out = counts.get("left_out", 0)
+    print(f"wrote {counts.get('written', 0)} rows to {cfg.out} ({cfg.select}: {counts.get('samples', 0)} samples of "
+          f"{len(rows)} prompts" + (f"; {left_out} prompts left out: no ended, non-blank sample" + (
+              ", or all scored alike" if cfg.select == "pairs" else "") + ")" if left_out else ")"))
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    """A short hash of the prompt rows: a resumed run must answer the same ones."""
+    import hashlib
+
+    return hashlib.blake2b(json.dumps(rows, default=str, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def _check_generate_out(cfg: GenerateConfig, rows: list[dict], source: str) -> None:

@@ -137,6 +137,54 @@ def test_a_prompt_s_samples_do_not_depend_on_n(tiny_model_dir, tmp_path):
     assert len(set(runs[4][:4])) > 1
 
 
+def test_a_stopped_generate_goes_on_where_it_stopped_with_the_same_samples(tiny_model_dir, tmp_path, length_reward,
+                                                                          monkeypatch, capsys):
+    # 7 prompts in blocks of 2 (generation.batch_size), 3 samples each, the best-and-worst pairs: the run stops
+    # in its third block, and the half-written block a kill would leave is added to the partial file. Run again,
+    # it samples the last two blocks alone and writes what a run never stopped writes, byte for byte
+    import rlhfkit.rollout.generate
+
+    arithmetic.write(tmp_path / "data")
+    model = _stopping(tiny_model_dir("llama"), tmp_path)
+    common = ["generate", "--model", model, "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"), "--limit", "7",
+              "--n", "3", "--rewards", length_reward, "--select", "pairs", "--generation.max_new_tokens", "8",
+              "--generation.batch_size", "2"]
+    assert main([*common, "--out", str(tmp_path / "whole.jsonl")]) == 0
+    whole = capsys.readouterr().out
+    assert "wrote " in whole and "7 prompts" in whole and "left out" in whole  # a count carried over blocks
+
+    real, blocks = rlhfkit.rollout.generate.generate, []
+
+    def stopping(model, tokenizer, prompts, *args, **kwargs):
+        blocks.append(len(prompts))
+        if stop and len(blocks) == 3:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rlhfkit.rollout.generate, "generate", stopping)
+    out = tmp_path / "pairs.jsonl"
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--out", str(out)])
+    partial, state = tmp_path / "pairs.jsonl.partial", tmp_path / "pairs.jsonl.progress"
+    assert not out.exists() and json.loads(state.read_text())["done"] == 4
+    assert partial.read_text() == "".join((tmp_path / "whole.jsonl").read_text().splitlines(True)[:len(
+        partial.read_text().splitlines())])  # the first two blocks' pairs, as the whole run's
+    with partial.open("a") as f:
+        f.write('{"prompt": "half a blo')
+    # other settings are refused, naming them, and the partial file is kept
+    assert main([*common, "--seed", "1", "--out", str(out)]) == 2
+    assert "pairs.jsonl.partial holds the first 4 prompts of a run with other settings (differing: seed)" in (
+        capsys.readouterr().err)
+    stop, blocks[:] = False, []
+    assert main([*common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"going on from {partial}: 4 of 7 prompts done" in printed and blocks == [6, 3]
+    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert printed.splitlines()[-1] == whole.splitlines()[-1].replace("whole.jsonl", "pairs.jsonl")
+    assert not partial.exists() and not state.exists()
+
+
 @pytest.mark.parametrize("out, column, message", [
     ("x.csv", None, "--out x.csv: generate writes JSON lines; name the file *.jsonl"),
     ("sub", None, "is a directory: name a new .jsonl file"),
