@@ -73,3 +73,19 @@ def launcher_env(monkeypatch):
             monkeypatch.setenv(key, value)
 
     return set_env
+
+
+@pytest.fixture
+def head_calls(monkeypatch):
+    """The set of (chunk, gradients on, entropy) of every call of the output head's log-prob pass
+    (``forward._masked_head_logprobs``) in the test: which passes took ``logits_chunk``. Clear it between runs."""
+    from rlhfkit.models import forward
+
+    real, seen = forward._masked_head_logprobs, set()
+
+    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, entropy="none"):
+        seen.add((chunk, torch.is_grad_enabled(), entropy))
+        return real(head, hidden, input_ids, mask, chunk, temperature, entropy)
+
+    monkeypatch.setattr(forward, "_masked_head_logprobs", recorded)
+    return seen

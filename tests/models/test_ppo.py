@@ -653,24 +653,14 @@ def _ppo(tiny_model_dir, task_dir, rm_dir, out, *extra):
 
 
 @pytest.mark.parametrize("mode", ["shared", "separate"])
-def test_a_chunked_head_trains_ppo_to_the_same_weights(tiny_model_dir, task_dir, rm_dir, tmp_path, mode):
+def test_a_chunked_head_trains_ppo_to_the_same_weights(tiny_model_dir, task_dir, rm_dir, tmp_path, mode, head_calls):
     # the reference's pass (no gradients) and the actor's learn passes with the entropy bonus (with gradients), the
     # head run on 3 response tokens at a time; two updates a step (the old log-probs come from the sampler)
-    from rlhfkit.models import forward
-
-    real, seen = forward._masked_head_logprobs, set()
-
-    def recorded(head, hidden, input_ids, mask, chunk=0, temperature=1.0, entropy="none"):
-        seen.add((chunk, torch.is_grad_enabled(), entropy))
-        return real(head, hidden, input_ids, mask, chunk, temperature, entropy)
-
     args = ["--mode", mode, "--train.max_steps", "2", "--mini_batch_size", "4", "--entropy_coef", "0.1"]
     whole, whole_logs = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "whole", *args)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(forward, "_masked_head_logprobs", recorded)
-        chunked, chunked_logs = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "chunked", *args,
-                                     "--logits_chunk", "3")
-    assert seen == {(3, False, "none"), (3, True, "grad")}
+    head_calls.clear()
+    chunked, chunked_logs = _ppo(tiny_model_dir, task_dir, rm_dir, tmp_path / "chunked", *args, "--logits_chunk", "3")
+    assert head_calls == {(3, False, "none"), (3, True, "grad")}
     assert whole.keys() == chunked.keys()
     for name, value in whole.items():  # float rounding, through Adam (test_forward: the passes agree within 1e-5)
         assert (chunked[name] - value).norm() <= 1e-4 * value.norm().clamp(min=1e-12), name
