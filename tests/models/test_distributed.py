@@ -129,7 +129,8 @@ def _launch(args, out, processes):
     # each process packs its share of each micro-batch into rows of its own
     ("sft", "sft.jsonl", ["--eval_fraction", "0", "--packing", "true", "--train.grad_accum", "2",
                           "--max_length", "64"]),
-    ("dpo", "preference.jsonl", ["--beta", "0.5"]),  # the reference: a second copy of the model, in each process
+    # the reference: a second copy of the model, in each process; each process packs its share's sequences
+    ("dpo", "preference.jsonl", ["--beta", "0.5", "--packing", "true", "--max_length", "64"]),
 ])
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, task_dir, tmp_path, command, data,
                                                             extra):

@@ -157,23 +157,55 @@ def test_adapter_reference_is_the_separately_loaded_base_model(tiny_model_dir, s
 @pytest.mark.parametrize("average", [False, True])
 def test_concatenated_forward_equals_separate_forwards(tiny_model_dir, small_data, average):
     """Chosen ‖ rejected in one padded batch of 2B rows gives each row's own log-prob, and the sums
-    match SFT's completion NLL (tested there against explicit indexing)."""
+    match SFT's completion NLL (tested there against explicit indexing); packed end to end in rows (``pack``: the
+    longest first, so not in their order), each sequence's own log-prob in the order given, a completion of one
+    token too."""
+    from rlhfkit.data.collate import Encoded, pack
+
     path = tiny_model_dir("llama")
     model, tok = load_causal_lm(ModelConfig(path=path), CPU), load_tokenizer(path)
     examples = encode_pairs(load_preference(small_data["preference"])[:5], tok, 64, seed=0)
     chosen = [e.first for e in examples]
     rejected = [e.second for e in examples]
+    chosen[2] = Encoded(chosen[2].input_ids[:5], [0, 0, 0, 0, 1])  # a completion of one token
     with torch.no_grad():
         together = completion_logps(model, collate(chosen + rejected, tok.pad_token_id), average)  # (2B,)
+        packed = completion_logps(model, pack(chosen + rejected, 64, tok.pad_token_id), average)
         alone = torch.stack([completion_logps(model, collate([s], tok.pad_token_id), average)[0]
                              for s in chosen + rejected])
         oracle = []
         for s in chosen + rejected:
             nll, n = completion_nll(model, collate([s], tok.pad_token_id))
             oracle.append(-nll / n if average else -nll)
-    assert together.shape == (10,)
+    assert together.shape == packed.shape == (10,)
+    assert len(pack(chosen + rejected, 64, tok.pad_token_id)["input_ids"]) < 10  # rows shared by sequences
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together, torch.stack(oracle), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, torch.stack(oracle), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("command, extra", [("dpo", ["--nll_weight", "0.5", "--logits_chunk", "4"]), ("kto", []),
+                                            ("simpo", [])])
+def test_packed_batches_train_to_the_weights_of_padded_ones(tiny_model_dir, small_data, tmp_path, command, extra):
+    # the policy's, the reference's and KTO's reference point's log-probs from packed rows (DPO: its NLL term counts
+    # each chosen answer's tokens; SimPO: length-averaged); evaluated so too
+    from safetensors.torch import load_file
+
+    data = small_data["preference" if command != "kto" else "unpaired"]
+    args = [command, "--model", tiny_model_dir("llama"), "--data", str(data), "--eval_data", str(data),
+            "--train.max_steps", "2", "--train.eval_every", "2", "--max_length", "64", *QUICK, *extra]
+    for name, layout in (("padded", []), ("packed", ["--packing", "true"])):
+        assert main([*args, *layout, "--out", str(tmp_path / name)]) == 0
+    padded, packed = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("padded", "packed"))
+    assert any(not torch.equal(padded[k], v) for k, v in
+               load_file(str(tiny_model_dir("llama") + "/model.safetensors")).items())  # trained
+    for key, value in padded.items():  # float rounding, through Adam at lr 1e-2 (as the chunked head's test)
+        assert ((packed[key] - value).norm() / value.norm().clamp(min=1e-12)).item() <= 1e-4, key
+    logs = [[r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+            for name in ("padded", "packed")]
+    for key in ("train/loss", "eval/loss", "eval/rewards/chosen"):
+        values = [[r[key] for r in log if key in r] for log in logs]
+        assert values[0] and values[1] == pytest.approx(values[0], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("command", ["dpo", "kto"])

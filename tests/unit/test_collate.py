@@ -233,6 +233,7 @@ def test_pack_lays_examples_end_to_end_longest_first_and_labels_stay_within_each
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 11, 12, 13], [21, 22, 23, 24, 41, 42, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 1]]
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0]]
+    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 3, 3, -1, -1]]
     # the label of position t is token t+1, never the next example's first token, never padding
     assert label_mask(batch).tolist() == [[0, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 0, 0]]
     # the same labels as the padded batch, counted

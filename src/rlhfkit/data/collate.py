@@ -235,8 +235,9 @@ def pack(examples: list[Encoded], capacity: int, pad_token_id: int) -> dict[str,
     """Examples laid end to end in rows of at most ``capacity`` tokens (first fit, longest first; one longer than
     ``capacity`` takes a row alone; a row's examples in their given order) instead of a padded row each.
 
-    Returns ``input_ids``, ``position_ids`` (restarting at 0 with each example) and ``completion_mask`` (R, L),
-    the rows padded at their end to the longest (the padding numbered as an example of its own, without loss).
+    Returns ``input_ids``, ``position_ids`` (restarting at 0 with each example), ``completion_mask`` and
+    ``sequence_ids`` (which of ``examples`` each token is, -1 on padding) (R, L), the rows padded at their end to
+    the longest (the padding numbered as an example of its own, without loss).
     A model given ``position_ids`` and no attention mask keeps each example's attention within it (transformers'
     packed-sequence masks; ``forward.packing_works`` checks a model does).
     """
@@ -258,7 +259,8 @@ def pack(examples: list[Encoded], capacity: int, pad_token_id: int) -> dict[str,
                  for row, r in zip(rows, ids)]
     return {"input_ids": pad_batch(ids, pad_token_id),
             "position_ids": torch.tensor(positions, dtype=torch.long),
-            "completion_mask": pad_batch([[m for i in row for m in examples[i].completion_mask] for row in rows], 0)}
+            "completion_mask": pad_batch([[m for i in row for m in examples[i].completion_mask] for row in rows], 0),
+            "sequence_ids": pad_batch([[i for i in row for _ in examples[i].input_ids] for row in rows], -1)}
 
 
 def label_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -245,6 +245,16 @@ def packing_works(model) -> bool:
     return bool(((packed - alone).abs().max() <= 1e-3 + 0.02 * alone.abs().max()).item())
 
 
+def check_packing(model) -> None:
+    """ConfigError unless ``model`` keeps packed examples apart (``packing_works``)."""
+    from rlhfkit.config import ConfigError
+
+    if not packing_works(model):
+        raise ConfigError(f"{type(model).__name__} ({model.config.model_type}, attention "
+                          f"{model.config._attn_implementation}) lets a packed example attend to the one before it: "
+                          "set packing false")
+
+
 def _masked_head_logprobs(head, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
                           chunk: int = 0, temperature: float = 1.0, entropy: Entropy = "none"):
     """log p of each next token where ``mask`` is set, the head run there alone: hidden (B, T, H), input_ids (B, T),

@@ -25,10 +25,11 @@ import torch
 from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
-from rlhfkit.data.collate import Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask
+from rlhfkit.data.collate import (Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask,
+                                  pack)
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
-from rlhfkit.models.forward import LOGITS_CHUNK_HELP, masked_logprobs
+from rlhfkit.models.forward import LOGITS_CHUNK_HELP, check_packing, masked_logprobs, packed_logprobs
 from rlhfkit.models.load import (add_lora, check_max_length, check_same_tokenizer, load_causal_lm, mixed_precision,
                                  refuse_adapter_dir, save_model)
 from rlhfkit.ops import sequence_logprobs
@@ -53,6 +54,10 @@ class PreferenceConfig:
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
     logits_chunk: int = arg(0, LOGITS_CHUNK_HELP, ge=0)
+    packing: bool = arg(False, "lay each micro-batch's sequences (both answers of a pair) end to end in rows of up to "
+                        "max_length tokens instead of padding each (attention kept within each; the same loss and "
+                        "update, fewer padding tokens computed, but a pair's prompt computed twice; TRL's "
+                        "padding_free)")
     model: ModelConfig = arg(ModelConfig, "the model to train, usually the SFT model")
     lora: LoraConfig = arg(LoraConfig, "LoRA adapters (off = full fine-tuning)")
     optim: OptimConfig = arg(OptimConfig(lr=1e-6), "optimiser (the quickstart's tiny models use 5e-4)")
@@ -174,14 +179,29 @@ def both(examples: list[Example]) -> list[Encoded]:
 
 
 def completion_logps(model, batch: dict[str, torch.Tensor], average: bool, chunk: int = 0) -> torch.Tensor:
-    """Log-probability of each row's completion: the sum over its tokens, or their mean.
+    """Log-probability of each sequence's completion: the sum over its tokens, or their mean (0 for none).
 
-    batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) → (B,). ``chunk``: output-head positions
-    at a time (``forward.masked_logprobs``; 0 = all).
+    batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) → (B,); or B sequences packed in R rows
+    (``collate.pack``: ``position_ids``, ``sequence_ids``, no attention mask) → (B,), in the order they were
+    given. ``chunk``: output-head positions at a time (``forward.masked_logprobs``; 0 = all).
     """
     mask = label_mask(batch)  # the label of position t is token t+1
-    logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk)  # (B, T-1)
-    return masked_mean(logprobs, mask, dim=-1) if average else sequence_logprobs(logprobs, mask)
+    if "position_ids" not in batch:
+        logprobs = masked_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk)  # (B, T-1)
+        return masked_mean(logprobs, mask, dim=-1) if average else sequence_logprobs(logprobs, mask)
+    logprobs = packed_logprobs(model, batch["input_ids"], batch["position_ids"], mask, chunk)  # (R, L-1)
+    total, tokens = per_sequence(batch, logprobs), per_sequence(batch, mask.to(logprobs.dtype))
+    return total / tokens.clamp(min=1.0) if average else total
+
+
+def per_sequence(batch: dict[str, torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """``values`` of the next-token labels summed over each sequence: (B, T-1) → (B,) for a padded batch, (R, L-1)
+    → (number of sequences,) for a packed one (its labels within one sequence: ``label_mask`` cuts the others)."""
+    if "sequence_ids" not in batch:
+        return values.sum(-1)
+    owner = batch["sequence_ids"][:, 1:]  # the sequence of each label's token
+    count = int(batch["sequence_ids"].max()) + 1
+    return values.new_zeros(count).index_add(0, owner[owner >= 0], values[owner >= 0])
 
 
 Batcher = Callable[[list[Encoded]], dict[str, torch.Tensor]]
@@ -315,7 +335,7 @@ class PairedObjective:
         losses, m = self.loss(chosen, rejected, ref_chosen, ref_rejected)
         metrics = reward_metrics(m["chosen_rewards"], m["rejected_rewards"])
         if self.nll_weight:
-            tokens = label_mask(batch).sum(-1).chunk(2)[0]  # (B,) the chosen answers' lengths
+            tokens = per_sequence(batch, label_mask(batch)).chunk(2)[0]  # (B,) the chosen answers' lengths
             nll = -(chosen if self.average else chosen / tokens.clamp(min=1))  # (B,)
             losses = losses + self.nll_weight * nll
             metrics["nll"] = nll.detach().mean()
@@ -427,8 +447,13 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
 
     examples, eval_examples = encode(rows, cfg.data), encode(eval_rows, cfg.eval_data)
 
+    if cfg.packing:
+        check_packing(policy)
+
     def to_batch(seqs: list[Encoded]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in collate(seqs, tokenizer.pad_token_id).items()}
+        batch = (pack(seqs, cfg.max_length, tokenizer.pad_token_id) if cfg.packing
+                 else collate(seqs, tokenizer.pad_token_id))
+        return {k: v.to(device) for k, v in batch.items()}
 
     amp = mixed_precision(cfg.model.dtype, device)
     reference = None

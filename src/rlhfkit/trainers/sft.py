@@ -14,11 +14,11 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
+from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
 from rlhfkit.data.collate import (as_prompt_completion, collate, encode_conversation, encode_example, encoding,
                                   fit_to_length, label_mask, pack)
 from rlhfkit.data.formats import load_sft
-from rlhfkit.models.forward import LOGITS_CHUNK_HELP, masked_logprobs, packed_logprobs, packing_works
+from rlhfkit.models.forward import LOGITS_CHUNK_HELP, check_packing, masked_logprobs, packed_logprobs
 from rlhfkit.models.load import (add_lora, check_max_length, load_causal_lm, mixed_precision, refuse_adapter_dir,
                                  save_model)
 from rlhfkit.trainers.loop import Logger, releases_out_dir, run, split_eval, start_run
@@ -89,10 +89,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
 
     examples, eval_examples = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
 
-    if cfg.packing and not packing_works(model):
-        raise ConfigError(f"{type(model).__name__} ({model.config.model_type}, attention "
-                          f"{model.config._attn_implementation}) lets a packed example attend to the one before it: "
-                          "set packing false")
+    if cfg.packing:
+        check_packing(model)
 
     def to_batch(items):
         batch = (pack(items, cfg.max_length, tokenizer.pad_token_id) if cfg.packing
