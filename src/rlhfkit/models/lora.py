@@ -148,9 +148,14 @@ def lean_lora(model):
 @contextlib.contextmanager
 def peft_quietly():
     """peft wrapping a model reads ``is_gradient_checkpointing``, which transformers 5 deprecates with a
-    FutureWarning at every wrap; nothing a user can act on: that one warning is silenced, no other."""
+    FutureWarning at every wrap; and peft warns that an adapter on an output head tied to the input embeddings
+    (PPO's and the online methods' default targets take the head) would change both if merged: ``rlhfkit export``
+    unties the head before merging (``load.merge_adapters``). Nothing a user of rlhfkit can act on: those two
+    warnings are silenced, no other."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of "
+                                "the adapter", category=UserWarning)
         yield
 
 
