@@ -197,10 +197,9 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     rows = with_every_column(rows)
     if reward:
         reward.check_columns(rows[0], source)
-    file = None
-    if cfg.out:  # a block of generation.batch_size prompts at a time, each written as it is made
-        file = ResumableJsonl(cfg.out, {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
-                                        "prompt_rows": _fingerprint(rows)})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would sample every prompt into one file
+        raise ConfigError("generate runs in one process: start it with `rlhfkit generate`, not torchrun or accelerate "
+                          "launch")
     model, tokenizer = _load(cfg.model)
     place = {id(r): i for i, r in enumerate(rows)}  # each prompt's place in the file: its samples' seeds
     rows = drop_long_prompts(rows, tokenizer, 0, source, prompt_room(cfg.model, cfg.generation.max_new_tokens))
@@ -211,37 +210,64 @@ def cmd_generate(cfg: GenerateConfig) -> None:
         gens = generate(model, tokenizer, prompts, cfg.generation, seeds=seeds)
         return prompts, gens, *(reward(prompts, gens.texts, columns) if reward else (None, {}))
 
-    if file is None:
+    if not cfg.out:
         prompts, gens, total, _ = sample(rows)
         for i, (prompt, text) in enumerate(zip(prompts, gens.texts)):
             scored = f"[reward {total[i].item():.4f}] " if reward else ""
             print(f"{scored}{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
         return
-    # a stopped run run again goes on where it stopped; its samples are the ones an unstopped run makes (each
-    # batch of the same rows)
-    if file.done:
-        print(f"going on from {file.partial}: {file.done} of {len(rows)} prompts done")
-    bar = progress(None, "generate", total=len(rows), initial=file.done, unit="prompt")
-    for start in range(file.done, len(rows), cfg.generation.batch_size):
-        block = rows[start: start + cfg.generation.batch_size]
-        _, gens, total, parts = sample(block)
-        written, left_out = select_samples(block, gens.texts, gens.has_eos, total, parts, cfg.n, cfg.select)
-        file.append(written, start + len(block), written=len(written), samples=len(gens.texts), left_out=left_out)
-        bar.update(len(block))
-    bar.close()
+    # a block of generation.batch_size prompts at a time, each written as it is made: a stopped run run again goes
+    # on where it stopped; its samples are the ones an unstopped run makes (each batch of the same rows)
+    with ResumableJsonl(cfg.out, _generate_settings(cfg, rows, model)) as file:
+        if file.done:
+            print(f"going on from {file.partial}: {file.done} of {len(rows)} prompts done")
+        bar = progress(None, "generate", total=len(rows), initial=file.done, unit="prompt")
+        for start in range(file.done, len(rows), cfg.generation.batch_size):
+            block = rows[start: start + cfg.generation.batch_size]
+            _, gens, total, parts = sample(block)
+            written, left_out = select_samples(block, gens.texts, gens.has_eos, total, parts, cfg.n, cfg.select)
+            file.append(written, start + len(block), written=len(written), samples=len(gens.texts),
+                        left_out=left_out)
+            bar.update(len(block))
+        bar.close()
+        file.finish()
     counts = file.counts
-    file.finish()
     left_out = counts.get("left_out", 0)
     print(f"wrote {counts.get('written', 0)} rows to {cfg.out} ({cfg.select}: {counts.get('samples', 0)} samples of "
           f"{len(rows)} prompts" + (f"; {left_out} prompts left out: no ended, non-blank sample" + (
               ", or all scored alike" if cfg.select == "pairs" else "") + ")" if left_out else ")"))
 
 
-def _fingerprint(rows: list[dict]) -> str:
-    """A short hash of the prompt rows: a resumed run must answer the same ones."""
+def _generate_settings(cfg: GenerateConfig, rows: list[dict], model) -> dict:
+    """What makes ``generate --out``'s rows, which a resumed run must share: the options, with the prompt rows, the
+    model's and the reward models' directories by their contents (not how their paths are spelt), and the device
+    and dtype the model samples in."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "prompt", "prompts", "limit")}
+    settings["model"]["path"] = _fingerprint(cfg.model.path)
+    settings["rewards"] = [_fingerprint(r) if Path(r).is_dir() else r for r in cfg.rewards]
+    weight = next(model.parameters())
+    return {**settings, "prompt_rows": _fingerprint(rows), "sampled_in": f"{weight.device.type} {weight.dtype}"}
+
+
+def _fingerprint(what: list[dict] | str) -> str:
+    """A short hash of prompt rows, or of a model directory's config and weight files (each one's name, size, and
+    first and last 64 KiB: new weights change them); a hub name as it is."""
     import hashlib
 
-    return hashlib.blake2b(json.dumps(rows, default=str, sort_keys=True).encode(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(digest_size=8)
+    if isinstance(what, list):
+        digest.update(json.dumps(what, default=str, sort_keys=True).encode())
+    elif Path(what).is_dir():
+        for f in sorted(Path(what).iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin") and not f.name.startswith("."):
+                size = f.stat().st_size
+                with open(f, "rb") as handle:
+                    head = handle.read(65536)
+                    handle.seek(max(size - 65536, 0))
+                    digest.update(f"{f.name} {size}".encode() + head + handle.read())
+    else:
+        return what
+    return digest.hexdigest()
 
 
 def _check_generate_out(cfg: GenerateConfig, rows: list[dict], source: str) -> None:

@@ -172,17 +172,32 @@ def test_a_stopped_generate_goes_on_where_it_stopped_with_the_same_samples(tiny_
         partial.read_text().splitlines())])  # the first two blocks' pairs, as the whole run's
     with partial.open("a") as f:
         f.write('{"prompt": "half a blo')
-    # other settings are refused, naming them, and the partial file is kept
+    # other settings are refused, naming them, and the partial file is kept: another seed, or another model in
+    # the same directory (its generation config changed here; new weights would do as much)
     assert main([*common, "--seed", "1", "--out", str(out)]) == 2
     assert "pairs.jsonl.partial holds the first 4 prompts of a run with other settings (differing: seed)" in (
         capsys.readouterr().err)
+    config = (Path(model) / "generation_config.json").read_text()
+    (Path(model) / "generation_config.json").write_text(json.dumps({**json.loads(config), "eos_token_id": [3]}))
+    assert main([*common, "--out", str(out)]) == 2
+    assert "(differing: model)" in capsys.readouterr().err
+    (Path(model) / "generation_config.json").write_text(config)
+    # the same files spelt otherwise are the same run: the model's directory and the prompts by another path
     stop, blocks[:] = False, []
-    assert main([*common, "--out", str(out)]) == 0
+    respelt = [a.replace(str(tmp_path), str(tmp_path / "data" / "..")) for a in common]
+    assert main([*respelt, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"going on from {partial}: 4 of 7 prompts done" in printed and blocks == [6, 3]
     assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
     assert printed.splitlines()[-1] == whole.splitlines()[-1].replace("whole.jsonl", "pairs.jsonl")
     assert not partial.exists() and not state.exists()
+
+
+def test_generate_in_several_processes_is_refused(monkeypatch, capsys):
+    # every process would sample every prompt into the same file
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["generate", "--model", "m", "--prompt", "Hi", "--out", "x.jsonl"]) == 2
+    assert "generate runs in one process: start it with `rlhfkit generate`, not torchrun" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("out, column, message", [

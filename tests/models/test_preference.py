@@ -228,6 +228,19 @@ def test_a_chunked_head_trains_to_the_same_weights(tiny_model_dir, small_data, t
         assert ((chunked[key] - value).norm() / value.norm().clamp(min=1e-12)).item() <= 1e-4, key
 
 
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_packing_is_refused_for_a_reference_model_that_would_let_sequences_read_each_other(
+        tiny_model_dir, other_model_dir, small_data, tmp_path, monkeypatch, capsys, reference):
+    # --ref_model may be another architecture than the policy's: it reads the packed rows too, so it is checked
+    from rlhfkit.models import forward
+
+    monkeypatch.setattr(forward, "packing_works", lambda model: model.name_or_path != other_model_dir)
+    assert main(["dpo", "--model", tiny_model_dir("llama"), "--data", str(small_data["preference"]), "--ref_model",
+                 other_model_dir, "--reference", reference, "--packing", "true", "--train.max_steps", "1", *QUICK,
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "lets a packed example attend to the one before it: set packing false" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["dpo", "simpo"])
 def test_the_nll_term_adds_each_chosen_answer_s_token_mean_nll_averaged_over_pairs(tiny_model_dir, small_data,
                                                                                    command):

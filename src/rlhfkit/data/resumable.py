@@ -18,8 +18,9 @@ from rlhfkit.trainers.checkpoint import fsync
 
 
 class ResumableJsonl:
-    """Rows appended block by block to ``path``'s partial file. ``settings``: what made the rows (JSON-able); a
-    partial file left by other settings is refused, naming what differs, and left alone.
+    """Rows appended block by block to ``path``'s partial file, used as a context (its lock let go at the end).
+    ``settings``: what made the rows (JSON-able); a partial file left by other settings is refused, naming what
+    differs, and left alone; so is a second writer of the same file while one runs.
 
     ``done``: the units a stopped run finished (0 when starting afresh); ``counts``: its totals, added to by
     ``append`` and reported when the file is finished."""
@@ -31,8 +32,34 @@ class ResumableJsonl:
         self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
         self.done, self.size, self.counts = 0, 0, {}
         self._opened = False  # nothing is written before the first block: a run that fails to start leaves no file
-        if self.state.exists():
-            self._pick_up()
+        self._lock()
+        try:
+            if self.state.exists():
+                self._pick_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        """An exclusive ``flock`` on a hidden ``.OUT.lock`` until ``finish`` or the process ends: a second run
+        writing the same file is refused at once (their blocks would interleave). None where locks are not
+        supported."""
+        self._handle = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path.with_name(f".{self.path.name}.lock"), "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"another run is writing {self.path}: wait for it to end, or write to another file")
+        except OSError:  # no locks on this file system
+            handle.close()
+            return
+        self._handle = handle
 
     def _pick_up(self) -> None:
         try:
@@ -47,6 +74,8 @@ class ResumableJsonl:
             raise ConfigError(f"{self.partial} holds the first {done} prompts of a run with other settings "
                               f"(differing: {', '.join(differ)}): run it again as it was to go on, or delete "
                               f"{self.partial.name} and {self.state.name} to start over")
+        if not self.partial.exists() and self.path.exists() and self.path.stat().st_size == size:
+            os.replace(self.path, self.partial)  # stopped after renaming it, before dropping the progress file
         if not self.partial.exists() or self.partial.stat().st_size < size:
             raise ConfigError(f"{self.state} says {done} prompts are done in {self.partial.name}, which is missing "
                               f"or shorter: delete {self.state.name} to start over")
@@ -82,3 +111,17 @@ class ResumableJsonl:
         os.replace(self.partial, self.path)
         fsync(self.path.parent)
         self.state.unlink(missing_ok=True)
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the lock (``finish`` does; so does leaving a ``with`` block, however it is left)."""
+        if self._handle is not None:
+            Path(self._handle.name).unlink(missing_ok=True)
+            self._handle.close()  # the lock with it
+            self._handle = None
+
+    def __enter__(self) -> ResumableJsonl:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

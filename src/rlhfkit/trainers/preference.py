@@ -266,6 +266,8 @@ def _frozen_model(cfg, policy) -> Callable:
     device = next(policy.parameters()).device
     ref_cfg = dataclasses.replace(cfg.model, path=cfg.ref_model or cfg.model.path)
     model = load_causal_lm(ref_cfg, device).eval().requires_grad_(False)
+    if getattr(cfg, "packing", False):  # it reads the packed rows too: another architecture may not keep them apart
+        check_packing(model)
     if fsdp.mode(cfg.train.fsdp) != "off":
         fsdp.shard(model, "full_shard", what="the frozen reference")
     return lambda: nullcontext(model)
