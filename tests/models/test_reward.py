@@ -8,9 +8,10 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.cli import main
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.collate import collate, encode_example
+from rlhfkit.data.collate import collate, encode_example, pack
 from rlhfkit.models.load import load_tokenizer
-from rlhfkit.models.reward import RewardModel, last_token_index, load_reward_backbone, sequence_scores
+from rlhfkit.models.reward import (RewardModel, last_token_index, load_reward_backbone, packed_sequence_scores,
+                                   sequence_scores)
 
 PROMPTS = ["User: Describe the cat.\nAssistant:", "User: Tell me about the old lake you saw today.\nAssistant:",
            "User: Hi.\nAssistant:"]
@@ -36,6 +37,11 @@ def test_score_ignores_padding_side_and_batch_companions(tiny_model_dir, arch):
             b = collate(examples, tok.pad_token_id, side)
             torch.testing.assert_close(sequence_scores(model, b["input_ids"], b["attention_mask"]), alone,
                                        rtol=1e-5, atol=1e-5)
+        # packed end to end (the longest first: not in their order), each read at its own last token
+        packed = pack(examples, 64, tok.pad_token_id)
+        assert len(packed["input_ids"]) < len(examples)
+        torch.testing.assert_close(packed_sequence_scores(model, packed["input_ids"], packed["position_ids"],
+                                                          packed["sequence_ids"]), alone, rtol=1e-5, atol=1e-5)
     assert alone.std() > 0
 
 
@@ -143,6 +149,42 @@ def test_rm_with_lora_trains_the_score_head_too(tiny_model_dir, task_dir, tmp_pa
     second = RewardModel.from_pretrained(str(out), device="cpu").score(PROMPTS, RESPONSES)
     torch.testing.assert_close(first, second)
     assert torch.isfinite(first).all() and first.std() > 0
+
+
+@pytest.mark.parametrize("lora", ["false", "true"])
+def test_packed_pairs_train_to_the_weights_of_padded_ones(tiny_model_dir, task_dir, tmp_path, lora):
+    # chosen and rejected end to end in rows, each scored at its own last token: the same loss, update, evaluation
+    # and score statistics as padded rows (which run a pair's prompt once)
+    from safetensors.torch import load_file
+
+    args = ["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--lora.enabled",
+            lora, "--train.max_steps", "3", "--train.batch_size", "8", "--train.log_every", "1", "--optim.lr", "1e-2",
+            "--train.eval_every", "3", "--max_length", "64", "--train.tensorboard", "false"]
+    for name, layout in (("padded", []), ("packed", ["--packing", "true"])):
+        assert main([*args, *layout, "--out", str(tmp_path / name)]) == 0
+    weights = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    padded, packed = (load_file(str(tmp_path / name / weights)) for name in ("padded", "packed"))
+    assert padded.keys() == packed.keys() and any("score" in k for k in padded)
+    for key, value in padded.items():
+        assert ((packed[key] - value).norm() / value.norm().clamp(min=1e-12)).item() <= 1e-4, key
+    logs = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("padded", "packed")]
+    for key in ("train/loss", "eval/accuracy", "eval/loss", "eval/score_mean"):
+        values = [[r[key] for r in log if key in r] for log in logs]
+        assert values[0] and values[1] == pytest.approx(values[0], rel=1e-4, abs=1e-6), key
+    stats = [json.loads((tmp_path / name / "score_normalization.json").read_text()) for name in ("padded", "packed")]
+    assert stats[1] == pytest.approx(stats[0], rel=1e-4)
+
+
+def test_packing_is_refused_for_a_body_that_would_let_sequences_read_each_other(tiny_model_dir, task_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)  # plain causal
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--packing",
+                 "true", "--train.max_steps", "1", "--out", str(tmp_path / "o")]) == 2
+    said = capsys.readouterr().err
+    assert "LlamaModel (llama, attention sdpa) lets a packed example attend to the one before it: set packing" in said
 
 
 def test_a_row_without_a_margin_counts_as_margin_0_beside_rows_with_one(tiny_model_dir, task_dir, tmp_path):

@@ -225,7 +225,8 @@ def _quiet_about_the_missing_attention_mask() -> None:
 
 @torch.no_grad()
 def packing_works(model) -> bool:
-    """Whether ``model`` keeps examples packed in rows apart (``packed_logprobs``): the logits of 4 tokens alone and
+    """Whether ``model`` (a causal LM, or a reward model's body) keeps examples packed in rows apart
+    (``packed_logprobs``, ``reward.packed_sequence_scores``): the logits (a body's hidden states) of 4 tokens alone and
     after 5 others in the first of two packed rows, positions restarting, agree (transformers builds block-diagonal
     masks from such positions for sdpa and eager attention; its flash attention reads them from one row only, and
     a model that ignores them would let an example read the one before). One tiny forward of each, in eval mode,
@@ -237,12 +238,17 @@ def packing_works(model) -> bool:
     training = model.training
     model.eval()
     try:
-        alone = model(input_ids=ids[:1, 5:], use_cache=False).logits.float()
+        alone = _per_position(model(input_ids=ids[:1, 5:], use_cache=False))
         positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5]], device=device)
-        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:1, 5:].float()
+        packed = _per_position(model(input_ids=ids, position_ids=positions, use_cache=False))[:1, 5:]
     finally:
         model.train(training)
     return bool(((packed - alone).abs().max() <= 1e-3 + 0.02 * alone.abs().max()).item())
+
+
+def _per_position(output) -> torch.Tensor:
+    """A causal LM's logits, or a body's (a reward model's) last hidden states: (B, T, ·) float32."""
+    return (output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state).float()
 
 
 def check_packing(model) -> None:

@@ -62,6 +62,35 @@ def _scores(backbone, score, input_ids: torch.Tensor, attention_mask: torch.Tens
     return score(last).squeeze(-1).float()
 
 
+def packed_sequence_scores(model, input_ids: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
+                           ) -> torch.Tensor:
+    """Score of each of N sequences packed end to end in R rows (``collate.pack``: positions restarting at 0 with
+    each, no attention mask; ``sequence_ids`` -1 on padding), read at each one's last token: (R, L) each → (N,)
+    float32, in the sequences' own order."""
+    from rlhfkit.models.forward import _quiet_about_the_missing_attention_mask
+
+    _quiet_about_the_missing_attention_mask()
+    return run_as_forward(model, _packed_scores, reward_backbone(model), _hf_model(model).score, input_ids,
+                          position_ids, sequence_ids)
+
+
+def _packed_scores(backbone, score, input_ids: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
+                   ) -> torch.Tensor:
+    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # (R, L, H)
+    owner = sequence_ids.reshape(-1)  # (R L,)
+    kept = owner >= 0
+    places = torch.arange(owner.numel(), device=owner.device)
+    last = torch.zeros(int(owner.max()) + 1, dtype=torch.long, device=owner.device)
+    last = last.scatter_reduce(0, owner[kept], places[kept], reduce="amax")  # (N,) each one's last place
+    return score(hidden.reshape(-1, hidden.shape[-1])[last]).squeeze(-1).float()
+
+
+def reward_backbone(model):
+    """The body of a reward model (its LoRA layers active): what runs before the score head."""
+    hf = _hf_model(model)
+    return getattr(hf, hf.base_model_prefix)
+
+
 def check_reward_dir(path: str) -> None:
     """ConfigError unless the local directory ``path`` holds a trained reward model: a sequence classifier
     (``architectures`` in its config), or a LoRA adapter trained as one (task type SEQ_CLS, which saves the

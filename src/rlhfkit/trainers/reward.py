@@ -20,13 +20,14 @@ import torch
 
 from rlhfkit import distributed
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
-from rlhfkit.data.collate import collate, encode_pair, encoding, fit_to_length
+from rlhfkit.data.collate import collate, encode_pair, encoding, fit_to_length, pack
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
-from rlhfkit.models.forward import prompt_width
+from rlhfkit.models.forward import check_packing, prompt_width
 from rlhfkit.models.load import (add_lora, check_max_length, mixed_precision, refuse_adapter_dir, save_model,
                                  write_atomically)
-from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone, sequence_scores
+from rlhfkit.models.reward import (NORMALIZATION_FILE, load_reward_backbone, packed_sequence_scores,
+                                   reward_backbone, sequence_scores)
 from rlhfkit.trainers.loop import Logger, releases_out_dir, run, split_eval, start_run
 
 
@@ -41,6 +42,9 @@ class RewardConfig:
     max_length: int = arg(256, "tokens per sequence at most (prompt + response + EOS)", ge=2)
     too_long: Literal["truncate", "drop"] = arg("truncate", "examples over max_length: cut them (the prompt loses its "
                                                 "start first) or leave them out; either way they are counted")
+    packing: bool = arg(False, "lay each micro-batch's sequences (both answers of a pair) end to end in rows of up to "
+                        "max_length tokens instead of padding each (attention kept within each; the same scores and "
+                        "update, fewer padding tokens computed, but a pair's prompt computed twice)")
     normalize: bool = arg(True, "record score mean/std over the training set so scores come out standardised")
     center_rewards: float = arg(0.0, "weight of the mean of (s_chosen + s_rejected)^2 added to the loss: draws "
                                 "the scores towards mean 0 (TRL's center_rewards_coefficient; 0.01 in Eisenstein "
@@ -83,9 +87,18 @@ def train(cfg: RewardConfig) -> dict[str, float]:
 
     pairs, eval_pairs = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
 
+    if cfg.packing:
+        check_packing(reward_backbone(model))
+
     def scores_of(items):
-        batch = collate([c for c, _, _ in items] + [r for _, r, _ in items], tokenizer.pad_token_id)
-        chosen, rejected = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, len(items))
+        seqs = [c for c, _, _ in items] + [r for _, r, _ in items]
+        if cfg.packing:
+            batch = {k: v.to(device) for k, v in pack(seqs, cfg.max_length, tokenizer.pad_token_id).items()}
+            chosen, rejected = packed_sequence_scores(model, batch["input_ids"], batch["position_ids"],
+                                                      batch["sequence_ids"]).chunk(2)
+        else:
+            batch = collate(seqs, tokenizer.pad_token_id)
+            chosen, rejected = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, len(items))
         margins = [m for _, _, m in items]  # a row without a margin has 0 (Llama 2's "negligibly better")
         margin = (torch.tensor([m or 0.0 for m in margins], device=device)
                   if any(m is not None for m in margins) else None)
