@@ -7,6 +7,7 @@ field with its doc line and default. Shorthands: `--model PATH` sets `model.path
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -55,7 +56,8 @@ class GenerateConfig:
                      "instruct model's format); a file's chat prompts always are")
     limit: int | None = arg(None, "answer at most this many prompts from the file (none: 10 printed, all with "
                             "--out; 0 = all)", ge=0)
-    n: int = arg(1, "samples per prompt, each with its own seed (OpenRLHF's best_of_n)", ge=1)
+    n: int = arg(1, "samples per prompt, each with its own seed (OpenRLHF's best_of_n); --n_samples N too (under "
+                 "torchrun, whose parser takes --n for one of its own)", ge=1)
     rewards: list[str] = arg([], "score each sample with these: 'module:function' names (trusted code you chose) "
                              "and/or reward-model directories, summed with reward_weights")
     reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
@@ -149,11 +151,18 @@ def _prompt_file(path: str, limit: int, columns: dict[str, str]) -> list:
 
 
 def _load(model_cfg: ModelConfig):
-    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.models.load import load_causal_lm
+
+    tokenizer = _load_tokenizer(model_cfg)
+    return load_causal_lm(model_cfg), tokenizer
+
+
+def _load_tokenizer(model_cfg: ModelConfig):
+    from rlhfkit.models.load import load_tokenizer
 
     if not model_cfg.path:
         raise ConfigError("no model given: pass --model PATH (a model directory or hub name)")
-    return load_causal_lm(model_cfg), load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
+    return load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
 
 
 def _fitting(prompts: list, tokenizer, cfg, source: str) -> list:
@@ -173,9 +182,10 @@ _WRITTEN = ("completion", "messages", "chosen", "rejected", "margin", "label", "
 
 def cmd_generate(cfg: GenerateConfig) -> None:
     from rlhfkit.data.collate import drop_long_prompts, render_prompt
+    from rlhfkit import distributed
     from rlhfkit.data.formats import load_prompts
     from rlhfkit.data.resumable import ResumableJsonl
-    from rlhfkit.models.load import prompt_room
+    from rlhfkit.models.load import load_causal_lm, prompt_room, resolve_device
     from rlhfkit.progress import progress
     from rlhfkit.rewards import build_reward
     from rlhfkit.rollout.generate import generate
@@ -193,14 +203,17 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     source = cfg.prompts or "--prompt"
     if cfg.out:  # before hours of sampling
         _check_generate_out(cfg, rows, source)
-    reward = build_reward(cfg.rewards, cfg.reward_weights) if cfg.rewards else None  # refused before the model loads
+    elif distributed.world_size() > 1:
+        raise ConfigError("generate prints its samples in one process: with several (torchrun, accelerate launch) "
+                          "pass --out FILE.jsonl, and each samples a share of every block")
+    device = distributed.setup(resolve_device())  # several processes: each its own GPU
+    # refused before the model loads
+    reward = build_reward(cfg.rewards, cfg.reward_weights, device) if cfg.rewards else None
     rows = with_every_column(rows)
     if reward:
         reward.check_columns(rows[0], source)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would sample every prompt into one file
-        raise ConfigError("generate runs in one process: start it with `rlhfkit generate`, not torchrun or accelerate "
-                          "launch")
-    model, tokenizer = _load(cfg.model)
+    tokenizer = _load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, device)
     place = {id(r): i for i, r in enumerate(rows)}  # each prompt's place in the file: its samples' seeds
     rows = drop_long_prompts(rows, tokenizer, 0, source, prompt_room(cfg.model, cfg.generation.max_new_tokens))
 
@@ -217,25 +230,70 @@ def cmd_generate(cfg: GenerateConfig) -> None:
             print(f"{scored}{render_prompt(tokenizer, prompt)}{text}\n")  # a chat prompt as the model saw it
         return
     # a block of generation.batch_size prompts at a time, each written as it is made: a stopped run run again goes
-    # on where it stopped; its samples are the ones an unstopped run makes (each batch of the same rows)
-    with ResumableJsonl(cfg.out, _generate_settings(cfg, rows, model)) as file:
-        if file.done:
-            print(f"going on from {file.partial}: {file.done} of {len(rows)} prompts done")
-        bar = progress(None, "generate", total=len(rows), initial=file.done, unit="prompt")
-        for start in range(file.done, len(rows), cfg.generation.batch_size):
+    # on where it stopped; its samples are the ones an unstopped run makes (each batch of the same rows). With
+    # several processes each samples and scores its share of the block, and process 0 writes them all
+    with _opened_on_main(lambda: ResumableJsonl(cfg.out, _generate_settings(cfg, rows, model))) as file:
+        done = distributed.all_gather(file.done if file else 0)[0]
+        if file and done:
+            print(f"going on from {file.partial}: {done} of {len(rows)} prompts done")
+        bar = progress(None, "generate", total=len(rows), initial=done, unit="prompt", disable=file is None)
+        for start in range(done, len(rows), cfg.generation.batch_size):
             block = rows[start: start + cfg.generation.batch_size]
-            _, gens, total, parts = sample(block)
-            written, left_out = select_samples(block, gens.texts, gens.has_eos, total, parts, cfg.n, cfg.select)
-            file.append(written, start + len(block), written=len(written), samples=len(gens.texts),
-                        left_out=left_out)
+            mine = distributed.shard(block)
+            share = _sample_share(sample, mine) if mine else None
+            if file:
+                texts, ended, total, parts = _joined([s for s in distributed.all_gather(share) if s is not None])
+                written, left_out = select_samples(block, texts, ended, total, parts, cfg.n, cfg.select)
+                file.append(written, start + len(block), written=len(written), samples=len(texts), left_out=left_out)
+            else:
+                distributed.all_gather(share)
             bar.update(len(block))
         bar.close()
-        file.finish()
-    counts = file.counts
-    left_out = counts.get("left_out", 0)
-    print(f"wrote {counts.get('written', 0)} rows to {cfg.out} ({cfg.select}: {counts.get('samples', 0)} samples of "
-          f"{len(rows)} prompts" + (f"; {left_out} prompts left out: no ended, non-blank sample" + (
-              ", or all scored alike" if cfg.select == "pairs" else "") + ")" if left_out else ")"))
+        if file:
+            file.finish()
+    if file:
+        counts = file.counts
+        left_out = counts.get("left_out", 0)
+        print(f"wrote {counts.get('written', 0)} rows to {cfg.out} ({cfg.select}: {counts.get('samples', 0)} samples "
+              f"of {len(rows)} prompts" + (f"; {left_out} prompts left out: no ended, non-blank sample" + (
+                  ", or all scored alike" if cfg.select == "pairs" else "") + ")" if left_out else ")"))
+
+
+@contextlib.contextmanager
+def _opened_on_main(open_file):
+    """``open_file()`` (a context) on process 0, None on the others; an error opening it raised in every process
+    (the others would wait for process 0 for ever)."""
+    from rlhfkit import distributed
+
+    file, error = None, None
+    if distributed.is_main():
+        try:
+            file = open_file()
+        except ConfigError as e:
+            error = str(e)
+    error = distributed.all_gather(error)[0]
+    if error:
+        raise ConfigError(error)
+    with file if file else contextlib.nullcontext():
+        yield file
+
+
+def _sample_share(sample, rows: list[dict]) -> tuple:
+    """This process's share of a block, sampled and scored, on the CPU: (texts, ended, total, parts)."""
+    _, gens, total, parts = sample(rows)
+    return (gens.texts, gens.has_eos, None if total is None else total.cpu(),
+            {k: v.cpu() for k, v in parts.items()})
+
+
+def _joined(shares: list[tuple]) -> tuple:
+    """The processes' shares of a block, in order, as one: (texts, ended, total, parts)."""
+    import torch
+
+    texts = [t for s in shares for t in s[0]]
+    ended = [e for s in shares for e in s[1]]
+    total = None if shares[0][2] is None else torch.cat([s[2] for s in shares])
+    parts = {k: torch.cat([s[3][k] for s in shares]) for k in shares[0][3]}
+    return texts, ended, total, parts
 
 
 def _generate_settings(cfg: GenerateConfig, rows: list[dict], model) -> dict:
@@ -629,19 +687,21 @@ COMMANDS = {
     "export": (ExportConfig, cmd_export, "merge LoRA adapters into a standalone model directory"),
 }
 
-SHORTHANDS = {"model": "model.path", "out": "train.out", "seed": "train.seed"}
+# torchrun's own parser takes `--n` for an abbreviation of its options and stops: `--n_samples` reaches generate
+SHORTHANDS = {"model": "model.path", "out": "train.out", "seed": "train.seed", "n_samples": "n"}
 
 
 def expand_shorthands(cls, argv: list[str]) -> list[str]:
     """Rewrite `--model X` to `--model.path X` (etc.) where that section exists and the
-    name is not a plain field of the command's config."""
+    name is not a plain field of the command's config; `--n_samples N` to `--n N` where there is an ``n``."""
     names = {f.name for f in fields(cls)}
     sections = {f.name for f in fields(cls) if f.default_factory is not MISSING and is_dataclass(f.default_factory())}
     out = []
     for token in argv:
         key, eq, value = token[2:].partition("=")
         target = SHORTHANDS.get(key.replace("-", "_")) if token.startswith("--") else None
-        if target and target.split(".")[0] in sections and (key not in names or key in sections):
+        known = target and (target.split(".")[0] in sections if "." in target else target in names)
+        if known and (key not in names or key in sections):
             token = f"--{target}{eq}{value}"
         out.append(token)
     return out

@@ -193,11 +193,60 @@ def test_a_stopped_generate_goes_on_where_it_stopped_with_the_same_samples(tiny_
     assert not partial.exists() and not state.exists()
 
 
-def test_generate_in_several_processes_is_refused(monkeypatch, capsys):
-    # every process would sample every prompt into the same file
+def test_two_processes_write_what_one_does(tiny_model_dir, tmp_path, length_reward, monkeypatch):
+    # each process samples and scores its share of every block (7 prompts in blocks of 2: the last block's one prompt
+    # leaves process 1 none), process 0 writes: every sample as one process's, by its own seed; then a run stopped
+    # by hand (its partial file cut back to the first block) goes on in 2 processes to the same file
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import _free_port
+
+    arithmetic.write(tmp_path / "data")
+    model = _stopping(tiny_model_dir("llama"), tmp_path)
+    args = ["generate", "--model", model, "--prompts", str(tmp_path / "data" / "prompts_train.jsonl"), "--limit", "7",
+            "--n_samples", "3", "--rewards", length_reward, "--generation.max_new_tokens", "8",
+            "--generation.batch_size", "2"]  # --n_samples: torchrun takes --n for one of its own options
+    assert main([*args, "--out", str(tmp_path / "one.jsonl")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def launch(out):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                               "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli", *args, "--out",
+                               str(out)], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    printed = launch(tmp_path / "two.jsonl")
+    one, two = ([json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+                for name in ("one", "two"))
+    assert len(one) == 21 and [r["completion"] for r in two] == [r["completion"] for r in one]
+    assert [r["reward"] for r in two] == pytest.approx([r["reward"] for r in one]) and printed.count("wrote 21") == 1
+    # a run stopped in one process in its second block goes on in two
+    import rlhfkit.rollout.generate
+
+    real, calls = rlhfkit.rollout.generate.generate, []
+
+    def stopping(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rlhfkit.rollout.generate, "generate", stopping)
+        with pytest.raises(KeyboardInterrupt):
+            main([*args, "--out", str(tmp_path / "again.jsonl")])
+    assert "going on from" in launch(tmp_path / "again.jsonl")
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+
+def test_printing_in_several_processes_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["generate", "--model", "m", "--prompt", "Hi", "--out", "x.jsonl"]) == 2
-    assert "generate runs in one process: start it with `rlhfkit generate`, not torchrun" in capsys.readouterr().err
+    assert main(["generate", "--model", "m", "--prompt", "Hi"]) == 2
+    assert "generate prints its samples in one process: with several (torchrun, accelerate launch) pass --out" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("out, column, message", [
