@@ -231,23 +231,26 @@ def cmd_generate(cfg: GenerateConfig) -> None:
         return
     # a block of generation.batch_size prompts at a time, each written as it is made: a stopped run run again goes
     # on where it stopped; its samples are the ones an unstopped run makes (each batch of the same rows). With
-    # several processes each samples and scores its share of the block, and process 0 writes them all
+    # several processes each samples and scores a block of its own, as one process would, and process 0 writes
+    # them in order: the same file, whatever the number of processes (rewards and samples batched alike)
     with _opened_on_main(lambda: ResumableJsonl(cfg.out, _generate_settings(cfg, rows, model))) as file:
         done = distributed.all_gather(file.done if file else 0)[0]
         if file and done:
             print(f"going on from {file.partial}: {done} of {len(rows)} prompts done")
         bar = progress(None, "generate", total=len(rows), initial=done, unit="prompt", disable=file is None)
-        for start in range(done, len(rows), cfg.generation.batch_size):
-            block = rows[start: start + cfg.generation.batch_size]
-            mine = distributed.shard(block)
-            share = _sample_share(sample, mine) if mine else None
-            if file:
-                texts, ended, total, parts = _joined([s for s in distributed.all_gather(share) if s is not None])
-                written, left_out = select_samples(block, texts, ended, total, parts, cfg.n, cfg.select)
-                file.append(written, start + len(block), written=len(written), samples=len(texts), left_out=left_out)
-            else:
-                distributed.all_gather(share)
-            bar.update(len(block))
+        starts = range(done, len(rows), cfg.generation.batch_size)
+        for first in range(0, len(starts), distributed.world_size()):  # a round: a block for each process
+            these = starts[first: first + distributed.world_size()]
+            mine = these[distributed.rank()] if distributed.rank() < len(these) else None
+            share = None if mine is None else _sample_share(sample, rows[mine: mine + cfg.generation.batch_size])
+            shares = distributed.all_gather(share)
+            for start, (texts, ended, total, parts) in zip(these, shares):
+                block = rows[start: start + cfg.generation.batch_size]
+                if file:
+                    written, left_out = select_samples(block, texts, ended, total, parts, cfg.n, cfg.select)
+                    file.append(written, start + len(block), written=len(written), samples=len(texts),
+                                left_out=left_out)
+                bar.update(len(block))
         bar.close()
         if file:
             file.finish()
@@ -279,21 +282,10 @@ def _opened_on_main(open_file):
 
 
 def _sample_share(sample, rows: list[dict]) -> tuple:
-    """This process's share of a block, sampled and scored, on the CPU: (texts, ended, total, parts)."""
+    """A block sampled and scored by this process, on the CPU: (texts, ended, total, parts)."""
     _, gens, total, parts = sample(rows)
     return (gens.texts, gens.has_eos, None if total is None else total.cpu(),
             {k: v.cpu() for k, v in parts.items()})
-
-
-def _joined(shares: list[tuple]) -> tuple:
-    """The processes' shares of a block, in order, as one: (texts, ended, total, parts)."""
-    import torch
-
-    texts = [t for s in shares for t in s[0]]
-    ended = [e for s in shares for e in s[1]]
-    total = None if shares[0][2] is None else torch.cat([s[2] for s in shares])
-    parts = {k: torch.cat([s[3][k] for s in shares]) for k in shares[0][3]}
-    return texts, ended, total, parts
 
 
 def _generate_settings(cfg: GenerateConfig, rows: list[dict], model) -> dict:
