@@ -268,15 +268,17 @@ def _opened_on_main(open_file):
     (the others would wait for process 0 for ever)."""
     from rlhfkit import distributed
 
-    file, error = None, None
+    file, error, failed = None, None, None
     if distributed.is_main():
         try:
             file = open_file()
-        except ConfigError as e:
-            error = str(e)
+        except Exception as e:  # any: the others must hear of it (an OSError, a full disk)
+            error, failed = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e), e
     error = distributed.all_gather(error)[0]
+    if failed is not None:
+        raise failed
     if error:
-        raise ConfigError(error)
+        raise ConfigError(f"process 0 could not open the output: {error}")
     with file if file else contextlib.nullcontext():
         yield file
 

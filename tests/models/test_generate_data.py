@@ -212,12 +212,12 @@ def test_two_processes_write_what_one_does(tiny_model_dir, tmp_path, length_rewa
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
 
-    def launch(out):
+    def launch(out, *extra, fails=False):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                               "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli", *args, "--out",
-                               str(out)], capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
+                               "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli", *args, *extra,
+                               "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+        assert (done.returncode != 0) == fails, done.stderr[-3000:]
+        return done.stderr if fails else done.stdout
 
     printed = launch(tmp_path / "two.jsonl")
     one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
@@ -238,6 +238,9 @@ def test_two_processes_write_what_one_does(tiny_model_dir, tmp_path, length_rewa
         patch.setattr(rlhfkit.rollout.generate, "generate", stopping)
         with pytest.raises(KeyboardInterrupt):
             main([*args, "--out", str(tmp_path / "again.jsonl")])
+    # other settings: process 0 refuses the partial file, and the other process hears of it (it would wait for ever)
+    said = launch(tmp_path / "again.jsonl", "--seed", "1", fails=True)
+    assert said.count("rlhfkit generate: process 0 could not open the output: ") == 1 and "(differing: seed)" in said
     assert "going on from" in launch(tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
