@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlhfkit.config import ConfigError
 from rlhfkit.models.load import write_atomically
-from rlhfkit.trainers.checkpoint import fsync
+from rlhfkit.trainers.checkpoint import exclusive_lock, fsync
 
 
 class ResumableJsonl:
@@ -44,22 +44,12 @@ class ResumableJsonl:
         """An exclusive ``flock`` on a hidden ``.OUT.lock`` until ``finish`` or the process ends: a second run
         writing the same file is refused at once (their blocks would interleave). None where locks are not
         supported."""
-        self._handle = None
-        try:
-            import fcntl
-        except ImportError:
-            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path.with_name(f".{self.path.name}.lock"), "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._handle = exclusive_lock(self.path.with_name(f".{self.path.name}.lock"))
         except BlockingIOError:
-            handle.close()
-            raise ConfigError(f"another run is writing {self.path}: wait for it to end, or write to another file")
-        except OSError:  # no locks on this file system
-            handle.close()
-            return
-        self._handle = handle
+            raise ConfigError(f"another run is writing {self.path}: wait for it to end, or write to another file"
+                              ) from None
 
     def _pick_up(self) -> None:
         try:

@@ -64,6 +64,26 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len("step-"):]))
 
 
+def exclusive_lock(path: str | os.PathLike):
+    """An open handle on ``path`` (made if missing) holding an exclusive ``flock`` until it is closed or the process
+    ends; None where locks are not supported (no ``fcntl``, some network file systems). Raises BlockingIOError while
+    another process holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise
+    except OSError:  # no locks on this file system
+        handle.close()
+        return None
+    return handle
+
+
 def fsync(path: str | os.PathLike) -> None:
     """Flush a file's data, or a directory's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -32,7 +32,8 @@ from rlhfkit.models.load import checkpoint_activations, learn_mode, write_atomic
 from rlhfkit.ops import mean_of
 from rlhfkit.progress import progress
 from rlhfkit.trainers.checkpoint import (CONFIG_FILE, DATA_FILE, Checkpoints, NonFinite, StopRequest,
-                                         check_no_earlier_run, check_resume_config, data_digests, find_checkpoint)
+                                         check_no_earlier_run, check_resume_config, data_digests, exclusive_lock,
+                                         find_checkpoint)
 
 # indices → (mean loss over its units, the number of units — tokens or examples —, detached metrics)
 Metric = float | tuple[float, float]  # a mean over the micro-batch's units, or (mean, count) over some of them
@@ -581,10 +582,6 @@ def lock_out_dir(out: Path) -> str | None:
     or the process does (a crash too), so that a second run into the same directory stops at once instead of
     interleaving checkpoints and logs with the first. Returns why it cannot (another process holds it), else None.
     Where locks are not supported (no ``fcntl``, some network file systems) there is none."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
     key = out.resolve()
     held = _LOCKS.get(key)
     if held is not None:  # this process holds it already (a run in one Python after another), if it is the same file
@@ -593,17 +590,13 @@ def lock_out_dir(out: Path) -> str | None:
                 return None
         release_out_dir(out)  # the directory was removed and made again: lock the new one
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle = exclusive_lock(out / LOCK_FILE)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
+        holder = (out / LOCK_FILE).read_text(encoding="utf-8").strip() or "unknown"
         return (f"another run is writing to {out} (process {holder}): wait for it to end, or write to another "
                 "--train.out")
-    except OSError:  # no locks on this file system
-        handle.close()
+    if handle is None:
         return None
     handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
     _LOCKS[key] = handle
