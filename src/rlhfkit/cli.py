@@ -205,7 +205,7 @@ def cmd_generate(cfg: GenerateConfig) -> None:
         _check_generate_out(cfg, rows, source)
     elif distributed.world_size() > 1:
         raise ConfigError("generate prints its samples in one process: with several (torchrun, accelerate launch) "
-                          "pass --out FILE.jsonl, and each samples a share of every block")
+                          "pass --out FILE.jsonl, and each samples blocks of its own")
     device = distributed.setup(resolve_device())  # several processes: each its own GPU
     # refused before the model loads
     reward = build_reward(cfg.rewards, cfg.reward_weights, device) if cfg.rewards else None

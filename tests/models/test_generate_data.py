@@ -244,6 +244,7 @@ def test_two_processes_write_what_one_does(tiny_model_dir, tmp_path, length_rewa
     assert "going on from" in launch(tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
+
 def test_printing_in_several_processes_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["generate", "--model", "m", "--prompt", "Hi"]) == 2

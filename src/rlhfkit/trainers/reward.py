@@ -92,13 +92,14 @@ def train(cfg: RewardConfig) -> dict[str, float]:
 
     def scores_of(items):
         seqs = [c for c, _, _ in items] + [r for _, r, _ in items]
+        batch = (pack(seqs, cfg.max_length, tokenizer.pad_token_id) if cfg.packing
+                 else collate(seqs, tokenizer.pad_token_id))
+        batch = {k: v.to(device) for k, v in batch.items()}
         if cfg.packing:
-            batch = {k: v.to(device) for k, v in pack(seqs, cfg.max_length, tokenizer.pad_token_id).items()}
             chosen, rejected = packed_sequence_scores(model, batch["input_ids"], batch["position_ids"],
                                                       batch["sequence_ids"]).chunk(2)
         else:
-            batch = collate(seqs, tokenizer.pad_token_id)
-            chosen, rejected = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, len(items))
+            chosen, rejected = pair_scores(model, batch, len(items))
         margins = [m for _, _, m in items]  # a row without a margin has 0 (Llama 2's "negligibly better")
         margin = (torch.tensor([m or 0.0 for m in margins], device=device)
                   if any(m is not None for m in margins) else None)
