@@ -112,8 +112,10 @@ def _train(args, out, processes, weights="model.safetensors"):
     return load_file(str(out / weights))
 
 
-def _launch(args, out, processes):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _launch(args, out, processes, env=None, fails=False) -> subprocess.CompletedProcess:
+    """``rlhfkit args --out out`` in ``processes`` launched by torchrun (``env``: the environment, os.environ's by
+    default); asserts it succeeded, or failed with ``fails``."""
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
     for _ in range(3):  # the free port may be taken between finding it and the launcher binding it: try another
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli"]
@@ -121,7 +123,8 @@ def _launch(args, out, processes):
                                 timeout=300)
         if not port_taken(result.stderr):
             break
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode != 0) == fails, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.parametrize("command, data, extra", [

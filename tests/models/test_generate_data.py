@@ -198,10 +198,8 @@ def test_two_processes_write_what_one_does(tiny_model_dir, tmp_path, length_rewa
     # none), process 0 writes them in order: the one-process file byte for byte, a reward model's scores too (each
     # block batched as one process batches it); then a run stopped in one process goes on in two to the same file
     import os
-    import subprocess
-    import sys
 
-    from test_distributed import _free_port
+    from test_distributed import _launch
 
     arithmetic.write(tmp_path / "data")
     model = _stopping(tiny_model_dir("llama"), tmp_path)
@@ -209,14 +207,10 @@ def test_two_processes_write_what_one_does(tiny_model_dir, tmp_path, length_rewa
             "--n_samples", "3", "--rewards", f"{ppo_setup / 'rm'},{length_reward}", "--generation.max_new_tokens", "8",
             "--generation.batch_size", "2"]  # --n_samples: torchrun takes --n for one of its own options
     assert main([*args, "--out", str(tmp_path / "one.jsonl")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
 
     def launch(out, *extra, fails=False):
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                               "127.0.0.1", "--master_port", str(_free_port()), "-m", "rlhfkit.cli", *args, *extra,
-                               "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
-        assert (done.returncode != 0) == fails, done.stderr[-3000:]
+        done = _launch([*args, *extra], out, 2, env, fails)
         return done.stderr if fails else done.stdout
 
     printed = launch(tmp_path / "two.jsonl")
