@@ -65,6 +65,9 @@ class GenerateConfig:
         "all", "what --out holds: every sample (with its rewards); the best-scored one per prompt (rejection "
         "sampling: an `sft` data file); or the best and the worst as chosen and rejected (a `dpo` / `rm` data "
         "file, as OpenRLHF's iterative DPO makes them; prompts whose samples all score alike are left out)")
+    min_margin: float = arg(0.0, "--select pairs: leave out a prompt whose best and worst rewards differ by this "
+                            "much or less (0: only ties), where a reward's noise would make the pair a coin toss",
+                            ge=0, lt=float("inf"))
     out: str = arg("", "write the samples to this JSONL file (the prompt file's other columns kept) instead of "
                    "printing them; written to OUT.partial as they are made, a stopped run run again with the same "
                    "settings goes on where it stopped")
@@ -79,6 +82,12 @@ class GenerateConfig:
         if self.select == "pairs" and self.n < 2:
             raise ConfigError("--select pairs takes the best and the worst of each prompt's samples: pass --n 2 or "
                               "more")
+        if self.min_margin and self.select != "pairs":
+            raise ConfigError(f"--min_margin {self.min_margin} is the reward gap between a pair's chosen and rejected "
+                              "answers: it needs --select pairs")
+        if self.n > 1 and self.generation.temperature == 0:
+            raise ConfigError(f"--n {self.n} with --generation.temperature 0 (greedy) makes {self.n} identical "
+                              "samples of each prompt: sample at a temperature above 0, or pass --n 1")
 
 
 @dataclass
@@ -247,7 +256,8 @@ def cmd_generate(cfg: GenerateConfig) -> None:
             for start, (texts, ended, total, parts) in zip(these, shares):
                 block = rows[start: start + cfg.generation.batch_size]
                 if file:
-                    written, left_out = select_samples(block, texts, ended, total, parts, cfg.n, cfg.select)
+                    written, left_out = select_samples(block, texts, ended, total, parts, cfg.n, cfg.select,
+                                                       cfg.min_margin)
                     file.append(written, start + len(block), written=len(written), samples=len(texts),
                                 left_out=left_out)
                 bar.update(len(block))
@@ -259,7 +269,8 @@ def cmd_generate(cfg: GenerateConfig) -> None:
         left_out = counts.get("left_out", 0)
         print(f"wrote {counts.get('written', 0)} rows to {cfg.out} ({cfg.select}: {counts.get('samples', 0)} samples "
               f"of {len(rows)} prompts" + (f"; {left_out} prompts left out: no ended, non-blank sample" + (
-                  ", or all scored alike" if cfg.select == "pairs" else "") + ")" if left_out else ")"))
+                  (f", or best and worst within --min_margin {cfg.min_margin}" if cfg.min_margin else
+                   ", or all scored alike") if cfg.select == "pairs" else "") + ")" if left_out else ")"))
 
 
 @contextlib.contextmanager
@@ -339,16 +350,16 @@ def _check_generate_out(cfg: GenerateConfig, rows: list[dict], source: str) -> N
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def select_samples(rows: list[dict], texts: list[str], ended: list[bool], total, parts: dict, n: int, select: str
-                   ) -> tuple[list[dict], int]:
+def select_samples(rows: list[dict], texts: list[str], ended: list[bool], total, parts: dict, n: int, select: str,
+                   min_margin: float = 0.0) -> tuple[list[dict], int]:
     """The rows ``generate --out`` writes, and how many prompts were left out. ``rows``: P prompt rows; ``texts``
     and ``ended`` (whether it stopped at EOS): their P·n samples, prompt by prompt; ``total`` (P·n,) summed rewards
     (None: unscored) and ``parts`` each reward's (NaN where it does not apply: written as null). ``all``: a row per
     sample, its rewards beside it; ``best``: the highest-scored of each prompt's samples that ended and are not
     blank (SFT and DPO learn an answer as ended; they refuse a blank one), as SFT data; ``pairs``: that one as
-    ``chosen`` and the lowest-scored as ``rejected``, as preference data, a prompt left out where they score
-    alike. Among equal scores the best is the first sample, the worst the last. A chat prompt (messages) gets its
-    answers as messages, which those loaders require."""
+    ``chosen`` and the lowest-scored as ``rejected``, as preference data, a prompt left out where their rewards
+    differ by ``min_margin`` or less (0: where they score alike). Among equal scores the best is the first sample,
+    the worst the last. A chat prompt (messages) gets its answers as messages, which those loaders require."""
     def answer(prompt, text):
         return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
@@ -364,7 +375,7 @@ def select_samples(rows: list[dict], texts: list[str], ended: list[bool], total,
                      **scores(i)} for i in ids]
             continue
         ranked = sorted((i for i in ids if ended[i] and texts[i].strip()), key=lambda i: -total[i].item())
-        if not ranked or (select == "pairs" and total[ranked[0]] == total[ranked[-1]]):
+        if not ranked or (select == "pairs" and total[ranked[0]].item() - total[ranked[-1]].item() <= min_margin):
             left_out += 1
             continue
         best, worst = ranked[0], ranked[-1]

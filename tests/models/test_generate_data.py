@@ -16,7 +16,7 @@ from rlhfkit.data.tasks import arithmetic
 CHAT = [{"role": "user", "content": "Hi."}]
 
 
-def _selected(select):
+def _selected(select, min_margin=0.0):
     # 4 prompts x 3 samples: a text prompt with a column of its own, a chat prompt (one empty sample, one blank), a
     # prompt whose samples all score alike, one whose best sample was cut off by max_new_tokens (no EOS); the second
     # reward applies to the first prompt's samples alone
@@ -26,7 +26,7 @@ def _selected(select):
     ended = [True] * 9 + [False, True, True]
     total = torch.tensor([1.0, 3.0, 2.0, 9.0, 0.5, 8.0, 4.0, 4.0, 4.0, 5.0, 2.0, 1.0])
     parts = {"len": total.clone(), "exact": torch.tensor([0.0, 1.0, 0.0] + [math.nan] * 9)}
-    return select_samples(rows, texts, ended, total, parts, 3, select)
+    return select_samples(rows, texts, ended, total, parts, 3, select, min_margin)
 
 
 def test_every_sample_is_written_with_its_rewards():
@@ -62,6 +62,14 @@ def test_the_best_and_the_worst_sample_are_a_preference_pair(tmp_path):
     loaded = load_preference(path)
     assert [(r["chosen"], r["rejected"]) for r in loaded] == [(r["chosen"], r["rejected"]) for r in out]
     assert loaded[0]["answer"] == "7"  # the prompt file's columns ride along
+
+
+@pytest.mark.parametrize("min_margin, kept", [(0.99, [("bb", "a"), ("mid", "low")]), (1.0, [("bb", "a")]),
+                                               (1.99, [("bb", "a")]), (2.0, [])])
+def test_pairs_whose_rewards_differ_by_the_margin_or_less_are_left_out(min_margin, kept):
+    # the pairs are 2 and 1 apart (3 - 1, 2 - 1): each kept above its gap, left out from it on
+    out, left_out = _selected("pairs", min_margin)
+    assert [(r["chosen"], r["rejected"]) for r in out] == kept and left_out == 4 - len(kept)
 
 
 @pytest.fixture
@@ -270,6 +278,10 @@ def test_an_output_the_trainers_could_not_read_is_refused_before_sampling(tmp_pa
     (["--select", "best", "--out", "x.jsonl"], "--select best picks samples by their reward into a data file: pass "
                                                "--rewards"),
     (["--select", "pairs", "--rewards", "a:b", "--out", "x.jsonl"], "--select pairs takes the best and the worst"),
+    (["--select", "best", "--n", "2", "--rewards", "a:b", "--out", "x.jsonl", "--min_margin", "0.5"],
+     "--min_margin 0.5 is the reward gap between a pair's chosen and rejected answers: it needs --select pairs"),
+    (["--n", "3", "--generation.temperature", "0"], "--n 3 with --generation.temperature 0 (greedy) makes 3 "
+                                                    "identical samples"),
 ])
 def test_selecting_without_what_it_needs_says_what_to_pass(tiny_model_dir, capsys, extra, message):
     assert main(["generate", "--model", tiny_model_dir("llama"), "--prompt", "Hi", *extra]) == 2
