@@ -11,6 +11,7 @@ positions never reaches a result (nor, through `0 * inf`, a gradient).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -97,11 +98,12 @@ def _k2(d: torch.Tensor) -> torch.Tensor:
     return 0.5 * d**2
 
 
-K3_CLAMP = 20.0  # |d| beyond it (probability ratios past e^20) counts as ±20: exp(-d) would overflow past 88
+K3_CLAMP = 20.0  # d below -20 (a reference e^20 times likelier) counts as -20: exp(-d) would overflow past 88.
+# Above, k3 ~ d - 1 is finite: unclamped, the KL term keeps pulling back the tokens that drifted furthest up
 
 
 def _k3(d: torch.Tensor) -> torch.Tensor:
-    d = d.clamp(-K3_CLAMP, K3_CLAMP)
+    d = d.clamp(min=-K3_CLAMP)
     return torch.expm1(-d) + d  # exp(-d) - 1 + d, without cancellation for small d
 
 
@@ -278,6 +280,9 @@ class AdaptiveKLController:
         self.horizon = horizon
 
     def update(self, current_kl: float | torch.Tensor, n_steps: int) -> None:
+        """A NaN ``current_kl`` (a rollout gone bad) leaves beta as it was: NaN would stay in it for good."""
+        if math.isnan(float(current_kl)):
+            return
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
 

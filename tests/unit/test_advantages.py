@@ -342,6 +342,15 @@ def test_adaptive_kl_error_clipped_to_plus_minus_point_two():
     assert down.beta == pytest.approx(0.099488, abs=1e-12)
 
 
+def test_adaptive_kl_passes_over_a_nan_kl():
+    # a NaN batch (skipped with train.on_nan skip) once made beta NaN for every later step; +inf clips to +0.2
+    ctl = AdaptiveKLController(0.1)
+    ctl.update(float("nan"), 256)
+    assert ctl.beta == 0.1
+    ctl.update(float("inf"), 256)
+    assert ctl.beta == pytest.approx(0.100512, abs=1e-12)
+
+
 def test_adaptive_kl_state_dict_restores_beta():
     ctl = AdaptiveKLController(0.1)
     ctl.update(60.0, 256)

@@ -328,6 +328,15 @@ def test_kl_penalty_loss_stays_finite_far_from_the_reference():
     close(logprobs.grad, [[0.0, 0.0]])
 
 
+def test_kl_penalty_loss_pulls_back_a_token_far_above_the_reference():
+    # d = 25: k3 = exp(-25) - 1 + 25 ~ 24, dk3/dd = 1 - exp(-25) ~ 1 (a clamp at +20 once made it 19 and 0)
+    logprobs = torch.tensor([[25.0]], requires_grad=True)
+    loss = kl_penalty_loss(logprobs, torch.zeros(1, 1), torch.ones(1, 1))
+    assert math.isclose(loss.item(), 24.0, rel_tol=1e-6)
+    loss.backward()
+    close(logprobs.grad, [[1.0]])
+
+
 # --------------------------------------------------------------------------- DPO family
 # Example 0: pc=-1, rc=-2, pr=-3, rr=-2 -> h = (-1 + 2) - (-3 + 2) = 2; with beta 0.5, beta h = 1.
 # Example 1: policy equals reference -> h = 0.
