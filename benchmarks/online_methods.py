@@ -44,6 +44,7 @@ METHODS = [
     ("Dr. GRPO", "grpo", ["--advantage", "dr_grpo"]),
     ("RLOO", "rloo", []),
     ("REINFORCE++", "reinforce-pp", ["--beta", "0.01"]),
+    ("REINFORCE++-baseline", "reinforce-pp", ["--beta", "0.01", "--baseline", "group"]),  # group mean off first
     # the full model trained (no LoRA: TRL's default), at a learning rate for full weights
     ("GRPO full model", "grpo", ["--lora.enabled", "false", "--optim.lr", "2e-4"]),
 ]

@@ -25,9 +25,9 @@ def _experience(scores, lengths, width=3, rewards=None):
     return Experience(ids, ids, mask, zeros, zeros, zeros, rewards, zeros, zeros, torch.tensor(scores))
 
 
-def _cfg(group_size: int, scale_rewards: str = "group"):
+def _cfg(group_size: int, scale_rewards: str = "group", baseline: str = "batch"):
     """What the strategies read of a run's config."""
-    return types.SimpleNamespace(group_size=group_size, scale_rewards=scale_rewards)
+    return types.SimpleNamespace(group_size=group_size, scale_rewards=scale_rewards, baseline=baseline)
 
 
 def test_every_method_has_a_strategy():
@@ -67,6 +67,27 @@ def test_reinforce_pp_whitens_reward_to_go_over_the_batch():
     torch.testing.assert_close(adv, torch.tensor([[white[0], white[1]], [white[2], 0.0]]), rtol=0, atol=1e-6)
 
 
+def test_reinforce_pp_baseline_takes_each_group_s_mean_score_off_before_whitening():
+    # groups of 2: scores 4, 2 (mean 3) and 1, 1 (mean 1); token rewards -0.1 kl shaping, the score at the last
+    # token: row 0 [-0.1, 3.9] -> returns [3.8, 3.9] - 3 = [0.8, 0.9]; row 1 [1.9] -> [-1.1];
+    # row 2 [-0.2, 0.8, -] -> [0.6, 0.8] - 1 = [-0.4, -0.2]; row 3 [1, -, -] -> [0]
+    exp = _experience([4.0, 2.0, 1.0, 1.0], [2, 1, 2, 1],
+                      rewards=[[-0.1, 3.9, 0], [1.9, 0, 0], [-0.2, 0.8, 0], [1.0, 0, 0]])
+    adv = STRATEGIES["reinforce_pp"].advantages(exp, _cfg(2, baseline="group"))
+    centred = torch.tensor([0.8, 0.9, -1.1, -0.4, -0.2, 0.0])
+    white = (centred - centred.mean()) / (centred.var(correction=1) + 1e-8).sqrt()
+    expected = torch.tensor([[white[0], white[1], 0], [white[2], 0, 0], [white[3], white[4], 0], [white[5], 0, 0]])
+    torch.testing.assert_close(adv, expected, rtol=0, atol=1e-6)
+
+
+def test_reinforce_pp_s_group_baseline_needs_groups():
+    from rlhfkit.trainers.online import ReinforcePPConfig
+
+    ReinforcePPConfig(group_size=1)  # the batch's baseline: one sample a prompt will do
+    with pytest.raises(ValueError, match="reinforce_pp with baseline group needs group_size >= 2"):
+        ReinforcePPConfig(group_size=1, baseline="group")
+
+
 @pytest.fixture
 def reward_module(tmp_path, monkeypatch):
     """A user's reward file on sys.path: the length of the completion, plus the task's exact answer."""
@@ -104,6 +125,7 @@ def _run(command, model, data, out, *extra):
     ("rloo", []),
     ("reinforce-pp", ["--beta", "0.05"]),
     ("reinforce-pp", ["--beta", "0.05", "--mini_batch_size", "16"]),  # one update, with a KL penalty in the rewards
+    ("reinforce-pp", ["--beta", "0.05", "--baseline", "group"]),
 ])
 def test_command_trains_the_adapter(tiny_model_dir, arithmetic_dir, reward_module, tmp_path, command, extra):
     out = tmp_path / command
@@ -289,6 +311,7 @@ def test_a_chunked_head_trains_to_the_same_weights(tiny_model_dir, arithmetic_di
 @pytest.mark.parametrize("extra, message", [
     (["--advantage", "dr_grpo", "--scale_rewards", "batch"], "dr_grpo's advantage is never scaled"),
     (["--overlong_buffer", "9"], "overlong_buffer 9 is longer than generation.max_new_tokens 8"),
+    (["--baseline", "group"], "baseline picks REINFORCE++'s; grpo's is its group's"),
 ])
 def test_online_options_that_cannot_apply_are_refused(tiny_model_dir, arithmetic_dir, tmp_path, capsys, extra,
                                                       message):

@@ -13,7 +13,8 @@ the reduction of the token losses:
                   scale_rewards batch: the step's std, none: no std
     dr_grpo       r - group mean, token losses summed / (max_new_tokens x sequences) (Liu et al. 2025)
     rloo          r - mean of the other G - 1 rewards in the group (Ahmadian et al. 2024)
-    reinforce_pp  k1-KL-shaped token rewards, reward-to-go (gamma 1), whitened over the batch (Hu 2025)
+    reinforce_pp  k1-KL-shaped token rewards, reward-to-go (gamma 1), whitened over the batch (Hu 2025);
+                  baseline group: each reward less its group's mean first (REINFORCE++-baseline)
 
 Sequence advantages are broadcast over the response tokens. Rewards come from ``rlhfkit.rewards``.
 """
@@ -91,6 +92,10 @@ class OnlineConfig:
     beta: float = arg(0.0, "reinforce_pp: KL coefficient β in the token rewards r_t = −β·kl_t "
                       "(+ the reward at the last token)", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "reinforce_pp: per-token KL estimator in the reward")
+    baseline: Literal["batch", "group"] = arg(
+        "batch", "reinforce_pp: the returns whitened over the whole batch alone (REINFORCE++), or each sample's "
+        "reward less its prompt's group mean first (REINFORCE++-baseline, OpenRLHF's reinforce_baseline: a "
+        "prompt's easiness no longer counts; group_size 2 or more)")
     missing_eos_penalty: float | None = arg(None, "subtracted from the reward of samples that never emit EOS "
                                                   "(as TRL's)", ge=0, lt=float("inf"))
     overlong_buffer: int = arg(0, "DAPO's soft overlong punishment: a sample's last N tokens before "
@@ -119,9 +124,13 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         check_rollout_train(self.train, "prompts_per_step x group_size samples, learned from in mini_batch_size "
                             "updates, epochs times")
-        if self.advantage != "reinforce_pp" and self.group_size < 2:  # its baseline is the whole batch's
-            raise ValueError(f"{self.advantage} needs group_size >= 2: its baseline is the other samples of the "
-                             "prompt, and with one sample every advantage is 0 (nothing would be learned)")
+        if self.baseline != "batch" and self.advantage != "reinforce_pp":
+            raise ValueError(f"baseline picks REINFORCE++'s; {self.advantage}'s is its group's, always")
+        grouped = self.advantage != "reinforce_pp" or self.baseline == "group"  # else the whole batch's
+        if grouped and self.group_size < 2:
+            name = "reinforce_pp with baseline group" if self.advantage == "reinforce_pp" else self.advantage
+            raise ValueError(f"{name} needs group_size >= 2: its baseline is the other samples of the prompt, and "
+                             "with one sample every advantage is 0 (nothing would be learned)")
         if self.kl_estimator != "k1" and self.advantage != "reinforce_pp":
             raise ValueError(f"kl_estimator picks REINFORCE++'s KL in the token rewards; {self.advantage}'s KL term "
                              "(kl_coef) is GRPO's k3 estimator, in the loss")
@@ -198,8 +207,13 @@ def rloo_token_advantages(exp: Experience, cfg: OnlineConfig) -> torch.Tensor:
 
 
 def reinforce_pp_advantages(exp: Experience, cfg: OnlineConfig) -> torch.Tensor:
-    # G_t = Σ_{s≥t} r_s over the KL-shaped token rewards, whitened over the whole batch (mean not added back)
-    return masked_whiten(reward_to_go(exp.rewards, exp.action_mask, gamma=1.0), exp.action_mask)
+    # G_t = Σ_{s≥t} r_s over the KL-shaped token rewards, whitened over the whole batch (mean not added back);
+    # baseline group: the score, at the last token, holds in every G_t (gamma 1): its group's mean comes off each
+    returns = reward_to_go(exp.rewards, exp.action_mask, gamma=1.0)
+    if cfg.baseline == "group":
+        means = exp.scores.view(-1, cfg.group_size).mean(-1).repeat_interleave(cfg.group_size)  # (B,)
+        returns = returns - means[:, None] * exp.action_mask
+    return masked_whiten(returns, exp.action_mask)
 
 
 @dataclass(frozen=True)
