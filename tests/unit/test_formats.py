@@ -352,6 +352,29 @@ def test_text_pairs_without_a_prompt_share_their_beginning_as_it(tmp_path):
     assert got["prompt"] + got["chosen"] == hh["chosen"] and got["prompt"] + got["rejected"] == hh["rejected"]
 
 
+@pytest.mark.parametrize("chosen, rejected, prompt", [
+    ("Human: hi Assistant: Calm cat.", "Human: hi Assistant: Cold cat.", "Human: hi Assistant:"),  # not ": C"
+    ("Human: hi Assistant: The cat.", "Human: hi Assistant: The dog.", "Human: hi Assistant: The"),  # whole words
+    ("人类：你好\n助手：好的", "人类：你好\n助手：好吗", "人类：你好\n助手："),  # no spaces: cut at the punctuation
+])
+def test_a_shared_beginning_is_never_cut_inside_a_word(tmp_path, chosen, rejected, prompt):
+    (got,) = load_preference(write_jsonl(tmp_path / "d.jsonl", [{"chosen": chosen, "rejected": rejected}]))
+    assert got["prompt"] == prompt
+    assert (got["prompt"] + got["chosen"], got["prompt"] + got["rejected"]) == (chosen, rejected)
+
+
+@pytest.mark.parametrize("prompt", [CHAT[:1], "hi"])
+def test_a_prompt_repeated_at_the_head_of_each_answer_is_read_once(tmp_path, prompt):
+    # TRL's exports with an explicit prompt, and UltraFeedback binarized (a text prompt, whole conversations)
+    good, bad = {"role": "assistant", "content": "hello"}, {"role": "assistant", "content": "go away"}
+    rows = [{"prompt": prompt, "chosen": [CHAT[0], good], "rejected": [CHAT[0], bad], "id": 7}]
+    assert load_preference(write_jsonl(tmp_path / "d.jsonl", rows)) == [
+        {"prompt": CHAT[:1], "chosen": [good], "rejected": [bad], "id": 7}]
+    rows = [{"prompt": prompt, "completion": [CHAT[0], good], "label": True}]
+    assert load_unpaired(write_jsonl(tmp_path / "k.jsonl", rows)) == [
+        {"prompt": CHAT[:1], "completion": [good], "label": True}]
+
+
 @pytest.mark.parametrize("row, field, match", [
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected", "identical to 'chosen'"),
     ({"prompt": CHAT[:1], "chosen": CHAT[1:], "rejected": CHAT[1:]}, "rejected", "identical"),
@@ -363,7 +386,11 @@ def test_text_pairs_without_a_prompt_share_their_beginning_as_it(tmp_path):
     ({"prompt": "q", "chosen": CHAT[1:], "rejected": "b"}, "chosen", "as 'prompt' is a string"),
     ({"prompt": CHAT[:1], "chosen": "a", "rejected": CHAT[1:]}, "chosen", "as 'prompt' is a messages list"),
     ({"prompt": CHAT[:1], "chosen": CHAT[:1], "rejected": CHAT[1:]}, "chosen[0].role", "last message"),
-    ({"chosen": "a", "rejected": "b"}, "prompt", "missing: .*nothing in common to take as the prompt"),
+    ({"chosen": "a", "rejected": "b"}, "prompt", "missing: .*no words in common to take as the prompt"),
+    ({"question": "Describe it.", "chosen": "Calm cat.", "rejected": "Cold cat."}, "prompt",
+     "no words in common .* pass --columns prompt=question"),
+    ({"prompt": CHAT[:1], "chosen": CHAT, "rejected": [{"role": "assistant", "content": "no"}]}, "rejected",
+     "does not open with the prompt's messages, as 'chosen' does"),
     ({"chosen": "Q: hi A: yes", "rejected": "Q: hi A: yes!"}, "prompt", "one the beginning of the other"),
     ({"chosen": CHAT[1:], "rejected": [{"role": "assistant", "content": "x"}]}, "prompt", "share no leading"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),

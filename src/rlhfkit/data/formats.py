@@ -494,12 +494,18 @@ def _reply(row: _Row, field: str, like: tuple[str, Any] | None = None) -> str | 
     value = _looks_like_messages(row, row.require(field, "a non-empty string or a messages list"))
     if not isinstance(value, (str, list)):
         raise row.error(field, f"expected a non-empty string or a messages list, got {_describe(value)}")
-    if like is not None and isinstance(like[1], list) != isinstance(value, list):
-        kind = "a messages list" if isinstance(like[1], list) else "a string"
-        raise row.error(field, f"expected {kind}, as '{like[0]}' is {kind}; got {_describe(value)}")
+    _same_kind(row, field, value, like)
     if isinstance(value, list):
         return _messages(row, value, field, ends_with_reply=True)
     return _string(row, value, field, non_empty=True)
+
+
+def _same_kind(row: _Row, field: str, value: Any, like: tuple[str, Any] | None) -> Any:
+    """``value``, when it is the kind (text or messages) of ``like=(name, value)``'s value (or ``like`` is None)."""
+    if like is not None and isinstance(like[1], list) != isinstance(value, list):
+        kind = "a messages list" if isinstance(like[1], list) else "a string"
+        raise row.error(field, f"expected {kind}, as '{like[0]}' is {kind}; got {_describe(value)}")
+    return value
 
 
 def _prompt(row: _Row, *, non_empty: bool) -> str | list[dict]:
@@ -548,22 +554,51 @@ _PREFERENCE = ("prompt", "chosen", "rejected", "margin")
 
 def _split_shared_text(row: _Row, chosen: str, rejected: str) -> tuple[str, str, str]:
     """Two whole texts (Anthropic HH's "Human: ... Assistant: ...") as (prompt, chosen, rejected): the prompt is
-    their common beginning, less a space it ends in (which the answers keep), as TRL's ``extract_prompt`` has it.
-    Their shared words count alike for both answers in a pairwise loss."""
+    their common beginning, less a space it ends in (which the answers keep), as TRL's ``extract_prompt`` has it,
+    and never ending inside a word (answers "Calm" and "Cold" do not share a prompt "C": a word cut in two
+    is tokenized as no text ever is). Their shared words count alike for both answers in a pairwise loss."""
     n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if n < min(len(chosen), len(rejected)) and (chosen[n].isalnum() or rejected[n].isalnum()):
+        while n > 0 and chosen[n - 1].isalnum():
+            n -= 1
     n -= n > 0 and chosen[n - 1] == " "
     if not n or n in (len(chosen), len(rejected)):
+        others = [k for k in row.record if k not in _PREFERENCE]
         raise row.error("prompt", "missing: 'chosen' and 'rejected' are texts with " + (
-            "nothing in common to take as the prompt" if not n else "one the beginning of the other") +
-            "; give the prompt in a 'prompt' column")
+            "no words in common to take as the prompt" if not n else "one the beginning of the other") +
+            "; give the prompt in a 'prompt' column" + (
+                f" (if it is the file's '{others[0]}', pass --columns prompt={others[0]})" if others else ""))
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _without_repeated_prompt(row: _Row, prompt: str | list[dict], answers: dict[str, Any]) -> tuple[Any, dict]:
+    """TRL's and UltraFeedback's exports repeat the prompt at the head of each answer's conversation: where the
+    answers (``{field: messages}``) all open with the prompt's messages (a text prompt: as the user's one
+    message), those are taken off them, so the model does not read the prompt twice; a prompt then becomes
+    messages. Otherwise they are left as they are (the loader then checks that they are the prompt's kind)."""
+    if not all(isinstance(a, list) for a in answers.values()):
+        return prompt, answers
+    head = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+    def opens_with_prompt(messages):
+        return len(messages) > len(head) and all(m.get("role") == h["role"] and m.get("content") == h["content"]
+                                                  for m, h in zip(messages, head))
+
+    repeats = {field: opens_with_prompt(a) for field, a in answers.items()}
+    if not any(repeats.values()):
+        return prompt, answers
+    if not all(repeats.values()):
+        lacking, having = (next(f for f, r in repeats.items() if r == want) for want in (False, True))
+        raise row.error(lacking, f"does not open with the prompt's messages, as '{having}' does: give each answer "
+                                 "alone or each whole conversation")
+    return head, {field: a[len(head):] for field, a in answers.items()}
 
 
 def _preference_row(row: _Row) -> dict:
     if row.present("prompt"):
-        prompt = _prompt(row, non_empty=False)
-        chosen = _reply(row, "chosen", like=("prompt", prompt))
-        rejected = _reply(row, "rejected", like=("prompt", prompt))
+        prompt, answers = _without_repeated_prompt(row, _prompt(row, non_empty=False),
+                                                   {f: _reply(row, f) for f in ("chosen", "rejected")})
+        chosen, rejected = (_same_kind(row, f, answers[f], ("prompt", prompt)) for f in ("chosen", "rejected"))
     else:
         chosen = _reply(row, "chosen")
         rejected = _reply(row, "rejected", like=("chosen", chosen))
@@ -608,8 +643,9 @@ _UNPAIRED = ("prompt", "completion", "label")
 
 
 def _unpaired_row(row: _Row) -> dict:
-    prompt = _prompt(row, non_empty=False)
-    completion = _reply(row, "completion", like=("prompt", prompt))
+    prompt, answers = _without_repeated_prompt(row, _prompt(row, non_empty=False),
+                                               {"completion": _reply(row, "completion")})
+    completion = _same_kind(row, "completion", answers["completion"], ("prompt", prompt))
     return {"prompt": prompt, "completion": completion, "label": _label(row), **row.extras(_UNPAIRED)}
 
 
