@@ -579,6 +579,10 @@ class ModelConfig:
     trust_remote_code: bool = arg(False, "run modelling code shipped with the model (only for models you trust)")
     allow_pickle: bool = arg(False, "allow loading pickled .bin weights when no safetensors exist (unsafe)")
 
+    def __post_init__(self) -> None:
+        if self.path.startswith("~"):  # a YAML value, or --model=~/...: no shell expanded it
+            self.path = os.path.expanduser(self.path)
+
 
 @dataclasses.dataclass
 class LoraConfig:

@@ -41,6 +41,23 @@ def test_a_model_path_that_names_nothing_says_so(task_dir, tmp_path, capsys, mon
     assert message in _one_line_error(capsys, rc)
 
 
+def test_a_model_directory_transformers_cannot_load_says_which(tiny_model_dir, task_dir, tmp_path, capsys):
+    broken = tmp_path / "no-weights"  # config and tokenizer, the weights left out of a copy
+    shutil.copytree(tiny_model_dir("llama"), broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    rc = main(["sft", "--model", str(broken), "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "o")])
+    assert f"could not load the model {broken}: " in _one_line_error(capsys, rc)
+
+
+def test_a_model_path_from_yaml_starting_at_home_is_expanded(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "tiny")
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  path: ~/tiny\n")
+    assert main(["sft", "--config", str(config), "--data", str(task_dir / "sft.jsonl"), "--out", str(tmp_path / "o"),
+                 "--train.max_steps", "1", "--train.tensorboard", "false", "--eval_fraction", "0"]) == 0
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
 def test_no_data_file_says_to_pass_one(tiny_model_dir, tmp_path, capsys):
     rc = main(["sft", "--model", tiny_model_dir("llama"), "--out", str(tmp_path / "o")])
     assert "no data file given: pass --data FILE" in _one_line_error(capsys, rc)

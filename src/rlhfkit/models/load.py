@@ -97,6 +97,17 @@ def check_model_path(path: str, what: str = "model") -> None:
         _note_hub_name(path, str(p.parent))
 
 
+@contextlib.contextmanager
+def loading(path: str, what: str = "model"):
+    """``from_pretrained``'s OSError for ``path`` (a hub name not found or not reachable, a directory without
+    weights or tokenizer files) as a ConfigError naming ``what`` and the path: one line, not a traceback from
+    inside transformers."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"could not load the {what} {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
+
+
 @functools.cache  # once per name: a run checks its model path at each load (config, tokenizer, weights)
 def _note_hub_name(path: str, folder: str) -> None:
     print(f"{path} is not a directory here (though {folder} is): trying it as a hub name", file=sys.stderr)
@@ -140,7 +151,8 @@ def position_limit(cfg: ModelConfig) -> int | None:
 
     check_model_path(cfg.path)
     path = adapter_base(cfg.path) if is_adapter_dir(cfg.path) else cfg.path
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).get_text_config()
+    with loading(path, "model config"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).get_text_config()
     limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
     limit = next((n for n in limits if isinstance(n, int) and n > 0), None)
     scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
@@ -181,7 +193,8 @@ def refuse_adapter_dir(path: str, starts_from: str) -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when the model has none)."""
     check_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -232,12 +245,14 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainab
         base_path = adapter_base(cfg.path)
         check_weights_format(cfg.path, cfg.allow_pickle)  # the adapter's own weights, then its base's
         check_weights_format(base_path, cfg.allow_pickle)
-        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-        with peft_quietly():
+        with loading(base_path, f"base model of the adapter {cfg.path}:"):
+            base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        with peft_quietly(), loading(cfg.path, "adapter"):
             model = lean_lora(PeftModel.from_pretrained(base, cfg.path, is_trainable=False))
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
-        model = AutoModelForCausalLM.from_pretrained(absolute_if_local(cfg.path), **kwargs)
+        with loading(cfg.path):
+            model = AutoModelForCausalLM.from_pretrained(absolute_if_local(cfg.path), **kwargs)
     return model.to(device)
 
 

@@ -19,8 +19,8 @@ from rlhfkit.data.collate import collate, encode_reply
 from rlhfkit.fsdp import run_as_forward
 from rlhfkit.models.forward import backbone_hidden
 from rlhfkit.models.load import (absolute_if_local, adapter_base, check_model_path, check_weights_format,
-                                 is_adapter_dir, is_classifier_dir, load_tokenizer, position_limit, resolve_device,
-                                 resolve_dtype, saved_config)
+                                 is_adapter_dir, is_classifier_dir, load_tokenizer, loading, position_limit,
+                                 resolve_device, resolve_dtype, saved_config)
 
 NORMALIZATION_FILE = "score_normalization.json"
 IDENTITY = {"mean": 0.0, "std": 1.0}
@@ -120,14 +120,16 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool
         base = adapter_base(cfg.path)
         check_weights_format(cfg.path, cfg.allow_pickle)  # the adapter's own weights, then its base's
         check_weights_format(base, cfg.allow_pickle)
-        backbone = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
-        with peft_quietly():
+        with loading(base, f"base model of the adapter {cfg.path}:"):
+            backbone = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        with peft_quietly(), loading(cfg.path, "adapter"):
             model = PeftModel.from_pretrained(backbone, cfg.path)
         # trained in full (PPO's critic from a LoRA reward model): the adapter merged into every weight
         model = model.merge_and_unload().requires_grad_(True) if trainable else lean_lora(model)
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
-        model = AutoModelForSequenceClassification.from_pretrained(absolute_if_local(cfg.path), **kwargs)
+        with loading(cfg.path, "reward model"):
+            model = AutoModelForSequenceClassification.from_pretrained(absolute_if_local(cfg.path), **kwargs)
     return model.to(device)
 
 
