@@ -228,9 +228,11 @@ def _shown(value: Any) -> str:
 def _convert(value: Any, tp: Any, key: str, where: Callable[[str], str], split: bool = True) -> Any:
     """`value` (from YAML, or a string from the command line) as type `tp`, else ConfigError. `split`: a
     string for a list is comma-separated items (else one item)."""
-    if isinstance(value, Repeated) and not _takes_list(tp):
-        value = value[-1]  # a flag given again for one value: the last wins, as argparse has it
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, Repeated) and dict in (origin, tp) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # --columns prompt=q --columns completion=a: one mapping, a later key winning
+    elif isinstance(value, Repeated) and not _takes_list(tp):
+        value = value[-1]  # a flag given again for one value: the last wins, as argparse has it
 
     def bad(hint: str = "") -> ConfigError:
         return ConfigError(f"bad value for '{key}' in {where(key)}: expected {_type_name(tp)}, "
@@ -402,16 +404,44 @@ def load_yaml(path: str | os.PathLike) -> dict:
     """The mapping in YAML file `path` (an empty file is {}). Uses the safe loader: tags such as
     `!!python/object` are refused, never executed; a key given twice in a mapping is refused."""
     try:
-        data = yaml.load(Path(path).read_text(), Loader=_SafeUniqueLoader)
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_SafeUniqueLoader)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {e.start}: "
+                          f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse config file {path}: {e}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
-    return data
+    return _undotted(data, path)
+
+
+def _undotted(data: dict, path, prefix: str = "") -> dict:
+    """``data`` with a dotted key (``model.path: x``, as the command line spells it) nested as its sections
+    (``model: {path: x}``), at any depth; a setting given both ways is refused."""
+    out: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = _undotted(value, path, f"{prefix}{key}.")
+        parts = key.split(".") if isinstance(key, str) else [key]
+        for part in reversed(parts[1:]):
+            value = {part: value}
+        _merge_apart(out, {parts[0]: value}, path, prefix)
+    return out
+
+
+def _merge_apart(base: dict, over: dict, path, prefix: str) -> None:
+    """Merge ``over`` into ``base`` in place, refusing a key both set (sections merge)."""
+    for k, v in over.items():
+        if k not in base:
+            base[k] = v
+        elif isinstance(base[k], dict) and isinstance(v, dict):
+            _merge_apart(base[k], v, path, f"{prefix}{k}.")
+        else:
+            raise ConfigError(f"cannot parse config file {path}: '{prefix}{k}' is given twice (dotted and nested)")
 
 
 def _merge(base: dict, over: Mapping) -> dict:

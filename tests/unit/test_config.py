@@ -112,6 +112,13 @@ def test_repeated_flag_gives_a_list_whose_items_keep_commas():
     assert parse_args(Train, ["--max_steps", "1", "--max_steps", "2"]).max_steps == 2  # one value: the last
 
 
+def test_a_repeated_mapping_flag_adds_its_pairs():
+    from rlhfkit.trainers.sft import SFTConfig
+
+    argv = ["--columns", "prompt=question", "--columns", "completion=answer,prompt=q2"]
+    assert parse_args(SFTConfig, argv).columns == {"prompt": "q2", "completion": "answer"}  # a later key wins
+
+
 @pytest.mark.parametrize("argv", [["stray"], ["-x", "1"], ["--max_steps", "1", "extra"], ["--=3"]])
 def test_parse_overrides_rejects_stray_tokens(argv):
     with pytest.raises(ConfigError, match="unexpected argument"):
@@ -456,6 +463,21 @@ def test_load_yaml_refuses_a_key_given_twice(tmp_path):
         load_yaml(path)
     with pytest.raises(ConfigError, match="'lr' is given twice"):
         load_yaml(write(tmp_path, "a:\n  lr: 1\n  lr: 2\n", name="nested.yaml"))
+
+
+def test_load_yaml_reads_dotted_keys_as_sections_and_refuses_a_setting_given_both_ways(tmp_path):
+    text = "optim.lr: 0.1\noptim:\n  schedule: constant\ntrain:\n  log.every: 2\n"
+    assert load_yaml(write(tmp_path, text)) == {"optim": {"lr": 0.1, "schedule": "constant"},
+                                                "train": {"log": {"every": 2}}}
+    with pytest.raises(ConfigError, match=r"'optim\.lr' is given twice \(dotted and nested\)"):
+        load_yaml(write(tmp_path, "optim:\n  lr: 1\noptim.lr: 2\n", name="both.yaml"))
+
+
+def test_load_yaml_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  path: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"cannot read config file .*latin1\.yaml: not UTF-8 text"):
+        load_yaml(path)
 
 
 def test_a_name_from_another_section_or_from_trl_is_suggested_where_it_lives():
