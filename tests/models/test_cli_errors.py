@@ -87,13 +87,22 @@ def test_a_chat_template_that_refuses_a_row_names_the_file(tiny_model_dir, tmp_p
                                "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
     tokenizer.save_pretrained(model)
     data = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}] * 3
-    rows.append({"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi."},
-                              {"role": "assistant", "content": "Hello."}]})
+    rows = [{"messages": [{"role": "user", "content": f"Hi {i}."}, {"role": "assistant", "content": "Hello."}]}
+            for i in range(30)]
+    rows[17]["messages"].insert(0, {"role": "system", "content": "Be kind."})
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = main(["sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"), "--eval_fraction", "0"])
-    err = _one_line_error(capsys, rc)
-    assert f"{data}: a row cannot be encoded with this model's tokenizer" in err and "System role not" in err
+    for held_out in ("0", "0.5"):  # the row trained on, or held out (named by its number in the file either way)
+        rc = main(["sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"),
+                   "--eval_fraction", held_out, "--train.overwrite_output_dir", "true"])
+        err = _one_line_error(capsys, rc)
+        assert f"{data}, row 17: this row cannot be encoded with this model's tokenizer" in err, err
+        assert "System role not" in err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["messages"][:-1], "chosen": [r["messages"][-1]],
+                                         "rejected": [{"role": "assistant", "content": "Go."}]}) + "\n"
+                             for r in rows[15:]))
+    rc = main(["dpo", "--model", str(model), "--data", str(pairs), "--out", str(tmp_path / "d")])
+    assert f"{pairs}, row 2: this row cannot be encoded" in _one_line_error(capsys, rc)
 
 
 def test_reward_model_trains_and_evaluates_on_chat_pairs(tiny_model_dir, tmp_path, capsys):

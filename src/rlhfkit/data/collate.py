@@ -275,9 +275,12 @@ def label_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def encoding(source: str) -> Iterator[None]:
+def encoding(source: str, rows: list | None = None, encode: Callable[[list], object] | None = None,
+             file_rows: Callable[[], list] | None = None) -> Iterator[None]:
     """Rows of ``source`` tokenised inside: an error doing it (a chat template that refuses a system turn, a
-    tokenizer that rejects a value) becomes a DataError naming ``source``, as the loader's own errors do."""
+    tokenizer that rejects a value) becomes a DataError naming ``source``, as the loader's own errors do. Given
+    the ``rows`` encoded inside and ``encode`` (how, a list at a time), it names the first row that fails alone,
+    by its number among ``file_rows()`` (the file's rows, before a held-out split took some; else ``rows``)."""
     from rlhfkit.data.formats import DataError
 
     try:
@@ -285,8 +288,19 @@ def encoding(source: str) -> Iterator[None]:
     except DataError:
         raise
     except Exception as e:  # jinja2's TemplateError, a tokenizer's ValueError or TypeError
-        raise DataError(source, f"a row cannot be encoded with this model's tokenizer: {type(e).__name__}: {e}"
-                        ) from e
+        row = _failing_row(rows, encode, file_rows) if rows is not None and encode is not None else None
+        raise DataError(source, f"{'this' if row is not None else 'a'} row cannot be encoded with this model's "
+                        f"tokenizer: {type(e).__name__}: {e}", row=row) from e
+
+
+def _failing_row(rows: list, encode: Callable[[list], object], file_rows: Callable[[], list] | None) -> int | None:
+    """The number of the first of ``rows`` that ``encode`` refuses alone, among ``file_rows()`` (or ``rows``)."""
+    for row in rows:
+        try:
+            encode([row])
+        except Exception:
+            return next((i for i, r in enumerate(file_rows() if file_rows else rows) if r == row), None)
+    return None
 
 
 def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bool], limit: str,

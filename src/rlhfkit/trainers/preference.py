@@ -442,7 +442,7 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     kto = isinstance(objective, KTOObjective)
 
     def encode(rows, source):
-        with encoding(source):
+        with encoding(source, rows, lambda some: objective.encode(some, tokenizer, cfg.max_length, cfg.train.seed)):
             encoded = objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed)
         return fit_to_length(encoded, cfg.too_long, lambda e: e.first.truncated or not kto and e.second.truncated,
                              f"max_length {cfg.max_length}", source)

@@ -78,10 +78,14 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS", float32=cfg.model.dtype == "auto")
 
+    def encode_rows(rows):
+        return [(*encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], cfg.max_length), r.get("margin"))
+                for r in rows]
+
     def encode(rows, source):
-        with encoding(source):
-            encoded = [(*encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], cfg.max_length),
-                        r.get("margin")) for r in rows]
+        file = source if source == cfg.eval_data else cfg.data  # held-out rows come from the data file
+        with encoding(file, rows, encode_rows, lambda: load(file)):
+            encoded = encode_rows(rows)
         return fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
                              f"max_length {cfg.max_length}", source)
 

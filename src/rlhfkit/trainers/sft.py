@@ -83,7 +83,8 @@ def train(cfg: SFTConfig) -> dict[str, float]:
         return encode_example(tokenizer, *as_prompt_completion(row), cfg.max_length)
 
     def encode(rows, source):
-        with encoding(source):
+        file = source if source == cfg.eval_data else cfg.data  # held-out rows come from the data file
+        with encoding(file, rows, lambda some: [encode_row(r) for r in some], lambda: load(file)):
             encoded = [encode_row(r) for r in rows]
         return fit_to_length(encoded, cfg.too_long, lambda e: e.truncated, f"max_length {cfg.max_length}", source)
 
