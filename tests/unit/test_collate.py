@@ -144,6 +144,23 @@ def test_a_completion_is_tokenised_as_it_reads_after_its_prompt():
         assert completion_text(tok, seam.input_ids[:start], seam.input_ids[start:]) == completion
 
 
+def test_a_tokenizer_that_appends_eos_puts_one_at_the_answer_s_end_alone():
+    # Llama tokenizers saved with add_eos_token: every text ends in </s>; the prompt once did too ("Assistant:</s>")
+    from tokenizers.processors import TemplateProcessing
+
+    from rlhfkit.data.collate import encode_prompt
+
+    tok = llama2_style_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    prompt, completion = "User: Describe the cat.\nAssistant:", " The cat is calm."
+    assert tok(prompt).input_ids[-1] == tok.eos_token_id
+    e = encode_example(tok, prompt, completion, 64)
+    assert e.input_ids.count(tok.eos_token_id) == 1 and e.input_ids[-1] == tok.eos_token_id
+    assert e.input_ids == tok(prompt + completion).input_ids  # <s> ... </s>: its own ids, the EOS learned
+    start = e.completion_mask.index(1)
+    assert e.input_ids[:start] == encode_prompt(tok, prompt) == tok(prompt).input_ids[:-1]
+
+
 def test_a_prompt_templated_by_hand_keeps_its_one_bos_and_a_sample_reads_up_to_its_end_of_turn():
     from rlhfkit.data.collate import encode_prompt
     from rlhfkit.rollout.engine import completion_text, end_of_turn

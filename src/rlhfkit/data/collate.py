@@ -47,7 +47,17 @@ def adds_specials(tokenizer, prompt) -> bool:
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
     """Token ids of a prompt, with the special tokens ``adds_specials`` gives it."""
-    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=adds_specials(tokenizer, prompt)).input_ids
+    return tokenized(tokenizer, render_prompt(tokenizer, prompt), adds_specials(tokenizer, prompt))
+
+
+def tokenized(tokenizer, text: str, special: bool) -> list[int]:
+    """``text``'s ids, with the tokenizer's own special tokens where ``special`` but never an EOS it appends (a
+    Llama tokenizer saved with add_eos_token): a prompt ends where its answer begins, and an answer ends in one."""
+    ids = tokenizer(text, add_special_tokens=special).input_ids
+    eos = tokenizer.eos_token_id
+    if special and ids and ids[-1] == eos and tokenizer(text, add_special_tokens=False).input_ids[-1:] != [eos]:
+        return ids[:-1]
+    return ids
 
 
 @dataclass
@@ -82,7 +92,7 @@ def _turn_ids(tokenizer, prompt, completion: str | dict) -> tuple[list[int], lis
     text = completion if isinstance(prompt, str) else templated_reply(tokenizer, prompt, completion)
     # an empty prompt (a text row) gives the text its special tokens, unless it already begins with the BOS
     before, special = render_prompt(tokenizer, prompt), adds_specials(tokenizer, prompt or text)
-    prompt_ids = tokenizer(before, add_special_tokens=special).input_ids  # encode_prompt's, ``before`` kept
+    prompt_ids = tokenized(tokenizer, before, special)  # encode_prompt's, ``before`` kept
     return prompt_ids, completion_ids(tokenizer, before, prompt_ids, text, special)
 
 
@@ -99,7 +109,7 @@ def completion_ids(tokenizer, before: str, prompt_ids: list[int], text: str, spe
     that decodes after the prompt as the text itself, else alone. A SentencePiece tokenizer of the Llama-2 kind
     (TinyLlama, Mistral v0.1) reads a text alone as starting a document: ' The' alone is '▁', '▁The', and 'The'
     is '▁The', a space more than after the prompt, which a model trained on it would learn to write."""
-    whole = tokenizer(before + text, add_special_tokens=special).input_ids
+    whole = tokenized(tokenizer, before + text, special)
     if len(whole) > len(prompt_ids) and whole[: len(prompt_ids)] == prompt_ids:
         return whole[len(prompt_ids):]
     alone = tokenizer(text, add_special_tokens=False).input_ids
