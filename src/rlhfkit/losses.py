@@ -82,6 +82,9 @@ POLICY_LOSS_REDUCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float | 
 }
 
 
+LOG_RATIO_CLAMP = 20.0
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -119,7 +122,9 @@ def policy_loss(
     log_ratio = logprobs - old_logprobs  # (B, A), 0 off the mask
     if level == "sequence":  # a row without tokens: mean 0, ratio 1, and no token to carry it
         log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
-    ratio = torch.exp(log_ratio)  # (B, A)
+    # past e^20 (a policy far from the one that sampled) the ratio is held: exp(89) is inf in float32 and made the
+    # gradient NaN (0 · inf) even where the clipped term was taken; verl clamps alike
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (B, A)
     unclipped = -ratio * advantages
     clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)) * advantages
     loss = POLICY_LOSS_REDUCTIONS[reduction](torch.maximum(unclipped, clipped), mask, norm_constant)

@@ -134,6 +134,16 @@ def test_policy_loss_no_clipping_when_ratio_is_one():
     close(metrics["ratio_mean"], 1.0)
 
 
+def test_policy_loss_holds_a_ratio_past_e20_with_finite_gradients():
+    # log-ratio 100 (a policy far from the sampler): exp overflowed, and the clipped token's gradient was 0 · inf.
+    # A = 1: the clipped term -1.2 is taken, gradient 0; A = -1: the held ratio e^20, gradient 0 past the clamp
+    logprobs = torch.tensor([[100.0, 100.0, math.log(1.1)]], requires_grad=True)
+    loss, _ = policy_loss(logprobs, torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 1.0]]), torch.ones(1, 3))
+    close(loss, (-1.2 + math.exp(20) - 1.1) / 3)
+    loss.backward()
+    close(logprobs.grad, [[0.0, 0.0, -1.1 / 3]])
+
+
 def test_policy_loss_sequence_level_ratio_by_hand():
     # GSPO: row 0 log-ratios 0.2, 0.1 (third token masked) -> mean 0.15, ratio e^0.15 = 1.1618 > 1.1 with A = +1:
     # clipped, -1.1 per token, no gradient; row 1: -0.1, -0.2, 0.0 -> mean -0.1, ratio r = e^-0.1 = 0.9048 with
