@@ -408,6 +408,7 @@ def test_preference_errors(tmp_path, row, field, match):
 
 @pytest.mark.parametrize("text, label", [
     ("true", True), ("False", False), (" TRUE ", True), ("1", True), ("0", False), ("yes", True), ("no", False),
+    ("1.0", True), ("0.0", False),
 ])
 def test_unpaired_label_text_from_csv(tmp_path, text, label):
     path = write_csv(tmp_path / "d.csv", [{"prompt": "q", "completion": "a", "label": text, "k": "v"}])

@@ -32,8 +32,8 @@ ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 
 # Label spellings accepted for KTO, whatever the file format (CSV stores everything as text).
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
+_TRUE = ("true", "1", "1.0", "yes")  # 1.0: a label column of floats, as pandas writes it to CSV
+_FALSE = ("false", "0", "0.0", "no")
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
@@ -654,7 +654,7 @@ def load_unpaired(path: str | os.PathLike, columns: Mapping[str, str] | None = N
 
     ``prompt`` and ``completion`` as for preference data (text, or messages with the
     completion ending in an assistant reply). ``label`` is a bool, 0/1, or the text
-    true/false/yes/no/1/0 in any case.
+    true/false/yes/no/1/0 (or 1.0/0.0, a CSV of floats) in any case.
     """
     return _validate(path, _unpaired_row, _UNPAIRED, columns)
 
