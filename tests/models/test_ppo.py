@@ -51,6 +51,35 @@ def test_shared_reference_equals_a_separately_loaded_sft_model(tiny_model_dir):
         assert (roles.actor_logprobs(batch) * batch["action_mask"] - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("nan_in", ["actor", "critic"])
+def test_a_role_s_non_finite_gradient_skips_both_roles_update(tiny_model_dir, nan_in):
+    # train.on_nan skip: one role's NaN gradient once left the other role's update applied (and its schedule moved)
+    from rlhfkit.advantages import masked_whiten
+    from rlhfkit.config import OptimConfig
+    from rlhfkit.trainers import ppo
+    from rlhfkit.trainers.checkpoint import NonFinite
+    from rlhfkit.trainers.loop import build_optimizer
+
+    path = tiny_model_dir("llama")
+    roles = SharedBaseRoles(ModelConfig(path=path), LoraConfig(enabled=True, r=4), CPU)
+    gen = GenerationConfig(max_new_tokens=6)
+    exp, _ = make_experience(roles, load_tokenizer(path), PROMPTS[:2], lambda p, t: torch.tensor([1.0, -1.0]), gen,
+                             beta=0.1, seed=1, old_logprobs="rollout")
+    exp.advantages = masked_whiten(exp.advantages, exp.action_mask)
+    cfg = ppo.PPOConfig(mini_batch_size=2, ppo_epochs=1, generation=gen,
+                        optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"))
+    actor, critic = (build_optimizer(params, cfg.optim, 1) for params in (roles.actor_parameters(),
+                                                                          roles.critic_parameters()))
+    (roles.actor_parameters() if nan_in == "actor" else roles.critic_parameters())[0].register_hook(
+        lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in roles.actor_parameters() + roles.critic_parameters()]
+    nonfinite = NonFinite("skip", None)
+    assert ppo.learn(roles, exp, cfg, actor, critic, torch.Generator().manual_seed(0), nonfinite, 1) == {}
+    assert nonfinite.skipped == 1
+    assert all(torch.equal(p, q) for p, q in zip(roles.actor_parameters() + roles.critic_parameters(), before))
+    assert [opt[1].last_epoch for opt in (actor, critic)] == [0, 0]  # neither schedule moved
+
+
 @pytest.mark.parametrize("mode", ["shared", "separate"])
 def test_first_update_starts_at_ratio_one(tiny_model_dir, rm_dir, mode):
     path = tiny_model_dir("llama")

@@ -141,13 +141,24 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> float:
         if math.isfinite(norm):
             scheduler.step()
         return norm
+    norm = clip_gradients(optimizer, max_grad_norm)
+    take_step(optimizer, scheduler, math.isfinite(norm))
+    return norm
+
+
+def clip_gradients(optimizer, max_grad_norm: float) -> float:
+    """The first half of ``optimizer_step`` (not for a DeepSpeed engine's optimiser): clip the gradients of
+    ``optimizer``'s parameters to ``max_grad_norm`` (0: no clipping), over every shard; the norm before."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = fsdp.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))  # over every shard
-    if math.isfinite(norm):
+    return fsdp.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+
+
+def take_step(optimizer, scheduler, apply: bool) -> None:
+    """The second half: step and advance the schedule where ``apply``, then clear the gradients."""
+    if apply:
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
 
 
 UNREAD_BY_ROLLOUTS = ("batch_size", "grad_accum", "epochs")  # the supervised batches' settings in ``train``

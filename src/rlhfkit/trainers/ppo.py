@@ -12,6 +12,7 @@ when learning starts, so its learn forward gives GAE's values and no separate pa
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds
 from rlhfkit.trainers.checkpoint import Checkpoints, NonFinite
 from rlhfkit.trainers.loop import (ROLLOUT_TRAIN_HELP, Logger, add_metrics, batch_indices, build_optimizer,
-                                   check_rollout_train, evaluate_on_main, metric_means, optimizer_step,
-                                   releases_out_dir, rollout_steps, sample_records, start_run)
+                                   check_rollout_train, clip_gradients, evaluate_on_main, metric_means,
+                                   optimizer_step, releases_out_dir, rollout_steps, sample_records, start_run,
+                                   take_step)
 
 
 @dataclass
@@ -254,8 +256,13 @@ def apply_update(roles, pg_loss, pg_stats, vf_loss, vf_stats, cfg: PPOConfig, ac
         return None
     if not partitioned:
         distributed.average_gradients(roles.actor_parameters() + roles.critic_parameters(), 1.0)  # the sum
-    grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # applies nothing when non-finite
-    critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+    if zero.engine_of(actor_opt[0]) or zero.engine_of(critic_opt[0]):  # an engine clips and steps in one call:
+        grad_norm = optimizer_step(*actor_opt, cfg.optim.max_grad_norm)  # each role's non-finite step is its own
+        critic_norm = optimizer_step(*critic_opt, cfg.optim.max_grad_norm)
+    else:  # both norms first: one role's non-finite gradient skips the update of both, as a non-finite loss does
+        grad_norm, critic_norm = (clip_gradients(opt[0], cfg.optim.max_grad_norm) for opt in (actor_opt, critic_opt))
+        for opt in (actor_opt, critic_opt):
+            take_step(*opt, math.isfinite(grad_norm) and math.isfinite(critic_norm))
     if not (nonfinite.ok("actor gradient norm", grad_norm, step)
             and nonfinite.ok("critic gradient norm", critic_norm, step)):
         return None
