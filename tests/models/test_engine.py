@@ -467,12 +467,14 @@ def test_hf_backend_with_no_new_tokens_returns_none(tiny_model_dir):
     assert new.shape == logprobs.shape == entropy.shape == (2, 0)
 
 
-def test_a_peft_saved_adapter_updates_the_engine(tiny_model_dir):
-    # what adapter_model.safetensors holds (peft's key names, without the adapter's) loads into the active adapter
+@pytest.mark.parametrize("targets", ["all-linear", "all-linear+head"])
+def test_a_peft_saved_adapter_updates_the_engine(tiny_model_dir, targets):
+    # what adapter_model.safetensors holds (peft's key names, without the adapter's) loads into the active adapter;
+    # with the head adapted (PPO's default) peft saves the head's own weight beside, under the model's name for it
     from peft.utils.save_and_load import get_peft_model_state_dict
 
     model, tok = load(tiny_model_dir, "llama")
-    policy = add_lora(model, LoraConfig(enabled=True, r=4, target_modules="all-linear")).eval()
+    policy = add_lora(model, LoraConfig(enabled=True, r=4, target_modules=targets)).eval()
     trained = copy.deepcopy(policy)
     with torch.no_grad():
         for name, p in trained.named_parameters():

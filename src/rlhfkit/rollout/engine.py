@@ -654,7 +654,9 @@ class HFRolloutEngine:
             self.model = model_or_state
             return
         own = self.model.state_dict().keys()
-        if hasattr(self.model, "peft_config") and not any(k in own for k in model_or_state):
+        # peft's key names leave the adapter's out (beside them, with the head adapted, the head's own weight
+        # under its own name: peft's save_embedding_layers)
+        if hasattr(self.model, "peft_config") and any("lora_" in k and k not in own for k in model_or_state):
             from peft import set_peft_model_state_dict
 
             unexpected = set_peft_model_state_dict(self.model, model_or_state,
