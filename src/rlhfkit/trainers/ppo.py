@@ -78,7 +78,9 @@ class PPOConfig:
     clip_eps_high: float | None = arg(None, "upper ratio clip 1 + ε_high (DAPO's clip-higher, e.g. 0.28 beside ε "
                                       "0.2; none = clip_eps)", gt=0)
     value_clip_eps: float = arg(0.2, "value clip ε_v", gt=0)
-    vf_coef: float = arg(0.5, "weight of the value loss", ge=0)
+    vf_coef: float = arg(0.5, "weight of the value loss (in the logged loss and the critic's gradient; the critic has "
+                         "an Adam of its own, which undoes a constant scale: it moves the critic's step only where "
+                         "its gradient norm meets optim.max_grad_norm)", ge=0)
     entropy_coef: float = arg(0.0, "weight of an entropy bonus: minus the actor's entropy at each response token, "
                               "a token mean as the policy loss, added to it (OpenRLHF's entropy_loss_coef; 0 = none; "
                               "loss/policy includes it, policy/entropy logs the entropy; its backward keeps "
