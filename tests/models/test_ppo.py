@@ -302,6 +302,13 @@ def test_adapter_switches_give_what_peft_switches_give(tiny_model_dir, lora_rm_d
     assert (outputs["default"] - outputs["default", "off"]).abs().max() > 1e-3
 
 
+def test_an_adaptive_kl_from_beta_zero_is_refused():
+    from rlhfkit.trainers.ppo import PPOConfig
+
+    with pytest.raises(ValueError, match="from 0 it stays 0: set --beta above 0"):
+        PPOConfig(adaptive_kl=True, beta=0.0)
+
+
 def test_reward_adapter_on_another_base_is_refused(tiny_model_dir, lora_rm_dir):
     roles = SharedBaseRoles(ModelConfig(path=tiny_model_dir("gpt2")), LoraConfig(enabled=True, r=4), CPU)
     with pytest.raises(ValueError, match="was trained on"):

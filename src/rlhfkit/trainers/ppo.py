@@ -111,6 +111,9 @@ class PPOConfig:
         if self.mode == "shared" and not self.lora.enabled:  # it would train adapters all the same
             raise ValueError("mode shared trains LoRA adapters for the actor and the critic on one base: to train "
                              "every weight set --mode separate")
+        if self.adaptive_kl and self.beta == 0:
+            raise ValueError("adaptive_kl multiplies beta towards kl_target, and from 0 it stays 0: set --beta above "
+                             "0 (its starting value)")
 
 
 def one_update(cfg: PPOConfig) -> bool:
