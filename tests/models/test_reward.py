@@ -99,6 +99,11 @@ def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_pa
     # score() is batch-independent
     torch.testing.assert_close(rm.score(PROMPTS, RESPONSES, batch_size=1), rm.score(PROMPTS, RESPONSES),
                                rtol=1e-5, atol=1e-5)
+    # a run without statistics into the same directory does not leave these beside its model (they rescaled it)
+    assert main(["rm", "--model", tiny_model_dir("qwen2"), "--data", str(task_dir / "preference.jsonl"),
+                 "--out", str(out), "--train.max_steps", "1", "--train.batch_size", "8", "--normalize", "false",
+                 "--train.tensorboard", "false"]) == 0
+    assert not (out / "score_normalization.json").exists()
 
 
 def test_the_centring_weight_reaches_the_training_and_evaluation_losses(tiny_model_dir, task_dir, tmp_path,

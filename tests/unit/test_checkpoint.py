@@ -144,8 +144,25 @@ def test_a_fresh_run_refuses_a_directory_holding_an_earlier_run_s_checkpoints(tm
 
 def test_overwrite_output_dir_deletes_the_earlier_checkpoints_and_starts(tmp_path):
     _earlier_run(tmp_path, 4, 8)
+    (tmp_path / "checkpoints" / ".tmp-step-10").mkdir()  # a save cut short
+    (tmp_path / "checkpoints" / "step-best").mkdir()  # what the user keeps there is not a checkpoint
+    (tmp_path / "checkpoints" / "NOTES.txt").write_text("step 4 looked best")
     prepare_out_dir(_config(tmp_path, **{"train.overwrite_output_dir": True}), tmp_path)
-    assert not (tmp_path / "checkpoints").exists() and (tmp_path / CONFIG_FILE).is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["NOTES.txt", "step-best"]
+    assert (tmp_path / CONFIG_FILE).is_file()
+
+
+def test_a_checkpoint_resumed_from_elsewhere_does_not_write_over_the_run_out_holds(tmp_path):
+    # run D's step 2 resumed into run C's directory once replaced C's later checkpoints and model, unasked
+    cfg = _config(tmp_path / "C")
+    _earlier_run(tmp_path / "C", 4, 6, cfg=cfg)
+    _earlier_run(tmp_path / "D", 2, cfg=cfg)
+    resumed = _config(tmp_path / "C", **{"train.resume": str(tmp_path / "D" / "checkpoints" / "step-2")})
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints"):
+        prepare_out_dir(resumed, tmp_path / "C")
+    assert (tmp_path / "C" / "checkpoints" / "step-6").is_dir()
+    prepare_out_dir(_config(tmp_path / "E", **{"train.resume": str(tmp_path / "D" / "checkpoints" / "step-2")}),
+                    tmp_path / "E")  # into a directory of its own: fine
 
 
 def test_overwrite_output_dir_does_not_delete_the_model_it_starts_from(tmp_path):

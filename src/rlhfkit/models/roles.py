@@ -396,6 +396,8 @@ class SeparateRoles:
             if self.critic_stats is not None and distributed.is_main():  # its values are normalised scores
                 write_atomically(Path(out) / "critic" / NORMALIZATION_FILE,
                                  lambda path: path.write_text(json.dumps(self.critic_stats, indent=2)))
+            elif distributed.is_main():  # not an earlier run's beside this critic
+                (Path(out) / "critic" / NORMALIZATION_FILE).unlink(missing_ok=True)
 
 
 def load_value_head(path: str | Path, head: nn.Linear) -> nn.Linear:

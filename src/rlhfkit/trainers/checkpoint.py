@@ -400,8 +400,9 @@ def check_no_earlier_run(out: str | os.PathLike, overwrite: bool, model_path: st
     if model_path and root.resolve() in Path(model_path).resolve().parents:
         raise ConfigError(f"--model {model_path} lies in {root}, which --train.overwrite_output_dir true would "
                           "delete before loading it: write this run to another --train.out")
-    if distributed.is_main():
-        shutil.rmtree(root)
+    if distributed.is_main():  # the checkpoints alone: a copy the user named otherwise (step-best) stays
+        for old in [*found, *root.glob(".tmp-step-*")]:
+            shutil.rmtree(old)
     distributed.barrier()  # gone before any process goes on
 
 

@@ -676,7 +676,8 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     resumed = find_checkpoint(out, cfg.train.resume)
     if resumed is not None:
         check_resume_config(resumed, cfg)
-    else:
+    if resumed is None or resumed.resolve().parent != (out / "checkpoints").resolve():
+        # a fresh run, or one resumed from another directory's checkpoint: not over a run that OUT holds
         check_no_earlier_run(out, cfg.train.overwrite_output_dir, cfg.model.path)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():

@@ -144,6 +144,8 @@ def train(cfg: RewardConfig) -> dict[str, float]:
             stats.update(mean=mean(train_scores), std=max(pstdev(train_scores), 1e-6))
             if distributed.is_main():  # (prepare_out_dir made ``out``)
                 write_atomically(out / NORMALIZATION_FILE, lambda path: path.write_text(json.dumps(stats, indent=2)))
+        elif distributed.is_main():  # an earlier run's statistics there would rescale this model's scores
+            (out / NORMALIZATION_FILE).unlink(missing_ok=True)
         save_model(model, tokenizer, out)
 
     with Logger.of_run(out, cfg) as logger:  # closed however the run ends (W&B told how)
