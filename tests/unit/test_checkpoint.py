@@ -371,14 +371,23 @@ def _loss(model):
     return lambda idx: (model(torch.ones(len(idx), 3)).pow(2).mean(), len(idx), {})
 
 
-def _run(out: Path, **train) -> None:
+def _run(out: Path, evaluate=None, **train) -> None:
     model = Linear(3, 2)
     logger = Logger(out, tensorboard=False)
     try:
         run(model=model, loss_fn=_loss(model), n_examples=8, cfg=TrainConfig(out=str(out), batch_size=4, **train),
-            optim=OptimConfig(lr=0.1), logger=logger)
+            optim=OptimConfig(lr=0.1), logger=logger, evaluate=evaluate)
     finally:
         logger.close()
+
+
+def test_a_finished_run_run_again_logs_its_final_evaluation_once(tmp_path):
+    # a job scheduler restarting a finished run (resume auto) appended a second final-evaluation row
+    evaluations = [lambda: {"eval/loss": 0.5}, lambda: {"eval/loss": 0.25}]
+    _run(tmp_path, evaluate=evaluations[0], max_steps=4, save_every=2, log_every=2)
+    _run(tmp_path, evaluate=evaluations[1], max_steps=4, save_every=2, log_every=2, resume="auto")
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("eval/loss")) for r in logged] == [(2, None), (4, None), (4, 0.25)]
 
 
 def test_resuming_a_checkpoint_past_the_run_s_last_step_is_an_error(tmp_path):

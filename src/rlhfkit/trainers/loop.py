@@ -210,11 +210,11 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
                     logger.log(done, evaluation)
                 metrics = {**metrics, **evaluation}
                 checkpoints.after_step(done, stop)
-            checkpoints.at_end(steps)
+        checkpoints.at_end(steps)  # as the supervised loop: a signal now stops the run as it would without rlhfkit
         save()
         if evaluate:
             final = evaluate()
-            logger.log(steps, final)
+            logger.log(steps, final, again=True)
             metrics.update(final)
     return metrics
 
@@ -304,19 +304,29 @@ class Logger:
         if self.writer is not None:
             self.writer.close()
             self.writer = self._tensorboard(purge_step=step + 1)
+        self._drop(lambda line: (logged := _step_of(line)) is None or logged > step,
+                   (self.out / "samples.jsonl",))
+
+    def _drop(self, dropped: Callable[[str], bool], also: tuple[Path, ...] = ()) -> None:
+        """Rewrite ``metrics.jsonl`` (and ``also``) without the lines ``dropped`` picks, when it picks any."""
         path = self.out / "metrics.jsonl"
         self.file.close()
-        for records in (path, self.out / "samples.jsonl"):
-            if records.exists():  # a line a killed run left half-written is dropped
-                kept = [line for line in records.read_text(encoding="utf-8", errors="replace").splitlines(True)
-                        if (logged := _step_of(line)) is not None and logged <= step]
+        for records in (path, *also):
+            lines = records.read_text(encoding="utf-8", errors="replace").splitlines(True) if records.exists() else []
+            kept = [line for line in lines if not dropped(line)]
+            if len(kept) < len(lines):
                 write_atomically(records, lambda path: path.write_text("".join(kept), encoding="utf-8"))
         self.file = open(path, "a", encoding="utf-8")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], again: bool = False) -> None:
+        """Append a record of ``metrics`` at ``step``; ``again``: in place of a record of the same metrics at that
+        step (a finished run run again logs its final evaluation once more)."""
         if self.file is None:
             return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        if again:
+            self._drop(lambda line: (logged := _record(line)) is not None and logged["step"] == step
+                       and logged.keys() == record.keys())
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -363,6 +373,12 @@ class Logger:
                 run.finish(exit_code=code)
             except Exception as e:  # not over the error the run is leaving on
                 warnings.warn(f"Weights & Biases did not finish its run cleanly: {e}", stacklevel=2)
+
+
+def _record(line: str) -> dict | None:
+    """A JSON-lines record with its step, or None for a line that is not one (blank, or cut off)."""
+    step = _step_of(line)
+    return None if step is None else json.loads(line)
 
 
 def _step_of(line: str) -> int | None:
@@ -555,7 +571,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         save()
     if evaluate and evaluates:
         last = evaluate()
-        logger.log(num_steps, last)  # process 0 alone writes
+        logger.log(num_steps, last, again=True)  # process 0 alone writes
     return last
 
 
