@@ -57,7 +57,8 @@ def uninterrupted(whole_run):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_interrupted_sft_resumes_to_identical_weights(tiny_model_dir, task_dir, tmp_path, uninterrupted, sig):
+def test_interrupted_sft_resumes_to_identical_weights(tiny_model_dir, task_dir, tmp_path, uninterrupted, sig,
+                                                     whole_run):
     out = tmp_path / "run"
     # resume auto: one command for the first start (no checkpoint: afresh) and every restart
     auto = ["--train.resume", "auto"] if sig == signal.SIGKILL else []
@@ -76,6 +77,13 @@ def test_interrupted_sft_resumes_to_identical_weights(tiny_model_dir, task_dir, 
     assert resumed.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name  # bitwise, on CPU
+    # and its log: a checkpoint inside a logging window (every 5 steps; saved every 2) carries that window's steps
+    for key in ("train/loss", "train/grad_norm", "eval/loss"):
+        assert _logged(out, key) == _logged(whole_run, key), key
+
+
+def _logged(out, key):
+    return [(r["step"], r[key]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 def _with(cmd: list[str], **options: str) -> list[str]:

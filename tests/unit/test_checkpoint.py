@@ -2,6 +2,7 @@
 an earlier run's checkpoints, a resume keeps the settings it was saved with and never starts past the end,
 and a checkpoint is on the disk before it is renamed into place."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -434,6 +435,27 @@ def test_the_rollout_loop_saves_the_model_before_its_final_evaluation_and_logs_e
     # a logged step holds the means over the steps since the last log, as the supervised loop logs
     assert [r.get("rollout/score") for r in logged] == [0.5, None, 2.5]
     assert [r.get("train/lr") for r in logged] == [0.1, None, 0.3]  # a rate: the step's own, the last
+
+
+def test_a_rollout_run_resumed_inside_a_logging_window_logs_the_means_of_all_of_it(tmp_path):
+    # a run killed after step 2's checkpoint; the resumed run's step-4 row once held the means of steps 3-4 alone
+    def step_fn(fail_at=None):
+        def step(i):
+            if i == fail_at:
+                raise RuntimeError("killed")
+            return {"rollout/score": float(i)}
+        return step
+
+    for resume, fail_at in (("", 2), ("latest", None)):
+        cfg = TrainConfig(out=str(tmp_path), max_steps=4, log_every=4, save_every=1, tensorboard=False, resume=resume)
+        model, optimizers = _trained(0)
+        checkpoints = Checkpoints(cfg, model, optimizers)
+        start, _ = checkpoints.resume()
+        with contextlib.suppress(RuntimeError):
+            rollout_steps(cfg, "ppo", start, step_fn(fail_at), checkpoints, Logger(tmp_path, tensorboard=False),
+                          save=lambda: None)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [{"step": 4, "rollout/score": 1.5}]  # (0 + 1 + 2 + 3) / 4
 
 
 def test_the_supervised_loop_saves_the_model_before_its_final_evaluation(tmp_path):

@@ -422,6 +422,10 @@ class Checkpoints:
         self.last: Path | None = None
         self.nonfinite: NonFinite | None = None  # its count of skipped updates is saved and restored too
         self.skipped_before = 0  # that count at the resumed checkpoint
+        # the loop's metrics since it last logged (a dict of lists, or a list of dicts), saved too: a run resumed
+        # within a logging window logs the means over all of it, as the run unstopped does
+        self.log_window: dict | list | None = None
+        self.log_window_before: dict | list | None = None  # that window at the resumed checkpoint
 
     def resume(self) -> tuple[int, dict]:
         """(steps already done, the saved extra state); (0, {}) when ``train.resume`` names no checkpoint."""
@@ -430,6 +434,7 @@ class Checkpoints:
             return 0, {}
         state = load_checkpoint(self.last, self.model, self.optimizers)
         self.skipped_before = state["extra"].pop("skipped_updates", 0)  # absent from older checkpoints
+        self.log_window_before = state["extra"].pop("log_window", None)
         return state["step"], state["extra"]
 
     def save(self, step: int) -> Path:
@@ -442,6 +447,8 @@ class Checkpoints:
         extra = self.extra()
         if self.nonfinite is not None:
             extra["skipped_updates"] = self.nonfinite.skipped
+        if self.log_window is not None:  # plain containers, as torch.load(weights_only=True) reads them
+            extra["log_window"] = dict(self.log_window) if isinstance(self.log_window, dict) else list(self.log_window)
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, extra,
                                     self.cfg.keep_checkpoints, self.save_weights, self.tokenizer)
         return self.last

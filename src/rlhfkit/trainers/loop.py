@@ -189,7 +189,8 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
     writes the trained model after the last step, before the final evaluation, which may then fail or be
     interrupted without losing it. Rewinds, then closes, ``logger``. Returns the last step's metrics with the
     final evaluation's."""
-    steps, metrics, window = cfg.max_steps, {}, []
+    steps, metrics = cfg.max_steps, {}
+    window = checkpoints.log_window = list(checkpoints.log_window_before or [])  # the steps since the last log
     with logger:  # closed however the run ends (W&B told how)
         checkpoints.check_start(start, steps)
         logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
@@ -205,7 +206,7 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
                     evaluation = evaluate()
                 if done % cfg.log_every == 0 or done == steps:
                     logger.log(done, {**window_means(window), **evaluation})
-                    window = []
+                    window.clear()
                 elif evaluation:  # an evaluation between logged steps is logged at its own
                     logger.log(done, evaluation)
                 metrics = {**metrics, **evaluation}
@@ -506,7 +507,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
     logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
     learn_mode(model, dropout)
     last: dict[str, float] = {}
-    window: dict[str, list[float]] = defaultdict(list)
+    window: dict[str, list[float]] = defaultdict(list, checkpoints.log_window_before or {})  # since the last log
+    checkpoints.log_window = window
     t0, throughput = time.perf_counter(), Throughput(start)
     with StopRequest() as stop:
         bar = progress(range(start, num_steps), desc, initial=start, total=num_steps, disable=not distributed.is_main())
