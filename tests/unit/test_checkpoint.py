@@ -109,6 +109,20 @@ def test_the_count_of_skipped_updates_goes_on_from_the_resumed_checkpoint(tmp_pa
     assert NonFinite("skip", Checkpoints(cfg, *_trained(0))).skipped == 0  # a fresh run counts from 0
 
 
+def test_a_failed_save_leaves_the_last_checkpoint_and_no_half_written_copy(tmp_path, monkeypatch):
+    cfg = TrainConfig(out=str(tmp_path), save_every=2)
+    checkpoints = Checkpoints(cfg, *_trained(2))
+    checkpoints.save(2)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.save(4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+
+
 # ---------------------------------------------------------------------------------------------- 2. a fresh run
 
 
@@ -151,6 +165,12 @@ def test_overwrite_output_dir_deletes_the_earlier_checkpoints_and_starts(tmp_pat
     prepare_out_dir(_config(tmp_path, **{"train.overwrite_output_dir": True}), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["NOTES.txt", "step-best"]
     assert (tmp_path / CONFIG_FILE).is_file()
+
+
+def test_a_file_where_the_checkpoints_go_is_refused_before_the_run_starts(tmp_path):
+    (tmp_path / "checkpoints").write_text("notes")
+    with pytest.raises(ConfigError, match="checkpoints is a file, where the run keeps its checkpoints"):
+        prepare_out_dir(_config(tmp_path), tmp_path)
 
 
 def test_a_checkpoint_resumed_from_elsewhere_does_not_write_over_the_run_out_holds(tmp_path):

@@ -148,30 +148,35 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    partitioned = any(zero.partitioned(opt) for opt, _ in optimizers.values())  # ZeRO-3: its weights split
-    if save_weights is not None and (sharded or partitioned or distributed.is_main()):
-        save_weights(tmp)  # sharded or partitioned: every process gathers, process 0 writes
-    if not distributed.is_main():
-        return final
-    if save_weights is None:
-        from rlhfkit.models.load import adapter_saving
+    try:
+        partitioned = any(zero.partitioned(opt) for opt, _ in optimizers.values())  # ZeRO-3: its weights split
+        if save_weights is not None and (sharded or partitioned or distributed.is_main()):
+            save_weights(tmp)  # sharded or partitioned: every process gathers, process 0 writes
+        if not distributed.is_main():
+            return final
+        if save_weights is None:
+            from rlhfkit.models.load import adapter_saving
 
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}),
-                              **adapter_saving(model))
-        if tokenizer is not None:  # a checkpoint of full weights then loads as a model (--model step-N)
-            tokenizer.save_pretrained(tmp)
-    # the trainable tensors by name as well: restoring them needs no knowledge of how the
-    # model (full, LoRA, score or value head) was saved above
-    state = {"step": step, "rng": _rng_state(), "trainable": trained, "extra": extra or {},
-             "optimizers": {name: {"optimizer": optimizer_states[name], "scheduler": sched.state_dict()}
-                            for name, (_, sched) in optimizers.items()}}
-    torch.save(state, tmp / STATE_FILE)
-    for name in (CONFIG_FILE, DATA_FILE):  # the resolved config the run was started with, and its data's digests
-        if (Path(out) / name).is_file():
-            shutil.copy2(Path(out) / name, tmp / name)
-    fsync_tree(tmp)  # on the disk before the rename makes it look complete
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}),
+                                  **adapter_saving(model))
+            if tokenizer is not None:  # a checkpoint of full weights then loads as a model (--model step-N)
+                tokenizer.save_pretrained(tmp)
+        # the trainable tensors by name as well: restoring them needs no knowledge of how the
+        # model (full, LoRA, score or value head) was saved above
+        state = {"step": step, "rng": _rng_state(), "trainable": trained, "extra": extra or {},
+                 "optimizers": {name: {"optimizer": optimizer_states[name], "scheduler": sched.state_dict()}
+                                for name, (_, sched) in optimizers.items()}}
+        torch.save(state, tmp / STATE_FILE)
+        for name in (CONFIG_FILE, DATA_FILE):  # the resolved config the run was started with, and its data's digests
+            if (Path(out) / name).is_file():
+                shutil.copy2(Path(out) / name, tmp / name)
+        fsync_tree(tmp)  # on the disk before the rename makes it look complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:  # a failed save (a full disk, a second Ctrl-C): not its half-written copy left in OUT
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync(root)  # the rename too
     done = _step_dirs(root)
     for old in done[:-keep]:

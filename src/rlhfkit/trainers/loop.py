@@ -676,6 +676,9 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     if foreign and not (out / CONFIG_FILE).is_file() and not cfg.train.overwrite_output_dir:
         raise ConfigError(f"--train.out {out} holds a model no rlhfkit run wrote there ({foreign[0]}), which saving "
                           "would replace: write to another --train.out, or pass --train.overwrite_output_dir true")
+    if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
+        raise ConfigError(f"{out / 'checkpoints'} is a file, where the run keeps its checkpoints: move it, or write to "
+                          "another --train.out")
     # the other models a run reads (a reward model, a reference): saving there would remove their weights
     others = [getattr(cfg, "reward_model", ""), getattr(cfg, "ref_model", ""), *getattr(cfg, "rewards", [])]
     for other in others:
