@@ -114,6 +114,14 @@ def test_a_response_without_eos_loses_the_missing_eos_penalty_as_in_trl(tiny_mod
     assert ended.any() and not ended.all()
     expected = _length_score(stats.prompts, stats.texts) - 2.0 * (~ended)
     torch.testing.assert_close(exp.scores, expected)
+    # with a clip the proxy's score is clipped, not the penalty: a score clipped to -0.1 still loses 2
+    exp, stats = make_experience(roles, tok, PROMPTS * 4, lambda p, t: -_length_score(p, t), GenerationConfig(
+        max_new_tokens=3), beta=0.0, seed=1, missing_eos_penalty=2.0, reward_clip=0.1)
+    rows = torch.arange(len(exp))
+    last = exp.action_mask.sum(-1) - 1
+    clipped = (-_length_score(stats.prompts, stats.texts)).clamp(-0.1, 0.1) - 2.0 * (~ended)
+    torch.testing.assert_close(exp.rewards[rows, last], clipped)
+    assert (clipped < -2).any()  # a cut-off response whose score was clipped, penalised beyond the clip
 
 
 def test_experience_cat_repads_both_halves():

@@ -201,14 +201,17 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
     if values:
         old_values = roles.critic_values(batch)
     t2 = time.perf_counter()
-    scores = score_generations(score_fn, prompts, gens).to(device).float()
+    proxy = score_generations(score_fn, prompts, gens).to(device).float()
     roles.release()  # sharded models: no backward follows these passes (a reward adapter's too) to reshard them
     has_eos = torch.tensor(gens.has_eos, device=device)
+    penalty = overlong_penalty_of(mask.sum(-1), gen.max_new_tokens, overlong_buffer, overlong_penalty)
     if missing_eos_penalty is not None:  # a response cut off by the length limit is penalised (DESIGN.md §3)
-        scores = torch.where(has_eos, scores, scores - missing_eos_penalty)
-    scores = scores + overlong_penalty_of(mask.sum(-1), gen.max_new_tokens, overlong_buffer, overlong_penalty)
+        penalty = torch.where(has_eos, penalty, penalty - missing_eos_penalty)
+    scores = proxy + penalty
     kl = approx_kl(old, ref, kind=kl_estimator) * mask if beta else torch.zeros_like(mask)
-    rewards = per_token_rewards(scores, kl, mask, beta, clip=reward_clip)
+    # the proxy's score clipped, not the penalties: a score at -clip still loses them
+    clipped = proxy if reward_clip is None else proxy.clamp(-reward_clip, reward_clip)
+    rewards = per_token_rewards(clipped + penalty, kl, mask, beta)
     advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam) if values else (None, None)
     t3 = time.perf_counter()
     exp = Experience(batch["input_ids"], batch["attention_mask"], batch["action_mask"],

@@ -66,8 +66,8 @@ class PPOConfig:
     adaptive_kl: bool = arg(False, "adapt β towards kl_target (Ziegler et al. 2019)")
     kl_target: float = arg(6.0, "adaptive KL: target per-sequence KL", gt=0)
     kl_horizon: int = arg(10000, "adaptive KL: horizon in episodes", ge=1)
-    reward_clip: float | None = arg(5.0, "clip the proxy score to ±this before adding it (none = no clipping)",
-                                    gt=0)
+    reward_clip: float | None = arg(5.0, "clip the proxy score to ±this before adding it, the missing-EOS and "
+                                    "overlong penalties after (none = no clipping)", gt=0)
     missing_eos_penalty: float | None = arg(None, "subtracted from the score of responses that never emit EOS "
                                             "(as TRL's)", ge=0, lt=float("inf"))
     gamma: float = arg(1.0, "GAE discount γ", ge=0, le=1)
