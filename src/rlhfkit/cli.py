@@ -167,11 +167,14 @@ def _load(model_cfg: ModelConfig):
 
 
 def _load_tokenizer(model_cfg: ModelConfig):
-    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.load import load_tokenizer, set_chat_template
 
     if not model_cfg.path:
         raise ConfigError("no model given: pass --model PATH (a model directory or hub name)")
-    return load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
+    if model_cfg.chat_template:
+        set_chat_template(tokenizer, model_cfg.chat_template, model_cfg.trust_remote_code)
+    return tokenizer
 
 
 def _fitting(prompts: list, tokenizer, cfg, source: str) -> list:
@@ -534,11 +537,9 @@ def cmd_ppo(cfg) -> None:
         _refuse_foreign(_prompt_file(cfg.prompts, 0, cfg.columns), cfg.prompts, use)
         hooks["probe"] = gold_probe
         if cfg.eval_prompts:
-            from rlhfkit.models.load import load_tokenizer
-
             eval_prompts = _prompt_file(cfg.eval_prompts, 0, cfg.columns)
             _refuse_foreign(eval_prompts, cfg.eval_prompts, use)
-            tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            tokenizer = _load_tokenizer(cfg.model)
             eval_prompts = _fitting(eval_prompts, tokenizer, cfg, cfg.eval_prompts)
 
             def evaluate(model, tokenizer):

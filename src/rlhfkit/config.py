@@ -608,6 +608,9 @@ class ModelConfig:
         "ones in float32, computing in bf16 (mixed precision)")
     trust_remote_code: bool = arg(False, "run modelling code shipped with the model (only for models you trust)")
     allow_pickle: bool = arg(False, "allow loading pickled .bin weights when no safetensors exist (unsafe)")
+    chat_template: str = arg("", "the chat template for chat data, for a tokenizer without one (a base "
+                             "model) or in place of its own: a Jinja file, or a model directory or hub name whose "
+                             "tokenizer's template to take; saved with the trained model (TRL's chat_template_path)")
 
     def __post_init__(self) -> None:
         if self.path.startswith("~"):  # a YAML value, or --model=~/...: no shell expanded it

@@ -179,6 +179,41 @@ def test_chat_messages_data_uses_the_chat_template(tiny_model_dir, tmp_path):
     assert prompt_text == "User: Describe the cat.\nAssistant:"
 
 
+def test_a_base_model_without_a_chat_template_is_given_one(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"  # the tiny model, its tokenizer's template removed: a base model's
+    shutil.copytree(tiny_model_dir("qwen2"), base)
+    tok = load_tokenizer(str(base))
+    tok.chat_template = None
+    tok.save_pretrained(base)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (base / name).unlink(missing_ok=True)
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Describe the cat."},
+                          {"role": "assistant", "content": "The cat is calm."}]}] * 8
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["sft", "--model", str(base), "--data", str(data), "--train.max_steps", "1", "--train.batch_size", "4",
+              "--train.tensorboard", "false"]
+    assert main([*common, "--out", str(tmp_path / "none")]) == 2
+    assert "has no chat template; give one (--model.chat_template FILE.jinja" in capsys.readouterr().err
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }} says: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant says:{% endif %}")
+    out = tmp_path / "sft"
+    assert main([*common, "--out", str(out), "--model.chat_template", str(template)]) == 0
+    assert load_tokenizer(str(out)).chat_template == template.read_text()  # saved with the model: later stages
+    assert main([*common, "--out", str(tmp_path / "copied"), "--model.chat_template", tiny_model_dir("llama")]) == 0
+    taken = load_tokenizer(str(tmp_path / "copied")).chat_template  # another model's template
+    assert taken == load_tokenizer(tiny_model_dir("llama")).chat_template
+    chatml = tmp_path / "chatml.jinja"  # tokens this tokenizer lacks: said
+    chatml.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    with pytest.warns(UserWarning, match=r"writes <\|im_end\|>, <\|im_start\|>, which the tokenizer has no token"):
+        assert main([*common, "--out", str(tmp_path / "chatml"), "--model.chat_template", str(chatml)]) == 0
+    assert main([*common, "--out", str(tmp_path / "x"), "--model.chat_template", "missing.jinja"]) == 2
+    assert "--model.chat_template missing.jinja: no such file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("turns", ["all", "last"])
 def test_every_assistant_turn_is_learned_unless_the_last_alone_is_asked_for(tiny_model_dir, tmp_path, turns):
     # the first step's loss is the mean NLL over the learned tokens at the starting weights: both replies', or the

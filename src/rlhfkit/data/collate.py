@@ -24,8 +24,9 @@ def render_prompt(tokenizer, prompt) -> str:
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "the model"  # the policy's, or a reward model's
-        raise ValueError(f"the data has chat `messages` but the tokenizer of {name} has no chat template; set one "
-                         "(tokenizer.chat_template) or use prompt/completion columns")
+        raise ValueError(f"the data has chat `messages` but the tokenizer of {name} has no chat template; give one "
+                         "(--model.chat_template FILE.jinja, or a model whose template to take) or use "
+                         "prompt/completion columns")
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 

@@ -12,8 +12,10 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -198,6 +200,33 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def set_chat_template(tokenizer, spec: str, trust_remote_code: bool = False) -> None:
+    """Give ``tokenizer`` the chat template ``model.chat_template`` names: a Jinja file's text, or the template of
+    the tokenizer of a model directory or hub name. A token it writes in the ``<|...|>`` form that the tokenizer
+    lacks is spelt out in several tokens: a warning says so."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --model.chat_template {spec}: {e}") from e
+    elif path.suffix in (".jinja", ".j2", ".txt"):
+        raise ConfigError(f"--model.chat_template {spec}: no such file")
+    else:
+        template = getattr(load_tokenizer(spec, trust_remote_code), "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        if not template:
+            raise ConfigError(f"--model.chat_template {spec}: its tokenizer has no chat template; give a Jinja file, "
+                              "or a model whose tokenizer has one")
+    missing = sorted({t for t in re.findall(r"<\|[^|<>\s]+\|>", template) if t not in tokenizer.get_vocab()})
+    if missing:
+        warnings.warn(f"the chat template writes {', '.join(missing[:3])}, which the tokenizer has no token for: each "
+                      "is spelt out in several tokens; choose a template of tokens the model has, or add them to its "
+                      "tokenizer as special tokens (and resize its embeddings) first", stacklevel=2)
+    tokenizer.chat_template = template
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
