@@ -268,3 +268,21 @@ def test_cached_forwards_use_the_model_s_own_cache_keyword(tiny_model_dir, arch,
                None, 0, share=False)
     said = " ".join([str(w.message) for w in warned] + [r.getMessage() for r in caplog.records])
     assert "past_key_values" not in said  # no deprecated keyword where the model takes ``cache``
+
+
+def test_a_model_that_changes_its_logits_after_its_head_keeps_its_full_forward(tiny_model_dir):
+    # Falcon-H1's muP multiplier, RecurrentGemma's softcap: under names no list can know in advance, so a probe
+    # compares the full forward with the head on the body's hidden states, once
+    model = load_causal_lm(ModelConfig(path=tiny_model_dir("llama")), torch.device("cpu"))
+    assert backbone_and_head(model) is not None  # the plain model: the head-only paths apply
+    scaled = load_causal_lm(ModelConfig(path=tiny_model_dir("llama")), torch.device("cpu"))
+    del scaled._rlhfkit_logits_after_head  # probed again, after the hook: a model built in Python is probed lazily
+    scaled.register_forward_hook(lambda module, args, out: out.__setitem__("logits", out.logits * 4) or out)
+    assert backbone_and_head(scaled) is None
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, 3:] = True
+    with torch.no_grad():
+        expected = torch.log_softmax(scaled(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        torch.testing.assert_close(masked_logprobs(scaled, ids, torch.ones_like(ids), mask),
+                                   expected.masked_fill(~mask, 0.0), rtol=0, atol=1e-5)

@@ -34,8 +34,10 @@ ROLLOUT_LOGITS_CHUNK_HELP = ("response tokens the output head runs on at a time 
                              "backward (one more head product)")
 
 # config fields under which a model changes its logits after the output head (softcapping, scaling):
-# such models keep the full forward, whose code applies them
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# such models keep the full forward, whose code applies them. Others are found by a probe (logits_after_head)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "logits_soft_cap", "lm_head_multiplier")
+_PROBED = "_rlhfkit_logits_after_head"  # the probe's finding, kept on the model
 
 
 def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | None = None,
@@ -138,9 +140,41 @@ def backbone_and_head(model):
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    if backbone is None or head is None or any(getattr(hf.config, k, None) for k in _LOGIT_TRANSFORMS):
+    if backbone is None or head is None or logits_after_head(hf, backbone, head):
         return None
     return backbone, head
+
+
+def logits_after_head(hf, backbone, head) -> bool:
+    """Whether the causal LM ``hf`` changes its logits after its output ``head`` (a softcap, a muP multiplier):
+    its config says so (``_LOGIT_TRANSFORMS``, its text config's too), or a probe finds it, the full forward
+    and the head on the body's hidden states compared on four tokens once (kept on the model; ``load_causal_lm``
+    probes before a model is sharded, which is never probed here). A probe that fails counts as a yes."""
+    configs = [hf.config, *([hf.config.get_text_config()] if hasattr(hf.config, "get_text_config") else [])]
+    if any(getattr(c, k, None) for c in configs for k in _LOGIT_TRANSFORMS):
+        return True
+    found = getattr(hf, _PROBED, None)
+    if found is None and not (distributed.is_shard(next(hf.parameters())) or zero.partitioned(hf)):
+        found = _probe(hf, backbone, head)
+        setattr(hf, _PROBED, found)
+    return bool(found)
+
+
+def _probe(hf, backbone, head) -> bool:
+    weight = next(hf.parameters())
+    ids = torch.arange(4, device=weight.device)[None] % max(1, getattr(hf.config, "vocab_size", 4) or 4)
+    training = {m: m.training for m in hf.modules()}
+    try:
+        hf.eval()  # no dropout: the two passes must see the same body
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            full = hf(input_ids=ids, use_cache=False).logits.float()
+            mine = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+        return not torch.allclose(full, mine, rtol=1e-3, atol=1e-3)
+    except Exception:  # a body that will not run alone so: the full forward, whatever the model does
+        return True
+    finally:
+        for module, mode in training.items():
+            module.training = mode
 
 
 def prompt_width(completion_mask: torch.Tensor) -> int:

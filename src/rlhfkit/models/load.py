@@ -282,7 +282,11 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | None = None, trainab
         check_weights_format(cfg.path, cfg.allow_pickle)
         with loading(cfg.path):
             model = AutoModelForCausalLM.from_pretrained(absolute_if_local(cfg.path), **kwargs)
-    return model.to(device)
+    from rlhfkit.models.forward import backbone_and_head
+
+    model = model.to(device)
+    backbone_and_head(model)  # its logits probed now, before any sharding, for the head-only log-prob paths
+    return model
 
 
 def checkpoint_activations(model) -> None:
