@@ -74,7 +74,7 @@ PAIRED = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accur
     ("dpo", ["--loss_type", "robust", "--label_smoothing", "0.1"], PAIRED),
     ("dpo", ["--loss_type", "ipo"], PAIRED),
     ("dpo", ["--loss_type", "hinge", "--reference", "precomputed"], PAIRED),
-    ("orpo", [], PAIRED),
+    ("orpo", [], [*PAIRED, "log_odds_ratio"]),
     ("simpo", [], PAIRED),
     ("kto", [], ["kl", "rewards/chosen", "rewards/rejected"]),
 ], ids=["dpo", "rdpo", "ipo", "hinge-precomputed", "orpo", "simpo", "kto"])

@@ -336,6 +336,8 @@ class PairedObjective:
         ref_chosen, ref_rejected = reference.logps(examples) if self.needs_reference else (None, None)
         losses, m = self.loss(chosen, rejected, ref_chosen, ref_rejected)
         metrics = reward_metrics(m["chosen_rewards"], m["rejected_rewards"])
+        if "log_odds_ratio" in m:  # ORPO's, as TRL logs it
+            metrics["log_odds_ratio"] = m["log_odds_ratio"].mean()
         if self.nll_weight:
             tokens = per_sequence(batch, label_mask(batch)).chunk(2)[0]  # (B,) the chosen answers' lengths
             nll = -(chosen if self.average else chosen / tokens.clamp(min=1))  # (B,)
