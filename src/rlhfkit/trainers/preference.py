@@ -16,6 +16,7 @@ SimPO and ORPO take the length-averaged form. Shapes: B examples, T tokens.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -437,6 +438,9 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
                              cfg.model.trust_remote_code)
     policy = load_causal_lm(cfg.model, device, trainable=not cfg.lora.enabled)
     if cfg.lora.enabled:
+        if cfg.lora.dropout:  # run(dropout=False) below, as TRL's disable_dropout
+            warnings.warn(f"lora.dropout {cfg.lora.dropout} is not applied: the DPO family trains without dropout, so "
+                          "that the policy gives its reference's log-probs while their weights agree", stacklevel=2)
         policy = add_lora(policy, cfg.lora, float32=cfg.model.dtype == "auto")
 
     # a pair goes as a whole; a KTO example by its own completion (its mismatched partner, another example's
