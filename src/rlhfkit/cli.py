@@ -400,10 +400,15 @@ def _refuse_foreign(prompts: list, source: str, use: str) -> None:
     at random; ``use`` says what reads it and what to do instead."""
     from rlhfkit.data.tasks.describe import prompt_topic
 
+    from rlhfkit.data.tasks.arithmetic import all_prompts
+
     foreign = [p for p in prompts if not isinstance(p, str) or prompt_topic(p) is None]
     if foreign:
-        raise ConfigError(f"{source}: {len(foreign)} of {len(prompts)} prompts are not the built-in task's "
-                          f"(e.g. {foreign[0]!r}), whose gold reward {use}")
+        sums = {r["prompt"] for r in all_prompts()}
+        hint = ("; these are the arithmetic task's: its reward is --rewards rlhfkit.data.tasks.arithmetic:exact_answer"
+                if all(p in sums for p in foreign) else "")
+        raise ConfigError(f"{source}: {len(foreign)} of {len(prompts)} prompts are not the built-in describe task's "
+                          f"(e.g. {foreign[0]!r}), whose gold reward {use}{hint}")
 
 
 def cmd_eval(cfg: EvalConfig) -> None:
@@ -605,8 +610,9 @@ def cmd_export(cfg: ExportConfig) -> None:
         raise ConfigError("export needs --model ADAPTER_DIR and --out DIR")
     if Path(cfg.out).resolve() == Path(cfg.model).resolve():  # the merged model would replace the adapter
         raise ConfigError(f"--out {cfg.out} is the adapter directory itself: write the merged model to another one")
-    from rlhfkit.models.load import adapter_base, is_adapter_dir
+    from rlhfkit.models.load import adapter_base, check_model_path, is_adapter_dir
 
+    check_model_path(cfg.model)
     if is_adapter_dir(cfg.model) and Path(cfg.out).resolve() == Path(adapter_base(cfg.model)).resolve():
         raise ConfigError(f"--out {cfg.out} is the adapter's base model, which the merged one would replace (and the "
                           "adapter would then apply twice): write it to another directory")
@@ -721,6 +727,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, which transformers imports wherever it is installed, warns on every command of a machine without
+    an accelerator that it takes its CPU one: named first (DS_ACCELERATOR), it takes it quietly."""
+    import torch
+
+    xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available() or any(
+            backend is not None and backend.is_available() for backend in (xpu, mps)):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -740,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     make_cls, runner, _ = COMMANDS[name]
     cls = make_cls if isinstance(make_cls, type) else make_cls()
+    _quiet_deepspeed_on_cpu()
+    cfg = None
     try:
         cfg = parse_args(cls, expand_shorthands(cls, rest), prog=f"rlhfkit {name}")
         runner(cfg)
@@ -758,6 +778,13 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if isinstance(e, DataError) else " (RLHFKIT_TRACEBACK=1 shows where it came from)"
         print(f"rlhfkit {name}: {e}{hint}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (twice, in a trainer): the shell's status for it, and what stands
+        if os.environ.get("RLHFKIT_TRACEBACK"):
+            raise
+        out = getattr(cfg, "out", "") if name == "generate" else ""
+        print(f"\nrlhfkit {name}: stopped by Ctrl-C" + (f"; the same command again goes on from {out}.partial"
+                                                         if out else ""), file=sys.stderr)
+        return 130
     finally:  # the command is over, however it ended: the run directories it locked are free
         loop = sys.modules.get("rlhfkit.trainers.loop")
         if loop is not None:

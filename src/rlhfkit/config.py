@@ -682,7 +682,7 @@ class TrainConfig:
         "auto", "shard weights, gradients and AdamW state over the processes (FSDP2; every trainer): "
         "full_shard ~ ZeRO-3, shard_grad_op ~ ZeRO-2; auto = as the accelerate launch config says, else off")
     deepspeed: Literal["auto", "off", "zero1", "zero2", "zero3"] = arg(
-        "auto", "DeepSpeed ZeRO over the processes (sft, rm, dpo family; zero1/zero2 for ppo mode separate and the "
+        "auto", "DeepSpeed ZeRO over the processes (sft, rm, dpo family; ppo mode separate and the "
         "online methods with lora.enabled false; pip install deepspeed): zero1 partitions AdamW's state, zero2 the "
         "gradients too, zero3 the weights too; auto = as the accelerate launch config says")
     tensorboard: bool = arg(True, "also write TensorBoard event files")

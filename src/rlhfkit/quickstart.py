@@ -75,7 +75,7 @@ class QuickstartConfig:
         "auto", "weights dtype; auto = float32 on CPU; bf16 mixed precision on a GPU that has it (frozen weights "
         "in bfloat16, trained ones in float32)")
     all: bool = arg(False, "also ORPO, SimPO and KTO; and GRPO, RLOO, REINFORCE++ on the arithmetic task "
-                           "(a second table, by held-out accuracy; about 6 minutes more)")
+                           "(a second table, by held-out accuracy; about 2 minutes more on a 2-core CPU)")
 
 
 def gold_probe(prompts, texts) -> dict[str, float]:

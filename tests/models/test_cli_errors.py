@@ -58,6 +58,29 @@ def test_a_model_path_from_yaml_starting_at_home_is_expanded(tiny_model_dir, tas
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
+def test_ppo_s_critic_directory_is_refused_as_a_model_naming_the_actor(tmp_path, capsys):
+    critic = tmp_path / "ppo" / "critic"  # an adapter and a value head, no tokenizer: it writes no text
+    critic.mkdir(parents=True)
+    (critic / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "base")}))
+    (critic / "value_head.safetensors").write_bytes(b"")
+    rc = main(["export", "--model", str(critic), "--out", str(tmp_path / "merged")])
+    assert f"{critic} is PPO's critic (an adapter and a value head): it scores states and writes no text; give the " \
+           f"actor's directory, {tmp_path / 'ppo'}" in _one_line_error(capsys, rc)
+
+
+def test_ctrl_c_is_one_line_and_says_how_generate_goes_on(monkeypatch, capsys):
+    from rlhfkit import cli
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "generate", (cli.GenerateConfig, interrupted, ""))
+    assert main(["generate", "--model", "m", "--prompt", "Hi", "--out", "x.jsonl"]) == 130
+    err = capsys.readouterr().err
+    assert "rlhfkit generate: stopped by Ctrl-C; the same command again goes on from x.jsonl.partial" in err
+    assert "Traceback" not in err
+
+
 def test_no_data_file_says_to_pass_one(tiny_model_dir, tmp_path, capsys):
     rc = main(["sft", "--model", tiny_model_dir("llama"), "--out", str(tmp_path / "o")])
     assert "no data file given: pass --data FILE" in _one_line_error(capsys, rc)
@@ -162,7 +185,13 @@ def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_
     monkeypatch.syspath_prepend(str(tmp_path))
     model = tiny_model_dir("llama")
     rc = main(["eval", "--model", model, "--prompts", str(prompts)])
-    assert "2 of 2 prompts are not the built-in task's" in _one_line_error(capsys, rc) and rc == 2
+    assert "2 of 2 prompts are not the built-in describe task's" in _one_line_error(capsys, rc) and rc == 2
+    from rlhfkit.data.tasks import arithmetic
+
+    sums = tmp_path / "sums.jsonl"  # the other built-in task's: its reward named
+    sums.write_text("".join(json.dumps(r) + "\n" for r in arithmetic.all_prompts()[:3]))
+    rc = main(["eval", "--model", model, "--prompts", str(sums)])
+    assert "its reward is --rewards rlhfkit.data.tasks.arithmetic:exact_answer" in _one_line_error(capsys, rc)
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", tiny_model_dir("gpt2"), "--prompts", str(long), "--rewards",
                  "user_eval_rewards:answer_length", "--generation.max_new_tokens", "5", "--out", str(report)]) == 0

@@ -363,7 +363,7 @@ def test_ppo_evaluates_held_out_prompts_with_its_reward_model(tiny_model_dir, ta
     mine.write_text('{"prompt": "Q: 2+2?\\nA:"}\n')
     assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", rm_dir, "--prompts", str(mine),
                  "--task", "describe", "--out", str(tmp_path / "x")]) == 2
-    assert "1 of 1 prompts are not the built-in task's" in capsys.readouterr().err
+    assert "1 of 1 prompts are not the built-in describe task's" in capsys.readouterr().err
 
 
 def test_old_logprobs_from_the_rollout_equal_the_actor_pass(tiny_model_dir):

@@ -86,6 +86,9 @@ def check_model_path(path: str, what: str = "model") -> None:
     if not path:
         raise ConfigError(f"no {what} given: pass --model DIR (a Hugging Face directory or hub name)")
     p = Path(path).expanduser()
+    if p.is_dir() and (p / "value_head.safetensors").is_file():  # roles.VALUE_HEAD_FILE
+        raise ConfigError(f"{path} is PPO's critic (an adapter and a value head): it scores states and writes no "
+                          f"text; give the actor's directory, {p.parent}")
     if p.is_dir():
         if not (p / "config.json").is_file() and not is_adapter_dir(p):
             raise ConfigError(f"{path} is not a saved {what}: a Hugging Face model directory holds config.json "

@@ -210,7 +210,7 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
                 elif evaluation:  # an evaluation between logged steps is logged at its own
                     logger.log(done, evaluation)
                 metrics = {**metrics, **evaluation}
-                checkpoints.after_step(done, stop)
+                _after_step_counted(checkpoints, done, stop, bar)
         checkpoints.at_end(steps)  # as the supervised loop: a signal now stops the run as it would without rlhfkit
         save()
         if evaluate:
@@ -218,6 +218,16 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
             logger.log(steps, final, again=True)
             metrics.update(final)
     return metrics
+
+
+def _after_step_counted(checkpoints: Checkpoints, step: int, stop: StopRequest, bar) -> None:
+    """``checkpoints.after_step``, a stop it makes counting the step on the progress ``bar`` first (tqdm counts a
+    step as the next one begins: the bar showed one step fewer than the stop's message)."""
+    try:
+        checkpoints.after_step(step, stop)
+    except SystemExit:
+        bar.update(1)
+        raise
 
 
 LAST_IN_WINDOW = ("train/lr", "train/critic_lr", "train/skipped_updates", "rollout/beta")  # rates, counts so far
@@ -567,7 +577,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
             window["skipped_steps"] = [nonfinite.skipped]
             last = _after_step(step + 1, num_steps, cfg, model, scheduler, logger, window, evaluate if evaluates
                                else None, bar, t0, last, throughput, dropout)
-            checkpoints.after_step(step + 1, stop)
+            _after_step_counted(checkpoints, step + 1, stop, bar)
     checkpoints.at_end(num_steps)
     if save is not None:
         save()
