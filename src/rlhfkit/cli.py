@@ -109,6 +109,13 @@ class EvalConfig:
     model: ModelConfig = arg(ModelConfig, "the model to evaluate")
     generation: GenerationConfig = arg(GenerationConfig, "decoding (default: sampling at temperature 1)")
 
+    def __post_init__(self) -> None:
+        g = self.generation
+        if self.reference and (g.temperature == 0 or g.top_k or g.top_p < 1 or g.min_p):
+            raise ConfigError("--reference estimates the KL on the model's own samples, drawn from its whole "
+                              "distribution: sample at a temperature above 0 without top_k, top_p or min_p (greedy "
+                              "or cut-off answers gave estimates of no KL, negative ones too)")
+
 
 @dataclass
 class ExportConfig:
@@ -481,7 +488,8 @@ def _kl_to_reference(cfg: EvalConfig, model, tokenizer, gens) -> dict:
     check_same_tokenizer(tokenizer, cfg.reference, "--reference", "Pass the model this one was trained from.",
                          cfg.model.trust_remote_code)
     reference = load_causal_lm(dataclasses.replace(cfg.model, path=cfg.reference))
-    kl, stderr = kl_to_reference(model, reference, gens, tokenizer.pad_token_id)
+    kl, stderr = kl_to_reference(model, reference, gens, tokenizer.pad_token_id,
+                                 temperature=cfg.generation.logprob_temperature)
     print(f"KL to {cfg.reference}: {kl:.3f} ± {stderr:.3f} nats per answer (on the model's own samples)")
     return {"kl": kl, "kl_stderr": stderr, "reference": cfg.reference}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.config import GenerationConfig
-from rlhfkit.data.tasks.describe import gold_reward
+from rlhfkit.data.tasks.describe import gold_reward, prompt_topic
 from rlhfkit.models.forward import join_prompt_response, response_logprobs
 from rlhfkit.ops import mean_stderr
 from rlhfkit.rollout.generate import Generations, generate
@@ -45,17 +45,18 @@ def gold_eval(model, tokenizer, prompts: list[str], cfg: GenerationConfig, seed:
 
 
 @torch.no_grad()
-def kl_to_reference(policy, reference, gens: Generations, pad_token_id: int, batch_size: int = 64
-                    ) -> tuple[float, float]:
+def kl_to_reference(policy, reference, gens: Generations, pad_token_id: int, batch_size: int = 64,
+                    temperature: float = 1.0) -> tuple[float, float]:
     """Mean ± stderr over prompts of the sequence KL estimate Σ_t (log π(y_t) − log π_ref(y_t)),
-    on the policy's own samples ``gens`` (an unbiased estimate of KL(π ‖ π_ref) per sequence)."""
+    on the policy's own samples ``gens`` (an unbiased estimate of KL(π ‖ π_ref) per sequence), both models'
+    log-probs at the ``temperature`` the samples were drawn at (from the whole vocabulary: no top-k / top-p)."""
     device = next(policy.parameters()).device
     per_seq: list[float] = []
     for i in range(0, len(gens.prompt_ids), batch_size):
         batch = join_prompt_response(gens.prompt_ids[i: i + batch_size], gens.completion_ids[i: i + batch_size],
                                      pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        diff = response_logprobs(policy, batch) - response_logprobs(reference, batch)
+        diff = response_logprobs(policy, batch, temperature) - response_logprobs(reference, batch, temperature)
         per_seq += diff.sum(-1).tolist()
     return mean_stderr(per_seq)
 
@@ -65,14 +66,16 @@ def reward_model_eval(reward_model, pairs: list[dict]) -> dict[str, float]:
 
     ``accuracy``: chosen scored above rejected (agreement with the noisy labels);
     ``gold_agreement``: the higher-scored response is the one the built-in task's gold reward prefers
-    (pairs the gold reward ties are left out; None when it ties them all, as on other data, or the
-    pairs are chat messages); both with standard errors.
+    (pairs the gold reward ties are left out; None when it ties them all, or some prompts are not the task's,
+    or the pairs are chat messages); both with standard errors.
     """
     prompts = [p["prompt"] for p in pairs]
     chosen = reward_model.score(prompts, [p["chosen"] for p in pairs])
     rejected = reward_model.score(prompts, [p["rejected"] for p in pairs])
     correct = (chosen > rejected).float().tolist()
-    text = all(isinstance(p["chosen"], str) and isinstance(p["prompt"], str) for p in pairs)
+    # the built-in task's pairs: on others the gold reward reads a valence word here and there, meaning nothing
+    text = all(isinstance(p["chosen"], str) and isinstance(p["prompt"], str) and prompt_topic(p["prompt"])
+               is not None for p in pairs)
     gold_diff = [gold_reward(p["prompt"], p["chosen"]) - gold_reward(p["prompt"], p["rejected"])
                  for p in pairs] if text else []
     agree = [float((d > 0) == (c > r)) for d, c, r in zip(gold_diff, chosen.tolist(), rejected.tolist()) if d != 0]

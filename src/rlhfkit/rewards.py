@@ -62,6 +62,8 @@ def load_function(spec: str) -> RewardFn:
     except ImportError as e:
         raise RewardError(f"reward {spec!r}: cannot import module {module_name!r} (searched the installed packages "
                           f"and the working directory; PYTHONPATH adds folders): {e}") from e
+    except Exception as e:  # the module's own code failed as it ran (a SyntaxError, a KeyError at its top)
+        raise RewardError(f"reward {spec!r}: importing module {module_name!r} raised {type(e).__name__}: {e}") from e
     finally:
         if added and here in sys.path:
             sys.path.remove(here)
@@ -101,7 +103,7 @@ def check_values(name: str, values, n: int) -> torch.Tensor:
             raise TypeError(f"got the text {text!r}")
         bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(float(v))]
         values = [math.nan if v is None else float(v) for v in values]
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an int past a float (10**400)
         raise RewardError(f"reward {name!r} must return a list of numbers, one per completion: {e}") from e
     if len(values) != n:
         raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions; "
@@ -207,6 +209,8 @@ def build_reward(specs: list[str], weights: list[float] | None = None,
         raise RewardError(f"{len(weights)} reward weights for {len(specs)} rewards; give one weight per reward")
     rewards, seen = [], set()
     for spec, weight in zip(specs, weights):
+        if not math.isfinite(float(weight)):  # NaN made the reward count as None everywhere; inf, totals of inf
+            raise RewardError(f"reward weight {weight} for {spec!r}: weights must be finite numbers")
         fn = reward_model_function(spec, device) if Path(spec).is_dir() else load_function(spec)
         name = short_name(spec)
         name = name if name not in seen else spec  # two rewards with one short name keep their full names
@@ -240,8 +244,10 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin
 
     # output into files, not pipes: the file-size limit bounds it (a pipe read whole held 400 MB in 1.4 s)
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        # its own process group: what it forks is killed with it, after a timeout too
-        proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE, stdout=out, stderr=err,
+        # the code from a file: a command line holds neither a NUL byte nor more than 128 KiB in one argument
+        (Path(cwd) / "main.py").write_text(code, encoding="utf-8", errors="surrogateescape")
+        # its own process group: what it forks is killed with it, after a timeout too (unless it leaves the group)
+        proc = subprocess.Popen([sys.executable, "-I", "main.py"], stdin=subprocess.PIPE, stdout=out, stderr=err,
                                 text=True, preexec_fn=limits, cwd=cwd, env={}, start_new_session=True)
         try:
             proc.communicate(stdin, timeout=timeout_s)

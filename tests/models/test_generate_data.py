@@ -172,8 +172,7 @@ def test_a_stopped_generate_goes_on_where_it_stopped_with_the_same_samples(tiny_
     monkeypatch.setattr(rlhfkit.rollout.generate, "generate", stopping)
     out = tmp_path / "pairs.jsonl"
     stop = True
-    with pytest.raises(KeyboardInterrupt):
-        main([*common, "--out", str(out)])
+    assert main([*common, "--out", str(out)]) == 130  # Ctrl-C: the shell's status for it
     partial, state = tmp_path / "pairs.jsonl.partial", tmp_path / "pairs.jsonl.progress"
     assert not out.exists() and json.loads(state.read_text())["done"] == 4
     assert partial.read_text() == "".join((tmp_path / "whole.jsonl").read_text().splitlines(True)[:len(
@@ -238,8 +237,7 @@ def test_two_processes_write_what_one_does(tiny_model_dir, tmp_path, length_rewa
 
     with monkeypatch.context() as patch:
         patch.setattr(rlhfkit.rollout.generate, "generate", stopping)
-        with pytest.raises(KeyboardInterrupt):
-            main([*args, "--out", str(tmp_path / "again.jsonl")])
+        assert main([*args, "--out", str(tmp_path / "again.jsonl")]) == 130
     # other settings: process 0 refuses the partial file, and the other process hears of it (it would wait for ever)
     said = launch(tmp_path / "again.jsonl", "--seed", "1", fails=True)
     assert said.count("rlhfkit generate: process 0 could not open the output: ") == 1 and "(differing: seed)" in said
@@ -317,17 +315,26 @@ def test_kl_to_reference_sums_each_answer_s_log_ratio(tiny_model_dir, tmp_path):
     prompts = ["User: Describe the cat.\nAssistant:", "User: Hi.\nAssistant:", "User: What is the lake like?"]
     gens = generate(policy, tok, prompts, GenerationConfig(max_new_tokens=6), seed=0)
     gens.completion_ids = [c[:n] for c, n in zip(gens.completion_ids, (6, 1, 3))]  # padded in a batch; length 1
-    per_answer = []
-    with torch.no_grad():
-        for prompt_ids, answer in zip(gens.prompt_ids, gens.completion_ids):
-            ids = torch.tensor([prompt_ids + answer])
-            logp, logq = (torch.log_softmax(m(ids).logits[0, len(prompt_ids) - 1:-1], -1) for m in (policy, reference))
-            picked = torch.tensor(answer)[:, None]
-            per_answer.append((logp.gather(-1, picked) - logq.gather(-1, picked)).sum().item())
-    kl, stderr = kl_to_reference(policy, reference, gens, tok.pad_token_id, batch_size=2)
-    expected = mean_stderr(per_answer)
-    assert kl == pytest.approx(expected[0], abs=1e-4) and stderr == pytest.approx(expected[1], abs=1e-4)
-    assert abs(kl) > 1e-2  # the models differ
+    for temperature in (1.0, 2.0):  # both models at the temperature the samples were drawn at
+        per_answer = []
+        with torch.no_grad():
+            for prompt_ids, answer in zip(gens.prompt_ids, gens.completion_ids):
+                ids = torch.tensor([prompt_ids + answer])
+                logp, logq = (torch.log_softmax(m(ids).logits[0, len(prompt_ids) - 1:-1] / temperature, -1)
+                              for m in (policy, reference))
+                picked = torch.tensor(answer)[:, None]
+                per_answer.append((logp.gather(-1, picked) - logq.gather(-1, picked)).sum().item())
+        kl, stderr = kl_to_reference(policy, reference, gens, tok.pad_token_id, batch_size=2, temperature=temperature)
+        expected = mean_stderr(per_answer)
+        assert kl == pytest.approx(expected[0], abs=1e-4) and stderr == pytest.approx(expected[1], abs=1e-4)
+        assert abs(kl) > 1e-2  # the models differ
+
+
+@pytest.mark.parametrize("decoding", [["--generation.temperature", "0"], ["--generation.top_p", "0.9"]])
+def test_a_kl_to_a_reference_from_greedy_or_cut_off_samples_is_refused(decoding, capsys):
+    # the estimate needs samples from the whole distribution: greedy and top-p ones gave no KL, negative ones too
+    assert main(["eval", "--model", "m", "--reference", "r", *decoding]) == 2
+    assert "--reference estimates the KL on the model's own samples" in capsys.readouterr().err
 
 
 def test_eval_reports_the_kl_to_a_reference(tiny_model_dir, tmp_path, length_reward, capsys):

@@ -135,9 +135,8 @@ def test_a_failed_final_evaluation_leaves_the_model_with_its_score_statistics(ti
 
     monkeypatch.setattr(reward, "run", run)
     out = tmp_path / "rm"
-    with pytest.raises(KeyboardInterrupt):
-        main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--out",
-              str(out), "--train.max_steps", "2", "--train.batch_size", "8", "--train.tensorboard", "false"])
+    assert main(["rm", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"), "--out",
+                 str(out), "--train.max_steps", "2", "--train.batch_size", "8", "--train.tensorboard", "false"]) == 130
     assert (out / "model.safetensors").is_file()
     assert json.loads((out / "score_normalization.json").read_text())["std"] > 0
 
@@ -210,3 +209,19 @@ def test_a_row_without_a_margin_counts_as_margin_0_beside_rows_with_one(tiny_mod
     partial = first_loss("partial", [3.0] + [None] * 7)
     assert partial == pytest.approx(first_loss("zeros", [3.0] + [0.0] * 7), rel=1e-6)
     assert partial != pytest.approx(first_loss("none", [None] * 8), rel=1e-4)
+
+
+def test_agreement_with_gold_is_reported_on_the_built_in_task_s_pairs_alone(task_dir):
+    # everyday words carry the gold reward's valence here and there: on other data its "agreement" meant nothing
+    from rlhfkit.data.formats import load_preference
+    from rlhfkit.evaluate import reward_model_eval
+
+    class ByLength:  # a stand-in reward model: longer is better
+        def score(self, prompts, texts):
+            return torch.tensor([float(len(t)) for t in texts])
+
+    foreign = [{"prompt": "Human: Is it simple?\n\nAssistant:", "chosen": " Yes, simple and small.",
+                "rejected": " No, cold."}]
+    assert reward_model_eval(ByLength(), foreign)["gold_agreement"] is None
+    ours = load_preference(task_dir / "preference_valid.jsonl")[:50]
+    assert reward_model_eval(ByLength(), ours)["gold_agreement"] is not None

@@ -19,6 +19,10 @@ P = "User: What is 7 + 5?\nAssistant:"
     (" The answer is twelve.", 12, 0.0, 0.0),
     ("", 12, 0.0, 0.0),
     (" The answer is 12. The answer is 13.", 12, 1.0, 0.0),
+    (" 12.5", 12, 0.0, 0.0),                # a fraction is not the sum (its whole part once passed)
+    (" 12.0", 12, 1.0, 0.0),
+    (" 012", 12, 1.0, 0.0),
+    (" " + "9" * 5000, 12, 0.0, 0.0),        # past Python's 4,300 digits: 0, not an error that stops a run
 ])
 def test_rewards_by_hand(completion, answer, exact, form):
     assert arithmetic.exact_answer([P], [completion], answer=[answer]) == [exact]

@@ -40,6 +40,9 @@ def reward_module(monkeypatch):
     def huge(prompts, completions, **columns):  # a finite Python float, inf in float32
         return [1.0, 1e39][:len(completions)]
 
+    def overflowing(prompts, completions, **columns):  # an int past any float
+        return [10 ** 400] * len(completions)
+
     def as_tensor(prompts, completions, **columns):
         return torch.ones(len(completions))
 
@@ -49,8 +52,8 @@ def reward_module(monkeypatch):
     def code_only(prompts, completions, task, **columns):
         return [10.0 if t == "code" else None for t in task]
 
-    for fn in (length, uses_column, raises, nan, too_few, not_numbers, answers, huge, as_tensor, math_only,
-               code_only):
+    for fn in (length, uses_column, raises, nan, too_few, not_numbers, answers, huge, overflowing, as_tensor,
+               math_only, code_only):
         setattr(mod, fn.__name__, fn)
     monkeypatch.setitem(sys.modules, "user_rewards", mod)
     return mod
@@ -106,6 +109,7 @@ def test_a_reward_that_does_not_apply_returns_none_and_counts_for_nothing(reward
     ("not_numbers", r"reward 'not_numbers' must return a list of numbers"),
     ("answers", r"reward 'answers' must return a list of numbers, one per completion: got the text '4'"),
     ("huge", r"reward 'huge' returned 1e\+39 for completion 1 \(1 non-finite values in all, in float32\)"),
+    ("overflowing", r"reward 'overflowing' must return a list of numbers, one per completion: int too large"),
 ])
 def test_bad_functions_are_named_in_the_error(reward_module, name, message):
     reward = build_reward([f"user_rewards:{name}"])
@@ -128,6 +132,16 @@ def test_weights_must_match_rewards(reward_module):
         build_reward(["user_rewards:length"], [1.0, 2.0])
     with pytest.raises(RewardError, match="no reward given"):
         build_reward([])
+    for weight in (math.nan, math.inf):  # NaN made the reward count as None everywhere
+        with pytest.raises(RewardError, match=f"reward weight {weight} for 'user_rewards:length': weights must be"):
+            build_reward(["user_rewards:length"], [weight])
+
+
+def test_a_module_that_fails_as_it_is_imported_is_named(tmp_path, monkeypatch):
+    (tmp_path / "broken_user_rewards.py").write_text("def score(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match="importing module 'broken_user_rewards' raised SyntaxError"):
+        load_function("broken_user_rewards:score")
 
 
 def test_untrusted_code_runs_with_time_and_memory_limits():
@@ -141,6 +155,11 @@ def test_untrusted_code_runs_with_time_and_memory_limits():
             run_untrusted("print('ok')", **limit)
     hog = run_untrusted("x = bytearray(2 * 1024**3)", memory_mb=256)
     assert hog is not None and hog.returncode != 0 and "MemoryError" in hog.stderr
+    # model output past a command line's 128 KiB, or with a NUL byte: a run that finishes, not an OSError
+    long = run_untrusted("x = 1\n" + "#" * 200_000 + "\nprint(x)")
+    assert long is not None and long.returncode == 0 and long.stdout == "1\n"
+    nul = run_untrusted("print('a\x00b')")
+    assert nul is not None and nul.returncode != 0
 
 
 def test_untrusted_output_is_bounded():

@@ -31,7 +31,7 @@ ASKS = ("What is {a} + {b}?", "Compute {a} + {b}.", "How much is {a} plus {b}?",
 PROMPT_FORMAT = "User: {ask}\nAssistant:"
 ANSWER_FORMAT = " The answer is {n}."
 SLOPPY_FORMATS = (" It is {n}.", " {n}", " I think it is {n}.")  # right or wrong, not the asked-for sentence
-_NUMBER_RE = re.compile(r"-?\d+")
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")  # a decimal whole: 8.5 is not 8
 _FORMAT_RE = re.compile(r"^ ?The answer is -?\d+\.$")
 
 
@@ -42,9 +42,16 @@ def all_prompts() -> list[dict]:
 
 
 def first_number(text: str) -> int | None:
-    """The first integer written in ``text``, or None."""
+    """The first number written in ``text`` when it is a whole one (8, 08, 8.0; 8. is 8 and a full stop), else
+    None: no number, a fraction, or one too long to read (Python's 4,300-digit limit)."""
     match = _NUMBER_RE.search(text)
-    return int(match.group()) if match else None
+    if not match:
+        return None
+    whole, _, fraction = match.group().partition(".")
+    try:
+        return int(whole) if not fraction.strip("0") else None
+    except ValueError:
+        return None
 
 
 def exact_answer(prompts: list, completions: list[str], answer: list, **columns) -> list[float]:
