@@ -29,7 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -93,9 +93,9 @@ def check_values(name: str, values, n: int) -> torch.Tensor:
     reward does not apply to (TRL's convention for rewards of several tasks), is NaN: left out of the sum."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().flatten().tolist()
-    if isinstance(values, (str, bytes)):
-        raise RewardError(f"reward {name!r} returned the text {values!r}; it must return a list of numbers, one per "
-                          "completion")
+    if isinstance(values, (str, bytes, Mapping)):  # a dict's iteration is its keys
+        what = f"the text {values!r}" if isinstance(values, (str, bytes)) else f"a {type(values).__name__}"
+        raise RewardError(f"reward {name!r} returned {what}; it must return a list of numbers, one per completion")
     try:
         values = list(values)
         text = next((v for v in values if isinstance(v, (str, bytes))), None)

@@ -40,6 +40,9 @@ def reward_module(monkeypatch):
     def huge(prompts, completions, **columns):  # a finite Python float, inf in float32
         return [1.0, 1e39][:len(completions)]
 
+    def by_name(prompts, completions, **columns):  # a dict: iterated, its keys
+        return {c: 1.0 for c in completions}
+
     def overflowing(prompts, completions, **columns):  # an int past any float
         return [10 ** 400] * len(completions)
 
@@ -52,7 +55,7 @@ def reward_module(monkeypatch):
     def code_only(prompts, completions, task, **columns):
         return [10.0 if t == "code" else None for t in task]
 
-    for fn in (length, uses_column, raises, nan, too_few, not_numbers, answers, huge, overflowing, as_tensor,
+    for fn in (length, uses_column, raises, nan, too_few, not_numbers, answers, huge, overflowing, by_name, as_tensor,
                math_only, code_only):
         setattr(mod, fn.__name__, fn)
     monkeypatch.setitem(sys.modules, "user_rewards", mod)
@@ -110,6 +113,7 @@ def test_a_reward_that_does_not_apply_returns_none_and_counts_for_nothing(reward
     ("answers", r"reward 'answers' must return a list of numbers, one per completion: got the text '4'"),
     ("huge", r"reward 'huge' returned 1e\+39 for completion 1 \(1 non-finite values in all, in float32\)"),
     ("overflowing", r"reward 'overflowing' must return a list of numbers, one per completion: int too large"),
+    ("by_name", r"reward 'by_name' returned a dict; it must return a list of numbers, one per completion"),
 ])
 def test_bad_functions_are_named_in_the_error(reward_module, name, message):
     reward = build_reward([f"user_rewards:{name}"])
