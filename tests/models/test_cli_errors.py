@@ -220,6 +220,7 @@ def test_sequences_past_the_model_s_positions_are_refused_or_dropped_before_trai
     rc = main(["grpo", "--model", model, "--prompts", str(prompts), "--rewards", "x:y",
                "--generation.max_new_tokens", "256", "--out", str(tmp_path / "grpo")])
     assert "max_new_tokens 256 leaves no room for a prompt in the 256 positions" in _one_line_error(capsys, rc)
+    assert not (tmp_path / "grpo").exists()  # refused before the run directory is made
     from rlhfkit.config import ModelConfig
     from rlhfkit.data.collate import drop_long_prompts
     from rlhfkit.models.load import load_tokenizer, prompt_room

@@ -428,8 +428,8 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     stage = zero.rollout_stage(cfg.train.deepspeed, sharding, not cfg.lora.enabled,  # ZeRO, the full policy only
                                f"{cfg.advantage} with a LoRA policy trains a small adapter: launch it with replicas "
                                "(docs/distributed.md), or train the full model (--lora.enabled false)")
+    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)  # before the run directory is made
     out, device, tokenizer = start_run(cfg)
-    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts, room=room)
     eval_rows = drop_long_prompts(eval_rows, tokenizer, 0, cfg.eval_prompts, room=room) if eval_rows else []
     per_step = min(len(rows), cfg.prompts_per_step)  # a step's prompts: the whole file when it holds fewer

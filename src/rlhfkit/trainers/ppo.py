@@ -386,12 +386,12 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
     stage = zero.rollout_stage(cfg.train.deepspeed, sharding, cfg.mode == "separate",  # ZeRO, full models only
                                "PPO's mode: shared trains two small LoRA adapters on one base: launch it with "
                                "replicas (docs/distributed.md), or set --mode separate")
+    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)  # before the run directory is made
     out, device, tokenizer = start_run(cfg)
     if cfg.mode == "separate" and cfg.critic_init == "reward" and cfg.reward_model:
         check_same_tokenizer(tokenizer, cfg.reward_model, "the reward model the critic starts from",
                              "Start the critic from the policy (--critic_init sft), or train the reward model on "
                              "the policy's base", cfg.model.trust_remote_code)
-    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
     rows = drop_long_prompts(rows, tokenizer, cfg.generation.max_prompt_length, cfg.prompts, room=room)
     prompts = [r["prompt"] for r in rows]
     eval_prompts = [r["prompt"] for r in drop_long_prompts(eval_rows, tokenizer, 0, cfg.eval_prompts, room=room)
