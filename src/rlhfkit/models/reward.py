@@ -8,6 +8,7 @@ of the attention mask, whatever the padding side. Shapes: B batch, T sequence, H
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool
         base = adapter_base(cfg.path)
         check_weights_format(cfg.path, cfg.allow_pickle)  # the adapter's own weights, then its base's
         check_weights_format(base, cfg.allow_pickle)
-        with loading(base, f"base model of the adapter {cfg.path}:"):
+        with loading(base, f"base model of the adapter {cfg.path}:"), _new_score_head_quietly(base):
             backbone = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
         with peft_quietly(), loading(cfg.path, "adapter"):
             model = PeftModel.from_pretrained(backbone, cfg.path)
@@ -128,9 +129,27 @@ def load_reward_backbone(cfg: ModelConfig, device: torch.device, trainable: bool
         model = model.merge_and_unload().requires_grad_(True) if trainable else lean_lora(model)
     else:
         check_weights_format(cfg.path, cfg.allow_pickle)
-        with loading(cfg.path, "reward model"):
+        with loading(cfg.path, "reward model"), _new_score_head_quietly(cfg.path):
             model = AutoModelForSequenceClassification.from_pretrained(absolute_if_local(cfg.path), **kwargs)
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _new_score_head_quietly(path: str):
+    """A causal LM's directory loaded as a classifier gets a new score head, as it should (a reward model or a critic
+    starts so): transformers' load report of it as missing, a warning every run printed, is left out. A classifier's
+    directory (a trained reward model), or a hub name, loads with the report."""
+    if not (Path(path).is_dir() and not is_classifier_dir(path)):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 class RewardModel:

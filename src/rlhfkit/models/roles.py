@@ -98,7 +98,10 @@ class SharedBaseRoles:
         self.model = add_lora(base, lora, float32=model_cfg.dtype == "auto")  # adapter "default" = the actor
         self.value_head = None
         if critic:
-            self.model.add_adapter("critic", critic_cfg)  # the actor's targets: the same (lean) LoRA layers
+            from rlhfkit.models.lora import peft_quietly
+
+            with peft_quietly():  # its tied head too: rlhfkit export unties it
+                self.model.add_adapter("critic", critic_cfg)  # the actor's targets: the same (lean) LoRA layers
             hidden = base.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1).to(device)
             nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
