@@ -252,7 +252,8 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     # on where it stopped; its samples are the ones an unstopped run makes (each batch of the same rows). With
     # several processes each samples and scores a block of its own, as one process would, and process 0 writes
     # them in order: the same file, whatever the number of processes (rewards and samples batched alike)
-    with _opened_on_main(lambda: ResumableJsonl(cfg.out, _generate_settings(cfg, rows, model))) as file:
+    defaults = dataclasses.asdict(GenerateConfig())  # a setting added since a stopped run: at its default, the same
+    with _opened_on_main(lambda: ResumableJsonl(cfg.out, _generate_settings(cfg, rows, model), defaults)) as file:
         done = distributed.all_gather(file.done if file else 0)[0]
         if file and done:
             print(f"going on from {file.partial}: {done} of {len(rows)} prompts done")
@@ -790,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RLHFKIT_TRACEBACK"):
             raise
         out = getattr(cfg, "out", "") if name == "generate" else ""
+        out = out if out and Path(f"{out}.partial").exists() else ""  # stopped before its first block: nothing
         print(f"\nrlhfkit {name}: stopped by Ctrl-C" + (f"; the same command again goes on from {out}.partial"
                                                          if out else ""), file=sys.stderr)
         return 130

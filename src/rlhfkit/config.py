@@ -613,6 +613,7 @@ class ModelConfig:
                              "tokenizer's template to take; saved with the trained model (TRL's chat_template_path)")
 
     def __post_init__(self) -> None:
+        self.path = os.fspath(self.path)  # a pathlib.Path from Python, as a string
         if self.path.startswith("~"):  # a YAML value, or --model=~/...: no shell expanded it
             self.path = os.path.expanduser(self.path)
 

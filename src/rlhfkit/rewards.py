@@ -223,11 +223,11 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin
                   output_mb: int = 16) -> subprocess.CompletedProcess | None:
     """Run Python ``code`` (model output, e.g. a program plus its unit tests) in a fresh isolated interpreter.
 
-    Limits (DESIGN.md §3): wall time ``timeout_s`` (CPU time a second more), address space ``memory_mb``, an empty
-    temporary working directory and an empty environment, and ``output_mb`` of stdout and of stderr each (and of
-    any file it writes): a write past it fails (Python: OSError "File too large", so a non-zero ``returncode``),
-    the output kept up to there. Returns the
-    finished process (``returncode`` 0 when the code ran through; stdout and stderr as text), or None when it ran
+    Limits (DESIGN.md §3): wall time ``timeout_s`` (CPU time a second more), address space ``memory_mb``, a
+    temporary working directory holding the code alone (``main.py``) and an empty environment, and ``output_mb``
+    of stdout and of stderr each (and of any file it writes): a write past it fails (Python: OSError "File too
+    large", so a non-zero ``returncode``), the output kept up to there. Returns the finished process
+    (``returncode`` 0 when the code ran through; stdout and stderr as text), or None when it ran
     out of (wall or CPU) time. POSIX only.
     """
     for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("output_mb", output_mb)):

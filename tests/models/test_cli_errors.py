@@ -68,16 +68,21 @@ def test_ppo_s_critic_directory_is_refused_as_a_model_naming_the_actor(tmp_path,
            f"actor's directory, {tmp_path / 'ppo'}" in _one_line_error(capsys, rc)
 
 
-def test_ctrl_c_is_one_line_and_says_how_generate_goes_on(monkeypatch, capsys):
+def test_ctrl_c_is_one_line_and_says_how_generate_goes_on(monkeypatch, capsys, tmp_path):
     from rlhfkit import cli
 
     def interrupted(cfg):
         raise KeyboardInterrupt
 
     monkeypatch.setitem(cli.COMMANDS, "generate", (cli.GenerateConfig, interrupted, ""))
-    assert main(["generate", "--model", "m", "--prompt", "Hi", "--out", "x.jsonl"]) == 130
+    out = tmp_path / "x.jsonl"
+    assert main(["generate", "--model", "m", "--prompt", "Hi", "--out", str(out)]) == 130
+    err = capsys.readouterr().err  # stopped before its first block: nothing to go on from
+    assert err.strip() == "rlhfkit generate: stopped by Ctrl-C"
+    (tmp_path / "x.jsonl.partial").write_text("")
+    assert main(["generate", "--model", "m", "--prompt", "Hi", "--out", str(out)]) == 130
     err = capsys.readouterr().err
-    assert "rlhfkit generate: stopped by Ctrl-C; the same command again goes on from x.jsonl.partial" in err
+    assert f"rlhfkit generate: stopped by Ctrl-C; the same command again goes on from {out}.partial" in err
     assert "Traceback" not in err
 
 
@@ -113,6 +118,7 @@ def test_a_chat_template_that_refuses_a_row_names_the_file(tiny_model_dir, tmp_p
     rows = [{"messages": [{"role": "user", "content": f"Hi {i}."}, {"role": "assistant", "content": "Hello."}]}
             for i in range(30)]
     rows[17]["messages"].insert(0, {"role": "system", "content": "Be kind."})
+    rows[17]["score"] = float("nan")  # a NaN in another column: the row still found (NaN is not NaN)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for held_out in ("0", "0.5"):  # the row trained on, or held out (named by its number in the file either way)
         rc = main(["sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"),

@@ -179,7 +179,7 @@ def test_chat_messages_data_uses_the_chat_template(tiny_model_dir, tmp_path):
     assert prompt_text == "User: Describe the cat.\nAssistant:"
 
 
-def test_a_base_model_without_a_chat_template_is_given_one(tiny_model_dir, tmp_path, capsys):
+def test_a_base_model_without_a_chat_template_is_given_one(tiny_model_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
     base = tmp_path / "base"  # the tiny model, its tokenizer's template removed: a base model's
@@ -196,7 +196,9 @@ def test_a_base_model_without_a_chat_template_is_given_one(tiny_model_dir, tmp_p
     common = ["sft", "--model", str(base), "--data", str(data), "--train.max_steps", "1", "--train.batch_size", "4",
               "--train.tensorboard", "false"]
     assert main([*common, "--out", str(tmp_path / "none")]) == 2
-    assert "has no chat template; give one (--model.chat_template FILE.jinja" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no chat template; give one (--model.chat_template FILE.jinja" in err
+    assert f"{data}: a row cannot be encoded" in err  # every row fails: the model's doing, no row named
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }} says: {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}assistant says:{% endif %}")
@@ -205,6 +207,9 @@ def test_a_base_model_without_a_chat_template_is_given_one(tiny_model_dir, tmp_p
     assert load_tokenizer(str(out)).chat_template == template.read_text()  # saved with the model: later stages
     assert main([*common, "--out", str(tmp_path / "copied"), "--model.chat_template", tiny_model_dir("llama")]) == 0
     taken = load_tokenizer(str(tmp_path / "copied")).chat_template  # another model's template
+    monkeypatch.setenv("HOME", str(tmp_path))  # a directory under ~, spelt so (a YAML value, --opt=~/...)
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "home_model")
+    assert main([*common, "--out", str(tmp_path / "home"), "--model.chat_template", "~/home_model"]) == 0
     assert taken == load_tokenizer(tiny_model_dir("llama")).chat_template
     chatml = tmp_path / "chatml.jinja"  # tokens this tokenizer lacks: said
     chatml.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")

@@ -193,6 +193,9 @@ def test_overwrite_output_dir_does_not_delete_the_model_it_starts_from(tmp_path)
     with pytest.raises(ConfigError, match="lies in .*checkpoints, which --train.overwrite_output_dir true would"):
         prepare_out_dir(cfg, tmp_path)
     assert (tmp_path / "checkpoints" / "step-8").is_dir()
+    (tmp_path / "checkpoints" / "step-best").mkdir()  # a copy the user keeps there: not deleted, so fine
+    prepare_out_dir(_config(tmp_path, **{"train.overwrite_output_dir": True,
+                                         "model.path": tmp_path / "checkpoints" / "step-best"}), tmp_path)
 
 
 def test_the_quickstart_s_stages_may_rerun_into_their_own_directories(tmp_path):

@@ -161,6 +161,19 @@ def test_a_tokenizer_that_appends_eos_puts_one_at_the_answer_s_end_alone():
     assert e.input_ids[:start] == encode_prompt(tok, prompt) == tok(prompt).input_ids[:-1]
 
 
+def test_a_bos_that_is_the_eos_stays_before_an_empty_prompt():
+    # OPT's tokenizer puts </s> first, as its BOS: not an EOS appended, which the prompt's end drops
+    from tokenizers.processors import TemplateProcessing
+
+    from rlhfkit.data.collate import encode_prompt
+
+    tok = llama2_style_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    assert encode_prompt(tok, "") == [tok.eos_token_id]
+    e = encode_example(tok, "", "The cat is calm.", 64)
+    assert e.input_ids[0] == tok.eos_token_id and e.completion_mask[0] == 0
+
+
 def test_a_prompt_templated_by_hand_keeps_its_one_bos_and_a_sample_reads_up_to_its_end_of_turn():
     from rlhfkit.data.collate import encode_prompt
     from rlhfkit.rollout.engine import completion_text, end_of_turn

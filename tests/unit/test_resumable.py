@@ -81,3 +81,18 @@ def test_a_progress_file_that_does_not_fit_is_refused_and_kept(tmp_path, damage,
         ResumableJsonl(tmp_path / "o.jsonl", settings)
     assert message in str(e.value) and file.state.exists()
     assert not (tmp_path / ".o.jsonl.lock").exists()  # the refused run let go of its lock
+
+
+def test_a_setting_added_since_a_stop_is_the_same_run_at_its_default(tmp_path):
+    # a stopped run's file from before a setting existed: at its default, the run goes on; at another value, not
+    out = tmp_path / "o.jsonl"
+    with ResumableJsonl(out, {"seed": 0, "model": {"path": "x"}}) as file:
+        file.append([{"a": 1}], 1)
+    defaults = {"seed": 0, "min_margin": 0.0, "model": {"path": "", "chat_template": ""}}
+    with ResumableJsonl(out, {"seed": 0, "min_margin": 0.0, "model": {"path": "x", "chat_template": ""}},
+                        defaults) as again:
+        assert again.done == 1
+    with pytest.raises(ConfigError, match="differing: min_margin"):
+        ResumableJsonl(out, {"seed": 0, "min_margin": 0.5, "model": {"path": "x", "chat_template": ""}}, defaults)
+    with pytest.raises(ConfigError, match="differing: model"):
+        ResumableJsonl(out, {"seed": 0, "min_margin": 0.0, "model": {"path": "x", "chat_template": "t"}}, defaults)

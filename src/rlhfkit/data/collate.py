@@ -9,6 +9,7 @@ learned. Shapes: B batch, T sequence.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -55,10 +56,21 @@ def tokenized(tokenizer, text: str, special: bool) -> list[int]:
     """``text``'s ids, with the tokenizer's own special tokens where ``special`` but never an EOS it appends (a
     Llama tokenizer saved with add_eos_token): a prompt ends where its answer begins, and an answer ends in one."""
     ids = tokenizer(text, add_special_tokens=special).input_ids
-    eos = tokenizer.eos_token_id
-    if special and ids and ids[-1] == eos and tokenizer(text, add_special_tokens=False).input_ids[-1:] != [eos]:
+    if special and ids and ids[-1] == tokenizer.eos_token_id and appends_eos(tokenizer):
         return ids[:-1]
     return ids
+
+
+def appends_eos(tokenizer) -> bool:
+    """Whether ``tokenizer`` ends a text with the EOS among its special tokens: what it adds after "a" (not a BOS
+    that is the EOS, as OPT's, which it puts first). Kept on the tokenizer after the first call."""
+    known = getattr(tokenizer, "_rlhfkit_appends_eos", None)
+    if known is None:
+        whole, plain = (tokenizer("a", add_special_tokens=s).input_ids for s in (True, False))
+        start = next((i for i in range(len(whole) - len(plain) + 1) if whole[i: i + len(plain)] == plain), None)
+        known = start is not None and whole[start + len(plain):] == [tokenizer.eos_token_id]
+        tokenizer._rlhfkit_appends_eos = known
+    return known
 
 
 @dataclass
@@ -305,12 +317,21 @@ def encoding(source: str, rows: list | None = None, encode: Callable[[list], obj
 
 
 def _failing_row(rows: list, encode: Callable[[list], object], file_rows: Callable[[], list] | None) -> int | None:
-    """The number of the first of ``rows`` that ``encode`` refuses alone, among ``file_rows()`` (or ``rows``)."""
+    """The number of the first of ``rows`` that ``encode`` refuses alone, among ``file_rows()`` (or ``rows``); None
+    when every row fails (the model's doing, not a row's: a tokenizer without a chat template) or none does."""
+    failing, passing = None, len(rows) == 1
     for row in rows:
         try:
             encode([row])
+            passing = True
         except Exception:
-            return next((i for i, r in enumerate(file_rows() if file_rows else rows) if r == row), None)
+            failing = row if failing is None else failing
+        if failing is not None and passing:
+            def key(r):  # NaN equals itself as text, not as a float
+                return json.dumps(r, sort_keys=True, default=str)
+
+            wanted = key(failing)
+            return next((i for i, r in enumerate(file_rows() if file_rows else rows) if key(r) == wanted), None)
     return None
 
 

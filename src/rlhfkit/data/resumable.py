@@ -17,19 +17,32 @@ from rlhfkit.models.load import write_atomically
 from rlhfkit.trainers.checkpoint import exclusive_lock, fsync
 
 
+def _with_defaults(old: dict, new: dict, defaults: dict) -> dict:
+    """``old`` with each key of ``new`` it lacks added where ``new`` holds that key's default (nested dicts too)."""
+    out = dict(old)
+    for key, value in new.items():
+        if key not in out and key in defaults and value == defaults[key]:
+            out[key] = value
+        elif isinstance(out.get(key), dict) and isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            out[key] = _with_defaults(out[key], value, defaults[key])
+    return out
+
+
 class ResumableJsonl:
     """Rows appended block by block to ``path``'s partial file, used as a context (its lock let go at the end).
     ``settings``: what made the rows (JSON-able); a partial file left by other settings is refused, naming what
     differs, and left alone; so is a second writer of the same file while one runs.
 
     ``done``: the units a stopped run finished (0 when starting afresh); ``counts``: its totals, added to by
-    ``append`` and reported when the file is finished."""
+    ``append`` and reported when the file is finished. ``defaults``: settings' values where they are the defaults,
+    for a setting that a stopped run's file lacks (one added to rlhfkit since): at its default, it is the same run."""
 
-    def __init__(self, path: str | os.PathLike, settings: dict):
+    def __init__(self, path: str | os.PathLike, settings: dict, defaults: dict | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.state = self.path.with_name(self.path.name + ".progress")
         self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
+        self.defaults = json.loads(json.dumps(defaults or {}, default=str))
         self.done, self.size, self.counts = 0, 0, {}
         self._opened = False  # nothing is written before the first block: a run that fails to start leaves no file
         self._lock()
@@ -58,6 +71,7 @@ class ResumableJsonl:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{self.state} is not a progress file rlhfkit wrote ({e}): delete it and "
                               f"{self.partial.name} to start over") from e
+        settings = _with_defaults(settings, self.settings, self.defaults)
         if settings != self.settings:
             differ = sorted(k for k in settings.keys() | self.settings.keys()
                             if settings.get(k) != self.settings.get(k))

@@ -218,7 +218,8 @@ def set_chat_template(tokenizer, spec: str, trust_remote_code: bool = False) -> 
     elif path.suffix in (".jinja", ".j2", ".txt"):
         raise ConfigError(f"--model.chat_template {spec}: no such file")
     else:
-        template = getattr(load_tokenizer(spec, trust_remote_code), "chat_template", None)
+        template = getattr(load_tokenizer(str(path) if spec.startswith("~") else spec, trust_remote_code),
+                           "chat_template", None)
         if isinstance(template, dict):  # named templates: the default one
             template = template.get("default")
         if not template:

@@ -402,7 +402,8 @@ def check_no_earlier_run(out: str | os.PathLike, overwrite: bool, model_path: st
         raise ConfigError(f"{root} holds an earlier run's checkpoints (newest: {found[-1].name}): to continue that "
                           "run add --train.resume latest; to start afresh, write to another --train.out, or "
                           "delete them with --train.overwrite_output_dir true")
-    if model_path and root.resolve() in Path(model_path).resolve().parents:
+    if model_path and any(d.resolve() in (Path(model_path).resolve(), *Path(model_path).resolve().parents)
+                          for d in found):
         raise ConfigError(f"--model {model_path} lies in {root}, which --train.overwrite_output_dir true would "
                           "delete before loading it: write this run to another --train.out")
     if distributed.is_main():  # the checkpoints alone: a copy the user named otherwise (step-best) stays
