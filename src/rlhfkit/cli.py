@@ -522,7 +522,7 @@ def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
         raise ConfigError("no reward model given: pass --model DIR")
     result = reward_model_eval(RewardModel.from_pretrained(cfg.model), load_preference(cfg.data, cfg.columns))
     meta = Path(cfg.meta) if cfg.meta else Path(cfg.data).parent / "meta.json"
-    if meta.is_file():
+    if meta.is_file() and result["gold_agreement"] is not None:  # the built-in task's pairs: its label noise
         split = Path(cfg.data).stem.rpartition("_")[2]  # preference_test → test
         ceilings = json.loads(meta.read_text())
         result["accuracy_ceiling"] = ceilings.get(f"label_accuracy_ceiling_{split}",

@@ -139,7 +139,8 @@ def test_reward_model_trains_and_evaluates_on_chat_pairs(tiny_model_dir, tmp_pat
     # gold reward belongs to the built-in task, so eval-rm reports accuracy alone on other data
     data = tmp_path / "chat_pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_PAIRS))
-    (tmp_path / "meta.json").write_text(json.dumps({"task": "mine"}))  # another meta.json: no ceiling in it
+    # the built-in task's meta.json beside them: its label-noise ceiling is not these pairs'
+    (tmp_path / "meta.json").write_text(json.dumps({"label_accuracy_ceiling": 0.78}))
     out = tmp_path / "rm"
     assert main(["rm", "--model", tiny_model_dir("qwen2"), "--data", str(data), "--out", str(out),
                  "--train.max_steps", "2", "--train.batch_size", "4", "--train.tensorboard", "false"]) == 0
@@ -149,6 +150,7 @@ def test_reward_model_trains_and_evaluates_on_chat_pairs(tiny_model_dir, tmp_pat
     assert "accuracy vs labels" in printed and "agreement with gold" not in printed
     result = json.loads(report.read_text())
     assert result["n_pairs"] == 8 and 0 <= result["accuracy"] <= 1 and result["gold_agreement"] is None
+    assert "accuracy_ceiling" not in result and "ceiling the label noise allows" not in printed
 
 
 def test_a_device_name_torch_does_not_know_says_which_are(task_dir, tiny_model_dir, tmp_path, capsys):
