@@ -130,18 +130,22 @@ def per_token_rewards(
     action_mask: torch.Tensor,
     beta: float,
     clip: float | None = None,
+    penalty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL-shaped token rewards (DESIGN.md section 3; Ziegler et al. 2019).
 
-    r_t = -beta * kl_t on response tokens, and r_T += clip(score, -clip, clip) at each row's last
+    r_t = -beta * kl_t on response tokens, and r_T += clip(score, -clip, clip) + penalty at each row's last
     response token T = action_mask.sum(-1) - 1. Rows with an empty mask get no score.
-    score: (B,) reward-model score; kl: (B, A) per-token KL; action_mask: (B, A). Returns (B, A),
+    score: (B,) reward-model score; kl: (B, A) per-token KL; action_mask: (B, A); penalty: (B,) shaping added
+    after the clip, which must not take it away (a missing EOS, an overlong answer). Returns (B, A),
     0 outside the mask.
     """
     mask = action_mask.bool()
     rewards = torch.where(mask, -beta * kl, 0.0)
     if clip is not None:
         score = score.clamp(-clip, clip)
+    if penalty is not None:
+        score = score + penalty
     lengths = mask.sum(-1)  # (B,)
     positions = torch.arange(mask.shape[-1], device=mask.device)  # (A,)
     is_last = positions[None, :] == (lengths - 1)[:, None]  # (B, A); never true for an empty row

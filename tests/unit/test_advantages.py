@@ -137,6 +137,14 @@ def test_per_token_rewards_by_hand_with_score_clip():
     close(per_token_rewards(score, kl, mask, beta=0.1, clip=5.0), expected)
 
 
+def test_per_token_rewards_add_a_penalty_after_the_clip():
+    # a score already at -clip still loses a missing-EOS penalty: clip(-7) - 2 = -7, clip(3) + 0 = 3
+    score, penalty = torch.tensor([-7.0, 3.0]), torch.tensor([-2.0, 0.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    close(per_token_rewards(score, torch.zeros(2, 2), mask, beta=0.1, clip=5.0, penalty=penalty),
+          [[0.0, -7.0], [3.0, 0.0]])
+
+
 def test_per_token_rewards_without_clip_keeps_score():
     score = torch.tensor([-7.0])
     kl = torch.tensor([[0.5, -0.5, 9.0]])

@@ -209,9 +209,7 @@ def make_experience(roles, tokenizer, prompts: list, score_fn: ScoreFn, gen: Gen
         penalty = torch.where(has_eos, penalty, penalty - missing_eos_penalty)
     scores = proxy + penalty
     kl = approx_kl(old, ref, kind=kl_estimator) * mask if beta else torch.zeros_like(mask)
-    # the proxy's score clipped, not the penalties: a score at -clip still loses them
-    clipped = proxy if reward_clip is None else proxy.clamp(-reward_clip, reward_clip)
-    rewards = per_token_rewards(clipped + penalty, kl, mask, beta)
+    rewards = per_token_rewards(proxy, kl, mask, beta, clip=reward_clip, penalty=penalty)  # a score at -clip pays too
     advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam) if values else (None, None)
     t3 = time.perf_counter()
     exp = Experience(batch["input_ids"], batch["attention_mask"], batch["action_mask"],
