@@ -161,20 +161,17 @@ def logits_after_head(hf, backbone, head) -> bool:
 
 
 def _probe(hf, backbone, head) -> bool:
+    from rlhfkit.models.load import eval_mode
+
     weight = next(hf.parameters())
     ids = torch.arange(4, device=weight.device)[None] % max(1, getattr(hf.config, "vocab_size", 4) or 4)
-    training = {m: m.training for m in hf.modules()}
-    try:
-        hf.eval()  # no dropout: the two passes must see the same body
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+    try:  # no dropout: the two passes must see the same body
+        with eval_mode(hf), torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             full = hf(input_ids=ids, use_cache=False).logits.float()
             mine = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
         return not torch.allclose(full, mine, rtol=1e-3, atol=1e-3)
     except Exception:  # a body that will not run alone so: the full forward, whatever the model does
         return True
-    finally:
-        for module, mode in training.items():
-            module.training = mode
 
 
 def prompt_width(completion_mask: torch.Tensor) -> int:

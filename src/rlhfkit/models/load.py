@@ -323,6 +323,19 @@ def learn_mode(model, dropout: bool) -> None:
                 module.training = True
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) inside, each module's mode restored as it was after (``learn_mode``
+    leaves checkpointed layers in training mode under an eval-mode model)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def lora_targets(model, spec: str | list[str]):
     """peft ``target_modules`` from our spelling: 'all-linear' (peft's: every linear layer but
     the output head), 'all-linear+head' (the output head too), or 'a,b,c' / [a, b, c] (module names)."""

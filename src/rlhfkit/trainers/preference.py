@@ -31,8 +31,8 @@ from rlhfkit.data.collate import (Encoded, collate, encode_pair, encode_reply, e
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import LOGITS_CHUNK_HELP, check_packing, masked_logprobs, packed_logprobs
-from rlhfkit.models.load import (add_lora, check_max_length, check_same_tokenizer, load_causal_lm, mixed_precision,
-                                 refuse_adapter_dir, save_model)
+from rlhfkit.models.load import (add_lora, check_max_length, check_same_tokenizer, eval_mode, load_causal_lm,
+                                 mixed_precision, refuse_adapter_dir, save_model)
 from rlhfkit.ops import sequence_logprobs
 from rlhfkit.trainers.loop import Logger, add_metrics, metric_means, releases_out_dir, run, start_run
 
@@ -211,19 +211,6 @@ Batcher = Callable[[list[Encoded]], dict[str, torch.Tensor]]
 # --------------------------------------------------------------------------- the reference policy
 
 
-@contextmanager
-def _eval_mode(model):
-    """The reference is deterministic: no dropout while it scores. Each module's mode is restored as it was
-    (``load.learn_mode`` leaves checkpointed layers in training mode under an eval-mode model)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 class LiveReference:
     """pi_ref's log-probs computed when asked, inside ``context()``, which yields the model to call
     (STYLE.md habit 11: the reference is a context, whether a frozen model or the adapter switched off)."""
@@ -279,7 +266,7 @@ def _adapter_off(cfg, policy) -> Callable:
 
     @contextmanager
     def context():
-        with adapters_off(policy), _eval_mode(policy):  # peft's disable_adapter surveys the model first: ~30 ms
+        with adapters_off(policy), eval_mode(policy):  # the reference is deterministic: no dropout  # peft's disable_adapter surveys the model first: ~30 ms
             yield policy
 
     return context
@@ -288,7 +275,7 @@ def _adapter_off(cfg, policy) -> Callable:
 def _before_training(cfg, policy) -> Callable:
     # Before its first step the policy is the reference (a fresh LoRA adapter adds zero), so the one
     # pass needs no second model unless ref_model names a different one.
-    return _frozen_model(cfg, policy) if cfg.ref_model else (lambda: _eval_mode(policy))
+    return _frozen_model(cfg, policy) if cfg.ref_model else (lambda: eval_mode(policy))
 
 
 REFERENCES: dict[str, tuple[type[LiveReference], Callable]] = {
