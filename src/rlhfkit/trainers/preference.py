@@ -266,7 +266,8 @@ def _adapter_off(cfg, policy) -> Callable:
 
     @contextmanager
     def context():
-        with adapters_off(policy), eval_mode(policy):  # the reference is deterministic: no dropout  # peft's disable_adapter surveys the model first: ~30 ms
+        # the reference is deterministic: no dropout; adapters_off: peft's disable_adapter surveys the model first
+        with adapters_off(policy), eval_mode(policy):  # (~30 ms)
             yield policy
 
     return context
