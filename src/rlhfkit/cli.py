@@ -174,14 +174,11 @@ def _load(model_cfg: ModelConfig):
 
 
 def _load_tokenizer(model_cfg: ModelConfig):
-    from rlhfkit.models.load import load_tokenizer, set_chat_template
+    from rlhfkit.models.load import tokenizer_of
 
     if not model_cfg.path:
         raise ConfigError("no model given: pass --model PATH (a model directory or hub name)")
-    tokenizer = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
-    if model_cfg.chat_template:
-        set_chat_template(tokenizer, model_cfg.chat_template, model_cfg.trust_remote_code)
-    return tokenizer
+    return tokenizer_of(model_cfg)
 
 
 def _fitting(prompts: list, tokenizer, cfg, source: str) -> list:
@@ -406,9 +403,8 @@ def select_samples(rows: list[dict], texts: list[str], ended: list[bool], total,
 def _refuse_foreign(prompts: list, source: str, use: str) -> None:
     """ConfigError when some ``prompts`` are not the built-in task's, whose gold reward would score them all 0 or
     at random; ``use`` says what reads it and what to do instead."""
-    from rlhfkit.data.tasks.describe import prompt_topic
-
     from rlhfkit.data.tasks.arithmetic import all_prompts
+    from rlhfkit.data.tasks.describe import prompt_topic
 
     foreign = [p for p in prompts if not isinstance(p, str) or prompt_topic(p) is None]
     if foreign:

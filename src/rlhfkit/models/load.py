@@ -205,6 +205,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def tokenizer_of(cfg: ModelConfig):
+    """The tokenizer of the model ``cfg`` names (``load_tokenizer``), with ``cfg.chat_template`` when it gives one."""
+    tokenizer = load_tokenizer(cfg.path, cfg.trust_remote_code)
+    if cfg.chat_template:
+        set_chat_template(tokenizer, cfg.chat_template, cfg.trust_remote_code)
+    return tokenizer
+
+
 def set_chat_template(tokenizer, spec: str, trust_remote_code: bool = False) -> None:
     """Give ``tokenizer`` the chat template ``model.chat_template`` names: a Jinja file's text, or the template of
     the tokenizer of a model directory or hub name. A token it writes in the ``<|...|>`` form that the tokenizer

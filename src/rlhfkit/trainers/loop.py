@@ -720,12 +720,10 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
 def start_run(cfg):
     """What every trainer does once its data is validated: the run directory (with the resolved
     config), seeds, the device and the tokenizer of ``cfg.model``. Returns (out, device, tokenizer)."""
-    from rlhfkit.models.load import load_tokenizer, resolve_device, set_chat_template
+    from rlhfkit.models.load import resolve_device, tokenizer_of
 
     check_bounds(cfg)  # a config built in Python has not been through the parser's check
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    if cfg.model.chat_template:  # before the run directory is made: a template that cannot be read stops it
-        set_chat_template(tokenizer, cfg.model.chat_template, cfg.model.trust_remote_code)
+    tokenizer = tokenizer_of(cfg.model)  # before the run directory is made: a template that cannot be read stops it
     device = distributed.setup(resolve_device(cfg.train.device))
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)
