@@ -8,11 +8,10 @@ learned. Shapes: B batch, T sequence.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 
@@ -297,21 +296,20 @@ def label_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["completion_mask"][:, 1:] * batch["attention_mask"][:, :-1]
 
 
-@contextlib.contextmanager
-def encoding(source: str, rows: list | None = None, encode: Callable[[list], object] | None = None,
-             file_rows: Callable[[], list] | None = None) -> Iterator[None]:
-    """Rows of ``source`` tokenised inside: an error doing it (a chat template that refuses a system turn, a
-    tokenizer that rejects a value) becomes a DataError naming ``source``, as the loader's own errors do. Given
-    the ``rows`` encoded inside and ``encode`` (how, a list at a time), it names the first row that fails alone,
-    by its number among ``file_rows()`` (the file's rows, before a held-out split took some; else ``rows``)."""
+def encoded_rows(source: str, rows: list[Item], encode: Callable[[list[Item]], list],
+                 file_rows: Callable[[], list] | None = None) -> list:
+    """``encode(rows)``, the rows of ``source`` tokenised: an error doing it (a chat template that refuses a system
+    turn, a tokenizer that rejects a value) becomes a DataError naming ``source``, as the loader's own errors do,
+    and the first row that fails alone, by its number among ``file_rows()`` (the file's rows, before a held-out
+    split took some; else ``rows``)."""
     from rlhfkit.data.formats import DataError
 
     try:
-        yield
+        return encode(rows)
     except DataError:
         raise
     except Exception as e:  # jinja2's TemplateError, a tokenizer's ValueError or TypeError
-        row = _failing_row(rows, encode, file_rows) if rows is not None and encode is not None else None
+        row = _failing_row(rows, encode, file_rows)
         raise DataError(source, f"{'this' if row is not None else 'a'} row cannot be encoded with this model's "
                         f"tokenizer: {type(e).__name__}: {e}", row=row) from e
 

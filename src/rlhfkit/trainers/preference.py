@@ -26,7 +26,7 @@ import torch
 from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
-from rlhfkit.data.collate import (Encoded, collate, encode_pair, encode_reply, encoding, fit_to_length, label_mask,
+from rlhfkit.data.collate import (Encoded, collate, encode_pair, encode_reply, encoded_rows, fit_to_length, label_mask,
                                   pack)
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
@@ -436,8 +436,8 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     kto = isinstance(objective, KTOObjective)
 
     def encode(rows, source):
-        with encoding(source, rows, lambda some: objective.encode(some, tokenizer, cfg.max_length, cfg.train.seed)):
-            encoded = objective.encode(rows, tokenizer, cfg.max_length, cfg.train.seed)
+        encoded = encoded_rows(source, rows, lambda some: objective.encode(some, tokenizer, cfg.max_length,
+                                                                           cfg.train.seed))
         return fit_to_length(encoded, cfg.too_long, lambda e: e.first.truncated or not kto and e.second.truncated,
                              f"max_length {cfg.max_length}", source)
 

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
-from rlhfkit.data.collate import (as_prompt_completion, collate, encode_conversation, encode_example, encoding,
+from rlhfkit.data.collate import (as_prompt_completion, collate, encode_conversation, encode_example, encoded_rows,
                                   fit_to_length, label_mask, pack)
 from rlhfkit.data.formats import load_sft
 from rlhfkit.models.forward import LOGITS_CHUNK_HELP, check_packing, masked_logprobs, packed_logprobs
@@ -84,8 +84,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
 
     def encode(rows, source):
         file = source if source == cfg.eval_data else cfg.data  # held-out rows come from the data file
-        with encoding(file, rows, lambda some: [encode_row(r) for r in some], lambda: load(file)):
-            encoded = [encode_row(r) for r in rows]
+        encoded = encoded_rows(file, rows, lambda some: [encode_row(r) for r in some], lambda: load(file))
         return fit_to_length(encoded, cfg.too_long, lambda e: e.truncated, f"max_length {cfg.max_length}", source)
 
     examples, eval_examples = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
