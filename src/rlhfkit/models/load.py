@@ -86,7 +86,7 @@ def check_model_path(path: str, what: str = "model") -> None:
     if not path:
         raise ConfigError(f"no {what} given: pass --model DIR (a Hugging Face directory or hub name)")
     p = Path(path).expanduser()
-    if p.is_dir() and (p / "value_head.safetensors").is_file():  # roles.VALUE_HEAD_FILE
+    if p.is_dir() and (p / VALUE_HEAD_FILE).is_file():
         raise ConfigError(f"{path} is PPO's critic (an adapter and a value head): it scores states and writes no "
                           f"text; give the actor's directory, {p.parent}")
     if p.is_dir():
@@ -118,6 +118,7 @@ def _note_hub_name(path: str, folder: str) -> None:
     print(f"{path} is not a directory here (though {folder} is): trying it as a hub name", file=sys.stderr)
 
 
+VALUE_HEAD_FILE = "value_head.safetensors"  # beside PPO's critic adapter (roles)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 # a full model's files (its weights in one file or shards): what transformers loads from a directory that has them
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",

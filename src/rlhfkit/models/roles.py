@@ -27,15 +27,13 @@ from rlhfkit import distributed, fsdp, zero
 from rlhfkit.config import ConfigError, LoraConfig, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, join_ids
 from rlhfkit.models.forward import Entropy, response_logprobs
-from rlhfkit.models.load import (adapter_base, add_lora, checkpoint_activations, is_adapter_dir, learn_mode,
-                                 load_causal_lm, mixed_precision,
-                                 peft_lora_config, position_limit, save_model, write_atomically)
+from rlhfkit.models.load import (VALUE_HEAD_FILE, adapter_base, add_lora, checkpoint_activations, is_adapter_dir,
+                                 learn_mode, load_causal_lm, mixed_precision, peft_lora_config, position_limit,
+                                 save_model, write_atomically)
 from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, check_reward_dir, last_token_index,
                                    load_reward_backbone, score_normalization)
 from rlhfkit.ops import position_ids_from_mask
 from rlhfkit.rollout.engine import stop_ids
-
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

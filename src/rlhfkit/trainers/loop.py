@@ -388,16 +388,18 @@ class Logger:
 
 def _record(line: str) -> dict | None:
     """A JSON-lines record with its step, or None for a line that is not one (blank, or cut off)."""
-    step = _step_of(line)
-    return None if step is None else json.loads(line)
+    try:
+        record = json.loads(line)
+        int(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record
 
 
 def _step_of(line: str) -> int | None:
     """The step of a JSON-lines record, or None for a line that is not one (blank, or cut off)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    record = _record(line)
+    return None if record is None else int(record["step"])
 
 
 def _finite(value):
