@@ -65,9 +65,9 @@ def reward_model_eval(reward_model, pairs: list[dict]) -> dict[str, float]:
     """How well a reward model ranks held-out pairs.
 
     ``accuracy``: chosen scored above rejected (agreement with the noisy labels);
-    ``gold_agreement``: the higher-scored response is the one the built-in task's gold reward prefers
-    (pairs the gold reward ties are left out; None when it ties them all, or some prompts are not the task's,
-    or the pairs are chat messages); both with standard errors.
+    ``gold_agreement``: the higher-scored response is the one the built-in task's gold reward prefers (a tie in
+    score agrees with neither; pairs the gold reward ties are left out; None when it ties them all, or some
+    prompts are not the task's, or the pairs are chat messages); both with standard errors.
     """
     prompts = [p["prompt"] for p in pairs]
     chosen = reward_model.score(prompts, [p["chosen"] for p in pairs])
@@ -78,7 +78,9 @@ def reward_model_eval(reward_model, pairs: list[dict]) -> dict[str, float]:
                is not None for p in pairs)
     gold_diff = [gold_reward(p["prompt"], p["chosen"]) - gold_reward(p["prompt"], p["rejected"])
                  for p in pairs] if text else []
-    agree = [float((d > 0) == (c > r)) for d, c, r in zip(gold_diff, chosen.tolist(), rejected.tolist()) if d != 0]
+    # a tie in score agrees with neither side, as it counts wrong in ``accuracy``
+    agree = [float(c > r if d > 0 else r > c) for d, c, r in zip(gold_diff, chosen.tolist(), rejected.tolist())
+             if d != 0]
     acc, acc_se = mean_stderr(correct)
     gold, gold_se = mean_stderr(agree) if agree else (None, None)
     return {"accuracy": acc, "accuracy_stderr": acc_se, "gold_agreement": gold, "gold_agreement_stderr": gold_se,

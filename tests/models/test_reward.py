@@ -225,3 +225,24 @@ def test_agreement_with_gold_is_reported_on_the_built_in_task_s_pairs_alone(task
     assert reward_model_eval(ByLength(), foreign)["gold_agreement"] is None
     ours = load_preference(task_dir / "preference_valid.jsonl")[:50]
     assert reward_model_eval(ByLength(), ours)["gold_agreement"] is not None
+
+
+def test_a_tied_score_agrees_with_neither_side_of_gold(task_dir):
+    # a model scoring every response alike ranks nothing: it had "agreed" with gold on each pair gold scores lower
+    from rlhfkit.data.formats import load_preference
+    from rlhfkit.data.tasks.describe import gold_reward
+    from rlhfkit.evaluate import reward_model_eval
+
+    class Constant:
+        def score(self, prompts, texts):
+            return torch.zeros(len(texts))
+
+    class Gold:
+        def score(self, prompts, texts):
+            return torch.tensor([gold_reward(p, t) for p, t in zip(prompts, texts)])
+
+    pairs = load_preference(task_dir / "preference_valid.jsonl")[:60]
+    flipped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    tied = reward_model_eval(Constant(), pairs + flipped)
+    assert tied["n_gold_untied"] > 0 and tied["gold_agreement"] == 0.0 and tied["accuracy"] == 0.0
+    assert reward_model_eval(Gold(), pairs + flipped)["gold_agreement"] == 1.0
