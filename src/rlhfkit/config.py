@@ -635,7 +635,8 @@ class OptimConfig:
     """AdamW with linear warm-up then a cosine, linear or constant schedule."""
 
     lr: float = arg(2e-5, "peak learning rate", ge=0, lt=float("inf"))
-    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0, lt=float("inf"))
+    weight_decay: float = arg(0.0, "AdamW weight decay, on matrices only (biases and norm weights are not decayed)",
+                              ge=0, lt=float("inf"))
     betas: list[float] = arg([0.9, 0.999], "AdamW betas (two)", ge=0, lt=1)
     warmup_steps: int = arg(10, "linear warm-up steps", ge=0)
     warmup_ratio: float = arg(0.0, "warm-up as a fraction of the run's updates (rounded up); > 0 replaces "

@@ -550,3 +550,13 @@ def test_a_folder_named_like_a_checkpoint_but_not_one_is_left_alone(tmp_path):
     (tmp_path / "checkpoints" / "step-best").mkdir(parents=True)  # a user's copy: not a step number
     prepare_out_dir(_config(tmp_path), tmp_path)
     assert (tmp_path / "checkpoints" / "step-best").is_dir()
+
+
+def test_a_checkpoint_whose_optimiser_groups_differ_is_refused_naming_them(tmp_path):
+    # saved with one group (as before biases and norms were left undecayed), resumed into two
+    model, optimizers = _trained()
+    path = save_checkpoint(tmp_path, 2, model, optimizers)
+    fresh = Linear(3, 2)
+    decayed = {"model": build_optimizer(fresh.parameters(), OptimConfig(lr=0.1, weight_decay=0.1), 10)}
+    with pytest.raises(ValueError, match=r"its model optimiser has 1 parameter groups, this run's 2.*start the run"):
+        load_checkpoint(path, fresh, decayed)

@@ -148,3 +148,20 @@ def test_samples_are_written_whatever_their_columns_hold_and_a_cut_off_line_is_d
     logger.rewind(1)
     assert [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 1]
     logger.close()
+
+
+def test_weight_decay_shrinks_matrices_and_leaves_biases_and_norm_weights(tmp_path):
+    # AdamW with zero gradients moves a tensor by its decay alone: w <- w (1 - lr wd), here 1 - 0.1 x 0.5 = 0.95
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer, _ = build_optimizer(model.parameters(), OptimConfig(lr=0.1, weight_decay=0.5, warmup_steps=0), 1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    after = dict(model.named_parameters())
+    assert torch.allclose(after["0.weight"], 0.95 * before["0.weight"])
+    for name in ("0.bias", "1.weight", "1.bias"):
+        assert torch.equal(after[name], before[name]), name
+    # no decay: one group, as checkpoints from before the split hold
+    assert len(build_optimizer(model.parameters(), OptimConfig(lr=0.1, warmup_steps=0), 1)[0].param_groups) == 1

@@ -231,6 +231,11 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
     for name, value in state["trainable"].items():
         fsdp.copy_full_(params[name], value)
     for name, (opt, sched) in optimizers.items():
+        groups = len(state["optimizers"][name]["optimizer"]["param_groups"])
+        if groups != len(opt.param_groups):
+            raise ValueError(f"{path}: its {name} optimiser has {groups} parameter groups, this run's "
+                             f"{len(opt.param_groups)}: it was saved by an rlhfkit that decayed biases and norms too "
+                             "(optim.weight_decay); start the run afresh")
         saved = fsdp.shard_optimizer_state(opt, state["optimizers"][name]["optimizer"])
         # how this run's AdamW steps (fused, or one tensor at a time: ``build_optimizer``) is its own choice,
         # whatever the run that saved it chose

@@ -109,16 +109,21 @@ def lr_factor(cfg: OptimConfig, num_steps: int, step: int) -> float:
 
 
 def build_optimizer(params, cfg: OptimConfig, num_steps: int):
-    """AdamW over the trainable ``params`` and the schedule ``lr_factor`` describes."""
+    """AdamW over the trainable ``params`` and the schedule ``lr_factor`` describes. Weight decay, when set, applies
+    to matrices alone (embeddings, projections, LoRA's A and B, a value head's weight): biases and norm weights, the
+    1-D tensors, are left undecayed, as HF Trainer leaves them; the decayed group comes first."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: is everything frozen?")
+    split = [[p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]]
+    groups = ([{"params": group, "weight_decay": decay} for group, decay in zip(split, (cfg.weight_decay, 0.0))
+               if group] if cfg.weight_decay else [{"params": params}])
     # the fused kernel updates every tensor in one pass (CPU and CUDA): ~10× less optimiser time on a CPU.
     # Sharded and whole tensors together (PPO's sharded critic adapter and its value head) go one at a time:
     # the multi-tensor kernels take one kind only
     mixed = distributed.world_size() > 1 and len({distributed.is_shard(p) for p in params}) > 1
     fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=fused, foreach=False if mixed else None)
     if warmup_updates(cfg, num_steps) >= num_steps > 0:
         setting = (f"optim.warmup_ratio {cfg.warmup_ratio} ({warmup_updates(cfg, num_steps)} updates)"
