@@ -497,3 +497,18 @@ def test_rollout_trainers_refuse_the_supervised_batch_settings_they_do_not_read(
     # max_steps 0 saved an untrained adapter as if done; batch_size, grad_accum and epochs were accepted and ignored
     rc = main([command, "--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"), *setting])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_sequence_level_ratios_average_over_samples_unless_a_reduction_is_named():
+    # GSPO's one ratio per sample, token-averaged, would weigh a 40-token sample 40x a 1-token one
+    from rlhfkit.trainers.online import OnlineConfig, loss_reduction
+
+    def reduction(advantage, level, named="auto"):
+        return loss_reduction(OnlineConfig(prompts="p.jsonl", advantage=advantage, importance_sampling=level,
+                                           loss_reduction=named))
+
+    assert [reduction(a, "token") for a in ("grpo", "dr_grpo", "rloo", "reinforce_pp")] == [
+        "seq_mean_token_mean", "token_sum_norm", "token_mean", "token_mean"]
+    assert [reduction(a, "sequence") for a in ("grpo", "dr_grpo", "rloo", "reinforce_pp")] == [
+        "seq_mean_token_mean", "token_sum_norm", "seq_mean_token_mean", "seq_mean_token_mean"]
+    assert reduction("rloo", "sequence", "token_mean") == "token_mean"

@@ -109,7 +109,8 @@ class OnlineConfig:
         "importance_sampling_level; its paper clips at ε 3e-4 / 4e-4)")
     loss_reduction: Literal["auto", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = arg(
         "auto", "reduction of the token losses; auto = the method's own (grpo: seq_mean_token_mean, dr_grpo: "
-        "token_sum_norm, rloo and reinforce_pp: token_mean)")
+        "token_sum_norm, rloo and reinforce_pp: token_mean, or seq_mean_token_mean with importance_sampling "
+        "sequence)")
     eval_prompts: str = arg("", "held-out prompts: mean of each reward (one sample each) every train.eval_every "
                             "steps and at the end")
     columns: dict[str, str] = columns_arg()
@@ -303,6 +304,17 @@ def learned_mask(exp: Experience, mask_truncated: bool) -> torch.Tensor:
     return exp.action_mask * exp.ended[:, None] if mask_truncated else exp.action_mask
 
 
+def loss_reduction(cfg: OnlineConfig) -> str:
+    """How the token losses reduce: ``cfg.loss_reduction``, or under auto the method's own, except that sequence-
+    level ratios (GSPO) average over samples (its paper's eq. 5): a token mean would weigh each sample's one ratio
+    by its length."""
+    if cfg.loss_reduction != "auto":
+        return cfg.loss_reduction
+    if cfg.importance_sampling == "sequence" and STRATEGIES[cfg.advantage].reduction == "token_mean":
+        return "seq_mean_token_mean"
+    return STRATEGIES[cfg.advantage].reduction
+
+
 def learn(roles, exp: Experience, cfg: OnlineConfig, reduction: str, optimizer, generator: torch.Generator,
           nonfinite: NonFinite, step: int) -> dict[str, float]:
     """``epochs`` passes of shuffled mini-batches: clipped policy loss (+ k3 KL term); mean metrics. Each
@@ -422,7 +434,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     rows = load_prompts(cfg.prompts, cfg.columns)
     eval_rows = load_prompts(cfg.eval_prompts, cfg.columns) if cfg.eval_prompts else []
     strategy = STRATEGIES[cfg.advantage]
-    reduction = strategy.reduction if cfg.loss_reduction == "auto" else cfg.loss_reduction
+    reduction = loss_reduction(cfg)
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, prompts_per_step=cfg.prompts_per_step,
                                       mini_batch_size=cfg.mini_batch_size)
     stage = zero.rollout_stage(cfg.train.deepspeed, sharding, not cfg.lora.enabled,  # ZeRO, the full policy only
