@@ -500,7 +500,10 @@ def parse_args(cls: type[C], argv: list[str] | None = None, prog: str = "rlhfkit
     for file in paths:
         _merge(data, load_yaml(file))
     path = ", ".join(paths)
+    mappings = {f.name: tp for f, tp in _fields(cls) if dict in (typing.get_origin(tp), tp)}
     for key, value in overrides.items():
+        if key in mappings and isinstance(data.get(key), Mapping):  # --columns a=b beside a file's columns: both
+            value = {**data[key], **_convert(value, mappings[key], key, lambda _: "the command line")}
         set_dotted(data, key, value)
 
     def where(key: str) -> str:  # which of the file and the command line set `key` (or keys inside it)

@@ -119,6 +119,16 @@ def test_a_repeated_mapping_flag_adds_its_pairs():
     assert parse_args(SFTConfig, argv).columns == {"prompt": "q2", "completion": "answer"}  # a later key wins
 
 
+def test_a_mapping_flag_adds_its_pairs_to_the_file_s(tmp_path):
+    from rlhfkit.trainers.sft import SFTConfig
+
+    path = write(tmp_path, "columns: {prompt: question, completion: answer}\n")
+    cfg = parse_args(SFTConfig, ["--config", str(path), "--columns", "completion=reply"])
+    assert cfg.columns == {"prompt": "question", "completion": "reply"}
+    with pytest.raises(ConfigError, match=r"bad value for 'columns' in the command line.*KEY=VALUE"):
+        parse_args(SFTConfig, ["--config", str(path), "--columns", "reply"])
+
+
 @pytest.mark.parametrize("argv", [["stray"], ["-x", "1"], ["--max_steps", "1", "extra"], ["--=3"]])
 def test_parse_overrides_rejects_stray_tokens(argv):
     with pytest.raises(ConfigError, match="unexpected argument"):
