@@ -44,7 +44,7 @@ def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
     For the length-averaged form use ``rlhfkit.advantages.masked_mean(token_lp, mask, dim=-1)``.
     """
-    return (token_lp * mask.to(token_lp.dtype)).sum(-1)
+    return torch.where(mask.bool(), token_lp, 0.0).sum(-1)  # a product would keep a padded -inf or NaN
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:

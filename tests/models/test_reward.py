@@ -99,6 +99,15 @@ def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_pa
     # score() is batch-independent
     torch.testing.assert_close(rm.score(PROMPTS, RESPONSES, batch_size=1), rm.score(PROMPTS, RESPONSES),
                                rtol=1e-5, atol=1e-5)
+    # the statistics are the training answers' own: normalised, their scores have mean 0 and (population) std 1;
+    # the file's rows less the held-out share (eval_fraction) are, so the whole file comes close (std 1.004)
+    from statistics import mean, pstdev
+
+    from rlhfkit.data.formats import load_preference
+    pairs = load_preference(task_dir / "preference.jsonl")
+    scores = rm.score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                      batch_size=64).tolist()
+    assert mean(scores) == pytest.approx(0.0, abs=0.02) and pstdev(scores) == pytest.approx(1.0, abs=0.02)
     # a run without statistics into the same directory does not leave these beside its model (they rescaled it)
     assert main(["rm", "--model", tiny_model_dir("qwen2"), "--data", str(task_dir / "preference.jsonl"),
                  "--out", str(out), "--train.max_steps", "1", "--train.batch_size", "8", "--normalize", "false",

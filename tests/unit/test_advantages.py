@@ -84,6 +84,17 @@ def test_masked_whiten_without_shift_adds_mean_back():
     close(masked_whiten(x, mask, shift_mean=False), [1.0, 2.0, 3.0, 0.0])
 
 
+def test_masked_whiten_divides_by_the_masked_std():
+    # x = [1, 3, 5]: mean 3, unbiased var ((-2)^2 + 0 + 2^2) / 2 = 4, std 2 -> [-1, 0, 1]; without the shift the mean
+    # comes back: [2, 3, 4]; the padded 100 is in neither statistic
+    x = torch.tensor([[1.0, 3.0], [5.0, 100.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    close(masked_whiten(x, mask), [[-1.0, 0.0], [1.0, 0.0]])
+    close(masked_whiten(x, mask, shift_mean=False), [[2.0, 3.0], [4.0, 0.0]])
+    # one kept entry: var 0 (no spread), so x - mean = 0 whatever the 1e-8 does
+    close(masked_whiten(torch.tensor([[7.0, 1.0]]), torch.tensor([[1, 0]])), [[0.0, 0.0]])
+
+
 def test_masked_whiten_all_masked_is_zero():
     out = masked_whiten(torch.tensor([[3.0, INF]]), torch.tensor([[0, 0]]))
     close(out, [[0.0, 0.0]])
@@ -243,6 +254,8 @@ def test_group_advantages_by_hand():
     # group [5, 5, 5]: all equal -> 0
     adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), group_size=3)
     close(adv, [-1 / 1.0001, 0.0, 1 / 1.0001, 0.0, 0.0, 0.0])
+    # group [0, 2, 4]: mean 2, sample std sqrt((4 + 0 + 4) / 2) = 2 -> (r - 2) / (2 + 1e-4)
+    close(group_advantages(torch.tensor([0.0, 2.0, 4.0]), group_size=3), [-2 / 2.0001, 0.0, 2 / 2.0001])
 
 
 def test_group_advantages_identical_rewards_exactly_zero():
@@ -388,3 +401,16 @@ def test_bf16_inputs_are_summed_in_float32():
     advantages, gae_returns = gae(rewards, torch.zeros(1, 512, dtype=torch.bfloat16), mask, 1.0, 1.0)
     torch.testing.assert_close(gae_returns, expected, rtol=1e-5, atol=1e-5)
     assert masked_whiten(rewards + torch.arange(512) * 0.001, mask).dtype == torch.float32
+
+
+def test_explained_variance_by_hand():
+    from rlhfkit.trainers.ppo import explained_variance
+
+    # R - V = [0, 0, 2] over the mask (mean 2/3, variance ((2/3)^2 x 2 + (4/3)^2) / 2 = 4/3); Var R = 4 (mean 3):
+    # 1 - (4/3) / 4 = 2/3; the padded fourth token is in neither
+    returns, values = torch.tensor([[1.0, 3.0], [5.0, 1e6]]), torch.tensor([[1.0, 3.0], [3.0, -7.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert explained_variance(values, returns, mask) == pytest.approx(2 / 3)
+    assert explained_variance(returns - 1.0, returns, mask) == pytest.approx(1.0)  # off by a constant: all of it
+    assert explained_variance(torch.zeros(2, 2), returns, mask) == pytest.approx(0.0)
+    assert explained_variance(values, torch.full((2, 2), 4.0), mask) == 0.0  # returns without spread

@@ -384,8 +384,12 @@ def test_a_resume_may_lengthen_a_constant_schedule_run_only(tmp_path):
 
 
 def test_a_checkpoint_without_its_config_is_resumed_unchecked(tmp_path):
+    # (saved by an rlhfkit from before checkpoints held their config) no settings to compare: a changed lr goes
+    # through, the checkpoint stays to be resumed, and the run's config is this one
     _earlier_run(tmp_path, 2)
     prepare_out_dir(_config(tmp_path, **{"optim.lr": 1e-6, "train.resume": "latest"}), tmp_path)
+    assert (tmp_path / "checkpoints" / "step-2" / "trainer_state.pt").exists()
+    assert "lr: 1.0e-06" in (tmp_path / CONFIG_FILE).read_text()
 
 
 # ---------------------------------------------------------------------------------------------- 4. past the end

@@ -53,6 +53,13 @@ def test_reward_model_loss_margin_is_subtracted():
     # logits [1 - 1, -1 - 0] = [0, -1]: (log 2 + 1.31326169) / 2 = (0.69314718 + 1.31326169) / 2
     loss, _ = reward_model_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), margin=torch.tensor([1.0, 0.0]))
     close(loss, 1.00320443)
+    # gaps [2, -1] less margins [3, 0]: logits [-1, -1], loss 1.31326169 each; the metrics read the gaps alone:
+    # accuracy 1/2 (the first pair's score is higher, though under its margin), margin (2 - 1) / 2
+    loss, metrics = reward_model_loss(torch.tensor([3.0, 0.0]), torch.tensor([1.0, 1.0]),
+                                      margin=torch.tensor([3.0, 0.0]))
+    close(loss, 1.31326169)
+    close(metrics["accuracy"], 0.5)
+    close(metrics["margin"], 0.5)
 
 
 def test_reward_model_loss_stable_for_large_gaps():
@@ -177,6 +184,11 @@ def test_entropy_bonus_by_hand():
     mask = torch.tensor([[1, 1], [1, 0]])
     close(entropy_bonus_loss(entropy_from_logits(logits), mask), -5 * math.log(2) / 3)
     close(entropy_bonus_loss(entropy_from_logits(logits), mask, "seq_mean_token_mean"), -1.5 * math.log(2))
+    # Dr. GRPO's constant, 2 sequences x 2 tokens: -(2 ln 4 + ln 2) / 4 = -5 ln 2 / 4; no token at all: 0
+    close(entropy_bonus_loss(entropy_from_logits(logits), mask, "token_sum_norm", norm_constant=4),
+          -5 * math.log(2) / 4)
+    for reduction in ("token_mean", "seq_mean_token_mean"):
+        close(entropy_bonus_loss(entropy_from_logits(logits), torch.zeros(2, 2), reduction), 0.0)
     peaked = torch.tensor([[[2.0, 0.0, 0.0, 0.0]]], requires_grad=True)
     entropy_bonus_loss(entropy_from_logits(peaked), torch.ones(1, 1)).backward()
     assert peaked.grad[0, 0, 0] > 0 > peaked.grad[0, 0, 1]  # descending it lowers the peak: entropy rises
@@ -212,6 +224,22 @@ def test_policy_loss_length_one_responses():
     for reduction in ("token_mean", "seq_mean_token_mean"):
         loss, _ = policy_loss(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, mask, reduction=reduction)
         close(loss, -1.7)
+    # Dr. GRPO's constant does not care how long they are: (-1.2 - 2.2) / (2 sequences x 2 tokens)
+    loss, _ = policy_loss(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, mask, reduction="token_sum_norm", norm_constant=4)
+    close(loss, -0.85)
+
+
+def test_policy_loss_sequence_level_length_one_and_empty_rows():
+    # a one-token row's sequence ratio is its token's (1.5 with A = 1: clipped, -1.2, no gradient); an empty row
+    # has ratio 1 and no token to carry it: the loss is row 0's alone, its gradient 0 everywhere
+    mask = torch.tensor([[1, 0], [0, 0]])
+    logprobs = LOGPROBS.clone().requires_grad_()
+    loss, metrics = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, mask, level="sequence")
+    close(loss, -1.2)
+    close(metrics["clip_frac"], 1.0)
+    close(metrics["ratio_mean"], 1.5)
+    loss.backward()
+    assert torch.equal(logprobs.grad, torch.zeros(2, 2))
 
 
 def test_policy_loss_seq_mean_skips_empty_rows():
@@ -224,12 +252,14 @@ def test_policy_loss_seq_mean_skips_empty_rows():
 def test_policy_loss_all_masked_is_zero_for_every_reduction():
     mask = torch.zeros(2, 2)
     for reduction in POLICY_LOSS_REDUCTIONS:
-        logprobs = LOGPROBS.clone().requires_grad_()
-        loss, metrics = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, mask, reduction=reduction, norm_constant=4)
-        loss.backward()
-        close(loss, 0.0)
-        close(metrics["clip_frac"], 0.0)
-        assert torch.equal(logprobs.grad, torch.zeros(2, 2))
+        for level in ("token", "sequence"):
+            logprobs = LOGPROBS.clone().requires_grad_()
+            loss, metrics = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, mask, reduction=reduction,
+                                        norm_constant=4, level=level)
+            loss.backward()
+            close(loss, 0.0)
+            close(metrics["clip_frac"], 0.0)
+            assert torch.equal(logprobs.grad, torch.zeros(2, 2))
 
 
 # --------------------------------------------------------------------------- value loss
@@ -268,6 +298,32 @@ def test_value_loss_padding_and_all_masked_rows():
     close(loss, 0.3125)
     loss.backward()
     assert torch.isfinite(values.grad).all()
+
+
+def test_value_loss_clip_fraction_counts_response_tokens_alone():
+    # test_value_loss_clipping_active's two tokens (one clipped) and a padded third: 1/2, not 1/3
+    values = torch.tensor([[1.0, 1.0, 9.0]])
+    loss, metrics = value_loss(values, torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[2.0, 0.0, 0.0]]),
+                               torch.tensor([[1, 1, 0]]))
+    close(loss, 0.6725)
+    close(metrics["value_clip_frac"], 0.5)
+
+
+def test_value_loss_length_one_and_empty_batches():
+    # one token, V = 1, V_old = 0.5, R = 2: the clipped error (0.7 - 2)^2 = 1.69 is taken, 1/2 x 1.69, gradient 0
+    values = torch.tensor([[1.0]], requires_grad=True)
+    loss, metrics = value_loss(values, torch.tensor([[0.5]]), torch.tensor([[2.0]]), torch.ones(1, 1))
+    close(loss, 0.845)
+    close(metrics["value_clip_frac"], 1.0)
+    loss.backward()
+    close(values.grad, [[0.0]])
+    # no response token anywhere: loss 0, gradient 0, nothing clipped
+    values = torch.tensor([[3.0, INF]], requires_grad=True)
+    loss, metrics = value_loss(values, torch.zeros(1, 2), torch.full((1, 2), 1e30), torch.zeros(1, 2))
+    close(loss, 0.0)
+    close(metrics["value_clip_frac"], 0.0)
+    loss.backward()
+    close(values.grad, [[0.0, 0.0]])
 
 
 # --------------------------------------------------------------------------- entropy
@@ -461,6 +517,8 @@ def test_orpo_by_hand():
     losses, metrics = orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1)
     close(losses, [0.71546154])
     close(metrics["log_odds_ratio"], [math.log(4)])
+    close(metrics["chosen_rewards"], [0.1 * math.log(0.5)])  # lam x avg logp
+    close(metrics["rejected_rewards"], [0.1 * math.log(0.2)])
 
 
 def test_orpo_without_odds_term_is_nll():
@@ -469,11 +527,13 @@ def test_orpo_without_odds_term_is_nll():
 
 
 def test_orpo_certain_answer_stays_finite():
-    # avg logp 0 means p = 1, odds infinite: the clamp keeps value and gradient finite.
+    # avg logp 0 means p = 1, odds infinite: the clamp holds both answers' log odds at the same finite value, so
+    # the ratio is 0: L = -0 + 0.1 x -log sigma(0) = 0.1 ln 2, and the gradient is the NLL's alone, -1
     chosen = torch.tensor([0.0], requires_grad=True)
     losses, _ = orpo_loss(chosen, torch.tensor([0.0]))
     losses.sum().backward()
-    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all()
+    close(losses, [0.1 * math.log(2)])
+    close(chosen.grad, [-1.0])
 
 
 def test_kto_by_hand():
