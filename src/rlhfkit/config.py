@@ -690,6 +690,9 @@ class TrainConfig:
         "auto", "DeepSpeed ZeRO over the processes (sft, rm, dpo family; ppo mode separate and the "
         "online methods with lora.enabled false; pip install deepspeed): zero1 partitions AdamW's state, zero2 the "
         "gradients too, zero3 the weights too; auto = as the accelerate launch config says")
+    dist_timeout: int = arg(1800, "seconds a process waits for the others at a collective before the run stops "
+                            "(several processes; HF Trainer's ddp_timeout): process 0 saves checkpoints and "
+                            "evaluates alone meanwhile, so raise it for large models", gt=0)
     tensorboard: bool = arg(True, "also write TensorBoard event files")
     wandb_project: str = arg("", "also log to Weights & Biases in this project ('' = off; pip install wandb; "
                              "WANDB_MODE=offline writes OUT/wandb without an account)")

@@ -11,6 +11,7 @@ Sharding the model over the processes instead of replicating it is ``rlhfkit.fsd
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 
@@ -36,16 +37,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup(device: torch.device) -> torch.device:
+def setup(device: torch.device, timeout_s: int = 1800) -> torch.device:
     """Open the process group when launched with more than one process; returns this rank's device
-    (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+    (``cuda`` becomes ``cuda:LOCAL_RANK``). ``timeout_s``: how long a collective waits for the other processes
+    (NCCL's own default is 10 minutes, shorter than process 0 may take to save a large model alone)."""
     if world_size() == 1:
         return device
     from accelerate import PartialState
 
-    PartialState(cpu=device.type == "cpu")  # reads RANK / WORLD_SIZE / MASTER_ADDR, inits the group once
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and local >= torch.cuda.device_count():
+        raise ValueError(f"process {rank()} (local rank {local}) has no GPU of its own: this machine shows "
+                           f"{torch.cuda.device_count()}; launch at most that many processes a machine, or pass "
+                           "--train.device cpu")
+    # reads RANK / WORLD_SIZE / MASTER_ADDR, inits the group once
+    PartialState(cpu=device.type == "cpu", timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     return device
 

@@ -150,16 +150,20 @@ def shard(model, how: str, what: str = "the model"):
     if how == "off" or distributed.world_size() == 1:
         return model
     try:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     except ImportError as e:
         raise ImportError(f"FSDP sharding needs torch >= 2.6 (this is {torch.__version__}): "
                           "pip install -U torch, or set train.fsdp off") from e
     reshard = how == "full_shard"
+    # on the model's device: without a mesh FSDP takes the machine's accelerator, so a --train.device cpu run on a
+    # machine with a GPU had its weights moved to cuda:0 in every process
+    mesh = init_device_mesh(next(model.parameters()).device.type, (distributed.world_size(),))
     classes = _unit_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)  # the root: whatever no layer holds
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)  # the root: whatever no layer holds
     for unit in layers + [model]:
         set_factor = getattr(unit, "set_gradient_divide_factor", None) or unit.set_reduce_scatter_divide_factor
         set_factor(1.0)  # sums, as the replicas' all-reduce does; average_gradients divides

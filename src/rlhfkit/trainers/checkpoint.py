@@ -254,7 +254,7 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
 MAY_CHANGE_ON_RESUME = frozenset({
     "train.resume", "train.out", "train.device", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_checkpoints", "train.tensorboard", "train.wandb_project", "train.overwrite_output_dir",
-    "train.on_nan", "train.fsdp", "train.deepspeed", "train.grad_accum", "generation.backend",
+    "train.on_nan", "train.dist_timeout", "train.fsdp", "train.deepspeed", "train.grad_accum", "generation.backend",
     "generation.batch_size", "eval_prompts", "task", "model.allow_pickle", "model.trust_remote_code",
     # memory and logging, not the update: a run resumed to fit memory (rlhfkit ppo / grpo / rloo / reinforce-pp)
     "train.gradient_checkpointing", "micro_batch_size", "log_samples",

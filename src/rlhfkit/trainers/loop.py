@@ -731,7 +731,7 @@ def start_run(cfg):
 
     check_bounds(cfg)  # a config built in Python has not been through the parser's check
     tokenizer = tokenizer_of(cfg.model)  # before the run directory is made: a template that cannot be read stops it
-    device = distributed.setup(resolve_device(cfg.train.device))
+    device = distributed.setup(resolve_device(cfg.train.device), cfg.train.dist_timeout)
     out = prepare_out_dir(cfg, cfg.train.out)
     seed_everything(cfg.train.seed)
     return out, device, tokenizer
