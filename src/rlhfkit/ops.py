@@ -47,6 +47,18 @@ def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return torch.where(mask.bool(), token_lp, 0.0).sum(-1)  # a product would keep a padded -inf or NaN
 
 
+def scalar_head(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A one-output head (a value or score head) on hidden states ``hidden`` (..., H) → (..., 1). A head of
+    float32 weights computes in float32, outside any autocast (under it its matmul ran in bf16, rounding every
+    value and score to bf16's 3 significant digits); any other (bf16 weights, or peft's wrapper holding a bf16
+    original beside its float32 trained copy) as the surrounding autocast has it, on hidden states in its dtype."""
+    dtypes = {p.dtype for p in head.parameters()}
+    if dtypes != {torch.float32}:
+        return head(hidden.to(next(iter(dtypes))) if len(dtypes) == 1 else hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.float())
+
+
 def mean_stderr(values: list[float]) -> tuple[float, float]:
     """Mean and its standard error (sample std / √n); 0 error for fewer than two values."""
     if not values:

@@ -723,3 +723,22 @@ def test_the_entropy_bonus_is_the_rollout_s_entropy_in_one_update(tiny_model_dir
     assert row["loss/policy"] == pytest.approx(plain_row["loss/policy"] - 0.1 * row["policy/entropy"], abs=1e-6)
     assert row["loss/value"] == pytest.approx(plain_row["loss/value"], rel=1e-6)
     assert any(not torch.equal(bonus[k], v) for k, v in plain.items() if "critic" not in k)
+
+
+def test_a_reward_model_directory_loads_as_the_run_s_models_do(tiny_model_dir, task_dir, rm_dir, tmp_path,
+                                                                monkeypatch):
+    # it had loaded at dtype auto whatever model.dtype said (bf16 on a GPU for a run asking float32)
+    import rlhfkit.trainers.ppo as ppo
+
+    class Stop(Exception):
+        pass
+
+    def spy(path, device, **kwargs):
+        raise Stop(kwargs)
+
+    monkeypatch.setattr(ppo.RewardModel, "from_pretrained", spy)
+    with pytest.raises(Stop) as stopped:
+        main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", rm_dir, "--prompts",
+              str(task_dir / "prompts_train.jsonl"), "--out", str(tmp_path / "ppo"), "--mode", "separate",
+              "--model.dtype", "float32", "--train.max_steps", "1", "--rollout_batch_size", "8"])
+    assert stopped.value.args[0] == {"dtype": "float32", "trust_remote_code": False, "allow_pickle": False}

@@ -65,3 +65,20 @@ def test_distinct_rows_in_order_of_first_appearance():
     mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
     first, index = distinct_rows(ids, mask)
     assert first.tolist() == [0, 1, 3] and index.tolist() == [0, 1, 0, 2]
+
+
+def test_a_float32_head_computes_in_float32_under_autocast():
+    # a value head under the run's bf16 autocast had rounded every value to bf16's 3 significant digits
+    from rlhfkit.ops import scalar_head
+
+    torch.manual_seed(0)
+    head, hidden = torch.nn.Linear(16, 1), torch.randn(4, 16)
+    exact = head(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(hidden).dtype == torch.bfloat16  # what autocast alone does
+        out = scalar_head(head, hidden.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, head(hidden.bfloat16().float()), rtol=0, atol=0)
+    assert (out - exact).abs().max() < 0.05  # hidden states rounded to bf16, nothing else
+    # a bf16 head computes as stored, on hidden states cast to it
+    assert scalar_head(head.to(torch.bfloat16), hidden).dtype == torch.bfloat16

@@ -44,15 +44,21 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def bf16_gpu(device: torch.device) -> bool:
-    """A GPU that computes in bfloat16 (where ``dtype: auto`` means bf16 compute)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """A GPU that computes in bfloat16 natively (Ampere, compute capability 8.0, and later), where ``dtype: auto``
+    means bf16 compute; a V100 or T4 emulates it slowly (torch's is_bf16_supported() says yes there)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def resolve_dtype(name: str, device: torch.device, trainable: bool = False) -> torch.dtype:
     """The weights' dtype. ``auto`` on a bf16 GPU: bfloat16 for weights that stay frozen (a reference,
     a reward model, a LoRA base), float32 for weights the optimiser updates (bf16 mixed precision:
     they compute in bf16 under ``mixed_precision``; in pure bf16 small updates round away). ``auto``
-    elsewhere: float32 (bf16 is slow on CPUs). A named dtype is taken as it is."""
+    elsewhere: float32 (bf16 is slow on CPUs). A named dtype is taken as it is, except float16 for trained
+    weights: without loss scaling, which rlhfkit does not do, their small gradients underflow."""
+    if name == "float16" and trainable:
+        raise ConfigError("model.dtype float16 for weights that are trained in full: float16 training needs loss "
+                          "scaling, which rlhfkit does not do; use bfloat16, auto (bf16 mixed precision on a GPU "
+                          "that has it) or float32")
     if name == "auto":
         return torch.bfloat16 if bf16_gpu(device) and not trainable else torch.float32
     return getattr(torch, name)

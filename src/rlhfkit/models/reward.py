@@ -22,6 +22,7 @@ from rlhfkit.models.forward import backbone_hidden
 from rlhfkit.models.load import (absolute_if_local, adapter_base, check_model_path, check_weights_format,
                                  is_adapter_dir, is_classifier_dir, load_tokenizer, loading, position_limit,
                                  resolve_device, resolve_dtype, saved_config)
+from rlhfkit.ops import scalar_head
 
 NORMALIZATION_FILE = "score_normalization.json"
 IDENTITY = {"mean": 0.0, "std": 1.0}
@@ -60,7 +61,7 @@ def _scores(backbone, score, input_ids: torch.Tensor, attention_mask: torch.Tens
     """``sequence_scores`` from the body and the score head: (B, T), (B, T) → (B,) float32."""
     hidden = backbone_hidden(backbone, input_ids, attention_mask, prefix_width)  # (B, T, H)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
-    return score(last).squeeze(-1).float()
+    return scalar_head(score, last).squeeze(-1).float()
 
 
 def packed_sequence_scores(model, input_ids: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
@@ -83,7 +84,7 @@ def _packed_scores(backbone, score, input_ids: torch.Tensor, position_ids: torch
     places = torch.arange(owner.numel(), device=owner.device)
     last = torch.zeros(int(owner.max()) + 1, dtype=torch.long, device=owner.device)
     last = last.scatter_reduce(0, owner[kept], places[kept], reduce="amax")  # (N,) each one's last place
-    return score(hidden.reshape(-1, hidden.shape[-1])[last]).squeeze(-1).float()
+    return scalar_head(score, hidden.reshape(-1, hidden.shape[-1])[last]).squeeze(-1).float()
 
 
 def reward_backbone(model):

@@ -32,7 +32,7 @@ from rlhfkit.models.load import (VALUE_HEAD_FILE, adapter_base, add_lora, checkp
                                  save_model, write_atomically)
 from rlhfkit.models.reward import (IDENTITY, NORMALIZATION_FILE, _hf_model, check_reward_dir, last_token_index,
                                    load_reward_backbone, score_normalization)
-from rlhfkit.ops import position_ids_from_mask
+from rlhfkit.ops import position_ids_from_mask, scalar_head
 from rlhfkit.rollout.engine import stop_ids
 
 
@@ -61,7 +61,7 @@ def values_at_actions(hidden: torch.Tensor, head: nn.Module, width: int) -> torc
 
     Response token j sits at column T - A + j and is predicted from column T - A - 1 + j.
     """
-    return head(hidden[:, -(width + 1):-1].to(head.weight.dtype)).squeeze(-1).float()  # a float32 head on bf16
+    return scalar_head(head, hidden[:, -(width + 1):-1]).squeeze(-1).float()  # a float32 head on bf16
 
 
 def _frozen(model):
@@ -189,7 +189,7 @@ class SharedBaseRoles:
         self._use("reward")
         hidden = hidden_states(self.model, batch)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch["attention_mask"])]
-        scores = self.reward_head(last.float()).squeeze(-1).float().cpu()
+        scores = scalar_head(self.reward_head, last).squeeze(-1).float().cpu()
         return (scores - self.reward_stats["mean"]) / self.reward_stats["std"]
 
     def _use(self, adapter: str) -> None:
@@ -296,7 +296,9 @@ class SeparateRoles:
         self.logits_chunk = logits_chunk  # as SharedBaseRoles' (``forward.response_logprobs``)
         self.amp = mixed_precision(model_cfg.dtype, device)  # the trainers' forwards run under it
         self.actor = load_causal_lm(model_cfg, device, trainable=True)
-        self.ref = _frozen(load_causal_lm(model_cfg, device)) if reference else None
+        # the reference in the actor's dtype (float32 under dtype auto, computing in bf16 under the same autocast):
+        # a bf16 copy beside it computes its norms and residuals otherwise, so KL and ratios were off at step 0
+        self.ref = _frozen(load_causal_lm(model_cfg, device, trainable=True)) if reference else None
         # critic = backbone + one-output head; from the reward model (seed 002) or the SFT model
         self.critic = (load_reward_backbone(ModelConfig(**{**vars(model_cfg), "path": critic_path}), device,
                                             trainable=True) if critic_path else None)

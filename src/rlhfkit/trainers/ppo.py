@@ -405,7 +405,10 @@ def train(cfg: PPOConfig, score_fn: ScoreFn | None = None,
         roles.add_reward_adapter(cfg.reward_model, cfg.model.path)  # the third adapter: no second model in memory
         score_fn = RewardAdapterScores(roles, tokenizer)  # scores the sampled ids themselves
     elif score_fn is None:
-        score_fn = RewardModel.from_pretrained(cfg.reward_model, device).score  # whole in every process
+        # whole in every process, loaded as the run's models are (model.dtype, trust_remote_code, allow_pickle)
+        score_fn = RewardModel.from_pretrained(cfg.reward_model, device, dtype=cfg.model.dtype,
+                                               trust_remote_code=cfg.model.trust_remote_code,
+                                               allow_pickle=cfg.model.allow_pickle).score
     if evaluate is None and eval_prompts:
         def evaluate(model, tokenizer):
             return score_samples(model, tokenizer, eval_prompts, score_fn, cfg.generation, cfg.train.seed)

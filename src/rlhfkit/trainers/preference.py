@@ -250,10 +250,12 @@ class PrecomputedReference(LiveReference):
 
 def _frozen_model(cfg, policy) -> Callable:
     """A frozen copy of the reference: sharded like the policy when the run shards (each layer's weights
-    gathered for its forward only: it has no backward), whole in every process otherwise."""
-    device = next(policy.parameters()).device
+    gathered for its forward only: it has no backward), whole in every process otherwise. In the policy's dtype:
+    under ``dtype: auto`` on a GPU a fully trained policy keeps float32 weights (computing in bf16 under autocast),
+    and a bf16 reference beside it would give a nonzero implicit reward before the first update."""
+    first = next(policy.parameters())
     ref_cfg = dataclasses.replace(cfg.model, path=cfg.ref_model or cfg.model.path)
-    model = load_causal_lm(ref_cfg, device).eval().requires_grad_(False)
+    model = load_causal_lm(ref_cfg, first.device, trainable=first.dtype == torch.float32).eval().requires_grad_(False)
     if getattr(cfg, "packing", False):  # it reads the packed rows too: another architecture may not keep them apart
         check_packing(model)
     if fsdp.mode(cfg.train.fsdp) != "off":

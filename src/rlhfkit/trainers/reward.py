@@ -129,13 +129,16 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                 "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
 
     stats: dict[str, float] = {}
+    amp = mixed_precision(cfg.model.dtype, device)
 
     def save() -> None:
         """The model and, with ``normalize``, its score statistics over the training pairs beside it: both
-        before the final evaluation, which may fail or be interrupted (PPO reads raw scores without them)."""
+        before the final evaluation, which may fail or be interrupted (PPO reads raw scores without them). The
+        scores as training computed them, under its autocast: a LoRA model's float32 score head beside a bf16 base
+        could not read bf16 hidden states without it."""
         if cfg.normalize:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 train_scores = []
                 for i in range(0, len(pairs), cfg.train.batch_size):
                     c, r, _ = scores_of(pairs[i: i + cfg.train.batch_size])
@@ -151,7 +154,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
         metrics = run(model=model, loss_fn=loss_fn, n_examples=len(pairs), cfg=cfg.train, optim=cfg.optim,
                       tokens_of=lambda idx: sum(len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in idx),
                       logger=logger, evaluate=evaluate, desc="reward model",
-                      amp=mixed_precision(cfg.model.dtype, device), tokenizer=tokenizer, save=save)
+                      amp=amp, tokenizer=tokenizer, save=save)
     if stats:
         metrics = {**metrics, "train/score_mean": stats["mean"], "train/score_std": stats["std"]}
     return metrics
