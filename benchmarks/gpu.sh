@@ -34,10 +34,12 @@ wait "$cpu"; echo "quickstart on cpu: exit $?"
 rm -rf "$out"/qs_*/*/checkpoints "$out"/qs_*/{tiny,sft,rm,dpo,sft_chosen,ppo}/*.safetensors  # keep $OUT small
 
 # one line per test (-v), so a run cut short by the timeout still says what passed and failed; in 8 workers
-# where pytest-xdist is installed (it is in the GPU image)
+# where pytest-xdist is installed (it is in the GPU image). Not the 2-process tests: they compare gloo runs on the
+# CPU to 1e-5 (CI runs them), and two processes on a one-GPU machine are refused (no GPU for local rank 1)
 workers=$("$py" -c 'import xdist' 2>/dev/null && echo "-n 8")
 OMP_NUM_THREADS=2 timeout "${TEST_SECONDS:-200}" "$py" -m pytest -v --tb=short -m "not slow" -p no:cacheprovider \
-    --maxfail 20 $workers tests > "$out/tests.txt" 2>&1
+    --maxfail 20 $workers --ignore tests/models/test_distributed.py --ignore tests/models/test_fsdp.py \
+    --ignore tests/models/test_zero.py tests > "$out/tests.txt" 2>&1
 echo "tests: exit $?"; grep -E "FAILED|ERROR" "$out/tests.txt" | head -n 30; tail -n 3 "$out/tests.txt"
 
 if [ "${MEMORY_SECONDS:-0}" -gt 0 ]; then

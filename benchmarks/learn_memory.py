@@ -8,10 +8,11 @@ same `rlhfkit ppo` (mode shared: one base with LoRA actor and critic; one step o
 ``--mini`` prompts learned from as one mini-batch, two epochs) once per setting, each in a fresh process:
 the whole mini-batch in one forward and backward (the baseline, measured in the same run), each
 ``--micro`` size, gradient checkpointing, and checkpointing with the first micro size. Prints peak RSS
-(ru_maxrss), the learn phase's seconds (``time/learn``), on a GPU its peak allocated memory
-(``torch.cuda.max_memory_allocated``), and their ratios to the baseline; memory is compared
-above a process that imports rlhfkit, torch and transformers and loads the model once ("load only"). Every
-setting gives the same update (tests/models/test_ppo.py, test_checkpointing.py); only memory and time differ.
+(ru_maxrss, the whole process's), the learn phase's seconds (``time/learn``), on a GPU the learn pass's own
+peak allocated memory (``torch.cuda.max_memory_allocated``, reset as it starts), and their ratios to the
+baseline; memory is compared above a process that imports rlhfkit, torch and transformers and loads the
+model once ("load only"). Every setting gives the same update (tests/models/test_ppo.py,
+test_checkpointing.py); only memory and time differ.
 """
 
 from __future__ import annotations
@@ -33,7 +34,20 @@ if args["micro"] is None:  # load only
     load_causal_lm(ModelConfig(path=args["model"]), torch.device("cpu"))
     learn = 0.0
 else:
+    import torch
+    import rlhfkit.trainers.ppo as ppo
     from rlhfkit.cli import main
+    learn_peak, learn_pass = [0.0], ppo.learn
+
+    def measured(*a, **k):  # the GPU's peak within the learn pass alone (not the rollout's KV cache or the load)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+        out = learn_pass(*a, **k)
+        if torch.cuda.is_available():
+            learn_peak[0] = max(learn_peak[0], torch.cuda.max_memory_allocated() / 2**20)
+        return out
+
+    ppo.learn = measured
     rc = main(["ppo", "--model", args["model"], "--reward_model", args["rm"], "--prompts", args["prompts"],
                "--out", args["out"], "--mode", "shared", "--train.max_steps", "1",
                "--rollout_batch_size", str(args["mini"]), "--mini_batch_size", str(args["mini"]),
@@ -43,8 +57,9 @@ else:
     assert rc == 0
     logged = [json.loads(line) for line in open(args["out"] + "/metrics.jsonl")]
     learn = logged[-1]["time/learn"]
+    learn_gpu = learn_peak[0]
 import torch
-gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0  # the run's device: auto
+gpu = learn_gpu if args["micro"] is not None else 0.0  # the run's device: auto
 print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, learn, gpu)
 """
 

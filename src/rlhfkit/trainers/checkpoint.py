@@ -143,7 +143,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
         trained = zero.full_params(model, trainable)
     else:
         weights, optimizer_states = None, {name: opt.state_dict() for name, (opt, _) in optimizers.items()}
-        trained = {n: params[n].detach().clone() for n in trainable}
+        trained = {n: params[n].detach().to("cpu", copy=True) for n in trainable}  # not a second copy on a GPU
     if distributed.is_main():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
