@@ -20,6 +20,10 @@ chooses what to shard and keeps our data-parallel arithmetic (``rlhfkit.distribu
 * **Checkpoints and the final model hold full tensors** (``gather``), written by process 0 in the
   layout of a 1-process run: ``from_pretrained`` loads them, and a checkpoint resumes with any
   number of processes, sharded or not (``copy_full_``, ``shard_optimizer_state``).
+* **Mixed precision.** Under the run's bf16 autocast (``dtype: auto`` on a bf16 GPU) each unit gathers
+  its float32 shards as bf16 (``MixedPrecisionPolicy``) and reduces gradients in float32: autocast's own
+  casts of gathered float32 weights were saved for the backward and cached for the whole autocast region,
+  a bf16 copy of every layer held at once whatever the sharding.
 * **Rollouts and rank-0 evaluation** run on the policy's gathered weights (``gathered``): every unit
   is all-gathered once before sampling and resharded after, so the decode loop, which reads the
   weights itself, sees full tensors and makes no collective call per token, and each process may
@@ -143,27 +147,33 @@ def _unit_classes(model) -> set[str]:
     return set(getattr(hf, "_no_split_modules", None) or [])
 
 
-def shard(model, how: str, what: str = "the model"):
+def shard(model, how: str, what: str = "the model", amp: Callable[[], contextlib.AbstractContextManager] =
+          contextlib.nullcontext):
     """Shard ``model`` in place over every process (``how``: 'full_shard' or 'shard_grad_op') and
     return it; with one process, or 'off', it is returned as it is. Call it before building the
-    optimiser: the parameters become sharded DTensors. ``what`` names the model in the line printed."""
+    optimiser: the parameters become sharded DTensors. ``what`` names the model in the line printed;
+    ``amp``: the run's autocast (``load.mixed_precision``), whose dtype the units gather their weights in."""
     if how == "off" or distributed.world_size() == 1:
         return model
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     except ImportError as e:
         raise ImportError(f"FSDP sharding needs torch >= 2.6 (this is {torch.__version__}): "
                           "pip install -U torch, or set train.fsdp off") from e
     reshard = how == "full_shard"
     # on the model's device: without a mesh FSDP takes the machine's accelerator, so a --train.device cpu run on a
     # machine with a GPU had its weights moved to cuda:0 in every process
-    mesh = init_device_mesh(next(model.parameters()).device.type, (distributed.world_size(),))
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (distributed.world_size(),))
+    with amp():
+        compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     classes = _unit_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)  # the root: whatever no layer holds
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)  # the root: what no layer holds
     for unit in layers + [model]:
         set_factor = getattr(unit, "set_gradient_divide_factor", None) or unit.set_reduce_scatter_divide_factor
         set_factor(1.0)  # sums, as the replicas' all-reduce does; average_gradients divides
@@ -176,7 +186,8 @@ def shard(model, how: str, what: str = "the model"):
         held = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
         print(f"fsdp {how} over {distributed.world_size()} processes ({what}): units = {len(layers)} decoder "
-              f"layers + the root; process 0 holds {held:,} of {total:,} parameters")
+              f"layers + the root; process 0 holds {held:,} of {total:,} parameters"
+              + (f"; gathered in {str(compute).removeprefix('torch.')}" if compute else ""))
     return model
 
 

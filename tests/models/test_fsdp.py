@@ -200,6 +200,46 @@ def test_a_checkpoint_moves_between_one_process_and_the_fsdp_config(sft_args, sf
     _assert_same_weights(sft_one, tmp_path)
 
 
+BF16_CLI = """
+import sys
+import torch
+import rlhfkit.models.load as load
+load.bf16_gpu = lambda device: True  # the CPU counted as a bf16 GPU: dtype auto is bf16 autocast
+seen, linear = set(), torch.nn.Linear.forward
+
+def spy(self, x):  # the dtype of the weights each projection computes with under the run's autocast
+    if torch.is_autocast_enabled("cpu"):
+        seen.add(str(self.weight.dtype).removeprefix("torch."))
+    return linear(self, x)
+
+torch.nn.Linear.forward = spy
+from rlhfkit.cli import main
+rc = main(sys.argv[1:])
+print("weights computed in", sorted(seen))
+sys.exit(rc)
+"""
+
+
+def test_sharded_units_gather_bf16_weights_under_bf16_autocast(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    # autocast's casts of gathered float32 weights were saved for the backward (and cached for the autocast region):
+    # a bf16 copy of every layer held at once. Gathered as bf16, policy and reference compute alike: at lr 0 DPO's
+    # first loss is log 2 exactly
+    import math
+
+    (tmp_path / "bf16_cli.py").write_text(BF16_CLI)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    args = ["dpo", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "preference.jsonl"),
+            "--reference", "model", "--lora.enabled", "false", *TRAIN, "--optim.lr", "0", "--train.max_steps", "1"]
+    printed = _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two", module="bf16_cli")
+    assert "(the trained model): units = 1 decoder layers + the root; process 0 holds" in printed
+    assert printed.count("; gathered in bfloat16") == 2  # the policy and its reference
+    assert "weights computed in ['bfloat16']" in printed
+    first = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-7)
+    saved = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values())  # the float32 shards are what is saved
+
+
 @pytest.mark.parametrize("reference", ["model", "precomputed"])
 def test_dpo_with_the_fsdp_grad_op_config_equals_one_process(tiny_model_dir, task_dir, tmp_path, reference):
     # the reference is a second, frozen model, sharded too (gathered layer by layer for its forwards only);

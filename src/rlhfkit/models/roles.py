@@ -118,7 +118,7 @@ class SharedBaseRoles:
         shard_grad_op); the value and reward heads, a few thousand weights, stay whole in each. After
         ``add_reward_adapter``, before the optimisers are built. Nothing with one process or 'off'."""
         roles = "actor, critic and reference" if self.value_head is not None else "policy and reference"
-        fsdp.shard(self.model, how, what=f"the shared base: {roles}")
+        fsdp.shard(self.model, how, what=f"the shared base: {roles}", amp=self.amp)
         self._find_parameters()
         if fsdp.is_sharded(self.model) and distributed.is_main():
             print("note: the policy samples with the whole base gathered, so a process holds its shard and the whole "
@@ -337,11 +337,11 @@ class SeparateRoles:
         """Shard actor and critic over the processes (``rlhfkit.fsdp``, ``how``: full_shard or shard_grad_op),
         the frozen reference always fully (nothing of it is kept for a backward). Before the optimisers are
         built. Nothing with one process or 'off'."""
-        fsdp.shard(self.actor, how, what="the actor")
+        fsdp.shard(self.actor, how, what="the actor", amp=self.amp)
         if self.ref is not None:
-            fsdp.shard(self.ref, "full_shard", what="the frozen reference")
+            fsdp.shard(self.ref, "full_shard", what="the frozen reference", amp=self.amp)
         if self.critic is not None:
-            fsdp.shard(self.critic, how, what="the critic")
+            fsdp.shard(self.critic, how, what="the critic", amp=self.amp)
 
     def release(self) -> None:
         """Sharded: reshard what forwards with no backward after them left gathered (``fsdp.release``)."""

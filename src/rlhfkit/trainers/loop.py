@@ -494,7 +494,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
                          f"({world}) x train.grad_accum ({cfg.grad_accum})")
     if cfg.gradient_checkpointing:
         checkpoint_activations(model)
-    fsdp.shard(model, sharding, what="the trained model")
+    fsdp.shard(model, sharding, what="the trained model", amp=amp)
     sharded = fsdp.is_sharded(model)
     num_steps = total_steps(cfg, n_examples)
     optimizer, scheduler = build_optimizer(model.parameters(), optim, num_steps)

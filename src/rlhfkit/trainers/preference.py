@@ -259,7 +259,8 @@ def _frozen_model(cfg, policy) -> Callable:
     if getattr(cfg, "packing", False):  # it reads the packed rows too: another architecture may not keep them apart
         check_packing(model)
     if fsdp.mode(cfg.train.fsdp) != "off":
-        fsdp.shard(model, "full_shard", what="the frozen reference")
+        fsdp.shard(model, "full_shard", what="the frozen reference",
+                   amp=mixed_precision(cfg.model.dtype, first.device))
     return lambda: nullcontext(model)
 
 
