@@ -233,7 +233,17 @@ def test_agreement_with_gold_is_reported_on_the_built_in_task_s_pairs_alone(task
                 "rejected": " No, cold."}]
     assert reward_model_eval(ByLength(), foreign)["gold_agreement"] is None
     ours = load_preference(task_dir / "preference_valid.jsonl")[:50]
-    assert reward_model_eval(ByLength(), ours)["gold_agreement"] is not None
+    result = reward_model_eval(ByLength(), ours)
+    # the oracle, pair by pair: where gold does not tie them, does the longer answer have the higher gold score?
+    from rlhfkit.data.tasks.describe import gold_reward
+    verdicts = [len(p["chosen"]) > len(p["rejected"]) if g > 0 else len(p["rejected"]) > len(p["chosen"])
+                for p in ours if (g := gold_reward(p["prompt"], p["chosen"]) - gold_reward(p["prompt"], p["rejected"]))]
+    assert result["n_gold_untied"] == len(verdicts) > 0
+    assert result["gold_agreement"] == pytest.approx(sum(verdicts) / len(verdicts))
+    accuracy = sum(len(p["chosen"]) > len(p["rejected"]) for p in ours) / 50
+    assert result["accuracy"] == pytest.approx(accuracy)
+    # the sample std of 50 zeros and ones over sqrt(50): sqrt(p (1 - p) / 49)
+    assert result["accuracy_stderr"] == pytest.approx((accuracy * (1 - accuracy) / 49) ** 0.5)
 
 
 def test_a_tied_score_agrees_with_neither_side_of_gold(task_dir):
