@@ -311,6 +311,21 @@ def test_a_resume_refuses_a_data_file_whose_rows_changed_under_the_same_name(tmp
         prepare_out_dir(resumed, tmp_path / "run")
 
 
+def test_a_resume_takes_the_same_data_at_another_path_and_refuses_other_data_there(tmp_path):
+    # a job restarted where the disk is mounted elsewhere: the rows it trained on, under a new name
+    data, moved = tmp_path / "train.jsonl", tmp_path / "mnt" / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 30)
+    prepare_out_dir(dataclasses.replace(_config(tmp_path / "run"), data=str(data)), tmp_path / "run")
+    save_checkpoint(tmp_path / "run", 2, *_trained())
+    moved.parent.mkdir()
+    moved.write_text(data.read_text())
+    resumed = dataclasses.replace(_config(tmp_path / "run", **{"train.resume": "latest"}), data=str(moved))
+    prepare_out_dir(resumed, tmp_path / "run")
+    moved.write_text('{"prompt": "a", "completion": "c"}\n' * 30)  # other rows at the new path: another run
+    with pytest.raises(ConfigError, match=rf"saved with other settings \(data: {data} → {moved}\)"):
+        prepare_out_dir(resumed, tmp_path / "run")
+
+
 def test_a_setting_added_since_the_checkpoint_changes_nothing_at_its_default(tmp_path):
     # a checkpoint saved before rlhfkit had some setting (its copy lacks the key): the same command resumes it;
     # the setting away from its default is a change

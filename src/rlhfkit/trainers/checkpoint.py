@@ -325,17 +325,21 @@ def check_resume_config(path: Path, cfg) -> None:
     """Refuse (ConfigError) to resume checkpoint ``path`` as another run than the one it saved: with other
     settings (``_check_resume_settings``), or on data files that now hold other rows (``_check_resume_data``).
     Call it before the run's own config and data digests are written over. What a checkpoint holds no copy
-    of is not checked."""
-    _check_resume_settings(path, cfg)
+    of is not checked. A data file found at another path (a job restarted where the disk is mounted elsewhere)
+    may be resumed from when its contents are the same."""
+    saved = json.loads((path / DATA_FILE).read_text()) if (path / DATA_FILE).is_file() else {}
+    moved = {key for key, digest in data_digests(cfg).items() if saved.get(key) == digest}
+    _check_resume_settings(path, cfg, moved)
     _check_resume_data(path, cfg)
 
 
-def _check_resume_settings(path: Path, cfg) -> None:
+def _check_resume_settings(path: Path, cfg, moved: set[str] = frozenset()) -> None:
     """Refuse (ConfigError, naming each change) to resume checkpoint ``path`` with settings other than those
     in its copy of the run's config, except ``MAY_CHANGE_ON_RESUME``, and the run's length (``LENGTH``) under a
     constant schedule. A new learning rate, batch size, seed, data file or length (``max_steps``, ``epochs``: a
     cosine schedule's length too) would silently train half of one run and half of another, while the run's
-    recorded config claimed the new settings throughout."""
+    recorded config claimed the new settings throughout. ``moved``: data keys whose files hold what they held
+    when the checkpoint was saved, wherever they are now."""
     if not (path / CONFIG_FILE).is_file():
         return
     # both as save_config writes them and load_yaml reads them back, so that equal settings compare equal
@@ -354,7 +358,7 @@ def _check_resume_settings(path: Path, cfg) -> None:
     # the step): a longer run resumed is the longer run uninterrupted, so it may be extended
     constant = (old.get("optim.schedule") == new.get("optim.schedule") == "constant"
                 and not old.get("optim.warmup_ratio") and not new.get("optim.warmup_ratio"))  # nor a warm-up of it
-    free = MAY_CHANGE_ON_RESUME | (LENGTH if constant else set())
+    free = MAY_CHANGE_ON_RESUME | (LENGTH if constant else set()) | moved
     keys = [key for key in dict.fromkeys([*old, *new])
             if key not in free and (key in old, old.get(key)) != (key in new, new.get(key))]
     changed = [f"{key}: {_show(old, key)} → {_show(new, key)}" for key in keys]
