@@ -328,9 +328,13 @@ def test_ppo_with_the_reward_as_third_adapter_trains(tiny_model_dir, task_dir, l
     assert main(["ppo", "--model", tiny_model_dir("llama"), "--reward_model", lora_rm_dir,
                  "--prompts", str(task_dir / "prompts_train.jsonl"), "--out", str(out), "--train.max_steps", "2",
                  "--rollout_batch_size", "8", "--mini_batch_size", "4", "--optim.lr", "1e-2",
-                 "--generation.max_new_tokens", "8", "--train.tensorboard", "false"]) == 0
+                 "--generation.max_new_tokens", "8", "--train.tensorboard", "false", "--train.save_every", "2"]) == 0
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == 2 and all(r["rollout/score"] == r["rollout/score"] for r in logs)  # finite, not NaN
+    # what it trained is saved (the actor, the critic); the frozen reward adapter, re-saved without its score head,
+    # was a reward model no command could load
+    assert (out / "adapter_model.safetensors").is_file() and (out / "critic" / "adapter_model.safetensors").is_file()
+    assert not (out / "reward").exists() and not (out / "checkpoints" / "step-2" / "reward").exists()
 
 
 def test_ppo_evaluates_held_out_prompts_with_its_reward_model(tiny_model_dir, task_dir, rm_dir, tmp_path, capsys):

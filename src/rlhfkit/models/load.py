@@ -403,16 +403,26 @@ def saved_keys(model) -> set[str] | None:
 
     state = model.state_dict()
     source = {id(v): k for k, v in state.items()}
-    picked = [v for name in model.peft_config for v in get_peft_model_state_dict(
+    picked = [v for name in trained_adapters(model) for v in get_peft_model_state_dict(
         model, state_dict=state, adapter_name=name, save_embedding_layers=False).values()]
     return {source[id(v)] for v in picked} if all(id(v) in source for v in picked) else None
 
 
+def trained_adapters(model) -> list[str]:
+    """A peft model's adapters that were trained: not one loaded frozen (PPO's reward adapter on the shared base,
+    the reward model's own adapter, which PPO reads and does not change); every adapter when none was trained."""
+    trained = [name for name, config in model.peft_config.items() if not config.inference_mode]
+    return trained or list(model.peft_config)
+
+
 def adapter_saving(model) -> dict:
-    """``save_pretrained``'s options for ``model``: for a peft model, not the frozen layers an adapter on the
-    output head brings (all-linear+head: peft saved the head, vocab x hidden, GBs for a large vocabulary, in every
-    adapter and checkpoint; the base holds it, unchanged, and loads it)."""
-    return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+    """``save_pretrained``'s options for ``model``: for a peft model, its trained adapters alone (a frozen one
+    re-saved beside them lacked its score head: OUT/reward was a reward model no command could load), and not
+    the frozen layers an adapter on the output head brings (all-linear+head: peft saved the head, vocab x hidden,
+    GBs for a large vocabulary, in every adapter and checkpoint; the base holds it, unchanged, and loads it)."""
+    if not hasattr(model, "peft_config"):
+        return {}
+    return {"save_embedding_layers": False, "selected_adapters": trained_adapters(model)}
 
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
