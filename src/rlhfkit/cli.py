@@ -122,7 +122,11 @@ class ExportConfig:
     """`rlhfkit export`: merge LoRA adapters into a standalone Hugging Face directory."""
 
     model: str = arg("", "directory holding a LoRA adapter (adapter_config.json)")
-    out: str = arg("", "directory for the merged model")
+    out: str = arg("", "directory for the merged model (new or empty, unless overwrite)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
+        "auto", "the merged weights' dtype (merged in float32); auto = the base model's saved dtype")
+    overwrite: bool = arg(False, "write into an --out that holds files already (its model files are replaced, "
+                          "other files stay)")
     allow_pickle: bool = arg(False, "allow pickled .bin base weights (unsafe)")
 
 
@@ -621,7 +625,15 @@ def cmd_export(cfg: ExportConfig) -> None:
     if is_adapter_dir(cfg.model) and Path(cfg.out).resolve() == Path(adapter_base(cfg.model)).resolve():
         raise ConfigError(f"--out {cfg.out} is the adapter's base model, which the merged one would replace (and the "
                           "adapter would then apply twice): write it to another directory")
-    print(f"merged model written to {merge_adapters(cfg.model, cfg.out, cfg.allow_pickle)}")
+    out = Path(cfg.out)
+    if out.is_file():
+        raise ConfigError(f"--out {cfg.out} is a file: name a directory for the merged model")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        raise ConfigError(f"--out {cfg.out} holds files already ({', '.join(names[:4])}{', ...' * (len(names) > 4)}): "
+                          "write the merged model to a new directory, or pass --overwrite true to write into it (a "
+                          "model other adapters were trained on would change under them)")
+    print(f"merged model written to {merge_adapters(cfg.model, cfg.out, cfg.allow_pickle, cfg.dtype)}")
 
 
 def _sft_config():

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhfkit.cli import main
 from rlhfkit.config import ModelConfig
@@ -147,6 +148,28 @@ def test_sft_with_lora_saves_an_adapter_that_exports(tiny_model_dir, task_dir, t
     plain = AutoModelForCausalLM.from_pretrained(merged)
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(adapted(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_export_keeps_the_base_s_dtype_and_does_not_write_into_a_directory_holding_files(tiny_model_dir, task_dir,
+                                                                                           tmp_path, capsys):
+    base, out = tmp_path / "bf16", tmp_path / "sft"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir("llama")).save_pretrained(base)
+    assert main(["sft", "--model", str(base), "--data", str(task_dir / "sft.jsonl"), "--out", str(out),
+                 "--lora.enabled", "true", "--lora.r", "4", "--train.max_steps", "1", "--train.batch_size", "4",
+                 "--train.tensorboard", "false"]) == 0
+    # merged in float32, saved as the base was (peft's merge_and_unload keeps it): not twice its size
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "merged")]) == 0
+    assert {v.dtype for v in load_file(str(tmp_path / "merged" / "model.safetensors")).values()} == {torch.bfloat16}
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "wide"), "--dtype", "float32"]) == 0
+    assert {v.dtype for v in load_file(str(tmp_path / "wide" / "model.safetensors")).values()} == {torch.float32}
+    # a directory with files in it (another run's, or a model other adapters stand on) is left alone unless asked
+    capsys.readouterr()
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "merged")]) == 2
+    assert "merged holds files already (chat_template.jinja, config.json, " in capsys.readouterr().err
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "merged"), "--overwrite", "true"]) == 0
+    assert main(["export", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")]) != 0
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_a_file_with_its_own_column_names_trains_as_ours_does(tiny_model_dir, task_dir, tmp_path):

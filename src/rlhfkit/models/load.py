@@ -495,12 +495,28 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
         raise
 
 
-def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
-    """Merge a LoRA adapter directory into its base: a standalone directory without peft."""
+def base_dtype(path: str) -> torch.dtype:
+    """The dtype a LoRA adapter's base model was saved in (its config's ``dtype``; float32 when it names none)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(absolute_if_local(adapter_base(path)))
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
+
+
+def merge_adapters(path: str, out: str, allow_pickle: bool = False, dtype: str = "auto") -> Path:
+    """Merge a LoRA adapter directory into its base: a standalone directory without peft. The merge is computed in
+    float32; the merged weights are saved in ``dtype`` (auto: the base's own, as peft's merge_and_unload keeps it,
+    not twice its size in float32)."""
+    if not Path(path).exists():
+        raise ValueError(f"{path} does not exist: export merges a local LoRA adapter directory")
     if not is_adapter_dir(path):
         raise ValueError(f"{path} holds no LoRA adapter (no adapter_config.json); nothing to merge")
+    target = base_dtype(path) if dtype == "auto" else getattr(torch, dtype)
     if is_classifier_dir(path):
-        return _merge_reward_adapter(path, out, allow_pickle)
+        return _merge_reward_adapter(path, out, allow_pickle, target)
     model = load_causal_lm(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle), torch.device("cpu"))
     base = model.get_base_model()
     output, inputs = base.get_output_embeddings(), base.get_input_embeddings()
@@ -510,17 +526,17 @@ def merge_adapters(path: str, out: str, allow_pickle: bool = False) -> Path:
         output.base_layer.weight = torch.nn.Parameter(inputs.weight.detach().clone())
         base.config.tie_word_embeddings = False
         base.config.get_text_config().tie_word_embeddings = False
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload().to(target)
     return save_model(merged, load_tokenizer(path), out)
 
 
-def _merge_reward_adapter(path: str, out: str, allow_pickle: bool) -> Path:
+def _merge_reward_adapter(path: str, out: str, allow_pickle: bool, dtype: torch.dtype) -> Path:
     """``merge_adapters`` for a LoRA reward model: a sequence classifier with its trained score head, and the
     score normalisation it was saved with."""
     from rlhfkit.models.reward import NORMALIZATION_FILE, load_reward_backbone
 
     merged = load_reward_backbone(ModelConfig(path=path, dtype="float32", allow_pickle=allow_pickle),
-                                  torch.device("cpu"), trainable=True)  # trainable: the adapter merged in
+                                  torch.device("cpu"), trainable=True).to(dtype)  # trainable: the adapter merged in
     tokenizer = load_tokenizer(path)
     merged.config.pad_token_id = tokenizer.pad_token_id  # as `rm` sets it: transformers pads a batch with it
     saved = save_model(merged, tokenizer, out)
