@@ -597,3 +597,16 @@ def test_generate_sends_a_prompt_through_the_chat_template_when_asked(tiny_model
     assert main(["generate", "--model", model, "--prompts", str(prompts), "--generation.max_new_tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "User: Hi.\nAssistant:" in out and "'role'" not in out
+
+
+def test_an_adapter_saved_without_a_tokenizer_takes_its_base_s(tiny_model_dir, task_dir, tmp_path):
+    # peft's own save_pretrained writes the adapter alone: generate and export had failed asking for sentencepiece
+    out, bare = tmp_path / "sft", tmp_path / "bare"
+    assert main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--out", str(out),
+                 "--lora.enabled", "true", "--lora.r", "4", "--train.max_steps", "1", "--train.batch_size", "4",
+                 "--train.tensorboard", "false"]) == 0
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    assert load_tokenizer(str(bare)).get_vocab() == load_tokenizer(tiny_model_dir("llama")).get_vocab()
+    assert main(["export", "--model", str(bare), "--out", str(tmp_path / "merged")]) == 0

@@ -203,8 +203,11 @@ def refuse_adapter_dir(path: str, starts_from: str) -> None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (EOS when the model has none)."""
+    """The model's tokenizer, with a pad token (EOS when the model has none). A LoRA adapter directory saved
+    without tokenizer files (peft's own save_pretrained writes none) takes its base model's."""
     check_model_path(path)
+    if is_adapter_dir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        path = absolute_if_local(adapter_base(path))
     with loading(path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
