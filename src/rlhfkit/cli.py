@@ -428,6 +428,7 @@ def cmd_eval(cfg: EvalConfig) -> None:
     _refuse_foreign(prompts, cfg.prompts, "`eval` measures by default: score your own prompts with --rewards "
                                           "(module:function names and/or reward-model directories)")
     model, tokenizer = _load(cfg.model)
+    _check_reference(cfg, tokenizer)  # before the sampling, not after it
     prompts = _fitting(prompts, tokenizer, cfg, cfg.prompts)
     result = gold_eval(model, tokenizer, prompts, cfg.generation, seed=cfg.seed, progress=True)
     decoding = "greedy" if cfg.generation.temperature <= 0 else f"sampling, temperature {cfg.generation.temperature}"
@@ -457,6 +458,7 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     rows = with_every_column(rows)
     reward.check_columns(rows[0] if rows else [], cfg.prompts)
     model, tokenizer = _load(cfg.model)
+    _check_reference(cfg, tokenizer)  # before the sampling, not after it
     room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
     rows = drop_long_prompts(rows, tokenizer, 0, cfg.prompts, room=room)  # past the positions: an IndexError
     prompts, gens, total, parts = sample_rewards(model, tokenizer, rows, reward, cfg.generation, cfg.seed,
@@ -478,16 +480,25 @@ def _eval_rewards(cfg: EvalConfig) -> None:
                                              "decoding": decoding, "samples": samples}, indent=1))
 
 
+def _check_reference(cfg: EvalConfig, tokenizer) -> None:
+    """ConfigError for an ``--reference`` that is not a model, or reads other token ids than the model's."""
+    if not cfg.reference:
+        return
+    from rlhfkit.models.load import check_model_path, check_same_tokenizer
+
+    check_model_path(cfg.reference, "--reference model")
+    check_same_tokenizer(tokenizer, cfg.reference, "--reference", "Pass the model this one was trained from.",
+                         cfg.model.trust_remote_code)
+
+
 def _kl_to_reference(cfg: EvalConfig, model, tokenizer, gens) -> dict:
     """With ``--reference``: the model's KL to it on its own samples ``gens`` (``evaluate.kl_to_reference``,
     printed), as {"kl", "kl_stderr", "reference"}; else {}."""
     if not cfg.reference:
         return {}
     from rlhfkit.evaluate import kl_to_reference
-    from rlhfkit.models.load import check_same_tokenizer, load_causal_lm
+    from rlhfkit.models.load import load_causal_lm
 
-    check_same_tokenizer(tokenizer, cfg.reference, "--reference", "Pass the model this one was trained from.",
-                         cfg.model.trust_remote_code)
     reference = load_causal_lm(dataclasses.replace(cfg.model, path=cfg.reference))
     kl, stderr = kl_to_reference(model, reference, gens, tokenizer.pad_token_id,
                                  temperature=cfg.generation.logprob_temperature)

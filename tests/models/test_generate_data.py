@@ -337,6 +337,15 @@ def test_a_kl_to_a_reference_from_greedy_or_cut_off_samples_is_refused(decoding,
     assert "--reference estimates the KL on the model's own samples" in capsys.readouterr().err
 
 
+def test_a_reference_that_is_no_model_is_refused_before_sampling(tiny_model_dir, task_dir, tmp_path, capsys):
+    # it had sampled every prompt and printed the gold reward first, then failed with nothing written
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_test.jsonl"),
+                 "--limit", "4", "--reference", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert "does not exist" in printed.err and "gold reward on" not in printed.out
+
+
 def test_eval_reports_the_kl_to_a_reference(tiny_model_dir, tmp_path, length_reward, capsys):
     from rlhfkit.config import GenerationConfig, ModelConfig
     from rlhfkit.evaluate import kl_to_reference
