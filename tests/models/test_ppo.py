@@ -746,3 +746,24 @@ def test_a_reward_model_directory_loads_as_the_run_s_models_do(tiny_model_dir, t
               str(task_dir / "prompts_train.jsonl"), "--out", str(tmp_path / "ppo"), "--mode", "separate",
               "--model.dtype", "float32", "--train.max_steps", "1", "--rollout_batch_size", "8"])
     assert stopped.value.args[0] == {"dtype": "float32", "trust_remote_code": False, "allow_pickle": False}
+
+
+def test_a_ppo_run_of_the_other_mode_leaves_nothing_of_the_earlier_one_in_its_directory(tiny_model_dir, task_dir,
+                                                                                         lora_rm_dir, rm_dir,
+                                                                                         tmp_path):
+    # shared then separate: the value head beside the full critic had made it "an adapter and a value head", and
+    # an earlier reward adapter stayed; separate then shared: the full critic's score statistics stayed
+    out = tmp_path / "ppo"
+    common = ["ppo", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_train.jsonl"),
+              "--out", str(out), "--train.max_steps", "1", "--rollout_batch_size", "8", "--mini_batch_size", "8",
+              "--generation.max_new_tokens", "6", "--train.tensorboard", "false"]
+    (out / "reward").mkdir(parents=True)  # as a shared run with a LoRA reward model saved it before
+    (out / "reward" / "adapter_config.json").write_text("{}")
+    assert main([*common, "--mode", "shared", "--reward_model", lora_rm_dir]) == 0
+    assert (out / "critic" / "value_head.safetensors").is_file() and not (out / "reward").exists()
+    assert main([*common, "--mode", "separate", "--reward_model", rm_dir]) == 0
+    assert not (out / "critic" / "value_head.safetensors").exists() and (out / "critic" / "model.safetensors").is_file()
+    assert (out / "critic" / "score_normalization.json").is_file()
+    assert main([*common, "--mode", "shared", "--reward_model", rm_dir]) == 0
+    assert not (out / "critic" / "score_normalization.json").exists()
+    assert not (out / "critic" / "model.safetensors").exists() and (out / "critic" / "value_head.safetensors").is_file()

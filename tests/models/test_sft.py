@@ -610,3 +610,16 @@ def test_an_adapter_saved_without_a_tokenizer_takes_its_base_s(tiny_model_dir, t
         (bare / name).write_bytes((out / name).read_bytes())
     assert load_tokenizer(str(bare)).get_vocab() == load_tokenizer(tiny_model_dir("llama")).get_vocab()
     assert main(["export", "--model", str(bare), "--out", str(tmp_path / "merged")]) == 0
+
+
+def test_a_full_model_saved_where_an_adapter_was_leaves_no_adapter_model_card(tiny_model_dir, task_dir, tmp_path):
+    # peft's README.md ("library_name: peft") had stayed beside the full model, calling it an adapter
+    out = tmp_path / "sft"
+    common = ["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--out", str(out),
+              "--train.max_steps", "1", "--train.batch_size", "4", "--train.tensorboard", "false"]
+    assert main([*common, "--lora.enabled", "true", "--lora.r", "4"]) == 0
+    assert "library_name: peft" in (out / "README.md").read_text()
+    (out / "notes.md").write_text("mine")
+    assert main([*common, "--lora.enabled", "false"]) == 0
+    assert not (out / "README.md").exists() and not (out / "adapter_config.json").exists()
+    assert (out / "notes.md").read_text() == "mine" and (out / "model.safetensors").is_file()

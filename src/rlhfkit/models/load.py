@@ -474,6 +474,10 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
             for stale in folder.glob(pattern):
                 if stale.relative_to(out) not in written:
                     stale.unlink()
+        card = folder / "README.md"  # the model card peft wrote for an earlier adapter here: "library_name: peft"
+        if card.relative_to(out) not in written and card.is_file() and "library_name: peft" in card.read_text(
+                encoding="utf-8", errors="replace")[:2000]:
+            card.unlink()
     move(configs)  # last: a directory whose configs are new holds every new file and none of the earlier ones
     for folder in {out / name.parent for name in written}:
         fsync(folder)  # the renames and removals
