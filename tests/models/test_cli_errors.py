@@ -68,6 +68,16 @@ def test_ppo_s_critic_directory_is_refused_as_a_model_naming_the_actor(tmp_path,
            f"actor's directory, {tmp_path / 'ppo'}" in _one_line_error(capsys, rc)
 
 
+def test_ppo_s_full_critic_is_refused_as_a_reward_model(tmp_path, capsys):
+    # mode separate saves it as a classifier with score statistics, like a reward model: eval-rm had scored with it
+    run = tmp_path / "ppo"
+    (run / "critic").mkdir(parents=True)
+    (run / "critic" / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    (run / "rlhfkit_config.yaml").write_text("mode: separate\n")
+    rc = main(["eval-rm", "--model", str(run / "critic"), "--data", str(tmp_path / "pairs.jsonl")])
+    assert f"{run / 'critic'} is PPO's critic: a value model trained to predict returns" in _one_line_error(capsys, rc)
+
+
 def test_ctrl_c_is_one_line_and_says_how_generate_goes_on(monkeypatch, capsys, tmp_path):
     from rlhfkit import cli
 

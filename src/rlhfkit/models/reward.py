@@ -98,7 +98,12 @@ def check_reward_dir(path: str) -> None:
     (``architectures`` in its config), or a LoRA adapter trained as one (task type SEQ_CLS, which saves the
     score head beside it). A causal LM loaded as a classifier gets a random score head, and scores noise."""
     check_model_path(path, "reward model")
-    if not Path(path).is_dir() or is_classifier_dir(path):  # a hub name: not known before it is downloaded
+    p = Path(path)
+    if p.is_dir() and p.name == "critic" and (p.parent / "rlhfkit_config.yaml").is_file():
+        raise ConfigError(f"{path} is PPO's critic: a value model trained to predict returns from each token, not "
+                          "a reward model, though it is saved as a classifier; pass the reward model the run read "
+                          f"(reward_model in {p.parent / 'rlhfkit_config.yaml'})")
+    if not p.is_dir() or is_classifier_dir(path):  # a hub name: not known before it is downloaded
         return
     config = saved_config(path)
     what = (f"a LoRA adapter of task type {config.get('task_type')}" if is_adapter_dir(path)
