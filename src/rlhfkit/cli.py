@@ -595,10 +595,27 @@ class ChatConfig:
     generation: GenerationConfig = arg(GenerationConfig(max_new_tokens=128, temperature=0.7), "decoding")
 
 
+def _fitting_history(history: list[dict], start: list[dict], tokenizer, room: int | None) -> list[dict]:
+    """``history`` less its oldest exchanges (the system message, ``start``, kept) until the prompt it makes fits
+    in ``room`` tokens; the newest message alone may still not fit (None: the model names no limit)."""
+    from rlhfkit.data.collate import encode_prompt
+
+    dropped = 0
+    while room is not None and len(history) > len(start) + 1 and len(encode_prompt(tokenizer, history)) > room:
+        del history[len(start)]  # the oldest message after the system's
+        dropped += 1
+    if dropped:
+        print(f"(the conversation outgrew the model's positions: its {dropped} oldest messages are left out)")
+    return history
+
+
 def cmd_chat(cfg: ChatConfig) -> None:
+    from rlhfkit.data.collate import encode_prompt
+    from rlhfkit.models.load import prompt_room
     from rlhfkit.rollout.generate import generate
 
     model, tokenizer = _load(cfg.model)
+    room = prompt_room(cfg.model, cfg.generation.max_new_tokens)  # past the positions: an IndexError, or drift
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history, turn = list(start), 0
     if not getattr(tokenizer, "chat_template", None):
@@ -616,7 +633,14 @@ def cmd_chat(cfg: ChatConfig) -> None:
         if not line:
             continue
         history.append({"role": "user", "content": line})
+        if getattr(tokenizer, "chat_template", None):
+            history = _fitting_history(history, start, tokenizer, room)
         prompt = history if getattr(tokenizer, "chat_template", None) else line
+        if room is not None and len(encode_prompt(tokenizer, prompt)) > room:
+            print(f"(that message is longer than the {room} tokens the model has room for: say less, or lower "
+                  "--generation.max_new_tokens)")
+            history.pop()
+            continue
         reply = generate(model, tokenizer, [prompt], cfg.generation, seed=cfg.seed + turn).texts[0].strip()
         print(f"assistant> {reply}", flush=True)
         history.append({"role": "assistant", "content": reply})

@@ -333,6 +333,26 @@ def test_chat_answers_each_line_until_eof(tiny_model_dir, monkeypatch, capsys):
     assert out.count("assistant> ") == 2  # /reset is a command, not a message
 
 
+def test_chat_leaves_out_the_oldest_messages_when_the_conversation_outgrows_the_model(tmp_path, monkeypatch, capsys):
+    # 48 positions: the fourth line had run GPT-2's position embeddings out of range (an IndexError, the session lost)
+    from rlhfkit.models.tiny import make_tiny_model
+
+    path = make_tiny_model("gpt2", tmp_path / "gpt2", hidden_size=32, num_layers=1, num_heads=2, max_positions=48)
+    lines = iter(["Describe the cat and the dog."] * 4 + ["word " * 60, "Hi."])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--model", str(path), "--generation.max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 5  # every line answered but the one too long alone
+    assert "oldest messages are left out" in out and "that message is longer than the 41 tokens" in out
+
+
 def test_pickled_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
     """Safe loading: a directory with only a pickle (.bin) checkpoint is refused by default."""
     import shutil
