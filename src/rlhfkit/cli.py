@@ -212,6 +212,7 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     from rlhfkit.rollout.sampling import sample_seeds
     from rlhfkit.trainers.online import reward_inputs, with_every_column
 
+    cfg = dataclasses.replace(cfg, generation=_model_sampling(cfg, greedy_ok=cfg.n == 1))
     typed = [p.replace("\\n", "\n") for p in cfg.prompt]
     rows = [{"prompt": [{"role": "user", "content": p}] if cfg.chat else p} for p in typed]
     if not rows and cfg.prompts:
@@ -595,6 +596,24 @@ class ChatConfig:
     generation: GenerationConfig = arg(GenerationConfig(max_new_tokens=128, temperature=0.7), "decoding")
 
 
+def _model_sampling(cfg, greedy_ok: bool = True) -> GenerationConfig:
+    """``cfg.generation`` with the sampling settings of the model's generation_config.json (``load.model_sampling``)
+    in place of those the user did not set, as Hugging Face's generate and vLLM take them; printed when any is.
+    ``greedy_ok`` False: a model that says greedy keeps ours (several samples a prompt)."""
+    from rlhfkit.config import given_keys
+    from rlhfkit.models.load import model_sampling
+
+    given = given_keys(cfg)
+    taken = {k: v for k, v in model_sampling(cfg.model.path).items()
+             if f"generation.{k}" not in given and not (k == "temperature" and v == 0 and not greedy_ok)}
+    taken = {k: v for k, v in taken.items() if getattr(cfg.generation, k) != v}
+    if not taken:
+        return cfg.generation
+    print(f"sampling as {cfg.model.path}'s generation_config.json says: "
+          + ", ".join(f"{k} {v}" for k, v in taken.items()) + " (set --generation.NAME to change)")
+    return dataclasses.replace(cfg.generation, **taken)
+
+
 def _fitting_history(history: list[dict], start: list[dict], tokenizer, room: int | None) -> list[dict]:
     """``history`` less its oldest exchanges (the system message, ``start``, kept) until the prompt it makes fits
     in ``room`` tokens; the newest message alone may still not fit (None: the model names no limit)."""
@@ -614,6 +633,7 @@ def cmd_chat(cfg: ChatConfig) -> None:
     from rlhfkit.models.load import prompt_room
     from rlhfkit.rollout.generate import generate
 
+    cfg = dataclasses.replace(cfg, generation=_model_sampling(cfg))
     model, tokenizer = _load(cfg.model)
     room = prompt_room(cfg.model, cfg.generation.max_new_tokens)  # past the positions: an IndexError, or drift
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []

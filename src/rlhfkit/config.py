@@ -514,7 +514,20 @@ def parse_args(cls: type[C], argv: list[str] | None = None, prog: str = "rlhfkit
         return f"{path} and the command line" if inside else str(path)
 
     _check_keys(cls, data, where, _names(cls))
-    return _build(cls, data, where)
+    cfg = _build(cls, data, where)
+    cfg.__dict__["_given"] = frozenset(_leaf_keys(data))  # what the user set, for defaults taken from elsewhere
+    return cfg
+
+
+def _leaf_keys(data: Mapping, prefix: str = "") -> list[str]:
+    return [k for key, value in data.items()
+            for k in (_leaf_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [prefix + key])]
+
+
+def given_keys(cfg: Any) -> frozenset[str]:
+    """The dotted keys of ``cfg`` a config file or the command line set (``parse_args``); none for a config
+    built in Python."""
+    return cfg.__dict__.get("_given", frozenset())
 
 
 def _doc(cls: type) -> str:

@@ -619,6 +619,36 @@ def test_generate_sends_a_prompt_through_the_chat_template_when_asked(tiny_model
     assert "User: Hi.\nAssistant:" in out and "'role'" not in out
 
 
+def test_generate_and_chat_sample_as_the_model_s_generation_config_says_unless_told(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    # Hugging Face's generate and vLLM take a model's own sampling defaults; ours had sampled at temperature 1
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    saved = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**saved, "do_sample": True, "top_k": 1}))
+
+    def answers(*flags):
+        capsys.readouterr()
+        texts = []
+        for seed in (0, 1, 2):
+            assert main(["generate", "--model", str(model), "--prompt", "Describe the cat.", "--seed", str(seed),
+                         "--generation.max_new_tokens", "8", *flags]) == 0
+            texts.append(capsys.readouterr().out)
+        return texts
+
+    first = answers()
+    assert all("sampling as" in t and "generation_config.json says: top_k 1 (set --generation.NAME" in t for t in first)
+    assert len({t.split("says:")[1] for t in first}) == 1  # top_k 1: the most likely token each time, whatever seed
+    told = answers("--generation.top_k", "0")
+    assert not any("sampling as" in t for t in told) and len(set(told)) > 1  # as told: every token, seeds differ
+    (model / "generation_config.json").write_text(json.dumps({**saved, "do_sample": False}))
+    monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError))  # no line: leaves
+    assert main(["chat", "--model", str(model), "--generation.max_new_tokens", "4"]) == 0
+    assert "generation_config.json says: temperature 0.0" in capsys.readouterr().out  # greedy, as it says
+
+
 def test_an_adapter_saved_without_a_tokenizer_takes_its_base_s(tiny_model_dir, task_dir, tmp_path):
     # peft's own save_pretrained writes the adapter alone: generate and export had failed asking for sentencepiece
     out, bare = tmp_path / "sft", tmp_path / "bare"

@@ -194,6 +194,32 @@ def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
     return None if limit is None else limit - max_new_tokens - 1
 
 
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def model_sampling(path: str) -> dict:
+    """How a local model directory's ``generation_config.json`` (an adapter's own, else its base's) says to sample,
+    as GenerationConfig fields: ``do_sample`` false is greedy (temperature 0); true, the temperature, top_k, top_p
+    and min_p it names. {} where it does not say ``do_sample`` (or names no file), as Hugging Face's generate then
+    decodes greedily whatever else it names, a default rlhfkit does not take."""
+    folder = Path(path)
+    if is_adapter_dir(folder) and not (folder / "generation_config.json").is_file():
+        folder = Path(adapter_base(folder))
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if saved.get("do_sample") is False:
+        return {"temperature": 0.0}
+    if saved.get("do_sample") is not True:
+        return {}
+    picked = {k: saved[k] for k in SAMPLING_FIELDS if isinstance(saved.get(k), (int, float))}
+    return {k: v for k, v in picked.items() if not (k == "top_k" and v < 0) and not (k == "top_p" and not 0 < v <= 1)}
+
+
 def refuse_adapter_dir(path: str, starts_from: str) -> None:
     """ConfigError when ``path`` is a LoRA adapter directory where a full model is wanted (``starts_from``
     says what starts from it): peft would wrap the adapter in a second one, or train nothing."""
