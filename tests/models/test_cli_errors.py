@@ -297,3 +297,19 @@ def test_another_command_s_advantage_names_that_command(command, advantage, inst
     assert "expected one of" in err and err.rstrip().endswith(instead)
     assert main(["rloo", "--advantage", "rlo"]) == 2  # no other command's: the error alone
     assert "runs as" not in capsys.readouterr().err
+
+
+def test_an_adapter_whose_base_moved_says_where_to_point_it(tiny_model_dir, task_dir, tmp_path, capsys):
+    # the base is recorded as an absolute path: moved, it was asked for as a hub repo ("Repo id must be in the form")
+    import shutil
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(tiny_model_dir("llama"), base)
+    assert main(["sft", "--model", str(base), "--data", str(task_dir / "sft.jsonl"), "--out", str(adapter),
+                 "--lora.enabled", "true", "--train.max_steps", "1", "--train.batch_size", "4",
+                 "--train.tensorboard", "false"]) == 0
+    base.rename(tmp_path / "moved")
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(adapter), "--prompt", "Hi."])
+    assert (f"the base model of the adapter {adapter}, {base}, is not there any more: put it back, or set "
+            f"base_model_name_or_path in {adapter / 'adapter_config.json'}") in _one_line_error(capsys, rc)

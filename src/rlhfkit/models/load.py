@@ -142,8 +142,15 @@ def saved_config(path: str | os.PathLike) -> dict:
 
 
 def adapter_base(path: str | os.PathLike) -> str:
-    """The base model a LoRA adapter directory was trained on (its ``base_model_name_or_path``)."""
-    return saved_config(path)["base_model_name_or_path"]
+    """The base model a LoRA adapter directory was trained on (its ``base_model_name_or_path``). A local base
+    that is no longer where the adapter recorded it (an absolute path, as rlhfkit saves it) is a ConfigError
+    saying how to point the adapter at it."""
+    base = saved_config(path)["base_model_name_or_path"]
+    if base and Path(base).is_absolute() and not Path(base).exists():
+        raise ConfigError(f"the base model of the adapter {path}, {base}, is not there any more: put it back, or set "
+                          f"base_model_name_or_path in {Path(path) / 'adapter_config.json'} to where it is now (a "
+                          "directory or hub name)")
+    return base
 
 
 def is_classifier_dir(path: str | os.PathLike) -> bool:
