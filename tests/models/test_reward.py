@@ -96,8 +96,11 @@ def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_pa
         hf_scores = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.squeeze(-1)
     torch.testing.assert_close((hf_scores - stats["mean"]) / stats["std"], rm.score(PROMPTS, RESPONSES),
                                rtol=1e-4, atol=1e-4)
-    # score() is batch-independent
+    # score() is batch-independent, a prompt repeated over samples (run once for all of them) too
     torch.testing.assert_close(rm.score(PROMPTS, RESPONSES, batch_size=1), rm.score(PROMPTS, RESPONSES),
+                               rtol=1e-5, atol=1e-5)
+    group = [PROMPTS[0]] * len(RESPONSES)
+    torch.testing.assert_close(rm.score(group, RESPONSES, batch_size=1), rm.score(group, RESPONSES),
                                rtol=1e-5, atol=1e-5)
     # the statistics are the training answers' own: normalised, their scores have mean 0 and (population) std 1;
     # the file's rows less the held-out share (eval_fraction) are, so the whole file comes close (std 1.004)

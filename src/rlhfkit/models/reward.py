@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.data.collate import collate, encode_reply
 from rlhfkit.fsdp import run_as_forward
-from rlhfkit.models.forward import backbone_hidden
+from rlhfkit.models.forward import backbone_hidden, prompt_width
 from rlhfkit.models.load import (absolute_if_local, adapter_base, check_model_path, check_weights_format,
                                  is_adapter_dir, is_classifier_dir, load_tokenizer, loading, position_limit,
                                  resolve_device, resolve_dtype, saved_config)
@@ -192,5 +192,7 @@ class RewardModel:
             examples = [encode_reply(self.tokenizer, p, r, self.max_length)
                         for p, r in zip(prompts[i: i + batch_size], responses[i: i + batch_size])]
             batch = collate(examples, self.tokenizer.pad_token_id)
-            out.append(sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+            # a prompt repeated over a group's samples (GRPO's G in a row) runs its columns once
+            out.append(sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       prompt_width(batch["completion_mask"])))
         return (torch.cat(out).cpu() - self.mean) / self.std
