@@ -1,5 +1,6 @@
 """DPO (every loss variant), ORPO, SimPO and KTO on tiny models; the three reference forms."""
 
+import dataclasses
 import json
 import math
 import typing
@@ -153,6 +154,14 @@ def test_adapter_reference_is_the_separately_loaded_base_model(tiny_model_dir, s
     torch.testing.assert_close(torch.cat([chosen, rejected]), expected, rtol=1e-5, atol=1e-5)
     assert (adapted - expected[:6]).abs().max() > 1e-2  # outside the context the adapter is on
     assert policy.training  # the reference context restores the mode it found
+    # reference "model" with LoRA and no ref_model names that same base: it switches the adapter off, loading nothing
+    from rlhfkit.trainers import preference
+
+    cfg = dataclasses.replace(cfg, reference="model")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(preference.REFERENCES, "model", (None, lambda *a: pytest.fail("a second copy was loaded")))
+        again = make_reference(cfg, policy, average=False, to_batch=to_batch).logps(examples)
+    torch.testing.assert_close(torch.cat(again), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("average", [False, True])

@@ -38,7 +38,8 @@ from rlhfkit.trainers.loop import Logger, add_metrics, metric_means, releases_ou
 
 LENGTH_AVERAGED_DPO = ("ipo",)  # DPO variants fed mean token log-probs (TRL's choice for IPO)
 ReferenceKind = Literal["model", "adapter", "precomputed"]
-_REFERENCE_HELP = "pi_ref: model = frozen ref_model, adapter = LoRA switched off, precomputed = cached up front"
+_REFERENCE_HELP = ("pi_ref: model = frozen ref_model (with LoRA and no ref_model: the base, its adapter off, no "
+                   "second copy), adapter = LoRA switched off, precomputed = cached up front")
 
 
 # --------------------------------------------------------------------------- configs
@@ -290,8 +291,11 @@ REFERENCES: dict[str, tuple[type[LiveReference], Callable]] = {
 
 
 def make_reference(cfg, policy, average: bool, to_batch: Batcher) -> LiveReference:
-    """The reference named by ``cfg.reference`` ("model", "adapter" or "precomputed")."""
-    kind, context = REFERENCES[cfg.reference]
+    """The reference named by ``cfg.reference`` ("model", "adapter" or "precomputed"). "model" with a LoRA policy
+    and no ``ref_model`` is the policy's own base with its adapter off: the model it names, without loading a
+    second copy of it (TRL does the same with a peft model)."""
+    name = "adapter" if cfg.reference == "model" and cfg.lora.enabled and not cfg.ref_model else cfg.reference
+    kind, context = REFERENCES[name]
     return kind(context(cfg, policy), average, to_batch, cfg.logits_chunk)
 
 
