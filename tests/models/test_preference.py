@@ -370,3 +370,16 @@ def test_a_reference_model_with_another_tokenizer_is_refused(tiny_model_dir, sma
                "--ref_model", str(other), "--out", str(tmp_path / "dpo"), *QUICK])
     err = capsys.readouterr().err
     assert rc == 2 and f"the reference model {other} has another tokenizer than the policy's" in err
+
+
+def test_kto_reads_the_reference_once_a_step_for_both_completions(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    # the KL pass and the loss had each run the reference over the same prompts: once for the mismatched completion,
+    # once for the example's own
+    from rlhfkit.trainers import preference
+
+    calls, real = [], preference.LiveReference.logps
+    monkeypatch.setattr(preference.LiveReference, "logps",
+                        lambda self, examples, parts=(0, 1): calls.append(tuple(parts)) or real(self, examples, parts))
+    assert main(["kto", "--model", tiny_model_dir("llama"), "--data", str(small_data["unpaired"]), "--out",
+                 str(tmp_path / "kto"), "--train.max_steps", "2", *QUICK]) == 0
+    assert calls == [(0, 1), (0, 1)]

@@ -347,6 +347,9 @@ class KTOObjective:
     """KTO: each completion scored alone against the KL reference point z of its batch."""
 
     cfg: KTOConfig
+    # the reference's log-prob of each example's own completion, by id(example): the KL pass reads it with the
+    # mismatched one in one pass over their shared prompt, and the step's loss then takes it from here
+    reference_logps: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     average = False  # KTO's reward uses summed log-probs
     needs_reference = True
     read = staticmethod(load_unpaired)
@@ -358,6 +361,7 @@ class KTOObjective:
         summed over every process. So z does not depend on how the batch is split (processes,
         ``grad_accum``); every process calls this once a step, whatever its share."""
         total = 0.0
+        self.reference_logps.clear()  # last step's
         for i in range(0, len(examples), chunk):
             total += self._kl_sum(policy, reference, to_batch, examples[i: i + chunk])
         total, count = distributed.all_sum([total, float(len(examples))], next(policy.parameters()).device)
@@ -368,16 +372,20 @@ class KTOObjective:
         with torch.no_grad():  # z has no gradient (KTO paper, section 4.1); no_grad: see LiveReference.logps
             kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), False,
                                         self.cfg.logits_chunk)  # (B,)
-        (ref_kl_logps,) = reference.logps(examples, parts=(1,))
+        ref_logps, ref_kl_logps = reference.logps(examples, parts=(0, 1))  # both completions after one prompt
+        self.reference_logps.update((id(e), v) for e, v in zip(examples, ref_logps))
         return (kl_logps - ref_kl_logps).sum().item()
 
     def step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example],
              kl: float | None = None):
         """``kl``: the step's estimate (``before_step``); None (evaluation) takes this batch's own."""
-        logps = completion_logps(policy, to_batch([e.first for e in examples]), False, self.cfg.logits_chunk)  # (B,)
-        (ref_logps,) = reference.logps(examples, parts=(0,))
         if kl is None:
             kl = self._kl_sum(policy, reference, to_batch, examples) / len(examples)
+        logps = completion_logps(policy, to_batch([e.first for e in examples]), False, self.cfg.logits_chunk)  # (B,)
+        if all(id(e) in self.reference_logps for e in examples):  # read by the KL pass
+            ref_logps = torch.stack([self.reference_logps[id(e)] for e in examples]).to(logps.device)
+        else:
+            (ref_logps,) = reference.logps(examples, parts=(0,))
         kl = torch.tensor(kl, device=logps.device)  # kto_loss clamps it at 0 and detaches it
         labels = torch.tensor([e.label for e in examples], device=logps.device)  # (B,) bool
         losses, m = kto_loss(logps, ref_logps, labels, kl, self.cfg.beta, self.cfg.desirable_weight,
