@@ -50,16 +50,25 @@ def logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     ``entropy`` ``grad`` / ``detached`` also returns the entropy of each of those (temperature-scaled)
     distributions, same shape, with gradient or without (a metric: no softmax-sized graph kept for it).
     """
-    logits = _shared_prefix_logits(model, input_ids, attention_mask, keep) if keep else None
-    if logits is None:
+    pieces = _shared_prefix_logits(model, input_ids, attention_mask, keep) if keep else None
+    if pieces is None:
         kwargs = {"logits_to_keep": keep + 1} if keep else {}
         logits = model(input_ids=input_ids, attention_mask=attention_mask,  # no KV cache kept: one pass
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
-    if temperature != 1.0:
-        logits = logits.float() / temperature  # one rounding fewer for bf16 logits
-    ids = input_ids[:, -(keep + 1):] if keep else input_ids
-    lp = shifted_logprobs(logits, ids)
-    return lp if entropy == "none" else (lp, _entropy(logits[:, :-1], entropy))
+        ids = input_ids[:, -(keep + 1):] if keep else input_ids
+        pieces = [(logits[:, :-1], ids[:, 1:])]
+    # each piece's (B, n) results put side by side: not its (B, n, V) logits, a copy as large as them
+    lps, entropies = [], []
+    for logits, targets in pieces:
+        if temperature != 1.0:
+            logits = logits.float() / temperature  # one rounding fewer for bf16 logits
+        lps.append(token_logprobs(logits.float(), targets))
+        if entropy != "none":
+            entropies.append(_entropy(logits, entropy))
+    lp = torch.cat(lps, 1) if len(lps) > 1 else lps[0]
+    if entropy == "none":
+        return lp
+    return lp, torch.cat(entropies, 1) if len(entropies) > 1 else entropies[0]
 
 
 def _entropy(logits: torch.Tensor, entropy: Entropy) -> torch.Tensor:
@@ -117,17 +126,17 @@ def shared_prefix_forward(module, input_ids: torch.Tensor, attention_mask: torch
 
 
 def _shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
-                          ) -> torch.Tensor | None:
-    """The last ``keep`` + 1 positions' logits, (B, keep + 1, V), the prompt columns shared
-    (``shared_prefix_forward``). The last column is never a target and is returned as zeros,
-    so the shape matches ``logits_to_keep = keep + 1``. None where it does not apply."""
+                          ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The logits predicting the last ``keep`` tokens, the prompt columns shared (``shared_prefix_forward``), as
+    (logits, targets) pieces in column order: the prefix's last position, (B, 1, V) with the first kept token,
+    then the tail's, (B, keep - 1, V) with the rest. None where it does not apply."""
     out = shared_prefix_forward(model, input_ids, attention_mask, input_ids.shape[1] - keep,
                                 {"logits_to_keep": 1}, {"logits_to_keep": keep})
     if out is None:
         return None
     head, tail, inverse = out[0].logits, out[1].logits, out[2]  # (U, 1, V), (B, keep, V)
-    # column j predicts token T - keep + j: the prefix's last position, then the tail's
-    return torch.cat([head[inverse], tail[:, :-1], tail.new_zeros(tail[:, :1].shape)], 1)
+    targets = input_ids[:, -keep:]
+    return [(head[inverse], targets[:, :1]), (tail[:, :-1], targets[:, 1:])]
 
 
 def backbone_and_head(model):
