@@ -498,7 +498,12 @@ def test_an_adapter_on_the_output_head_is_saved_without_the_frozen_head(tiny_mod
     (old / "config.json").write_text("{}"), (old / "model.safetensors").write_text("old weights")
     model.add_adapter("critic", model.peft_config["default"])
     save_model(model, load_tokenizer(path), tmp_path / "adapter")
-    assert sorted(p.name for p in old.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in old.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    # each with a card saying what it is: the actor's, that peft's merge would change the tied input embeddings
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "AutoPeftModelForCausalLM.from_pretrained(" in card
+    assert "adapts the output head (lm_head), which this base ties to the input embeddings" in card
+    assert "PPO's critic: this adapter on the base, with value_head.safetensors" in (old / "README.md").read_text()
 
 
 def test_a_save_cut_short_leaves_the_earlier_model_whole(tiny_model_dir, tmp_path, monkeypatch):

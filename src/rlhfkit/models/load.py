@@ -515,7 +515,42 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     for folder in {out / name.parent for name in written}:
         fsync(folder)  # the renames and removals
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "peft_config"):
+        write_adapter_cards(model, out)
     return out
+
+
+def write_adapter_cards(model, out: Path) -> None:
+    """A README.md beside each adapter a peft ``model`` saves in ``out`` (the default one there, another in its
+    folder), in place of peft's empty template: what it is, how plain peft loads it, and how to merge it."""
+    hf = model.get_base_model()
+    head = hf.get_output_embeddings()
+    head_name = next((n for n, m in hf.named_modules() if m is head), "lm_head").rsplit(".", 1)[-1]
+    tied = bool(getattr(hf.config.get_text_config(), "tie_word_embeddings", False))
+    for name in trained_adapters(model):
+        config, folder = model.peft_config[name], out if name == "default" else out / name
+        base = config.base_model_name_or_path
+        targets = config.target_modules if isinstance(config.target_modules, (set, list, tuple)) else []
+        if name == "critic":
+            what = ("PPO's critic: this adapter on the base, with value_head.safetensors beside it, a "
+                    "Linear(hidden, 1) read at each position's last hidden state (the value of the text so far). It "
+                    "writes no text; rlhfkit reads it when a PPO run resumes.")
+            load = merge = ""
+        else:
+            seq_cls = str(config.task_type).endswith("SEQ_CLS")
+            cls = "AutoPeftModelForSequenceClassification" if seq_cls else "AutoPeftModelForCausalLM"
+            what = ("A reward model: a sequence classifier with one output, the score read at the last token (rlhfkit "
+                    "standardises it as a score_normalization.json beside it says: (score - mean) / std)."
+                    if seq_cls else "A causal LM.")
+            load = (f"\n\nWith peft: `{cls}.from_pretrained(\"{folder}\"{', num_labels=1' if seq_cls else ''})`.")
+            merge = f"\n\nA standalone model: `rlhfkit export --model {folder} --out MERGED`."
+            if tied and head_name in targets:
+                merge += (f" Its LoRA adapts the output head ({head_name}), which this base ties to the input "
+                          "embeddings: peft's `merge_and_unload()` would change the input embeddings with it, "
+                          "where `rlhfkit export` unties them first.")
+        card = (f"---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- rlhfkit\n- lora\n---\n\n"
+                f"# A LoRA adapter trained with rlhfkit\n\n{what} Base model: `{base}`.{load}{merge}\n")
+        write_atomically(folder / "README.md", lambda path, text=card: path.write_text(text, encoding="utf-8"))
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
