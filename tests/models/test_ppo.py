@@ -751,16 +751,21 @@ def test_a_reward_model_directory_loads_as_the_run_s_models_do(tiny_model_dir, t
 def test_a_ppo_run_of_the_other_mode_leaves_nothing_of_the_earlier_one_in_its_directory(tiny_model_dir, task_dir,
                                                                                          lora_rm_dir, rm_dir,
                                                                                          tmp_path):
-    # shared then separate: the value head beside the full critic had made it "an adapter and a value head", and
-    # an earlier reward adapter stayed; separate then shared: the full critic's score statistics stayed
+    # shared then separate: the value head beside the full critic had made it "an adapter and a value head";
+    # separate then shared: the full critic's score statistics stayed. A reward model kept at OUT/reward, the one
+    # the run reads, is left as it is
+    import shutil
+
     out = tmp_path / "ppo"
     common = ["ppo", "--model", tiny_model_dir("llama"), "--prompts", str(task_dir / "prompts_train.jsonl"),
               "--out", str(out), "--train.max_steps", "1", "--rollout_batch_size", "8", "--mini_batch_size", "8",
-              "--generation.max_new_tokens", "6", "--train.tensorboard", "false"]
-    (out / "reward").mkdir(parents=True)  # as a shared run with a LoRA reward model saved it before
-    (out / "reward" / "adapter_config.json").write_text("{}")
-    assert main([*common, "--mode", "shared", "--reward_model", lora_rm_dir]) == 0
-    assert (out / "critic" / "value_head.safetensors").is_file() and not (out / "reward").exists()
+              "--generation.max_new_tokens", "6", "--train.tensorboard", "false",
+              "--train.overwrite_output_dir", "true"]
+    shutil.copytree(lora_rm_dir, out / "reward")
+    kept = {p.name: p.read_bytes() for p in (out / "reward").iterdir() if p.is_file()}
+    assert main([*common, "--mode", "shared", "--reward_model", str(out / "reward"), "--train.save_every", "1"]) == 0
+    assert (out / "critic" / "value_head.safetensors").is_file()
+    assert {p.name: p.read_bytes() for p in (out / "reward").iterdir() if p.is_file()} == kept
     assert main([*common, "--mode", "separate", "--reward_model", rm_dir]) == 0
     assert not (out / "critic" / "value_head.safetensors").exists() and (out / "critic" / "model.safetensors").is_file()
     assert (out / "critic" / "score_normalization.json").is_file()

@@ -500,8 +500,10 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
 
     configs = {name for name in written if name.name.endswith("config.json")}
     move(written - configs)  # the weights and the tokenizer: the earlier configs still name the earlier layout
-    # peft writes an adapter other than the default one into its own folder (PPO's critic in OUT/critic)
-    folders = [out, *(out / name for name in getattr(model, "peft_config", {}) if name != "default")]
+    # peft writes an adapter other than the default one into its own folder (PPO's critic in OUT/critic); one it
+    # does not save (a frozen reward adapter) keeps its folder as it is: it may be the reward model the run reads
+    saved = trained_adapters(model) if hasattr(model, "peft_config") else []
+    folders = [out, *(out / name for name in saved if name != "default")]
     for folder in folders:
         for pattern in MODEL_FILES + ADAPTER_FILES:
             for stale in folder.glob(pattern):

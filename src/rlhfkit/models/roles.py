@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -261,8 +260,8 @@ class SharedBaseRoles:
 
     def save(self, out: str | Path, tokenizer) -> None:
         """``out``: the actor adapter (loads as base + adapter); ``out/critic``: critic adapter + value head."""
-        if distributed.is_main():  # a full critic's statistics (mode separate), a frozen reward adapter, saved earlier
-            _remove_stale(out, "critic/" + NORMALIZATION_FILE, "reward")
+        if distributed.is_main():  # a full critic's statistics (mode separate), saved earlier
+            _remove_stale(out, "critic/" + NORMALIZATION_FILE)
         save_model(self.model, tokenizer, out)
         if self.value_head is not None and distributed.is_main():
             head = self.value_head.state_dict()
@@ -398,7 +397,7 @@ class SeparateRoles:
     def save(self, out: str | Path, tokenizer) -> None:
         save_model(self.actor, tokenizer, out)
         if distributed.is_main():  # a shared-mode run's, earlier in this directory
-            _remove_stale(out, "critic/" + VALUE_HEAD_FILE, "reward")
+            _remove_stale(out, "critic/" + VALUE_HEAD_FILE)
         if self.critic is not None:
             save_model(self.critic, tokenizer, Path(out) / "critic")
             if self.critic_stats is not None and distributed.is_main():  # its values are normalised scores
@@ -409,14 +408,11 @@ class SeparateRoles:
 
 
 def _remove_stale(out: str | Path, *names: str) -> None:
-    """Remove what an earlier run of the other mode left in ``out`` under ``names`` (files, or folders of a saved
-    adapter), which would be read with this run's: a value head beside a full critic, a reward adapter."""
+    """Remove the files ``names`` an earlier run of the other mode left in ``out``, which would be read with this
+    run's: a value head beside a full critic, a full critic's score statistics beside an adapter. (Not OUT/reward:
+    it may be the reward model this run reads.)"""
     for name in names:
-        path = Path(out) / name
-        if path.is_file():
-            path.unlink()
-        elif (path / "adapter_config.json").is_file():
-            shutil.rmtree(path)
+        (Path(out) / name).unlink(missing_ok=True)
 
 
 def load_value_head(path: str | Path, head: nn.Linear) -> nn.Linear:
