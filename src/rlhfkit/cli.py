@@ -614,18 +614,24 @@ def _model_sampling(cfg, greedy_ok: bool = True) -> GenerationConfig:
     return dataclasses.replace(cfg.generation, **taken)
 
 
-def _fitting_history(history: list[dict], start: list[dict], tokenizer, room: int | None) -> list[dict]:
-    """``history`` less its oldest exchanges (the system message, ``start``, kept) until the prompt it makes fits
-    in ``room`` tokens; the newest message alone may still not fit (None: the model names no limit)."""
+def _fitting_history(history: list[dict], start: list[dict], tokenizer, room: int | None) -> list[dict] | None:
+    """``history`` (the system message ``start``, exchanges of a user and an assistant message, then the new user
+    message) less its oldest exchanges, whole, until the prompt it makes fits in ``room`` tokens (None: the model
+    names no limit): a template that wants users and assistants in turn still gets them so. None when the new
+    message does not fit even alone, ``history`` then untouched."""
     from rlhfkit.data.collate import encode_prompt
 
-    dropped = 0
-    while room is not None and len(history) > len(start) + 1 and len(encode_prompt(tokenizer, history)) > room:
-        del history[len(start)]  # the oldest message after the system's
+    if room is None:
+        return history
+    if len(encode_prompt(tokenizer, [*start, history[-1]])) > room:
+        return None
+    kept, dropped = list(history), 0
+    while len(kept) > len(start) + 1 and len(encode_prompt(tokenizer, kept)) > room:
+        del kept[len(start): len(start) + 2]  # the oldest exchange after the system message
         dropped += 1
     if dropped:
-        print(f"(the conversation outgrew the model's positions: its {dropped} oldest messages are left out)")
-    return history
+        print(f"(the conversation outgrew the model's positions: its {dropped} oldest exchanges are left out)")
+    return kept
 
 
 def cmd_chat(cfg: ChatConfig) -> None:
@@ -653,14 +659,15 @@ def cmd_chat(cfg: ChatConfig) -> None:
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        if getattr(tokenizer, "chat_template", None):
-            history = _fitting_history(history, start, tokenizer, room)
-        prompt = history if getattr(tokenizer, "chat_template", None) else line
-        if room is not None and len(encode_prompt(tokenizer, prompt)) > room:
+        chat = getattr(tokenizer, "chat_template", None)
+        fitting = _fitting_history(history, start, tokenizer, room) if chat else history
+        if fitting is None or not chat and room is not None and len(encode_prompt(tokenizer, line)) > room:
             print(f"(that message is longer than the {room} tokens the model has room for: say less, or lower "
                   "--generation.max_new_tokens)")
-            history.pop()
+            history.pop()  # the conversation before it is kept
             continue
+        history = fitting
+        prompt = history if chat else line
         reply = generate(model, tokenizer, [prompt], cfg.generation, seed=cfg.seed + turn).texts[0].strip()
         print(f"assistant> {reply}", flush=True)
         history.append({"role": "assistant", "content": reply})

@@ -346,11 +346,20 @@ def test_chat_leaves_out_the_oldest_messages_when_the_conversation_outgrows_the_
         except StopIteration:
             raise EOFError
 
+    import rlhfkit.rollout.generate as generation
+
+    sent, real = [], generation.generate
+    monkeypatch.setattr(generation, "generate", lambda model, tok, prompts, *a, **k: sent.append(list(prompts[0]))
+                        or real(model, tok, prompts, *a, **k))
     monkeypatch.setattr("builtins.input", fake_input)
     assert main(["chat", "--model", str(path), "--generation.max_new_tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 5  # every line answered but the one too long alone
-    assert "oldest messages are left out" in out and "that message is longer than the 41 tokens" in out
+    assert "oldest exchanges are left out" in out and "that message is longer than the 41 tokens" in out
+    # whole exchanges go: each prompt opens with a user message and alternates (templates that check it refuse
+    # otherwise); the declined message leaves the conversation before it in place
+    assert all([m["role"] for m in p] == ["user", "assistant"] * (len(p) // 2) + ["user"] for p in sent)
+    assert len(sent[-1]) > 1 and sent[-1][-1]["content"] == "Hi."
 
 
 def test_pickled_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
