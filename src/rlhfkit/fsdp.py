@@ -20,10 +20,12 @@ chooses what to shard and keeps our data-parallel arithmetic (``rlhfkit.distribu
 * **Checkpoints and the final model hold full tensors** (``gather``), written by process 0 in the
   layout of a 1-process run: ``from_pretrained`` loads them, and a checkpoint resumes with any
   number of processes, sharded or not (``copy_full_``, ``shard_optimizer_state``).
-* **Mixed precision.** Under the run's bf16 autocast (``dtype: auto`` on a bf16 GPU) each unit gathers
-  its float32 shards as bf16 (``MixedPrecisionPolicy``) and reduces gradients in float32: autocast's own
-  casts of gathered float32 weights were saved for the backward and cached for the whole autocast region,
-  a bf16 copy of every layer held at once whatever the sharding.
+* **Mixed precision.** Under the run's bf16 autocast (``dtype: auto`` on a bf16 GPU) each decoder layer
+  gathers its float32 shards as bf16 (``MixedPrecisionPolicy``) and reduces gradients in float32: autocast's
+  own casts of gathered float32 weights were saved for the backward and cached for the whole autocast region,
+  a bf16 copy of every layer held at once whatever the sharding. The layers' inputs are not cast and the root
+  (embeddings, final norm, head) stays float32, so the residual stream is float32 as under autocast alone; a
+  layer's norm weights compute rounded to bf16.
 * **Rollouts and rank-0 evaluation** run on the policy's gathered weights (``gathered``): every unit
   is all-gathered once before sampling and resharded after, so the decode loop, which reads the
   weights itself, sees full tensors and makes no collective call per token, and each process may
@@ -168,12 +170,15 @@ def shard(model, how: str, what: str = "the model", amp: Callable[[], contextlib
     mesh = init_device_mesh(device_type, (distributed.world_size(),))
     with amp():
         compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
+    # the layers' weights gathered in the compute dtype, their inputs left as they come: the residual stream stays
+    # float32 as under autocast alone, from the root's float32 embeddings (the root, a few matrices, is not cast)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None,
+                                  cast_forward_inputs=False)
     classes = _unit_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)  # the root: what no layer holds
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)  # the root: what no layer holds
     for unit in layers + [model]:
         set_factor = getattr(unit, "set_gradient_divide_factor", None) or unit.set_reduce_scatter_divide_factor
         set_factor(1.0)  # sums, as the replicas' all-reduce does; average_gradients divides

@@ -2,6 +2,7 @@
 example accelerate config launches, checkpoints cross process counts, and what is not supported
 says so."""
 
+import ast
 import json
 import os
 import socket
@@ -207,9 +208,9 @@ import rlhfkit.models.load as load
 load.bf16_gpu = lambda device: True  # the CPU counted as a bf16 GPU: dtype auto is bf16 autocast
 seen, linear = set(), torch.nn.Linear.forward
 
-def spy(self, x):  # the dtype of the weights each projection computes with under the run's autocast
-    if torch.is_autocast_enabled("cpu"):
-        seen.add(str(self.weight.dtype).removeprefix("torch."))
+def spy(self, x):  # the dtype of the weights each projection computes with under the run's autocast, and of
+    if torch.is_autocast_enabled("cpu"):  # the hidden states it reads (the head's: the residual stream)
+        seen.add((str(self.weight.dtype).removeprefix("torch."), self.out_features, str(x.dtype)[6:]))
     return linear(self, x)
 
 torch.nn.Linear.forward = spy
@@ -233,7 +234,12 @@ def test_sharded_units_gather_bf16_weights_under_bf16_autocast(tiny_model_dir, t
     printed = _launch("torchrun", [*args, "--train.fsdp", "full_shard"], tmp_path / "two", module="bf16_cli")
     assert "(the trained model): units = 1 decoder layers + the root; process 0 holds" in printed
     assert printed.count("; gathered in bfloat16") == 2  # the policy and its reference
-    assert "weights computed in ['bfloat16']" in printed
+    # the layers' projections with bf16 weights; the root's head (vocabulary-wide) with float32 ones, reading the
+    # float32 residual stream, as under autocast alone
+    vocab = json.loads((Path(tiny_model_dir("llama")) / "config.json").read_text())["vocab_size"]
+    seen = ast.literal_eval(printed.split("weights computed in ")[-1].splitlines()[0])
+    assert {w for w, out, _ in seen if out != vocab} == {"bfloat16"} and {(w, x) for w, out, x in seen
+                                                                      if out == vocab} == {("float32", "float32")}
     first = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-7)
     saved = load_file(str(tmp_path / "two" / "model.safetensors"))
