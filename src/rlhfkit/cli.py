@@ -609,8 +609,11 @@ def _model_sampling(cfg, greedy_ok: bool = True) -> GenerationConfig:
     taken = {k: v for k, v in taken.items() if getattr(cfg.generation, k) != v}
     if not taken:
         return cfg.generation
-    print(f"sampling as {cfg.model.path}'s generation_config.json says: "
-          + ", ".join(f"{k} {v}" for k, v in taken.items()) + " (set --generation.NAME to change)")
+    from rlhfkit import distributed
+
+    if distributed.is_main():
+        print(f"sampling as {cfg.model.path}'s generation_config.json says: "
+              + ", ".join(f"{k} {v}" for k, v in taken.items()) + " (set --generation.NAME to change)")
     return dataclasses.replace(cfg.generation, **taken)
 
 

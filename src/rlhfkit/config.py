@@ -620,8 +620,9 @@ class ModelConfig:
 
     path: str = arg("", "model directory or hub name, loaded with from_pretrained")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
-        "auto", "weights dtype; auto = float32 on CPU; on a GPU with bf16, frozen weights in bfloat16 and trained "
-        "ones in float32, computing in bf16 (mixed precision)")
+        "auto", "weights dtype; auto = float32 on CPU (and on GPUs before Ampere); on a GPU with native bf16, frozen "
+        "weights in bfloat16 and trained ones (and a reference beside a fully trained policy) in float32, computing "
+        "in bf16 (mixed precision); float16 is refused for trained weights (no loss scaling)")
     trust_remote_code: bool = arg(False, "run modelling code shipped with the model (only for models you trust)")
     allow_pickle: bool = arg(False, "allow loading pickled .bin weights when no safetensors exist (unsafe)")
     chat_template: str = arg("", "the chat template for chat data, for a tokenizer without one (a base "

@@ -308,12 +308,12 @@ def data_digests(cfg) -> dict[str, str]:
     return digests
 
 
-def _check_resume_data(path: Path, cfg) -> None:
+def _check_resume_data(path: Path, cfg, now: dict[str, str] | None = None) -> None:
     """Refuse (ConfigError) to resume checkpoint ``path`` when a data file it was trained on, under the same name,
     now holds other rows: the rest of the run would train on other data than its first part did."""
     if not (path / DATA_FILE).is_file():
         return  # written before the digests were kept
-    saved, now = json.loads((path / DATA_FILE).read_text()), data_digests(cfg)
+    saved, now = json.loads((path / DATA_FILE).read_text()), data_digests(cfg) if now is None else now
     changed = [f"{key} {getattr(cfg, key)}" for key in saved if key in now and saved[key] != now[key]]
     if changed:
         raise ConfigError(f"cannot resume {path}: {', '.join(changed)} changed since it was saved (its contents, "
@@ -328,9 +328,9 @@ def check_resume_config(path: Path, cfg) -> None:
     of is not checked. A data file found at another path (a job restarted where the disk is mounted elsewhere)
     may be resumed from when its contents are the same."""
     saved = json.loads((path / DATA_FILE).read_text()) if (path / DATA_FILE).is_file() else {}
-    moved = {key for key, digest in data_digests(cfg).items() if saved.get(key) == digest}
-    _check_resume_settings(path, cfg, moved)
-    _check_resume_data(path, cfg)
+    now = data_digests(cfg)  # each file read once
+    _check_resume_settings(path, cfg, {key for key, digest in now.items() if saved.get(key) == digest})
+    _check_resume_data(path, cfg, now)
 
 
 def _check_resume_settings(path: Path, cfg, moved: set[str] = frozenset()) -> None:

@@ -372,9 +372,13 @@ class KTOObjective:
         with torch.no_grad():  # z has no gradient (KTO paper, section 4.1); no_grad: see LiveReference.logps
             kl_logps = completion_logps(policy, to_batch([e.second for e in examples]), False,
                                         self.cfg.logits_chunk)  # (B,)
-        ref_logps, ref_kl_logps = reference.logps(examples, parts=(0, 1))  # both completions after one prompt
-        self.reference_logps.update((id(e), v) for e, v in zip(examples, ref_logps))
-        return (kl_logps - ref_kl_logps).sum().item()
+        ref_kl_logps = []
+        half = max(1, (len(examples) + 1) // 2)  # both completions of half the examples: as many rows as one part
+        for i in range(0, len(examples), half):
+            ref_logps, kl_part = reference.logps(examples[i: i + half], parts=(0, 1))  # one pass over their prompts
+            self.reference_logps.update((id(e), v) for e, v in zip(examples[i: i + half], ref_logps))
+            ref_kl_logps.append(kl_part)
+        return (kl_logps - torch.cat(ref_kl_logps).to(kl_logps.device)).sum().item()
 
     def step(self, policy, reference: LiveReference, to_batch: Batcher, examples: list[Example],
              kl: float | None = None):
