@@ -239,7 +239,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when the model has none). A LoRA adapter directory saved
     without tokenizer files (peft's own save_pretrained writes none) takes its base model's."""
     check_model_path(path)
-    if is_adapter_dir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+    if is_adapter_dir(path) and not has_tokenizer_files(path):
         path = absolute_if_local(adapter_base(path))
     with loading(path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -287,11 +287,16 @@ def set_chat_template(tokenizer, spec: str, trust_remote_code: bool = False) -> 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    """Whether the local directory ``path`` holds a tokenizer's files."""
+    return any((Path(path) / name).exists() for name in TOKENIZER_FILES)
+
+
 def check_same_tokenizer(tokenizer, path: str, what: str, fix: str, trust_remote_code: bool = False) -> None:
     """Refuse ``what`` at ``path`` when its tokenizer's vocabulary is not ``tokenizer``'s: a model that reads
     another model's token ids (PPO's critic reads the policy's samples) would read other words, or ids past its
     embeddings. A local directory without tokenizer files is not checked."""
-    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+    if Path(path).is_dir() and not has_tokenizer_files(path):
         return
     other = load_tokenizer(path, trust_remote_code)
     if other.get_vocab() != tokenizer.get_vocab():

@@ -308,12 +308,10 @@ def data_digests(cfg) -> dict[str, str]:
     return digests
 
 
-def _check_resume_data(path: Path, cfg, now: dict[str, str] | None = None) -> None:
-    """Refuse (ConfigError) to resume checkpoint ``path`` when a data file it was trained on, under the same name,
-    now holds other rows: the rest of the run would train on other data than its first part did."""
-    if not (path / DATA_FILE).is_file():
-        return  # written before the digests were kept
-    saved, now = json.loads((path / DATA_FILE).read_text()), data_digests(cfg) if now is None else now
+def _check_resume_data(path: Path, cfg, saved: dict[str, str], now: dict[str, str]) -> None:
+    """Refuse (ConfigError) to resume checkpoint ``path`` when a data file it was trained on (``saved``: its
+    digests, by config key), under the same name, now holds other rows (``now``: ``data_digests``): the rest of the
+    run would train on other data than its first part did."""
     changed = [f"{key} {getattr(cfg, key)}" for key in saved if key in now and saved[key] != now[key]]
     if changed:
         raise ConfigError(f"cannot resume {path}: {', '.join(changed)} changed since it was saved (its contents, "
@@ -327,10 +325,11 @@ def check_resume_config(path: Path, cfg) -> None:
     Call it before the run's own config and data digests are written over. What a checkpoint holds no copy
     of is not checked. A data file found at another path (a job restarted where the disk is mounted elsewhere)
     may be resumed from when its contents are the same."""
+    # {} for a checkpoint written before the digests were kept: nothing to compare
     saved = json.loads((path / DATA_FILE).read_text()) if (path / DATA_FILE).is_file() else {}
     now = data_digests(cfg)  # each file read once
     _check_resume_settings(path, cfg, {key for key, digest in now.items() if saved.get(key) == digest})
-    _check_resume_data(path, cfg, now)
+    _check_resume_data(path, cfg, saved, now)
 
 
 def _check_resume_settings(path: Path, cfg, moved: set[str] = frozenset()) -> None:

@@ -386,10 +386,8 @@ class KTOObjective:
         if kl is None:
             kl = self._kl_sum(policy, reference, to_batch, examples) / len(examples)
         logps = completion_logps(policy, to_batch([e.first for e in examples]), False, self.cfg.logits_chunk)  # (B,)
-        if all(id(e) in self.reference_logps for e in examples):  # read by the KL pass
-            ref_logps = torch.stack([self.reference_logps[id(e)] for e in examples]).to(logps.device)
-        else:
-            (ref_logps,) = reference.logps(examples, parts=(0,))
+        # read by the KL pass, this step's (before_step) or this batch's own (above)
+        ref_logps = torch.stack([self.reference_logps[id(e)] for e in examples]).to(logps.device)
         kl = torch.tensor(kl, device=logps.device)  # kto_loss clamps it at 0 and detaches it
         labels = torch.tensor([e.label for e in examples], device=logps.device)  # (B,) bool
         losses, m = kto_loss(logps, ref_logps, labels, kl, self.cfg.beta, self.cfg.desirable_weight,
