@@ -695,7 +695,7 @@ class TrainConfig:
     resume: str = arg("", "resume from a checkpoint: 'latest' (newest under OUT/checkpoints), 'auto' (latest if "
                       "there is one, else start afresh: one command for a job that may be restarted) or its directory")
     overwrite_output_dir: bool = arg(False, "a fresh run (no resume) into an out directory that holds an earlier "
-                                     "run's checkpoints deletes them (true) or refuses to start (false)")
+                                     "run's model or checkpoints replaces them (true) or refuses to start (false)")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     fsdp: Literal["auto", "off", "full_shard", "shard_grad_op"] = arg(
         "auto", "shard weights, gradients and AdamW state over the processes (FSDP2; every trainer): "

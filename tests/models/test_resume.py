@@ -125,6 +125,29 @@ def test_a_fresh_run_into_an_earlier_run_s_directory_is_refused_unless_told_to_d
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
+def test_a_fresh_run_over_an_earlier_run_s_final_model_is_refused_unless_told_to_replace_it(tiny_model_dir, task_dir,
+                                                                                             whole_run, tmp_path,
+                                                                                             capsys):
+    # a finished run saved without checkpoints (train.save_every 0, the default): its model is all there is
+    from rlhfkit.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(whole_run, out)
+    shutil.rmtree(out / "checkpoints")
+    saved = (out / "model.safetensors").read_bytes()
+    cmd = _with(_sft_cmd(tiny_model_dir("llama"), task_dir / "sft.jsonl", out)[3:], **{"train.max_steps": "2"})
+    assert main(cmd) == 2
+    error = capsys.readouterr().err
+    assert f"--train.out {out} holds the model an earlier run saved (model.safetensors)" in error
+    assert (out / "model.safetensors").read_bytes() == saved
+    assert main([*cmd, "--train.overwrite_output_dir", "true"]) == 0
+    assert (out / "model.safetensors").read_bytes() != saved
+    # a run that stopped before saving its model (its config alone) is no finished run: started afresh
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(out / "checkpoints")
+    assert main(cmd) == 0 and (out / "model.safetensors").is_file()
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     model = torch.nn.Linear(2, 1)
 

@@ -114,7 +114,7 @@ def test_rm_command_trains_saves_and_normalises(tiny_model_dir, task_dir, tmp_pa
     # a run without statistics into the same directory does not leave these beside its model (they rescaled it)
     assert main(["rm", "--model", tiny_model_dir("qwen2"), "--data", str(task_dir / "preference.jsonl"),
                  "--out", str(out), "--train.max_steps", "1", "--train.batch_size", "8", "--normalize", "false",
-                 "--train.tensorboard", "false"]) == 0
+                 "--train.tensorboard", "false", "--train.overwrite_output_dir", "true"]) == 0
     assert not (out / "score_normalization.json").exists()
 
 

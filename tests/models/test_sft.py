@@ -593,7 +593,8 @@ def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_mo
     common = ["--data", str(task_dir / "sft.jsonl"), "--out", str(out), "--train.batch_size", "4",
               "--train.tensorboard", "false"]
     assert main(["sft", "--model", model, *common, "--lora.enabled", "true", "--train.max_steps", "1"]) == 0
-    assert main(["sft", "--model", model, *common, "--train.max_steps", "2", "--optim.lr", "1e-2"]) == 0
+    again = ["--train.overwrite_output_dir", "true"]  # each run below replaces the model the one before saved
+    assert main(["sft", "--model", model, *common, "--train.max_steps", "2", "--optim.lr", "1e-2", *again]) == 0
     assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
     loaded = load_causal_lm(ModelConfig(path=str(out)), torch.device("cpu"))
     saved = AutoModelForCausalLM.from_pretrained(out)
@@ -610,7 +611,7 @@ def test_a_full_model_written_where_an_adapter_was_is_the_one_that_loads(tiny_mo
     assert "holds a model no rlhfkit run wrote there (config.json)" in capsys.readouterr().err
     assert (theirs / "config.json").read_text() == "{}"
     # and an adapter where a full model was: transformers loaded the old full weights under the new adapter
-    assert main(["sft", "--model", model, *common, "--lora.enabled", "true", "--train.max_steps", "1"]) == 0
+    assert main(["sft", "--model", model, *common, "--lora.enabled", "true", "--train.max_steps", "1", *again]) == 0
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
     adapted = load_causal_lm(ModelConfig(path=str(out)), torch.device("cpu"))
     plain = AutoModelForCausalLM.from_pretrained(out)  # transformers follows the adapter to its base
@@ -684,6 +685,6 @@ def test_a_full_model_saved_where_an_adapter_was_leaves_no_adapter_model_card(ti
     assert main([*common, "--lora.enabled", "true", "--lora.r", "4"]) == 0
     assert "library_name: peft" in (out / "README.md").read_text()
     (out / "notes.md").write_text("mine")
-    assert main([*common, "--lora.enabled", "false"]) == 0
+    assert main([*common, "--lora.enabled", "false", "--train.overwrite_output_dir", "true"]) == 0
     assert not (out / "README.md").exists() and not (out / "adapter_config.json").exists()
     assert (out / "notes.md").read_text() == "mine" and (out / "model.safetensors").is_file()

@@ -680,7 +680,8 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     """Create the run directory and save the resolved config beside the outputs. First, while the directory
     is as the earlier run left it: a resumed run's checkpoint must have been saved with these settings
     (``check_resume_config``), and a fresh run refuses, or with ``train.overwrite_output_dir`` deletes, an
-    earlier run's checkpoints there (``check_no_earlier_run``)."""
+    earlier run's checkpoints there (``check_no_earlier_run``); a fresh run over the model an earlier run saved
+    there is refused too, unless ``train.overwrite_output_dir``."""
     out = Path(out)
     if Path(cfg.model.path).is_dir() and out.resolve() == Path(cfg.model.path).resolve():
         raise ConfigError(f"--train.out {out} is the model this run starts from ({cfg.model.path}): the run would "
@@ -717,6 +718,12 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     if resumed is None or resumed.resolve().parent != (out / "checkpoints").resolve():
         # a fresh run, or one resumed from another directory's checkpoint: not over a run that OUT holds
         check_no_earlier_run(out, cfg.train.overwrite_output_dir, cfg.model.path)
+        finished = [f.name for pattern in (*MODEL_FILES, *ADAPTER_FILES) for f in out.glob(pattern)
+                    if f.name not in ("config.json", "generation_config.json")]  # a model's weights, not its configs
+        if finished and (out / CONFIG_FILE).is_file() and not cfg.train.overwrite_output_dir:
+            raise ConfigError(f"--train.out {out} holds the model an earlier run saved ({finished[0]}), which this "
+                              "run would replace: write to another --train.out, or pass "
+                              "--train.overwrite_output_dir true")
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(cfg, out / CONFIG_FILE)
