@@ -289,6 +289,23 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tiny_model_dir, tas
     _assert_close(whole, resumed)
 
 
+def test_two_processes_with_dropout_resume_to_the_weights_of_the_run_unstopped(tiny_model_dir, task_dir, tmp_path):
+    # each process draws dropout masks as large as its own share's padded rows, so their generators part after a
+    # step: every process's RNG is saved, and each resumes its own (process 1 had resumed process 0's)
+    args = ["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--eval_fraction", "0",
+            "--train.batch_size", "8", "--train.tensorboard", "false", "--optim.lr", "3e-3", "--train.save_every", "2",
+            "--train.max_steps", "4", "--lora.enabled", "true", "--lora.dropout", "0.3"]
+    adapter = "adapter_model.safetensors"
+    whole = _train(args, tmp_path / "whole", 2, weights=adapter)
+    step2 = tmp_path / "whole" / "checkpoints" / "step-2"
+    saved = torch.load(step2 / "trainer_state.pt", weights_only=True)["rng_by_rank"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])  # they did part
+    resumed = _train([*args, "--train.resume", str(step2)], tmp_path / "resumed", 2, weights=adapter)
+    assert whole.keys() == resumed.keys()
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name
+
+
 def test_a_step_batch_smaller_than_the_processes_trains_and_logs_the_whole_batch(tiny_model_dir, task_dir,
                                                                                   tmp_path):
     # a batch of 1 over 2 processes: one has no rows. Its metrics had no keys, so the processes' metric

@@ -106,12 +106,14 @@ Optimizers = dict[str, tuple]  # name → (optimizer, scheduler)
 
 
 def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimizers, extra: dict | None = None,
-                    keep: int = 2, save_weights: Callable[[Path], None] | None = None, tokenizer=None) -> Path:
+                    keep: int = 2, save_weights: Callable[[Path], None] | None = None, tokenizer=None,
+                    rngs: list[dict] | None = None) -> Path:
     """Write ``out/checkpoints/step-N`` atomically: a temporary directory renamed into place.
 
     Holds the weights as ``save_weights(dir)`` writes them (default ``model.save_pretrained``,
     so a checkpoint loads like the final model) and ``trainer_state.pt`` with every trainable
-    tensor of ``model.named_parameters()``, the optimisers and schedulers, RNG states, the
+    tensor of ``model.named_parameters()``, the optimisers and schedulers, RNG states (``rngs``: every
+    process's, in rank order, as ``Checkpoints.save`` gathers them; by default the calling process's), the
     step and any ``extra`` state. Only the newest ``keep`` checkpoints are kept.
 
     A sharded model (``rlhfkit.fsdp``; or PPO's roles, whose models are) or one DeepSpeed partitions
@@ -163,7 +165,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizers: Optimi
                 tokenizer.save_pretrained(tmp)
         # the trainable tensors by name as well: restoring them needs no knowledge of how the
         # model (full, LoRA, score or value head) was saved above
-        state = {"step": step, "rng": _rng_state(), "trainable": trained, "extra": extra or {},
+        # each process's RNG states: dropout draws masks as large as its own share's padded rows, so after a
+        # step the processes' generators differ (and each GPU's generator is its own process's)
+        rngs = rngs or [_rng_state()]
+        state = {"step": step, "rng": rngs[0], "rng_by_rank": rngs, "trainable": trained, "extra": extra or {},
                  "optimizers": {name: {"optimizer": optimizer_states[name], "scheduler": sched.state_dict()}
                                 for name, (_, sched) in optimizers.items()}}
         torch.save(state, tmp / STATE_FILE)
@@ -243,7 +248,9 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
         opt.load_state_dict({**saved, "param_groups": [{**group, **kernel} for group, kernel
                                                        in zip(saved["param_groups"], kernels)]})
         sched.load_state_dict(state["optimizers"][name]["scheduler"])
-    _set_rng_state(state["rng"])
+    by_rank = state.get("rng_by_rank") or []  # absent from older checkpoints
+    # this process's own; on another number of processes, process 0's for all (as a fresh run seeds them alike)
+    _set_rng_state(by_rank[distributed.rank()] if len(by_rank) == distributed.world_size() else state["rng"])
     return state
 
 
@@ -453,6 +460,7 @@ class Checkpoints:
 
     def save(self, step: int) -> Path:
         # rank 0 writes; the path is the same for every rank. A sharded model is gathered by all of them.
+        rngs = distributed.all_gather(_rng_state())  # every process's, a collective: before any returns
         sharded = fsdp.updates_shards(opt for opt, _ in self.optimizers.values())
         partitioned = zero.updates_partitions(opt for opt, _ in self.optimizers.values())
         if not distributed.is_main() and not sharded and not partitioned:
@@ -464,7 +472,7 @@ class Checkpoints:
         if self.log_window is not None:  # plain containers, as torch.load(weights_only=True) reads them
             extra["log_window"] = dict(self.log_window) if isinstance(self.log_window, dict) else list(self.log_window)
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, extra,
-                                    self.cfg.keep_checkpoints, self.save_weights, self.tokenizer)
+                                    self.cfg.keep_checkpoints, self.save_weights, self.tokenizer, rngs)
         return self.last
 
     def check_start(self, start: int, total: int) -> None:
