@@ -220,35 +220,27 @@ def _ppo_cmd(model, reward, task_dir, out, *extra):
             "--train.tensorboard", "false", *extra]
 
 
-def _grpo_cmd(model, data, out, *extra):
+def _grpo_cmd(model, reward, task_dir, out, *extra):
+    # a reward model's scores, which differ within a group (the arithmetic rewards gave the tiny model all zeros:
+    # no advantage, nothing trained, and any restore would have passed)
     return [sys.executable, "-m", "rlhfkit.cli", "grpo", "--model", model,
-            "--prompts", str(data / "prompts_train.jsonl"),
-            "--rewards", "rlhfkit.data.tasks.arithmetic:answer_format,rlhfkit.data.tasks.arithmetic:exact_answer",
+            "--prompts", str(task_dir / "prompts_train.jsonl"), "--rewards", str(reward),
             "--out", str(out), "--train.max_steps", "8", "--prompts_per_step", "4", "--group_size", "4",
             "--mini_batch_size", "8", "--epochs", "2", "--optim.lr", "1e-2", "--generation.max_new_tokens", "8",
             "--train.save_every", "2", "--train.tensorboard", "false", *extra]
 
 
-@pytest.fixture(scope="module")
-def arithmetic_data(tmp_path_factory):
-    from rlhfkit.data.tasks import arithmetic
-
-    out = tmp_path_factory.mktemp("arithmetic")
-    arithmetic.write(out)
-    return out
-
-
 @pytest.mark.parametrize("trainer, sig", [("ppo", signal.SIGKILL), ("ppo", signal.SIGTERM), ("grpo", signal.SIGKILL)],
                          ids=["ppo-SIGKILL", "ppo-SIGTERM", "grpo-SIGKILL"])
-def test_interrupted_rollout_trainers_resume_to_identical_weights(tiny_model_dir, task_dir, reward_dir,
-                                                                  arithmetic_data, tmp_path, trainer, sig):
+def test_interrupted_rollout_trainers_resume_to_identical_weights(tiny_model_dir, task_dir, reward_dir, tmp_path,
+                                                                  trainer, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     model = tiny_model_dir("llama")
 
     def cmd(out):
         if trainer == "ppo":
             return _ppo_cmd(model, reward_dir, task_dir, out)
-        return _grpo_cmd(model, arithmetic_data, out)
+        return _grpo_cmd(model, reward_dir, task_dir, out)
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     subprocess.run(cmd(whole), check=True, capture_output=True, env=env)
@@ -257,12 +249,16 @@ def test_interrupted_rollout_trainers_resume_to_identical_weights(tiny_model_dir
     if sig == signal.SIGTERM:
         assert "--train.resume latest" in stderr
     subprocess.run(cmd(cut) + ["--train.resume", "latest"], check=True, capture_output=True, env=env)
-    logged = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records]
     assert logged == sorted(set(logged)) and logged[-1] == 8  # one record per step, the killed run's extras gone
     final = cut / "checkpoints" / "step-8"  # a checkpoint at the end too, with the config it ran with
     assert (final / "trainer_state.pt").is_file() and (final / "rlhfkit_config.yaml").is_file()
     expected, resumed = _all_weights(whole), _all_weights(cut)
     assert expected and resumed.keys() == expected.keys()
+    # it trained (LoRA's B starts at zero): a restore that lost anything would show
+    assert any(value.abs().max() > 1e-4 for tensors in expected.values() for name, value in tensors.items()
+               if "lora_B" in name)
     for file, tensors in expected.items():
         for name, value in tensors.items():
             assert torch.equal(resumed[file][name], value), (file, name)  # bitwise, on CPU
