@@ -82,6 +82,12 @@ def test_interrupted_sft_resumes_to_identical_weights(tiny_model_dir, task_dir, 
         assert _logged(out, key) == _logged(whole_run, key), key
 
 
+def _records(out):
+    """``out``'s metrics records less their timings (which differ from run to run)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and "seconds" not in k and "per_s" not in k}
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
 def _logged(out, key):
     return [(r["step"], r[key]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
 
@@ -380,16 +386,22 @@ def test_a_constant_schedule_run_resumed_for_more_steps_is_the_longer_run(tiny_m
 
     model = tiny_model_dir("llama")
     whole, short = tmp_path / "whole", tmp_path / "short"
-    assert main(_ppo_cmd(model, reward_dir, task_dir, whole)[3:]) == 0
-    assert main(_with(_ppo_cmd(model, reward_dir, task_dir, short)[3:], **{"train.max_steps": "4"})) == 0
-    assert main(_ppo_cmd(model, reward_dir, task_dir, short, "--train.resume", "latest")[3:]) == 0
+    # logged every 3 steps and evaluated every 3: the short run's end (4) is on neither grid, so it logged a
+    # shorter last window and its final evaluation there, which the longer run does not
+    logs = ["--train.log_every", "3", "--train.eval_every", "3",
+            "--eval_prompts", str(task_dir / "prompts_valid.jsonl")]
+    assert main(_ppo_cmd(model, reward_dir, task_dir, whole, *logs)[3:]) == 0
+    assert main(_with(_ppo_cmd(model, reward_dir, task_dir, short, *logs)[3:], **{"train.max_steps": "4"})) == 0
+    assert [r["step"] for r in _records(short)] == [3, 4, 4]
+    assert main(_ppo_cmd(model, reward_dir, task_dir, short, *logs, "--train.resume", "latest")[3:]) == 0
     expected, resumed = _all_weights(whole), _all_weights(short)
     assert expected and resumed.keys() == expected.keys()
     for file, tensors in expected.items():
         for name, value in tensors.items():
             assert torch.equal(resumed[file][name], value), (file, name)
-    logged = [json.loads(line)["step"] for line in (short / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 9))
+    # and the records are the longer run's: the window across the short run's end (steps 4 to 6) logged whole
+    assert _records(short) == _records(whole)
+    assert [r["step"] for r in _records(whole)] == [3, 6, 8, 8]
     # under a cosine schedule the length is part of every step's learning rate: refused, saying why
     capsys.readouterr()
     cosine = _with(_ppo_cmd(model, reward_dir, task_dir, tmp_path / "cosine")[3:], **{"train.max_steps": "2"})

@@ -198,7 +198,7 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
     window = checkpoints.log_window = list(checkpoints.log_window_before or [])  # the steps since the last log
     with logger:  # closed however the run ends (W&B told how)
         checkpoints.check_start(start, steps)
-        logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
+        logger.rewind(start, cfg, steps)  # a fresh run (start 0) does not append to an old run's records
         with StopRequest() as stop:
             bar = progress(range(start, steps), desc, initial=start, total=steps, disable=not distributed.is_main())
             for step in bar:
@@ -211,7 +211,8 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
                     evaluation = evaluate()
                 if done % cfg.log_every == 0 or done == steps:
                     logger.log(done, {**window_means(window), **evaluation})
-                    window.clear()
+                    if done % cfg.log_every == 0:  # the last window off the grid stays in the end's checkpoint
+                        window.clear()
                 elif evaluation:  # an evaluation between logged steps is logged at its own
                     logger.log(done, evaluation)
                 metrics = {**metrics, **evaluation}
@@ -297,9 +298,13 @@ class Logger:
                                 name=name if step == 0 else f"{name}-resumed-{step}", job_type="train",
                                 reinit="create_new")
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, cfg: TrainConfig | None = None, total: int = 0) -> None:
         """Forget the records after ``step``: a resumed run logs those steps again, and a fresh run
-        (step 0) into an old run's directory starts a fresh file. One record per step, always.
+        (step 0) into an old run's directory starts a fresh file. One record per step, always. A run of
+        ``total`` steps resumed from a shorter one's end (``step`` < ``total``; settings ``cfg``) forgets too what
+        that run logged at ``step`` only because it ended there: its last window off the ``train.log_every`` grid
+        (the checkpoint holds that window, logged again with the steps after it) and its final evaluation off the
+        ``train.eval_every`` grid, so the records are the longer run's unstopped.
         TensorBoard's events after ``step`` are purged too (``purge_step``: TensorBoard hides them); W&B
         starts a run for the steps to come (``_start_wandb``). Every process calls it: one W&B cannot start
         (no API key, say) stops them all."""
@@ -322,6 +327,9 @@ class Logger:
             self.writer = self._tensorboard(purge_step=step + 1)
         self._drop(lambda line: (logged := _step_of(line)) is None or logged > step,
                    (self.out / "samples.jsonl",))
+        if cfg is not None and 0 < step < total:
+            self._drop(lambda line: (record := _record(line)) is not None and int(record["step"]) == step
+                       and _logged_at_an_end(record, cfg))
 
     def _drop(self, dropped: Callable[[str], bool], also: tuple[Path, ...] = ()) -> None:
         """Rewrite ``metrics.jsonl`` (and ``also``) without the lines ``dropped`` picks, when it picks any."""
@@ -399,6 +407,15 @@ def _record(line: str) -> dict | None:
     except (ValueError, KeyError, TypeError):
         return None
     return record
+
+
+def _logged_at_an_end(record: dict, cfg: TrainConfig) -> bool:
+    """Whether ``record`` is one a run logs at its last step only: a training record off the ``log_every`` grid (its
+    last, shorter window) or an evaluation alone off the ``eval_every`` grid (its final one)."""
+    step = int(record["step"])
+    if all(key.startswith("eval/") for key in record if key != "step"):
+        return not (cfg.eval_every and step % cfg.eval_every == 0)
+    return step % cfg.log_every != 0
 
 
 def _step_of(line: str) -> int | None:
@@ -521,7 +538,7 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         if stage == 3 and evaluate is not None:
             evaluate = functools.partial(engine.run, evaluate)
     evaluates = distributed.is_main() or sharded or stage == 3  # a sharded model's forward needs every process
-    logger.rewind(start)  # a fresh run (start 0) does not append to an old run's records
+    logger.rewind(start, cfg, num_steps)  # a fresh run (start 0) does not append to an old run's records
     learn_mode(model, dropout)
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list, checkpoints.log_window_before or {})  # since the last log
@@ -611,7 +628,8 @@ def _after_step(done, num_steps, cfg, model, scheduler, logger, window, evaluate
         last["train/seconds"] = time.perf_counter() - t0
         logger.log(done, last)
         bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-        window.clear()
+        if done % cfg.log_every == 0:  # the last window off the grid stays in the end's checkpoint (``rewind``)
+            window.clear()
     if evaluate and cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
         logger.log(done, evaluate())
         learn_mode(model, dropout)
