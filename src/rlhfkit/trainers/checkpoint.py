@@ -256,8 +256,9 @@ def load_checkpoint(path: Path, model, optimizers: Optimizers) -> dict:
 
 # Settings a resumed run may change: where it runs and what it logs, evaluates and saves; how each step's
 # work is split over processes and micro-batches (a checkpoint holds full tensors, and the update is the
-# full batch's: ``loop.run``); the sampler (the same samples either way); and the inputs of evaluation
-# alone (PPO's and the online methods' held-out prompts, PPO's gold-reward task).
+# full batch's: ``loop.run``; with dropout on, other masks: the same training in distribution); the sampler
+# (the same samples either way); and the inputs of evaluation alone (PPO's and the online methods' held-out
+# prompts, PPO's gold-reward task).
 MAY_CHANGE_ON_RESUME = frozenset({
     "train.resume", "train.out", "train.device", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_checkpoints", "train.tensorboard", "train.wandb_project", "train.overwrite_output_dir",
