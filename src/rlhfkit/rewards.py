@@ -23,6 +23,7 @@ import importlib
 import inspect
 import math
 import os
+import reprlib
 import signal
 import subprocess
 import sys
@@ -175,6 +176,22 @@ class CombinedReward:
                                   "(every column reaches every reward function, as in TRL), which it does not "
                                   "take: add **kwargs to its parameters")
 
+    def check_rows(self, rows: list[dict], source: str) -> None:
+        """DataError, before any sampling, naming the first row of ``source`` (counted from 0, as every data error
+        counts them) without a column that a reward function requires (a parameter without a default): the
+        function would get None for it mid-run, the steps before lost. A parameter with a default takes rows
+        without the column (None, or its default when no row has it)."""
+        from rlhfkit.data.formats import DataError
+
+        for r in self.rewards:
+            required, _ = column_fit(r.fn, [])
+            for column in (c for c in required if c != "prompt"):  # 'prompt': check_columns says what to rename
+                row = next((i for i, row in enumerate(rows) if row.get(column) is None), None)
+                if row is not None:
+                    raise DataError(source, f"no value (reward {r.name!r} takes {column!r}): give the row one, or "
+                                            f"give {r.name}'s {column} parameter a default to take rows without it",
+                                    row=row, field=column)
+
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total (N,), {name: (N,) values}) for N completions; ``columns`` are the other dataset columns. A
@@ -186,14 +203,35 @@ class CombinedReward:
             try:
                 values = r.fn(prompts=list(prompts), completions=list(completions), **columns)
             except Exception as e:
-                raise RewardError(f"reward {r.name!r} raised {type(e).__name__}: {e}") from e
+                raise RewardError(f"reward {r.name!r} raised {type(e).__name__}: {e}"
+                                  + _first_failing(r.fn, prompts, completions, columns)) from e
             parts[r.name] = check_values(r.name, values, len(completions))
         stacked = torch.stack([r.weight * parts[r.name] for r in self.rewards])  # (K, N)
         unscored = stacked.isnan().all(0)
         if unscored.any():
-            raise RewardError(f"no reward applies to completion {int(unscored.nonzero()[0])} (every reward returned "
-                              f"None for it; {int(unscored.sum())} such in all): each completion needs a reward")
+            i = int(unscored.nonzero()[0])
+            raise RewardError(f"no reward applies to completion {i} (every reward returned None for it; "
+                              f"{int(unscored.sum())} such in all; {_inputs_of(i, prompts, columns)}): each "
+                              "completion needs a reward")
         return stacked.nansum(0), parts
+
+
+def _inputs_of(i: int, prompts: list, columns: dict[str, list]) -> str:
+    """Completion ``i``'s prompt and columns, short, to find its row in the data by."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 60
+    return ", ".join([f"prompt {short.repr(prompts[i])}", *(f"{k} {short.repr(v[i])}" for k, v in columns.items())])
+
+
+def _first_failing(fn: RewardFn, prompts: list, completions: list[str], columns: dict[str, list]) -> str:
+    """Where a reward function that raised on a batch raises on one completion alone (called again one at a time:
+    only after a failure), the first such completion's inputs, as a clause for the error; else ''."""
+    for i in range(len(completions)):
+        try:
+            fn(prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()})
+        except Exception:
+            return f" (first on completion {i}: {_inputs_of(i, prompts, columns)})"
+    return ""
 
 
 def short_name(spec: str) -> str:

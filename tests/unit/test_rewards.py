@@ -101,8 +101,34 @@ def test_a_reward_that_does_not_apply_returns_none_and_counts_for_nothing(reward
     total, parts = reward(["p"] * 3, ["ab", "cde", "f"], {"task": ["math", "code", "math"]})
     assert total.tolist() == [2.0, 5.0, 1.0]
     assert parts["math_only"][[0, 2]].tolist() == [2.0, 1.0] and parts["math_only"][1].isnan()
-    with pytest.raises(RewardError, match=r"no reward applies to completion 1 \(every reward returned None"):
-        reward(["p"] * 2, ["ab", "c"], {"task": ["math", "poetry"]})
+    with pytest.raises(RewardError, match=r"no reward applies to completion 1 \(every reward returned None for it; "
+                                          r"1 such in all; prompt 'q', task 'poetry'\)"):
+        reward(["p", "q"], ["ab", "c"], {"task": ["math", "poetry"]})
+
+
+def test_a_row_without_a_column_a_reward_requires_is_refused_before_sampling_naming_it(reward_module):
+    # with_every_column gives the row None: the function would have raised mid-run, the steps before lost
+    from rlhfkit.data.formats import DataError
+
+    reward_module.optional = lambda prompts, completions, target=None, **kw: [1.0] * len(completions)
+    rows = [{"prompt": "a", "target": "x"}, {"prompt": "b", "target": "y"}, {"prompt": "c", "target": None}]
+    with pytest.raises(DataError, match=r"p\.jsonl, row 2, field 'target': no value \(reward 'uses_column' takes "
+                                        r"'target'\): give the row one, or give uses_column's target parameter a "
+                                        "default"):
+        build_reward(["user_rewards:length", "user_rewards:uses_column"]).check_rows(rows, "p.jsonl")
+    build_reward(["user_rewards:optional", "user_rewards:length"]).check_rows(rows, "p.jsonl")  # takes it as None
+    build_reward(["user_rewards:uses_column"]).check_rows(rows[:2], "p.jsonl")
+
+
+def test_a_reward_that_raises_on_one_row_names_that_row_s_inputs(reward_module):
+    reward_module.to_int = lambda prompts, completions, answer, **kw: [float(int(a)) for a in answer]
+    reward = build_reward(["user_rewards:to_int"])
+    with pytest.raises(RewardError, match=r"reward 'to_int' raised ValueError: invalid literal .* \(first on "
+                                          r"completion 1: prompt 'What is 1\+1\?', answer 'two'\)"):
+        reward(["What is 2+2?", "What is 1+1?", "x"], ["4", "2", "y"], {"answer": ["4", "two", "3"]})
+    with pytest.raises(RewardError, match=r"reward 'raises' raised KeyError: 'oops' \(first on completion 0: "
+                                          r"prompt 'p'\)$"):
+        build_reward(["user_rewards:raises"])(["p", "q"], ["a", "b"])
 
 
 @pytest.mark.parametrize("name, message", [

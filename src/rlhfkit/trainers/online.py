@@ -433,6 +433,7 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     """
     rows = load_prompts(cfg.prompts, cfg.columns)
     eval_rows = load_prompts(cfg.eval_prompts, cfg.columns) if cfg.eval_prompts else []
+    file_rows, file_eval_rows = rows, eval_rows
     strategy = STRATEGIES[cfg.advantage]
     reduction = loss_reduction(cfg)
     sharding = fsdp.mode_for_rollouts(cfg.train.fsdp, prompts_per_step=cfg.prompts_per_step,
@@ -451,8 +452,10 @@ def train(cfg: OnlineConfig, reward: CombinedReward | None = None) -> dict[str, 
     reward = reward or build_reward(cfg.rewards, cfg.reward_weights, device)
     rows, eval_rows = with_every_column(rows), with_every_column(eval_rows)
     reward.check_columns(rows[0], cfg.prompts)  # before anything is sampled
+    reward.check_rows(file_rows, cfg.prompts)  # each row, counted as in the file (before long prompts are dropped)
     if eval_rows:
         reward.check_columns(eval_rows[0], cfg.eval_prompts)
+        reward.check_rows(file_eval_rows, cfg.eval_prompts)
     roles = (SharedBaseRoles(cfg.model, cfg.lora, device, critic=False, logits_chunk=cfg.logits_chunk)
              if cfg.lora.enabled else SeparateRoles(cfg.model, None, device, reference=bool(cfg.kl_coef or cfg.beta),
                                                     logits_chunk=cfg.logits_chunk))
