@@ -82,6 +82,23 @@ def test_a_pair_s_prompt_is_cut_once_for_the_longer_reply():
     assert [e.input_ids for e in own] == [[120, 112, 113, 114, 1], [120, 115, 1]]
 
 
+def test_pairs_cut_to_the_same_tokens_are_left_out_and_counted(capsys):
+    # "abcd" + "xyz1" / "xyz2" + EOS at max_length 5: the prompt keeps "cd" (half of it), each reply "xyz"
+    from rlhfkit.data.collate import drop_tied_pairs
+    from rlhfkit.data.formats import DataError
+
+    tok = CharTokenizer()
+    pairs = [encode_pair(tok, "abcd", "xyz1", "xyz2", max_length=5), encode_pair(tok, "ab", "x", "y", max_length=5)]
+    assert pairs[0][0].input_ids == pairs[0][1].input_ids  # differed past the cut
+    assert drop_tied_pairs(pairs, lambda e: e, "max_length 5", "p.jsonl") == pairs[1:]
+    assert "p.jsonl: 1 of 2 pairs have the same chosen and rejected tokens once cut to max_length 5: left out" in (
+        capsys.readouterr().err)
+    with pytest.raises(DataError, match="p.jsonl: every pair has the same chosen and rejected tokens once cut to "
+                                        "max_length 5: raise it"):
+        drop_tied_pairs(pairs[:1], lambda e: e, "max_length 5", "p.jsonl")
+    assert drop_tied_pairs([], lambda e: e, "max_length 5", "p.jsonl") == []  # no held-out pairs: none to keep
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collate_pads_with_zero_masks(side):
     tok = CharTokenizer()

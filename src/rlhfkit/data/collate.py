@@ -358,6 +358,22 @@ def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bo
     return kept
 
 
+def drop_tied_pairs(items: list[Item], pair: Callable[[Item], tuple[Encoded, Encoded]], limit: str,
+                    source: str) -> list[Item]:
+    """The ``items`` whose ``pair`` (chosen, rejected) still differ after cutting to ``limit`` (e.g. 'max_length 256');
+    those cut to the same tokens (answers that differed only past the cut) teach a pairwise loss nothing: left
+    out, counted on stderr, an error when none is left."""
+    kept = [item for item in items if pair(item)[0].input_ids != pair(item)[1].input_ids]
+    if len(kept) < len(items):
+        print(f"{source}: {len(items) - len(kept)} of {len(items)} pairs have the same chosen and rejected tokens "
+              f"once cut to {limit}: left out (raise it to keep them)", file=sys.stderr)
+    if items and not kept:
+        from rlhfkit.data.formats import DataError
+
+        raise DataError(source, f"every pair has the same chosen and rejected tokens once cut to {limit}: raise it")
+    return kept
+
+
 def drop_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str,
                       room: int | None = None) -> list[dict]:
     """Rollout rows whose ``prompt`` has at most ``max_prompt_length`` tokens (0 = no limit) and fits in

@@ -26,8 +26,8 @@ import torch
 from rlhfkit import distributed, fsdp
 from rlhfkit.advantages import masked_mean
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
-from rlhfkit.data.collate import (Encoded, collate, encode_pair, encode_reply, encoded_rows, fit_to_length, label_mask,
-                                  pack)
+from rlhfkit.data.collate import (Encoded, collate, drop_tied_pairs, encode_pair, encode_reply, encoded_rows,
+                                  fit_to_length, label_mask, pack)
 from rlhfkit.data.formats import load_preference, load_unpaired
 from rlhfkit.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhfkit.models.forward import LOGITS_CHUNK_HELP, check_packing, masked_logprobs, packed_logprobs
@@ -455,8 +455,11 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     def encode(rows, source):
         encoded = encoded_rows(source, rows, lambda some: objective.encode(some, tokenizer, cfg.max_length,
                                                                            cfg.train.seed))
-        return fit_to_length(encoded, cfg.too_long, lambda e: e.first.truncated or not kto and e.second.truncated,
-                             f"max_length {cfg.max_length}", source)
+        fitted = fit_to_length(encoded, cfg.too_long, lambda e: e.first.truncated or not kto and e.second.truncated,
+                               f"max_length {cfg.max_length}", source)
+        if kto:  # unpaired
+            return fitted
+        return drop_tied_pairs(fitted, lambda e: (e.first, e.second), f"max_length {cfg.max_length}", source)
 
     examples, eval_examples = encode(rows, cfg.data), encode(eval_rows, cfg.eval_data)
 

@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit import distributed
 from rlhfkit.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig, arg, columns_arg
-from rlhfkit.data.collate import collate, encode_pair, encoded_rows, fit_to_length, pack
+from rlhfkit.data.collate import collate, drop_tied_pairs, encode_pair, encoded_rows, fit_to_length, pack
 from rlhfkit.data.formats import load_preference
 from rlhfkit.losses import reward_model_loss
 from rlhfkit.models.forward import check_packing, prompt_width
@@ -85,8 +85,9 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     def encode(rows, source):
         file = source if source == cfg.eval_data else cfg.data  # held-out rows come from the data file
         encoded = encoded_rows(file, rows, encode_rows, lambda: load(file))
-        return fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
-                             f"max_length {cfg.max_length}", source)
+        fitted = fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
+                               f"max_length {cfg.max_length}", source)
+        return drop_tied_pairs(fitted, lambda e: (e[0], e[1]), f"max_length {cfg.max_length}", source)
 
     pairs, eval_pairs = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
 
