@@ -134,14 +134,14 @@ def test_a_chat_template_that_refuses_a_row_names_the_file(tiny_model_dir, tmp_p
         rc = main(["sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"),
                    "--eval_fraction", held_out, "--train.overwrite_output_dir", "true"])
         err = _one_line_error(capsys, rc)
-        assert f"{data}, row 17: this row cannot be encoded with this model's tokenizer" in err, err
+        assert f"{data}, row 17 (line 18): this row cannot be encoded with this model's tokenizer" in err, err
         assert "System role not" in err
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": r["messages"][:-1], "chosen": [r["messages"][-1]],
                                          "rejected": [{"role": "assistant", "content": "Go."}]}) + "\n"
                              for r in rows[15:]))
     rc = main(["dpo", "--model", str(model), "--data", str(pairs), "--out", str(tmp_path / "d")])
-    assert f"{pairs}, row 2: this row cannot be encoded" in _one_line_error(capsys, rc)
+    assert f"{pairs}, row 2 (line 3): this row cannot be encoded" in _one_line_error(capsys, rc)
 
 
 def test_reward_model_trains_and_evaluates_on_chat_pairs(tiny_model_dir, tmp_path, capsys):

@@ -332,7 +332,7 @@ def test_a_late_row_without_a_reward_s_column_is_refused_before_any_step(tiny_mo
     rc = _run("grpo", tiny_model_dir("llama"), arithmetic_dir, out, f"--{which}", str(bad),
               "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
     assert rc == 2
-    assert (f"{bad}, row 11, field 'answer': no value (reward 'exact_answer' takes 'answer')"
+    assert (f"{bad}, row 11 (line 12), field 'answer': no value (reward 'exact_answer' takes 'answer')"
             in capsys.readouterr().err)
     assert not (out / "metrics.jsonl").exists()  # not a step taken
 

@@ -183,7 +183,7 @@ def test_utf16_file(tmp_path):
 def test_bad_json_line_names_its_row_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": }\n')
-    raises(load_sft, path, row=1, field=None, match="line 3 is not valid JSON")
+    raises(load_sft, path, row=1, field=None, match=r"d\.jsonl, row 1 \(line 3\): not valid JSON")
 
 
 def test_bad_json_document(tmp_path):
@@ -207,7 +207,7 @@ def test_row_that_is_not_an_object(tmp_path, name, content, row):
 def test_csv_row_with_wrong_number_of_values(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("prompt,completion\na,b\nc,d,e\n")
-    raises(load_sft, path, row=1, field=None, match="line 3 has 3 values but the header has 2")
+    raises(load_sft, path, row=1, field=None, match=r"row 1 \(line 3\): 3 values but the header has 2")
 
 
 def test_csv_duplicate_column(tmp_path):
@@ -220,10 +220,24 @@ def test_json_key_given_twice_is_refused(tmp_path):
     # json keeps the last value without a word: an empty completion would be overwritten silently
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "", "completion": "x"}\n')
-    raises(load_sft, path, row=1, field="completion", match="line 2 gives key 'completion' twice")
+    raises(load_sft, path, row=1, field="completion", match=r"row 1 \(line 2\), field 'completion': key "
+                                                             "'completion' is given twice")
     path = tmp_path / "d.json"
     path.write_text('[{"prompt": "a", "completion": "b", "prompt": "c"}]')
     raises(load_sft, path, row=None, field=None, match="key 'prompt' is given twice in one object")
+
+
+def test_a_row_s_error_names_the_line_an_editor_shows(tmp_path):
+    # rows count records from 0; blank lines, a CSV header and a value spanning lines are not rows
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n\n{"prompt": "a", "completion": 3}\n')
+    raises(load_sft, path, row=1, field="completion", match=r"d\.jsonl, row 1 \(line 4\), field 'completion'")
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\n"two\nlines",b\n\nc,\n')
+    raises(load_sft, path, row=1, field="completion", match=r"d\.csv, row 1 \(line 5\), field 'completion'")
+    path = tmp_path / "d.json"  # a JSON array's items: the row alone
+    path.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "a", "completion": 3}]')
+    assert raises(load_sft, path, row=1, field="completion", match=r"d\.json, row 1, field 'completion'").line is None
 
 
 # --------------------------------------------------------------------------- SFT

@@ -18,6 +18,7 @@ naming the file, the row and the field of the first problem. Data is only ever p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -42,33 +43,62 @@ _short.maxlevel = 3
 
 
 class DataError(ValueError):
-    """A data file that cannot be used, and where: ``path``, ``row``, ``field``.
+    """A data file that cannot be used, and where: ``path``, ``row``, ``line``, ``field``.
 
     ``row`` is the 0-based index of the record in the file (blank JSONL/CSV lines are not
     records, and a CSV header is not a record), or None for problems with the whole file.
+    ``line`` is the 1-based line of a JSON Lines or CSV file where that record starts, as an editor
+    counts them (found in the file when not given), else None.
     ``field`` names the column, with a path into nested values such as
     ``messages[2].content``, or is None.
     """
 
     def __init__(self, path: str | os.PathLike, problem: str, *, row: int | None = None,
-                 field: str | None = None):
+                 field: str | None = None, line: int | None = None):
         self.path = os.fspath(path)
         self.problem = problem
         self.row = row
         self.field = field
+        self.line = line if line is not None or row is None else _line_of(self.path, row)
         where = [self.path]
         if row is not None:
-            where.append(f"row {row}")
+            where.append(f"row {row}" + (f" (line {self.line})" if self.line is not None else ""))
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {problem}")
 
     def __reduce__(self):  # picklable for worker processes, despite keyword-only arguments
-        return _rebuild_error, (self.path, self.problem, self.row, self.field)
+        return _rebuild_error, (self.path, self.problem, self.row, self.field, self.line)
 
 
-def _rebuild_error(path, problem, row, field) -> DataError:
-    return DataError(path, problem, row=row, field=field)
+def _rebuild_error(path, problem, row, field, line=None) -> DataError:
+    return DataError(path, problem, row=row, field=field, line=line)
+
+
+def _line_of(path: str, row: int) -> int | None:
+    """The line where record ``row`` of a JSON Lines or CSV file starts (blank lines and a CSV header are not
+    records); None for other files, or one that cannot be read now."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".csv") or not Path(path).is_file():
+        return None
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    except OSError:
+        return None
+    if suffix != ".csv":
+        starts = [i for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
+        return starts[row] if row < len(starts) else None
+    reader, seen, end = csv.reader(io.StringIO(text, newline="")), -1, 1
+    with contextlib.suppress(csv.Error):
+        next(reader, None)  # the header
+        end = reader.line_num
+        for values in reader:
+            if values:
+                seen += 1
+                if seen == row:
+                    return end + 1  # a record starts on the line after the one before it ended
+            end = reader.line_num
+    return None
 
 
 def _describe(value: Any) -> str:
@@ -187,15 +217,14 @@ def _parse_jsonl(path, text: str) -> list[dict]:
         try:
             record = json.loads(line, object_pairs_hook=_unique_keys)
         except _DuplicateKey as exc:
-            raise DataError(path, f"line {lineno} gives key {_printable(exc.key)!r} twice", row=row,
+            raise DataError(path, f"key {_printable(exc.key)!r} is given twice", row=row, line=lineno,
                             field=_printable(exc.key)) from exc
         except json.JSONDecodeError as exc:
-            raise DataError(path, f"line {lineno} is not valid JSON: {exc.msg} at column {exc.colno}",
-                            row=row) from exc
+            raise DataError(path, f"not valid JSON: {exc.msg} at column {exc.colno}", row=row, line=lineno) from exc
         except RecursionError as exc:
-            raise DataError(path, f"line {lineno} is not valid JSON: nested too deeply", row=row) from exc
+            raise DataError(path, "not valid JSON: nested too deeply", row=row, line=lineno) from exc
         if not isinstance(record, dict):
-            raise DataError(path, f"line {lineno}: expected a JSON object, got {_describe(record)}", row=row)
+            raise DataError(path, f"expected a JSON object, got {_describe(record)}", row=row, line=lineno)
         records.append(record)
     return records
 
@@ -216,12 +245,13 @@ def _parse_csv(path, text: str) -> list[dict]:
             if not values:  # blank line
                 continue
             if len(values) != len(header):
-                raise DataError(path, f"line {reader.line_num} has {len(values)} values but the header "
-                                      f"has {len(header)} columns (check quoting)", row=len(records))
+                raise DataError(path, f"{len(values)} values but the header has {len(header)} columns (check "
+                                      "quoting)", row=len(records), line=reader.line_num)
             records.append(dict(zip(header, values)))
     except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
-        row = len(records) if reader.line_num > 1 else None
-        raise DataError(path, f"line {reader.line_num} is not valid CSV: {exc}", row=row) from exc
+        if reader.line_num <= 1:
+            raise DataError(path, f"line {reader.line_num} is not valid CSV: {exc}") from exc
+        raise DataError(path, f"not valid CSV: {exc}", row=len(records), line=reader.line_num) from exc
     return records
 
 
