@@ -303,6 +303,10 @@ def test_a_conversation_s_tool_calls_are_learned_and_an_opening_assistant_turn_i
     # the last reply alone (assistant_turns last, preference replies) keeps its tool call too
     alone = encode_example(tok, *as_prompt_completion({"messages": messages[:2]}), 256)
     assert tok.decode([t for t, m in zip(alone.input_ids, alone.completion_mask) if m]) == "call lake<|im_end|>"
+    # a template that does not write tool calls would learn an empty reply: refused, saying so
+    plain = chatml_tokenizer("<|im_end|>")
+    with pytest.raises(ValueError, match="does not write tool calls, so this reply's would not be learned"):
+        encode_example(plain, *as_prompt_completion({"messages": messages[:2]}), 256)
     # an assistant turn with nothing before it answers nothing: context, as with assistant_turns last
     opening = [{"role": "assistant", "content": "Hello."}, *CONVERSATION[:2]]
     assert encode_conversation(tok, opening, 256) == encode_example(tok, opening[:-1], opening[-1]["content"], 256)

@@ -272,6 +272,25 @@ def test_sft_messages_from_json_and_csv(tmp_path):
     assert load_sft(cs) == [{"messages": CHAT}]  # empty CSV cells of the other format are absent
 
 
+def test_a_reply_of_tool_calls_alone_is_learned_and_a_misplaced_one_refused(tmp_path):
+    # OpenAI's format: the assistant's content null (or absent) beside its tool_calls
+    call = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]
+    asked = [{"role": "user", "content": "Weather in Oslo?"}]
+    rows = [{"messages": [*asked, {"role": "assistant", "content": None, "tool_calls": call}]},
+            {"messages": [*asked, {"role": "assistant", "tool_calls": call}, {"role": "tool", "content": "Sunny."},
+                          {"role": "assistant", "content": "It is sunny."}]}]
+    loaded = load_sft(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert loaded[0]["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call}
+    assert loaded[1]["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call}
+    for message, field, problem in [
+        ({"role": "assistant", "content": None, "tool_calls": []}, "messages[1].tool_calls", "non-empty list"),
+        ({"role": "assistant", "content": None}, "messages[1].content", "expected a string, got null"),
+        ({"role": "user", "content": "x", "tool_calls": call}, "messages[1].tool_calls", "got a user message"),
+    ]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [*asked, message]}])
+        raises(load_sft, path, row=0, field=field, match=problem)
+
+
 def test_sft_parquet_mixed_rows_have_arrow_nulls_dropped(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

@@ -172,6 +172,11 @@ def templated_reply(tokenizer, messages: list, reply: str | dict) -> str:
     reply = message.get("content") or ""
     before = render_prompt(tokenizer, messages)
     whole = tokenizer.apply_chat_template([*messages, message], tokenize=False)
+    if message.get("tool_calls") and whole == tokenizer.apply_chat_template(
+            [*messages, {k: v for k, v in message.items() if k != "tool_calls"}], tokenize=False):
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise ValueError(f"the chat template of {name} does not write tool calls, so this reply's would not be "
+                         "learned: give a template that does (--model.chat_template FILE.jinja)")
     if not isinstance(whole, str) or not whole.startswith(before) or reply.strip() not in whole[len(before):]:
         return reply
     text, eos = whole[len(before):], tokenizer.eos_token

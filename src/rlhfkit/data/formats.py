@@ -434,9 +434,11 @@ def _looks_like_messages(row: _Row, value: Any) -> Any:
 
 
 def _messages(row: _Row, value: Any, field: str, *, ends_with_reply: bool) -> list[dict]:
-    """A validated chat: a non-empty list of {"role": one of ROLES, "content": str}.
+    """A validated chat: a non-empty list of {"role": one of ROLES, "content": str}; an assistant message may
+    carry ``tool_calls`` (a non-empty list, passed to the chat template as they are), its content then "" when
+    null or missing.
 
-    With ``ends_with_reply`` the last message must be a non-empty assistant message, the
+    With ``ends_with_reply`` the last message must be an assistant message with text or tool calls, the
     reply that training learns from.
     """
     value = _decode_list(row, value, field)
@@ -454,6 +456,12 @@ def _messages(row: _Row, value: Any, field: str, *, ends_with_reply: bool) -> li
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise row.error(f"{at}.role", f"expected one of {', '.join(ROLES)}, got {_describe(role)}")
+        calls = message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls):
+            raise row.error(f"{at}.tool_calls", "expected a non-empty list of calls in an assistant message, got "
+                                                + (_describe(calls) if role == "assistant" else f"a {role} message"))
+        if calls and message.get("content") is None:  # a reply that is its tool calls alone (OpenAI's null)
+            message = {**message, "content": ""}
         _string(row, message.get("content"), f"{at}.content", non_empty=False)
         # Arrow gives every message every struct field of the column, null where unused.
         messages.append({k: v for k, v in message.items() if v is not None})
@@ -462,7 +470,8 @@ def _messages(row: _Row, value: Any, field: str, *, ends_with_reply: bool) -> li
         if messages[-1]["role"] != "assistant":
             raise row.error(f"{last}.role", "the last message must be the 'assistant' reply to learn from, "
                                             f"got {_describe(messages[-1]['role'])}")
-        _string(row, messages[-1]["content"], f"{last}.content", non_empty=True)
+        if not messages[-1].get("tool_calls"):  # a reply of tool calls alone may have no text
+            _string(row, messages[-1]["content"], f"{last}.content", non_empty=True)
     return messages
 
 
