@@ -307,6 +307,7 @@ def test_sft_parquet_mixed_rows_have_arrow_nulls_dropped(tmp_path):
 
 @pytest.mark.parametrize("row, field, match", [
     ({"prompt": "a"}, "completion", "missing; expected 'prompt' and 'completion'.*columns in this row: 'prompt'"),
+    ({"prompt": "a", "completion": None}, "completion", "null; expected 'prompt' and 'completion'"),  # not missing
     ({"response": "a"}, "prompt", "missing.*'response'"),
     ({"text": " "}, "text", "non-empty"),
     ({"prompt": "a", "completion": 3}, "completion", "expected a string, got int 3"),
@@ -641,6 +642,7 @@ def test_column_errors_name_the_files_column(tmp_path):
     missing = write_jsonl(tmp_path / "m.jsonl", [{"text": "a"}])
     err = raises(lambda p: load_prompts(p, {"prompt": "question"}), missing, row=0, field="question")
     assert "'text'" in str(err) and "pass --columns" not in str(err)  # the row's columns as the file names them
+    assert "(--columns prompt=question names it)" in str(err)
     err = raises(load_prompts, missing, row=0, field="prompt")
     assert "pass --columns prompt=THAT_COLUMN" in str(err)
 

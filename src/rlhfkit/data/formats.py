@@ -377,9 +377,13 @@ class _Row:
     def require(self, key: str, expected: str) -> Any:
         """The value at ``key``; absent or null is an error (an empty CSV cell is the text '')."""
         if self.record.get(key) is None:
+            if key in self.record:  # there, but null (JSON null, a Parquet or datasets null)
+                raise self.error(key, f"null; expected {expected}")
             columns = ", ".join(f"'{_printable(k)}'" for k in self.file_keys) or "none"
-            hint = (f"; if one of them holds it, pass --columns {key}=THAT_COLUMN"
-                    if self.file_keys and key not in self.columns else "")
+            if key in self.columns:  # the file's column --columns named for it
+                hint = f" (--columns {key}={_printable(self.columns[key])} names it)"
+            else:
+                hint = f"; if one of them holds it, pass --columns {key}=THAT_COLUMN" if self.file_keys else ""
             raise self.error(key, f"missing; expected {expected} (columns in this row: {columns}){hint}")
         return self.record[key]
 
