@@ -249,6 +249,12 @@ def test_sequences_past_the_model_s_positions_are_refused_or_dropped_before_trai
     assert kept == [{"prompt": "the cat"}]
     # 256 positions less 56 sampled tokens and the EOS a scorer appends to a row cut off at 56
     assert "1 of 2 prompts exceed the 199 positions the model has left" in capsys.readouterr().err
+    from rlhfkit.data.formats import DataError
+
+    with pytest.raises(DataError, match="every prompt exceeds the 199 positions the model has left beside "
+                                        "generation.max_new_tokens; lower generation.max_new_tokens or shorten"):
+        drop_long_prompts(rows[:1], load_tokenizer(model), 0, "prompts.jsonl",
+                          room=prompt_room(ModelConfig(path=model), 56))
 
 
 def test_a_rope_scaling_in_the_config_stretches_the_positions(tiny_model_dir, tmp_path):

@@ -358,7 +358,12 @@ def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bo
     if not kept:
         from rlhfkit.data.formats import DataError
 
-        fix = "raise it or set too_long truncate" if what == "examples" else f"raise it or shorten the {what}"
+        if what == "examples":
+            fix = "raise it or set too_long truncate"
+        elif "max_new_tokens" in limit:  # the model's positions: only the completion's share can give
+            fix = f"lower generation.max_new_tokens or shorten the {what}"
+        else:
+            fix = f"raise it or shorten the {what}"
         raise DataError(source, f"every {what.removesuffix('s')} exceeds {limit}; {fix}")
     return kept
 
@@ -386,7 +391,7 @@ def drop_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, sourc
     counted."""
     limits = [(max_prompt_length, f"max_prompt_length {max_prompt_length}")] if max_prompt_length > 0 else []
     if room is not None:
-        limits.append((room, f"the {room} positions the model has left beside max_new_tokens"))
+        limits.append((room, f"the {room} positions the model has left beside generation.max_new_tokens"))
     if not limits:
         return rows
     limit, name = min(limits)
