@@ -399,3 +399,11 @@ def test_pairs_that_differ_only_past_max_length_are_left_out(tiny_model_dir, tmp
     assert (f"{data}: every pair has the same chosen and rejected tokens once cut to max_length 12: raise it"
             in capsys.readouterr().err)
     assert main([*args, "--max_length", "64"]) == 0  # whole, they differ
+
+
+def test_a_margin_column_is_said_to_be_unread_by_the_dpo_family(tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi.", "chosen": "Hello there.", "rejected": "Go.", "margin": 2.0}) + "\n")
+    with pytest.warns(UserWarning, match="has a 'margin' column, which only the reward model's loss reads"):
+        assert main(["dpo", "--model", tiny_model_dir("llama"), "--data", str(data), "--out", str(tmp_path / "o"),
+                     "--train.max_steps", "1", "--train.batch_size", "1", "--train.tensorboard", "false"]) == 0

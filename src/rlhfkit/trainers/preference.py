@@ -433,6 +433,9 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     (or LoRA adapter) lands in ``cfg.train.out``. Returns the last logged metrics."""
     objective = OBJECTIVES[type(cfg)](cfg)
     rows = objective.read(cfg.data, cfg.columns)  # validates every row before anything is loaded
+    if any("margin" in r for r in rows):
+        warnings.warn(f"{cfg.data} has a 'margin' column, which only the reward model's loss reads (rlhfkit rm); "
+                      "this method trains without it", stacklevel=2)
     eval_rows = objective.read(cfg.eval_data, cfg.columns) if cfg.eval_data else []
     refuse_adapter_dir(cfg.model.path, type(cfg).__name__.removesuffix("Config"))
     check_max_length(cfg.model, cfg.max_length)
