@@ -86,6 +86,7 @@ def reward_model_function(path: str, device: torch.device | str | None = None) -
     def score(prompts: list, completions: list[str], **columns) -> list[float]:
         return model.score(prompts, completions).tolist()
 
+    score.reward_model = model  # for checks before sampling (``CombinedReward.check_rows``)
     return score
 
 
@@ -180,10 +181,18 @@ class CombinedReward:
         """DataError, before any sampling, naming the first row of ``source`` (counted from 0, as every data error
         counts them) without a column that a reward function requires (a parameter without a default): the
         function would get None for it mid-run, the steps before lost. A parameter with a default takes rows
-        without the column (None, or its default when no row has it)."""
+        without the column (None, or its default when no row has it). A row of chat messages is refused too where a
+        reward model has no chat template to write them with."""
         from rlhfkit.data.formats import DataError
 
         for r in self.rewards:
+            scorer = getattr(r.fn, "reward_model", None)
+            if scorer is not None and not getattr(scorer.tokenizer, "chat_template", None):
+                row = next((i for i, row in enumerate(rows) if isinstance(row.get("prompt"), list)), None)
+                if row is not None:
+                    raise DataError(source, f"chat messages, which reward model {r.name!r} cannot read: its tokenizer "
+                                            "has no chat template (give the reward model one, or use text prompts)",
+                                    row=row, field="prompt")
             required, _ = column_fit(r.fn, [])
             for column in (c for c in required if c != "prompt"):  # 'prompt': check_columns says what to rename
                 row = next((i for i, row in enumerate(rows) if row.get(column) is None), None)

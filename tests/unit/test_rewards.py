@@ -120,6 +120,26 @@ def test_a_row_without_a_column_a_reward_requires_is_refused_before_sampling_nam
     build_reward(["user_rewards:uses_column"]).check_rows(rows[:2], "p.jsonl")
 
 
+def test_chat_prompts_are_refused_before_sampling_where_a_reward_model_has_no_chat_template(reward_module):
+    # it had failed at the first evaluation, mid-run, for held-out prompts of messages beside text training prompts
+    import types
+
+    from rlhfkit.data.formats import DataError
+
+    def scorer(template):
+        fn = lambda prompts, completions, **kw: [0.0] * len(completions)  # noqa: E731
+        fn.reward_model = types.SimpleNamespace(tokenizer=types.SimpleNamespace(chat_template=template))
+        return fn
+
+    rows = [{"prompt": "Hi."}, {"prompt": [{"role": "user", "content": "Hi."}]}]
+    reward_module.plain, reward_module.chat = scorer(None), scorer("{{ messages }}")
+    with pytest.raises(DataError, match=r"e\.jsonl, row 1, field 'prompt': chat messages, which reward model "
+                                        "'plain' cannot read: its tokenizer has no chat template"):
+        build_reward(["user_rewards:length", "user_rewards:plain"]).check_rows(rows, "e.jsonl")
+    build_reward(["user_rewards:chat"]).check_rows(rows, "e.jsonl")
+    build_reward(["user_rewards:plain"]).check_rows(rows[:1], "e.jsonl")
+
+
 def test_a_reward_that_raises_on_one_row_names_that_row_s_inputs(reward_module):
     reward_module.to_int = lambda prompts, completions, answer, **kw: [float(int(a)) for a in answer]
     reward = build_reward(["user_rewards:to_int"])
