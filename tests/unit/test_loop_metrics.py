@@ -75,6 +75,17 @@ def test_a_step_s_metric_weighs_each_micro_batch_by_its_units(tmp_path):
     assert row["train/hit"] == pytest.approx(3 / 4)
 
 
+def test_a_metric_without_a_value_is_written_as_json_null(tmp_path):
+    # a reward that applied to no sample of a window has a NaN mean: bare NaN is not JSON (jq, JavaScript refuse it)
+    logger = Logger(tmp_path, tensorboard=False)
+    logger.rewind(0)
+    logger.log(1, {"rollout/reward/math": float("nan"), "train/loss": 0.5})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
+        "step": 1, "rollout/reward/math": None, "train/loss": 0.5}
+
+
 def test_a_warmup_as_long_as_the_run_is_pointed_out(recwarn):
     # 6 updates under the default 10 warm-up steps: the rate would peak at 6/11 of optim.lr and never decay
     params = [torch.nn.Parameter(torch.ones(2))]

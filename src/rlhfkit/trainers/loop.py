@@ -351,7 +351,7 @@ class Logger:
         if again:
             self._drop(lambda line: (logged := _record(line)) is not None and logged["step"] == step
                        and logged.keys() == record.keys())
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(_finite(record)) + "\n")  # NaN as null: strict JSON (jq, JavaScript) reads it
         self.file.flush()
         if self.writer is not None:
             for k, v in metrics.items():
