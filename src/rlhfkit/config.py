@@ -31,7 +31,7 @@ import reprlib
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -46,6 +46,9 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message names the file or flag, the key and the fix."""
 
 
+# a seed's range (keyword arguments of `arg`): numpy's size, either sign, which torch's generators still take once
+# the data order scales it (loop.batch_indices); past 2**64 torch had failed naming no setting
+SEED_BOUNDS = {"gt": -2**32, "lt": 2**32}
 _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
            "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
@@ -326,6 +329,33 @@ def check_bounds(cfg: Any, prefix: str = "", source: str = "") -> None:
             _check_bounds(value, f.metadata.get("bounds", {}), prefix + f.name, lambda key: source)
 
 
+def _type_at(cls: type, dotted: str) -> Any:
+    """The annotation of dotted name ``dotted`` in ``cls`` (through its sections), or None where it names none."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        section = _section_of(tp)
+        tp = next((t for f, t in _fields(section) if f.name == part), None) if section else None
+        if tp is None:
+            return None
+    return tp
+
+
+def _check_sections(cls: type, data: Any, where: Callable[[str], str], prefix: str = "") -> None:
+    """ConfigError (the one building the config gives) for a section of ``cls`` that ``data`` sets to a value
+    that is no mapping (``lora: true``; None where the section may be None is one): a ``--lora.r 8`` merged on
+    top would replace it unseen, and the run go on without the setting the file meant."""
+    if not isinstance(data, Mapping):
+        return
+    for key, value in data.items():
+        tp = _type_at(cls, prefix + key) if isinstance(key, str) else None
+        if _section_of(tp) is None:
+            continue
+        if isinstance(value, Mapping):
+            _check_sections(cls, value, where, f"{prefix}{key}.")
+        else:
+            _convert(value, tp, prefix + key, where)  # raises, unless a section that may be None is set so
+
+
 def _check_keys(cls: type, data: Any, where: Callable[[str], str], names: list[str], prefix: str = "") -> None:
     """ConfigError for the first key of `data` that `cls` does not have, naming the closest of the
     config's dotted `names` (all of them: the right name may sit in another section)."""
@@ -392,7 +422,11 @@ class _SafeUniqueLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node, deep=True)  # as PyYAML builds keys: whole
+            if not isinstance(key, Hashable):  # `? [a, b]`: PyYAML's own check comes after ours
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {'list' if isinstance(key, list) else 'mapping'} as a key ({_shown(key)}): "
+                    "keys are names (write 'name: value')", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping",
                                                         key_node.start_mark)
@@ -411,12 +445,25 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {e.start}: "
                           f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+        raise ConfigError(f"cannot parse config file {path}{_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return _undotted(data, path)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, placed by the file's line and column (its own text names "<unicode string>"
+    and quotes the line on two more)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    text = f", line {mark.line + 1}, column {mark.column + 1}: " if mark else ": "
+    text += problem
+    if context and context != problem:  # "while scanning a quoted scalar" from the line it started on
+        text += f" ({context}" + (f" from line {context_mark.line + 1})" if context_mark else ")")
+    return " ".join(text.split("\n"))
 
 
 def _undotted(data: dict, path, prefix: str = "") -> dict:
@@ -498,7 +545,14 @@ def parse_args(cls: type[C], argv: list[str] | None = None, prog: str = "rlhfkit
     paths = [paths] if isinstance(paths, str) else paths or []  # several: merged in order, the later win
     data = {}
     for file in paths:
-        _merge(data, load_yaml(file))
+        loaded = load_yaml(file)
+        _check_sections(cls, loaded, lambda key, file=file: str(file))  # before a flag or a later file merges in
+        _merge(data, loaded)
+    for key in overrides:  # `--lora true --lora.r 8`: the second would replace the first unseen
+        parts = key.split(".")
+        for outer in (".".join(parts[:i]) for i in range(1, len(parts))):
+            if outer in overrides and _section_of(_type_at(cls, outer)):
+                _convert(overrides[outer], _type_at(cls, outer), outer, lambda _: "the command line")
     path = ", ".join(paths)
     mappings = {f.name: tp for f, tp in _fields(cls) if dict in (typing.get_origin(tp), tp)}
     for key, value in overrides.items():
@@ -677,7 +731,7 @@ class TrainConfig:
     """How long to train, how often to log, evaluate and save."""
 
     out: str = arg("runs/out", "output directory (model, config, logs, checkpoints)")
-    seed: int = arg(0, "random seed for initialisation, data order and sampling")
+    seed: int = arg(0, "random seed for initialisation, data order and sampling", **SEED_BOUNDS)
     batch_size: int = arg(32, "examples per optimiser step", ge=1)
     grad_accum: int = arg(1, "micro-batches per step (batch_size must divide by it)", ge=1)
     gradient_checkpointing: bool = arg(False, "recompute each layer's activations in the backward instead of "

@@ -606,3 +606,52 @@ def test_a_value_built_of_yaml_aliases_is_refused_without_printing_it_whole(tmp_
     with pytest.raises(ConfigError, match="expected str | list") as info:
         from_dict(SFTConfig, {"lora": {"target_modules": data["l8"]}})
     assert len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("text, flags, section", [
+    ("lora: true\n", ["--lora.r", "8"], "lora"),  # trained the full model, the saved config saying lora off
+    ("train: 5\n", ["--train.out", "o"], "train"),
+    ("train: 5\n", ["--train.seed", "1", "--optim.lr", "0.1"], "train"),
+])
+def test_a_section_a_file_sets_to_a_scalar_is_refused_with_a_flag_inside_it_too(tmp_path, text, flags, section):
+    from rlhfkit.trainers.sft import SFTConfig
+
+    path = write(tmp_path, text)
+    message = rf"bad value for '{section}' in {path}: .*'{section}' is a section, set its keys as '{section}\.NAME'"
+    with pytest.raises(ConfigError, match=message):  # the file alone
+        parse_args(SFTConfig, ["--config", path])
+    with pytest.raises(ConfigError, match=message):  # a flag in the section had replaced the file's value unseen
+        parse_args(SFTConfig, ["--config", path, *flags])
+    with pytest.raises(ConfigError, match=message):  # as had a later file setting a key in it
+        later = write(tmp_path, f"{section}:\n  {flags[0].split('.')[1]}: {flags[1]}\n", "later.yaml")
+        parse_args(SFTConfig, ["--config", path, "--config", later])
+    with pytest.raises(ConfigError, match=rf"'{section}' in the command line: .*is a section"):  # flags alone
+        parse_args(SFTConfig, [f"--{section}", "true", *flags])
+
+
+def test_a_section_that_may_be_none_set_so_in_a_file_takes_keys_from_the_command_line(tmp_path):
+    assert parse_args(Extras, ["--config", write(tmp_path, "ref: null\n"), "--ref.r", "4"]).ref == Lora(r=4)
+
+
+@pytest.mark.parametrize("text, line, what", [
+    ("? [a, b]\n: 1\n", 1, r"a list as a key \(\['a', 'b'\]\)"),
+    ("max_steps: 3\ntrain: {? {x: 1} : 2}\n", 2, r"a mapping as a key \(\{'x': 1\}\)"),
+    ("max_steps: 64\nmax_steps: 32\n", 2, "key 'max_steps' is given twice in one mapping"),
+    ("max_steps: 64\n  bad indent: 3\n", 2, "mapping values are not allowed here"),
+])
+def test_yaml_that_cannot_be_read_is_one_line_naming_the_file_and_line(tmp_path, text, line, what):
+    # a complex key failed with TypeError (unhashable); the others ran to three lines placed in "<unicode string>"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"cannot parse config file {path}, line {line}, column \d+: {what}") as e:
+        load_yaml(path)
+    assert "\n" not in str(e.value) and "<unicode string>" not in str(e.value)
+
+
+def test_a_seed_past_what_torch_takes_names_the_setting():
+    from rlhfkit.trainers.sft import SFTConfig
+
+    # "Overflow when unpacking long long" from torch, naming no setting
+    with pytest.raises(ConfigError, match=r"'train\.seed' in the command line: must be > -4294967296 and < "
+                                          r"4294967296, got 99999999999999999999999"):
+        parse_args(SFTConfig, ["--train.seed", "99999999999999999999999"])
+    assert parse_args(SFTConfig, ["--train.seed", "-7"]).train.seed == -7  # a negative one still seeds
