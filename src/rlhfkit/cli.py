@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhfkit import __version__
-from rlhfkit.config import ConfigError, GenerationConfig, ModelConfig, arg, columns_arg, parse_args
+from rlhfkit.config import SEED_BOUNDS, ConfigError, GenerationConfig, ModelConfig, arg, columns_arg, parse_args
 
 
 @dataclass
@@ -26,13 +26,14 @@ class TinyModelConfig:
 
     arch: str = arg("llama", "architecture: llama, qwen2, mistral, gpt2 or gpt_neox")
     out: str = arg("runs/tiny", "directory to write the model and tokenizer to")
-    hidden_size: int = arg(128, "hidden size")
-    num_layers: int = arg(2, "transformer blocks")
-    num_heads: int = arg(4, "attention heads")
-    num_kv_heads: int = arg(0, "key/value heads for grouped-query attention (llama, qwen2, mistral; 0 = num_heads)")
-    vocab_size: int = arg(1024, "BPE vocabulary size at most (the task's text may give fewer)")
-    max_positions: int = arg(256, "longest sequence the model accepts")
-    seed: int = arg(0, "seed of the random weights")
+    hidden_size: int = arg(128, "hidden size", ge=1)
+    num_layers: int = arg(2, "transformer blocks", ge=1)
+    num_heads: int = arg(4, "attention heads", ge=1)
+    num_kv_heads: int = arg(0, "key/value heads for grouped-query attention (llama, qwen2, mistral; 0 = num_heads)",
+                            ge=0)
+    vocab_size: int = arg(1024, "BPE vocabulary size at most (the task's text may give fewer)", ge=1)
+    max_positions: int = arg(256, "longest sequence the model accepts", ge=1)
+    seed: int = arg(0, "seed of the random weights", **SEED_BOUNDS)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class MakeDataConfig:
     """`rlhfkit make-data`: write the built-in task as JSONL files."""
 
     out: str = arg("runs/data", "directory for the JSONL files")
-    seed: int = arg(0, "seed of the task's random draws")
+    seed: int = arg(0, "seed of the task's random draws", **SEED_BOUNDS)
     task: Literal["describe", "arithmetic"] = arg("describe", "describe: preferences with a hidden gold reward; "
                                                   "arithmetic: single-digit sums with a verifiable reward")
 
@@ -71,7 +72,7 @@ class GenerateConfig:
     out: str = arg("", "write the samples to this JSONL file (the prompt file's other columns kept) instead of "
                    "printing them; written to OUT.partial as they are made, a stopped run run again with the same "
                    "settings goes on where it stopped")
-    seed: int = arg(0, "sampling seed")
+    seed: int = arg(0, "sampling seed", **SEED_BOUNDS)
     model: ModelConfig = arg(ModelConfig, "the model to sample from")
     generation: GenerationConfig = arg(GenerationConfig, "decoding")
 
@@ -85,6 +86,8 @@ class GenerateConfig:
         if self.min_margin and self.select != "pairs":
             raise ConfigError(f"--min_margin {self.min_margin} is the reward gap between a pair's chosen and rejected "
                               "answers: it needs --select pairs")
+        if any(not p for p in self.prompt):  # no token to start from: sampling failed on a 0-sized tensor
+            raise ConfigError("--prompt is empty: give the text to answer (or --prompts FILE)")
         if self.n > 1 and self.generation.temperature == 0:
             raise ConfigError(f"--n {self.n} with --generation.temperature 0 (greedy) makes {self.n} identical "
                               "samples of each prompt: sample at a temperature above 0, or pass --n 1")
@@ -101,8 +104,8 @@ class EvalConfig:
     rewards: list[str] = arg([], "score with these instead of the built-in task's gold reward: 'module:function' "
                              "names (trusted code you chose) and/or reward-model directories, summed")
     reward_weights: list[float] = arg([], "weight of each reward in the sum (empty = all 1)")
-    limit: int = arg(0, "evaluate only the first N prompts (0 = all)")
-    seed: int = arg(0, "sampling seed")
+    limit: int = arg(0, "evaluate only the first N prompts (0 = all)", ge=0)
+    seed: int = arg(0, "sampling seed", **SEED_BOUNDS)
     out: str = arg("", "also write the figures and every completion to this JSON file")
     reference: str = arg("", "also the KL to this model (the one trained from, e.g. the SFT model): the mean over "
                          "prompts of sum_t log pi(y_t) - log pi_ref(y_t) on the model's own samples, nats per answer")
@@ -139,9 +142,34 @@ def _report(metrics: dict, saved: str) -> None:
         print(saved)
 
 
+def _check_out_dir(out: str, what: str) -> None:
+    """ConfigError for an ``--out`` that cannot be the directory ``what`` goes to: a file, or a path under one
+    (transformers had logged an error and rlhfkit said the model was written; make-data ended in a traceback)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a file: name a directory for {what}")
+    _check_out_parents(out)
+
+
+def _check_out_file(out: str, what: str) -> None:
+    """ConfigError, before anything is computed, for an ``--out`` that cannot be the file ``what`` goes to: a
+    directory, or a path under a file (the figures had been computed first, then lost to a traceback)."""
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a directory: name a file for {what}, e.g. {Path(out) / 'eval.json'}")
+    _check_out_parents(out)
+
+
+def _check_out_parents(out: str) -> None:
+    """ConfigError when a directory on ``--out``'s path is a file, where its directories could not be made."""
+    parent = next((p for p in Path(out).parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so no directory can be made there: name a path whose "
+                          "directories are directories (or new)")
+
+
 def cmd_tiny_model(cfg: TinyModelConfig) -> None:
     from rlhfkit.models.tiny import make_tiny_model
 
+    _check_out_dir(cfg.out, "the model and its tokenizer")
     out = make_tiny_model(cfg.arch, cfg.out, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.vocab_size,
                           cfg.max_positions, cfg.seed, cfg.num_kv_heads or None)
     print(f"wrote a tiny {cfg.arch} model to {out}")
@@ -150,6 +178,7 @@ def cmd_tiny_model(cfg: TinyModelConfig) -> None:
 def cmd_make_data(cfg: MakeDataConfig) -> None:
     import importlib
 
+    _check_out_dir(cfg.out, "the JSONL files")
     task = importlib.import_module(f"rlhfkit.data.tasks.{cfg.task}")
     paths = task.write(cfg.out, task.TaskSpec(seed=cfg.seed))
     for name, path in paths.items():
@@ -355,6 +384,7 @@ def _check_generate_out(cfg: GenerateConfig, rows: list[dict], source: str) -> N
     if out.is_dir() or (cfg.prompts and out.resolve() == Path(cfg.prompts).resolve()):
         raise ConfigError(f"--out {cfg.out} is {'a directory' if out.is_dir() else 'the prompts file itself'}: "
                           "name a new .jsonl file")
+    _check_out_parents(cfg.out)
     clash = next((c for c in dict.fromkeys(k for r in rows for k in r) if c in _WRITTEN or c.startswith("reward/")),
                  None)
     if clash:
@@ -420,9 +450,18 @@ def _refuse_foreign(prompts: list, source: str, use: str) -> None:
                           f"(e.g. {foreign[0]!r}), whose gold reward {use}{hint}")
 
 
+def _check_prompts_given(cfg) -> None:
+    """ConfigError naming --prompts when it is empty (the data loader's own names --data, which these lack)."""
+    if not cfg.prompts:
+        raise ConfigError("no prompts file given: pass --prompts FILE (or set prompts in the config file)")
+
+
 def cmd_eval(cfg: EvalConfig) -> None:
     from rlhfkit.evaluate import gold_eval
 
+    _check_prompts_given(cfg)
+    if cfg.out:  # before the sampling, not after it
+        _check_out_file(cfg.out, "the figures and the samples")
     if cfg.rewards:
         return _eval_rewards(cfg)
     prompts = _prompt_file(cfg.prompts, cfg.limit, cfg.columns)
@@ -525,20 +564,55 @@ def cmd_rm(cfg) -> None:
     _report(metrics, f"reward model saved to {cfg.train.out}")
 
 
+def _accuracy_ceiling(cfg: RewardEvalConfig, pairs: list[dict]) -> dict:
+    """{"accuracy_ceiling": the accuracy the task's label noise allows} from its meta.json (``--meta``, else the
+    one beside ``--data``) for the built-in task's ``pairs`` (None: a meta.json without it), else {}. Read before
+    the evaluation; ConfigError naming the file and the field where it cannot be (an ``--meta`` given is read
+    whatever the pairs, and must be a file)."""
+    from rlhfkit.evaluate import task_pairs
+
+    meta = Path(cfg.meta) if cfg.meta else Path(cfg.data).parent / "meta.json"
+    if cfg.meta and not meta.is_file():
+        raise ConfigError(f"--meta {cfg.meta} {'is a directory' if meta.is_dir() else 'does not exist'}: name the "
+                          "task's meta.json (make-data writes it beside the data), or leave --meta out")
+    if not meta.is_file() or not (cfg.meta or task_pairs(pairs)):
+        return {}
+    fix = "name the meta.json make-data wrote with --meta FILE"
+    try:
+        ceilings = json.loads(meta.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {meta}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{meta} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{meta}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(ceilings, dict):
+        raise ConfigError(f"{meta} must hold a JSON object (make-data's meta.json), got a {type(ceilings).__name__}; "
+                          f"{fix}")
+    split = Path(cfg.data).stem.rpartition("_")[2]  # preference_test → test
+    key = next((k for k in (f"label_accuracy_ceiling_{split}", "label_accuracy_ceiling") if k in ceilings), None)
+    value = ceilings[key] if key else None  # None: another meta.json
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        raise ConfigError(f"{meta}: '{key}' must be a number from 0 to 1 (the accuracy the label noise allows), got "
+                          f"{value!r:.80}; {fix}")
+    return {"accuracy_ceiling": value}
+
+
 def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
     from rlhfkit.data.formats import load_preference
     from rlhfkit.evaluate import reward_model_eval
-    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.models.reward import RewardModel, check_reward_dir
 
     if not cfg.model:
         raise ConfigError("no reward model given: pass --model DIR")
-    result = reward_model_eval(RewardModel.from_pretrained(cfg.model), load_preference(cfg.data, cfg.columns))
-    meta = Path(cfg.meta) if cfg.meta else Path(cfg.data).parent / "meta.json"
-    if meta.is_file() and result["gold_agreement"] is not None:  # the built-in task's pairs: its label noise
-        split = Path(cfg.data).stem.rpartition("_")[2]  # preference_test → test
-        ceilings = json.loads(meta.read_text())
-        result["accuracy_ceiling"] = ceilings.get(f"label_accuracy_ceiling_{split}",
-                                                  ceilings.get("label_accuracy_ceiling"))  # None: another meta.json
+    check_reward_dir(cfg.model)  # what is refused, before the pairs are read
+    if cfg.out:  # before the scoring, not after it
+        _check_out_file(cfg.out, "the figures")
+    pairs = load_preference(cfg.data, cfg.columns)
+    ceiling = _accuracy_ceiling(cfg, pairs)
+    result = reward_model_eval(RewardModel.from_pretrained(cfg.model), pairs)
+    if result["gold_agreement"] is not None:  # the built-in task's pairs: its label noise
+        result.update(ceiling)
     print(f"reward model {cfg.model} on {result['n_pairs']} held-out pairs:")
     print(f"  accuracy vs labels     {result['accuracy']:.3f} ± {result['accuracy_stderr']:.3f}"
           + (f"   (ceiling the label noise allows: {result['accuracy_ceiling']:.3f})"
@@ -554,6 +628,7 @@ def cmd_eval_rm(cfg: RewardEvalConfig) -> None:
 def cmd_ppo(cfg) -> None:
     from rlhfkit.trainers.ppo import train
 
+    _check_prompts_given(cfg)
     hooks = {}
     if cfg.task == "describe":  # gold reward for the report: the CLI injects it, the trainer never imports it
         from rlhfkit.evaluate import gold_eval
@@ -591,7 +666,7 @@ class ChatConfig:
     """`rlhfkit chat`: talk to a model in the terminal (/reset clears the history, /exit leaves)."""
 
     system: str = arg("", "an optional system message (for chat-template models)")
-    seed: int = arg(0, "sampling seed")
+    seed: int = arg(0, "sampling seed", **SEED_BOUNDS)
     model: ModelConfig = arg(ModelConfig, "the model to talk to")
     generation: GenerationConfig = arg(GenerationConfig(max_new_tokens=128, temperature=0.7), "decoding")
 
@@ -741,6 +816,7 @@ def _online_config(name: str):
 def cmd_online(cfg) -> None:
     from rlhfkit.trainers.online import train
 
+    _check_prompts_given(cfg)
     metrics = train(cfg)
     _report(metrics, f"policy {'adapter' if cfg.lora.enabled else 'model'} saved to {cfg.train.out}")
 

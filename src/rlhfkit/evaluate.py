@@ -61,6 +61,12 @@ def kl_to_reference(policy, reference, gens: Generations, pad_token_id: int, bat
     return mean_stderr(per_seq)
 
 
+def task_pairs(pairs: list[dict]) -> bool:
+    """Whether preference ``pairs`` are the built-in task's: text whose prompts are its (the gold reward's)."""
+    return all(isinstance(p["chosen"], str) and isinstance(p["prompt"], str) and prompt_topic(p["prompt"])
+               is not None for p in pairs)
+
+
 def reward_model_eval(reward_model, pairs: list[dict]) -> dict[str, float]:
     """How well a reward model ranks held-out pairs.
 
@@ -74,8 +80,7 @@ def reward_model_eval(reward_model, pairs: list[dict]) -> dict[str, float]:
     rejected = reward_model.score(prompts, [p["rejected"] for p in pairs])
     correct = (chosen > rejected).float().tolist()
     # the built-in task's pairs: on others the gold reward reads a valence word here and there, meaning nothing
-    text = all(isinstance(p["chosen"], str) and isinstance(p["prompt"], str) and prompt_topic(p["prompt"])
-               is not None for p in pairs)
+    text = task_pairs(pairs)
     gold_diff = [gold_reward(p["prompt"], p["chosen"]) - gold_reward(p["prompt"], p["rejected"])
                  for p in pairs] if text else []
     # a tie in score agrees with neither side, as it counts wrong in ``accuracy``

@@ -319,3 +319,102 @@ def test_an_adapter_whose_base_moved_says_where_to_point_it(tiny_model_dir, task
     rc = main(["generate", "--model", str(adapter), "--prompt", "Hi."])
     assert (f"the base model of the adapter {adapter}, {base}, is not there any more: put it back, or set "
             f"base_model_name_or_path in {adapter / 'adapter_config.json'}") in _one_line_error(capsys, rc)
+
+
+def _reward_model(tiny_model_dir, out):
+    """A reward-model directory (a one-label classifier, its head random) made without training one."""
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir("llama"), num_labels=1).save_pretrained(out)
+    load_tokenizer(tiny_model_dir("llama")).save_pretrained(out)
+    return str(out)
+
+
+def test_an_out_that_is_a_file_or_under_one_is_refused_before_anything_is_made(tiny_model_dir, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    # tiny-model said it wrote the model (transformers only logged that it could not); make-data: a traceback
+    for command in ("tiny-model", "make-data"):
+        rc = main([command, "--out", str(a_file)])
+        assert f"--out {a_file} is a file: name a directory" in _one_line_error(capsys, rc)
+        rc = main([command, "--out", str(a_file / "sub")])
+        assert f"--out {a_file / 'sub'}: {a_file} is a file" in _one_line_error(capsys, rc)
+    assert a_file.read_text() == "mine\n"
+    rc = main(["tiny-model", "--num_layers", "0", "--out", str(tmp_path / "t")])  # saved a model that ignores input
+    assert "'num_layers' in the command line: must be >= 1, got 0" in _one_line_error(capsys, rc)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "reinforce-pp", "eval"])
+def test_no_prompts_file_names_the_prompts_flag(command, capsys):
+    rc = main([command, "--prompts", ""])  # "pass --data FILE": a flag these commands do not have
+    assert "no prompts file given: pass --prompts FILE" in _one_line_error(capsys, rc)
+
+
+def test_an_eval_out_that_cannot_be_written_is_refused_before_the_sampling(tiny_model_dir, task_dir, tmp_path,
+                                                                            capsys, monkeypatch):
+    import rlhfkit.evaluate
+    import rlhfkit.trainers.online
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before --out was checked")
+
+    monkeypatch.setattr(rlhfkit.evaluate, "gold_eval", no_sampling)  # the figures were made, then lost to a traceback
+    monkeypatch.setattr(rlhfkit.trainers.online, "sample_rewards", no_sampling)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    model, prompts = tiny_model_dir("llama"), str(task_dir / "prompts_test.jsonl")
+    for extra in ([], ["--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer"]):
+        rc = main(["eval", "--model", model, "--prompts", prompts, "--out", str(tmp_path), *extra])
+        assert f"--out {tmp_path} is a directory: name a file" in _one_line_error(capsys, rc)
+        rc = main(["eval", "--model", model, "--prompts", prompts, "--out", str(a_file / "e.json"), *extra])
+        assert f"--out {a_file / 'e.json'}: {a_file} is a file" in _one_line_error(capsys, rc)
+    rc = main(["generate", "--model", model, "--prompt", "Hi", "--out", str(a_file / "g.jsonl")])
+    assert f"--out {a_file / 'g.jsonl'}: {a_file} is a file" in _one_line_error(capsys, rc)
+    rc = main(["eval", "--model", model, "--prompts", prompts, "--limit", "-3"])  # had meant all of them
+    assert "'limit' in the command line: must be >= 0, got -3" in _one_line_error(capsys, rc)
+
+
+def test_eval_rm_checks_its_out_and_meta_json_before_scoring(tiny_model_dir, task_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    import rlhfkit.evaluate
+
+    rm = _reward_model(tiny_model_dir, tmp_path / "rm")
+    data = tmp_path / "task" / "preference_test.jsonl"  # the built-in task's pairs: its meta.json is read
+    data.parent.mkdir()
+    data.write_text("".join((task_dir / "preference_test.jsonl").read_text().splitlines(keepends=True)[:6]))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    real = rlhfkit.evaluate.reward_model_eval
+    scored = []
+    monkeypatch.setattr(rlhfkit.evaluate, "reward_model_eval", lambda *a: scored.append(1) or real(*a))
+    for out, message in [(tmp_path, f"--out {tmp_path} is a directory: name a file"),
+                         (a_file / "r.json", f"--out {a_file / 'r.json'}: {a_file} is a file")]:
+        rc = main(["eval-rm", "--model", rm, "--data", str(data), "--out", str(out)])
+        assert message in _one_line_error(capsys, rc)
+    meta = data.parent / "meta.json"
+    for text, message in [('{"label_accuracy_ceiling": 0.78', f"{meta}, line 1, column 32: not valid JSON"),
+                          ("[1]", f"{meta} must hold a JSON object (make-data's meta.json), got a list"),
+                          ('{"label_accuracy_ceiling_test": "high"}',
+                           f"{meta}: 'label_accuracy_ceiling_test' must be a number from 0 to 1")]:
+        meta.write_text(text)  # a JSON error naming no file, an AttributeError, "Unknown format code 'f'"
+        assert message in _one_line_error(capsys, main(["eval-rm", "--model", rm, "--data", str(data)]))
+    for given, what in [(tmp_path, "is a directory"), (tmp_path / "nope.json", "does not exist")]:  # were ignored
+        rc = main(["eval-rm", "--model", rm, "--data", str(data), "--meta", str(given)])
+        assert f"--meta {given} {what}: name the task's meta.json" in _one_line_error(capsys, rc)
+    assert not scored
+    meta.write_text(json.dumps({"label_accuracy_ceiling": 0.7, "label_accuracy_ceiling_test": 0.75}))
+    assert main(["eval-rm", "--model", rm, "--data", str(data), "--out", str(tmp_path / "new" / "r.json")]) == 0
+    assert json.loads((tmp_path / "new" / "r.json").read_text())["accuracy_ceiling"] == 0.75
+
+
+def test_an_empty_prompt_is_refused(tiny_model_dir, capsys):
+    rc = main(["generate", "--model", tiny_model_dir("llama"), "--prompt", ""])  # a RuntimeError on 0-sized tensors
+    assert "--prompt is empty: give the text to answer" in _one_line_error(capsys, rc)
+
+
+def test_a_resume_directory_that_does_not_exist_says_so(tiny_model_dir, task_dir, tmp_path, capsys):
+    rc = main(["sft", "--model", tiny_model_dir("llama"), "--data", str(task_dir / "sft.jsonl"), "--out",
+               str(tmp_path / "o"), "--train.resume", str(tmp_path / "nope")])
+    err = _one_line_error(capsys, rc)  # "is not a complete checkpoint", as if it were there
+    assert f"--train.resume {tmp_path / 'nope'}: no such directory; give a checkpoint directory" in err

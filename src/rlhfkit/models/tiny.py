@@ -68,6 +68,13 @@ def make_tiny_model(arch: str, out: str | Path, hidden_size: int = 128, num_laye
     grouped-query attention as most current models use; by default one per query head."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    sized = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, vocab_size=vocab_size,
+                 max_positions=max_positions)
+    small = next((name for name, size in sized.items() if size < 1), None)
+    if small:  # 0 layers saved a model that ignores its input
+        raise ValueError(f"{small} must be 1 or more, got {sized[small]}")
+    if Path(out).exists() and not Path(out).is_dir():  # save_pretrained only logs this, and writes nothing
+        raise ValueError(f"{out} is a file: the model and its tokenizer are written to a directory")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     kv_heads = num_heads if num_kv_heads is None else num_kv_heads

@@ -204,6 +204,9 @@ def find_checkpoint(out: str | os.PathLike, resume: str) -> Path | None:
             raise FileNotFoundError(f"no checkpoint under {Path(out) / 'checkpoints'} to resume from (--train.resume "
                                     "auto starts afresh when there is none)")
         path = found[-1]
+    if not path.exists():  # a typo or a run elsewhere: "not a complete checkpoint" sent users looking inside it
+        raise FileNotFoundError(f"--train.resume {resume}: no such directory; give a checkpoint directory "
+                                "(OUT/checkpoints/step-N), or 'latest' or 'auto' for the newest under --train.out")
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     return path
