@@ -1,13 +1,14 @@
 """Reward model: scores read at the last real token, whatever the padding or the batch."""
 
 import json
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.cli import main
-from rlhfkit.config import ModelConfig
+from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.data.collate import collate, encode_example, pack
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reward import (RewardModel, last_token_index, load_reward_backbone, packed_sequence_scores,
@@ -268,3 +269,28 @@ def test_a_tied_score_agrees_with_neither_side_of_gold(task_dir):
     tied = reward_model_eval(Constant(), pairs + flipped)
     assert tied["n_gold_untied"] > 0 and tied["gold_agreement"] == 0.0 and tied["accuracy"] == 0.0
     assert reward_model_eval(Gold(), pairs + flipped)["gold_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"mean": "x"}', r"'mean' must be a finite number, got 'x'"),  # a KeyError 'std' traceback
+    ('{"mean": 0.1}', r"'std' must be a finite number above 0, it has none"),
+    ('{"mean": 0.1, "std": 0}', r"'std' must be a finite number above 0, got 0"),
+    ('{"mean": NaN, "std": 1}', r"'mean' must be a finite number, got nan"),
+    ('[0.1, 1.0]', r"must hold a JSON object with 'mean' and 'std', got a list"),
+    ("{bad", r", line 1, column 2: not valid JSON"),  # a JSON error naming no file
+])
+def test_a_damaged_score_normalization_names_the_file_and_the_field(tiny_model_dir, tmp_path, capsys, text,
+                                                                     message):
+    from rlhfkit.models.reward import score_normalization
+
+    out = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir("llama"), num_labels=1).save_pretrained(out)
+    load_tokenizer(tiny_model_dir("llama")).save_pretrained(out)
+    (out / "score_normalization.json").write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(out / 'score_normalization.json'))}.*{message}"):
+        score_normalization(out)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi.", "chosen": " Hello.", "rejected": " Go."}) + "\n")
+    assert main(["eval-rm", "--model", str(out), "--data", str(pairs)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "score_normalization.json" in err and err.count("\n") == 1, err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -29,9 +30,31 @@ IDENTITY = {"mean": 0.0, "std": 1.0}
 
 
 def score_normalization(path: str | Path) -> dict | None:
-    """The score mean and std a reward-model directory was saved with (``rlhfkit rm --normalize``), or None."""
+    """The score mean and std a reward-model directory was saved with (``rlhfkit rm --normalize``), or None.
+    ConfigError naming the file and the field where it cannot be read, or holds no finite mean and positive std
+    (a hand-edited or damaged file had failed with a KeyError, or a JSON error naming no file)."""
     norm = Path(path) / NORMALIZATION_FILE
-    return json.loads(norm.read_text()) if norm.is_file() else None
+    if not norm.is_file():
+        return None
+    fix = "`rlhfkit rm` writes it (the training scores' mean and std): train the reward model again, or delete it"
+    try:
+        stats = json.loads(norm.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {norm}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{norm} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{norm}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(stats, dict):
+        raise ConfigError(f"{norm} must hold a JSON object with 'mean' and 'std', got a {type(stats).__name__}; {fix}")
+    for key in ("mean", "std"):
+        value = stats.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or key == "std" and value <= 0:
+            got = f"got {value!r:.80}" if key in stats else "it has none"
+            raise ConfigError(f"{norm}: '{key}' must be a finite number{' above 0' if key == 'std' else ''}, {got}; "
+                              f"{fix}")
+    return stats
 
 
 def _hf_model(model):
