@@ -262,6 +262,7 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     rows = with_every_column(rows)
     if reward:
         reward.check_columns(rows[0], source)
+        reward.check_rows(rows, source)  # every row, before anything is sampled
     tokenizer = _load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device)
     place = {id(r): i for i, r in enumerate(rows)}  # each prompt's place in the file: its samples' seeds
@@ -497,6 +498,7 @@ def _eval_rewards(cfg: EvalConfig) -> None:
     reward = build_reward(cfg.rewards, cfg.reward_weights)  # refused before the model loads
     rows = with_every_column(rows)
     reward.check_columns(rows[0] if rows else [], cfg.prompts)
+    reward.check_rows(rows, cfg.prompts)  # every row, before anything is sampled
     model, tokenizer = _load(cfg.model)
     _check_reference(cfg, tokenizer)  # before the sampling, not after it
     room = prompt_room(cfg.model, cfg.generation.max_new_tokens)
