@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import GenerationConfig, ModelConfig, OptimConfig, TrainConfig, arg
+from rlhfkit.config import SEED_BOUNDS, GenerationConfig, ModelConfig, OptimConfig, TrainConfig, arg
 from rlhfkit.data.formats import load_preference, load_prompts
 from rlhfkit.data.tasks import describe
 from rlhfkit.evaluate import gold_eval, kl_to_reference, reward_model_eval
@@ -63,7 +63,7 @@ class QuickstartConfig:
     gold reward on the same held-out test prompts."""
 
     out: str = arg("runs/quickstart", "directory for every model, log and summary.json")
-    seed: int = arg(0, "seed of the task, the model and every stage")
+    seed: int = arg(0, "seed of the task, the model and every stage", **SEED_BOUNDS)
     fast: bool = arg(False, "a shorter run (for tests): half the PPO steps")
     ppo_steps: int = arg(40, "PPO steps (rollout batches of 64 prompts); halved by --fast", ge=1)
     beta: float = arg(0.1, "PPO's KL penalty β")

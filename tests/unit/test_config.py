@@ -655,3 +655,7 @@ def test_a_seed_past_what_torch_takes_names_the_setting():
                                           r"4294967296, got 99999999999999999999999"):
         parse_args(SFTConfig, ["--train.seed", "99999999999999999999999"])
     assert parse_args(SFTConfig, ["--train.seed", "-7"]).train.seed == -7  # a negative one still seeds
+    from rlhfkit.quickstart import QuickstartConfig
+
+    with pytest.raises(ConfigError, match=r"'seed' in the command line: must be > -4294967296"):
+        parse_args(QuickstartConfig, ["--seed", "99999999999999999999"])
