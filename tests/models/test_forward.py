@@ -8,7 +8,7 @@ from rlhfkit.data.collate import collate, encode_example
 from rlhfkit.models.forward import backbone_and_head, logprobs_of, masked_logprobs
 from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer
 
-ARCHS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"]
 EXAMPLES = [("User: Describe the cat.\nAssistant:", " The cat is calm and lovely."),
             ("User: What is the lake you saw today like?\nAssistant:", " The lake is dull."),
             ("User: Hi.\nAssistant:", " Hello.")]
@@ -244,8 +244,9 @@ def test_masked_logprobs_share_the_prompts_of_pairs(tiny_model_dir, arch, lora):
         fast.sum().backward()
         torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
         for n, p in model.named_parameters():
-            if p.requires_grad:
-                torch.testing.assert_close(p.grad, full_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+            if p.requires_grad:  # float rounding of sums of a gradient's size (30 or so here): 1e-6 of it
+                scale = float(full_grads[n].abs().max())
+                torch.testing.assert_close(p.grad, full_grads[n], atol=1e-6 * scale + 1e-6, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -34,6 +34,10 @@ ARCHS = {
     "qwen2": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
                                           num_key_value_heads=kv, intermediate_size=ff, max_window_layers=n,
                                           layer_types=["full_attention"] * n),
+    # Qwen3: Qwen2 with a norm on each head's queries and keys before the rotary, and head_dim its own setting
+    "qwen3": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                          num_key_value_heads=kv, intermediate_size=ff, head_dim=h // k,
+                                          max_window_layers=n, layer_types=["full_attention"] * n),
     "mistral": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
                                             num_key_value_heads=kv, intermediate_size=ff, head_dim=h // k,
                                             sliding_window=None),
@@ -42,7 +46,7 @@ ARCHS = {
     "gpt_neox": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
                                              intermediate_size=ff, hidden_dropout=0.0, attention_dropout=0.0),
 }
-GQA_ARCHS = ("llama", "qwen2", "mistral")
+GQA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:

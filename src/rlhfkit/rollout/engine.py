@@ -10,7 +10,7 @@ module itself, on CPU or GPU, with one of two backends that draw the same tokens
   (``KVBuffer``) and their linear layers as ``F.linear`` / ``torch.mm`` on weights taken once per
   call, LoRA adapters merged into a copy (``linear_weights``), q/k/v and gate/up stacked into one
   matrix each for the decoding steps (``linear_op``); rows that repeat a prompt (GRPO, RLOO) share
-  one prefill (``decode``). Other tested architectures (gpt2, gpt_neox) call the model's own
+  one prefill (``decode``). Other tested architectures (qwen3, gpt2, gpt_neox) call the model's own
   forward with a ``DynamicCache``.
 - ``hf``: ``model.generate`` with our sampling rule as a logits processor, for architectures the
   loop is not tested on.
@@ -37,7 +37,7 @@ from rlhfkit.ops import cache_keyword, distinct_rows, has_hooks
 from rlhfkit.rollout.sampling import row_uniforms, sample_next
 
 # Architectures the loop is checked on token for token against HF generate; others use "hf".
-LOOP_ARCHS = frozenset({"llama", "qwen2", "mistral", "gpt2", "gpt_neox"})
+LOOP_ARCHS = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"})
 BACKENDS = ("auto", "loop", "hf")
 
 
