@@ -50,7 +50,7 @@ def test_greedy_loop_equals_hf_generate_token_for_token(tiny_model_dir, arch):
                             pad_token_id=tok.pad_token_id, eos_token_id=None)[:, input_ids.shape[1]:]
     assert ours.shape == (5, 24)
     assert torch.equal(ours, hf)
-    assert (llama_family(model) is not None) == (arch.removesuffix("-gqa") in ("llama", "qwen2", "mistral"))
+    assert (llama_family(model) is not None) == (arch.removesuffix("-gqa") in ("llama", "qwen2", "qwen3", "mistral"))
     heads = model.config.num_attention_heads
     assert (getattr(model.config, "num_key_value_heads", heads) < heads) == (arch in GQA)
 
@@ -234,7 +234,7 @@ def logits_along(lm, input_ids, mask, tokens, merge):
 
 
 @pytest.mark.parametrize("targets", ["all-linear", "all-linear+head"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama-gqa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "llama-gqa", "qwen3-gqa"])
 def test_merged_lora_weights_sample_what_the_lora_modules_sample(tiny_model_dir, arch, targets):
     peft_model, tok = lora_actor(tiny_model_dir, arch, targets)
     lm = llama_family(peft_model)
@@ -270,7 +270,7 @@ def test_merged_lora_weights_sample_what_the_lora_modules_sample(tiny_model_dir,
     assert not torch.equal(stepped, first_greedy)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_disabled_adapters_decode_exactly_as_the_base_model(tiny_model_dir, arch):
     peft_model, tok = lora_actor(tiny_model_dir, arch, "all-linear+head")
     base, _ = load(tiny_model_dir, arch)  # a fresh copy of the same checkpoint, no peft
@@ -323,7 +323,7 @@ def repeated_batch(tokenizer, prompts, group):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen2-gqa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "qwen2-gqa", "qwen3-gqa"])
 def test_group_prefill_sharing_samples_the_unshared_tokens(tiny_model_dir, arch, lora, monkeypatch):
     model, tok = lora_actor(tiny_model_dir, arch, "all-linear") if lora else load(tiny_model_dir, arch)
     # Three prompts of different lengths x 4: three pad widths (one none) among the rows

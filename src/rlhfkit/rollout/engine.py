@@ -151,7 +151,7 @@ def llama_family(model):
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = lm.config
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    if (config.model_type in ("llama", "qwen2", "mistral") and config._attn_implementation == "sdpa"
+    if (config.model_type in ("llama", "qwen2", "qwen3", "mistral") and config._attn_implementation == "sdpa"
             and all(t == "full_attention" for t in layer_types) and getattr(config, "sliding_window", None) is None):
         return lm
     return None
@@ -282,7 +282,7 @@ def norm_op(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     The module runs six operators (cast, pow, mean, add, rsqrt, two multiplies); in other dtypes it
     normalises in float32 and casts back, which ``F.rms_norm`` does not promise, so those call it.
     """
-    if (type(norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") or has_hooks(norm)
+    if (type(norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm") or has_hooks(norm)
             or norm.weight.dtype != torch.float32):
         return norm
     weight, eps = norm.weight, norm.variance_epsilon
@@ -316,6 +316,9 @@ class LlamaForward:
         self.tables = rope_tables(self.base.rotary_emb, valid.shape[1], weight)
         self.norms = [(norm_op(layer.input_layernorm), norm_op(layer.post_attention_layernorm))
                       for layer in self.base.layers]
+        # Qwen3: each head's queries and keys normalised (over D) before the rotary; None elsewhere
+        self.qk_norms = [(norm_op(layer.self_attn.q_norm), norm_op(layer.self_attn.k_norm))
+                         if hasattr(layer.self_attn, "q_norm") else None for layer in self.base.layers]
         self.final_norm = norm_op(self.base.norm)
         self.decoding = False
         self.layers, self.head = self.linears(decode=False)
@@ -366,10 +369,14 @@ class LlamaForward:
         hidden = self.base.embed_tokens(ids)  # (B, q, C)
         cos, sin = self.rope(positions, hidden)  # (B, 1, q, D)
         hidden = hidden.view(b * q, -1)  # (B q, C): the linears multiply 2-D operands
-        for i, (layer, (qkv_proj, o_proj, mlp), (attn_norm, mlp_norm)) in enumerate(
-                zip(self.base.layers, self.layers, self.norms)):
+        for i, (layer, (qkv_proj, o_proj, mlp), (attn_norm, mlp_norm), qk_norms) in enumerate(
+                zip(self.base.layers, self.layers, self.norms, self.qk_norms)):
             attn = layer.self_attn
-            qkv = qkv_proj(attn_norm(hidden)).view(b, q, -1, attn.head_dim).transpose(1, 2)  # (B, H + 2 H_kv, q, D)
+            qkv = qkv_proj(attn_norm(hidden)).view(b, q, -1, attn.head_dim)  # (B, q, H + 2 H_kv, D)
+            if qk_norms is not None:  # as Qwen3's attention: on (B, q, heads, D), before the transpose
+                qkv = torch.cat([qk_norms[0](qkv[:, :, :heads]), qk_norms[1](qkv[:, :, heads: heads + kv_heads]),
+                                 qkv[:, :, heads + kv_heads:]], 2)
+            qkv = qkv.transpose(1, 2)  # (B, H + 2 H_kv, q, D)
             qk = rotate(qkv[:, : heads + kv_heads], cos, sin)  # queries and keys, rotated together
             key, value = kv.update(qk[:, heads:], qkv[:, heads + kv_heads:], i)  # (B, H_kv, length + q, D)
             # grouped-query attention: the G = H / H_kv query heads of a key/value head as G·q rows of one
