@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -178,11 +179,11 @@ class CombinedReward:
                                   "take: add **kwargs to its parameters")
 
     def check_rows(self, rows: list[dict], source: str) -> None:
-        """DataError, before any sampling, naming the first row of ``source`` (counted from 0, as every data error
-        counts them) without a column that a reward function requires (a parameter without a default): the
-        function would get None for it mid-run, the steps before lost. A parameter with a default takes rows
-        without the column (None, or its default when no row has it). A row of chat messages is refused too where a
-        reward model has no chat template to write them with."""
+        """Before any sampling: a DataError naming the first row of ``source`` (counted from 0, as every data error
+        counts them) of chat messages where a reward model has no chat template to write them with; and a warning
+        naming the first row without a column that a reward function requires (a parameter without a default),
+        which it is called with None for: a reward that does not apply there returns None (TRL's way, a file of
+        several tasks), one that cannot take None would raise mid-run (its error then names the row's inputs)."""
         from rlhfkit.data.formats import DataError
 
         for r in self.rewards:
@@ -195,11 +196,13 @@ class CombinedReward:
                                     row=row, field="prompt")
             required, _ = column_fit(r.fn, [])
             for column in (c for c in required if c != "prompt"):  # 'prompt': check_columns says what to rename
-                row = next((i for i, row in enumerate(rows) if row.get(column) is None), None)
-                if row is not None:
-                    raise DataError(source, f"no value (reward {r.name!r} takes {column!r}): give the row one, or "
-                                            f"give {r.name}'s {column} parameter a default to take rows without it",
-                                    row=row, field=column)
+                gaps = [i for i, row in enumerate(rows) if row.get(column) is None]
+                if gaps:
+                    where = str(DataError(source, "", row=gaps[0], field=column)).removesuffix(": ")
+                    warnings.warn(f"{len(gaps)} of {len(rows)} rows have no {column!r} (first: {where}), which "
+                                  f"reward {r.name!r} takes: it gets None for them, and must return None where it "
+                                  "does not apply (or raise mid-run); give those rows one if it should apply",
+                                  stacklevel=2)
 
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -233,9 +236,10 @@ def _inputs_of(i: int, prompts: list, columns: dict[str, list]) -> str:
 
 
 def _first_failing(fn: RewardFn, prompts: list, completions: list[str], columns: dict[str, list]) -> str:
-    """Where a reward function that raised on a batch raises on one completion alone (called again one at a time:
-    only after a failure), the first such completion's inputs, as a clause for the error; else ''."""
-    for i in range(len(completions)):
+    """Where a reward function that raised on a batch raises on one completion alone (called again one at a time,
+    only after a failure, on the first 16 at most: a judge or a sandbox may be slow), the first such completion's
+    inputs, as a clause for the error; else ''."""
+    for i in range(min(len(completions), 16)):
         try:
             fn(prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()})
         except Exception:

@@ -222,13 +222,15 @@ def test_eval_scores_the_user_s_prompts_with_their_rewards_and_refuses_the_gold_
     assert [s["prompt"] for s in samples] == ["Q: 2+2?\nA:", "Q: 3+3?\nA:"]
     assert [s["reward"] for s in samples] == [len(s["completion"]) + 1.0 for s in samples]
     assert all(s["rewards"] == {"answer_length": s["reward"]} for s in samples)
-    # a row without the column the reward takes: refused before sampling, by eval and by generate
+    # a row without the column the reward takes: named before sampling, by eval and by generate, and its inputs
+    # when the reward, which cannot take None, fails on it
     gap = tmp_path / "gap.jsonl"
     gap.write_text(prompts.read_text() + json.dumps({"prompt": "Q: 1+1?\nA:"}) + "\n")
     for command in (["eval", "--out", str(report)], ["generate", "--out", str(tmp_path / "gen.jsonl")]):
-        rc = main([*command, "--model", model, "--prompts", str(gap), "--rewards", "user_eval_rewards:answer_length"])
-        assert (f"{gap}, row 2 (line 3), field 'answer': no value (reward 'answer_length' takes 'answer')"
-                in _one_line_error(capsys, rc))
+        with pytest.warns(UserWarning, match=rf"1 of 3 rows have no 'answer' \(first: {gap}, row 2 \(line 3\)"):
+            rc = main([*command, "--model", model, "--prompts", str(gap), "--rewards",
+                       "user_eval_rewards:answer_length", "--generation.max_new_tokens", "3"])
+        assert "prompt 'Q: 1+1?\\nA:', answer None)" in _one_line_error(capsys, rc)
     assert main(["eval", "--model", model, "--prompts", str(task_dir / "prompts_test.jsonl"), "--limit", "2",
                  "--generation.max_new_tokens", "4"]) == 0  # the task's own prompts: the gold reward
 

@@ -320,21 +320,20 @@ def test_online_options_that_cannot_apply_are_refused(tiny_model_dir, arithmetic
     assert rc == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("which", ["prompts", "eval_prompts"])
-def test_a_late_row_without_a_reward_s_column_is_refused_before_any_step(tiny_model_dir, arithmetic_dir, tmp_path,
-                                                                         capsys, which):
-    # the first row has 'answer', the last does not: exact_answer got None for it mid-run (steps lost, no row named)
-    lines = (arithmetic_dir / ("prompts_train.jsonl" if which == "prompts" else "prompts_valid.jsonl")
-             ).read_text().splitlines()[:11]
+def test_a_late_row_without_a_reward_s_column_is_named_before_any_step_and_when_the_reward_fails(
+        tiny_model_dir, arithmetic_dir, tmp_path, capsys):
+    # the first rows have 'answer', the last does not: exact_answer gets None for it (a reward may return None where
+    # it does not apply); this one cannot take None, so the row is named up front and its inputs when it fails
+    lines = (arithmetic_dir / "prompts_valid.jsonl").read_text().splitlines()[:11]
     bad = tmp_path / "late.jsonl"
     bad.write_text("\n".join([*lines, json.dumps({"prompt": "What is 2 + 2?"})]) + "\n")
-    out = tmp_path / "x"
-    rc = _run("grpo", tiny_model_dir("llama"), arithmetic_dir, out, f"--{which}", str(bad),
-              "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
-    assert rc == 2
-    assert (f"{bad}, row 11 (line 12), field 'answer': no value (reward 'exact_answer' takes 'answer')"
-            in capsys.readouterr().err)
-    assert not (out / "metrics.jsonl").exists()  # not a step taken
+    with pytest.warns(UserWarning, match=rf"1 of 12 rows have no 'answer' \(first: {bad}, row 11 \(line 12\), "
+                                         "field 'answer'\), which reward 'exact_answer' takes"):
+        rc = _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", "--eval_prompts", str(bad),
+                  "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
+    assert rc == 2  # at the final evaluation, which reaches the row
+    assert "reward 'exact_answer' raised TypeError" in (err := capsys.readouterr().err)
+    assert "prompt 'What is 2 + 2?', answer None)" in err
 
 
 def test_the_full_policy_trains_beside_a_frozen_reference_and_resumes_exactly(tiny_model_dir, arithmetic_dir,

@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import warnings
 import sys
 import types
 
@@ -106,18 +107,18 @@ def test_a_reward_that_does_not_apply_returns_none_and_counts_for_nothing(reward
         reward(["p", "q"], ["ab", "c"], {"task": ["math", "poetry"]})
 
 
-def test_a_row_without_a_column_a_reward_requires_is_refused_before_sampling_naming_it(reward_module):
-    # with_every_column gives the row None: the function would have raised mid-run, the steps before lost
-    from rlhfkit.data.formats import DataError
-
+def test_rows_without_a_column_a_reward_requires_are_pointed_out_before_sampling(reward_module):
+    # with_every_column gives such a row None: a reward that does not apply there returns None (a file of several
+    # tasks, TRL's way), so it is taken; one that cannot take None would raise mid-run, so the row is named first
     reward_module.optional = lambda prompts, completions, target=None, **kw: [1.0] * len(completions)
-    rows = [{"prompt": "a", "target": "x"}, {"prompt": "b", "target": "y"}, {"prompt": "c", "target": None}]
-    with pytest.raises(DataError, match=r"p\.jsonl, row 2, field 'target': no value \(reward 'uses_column' takes "
-                                        r"'target'\): give the row one, or give uses_column's target parameter a "
-                                        "default"):
+    rows = [{"prompt": "a", "target": "x"}, {"prompt": "b", "target": None}, {"prompt": "c", "target": None}]
+    with pytest.warns(UserWarning, match=r"2 of 3 rows have no 'target' \(first: p\.jsonl, row 1, field 'target'\), "
+                                         "which reward 'uses_column' takes: it gets None for them"):
         build_reward(["user_rewards:length", "user_rewards:uses_column"]).check_rows(rows, "p.jsonl")
-    build_reward(["user_rewards:optional", "user_rewards:length"]).check_rows(rows, "p.jsonl")  # takes it as None
-    build_reward(["user_rewards:uses_column"]).check_rows(rows[:2], "p.jsonl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_reward(["user_rewards:optional", "user_rewards:length"]).check_rows(rows, "p.jsonl")  # a default
+        build_reward(["user_rewards:uses_column"]).check_rows(rows[:1], "p.jsonl")
 
 
 def test_chat_prompts_are_refused_before_sampling_where_a_reward_model_has_no_chat_template(reward_module):
