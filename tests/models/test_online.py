@@ -328,7 +328,7 @@ def test_a_late_row_without_a_reward_s_column_is_named_before_any_step_and_when_
     bad = tmp_path / "late.jsonl"
     bad.write_text("\n".join([*lines, json.dumps({"prompt": "What is 2 + 2?"})]) + "\n")
     with pytest.warns(UserWarning, match=rf"1 of 12 rows have no 'answer' \(first: {bad}, row 11 \(line 12\), "
-                                         "field 'answer'\), which reward 'exact_answer' takes"):
+                                         r"field 'answer'\), which reward 'exact_answer' takes"):
         rc = _run("grpo", tiny_model_dir("llama"), arithmetic_dir, tmp_path / "x", "--eval_prompts", str(bad),
                   "--rewards", "rlhfkit.data.tasks.arithmetic:exact_answer")
     assert rc == 2  # at the final evaluation, which reaches the row
