@@ -154,6 +154,22 @@ def test_a_fresh_run_over_an_earlier_run_s_final_model_is_refused_unless_told_to
     assert main(cmd) == 0 and (out / "model.safetensors").is_file()
 
 
+def test_a_resume_mid_run_keeps_the_records_at_its_step_whatever_it_now_logs(tiny_model_dir, task_dir, tmp_path):
+    # the records a run logged at its end only (helper-53: a mid-run resume with another log_every had deleted
+    # the step's train and eval records) are told by the checkpoint's own run, not by the resumed one's settings
+    from rlhfkit.cli import main
+
+    out = tmp_path / "run"
+    cmd = _with(_sft_cmd(tiny_model_dir("llama"), task_dir / "sft.jsonl", out)[3:],
+                **{"train.max_steps": "6", "train.log_every": "1", "train.save_every": "3"})
+    assert main([*cmd, "--train.eval_every", "3"]) == 0
+    before = [r for r in _records(out) if r["step"] <= 3]
+    assert [r["step"] for r in before] == [1, 2, 3, 3]  # step 3's training record and its evaluation
+    resumed = _with(cmd, **{"train.log_every": "2"})
+    assert main([*resumed, "--train.eval_every", "0", "--train.resume", str(out / "checkpoints" / "step-3")]) == 0
+    assert [r for r in _records(out) if r["step"] <= 3] == before
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     model = torch.nn.Linear(2, 1)
 

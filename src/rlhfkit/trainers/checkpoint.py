@@ -451,6 +451,10 @@ class Checkpoints:
         # within a logging window logs the means over all of it, as the run unstopped does
         self.log_window: dict | list | None = None
         self.log_window_before: dict | list | None = None  # that window at the resumed checkpoint
+        self.total = 0  # the run's steps (``check_start``)
+        # of a checkpoint at the end of the run that saved it: that run's train.log_every and eval_every, by which
+        # a longer run resumed there knows which records it logged only because it ended (``Logger.rewind``)
+        self.ended_with: dict | None = None
 
     def resume(self) -> tuple[int, dict]:
         """(steps already done, the saved extra state); (0, {}) when ``train.resume`` names no checkpoint."""
@@ -460,6 +464,7 @@ class Checkpoints:
         state = load_checkpoint(self.last, self.model, self.optimizers)
         self.skipped_before = state["extra"].pop("skipped_updates", 0)  # absent from older checkpoints
         self.log_window_before = state["extra"].pop("log_window", None)
+        self.ended_with = state["extra"].pop("ended_with", None)  # absent from older checkpoints
         return state["step"], state["extra"]
 
     def save(self, step: int) -> Path:
@@ -475,6 +480,8 @@ class Checkpoints:
             extra["skipped_updates"] = self.nonfinite.skipped
         if self.log_window is not None:  # plain containers, as torch.load(weights_only=True) reads them
             extra["log_window"] = dict(self.log_window) if isinstance(self.log_window, dict) else list(self.log_window)
+        if self.total and step == self.total:
+            extra["ended_with"] = {"log_every": self.cfg.log_every, "eval_every": self.cfg.eval_every}
         self.last = save_checkpoint(self.cfg.out, step, self.model, self.optimizers, extra,
                                     self.cfg.keep_checkpoints, self.save_weights, self.tokenizer, rngs)
         return self.last
@@ -482,6 +489,7 @@ class Checkpoints:
     def check_start(self, start: int, total: int) -> None:
         """Refuse a resumed ``start`` past the run's ``total`` steps: the loop would train nothing and exit
         as if it had finished. A checkpoint at ``total`` is a finished run's, fine to resume."""
+        self.total = total
         if start > total:
             raise ConfigError(f"{self.last} is at step {start}, past this run's {total} steps (another run's "
                               "checkpoint, or the data changed?): resume a checkpoint of this run, or "

@@ -198,7 +198,9 @@ def rollout_steps(cfg: TrainConfig, desc: str, start: int, step_fn: Callable[[in
     window = checkpoints.log_window = list(checkpoints.log_window_before or [])  # the steps since the last log
     with logger:  # closed however the run ends (W&B told how)
         checkpoints.check_start(start, steps)
-        logger.rewind(start, cfg, steps)  # a fresh run (start 0) does not append to an old run's records
+        # a fresh run (start 0) does not append to an old run's records; one resumed from another's end takes up
+        # its window
+        logger.rewind(start, checkpoints.ended_with if start < steps else None)
         with StopRequest() as stop:
             bar = progress(range(start, steps), desc, initial=start, total=steps, disable=not distributed.is_main())
             for step in bar:
@@ -298,13 +300,13 @@ class Logger:
                                 name=name if step == 0 else f"{name}-resumed-{step}", job_type="train",
                                 reinit="create_new")
 
-    def rewind(self, step: int, cfg: TrainConfig | None = None, total: int = 0) -> None:
+    def rewind(self, step: int, ended_with: dict | None = None) -> None:
         """Forget the records after ``step``: a resumed run logs those steps again, and a fresh run
-        (step 0) into an old run's directory starts a fresh file. One record per step, always. A run of
-        ``total`` steps resumed from a shorter one's end (``step`` < ``total``; settings ``cfg``) forgets too what
-        that run logged at ``step`` only because it ended there: its last window off the ``train.log_every`` grid
-        (the checkpoint holds that window, logged again with the steps after it) and its final evaluation off the
-        ``train.eval_every`` grid, so the records are the longer run's unstopped.
+        (step 0) into an old run's directory starts a fresh file. One record per step, always. A longer run
+        resumed from the end of a shorter one (``ended_with``: that run's ``log_every`` and ``eval_every``) forgets
+        too what it logged at ``step`` only because it ended there: its last window off its ``log_every`` grid (its
+        end checkpoint holds that window, logged again with the steps after it) and its final evaluation off its
+        ``eval_every`` grid, so the records are the longer run's unstopped.
         TensorBoard's events after ``step`` are purged too (``purge_step``: TensorBoard hides them); W&B
         starts a run for the steps to come (``_start_wandb``). Every process calls it: one W&B cannot start
         (no API key, say) stops them all."""
@@ -327,9 +329,9 @@ class Logger:
             self.writer = self._tensorboard(purge_step=step + 1)
         self._drop(lambda line: (logged := _step_of(line)) is None or logged > step,
                    (self.out / "samples.jsonl",))
-        if cfg is not None and 0 < step < total:
+        if ended_with is not None and step > 0:
             self._drop(lambda line: (record := _record(line)) is not None and int(record["step"]) == step
-                       and _logged_at_an_end(record, cfg))
+                       and _logged_at_an_end(record, **ended_with))
 
     def _drop(self, dropped: Callable[[str], bool], also: tuple[Path, ...] = ()) -> None:
         """Rewrite ``metrics.jsonl`` (and ``also``) without the lines ``dropped`` picks, when it picks any."""
@@ -409,13 +411,13 @@ def _record(line: str) -> dict | None:
     return record
 
 
-def _logged_at_an_end(record: dict, cfg: TrainConfig) -> bool:
-    """Whether ``record`` is one a run logs at its last step only: a training record off the ``log_every`` grid (its
-    last, shorter window) or an evaluation alone off the ``eval_every`` grid (its final one)."""
+def _logged_at_an_end(record: dict, log_every: int, eval_every: int) -> bool:
+    """Whether ``record`` is one a run logs at its last step only: a training record off its ``log_every`` grid (its
+    last, shorter window) or an evaluation alone off its ``eval_every`` grid (its final one)."""
     step = int(record["step"])
     if all(key.startswith("eval/") for key in record if key != "step"):
-        return not (cfg.eval_every and step % cfg.eval_every == 0)
-    return step % cfg.log_every != 0
+        return not (eval_every and step % eval_every == 0)
+    return step % log_every != 0
 
 
 def _step_of(line: str) -> int | None:
@@ -538,7 +540,8 @@ def run(*, model, loss_fn: LossFn, n_examples: int, cfg: TrainConfig, optim: Opt
         if stage == 3 and evaluate is not None:
             evaluate = functools.partial(engine.run, evaluate)
     evaluates = distributed.is_main() or sharded or stage == 3  # a sharded model's forward needs every process
-    logger.rewind(start, cfg, num_steps)  # a fresh run (start 0) does not append to an old run's records
+    # a fresh run (start 0) does not append to an old run's records; one resumed from another's end takes up its window
+    logger.rewind(start, checkpoints.ended_with if start < num_steps else None)
     learn_mode(model, dropout)
     last: dict[str, float] = {}
     window: dict[str, list[float]] = defaultdict(list, checkpoints.log_window_before or {})  # since the last log
