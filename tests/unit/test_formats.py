@@ -282,10 +282,15 @@ def test_a_reply_of_tool_calls_alone_is_learned_and_a_misplaced_one_refused(tmp_
     loaded = load_sft(write_jsonl(tmp_path / "d.jsonl", rows))
     assert loaded[0]["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call}
     assert loaded[1]["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call}
+    # an export's empty list on every message is no calls (helper-53: it had been refused)
+    empty = [{**m, "tool_calls": []} for m in [*asked, {"role": "assistant", "content": "Sunny."}]]
+    assert load_sft(write_jsonl(tmp_path / "e.jsonl", [{"messages": empty}]))[0]["messages"] == [
+        *asked, {"role": "assistant", "content": "Sunny."}]
     for message, field, problem in [
-        ({"role": "assistant", "content": None, "tool_calls": []}, "messages[1].tool_calls", "non-empty list"),
+        ({"role": "assistant", "content": None, "tool_calls": []}, "messages[1].content", "expected a string"),
+        ({"role": "assistant", "content": "x", "tool_calls": "weather"}, "messages[1].tool_calls", "got 'weather'"),
         ({"role": "assistant", "content": None}, "messages[1].content", "expected a string, got null"),
-        ({"role": "user", "content": "x", "tool_calls": call}, "messages[1].tool_calls", "got a user message"),
+        ({"role": "user", "content": "x", "tool_calls": call}, "messages[1].tool_calls", "got a user message's"),
     ]:
         path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [*asked, message]}])
         raises(load_sft, path, row=0, field=field, match=problem)

@@ -439,8 +439,8 @@ def _looks_like_messages(row: _Row, value: Any) -> Any:
 
 def _messages(row: _Row, value: Any, field: str, *, ends_with_reply: bool) -> list[dict]:
     """A validated chat: a non-empty list of {"role": one of ROLES, "content": str}; an assistant message may
-    carry ``tool_calls`` (a non-empty list, passed to the chat template as they are), its content then "" when
-    null or missing.
+    carry ``tool_calls`` (a list, passed to the chat template as they are; an empty one, on any message, left
+    out), its content then "" when null or missing.
 
     With ``ends_with_reply`` the last message must be an assistant message with text or tool calls, the
     reply that training learns from.
@@ -461,10 +461,12 @@ def _messages(row: _Row, value: Any, field: str, *, ends_with_reply: bool) -> li
         if not isinstance(role, str) or role not in ROLES:
             raise row.error(f"{at}.role", f"expected one of {', '.join(ROLES)}, got {_describe(role)}")
         calls = message.get("tool_calls")
-        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls):
-            raise row.error(f"{at}.tool_calls", "expected a non-empty list of calls in an assistant message, got "
-                                                + (_describe(calls) if role == "assistant" else f"a {role} message"))
-        if calls and message.get("content") is None:  # a reply that is its tool calls alone (OpenAI's null)
+        if calls is not None and not (isinstance(calls, list) and (role == "assistant" or not calls)):
+            raise row.error(f"{at}.tool_calls", "expected a list of calls in an assistant message, got "
+                                                + (_describe(calls) if role == "assistant" else f"a {role} message's"))
+        if calls == []:  # an export's empty list on every message: no calls
+            message = {k: v for k, v in message.items() if k != "tool_calls"}
+        elif calls and message.get("content") is None:  # a reply that is its tool calls alone (OpenAI's null)
             message = {**message, "content": ""}
         _string(row, message.get("content"), f"{at}.content", non_empty=False)
         # Arrow gives every message every struct field of the column, null where unused.
