@@ -385,16 +385,22 @@ def test_kto_reads_the_reference_once_a_step_for_both_completions(tiny_model_dir
     assert set(calls) == {(0, 1)} and len(calls) == 4  # each step: two halves of its batch, each for both parts
 
 
-@pytest.mark.parametrize("command", ["dpo", "rm"])
+@pytest.mark.parametrize("command", ["dpo", "rm", "orpo", "dpo-nll"])
 def test_pairs_that_differ_only_past_max_length_are_left_out(tiny_model_dir, tmp_path, capsys, command):
     # cut to the same tokens, a pair's loss has no gradient: DPO's stayed at log 2 and learned nothing, silently
     rows = [{"prompt": "Describe the cat.", "chosen": f"The cat is small and grey {end}", "rejected":
              f"The cat is small and grey {other}"} for end, other in (("and calm.", "and loud."), ("today.", "now."))]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = [command, "--model", tiny_model_dir("llama"), "--data", str(data), "--out", str(tmp_path / "out"),
-            "--train.max_steps", "1", "--train.batch_size", "2", "--train.tensorboard", "false"]
+    args = [command.removesuffix("-nll"), "--model", tiny_model_dir("llama"), "--data", str(data), "--out",
+            str(tmp_path / "out"), "--train.max_steps", "1", "--train.batch_size", "2", "--train.tensorboard", "false",
+            "--train.overwrite_output_dir", "true"]
     args += ["--eval_fraction", "0"] if command == "rm" else []  # the reward model holds out rows of its own
+    args += ["--nll_weight", "1"] if command == "dpo-nll" else []
+    if command in ("orpo", "dpo-nll"):  # the chosen answer's NLL still learns from a tied pair: kept
+        assert main([*args, "--max_length", "12"]) == 0
+        assert "pairs have the same chosen and rejected" not in capsys.readouterr().err
+        return
     assert main([*args, "--max_length", "12"]) == 2
     assert (f"{data}: every pair has the same chosen and rejected tokens once cut to max_length 12: raise it"
             in capsys.readouterr().err)

@@ -458,13 +458,14 @@ def train(cfg: DPOConfig | ORPOConfig | SimPOConfig | KTOConfig) -> dict[str, fl
     def encode(rows, source):
         encoded = encoded_rows(source, rows, lambda some: objective.encode(some, tokenizer, cfg.max_length,
                                                                            cfg.train.seed))
-        fitted = fit_to_length(encoded, cfg.too_long, lambda e: e.first.truncated or not kto and e.second.truncated,
-                               f"max_length {cfg.max_length}", source)
-        if kto:  # unpaired
-            return fitted
-        return drop_tied_pairs(fitted, lambda e: (e.first, e.second), f"max_length {cfg.max_length}", source)
+        return fit_to_length(encoded, cfg.too_long, lambda e: e.first.truncated or not kto and e.second.truncated,
+                             f"max_length {cfg.max_length}", source)
 
     examples, eval_examples = encode(rows, cfg.data), encode(eval_rows, cfg.eval_data)
+    # pairs cut to the same tokens teach a pairwise loss nothing; ORPO's, or one with the chosen answer's NLL
+    # (nll_weight), still learns from the chosen answer. Held-out pairs stay: a tie counts against the model.
+    if not kto and not isinstance(cfg, ORPOConfig) and not cfg.nll_weight:
+        examples = drop_tied_pairs(examples, lambda e: (e.first, e.second), f"max_length {cfg.max_length}", cfg.data)
 
     if cfg.packing:
         check_packing(policy)

@@ -85,11 +85,12 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     def encode(rows, source):
         file = source if source == cfg.eval_data else cfg.data  # held-out rows come from the data file
         encoded = encoded_rows(file, rows, encode_rows, lambda: load(file))
-        fitted = fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
-                               f"max_length {cfg.max_length}", source)
-        return drop_tied_pairs(fitted, lambda e: (e[0], e[1]), f"max_length {cfg.max_length}", source)
+        return fit_to_length(encoded, cfg.too_long, lambda e: e[0].truncated or e[1].truncated,
+                             f"max_length {cfg.max_length}", source)
 
     pairs, eval_pairs = encode(records, cfg.data), encode(eval_records, cfg.eval_data or "held-out rows")
+    # pairs cut to the same tokens teach the loss nothing; held-out ones stay (a tie counts against the model)
+    pairs = drop_tied_pairs(pairs, lambda e: (e[0], e[1]), f"max_length {cfg.max_length}", cfg.data)
 
     if cfg.packing:
         check_packing(reward_backbone(model))
