@@ -146,6 +146,9 @@ def test_a_fresh_run_over_an_earlier_run_s_final_model_is_refused_unless_told_to
     error = capsys.readouterr().err
     assert f"--train.out {out} holds the model an earlier run saved (model.safetensors)" in error
     assert (out / "model.safetensors").read_bytes() == saved
+    assert main([*cmd, "--train.resume", "auto"]) == 2  # a job restarted after its end: it says the run finished
+    assert "(that run finished, saving its model: --train.resume auto resumes from checkpoints" in (
+        capsys.readouterr().err)
     assert main([*cmd, "--train.overwrite_output_dir", "true"]) == 0
     assert (out / "model.safetensors").read_bytes() != saved
     # a run that stopped before saving its model (its config alone) is no finished run: started afresh

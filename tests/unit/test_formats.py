@@ -235,6 +235,12 @@ def test_a_row_s_error_names_the_line_an_editor_shows(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('prompt,completion\n"two\nlines",b\n\nc,\n')
     raises(load_sft, path, row=1, field="completion", match=r"d\.csv, row 1 \(line 5\), field 'completion'")
+    path = tmp_path / "multi.csv"  # a record spanning lines: where it starts
+    path.write_text('prompt,completion\na,b\n"two\nlines",b,c\n')
+    raises(load_sft, path, row=1, field=None, match=r"multi\.csv, row 1 \(line 3\): 3 values")
+    path = tmp_path / "lines.json"  # JSON Lines under a .json name
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": 3}\n')
+    raises(load_sft, path, row=1, field="completion", match=r"lines\.json, row 1 \(line 3\), field 'completion'")
     path = tmp_path / "d.json"  # a JSON array's items: the row alone
     path.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "a", "completion": 3}]')
     assert raises(load_sft, path, row=1, field="completion", match=r"d\.json, row 1, field 'completion'").line is None

@@ -47,8 +47,8 @@ class DataError(ValueError):
 
     ``row`` is the 0-based index of the record in the file (blank JSONL/CSV lines are not
     records, and a CSV header is not a record), or None for problems with the whole file.
-    ``line`` is the 1-based line of a JSON Lines or CSV file where that record starts, as an editor
-    counts them (found in the file when not given), else None.
+    ``line`` is the 1-based line of a JSON Lines (or a ``.json`` holding JSON Lines) or CSV file where that
+    record starts, as an editor counts them (found in the file when not given), else None.
     ``field`` names the column, with a path into nested values such as
     ``messages[2].content``, or is None.
     """
@@ -79,12 +79,21 @@ def _line_of(path: str, row: int) -> int | None:
     """The line where record ``row`` of a JSON Lines or CSV file starts (blank lines and a CSV header are not
     records); None for other files, or one that cannot be read now."""
     suffix = Path(path).suffix.lower()
-    if suffix not in (".jsonl", ".ndjson", ".csv") or not Path(path).is_file():
+    if suffix not in (".json", ".jsonl", ".ndjson", ".csv") or not Path(path).is_file():
         return None
     try:
         text = Path(path).read_bytes().decode("utf-8-sig", errors="surrogateescape")
     except OSError:
         return None
+    if suffix == ".json":  # JSON Lines under a .json name is read as such (``_parse_json``); an array has no lines
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                return None
+        except RecursionError:
+            return None
     if suffix != ".csv":
         starts = [i for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
         return starts[row] if row < len(starts) else None
@@ -241,17 +250,18 @@ def _parse_csv(path, text: str) -> list[dict]:
         if len(set(header)) != len(header):
             twice = next(name for name in header if header.count(name) > 1)
             raise DataError(path, f"column '{twice}' appears twice in the header")
+        end = reader.line_num  # the line the last record (or the header) ended on: the next one starts after it
         for values in reader:
-            if not values:  # blank line
-                continue
-            if len(values) != len(header):
+            if values and len(values) != len(header):
                 raise DataError(path, f"{len(values)} values but the header has {len(header)} columns (check "
-                                      "quoting)", row=len(records), line=reader.line_num)
-            records.append(dict(zip(header, values)))
+                                      "quoting)", row=len(records), line=end + 1)
+            if values:  # not a blank line
+                records.append(dict(zip(header, values)))
+            end = reader.line_num
     except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
         if reader.line_num <= 1:
             raise DataError(path, f"line {reader.line_num} is not valid CSV: {exc}") from exc
-        raise DataError(path, f"not valid CSV: {exc}", row=len(records), line=reader.line_num) from exc
+        raise DataError(path, f"not valid CSV: {exc}", row=len(records), line=end + 1) from exc
     return records
 
 

@@ -742,8 +742,10 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         finished = [f.name for pattern in (*MODEL_FILES, *ADAPTER_FILES) for f in out.glob(pattern)
                     if f.name not in ("config.json", "generation_config.json")]  # a model's weights, not its configs
         if finished and (out / CONFIG_FILE).is_file() and not cfg.train.overwrite_output_dir:
+            auto = (" (that run finished, saving its model: --train.resume auto resumes from checkpoints, and it "
+                    "left none)" if cfg.train.resume == "auto" else "")
             raise ConfigError(f"--train.out {out} holds the model an earlier run saved ({finished[0]}), which this "
-                              "run would replace: write to another --train.out, or pass "
+                              f"run would replace{auto}: write to another --train.out, or pass "
                               "--train.overwrite_output_dir true")
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
