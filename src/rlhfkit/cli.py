@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from rlhfkit import __version__
-from rlhfkit.config import SEED_BOUNDS, ConfigError, GenerationConfig, ModelConfig, arg, columns_arg, parse_args
+from rlhfkit.config import (SEED_BOUNDS, ConfigError, GenerationConfig, ModelConfig, arg, columns_arg,
+                            load_json_object, parse_args)
 
 
 @dataclass
@@ -580,17 +581,7 @@ def _accuracy_ceiling(cfg: RewardEvalConfig, pairs: list[dict]) -> dict:
     if not meta.is_file() or not (cfg.meta or task_pairs(pairs)):
         return {}
     fix = "name the meta.json make-data wrote with --meta FILE"
-    try:
-        ceilings = json.loads(meta.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read {meta}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{meta} is not UTF-8 text; {fix}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{meta}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); {fix}") from None
-    if not isinstance(ceilings, dict):
-        raise ConfigError(f"{meta} must hold a JSON object (make-data's meta.json), got a {type(ceilings).__name__}; "
-                          f"{fix}")
+    ceilings = load_json_object(meta, "(make-data's meta.json)", fix)
     split = Path(cfg.data).stem.rpartition("_")[2]  # preference_test → test
     key = next((k for k in (f"label_accuracy_ceiling_{split}", "label_accuracy_ceiling") if k in ceilings), None)
     value = ceilings[key] if key else None  # None: another meta.json

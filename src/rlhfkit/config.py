@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import os
 import reprlib
 import sys
@@ -432,6 +433,23 @@ class _SafeUniqueLoader(yaml.SafeLoader):
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def load_json_object(path: Path, expected: str, fix: str) -> dict:
+    """The JSON object in file ``path`` (a run's small side file: meta.json, score_normalization.json), or a
+    ConfigError naming the file (and the line and column of a syntax error) and saying ``fix``; ``expected`` says
+    what the object should hold ("with 'mean' and 'std'")."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object {expected}, got a {type(data).__name__}; {fix}")
+    return data
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

@@ -9,14 +9,13 @@ of the attention mask, whatever the padding side. Shapes: B batch, T sequence, H
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlhfkit.config import ConfigError, ModelConfig
+from rlhfkit.config import ConfigError, ModelConfig, load_json_object
 from rlhfkit.data.collate import collate, encode_reply
 from rlhfkit.fsdp import run_as_forward
 from rlhfkit.models.forward import backbone_hidden, prompt_width
@@ -37,16 +36,7 @@ def score_normalization(path: str | Path) -> dict | None:
     if not norm.is_file():
         return None
     fix = "`rlhfkit rm` writes it (the training scores' mean and std): train the reward model again, or delete it"
-    try:
-        stats = json.loads(norm.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read {norm}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{norm} is not UTF-8 text; {fix}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{norm}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); {fix}") from None
-    if not isinstance(stats, dict):
-        raise ConfigError(f"{norm} must hold a JSON object with 'mean' and 'std', got a {type(stats).__name__}; {fix}")
+    stats = load_json_object(norm, "with 'mean' and 'std'", fix)
     for key in ("mean", "std"):
         value = stats.get(key)
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
