@@ -25,7 +25,7 @@ from rlhfkit.config import (SEED_BOUNDS, ConfigError, GenerationConfig, ModelCon
 class TinyModelConfig:
     """`rlhfkit tiny-model`: a small random model of a real architecture + a local tokenizer."""
 
-    arch: str = arg("llama", "architecture: llama, qwen2, qwen3, mistral, gpt2 or gpt_neox")
+    arch: str = arg("llama", "architecture: llama, qwen2, qwen3, mistral, phi3, gemma, gpt2 or gpt_neox")
     out: str = arg("runs/tiny", "directory to write the model and tokenizer to")
     hidden_size: int = arg(128, "hidden size", ge=1)
     num_layers: int = arg(2, "transformer blocks", ge=1)

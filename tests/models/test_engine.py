@@ -1,4 +1,4 @@
-"""The rollout engine on tiny models of six architectures: our loop against HF generate, per-sample
+"""The rollout engine on tiny models of eight architectures: our loop against HF generate, per-sample
 seeds whatever the batch, EOS, lengths, the RolloutEngine contract, LoRA (merged per call and not)."""
 
 import copy
@@ -15,7 +15,7 @@ from rlhfkit.rollout.engine import HFRolloutEngine, LlamaForward, decode, decode
 from rlhfkit.rollout.generate import generate
 from rlhfkit.rollout.sampling import prompt_seeds, row_uniforms
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2", "gpt_neox"]
 # Grouped-query attention (4 query heads, 2 key/value heads), as in most current models: our loop's attention
 # groups the queries of each key/value head itself.
 GQA = ["llama-gqa", "qwen2-gqa", "qwen3-gqa", "mistral-gqa"]

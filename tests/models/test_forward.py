@@ -8,7 +8,7 @@ from rlhfkit.data.collate import collate, encode_example
 from rlhfkit.models.forward import backbone_and_head, logprobs_of, masked_logprobs
 from rlhfkit.models.load import add_lora, load_causal_lm, load_tokenizer
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2", "gpt_neox"]
 EXAMPLES = [("User: Describe the cat.\nAssistant:", " The cat is calm and lovely."),
             ("User: What is the lake you saw today like?\nAssistant:", " The lake is dull."),
             ("User: Hi.\nAssistant:", " Hello.")]

@@ -46,7 +46,7 @@ def test_score_ignores_padding_side_and_batch_companions(tiny_model_dir, arch):
     assert alone.std() > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "gemma", "gpt2", "gpt_neox"])
 def test_pair_scores_run_each_prompt_once_with_the_same_scores_and_gradients(tiny_model_dir, arch):
     from rlhfkit.models.forward import prompt_width, shared_prefix_forward
     from rlhfkit.trainers.reward import pair_scores

@@ -14,7 +14,7 @@ from rlhfkit.data.collate import collate, encode_conversation, encode_example
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.trainers.sft import completion_nll
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2", "gpt_neox"]
 
 EXAMPLES = [("User: Describe the cat.\nAssistant:", " The cat is calm and lovely."),
             ("User: What is the lake you saw today like?\nAssistant:", " The lake is dull."),

@@ -38,6 +38,13 @@ ARCHS = {
     "qwen3": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
                                           num_key_value_heads=kv, intermediate_size=ff, head_dim=h // k,
                                           max_window_layers=n, layer_types=["full_attention"] * n),
+    # Phi-3: q/k/v in one projection, gate and up in another
+    "phi3": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                         num_key_value_heads=kv, intermediate_size=ff, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attention_dropout=0.0),
+    # Gemma: the embeddings scaled by sqrt(hidden), (1 + w) norms, GELU, a tied head
+    "gemma": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
+                                          num_key_value_heads=kv, intermediate_size=ff, head_dim=h // k),
     "mistral": lambda h, n, k, kv, ff: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=k,
                                             num_key_value_heads=kv, intermediate_size=ff, head_dim=h // k,
                                             sliding_window=None),

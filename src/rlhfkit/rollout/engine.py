@@ -5,12 +5,12 @@ each policy update it receives the new weights. ``HFRolloutEngine`` samples with
 module itself, on CPU or GPU, with one of two backends that draw the same tokens:
 
 - ``loop`` (ours): one forward per token with a KV cache, explicit positions for left padding
-  and none of ``model.generate``'s per-token machinery. Llama-family models (llama, qwen2,
+  and none of ``model.generate``'s per-token machinery. Llama-family models (llama, qwen2, qwen3,
   mistral) run their decoder layers here with our attention over a preallocated KV buffer
   (``KVBuffer``) and their linear layers as ``F.linear`` / ``torch.mm`` on weights taken once per
   call, LoRA adapters merged into a copy (``linear_weights``), q/k/v and gate/up stacked into one
   matrix each for the decoding steps (``linear_op``); rows that repeat a prompt (GRPO, RLOO) share
-  one prefill (``decode``). Other tested architectures (qwen3, gpt2, gpt_neox) call the model's own
+  one prefill (``decode``). Other tested architectures (phi3, gemma, gpt2, gpt_neox) call the model's own
   forward with a ``DynamicCache``.
 - ``hf``: ``model.generate`` with our sampling rule as a logits processor, for architectures the
   loop is not tested on.
@@ -37,7 +37,7 @@ from rlhfkit.ops import cache_keyword, distinct_rows, has_hooks
 from rlhfkit.rollout.sampling import row_uniforms, sample_next
 
 # Architectures the loop is checked on token for token against HF generate; others use "hf".
-LOOP_ARCHS = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"})
+LOOP_ARCHS = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2", "gpt_neox"})
 BACKENDS = ("auto", "loop", "hf")
 
 
@@ -144,8 +144,9 @@ class KVBuffer:
 def llama_family(model):
     """The HF causal LM whose decoder layers ``decode`` runs itself, or None.
 
-    Llama, Qwen2 and Mistral with SDPA attention and no sliding window share one layer:
-    RMSNorm → q/k/v projections → rotary → attention → o projection, RMSNorm → MLP. A peft
+    Llama, Qwen2, Qwen3 and Mistral with SDPA attention and no sliding window share one layer:
+    RMSNorm → q/k/v projections (Qwen3: each head's queries and keys normalised) → rotary → attention → o
+    projection, RMSNorm → MLP. A peft
     model is unwrapped; its LoRA layers stay in place (``linear_weights`` reads them).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
