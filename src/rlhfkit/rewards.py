@@ -184,7 +184,7 @@ class CombinedReward:
         naming the first row without a column that a reward function requires (a parameter without a default),
         which it is called with None for: a reward that does not apply there returns None (TRL's way, a file of
         several tasks), one that cannot take None would raise mid-run (its error then names the row's inputs)."""
-        from rlhfkit.data.formats import DataError
+        from rlhfkit.data.formats import DataError, location
 
         for r in self.rewards:
             scorer = getattr(r.fn, "reward_model", None)
@@ -198,8 +198,8 @@ class CombinedReward:
             for column in (c for c in required if c != "prompt"):  # 'prompt': check_columns says what to rename
                 gaps = [i for i, row in enumerate(rows) if row.get(column) is None]
                 if gaps:
-                    where = str(DataError(source, "", row=gaps[0], field=column)).removesuffix(": ")
-                    warnings.warn(f"{len(gaps)} of {len(rows)} rows have no {column!r} (first: {where}), which "
+                    warnings.warn(f"{len(gaps)} of {len(rows)} rows have no {column!r} (first: "
+                                  f"{location(source, gaps[0], column)}), which "
                                   f"reward {r.name!r} takes: it gets None for them, and must return None where it "
                                   "does not apply (or raise mid-run); give those rows one if it should apply",
                                   stacklevel=2)

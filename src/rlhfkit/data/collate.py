@@ -339,12 +339,12 @@ def _failing_row(rows: list, encode: Callable[[list], object], file_rows: Callab
 
 
 def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bool], limit: str,
-                  source: str, what: str = "examples") -> list[Item]:
+                  source: str, what: str = "examples", fix: str = "") -> list[Item]:
     """Apply the ``too_long`` policy ('truncate': keep them as encoded, cut; 'drop': leave them out)
     to the ``what`` (examples) of ``source`` that ``is_long``, and report how many there were on stderr.
 
     ``limit`` names the setting they exceed (e.g. 'max_length 256'). Dropping every example is an
-    error that says what to change.
+    error that says what to change: ``fix``, else raising the limit (or truncating).
     """
     n_long = sum(1 for item in items if is_long(item))
     if not n_long:
@@ -358,12 +358,7 @@ def fit_to_length(items: list[Item], too_long: str, is_long: Callable[[Item], bo
     if not kept:
         from rlhfkit.data.formats import DataError
 
-        if what == "examples":
-            fix = "raise it or set too_long truncate"
-        elif "max_new_tokens" in limit:  # the model's positions: only the completion's share can give
-            fix = f"lower generation.max_new_tokens or shorten the {what}"
-        else:
-            fix = f"raise it or shorten the {what}"
+        fix = fix or ("raise it or set too_long truncate" if what == "examples" else f"raise it or shorten the {what}")
         raise DataError(source, f"every {what.removesuffix('s')} exceeds {limit}; {fix}")
     return kept
 
@@ -389,11 +384,13 @@ def drop_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, sourc
     """Rollout rows whose ``prompt`` has at most ``max_prompt_length`` tokens (0 = no limit) and fits in
     ``room`` (the model's positions less the completion's tokens; None = no limit); the rest are dropped and
     counted."""
-    limits = [(max_prompt_length, f"max_prompt_length {max_prompt_length}")] if max_prompt_length > 0 else []
-    if room is not None:
-        limits.append((room, f"the {room} positions the model has left beside generation.max_new_tokens"))
+    limits = [(max_prompt_length, f"max_prompt_length {max_prompt_length}", "raise it or shorten the prompts")
+              ] if max_prompt_length > 0 else []
+    if room is not None:  # the model's positions: only the completion's share of them can give
+        limits.append((room, f"the {room} positions the model has left beside generation.max_new_tokens",
+                       "lower generation.max_new_tokens or shorten the prompts"))
     if not limits:
         return rows
-    limit, name = min(limits)
+    limit, name, fix = min(limits)
     return fit_to_length(rows, "drop", lambda r: len(encode_prompt(tokenizer, r["prompt"])) > limit, name, source,
-                         what="prompts")
+                         what="prompts", fix=fix)

@@ -27,7 +27,7 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
@@ -60,12 +60,7 @@ class DataError(ValueError):
         self.row = row
         self.field = field
         self.line = line if line is not None or row is None else _line_of(self.path, row)
-        where = [self.path]
-        if row is not None:
-            where.append(f"row {row}" + (f" (line {self.line})" if self.line is not None else ""))
-        if field is not None:
-            where.append(f"field '{field}'")
-        super().__init__(f"{', '.join(where)}: {problem}")
+        super().__init__(f"{_place(self.path, row, field, self.line)}: {problem}")
 
     def __reduce__(self):  # picklable for worker processes, despite keyword-only arguments
         return _rebuild_error, (self.path, self.problem, self.row, self.field, self.line)
@@ -73,6 +68,21 @@ class DataError(ValueError):
 
 def _rebuild_error(path, problem, row, field, line=None) -> DataError:
     return DataError(path, problem, row=row, field=field, line=line)
+
+
+def location(path: str | os.PathLike, row: int, field: str | None = None) -> str:
+    """Where a DataError of ``row`` (and ``field``) of ``path`` points, for a message that is not one (a warning):
+    'data.jsonl, row 16 (line 17), field 'answer''."""
+    return _place(os.fspath(path), row, field, _line_of(os.fspath(path), row))
+
+
+def _place(path: str, row: int | None, field: str | None, line: int | None) -> str:
+    where = [path]
+    if row is not None:
+        where.append(f"row {row}" + (f" (line {line})" if line is not None else ""))
+    if field is not None:
+        where.append(f"field '{field}'")
+    return ", ".join(where)
 
 
 def _line_of(path: str, row: int) -> int | None:
@@ -95,19 +105,37 @@ def _line_of(path: str, row: int) -> int | None:
         except RecursionError:
             return None
     if suffix != ".csv":
-        starts = [i for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
+        starts = [lineno for lineno, _ in _jsonl_lines(text)]
         return starts[row] if row < len(starts) else None
-    reader, seen, end = csv.reader(io.StringIO(text, newline="")), -1, 1
+    reader = csv.reader(io.StringIO(text, newline=""))
     with contextlib.suppress(csv.Error):
         next(reader, None)  # the header
-        end = reader.line_num
+        for i, (start, _) in enumerate(_csv_records(reader)):
+            if i == row:
+                return start
+    return None
+
+
+def _jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(its line number, the line) of each record of JSON Lines ``text``; blank lines are none. Split on "\n" only:
+    str.splitlines would also break at U+2028 etc., legal inside JSON strings."""
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield lineno, line
+
+
+def _csv_records(reader) -> Iterator[tuple[int, list[str]]]:
+    """(the line it starts on, its values) of each record ``reader`` reads after the header; blank lines are none,
+    and a quoted value may span lines. A csv.Error it raises carries ``start``, the line of the record it is in."""
+    end = reader.line_num  # the line the header (then the last record) ended on: the next one starts after it
+    try:
         for values in reader:
             if values:
-                seen += 1
-                if seen == row:
-                    return end + 1  # a record starts on the line after the one before it ended
+                yield end + 1, values
             end = reader.line_num
-    return None
+    except csv.Error as exc:
+        exc.start = end + 1
+        raise
 
 
 def _describe(value: Any) -> str:
@@ -218,10 +246,7 @@ def _parse_json(path, text: str) -> list:
 
 def _parse_jsonl(path, text: str) -> list[dict]:
     records = []
-    # Split on "\n" only: str.splitlines would also break at U+2028 etc., legal inside JSON strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in _jsonl_lines(text):
         row = len(records)
         try:
             record = json.loads(line, object_pairs_hook=_unique_keys)
@@ -250,18 +275,15 @@ def _parse_csv(path, text: str) -> list[dict]:
         if len(set(header)) != len(header):
             twice = next(name for name in header if header.count(name) > 1)
             raise DataError(path, f"column '{twice}' appears twice in the header")
-        end = reader.line_num  # the line the last record (or the header) ended on: the next one starts after it
-        for values in reader:
-            if values and len(values) != len(header):
+        for start, values in _csv_records(reader):
+            if len(values) != len(header):
                 raise DataError(path, f"{len(values)} values but the header has {len(header)} columns (check "
-                                      "quoting)", row=len(records), line=end + 1)
-            if values:  # not a blank line
-                records.append(dict(zip(header, values)))
-            end = reader.line_num
+                                      "quoting)", row=len(records), line=start)
+            records.append(dict(zip(header, values)))
     except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
-        if reader.line_num <= 1:
+        if not hasattr(exc, "start"):  # in the header
             raise DataError(path, f"line {reader.line_num} is not valid CSV: {exc}") from exc
-        raise DataError(path, f"not valid CSV: {exc}", row=len(records), line=end + 1) from exc
+        raise DataError(path, f"not valid CSV: {exc}", row=len(records), line=exc.start) from exc
     return records
 
 

@@ -146,8 +146,8 @@ def llama_family(model):
 
     Llama, Qwen2, Qwen3 and Mistral with SDPA attention and no sliding window share one layer:
     RMSNorm → q/k/v projections (Qwen3: each head's queries and keys normalised) → rotary → attention → o
-    projection, RMSNorm → MLP. A peft
-    model is unwrapped; its LoRA layers stay in place (``linear_weights`` reads them).
+    projection, RMSNorm → MLP. A peft model is unwrapped; its LoRA layers stay in place (``linear_weights``
+    reads them).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = lm.config

@@ -709,9 +709,7 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
                           "write over it (an adapter saved there would name itself as its base); write to another "
                           "--train.out")
     # a model this run did not write (no rlhfkit config beside it): saving there would remove its files
-    from rlhfkit.models.load import ADAPTER_FILES, MODEL_FILES
-
-    foreign = [f.name for pattern in (*MODEL_FILES, *ADAPTER_FILES) for f in out.glob(pattern)]
+    foreign = _model_files(out)  # before the lock: no lock file is left in a user's own model folder
     if foreign and not (out / CONFIG_FILE).is_file() and not cfg.train.overwrite_output_dir:
         raise ConfigError(f"--train.out {out} holds a model no rlhfkit run wrote there ({foreign[0]}), which saving "
                           "would replace: write to another --train.out, or pass --train.overwrite_output_dir true")
@@ -739,8 +737,8 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
     if resumed is None or resumed.resolve().parent != (out / "checkpoints").resolve():
         # a fresh run, or one resumed from another directory's checkpoint: not over a run that OUT holds
         check_no_earlier_run(out, cfg.train.overwrite_output_dir, cfg.model.path)
-        finished = [f.name for pattern in (*MODEL_FILES, *ADAPTER_FILES) for f in out.glob(pattern)
-                    if f.name not in ("config.json", "generation_config.json")]  # a model's weights, not its configs
+        # looked for under the lock: a run that finished a moment ago has saved its model by now
+        finished = [name for name in _model_files(out) if name not in ("config.json", "generation_config.json")]
         if finished and (out / CONFIG_FILE).is_file() and not cfg.train.overwrite_output_dir:
             auto = (" (that run finished, saving its model: --train.resume auto resumes from checkpoints, and it "
                     "left none)" if cfg.train.resume == "auto" else "")
@@ -752,6 +750,13 @@ def prepare_out_dir(cfg, out: str | os.PathLike) -> Path:
         save_config(cfg, out / CONFIG_FILE)
         (out / DATA_FILE).write_text(json.dumps(data_digests(cfg), indent=1))
     return out
+
+
+def _model_files(out: Path) -> list[str]:
+    """The names of the model and adapter files (``load.MODEL_FILES``, ``ADAPTER_FILES``) in directory ``out``."""
+    from rlhfkit.models.load import ADAPTER_FILES, MODEL_FILES
+
+    return [f.name for pattern in (*MODEL_FILES, *ADAPTER_FILES) for f in out.glob(pattern)]
 
 
 def start_run(cfg):
